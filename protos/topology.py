@@ -1,0 +1,231 @@
+"""The desired-state schema stored in etcd, shared by manager_api (writer) and xds_control (reader).
+
+Every value is JSON with a ``schema_version`` so that etcdctl users can read it and future versions can
+migrate it. Keys live under a configurable prefix (default ``/hydro/``):
+
+- ``models/{model}/{version}``          ModelVersion   (immutable once written)
+- ``deployments/{model}/{version}``     Deployment
+- ``applications/{app}``                Application
+- ``instances/{model}/{version}/{id}``  Instance       (leased; written only once the instance is ready)
+- ``proxies/{node_id}``                 ProxyStatus    (leased; written by xds_control)
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+SCHEMA_VERSION = 1
+DEFAULT_PREFIX = "/hydro/"
+
+NAME_PATTERN = r"^[a-z0-9]([a-z0-9_.-]{0,61}[a-z0-9])?$"
+_NAME_RE = re.compile(NAME_PATTERN)
+
+Datatype = Literal[
+    "BOOL",
+    "UINT8",
+    "UINT16",
+    "UINT32",
+    "UINT64",
+    "INT8",
+    "INT16",
+    "INT32",
+    "INT64",
+    "FP16",
+    "FP32",
+    "FP64",
+    "BYTES",
+]
+DATATYPES: tuple[str, ...] = Datatype.__args__  # type: ignore[attr-defined]
+
+ResourceName = Annotated[
+    str,
+    Field(
+        pattern=NAME_PATTERN,
+        description="lower-case letters, digits, '-', '_' and '.', 1 to 63 characters",
+        examples=["iris"],
+    ),
+]
+
+
+def now_iso() -> str:
+    """The current time as an ISO-8601 UTC timestamp, as stored in records."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def is_valid_name(name: str) -> bool:
+    """Whether ``name`` can be used as a model, application or instance name (it becomes a key segment)."""
+    return bool(_NAME_RE.match(name))
+
+
+class Record(BaseModel):
+    """Base of every stored value: strict about unknown fields so typos in manifests are caught."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    schema_version: int = SCHEMA_VERSION
+
+
+class TensorSpec(BaseModel):
+    """One input or output of a model signature. ``-1`` in the shape is a wildcard dimension."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field(min_length=1, max_length=256)
+    datatype: Datatype
+    shape: list[int]
+
+    @field_validator("shape")
+    @classmethod
+    def _dims(cls, shape: list[int]) -> list[int]:
+        for dim in shape:
+            if dim < -1 or dim == 0:
+                raise ValueError(f"dimension {dim} is not allowed: use a positive size or -1 for any size")
+        return shape
+
+
+class Signature(BaseModel):
+    """Inputs and outputs of a model; requests are validated against it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    inputs: list[TensorSpec] = Field(min_length=1)
+    outputs: list[TensorSpec] = Field(min_length=1)
+
+    @field_validator("inputs", "outputs")
+    @classmethod
+    def _unique(cls, specs: list[TensorSpec]) -> list[TensorSpec]:
+        names = [s.name for s in specs]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"tensor names must be unique, repeated: {', '.join(dupes)}")
+        return specs
+
+
+class Artifact(BaseModel):
+    """Where a model version's files are: a content-addressed archive of the model folder."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    digest: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
+    uri: str
+    size: int = Field(ge=0)
+
+
+class ModelVersion(Record):
+    """``models/{name}/{version}``: an immutable, registered model version."""
+
+    name: str
+    version: int = Field(ge=1)
+    runtime: str
+    artifact: Artifact
+    signature: Signature
+    labels: dict[str, str] = Field(default_factory=dict)
+    created_at: str = Field(default_factory=now_iso)
+
+
+class Deployment(Record):
+    """``deployments/{model}/{version}``: how many replicas of a model version should run."""
+
+    model: str
+    version: int = Field(ge=1)
+    replicas: int = Field(ge=0, le=64)
+    created_at: str = Field(default_factory=now_iso)
+    updated_at: str = Field(default_factory=now_iso)
+
+
+class Variant(BaseModel):
+    """One model version that serves a share of a stage's traffic."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    model: str
+    version: int = Field(ge=1)
+    weight: int = Field(ge=0, le=100)
+
+
+class Stage(BaseModel):
+    """One step of an application; its variants' weights sum to 100."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    variants: list[Variant] = Field(min_length=1)
+
+
+class Application(Record):
+    """``applications/{name}``: an addressable endpoint made of stages of weighted model versions."""
+
+    name: str
+    stages: list[Stage] = Field(min_length=1)
+    created_at: str = Field(default_factory=now_iso)
+    updated_at: str = Field(default_factory=now_iso)
+
+
+class Instance(Record):
+    """``instances/{model}/{version}/{id}`` (leased): a ready runtime reachable through its sidecar."""
+
+    model: str
+    version: int
+    id: str
+    node: str
+    address: str
+    port: int
+    state: Literal["ready", "draining"] = "ready"
+
+
+class ProxyStatus(Record):
+    """``proxies/{node_id}`` (leased): what a connected Envoy has acknowledged, and its last rejection."""
+
+    node_id: str
+    role: str
+    acked: dict[str, str] = Field(default_factory=dict)
+    last_nack: str | None = None
+    last_nack_at: str | None = None
+    connected_at: str = Field(default_factory=now_iso)
+
+
+class Keys:
+    """Builds and parses etcd keys under one prefix. The only place that knows the key layout."""
+
+    def __init__(self, prefix: str = DEFAULT_PREFIX) -> None:
+        if not prefix.endswith("/"):
+            prefix += "/"
+        self.prefix = prefix
+
+    def model_versions(self, model: str | None = None) -> str:
+        return f"{self.prefix}models/" + (f"{model}/" if model else "")
+
+    def model_version(self, model: str, version: int) -> str:
+        return f"{self.prefix}models/{model}/{version}"
+
+    def deployments(self) -> str:
+        return f"{self.prefix}deployments/"
+
+    def deployment(self, model: str, version: int) -> str:
+        return f"{self.prefix}deployments/{model}/{version}"
+
+    def applications(self) -> str:
+        return f"{self.prefix}applications/"
+
+    def application(self, name: str) -> str:
+        return f"{self.prefix}applications/{name}"
+
+    def instances(self, model: str | None = None, version: int | None = None) -> str:
+        key = f"{self.prefix}instances/"
+        if model is not None:
+            key += f"{model}/"
+            if version is not None:
+                key += f"{version}/"
+        return key
+
+    def instance(self, model: str, version: int, instance_id: str) -> str:
+        return f"{self.prefix}instances/{model}/{version}/{instance_id}"
+
+    def proxies(self) -> str:
+        return f"{self.prefix}proxies/"
+
+    def proxy(self, node_id: str) -> str:
+        return f"{self.prefix}proxies/{node_id}"
+
+    def kind_of(self, key: str) -> str | None:
+        """The first path segment after the prefix (``models``, ``instances``...), or None if foreign."""
+        if not key.startswith(self.prefix):
+            return None
+        return key[len(self.prefix) :].split("/", 1)[0]

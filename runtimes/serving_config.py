@@ -1,0 +1,87 @@
+"""``serving.yaml``: what a model folder declares about itself (runtime, files, signature).
+
+Read by the manager when a model version is registered (to refuse bad folders before anything is stored) and
+by the runtime when it loads the folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path, PurePosixPath
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from protos.topology import Signature
+
+SERVING_FILE = "serving.yaml"
+
+#: Runtime kinds this version can serve; each has a module in runtimes/.
+RUNTIME_KINDS = ("python", "sklearn")
+
+
+class ServingConfigError(ValueError):
+    """serving.yaml is missing, unreadable or wrong; the message names the offending field."""
+
+
+class ServingConfig(BaseModel):
+    """The parsed ``serving.yaml`` of a model folder."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    runtime: str
+    files: list[str] = Field(default_factory=list)
+    entrypoint: str | None = None
+    signature: Signature
+    labels: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("runtime")
+    @classmethod
+    def _known_runtime(cls, runtime: str) -> str:
+        if runtime not in RUNTIME_KINDS:
+            raise ValueError(f"unknown runtime {runtime!r}; known runtimes: {', '.join(RUNTIME_KINDS)}")
+        return runtime
+
+    @field_validator("files")
+    @classmethod
+    def _relative_files(cls, files: list[str]) -> list[str]:
+        for name in files:
+            path = PurePosixPath(name)
+            if path.is_absolute() or ".." in path.parts or not name:
+                raise ValueError(f"file {name!r} must be a relative path inside the model folder")
+        return files
+
+
+def _format_errors(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "serving.yaml"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def parse_serving_config(text: str) -> ServingConfig:
+    """Parse serving.yaml text; ServingConfigError names the field that is wrong."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ServingConfigError(f"serving.yaml is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ServingConfigError("serving.yaml must be a mapping with runtime, files and signature")
+    try:
+        config = ServingConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ServingConfigError(f"serving.yaml: {_format_errors(exc)}") from exc
+    if config.runtime == "python" and not config.entrypoint:
+        raise ServingConfigError("serving.yaml: entrypoint: required for the python runtime (module:attribute)")
+    return config
+
+
+def load_serving_config(model_dir: Path) -> ServingConfig:
+    """Read and check ``model_dir/serving.yaml``, including that every listed file exists."""
+    path = model_dir / SERVING_FILE
+    if not path.is_file():
+        raise ServingConfigError(f"{SERVING_FILE} not found in the model folder")
+    config = parse_serving_config(path.read_text(encoding="utf-8", errors="replace"))
+    missing = [name for name in config.files if not (model_dir / name).is_file()]
+    if missing:
+        raise ServingConfigError(f"files listed in serving.yaml are missing from the folder: {', '.join(missing)}")
+    return config
