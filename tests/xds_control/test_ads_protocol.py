@@ -1,0 +1,221 @@
+"""The ADS state machine, driven request by request; every response is decoded and checked."""
+
+from __future__ import annotations
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import base_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.service.discovery.v3 import discovery_pb2
+from google.protobuf import struct_pb2
+from google.rpc import status_pb2
+
+from protos.topology import Application, Instance, Stage, Variant
+from xds_control import resources as r
+from xds_control.server import AdsStream, StreamCallbacks
+from xds_control.snapshot import SnapshotCache
+from xds_control.topology import Topology
+from xds_control.translate import NodeInfo, cluster_name, ingress_snapshot
+from xds_control.wire import encode_discovery_response
+
+NODE = "ingress-test"
+
+
+class Recorder(StreamCallbacks):
+    def __init__(self) -> None:
+        self.nacks: list[tuple[str, str]] = []
+        self.acks: list[tuple[str, str]] = []
+
+    def on_nack(self, node_id: str, type_url: str, version: str, error: str) -> None:
+        self.nacks.append((type_url, error))
+
+    def on_ack(self, node_id: str, type_url: str, version: str) -> None:
+        self.acks.append((type_url, version))
+
+
+def _node_info() -> NodeInfo:
+    metadata = struct_pb2.Struct()
+    metadata.update({"role": "ingress", "listen_address": "127.0.0.1", "listen_port": 10000})
+    return NodeInfo.from_node(base_pb2.Node(id=NODE, metadata=metadata))
+
+
+def _topology(variants: dict[tuple[str, int], int], endpoints: dict[tuple[str, int], int] | None = None) -> Topology:
+    app = Application(
+        name="app",
+        stages=[Stage(variants=[Variant(model=m, version=v, weight=w) for (m, v), w in variants.items()])],
+    )
+    instances = {
+        key: (Instance(model=key[0], version=key[1], id=f"i{port}", node="n", address="127.0.0.1", port=port),)
+        for key, port in (endpoints or {}).items()
+    }
+    return Topology(revision=1, applications={"app": app}, instances=instances)
+
+
+def _decode(payload: bytes) -> discovery_pb2.DiscoveryResponse:
+    response = discovery_pb2.DiscoveryResponse.FromString(payload)
+    assert response.nonce, "every response carries a nonce"
+    assert response.version_info, "every response carries a version"
+    for resource in response.resources:
+        assert resource.type_url == response.type_url, "resources match the response type"
+    return response
+
+
+class Proxy:
+    """Plays Envoy's side: asks, acknowledges, rejects; remembers the last nonce per type."""
+
+    def __init__(self, stream: AdsStream) -> None:
+        self.stream = stream
+        self.last: dict[str, discovery_pb2.DiscoveryResponse] = {}
+
+    def ask(
+        self, type_url: str, names: list[str] | None = None, version: str = ""
+    ) -> list[discovery_pb2.DiscoveryResponse]:
+        request = discovery_pb2.DiscoveryRequest(
+            type_url=type_url, resource_names=names or [], version_info=version, node=base_pb2.Node(id=NODE)
+        )
+        return self._send(request)
+
+    def ack(self, type_url: str, names: list[str] | None = None) -> list[discovery_pb2.DiscoveryResponse]:
+        last = self.last[type_url]
+        request = discovery_pb2.DiscoveryRequest(
+            type_url=type_url,
+            resource_names=names or [],
+            version_info=last.version_info,
+            response_nonce=last.nonce,
+        )
+        return self._send(request)
+
+    def nack(self, type_url: str, accepted_version: str) -> list[discovery_pb2.DiscoveryResponse]:
+        request = discovery_pb2.DiscoveryRequest(
+            type_url=type_url,
+            version_info=accepted_version,
+            response_nonce=self.last[type_url].nonce,
+            error_detail=status_pb2.Status(code=3, message="bad cluster"),
+        )
+        return self._send(request)
+
+    def _send(self, request: discovery_pb2.DiscoveryRequest) -> list[discovery_pb2.DiscoveryResponse]:
+        responses = [_decode(p) for p in self.stream.handle_request(request)]
+        for response in responses:
+            self.last[response.type_url] = response
+        return responses
+
+    def push(self) -> list[discovery_pb2.DiscoveryResponse]:
+        responses = [_decode(p) for p in self.stream.push()]
+        for response in responses:
+            self.last[response.type_url] = response
+        return responses
+
+    def names(self, type_url: str) -> set[str]:
+        response = self.last[type_url]
+        if type_url == r.CLUSTER:
+            return {cluster_pb2.Cluster.FromString(a.value).name for a in response.resources}
+        return {endpoint_pb2.ClusterLoadAssignment.FromString(a.value).cluster_name for a in response.resources}
+
+
+def _connected(topology: Topology) -> tuple[SnapshotCache, Proxy, Recorder]:
+    cache = SnapshotCache()
+    cache.set(NODE, ingress_snapshot(topology, _node_info()))
+    recorder = Recorder()
+    return cache, Proxy(AdsStream(NODE, cache, recorder)), recorder
+
+
+def _warm_up(proxy: Proxy) -> None:
+    """The order Envoy follows on start: CDS, EDS for its clusters, LDS, RDS, acknowledging each."""
+    (_cds,) = proxy.ask(r.CLUSTER)
+    assert proxy.ask(r.LISTENER) == [], "listeners wait until the clusters they route to are warm"
+    clusters = sorted(proxy.names(r.CLUSTER))
+    assert proxy.ack(r.CLUSTER) == []
+    (_eds,) = proxy.ask(r.ENDPOINT, clusters)
+    (lds,) = proxy.ack(r.ENDPOINT, clusters)
+    assert lds.type_url == r.LISTENER, "the listener goes out once endpoints are acknowledged"
+    (_rds,) = proxy.ask(r.ROUTE, ["ingress"])
+    assert proxy.ack(r.LISTENER) == []
+    assert proxy.ack(r.ROUTE, ["ingress"]) == []
+
+
+def test_first_push_goes_clusters_endpoints_listeners_routes() -> None:
+    _, proxy, recorder = _connected(_topology({("a", 1): 100}, {("a", 1): 7001}))
+    _warm_up(proxy)
+    assert {t for t, _ in recorder.acks} == set(r.PUSH_ORDER)
+
+
+def test_stale_nonce_is_ignored() -> None:
+    _, proxy, _ = _connected(_topology({("a", 1): 100}))
+    proxy.ask(r.CLUSTER)
+    stale = discovery_pb2.DiscoveryRequest(type_url=r.CLUSTER, response_nonce="does-not-exist", version_info="x")
+    assert proxy.stream.handle_request(stale) == []
+
+
+def test_unknown_endpoint_names_are_answered_empty() -> None:
+    _, proxy, _ = _connected(_topology({("a", 1): 100}))
+    (eds,) = proxy.ask(r.ENDPOINT, ["no-such-cluster"])
+    (assignment,) = [endpoint_pb2.ClusterLoadAssignment.FromString(a.value) for a in eds.resources]
+    assert assignment.cluster_name == "no-such-cluster"
+    assert not assignment.endpoints
+
+
+def test_nacked_version_is_not_sent_again_and_the_next_change_is() -> None:
+    cache, proxy, recorder = _connected(_topology({("a", 1): 100}))
+    _warm_up(proxy)
+    accepted = proxy.last[r.CLUSTER].version_info
+    cache.set(NODE, ingress_snapshot(_topology({("a", 1): 50, ("b", 1): 50}), _node_info()))
+    cds = proxy.push()[0]
+    assert cds.type_url == r.CLUSTER
+    assert proxy.nack(r.CLUSTER, accepted) == [], "a rejected version is never re-sent"
+    assert recorder.nacks == [(r.CLUSTER, "bad cluster")]
+    assert proxy.push() == [], "nothing new, nothing sent: no NACK loop"
+    cache.set(NODE, ingress_snapshot(_topology({("a", 1): 50, ("c", 1): 50}), _node_info()))
+    fixed = proxy.push()[0]
+    assert fixed.type_url == r.CLUSTER and fixed.version_info != cds.version_info
+
+
+def test_removed_cluster_stays_until_routes_without_it_are_acknowledged() -> None:
+    cache, proxy, _ = _connected(_topology({("a", 1): 50, ("b", 1): 50}))
+    _warm_up(proxy)
+    old = cluster_name("b", 1)
+    cache.set(NODE, ingress_snapshot(_topology({("a", 1): 100}), _node_info()))
+    pushed = proxy.push()
+    assert [p.type_url for p in pushed] == [r.ROUTE], "routes change first; the cluster is still routed to"
+    assert old in proxy.names(r.CLUSTER)
+    cds = proxy.ack(r.ROUTE, ["ingress"])[0]
+    assert cds.type_url == r.CLUSTER
+    assert old not in proxy.names(r.CLUSTER), "removed once no acknowledged route names it"
+
+
+def test_new_cluster_is_warm_before_routes_name_it() -> None:
+    cache, proxy, _ = _connected(_topology({("a", 1): 100}))
+    _warm_up(proxy)
+    cache.set(NODE, ingress_snapshot(_topology({("a", 1): 50, ("b", 1): 50}, {("b", 1): 7002}), _node_info()))
+    pushed = proxy.push()
+    assert [p.type_url for p in pushed] == [r.CLUSTER, r.ENDPOINT], "routes naming b wait for b"
+    clusters = sorted(proxy.names(r.CLUSTER))
+    assert proxy.ack(r.CLUSTER) == []
+    (_eds,) = proxy.ask(r.ENDPOINT, clusters)
+    assert cluster_name("b", 1) in proxy.names(r.ENDPOINT)
+    (rds,) = proxy.ack(r.ENDPOINT, clusters)
+    assert rds.type_url == r.ROUTE
+
+
+def test_reconnecting_proxy_that_holds_current_versions_gets_nothing() -> None:
+    cache, proxy, _ = _connected(_topology({("a", 1): 100}, {("a", 1): 7001}))
+    _warm_up(proxy)
+    held = {t: proxy.last[t].version_info for t in r.PUSH_ORDER}
+    fresh = Proxy(AdsStream(NODE, cache, Recorder()))
+    assert fresh.ask(r.CLUSTER, version=held[r.CLUSTER]) == []
+    assert fresh.ask(r.ENDPOINT, sorted(proxy.names(r.ENDPOINT)), version=held[r.ENDPOINT]) == []
+    assert fresh.ask(r.LISTENER, version=held[r.LISTENER]) == []
+    assert fresh.ask(r.ROUTE, ["ingress"], version=held[r.ROUTE]) == []
+
+
+def test_versions_are_identical_across_independent_builds() -> None:
+    first = ingress_snapshot(_topology({("a", 1): 30, ("b", 2): 70}, {("a", 1): 1}), _node_info())
+    second = ingress_snapshot(_topology({("b", 2): 70, ("a", 1): 30}, {("a", 1): 1}), _node_info())
+    assert first.versions == second.versions
+
+
+def test_hand_encoded_response_parses_as_protobuf() -> None:
+    any_bytes = r.pack(cluster_pb2.Cluster(name="x")).SerializeToString()
+    payload = encode_discovery_response("v1", r.CLUSTER, "7", [any_bytes, any_bytes])
+    response = discovery_pb2.DiscoveryResponse.FromString(payload)
+    assert (response.version_info, response.type_url, response.nonce) == ("v1", r.CLUSTER, "7")
+    assert [cluster_pb2.Cluster.FromString(a.value).name for a in response.resources] == ["x", "x"]

@@ -1,0 +1,209 @@
+"""xds_control against a real ingress Envoy: what etcd says is what Envoy loads (read from /config_dump)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aetcd
+import grpc
+import httpx
+import pytest
+
+from manager_api.etcd_server import EtcdServer
+from manager_api.processes import ChildProcess, free_port, wait_until
+from protos.topology import (
+    Application,
+    Artifact,
+    Deployment,
+    Instance,
+    Keys,
+    ModelVersion,
+    Signature,
+    Stage,
+    TensorSpec,
+    Variant,
+)
+from xds_control.bootstrap import envoy_process, envoy_ready, render_bootstrap
+
+
+class Ingress:
+    def __init__(self, listen_port: int, admin_port: int) -> None:
+        self.url = f"http://127.0.0.1:{listen_port}"
+        self.listen_port = listen_port
+        self.admin_port = admin_port
+
+    def config_dump(self) -> dict[str, Any]:
+        result: dict[str, Any] = httpx.get(f"http://127.0.0.1:{self.admin_port}/config_dump").json()
+        return result
+
+    def dynamic(self, kind: str) -> list[dict[str, Any]]:
+        """Active dynamic resources of one kind (clusters, route_configs, listeners) as Envoy holds them."""
+        for config in self.config_dump()["configs"]:
+            if config["@type"].endswith(f".{kind}ConfigDump"):
+                if kind == "Clusters":
+                    return [c["cluster"] for c in config.get("dynamic_active_clusters", [])]
+                if kind == "Routes":
+                    return [c["route_config"] for c in config.get("dynamic_route_configs", [])]
+        return []
+
+    def cluster_names(self) -> set[str]:
+        return {c["name"] for c in self.dynamic("Clusters")}
+
+
+@pytest.fixture
+def stack(etcd_server: EtcdServer, etcd_prefix: str, tmp_path: Path) -> Iterator[Ingress]:
+    xds_port = free_port()
+    xds = ChildProcess(
+        "xds_control",
+        [
+            sys.executable,
+            "-m",
+            "xds_control",
+            "--etcd",
+            etcd_server.endpoint,
+            "--prefix",
+            etcd_prefix,
+            "--port",
+            str(xds_port),
+            "--log-level",
+            "DEBUG",
+        ],
+        log_path=tmp_path / "xds.log",
+    )
+    listen_port, admin_port = free_port(), free_port()
+    envoy = envoy_process(
+        "ingress",
+        render_bootstrap(
+            "ingress",
+            node_id="ingress",
+            listen_address="127.0.0.1",
+            listen_port=listen_port,
+            admin_port=admin_port,
+            xds_host="127.0.0.1",
+            xds_port=xds_port,
+        ),
+        tmp_path,
+        admin_port,
+    )
+    try:
+        xds.start()
+        envoy.start()
+        envoy.wait_ready(lambda: envoy_ready(admin_port), 30)
+        yield Ingress(listen_port, admin_port)
+    finally:
+        envoy.stop()
+        xds.stop()
+        print(xds.log_tail(60))
+
+
+SIGNATURE = Signature(
+    inputs=[TensorSpec(name="x", datatype="FP32", shape=[-1, 4])],
+    outputs=[TensorSpec(name="y", datatype="INT64", shape=[-1])],
+)
+
+
+async def _put(endpoint: str, records: dict[str, str]) -> None:
+    host, port = endpoint.split(":")
+    client = aetcd.Client(host=host, port=int(port))
+    await client.connect()
+    try:
+        for key, value in records.items():
+            await client.put(key.encode(), value.encode())
+    finally:
+        await client.close()
+
+
+def _model(name: str, version: int) -> str:
+    artifact = Artifact(digest="sha256:" + "0" * 64, uri="file:///nowhere", size=0)
+    return ModelVersion(
+        name=name, version=version, runtime="sklearn", artifact=artifact, signature=SIGNATURE
+    ).model_dump_json()
+
+
+def _app(name: str, variants: list[tuple[str, int, int]]) -> str:
+    stage = Stage(variants=[Variant(model=m, version=v, weight=w) for m, v, w in variants])
+    return Application(name=name, stages=[stage]).model_dump_json()
+
+
+def test_application_routes_and_clusters_reach_envoy(etcd_server: EtcdServer, etcd_prefix: str, stack: Ingress) -> None:
+    keys = Keys(etcd_prefix)
+    dead_port = free_port()
+    asyncio.run(
+        _put(
+            etcd_server.endpoint,
+            {
+                keys.model_version("m", 1): _model("m", 1),
+                keys.model_version("m", 2): _model("m", 2),
+                keys.deployment("m", 1): Deployment(model="m", version=1, replicas=1).model_dump_json(),
+                keys.instance("m", 1, "i1"): Instance(
+                    model="m", version=1, id="i1", node="n", address="127.0.0.1", port=dead_port
+                ).model_dump_json(),
+                keys.application("shop"): _app("shop", [("m", 1, 30), ("m", 2, 70)]),
+            },
+        )
+    )
+    assert stack.cluster_names() == set(), "nothing is served before etcd says so"
+
+    def routes() -> dict[str, Any]:
+        configs = stack.dynamic("Routes")
+        return {route["name"]: route for c in configs for route in c["virtual_hosts"][0]["routes"]}
+
+    wait_until(lambda: "app|shop|rest" in routes(), 10, "application route in Envoy")
+    assert {"model|m|1", "model|m|2"} <= stack.cluster_names()
+    by_name = routes()
+    weights = {c["name"]: c["weight"] for c in by_name["app|shop|rest"]["route"]["weighted_clusters"]["clusters"]}
+    assert weights == {"model|m|1": 30, "model|m|2": 70}
+    assert "model|m|1" in by_name
+
+    # Envoy's own errors are OIP errors: JSON for REST, a gRPC status for gRPC.
+    unknown = httpx.post(f"{stack.url}/v2/models/nope/infer", json={})
+    assert unknown.status_code == 404
+    assert "no application" in unknown.json()["error"]
+    down = httpx.post(f"{stack.url}/v2/models/m/versions/2/infer", json={})
+    assert down.status_code == 404, "version 2 is not deployed: only applications route to it"
+    unreachable = httpx.post(f"{stack.url}/v2/models/m/versions/1/infer", json={})
+    assert unreachable.status_code == 503
+    assert unreachable.headers["content-type"] == "application/json"
+    assert unreachable.json()["error"]
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{stack.listen_port}")
+    try:
+        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        with pytest.raises(grpc.RpcError) as no_header:
+            call(b"", timeout=5)
+        assert no_header.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert "x-hydro-model" in (no_header.value.details() or "")
+        with pytest.raises(grpc.RpcError) as no_endpoint:
+            call(b"", timeout=5, metadata=(("x-hydro-model", "shop"),))
+        assert no_endpoint.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        channel.close()
+
+
+def test_removed_application_leaves_envoy(etcd_server: EtcdServer, etcd_prefix: str, stack: Ingress) -> None:
+    keys = Keys(etcd_prefix)
+    asyncio.run(
+        _put(
+            etcd_server.endpoint,
+            {
+                keys.model_version("k", 1): _model("k", 1),
+                keys.application("gone"): _app("gone", [("k", 1, 100)]),
+            },
+        )
+    )
+    wait_until(lambda: "model|k|1" in stack.cluster_names(), 10, "cluster of the application")
+
+    async def delete() -> None:
+        host, port = etcd_server.endpoint.split(":")
+        client = aetcd.Client(host=host, port=int(port))
+        await client.connect()
+        await client.delete(keys.application("gone").encode())
+        await client.close()
+
+    asyncio.run(delete())
+    wait_until(lambda: "model|k|1" not in stack.cluster_names(), 10, "cluster removal")
+    assert httpx.post(f"{stack.url}/v2/models/gone/infer", json={}).status_code == 404

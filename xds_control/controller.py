@@ -1,0 +1,60 @@
+"""Keeps every connected proxy's snapshot in step with the topology.
+
+It is the NodeRegistry of the ADS server (proxies come and go) and the consumer of the etcd watch (topology
+changes). Both run on the server's event loop, so the state below needs no lock.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from envoy.config.core.v3 import base_pb2
+
+from xds_control.snapshot import InconsistentSnapshot, SnapshotCache
+from xds_control.topology import Topology
+from xds_control.translate import NodeInfo, snapshot_for
+
+log = logging.getLogger(__name__)
+
+
+class Controller:
+    """Builds snapshots for connected nodes from the latest topology."""
+
+    def __init__(self, cache: SnapshotCache) -> None:
+        self.cache = cache
+        self.topology = Topology()
+        self.topology_loaded = False
+        self._nodes: dict[str, NodeInfo] = {}
+        self._streams: dict[str, int] = {}
+
+    def node_connected(self, node: base_pb2.Node) -> None:
+        info = NodeInfo.from_node(node)
+        self._nodes[info.node_id] = info
+        self._streams[info.node_id] = self._streams.get(info.node_id, 0) + 1
+        if self.topology_loaded:
+            self._rebuild(info)
+
+    def node_disconnected(self, node_id: str) -> None:
+        remaining = self._streams.get(node_id, 1) - 1
+        if remaining > 0:
+            self._streams[node_id] = remaining
+            return
+        self._streams.pop(node_id, None)
+        self._nodes.pop(node_id, None)
+        self.cache.clear(node_id)
+
+    def apply(self, topology: Topology) -> None:
+        """Rebuild every connected node's snapshot from ``topology`` (one consistent etcd cut)."""
+        self.topology = topology
+        self.topology_loaded = True
+        for info in list(self._nodes.values()):
+            self._rebuild(info)
+
+    def _rebuild(self, info: NodeInfo) -> None:
+        try:
+            snapshot = snapshot_for(self.topology, info)
+        except (ValueError, InconsistentSnapshot) as exc:
+            # Keep the node on its last good snapshot; a broken topology must not reach any proxy.
+            log.error("not updating %s at revision %d: %s", info.node_id, self.topology.revision, exc)
+            return
+        self.cache.set(info.node_id, snapshot)

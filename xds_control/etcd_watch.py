@@ -1,0 +1,115 @@
+"""Follows the desired state in etcd and hands consistent, debounced topologies to a consumer.
+
+A full read gives a revision; the watch starts right after it, so no event is missed or applied twice. A burst
+of events (a rollout writes many keys) becomes one update: the consumer is called after ``quiet`` seconds
+without events, and at the latest ``max_delay`` seconds after the first event of the burst. If the watch
+breaks (etcd restart, compaction), the state is read again in full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+import aetcd
+
+from protos.topology import Keys
+from xds_control.topology import Topology
+
+log = logging.getLogger(__name__)
+
+
+class EtcdTopologyWatch:
+    """Reads and watches everything under the prefix; calls ``consumer`` with each new Topology."""
+
+    def __init__(
+        self,
+        client: aetcd.Client,
+        keys: Keys,
+        consumer: Callable[[Topology], None],
+        quiet: float = 0.03,
+        max_delay: float = 0.3,
+    ) -> None:
+        self._client = client
+        self._keys = keys
+        self._consumer = consumer
+        self._quiet = quiet
+        self._max_delay = max_delay
+        self._kvs: dict[str, bytes] = {}
+        self._revision = 0
+
+    async def run(self) -> None:
+        """Run until cancelled, re-reading everything after any watch failure (with back-off)."""
+        backoff = 0.2
+        while True:
+            try:
+                await self._load()
+                backoff = 0.2
+                await self._follow()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("etcd watch failed (%s); reading the state again in %.1f s", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def _load(self) -> None:
+        result = await self._client.get_prefix(self._keys.prefix.encode())
+        self._kvs = {kv.key.decode(): kv.value for kv in result.kvs}
+        self._revision = result.header.revision
+        self._publish()
+
+    def _publish(self) -> None:
+        self._consumer(Topology.from_kvs(self._keys, self._kvs, self._revision))
+
+    async def _follow(self) -> None:
+        events: asyncio.Queue[aetcd.Event] = asyncio.Queue()
+        watch = await self._client.watch_prefix(self._keys.prefix.encode(), start_revision=self._revision + 1)
+
+        async def pump() -> None:
+            async for event in watch:
+                events.put_nowait(event)
+
+        pump_task = asyncio.create_task(pump())
+        try:
+            while True:
+                self._apply(await self._next(events, pump_task, None))
+                deadline = asyncio.get_running_loop().time() + self._max_delay
+                while True:
+                    remaining = deadline - asyncio.get_running_loop().time()
+                    if remaining <= 0:
+                        break
+                    try:
+                        event = await self._next(events, pump_task, min(self._quiet, remaining))
+                    except TimeoutError:
+                        break
+                    self._apply(event)
+                self._publish()
+        finally:
+            pump_task.cancel()
+            with contextlib.suppress(Exception):
+                await watch.cancel()
+
+    @staticmethod
+    async def _next(
+        events: asyncio.Queue[aetcd.Event], pump_task: asyncio.Task[None], within: float | None
+    ) -> aetcd.Event:
+        getter = asyncio.ensure_future(events.get())
+        done, _ = await asyncio.wait({getter, pump_task}, timeout=within, return_when=asyncio.FIRST_COMPLETED)
+        if getter in done:
+            return getter.result()
+        getter.cancel()
+        if pump_task in done:
+            exc = pump_task.exception()
+            raise ConnectionError(f"watch ended: {exc}" if exc else "watch ended")
+        raise TimeoutError
+
+    def _apply(self, event: aetcd.Event) -> None:
+        key = event.kv.key.decode()
+        if event.kind == aetcd.EventKind.PUT:
+            self._kvs[key] = event.kv.value
+        else:
+            self._kvs.pop(key, None)
+        self._revision = max(self._revision, event.kv.mod_revision)

@@ -1,0 +1,139 @@
+"""Immutable per-node snapshots of Envoy resources, and the cache that hands them to ADS streams.
+
+No gRPC here. A snapshot holds every resource already serialized (as the bytes of a ``google.protobuf.Any``),
+so a resource is serialized once per version and the same bytes go to every stream that needs them.
+Versions are hashes of those deterministic bytes: two control-plane replicas watching the same etcd hand out
+identical versions for identical state, and a reconnecting Envoy that already has a version gets nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from google.protobuf.message import Message
+
+from xds_control import resources
+
+ResourceBytes = Mapping[str, bytes]
+
+
+def version_of(items: ResourceBytes) -> str:
+    """A content hash of named resources: equal sets give equal versions, in any process."""
+    digest = hashlib.sha256()
+    for name in sorted(items):
+        digest.update(name.encode())
+        digest.update(b"\0")
+        digest.update(items[name])
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
+class InconsistentSnapshot(ValueError):
+    """A snapshot names something it does not contain; publishing it would break a proxy."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything one Envoy should have: resources by type URL, then by name."""
+
+    by_type: Mapping[str, ResourceBytes]
+    #: Clusters that carry traffic only once EDS has answered for them.
+    eds_clusters: frozenset[str] = frozenset()
+    #: Clusters that listeners (inline routes) and route configurations send traffic to, by type URL.
+    routed: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    versions: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def build(
+        cls,
+        messages: Mapping[str, Iterable[tuple[str, Message]]],
+        *,
+        eds_clusters: Iterable[str] = (),
+        listener_clusters: Iterable[str] = (),
+        route_clusters: Iterable[str] = (),
+        rds_names: Iterable[str] = (),
+    ) -> Snapshot:
+        """Serialize each message once and check that every name referenced is present."""
+        by_type: dict[str, dict[str, bytes]] = {type_url: {} for type_url in resources.PUSH_ORDER}
+        for type_url, named in messages.items():
+            for name, message in named:
+                by_type[type_url][name] = resources.pack(message).SerializeToString(deterministic=True)
+        snapshot = cls(
+            by_type=by_type,
+            eds_clusters=frozenset(eds_clusters),
+            routed={
+                resources.LISTENER: frozenset(listener_clusters),
+                resources.ROUTE: frozenset(route_clusters),
+            },
+            versions={type_url: version_of(items) for type_url, items in by_type.items()},
+        )
+        snapshot._check(frozenset(rds_names))
+        return snapshot
+
+    def _check(self, rds_names: frozenset[str]) -> None:
+        clusters = self.by_type[resources.CLUSTER].keys()
+        missing = sorted(self.route_clusters - clusters)
+        if missing:
+            raise InconsistentSnapshot(f"routes name clusters that are not in the snapshot: {missing}")
+        missing = sorted(self.eds_clusters - self.by_type[resources.ENDPOINT].keys())
+        if missing:
+            raise InconsistentSnapshot(f"EDS clusters without endpoints in the snapshot: {missing}")
+        missing = sorted(rds_names - self.by_type[resources.ROUTE].keys())
+        if missing:
+            raise InconsistentSnapshot(f"listeners name route configurations that are not in the snapshot: {missing}")
+
+    @property
+    def route_clusters(self) -> frozenset[str]:
+        """Every cluster that some listener or route sends traffic to."""
+        return frozenset().union(*self.routed.values())
+
+    def items(self, type_url: str) -> ResourceBytes:
+        return self.by_type.get(type_url, {})
+
+
+Listener = Callable[[], None]
+
+
+class SnapshotCache:
+    """The current snapshot of every node, with change notification.
+
+    Contract: only the controller calls ``set``/``clear``; ADS streams only read and listen. Everything runs on
+    one asyncio event loop, so no locks; listeners must not block (they enqueue and return).
+    """
+
+    def __init__(self) -> None:
+        self._snapshots: dict[str, Snapshot] = {}
+        self._listeners: dict[str, set[Listener]] = {}
+
+    def get(self, node_id: str) -> Snapshot | None:
+        return self._snapshots.get(node_id)
+
+    def set(self, node_id: str, snapshot: Snapshot) -> None:
+        """Publish ``snapshot`` for ``node_id`` and tell its streams, unless nothing changed."""
+        previous = self._snapshots.get(node_id)
+        if previous is not None and previous.versions == snapshot.versions:
+            return
+        self._snapshots[node_id] = snapshot
+        for listener in list(self._listeners.get(node_id, ())):
+            listener()
+
+    def clear(self, node_id: str) -> None:
+        self._snapshots.pop(node_id, None)
+
+    def node_ids(self) -> list[str]:
+        return list(self._snapshots)
+
+    def listen(self, node_id: str, listener: Listener) -> Callable[[], None]:
+        """Call ``listener`` whenever the node's snapshot changes; returns the function that stops it."""
+        self._listeners.setdefault(node_id, set()).add(listener)
+
+        def cancel() -> None:
+            listeners = self._listeners.get(node_id)
+            if listeners is not None:
+                listeners.discard(listener)
+                if not listeners:
+                    del self._listeners[node_id]
+
+        return cancel
