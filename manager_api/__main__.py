@@ -1,0 +1,55 @@
+"""``python -m manager_api``: the REST API (and the process deployer) on one port."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import uvicorn
+
+from manager_api.app import create_app
+from manager_api.settings import Settings
+from protos.topology import DEFAULT_PREFIX
+
+
+def _host_port(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
+    return host or "127.0.0.1", int(port)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m manager_api", description=__doc__)
+    parser.add_argument("--etcd", type=_host_port, default=("127.0.0.1", 2379), help="etcd endpoint HOST:PORT")
+    parser.add_argument("--prefix", default=DEFAULT_PREFIX, help="etcd key prefix of the desired state")
+    parser.add_argument("--data-dir", type=Path, default=Path(".hydro"), help="artifact store and replica logs")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8081)
+    parser.add_argument("--deployer", choices=("none", "process"), default="none", help="who runs replicas")
+    parser.add_argument("--xds", type=_host_port, default=("127.0.0.1", 18000), help="xds_control HOST:PORT")
+    parser.add_argument("--max-upload-mb", type=int, default=2048)
+    parser.add_argument("--log-level", default="info")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = Settings(
+        etcd_host=args.etcd[0],
+        etcd_port=args.etcd[1],
+        prefix=args.prefix,
+        data_dir=args.data_dir.resolve(),
+        deployer=args.deployer,
+        xds_host=args.xds[0],
+        xds_port=args.xds[1],
+        max_upload_bytes=args.max_upload_mb * 1024 * 1024,
+    )
+    # Replicas are children of this process: uvicorn's graceful shutdown runs the lifespan, which stops them.
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level.lower())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""The manager's FastAPI application: REST API under /api/v1, the etcd store, and (optionally) the deployer."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import aetcd
+from fastapi import APIRouter, FastAPI
+
+from manager_api.artifacts import ArtifactStore
+from manager_api.dependencies import Store
+from manager_api.deployer.process import ProcessDeployer
+from manager_api.deployer.registration import LeasedInstanceRegistry
+from manager_api.errors import ApiProblem, install_error_handlers
+from manager_api.routers import applications, deployments, instances, models
+from manager_api.schemas import Health
+from manager_api.settings import Settings
+from manager_api.store import TopologyStore
+from protos.topology import Keys
+
+log = logging.getLogger(__name__)
+
+health_router = APIRouter(tags=["health"])
+
+
+@health_router.get("/healthz", response_model=Health)
+async def healthz(store: Store) -> Health:
+    """Live and able to reach etcd (503 otherwise)."""
+    try:
+        await store.ping()
+    except Exception as exc:
+        raise ApiProblem(503, f"etcd unreachable: {exc}") from exc
+    return Health(status="ok", etcd="ok")
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """Build the app; etcd is connected and the deployer started by the lifespan, not at import."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        client = aetcd.Client(host=settings.etcd_host, port=settings.etcd_port)
+        await client.connect()
+        keys = Keys(settings.prefix)
+        store = TopologyStore(client, keys)
+        artifacts = ArtifactStore(settings.data_dir / "artifacts", settings.max_upload_bytes)
+        app.state.store = store
+        app.state.artifacts = artifacts
+        registry: LeasedInstanceRegistry | None = None
+        deployer: ProcessDeployer | None = None
+        if settings.deployer == "process":
+            registry = LeasedInstanceRegistry(client, keys, settings.node)
+            await registry.start()
+            deployer = ProcessDeployer(
+                store,
+                artifacts,
+                registry,
+                node=settings.node,
+                xds_host=settings.xds_host,
+                xds_port=settings.xds_port,
+                workdir=settings.data_dir / "replicas",
+                drain_seconds=settings.drain_seconds,
+            )
+            await deployer.start()
+        app.state.deployer = deployer
+        log.info("manager_api ready: etcd %s:%d prefix %s", settings.etcd_host, settings.etcd_port, settings.prefix)
+        try:
+            yield
+        finally:
+            if deployer is not None:
+                await deployer.stop()
+            if registry is not None:
+                await registry.stop()
+            await client.close()
+
+    app = FastAPI(
+        title="Hydro Serving manager",
+        version="0.1.0",
+        description="Register model versions, deploy them, and route applications to them.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    api = APIRouter(prefix="/api/v1")
+    for module in (models, deployments, applications, instances):
+        api.include_router(module.router)
+    app.include_router(api)
+    app.include_router(health_router)
+    return app

@@ -1,0 +1,69 @@
+"""The `hydro` command line."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from manager_api.stack import Stack, StackConfig, run_until_signalled
+
+app = typer.Typer(help="Hydro Serving: a machine-learning serving mesh.", no_args_is_help=True)
+console = Console()
+
+
+@app.callback()
+def _root() -> None:
+    """Hydro Serving command line."""
+
+
+@app.command()
+def up(
+    demo: Annotated[bool, typer.Option(help="Also push the iris example as application 'iris'.")] = False,
+    data_dir: Annotated[Path, typer.Option(help="Where etcd data, artifacts and logs live.")] = Path(".hydro"),
+    host: Annotated[str, typer.Option(help="Address the ingress listens on.")] = "127.0.0.1",
+    ingress_port: Annotated[int, typer.Option(help="Ingress port (REST and gRPC); 0 = any free port.")] = 8080,
+    api_port: Annotated[int, typer.Option(help="Manager API port; 0 = any free port.")] = 8081,
+    xds_port: Annotated[int, typer.Option(help="xDS (ADS) port; 0 = any free port.")] = 18000,
+    etcd_port: Annotated[int, typer.Option(help="etcd client port; 0 = any free port.")] = 2379,
+) -> None:
+    """Start etcd, xds_control, manager_api and the ingress Envoy on this machine; Ctrl-C stops them all."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    stack = Stack(
+        StackConfig(
+            data_dir=data_dir,
+            host=host,
+            ingress_port=ingress_port,
+            api_port=api_port,
+            xds_port=xds_port,
+            etcd_port=etcd_port,
+        )
+    )
+
+    def announce() -> None:
+        console.print(f"[bold green]Hydro Serving is up[/]  (logs in {stack.logs})")
+        console.print(f"  ingress (REST + gRPC): {stack.ingress_url}")
+        console.print(f"  manager API:           {stack.api_url}/api/v1   docs: {stack.api_url}/docs")
+        console.print(f"  xDS:                   127.0.0.1:{stack.xds_port}")
+        console.print(f"  etcd:                  {stack.etcd.endpoint}")
+        if demo:
+            from manager_api.demo import push_demo, usage
+
+            console.print("Pushing the iris demo...")
+            labels = push_demo(stack.api_url, stack.ingress_url)
+            console.print(f"The demo application answered through the ingress: label {labels}")
+            console.print(usage(stack.ingress_url), highlight=False, markup=False, soft_wrap=True)
+        console.print("Press Ctrl-C to stop everything.", highlight=False)
+
+    raise typer.Exit(run_until_signalled(stack, announce))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

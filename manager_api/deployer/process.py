@@ -1,0 +1,177 @@
+"""The process deployer: runs the desired replicas of every deployment as local runtime + sidecar pairs.
+
+It reconciles ``deployments/`` in etcd against the replicas it runs: starts missing ones, drains and stops
+extra ones, and restarts crashed ones with back-off. Instances are registered only once ready, under a lease,
+so a deployer that dies takes its endpoints out of EDS when the lease expires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+from manager_api.deployer.replica import InstanceRegistry, Replica, ReplicaConfig
+from protos.topology import Deployment, ModelVersion
+
+log = logging.getLogger(__name__)
+
+ModelKey = tuple[str, int]
+
+
+class DesiredState(Protocol):
+    """What the deployer reads: deployments, the model versions they name, and a change signal."""
+
+    async def list_deployments(self) -> list[Deployment]: ...
+
+    async def get_model_version(self, name: str, version: int) -> ModelVersion | None: ...
+
+    def watch_deployments(self) -> Any:
+        """An async iterator that yields whenever something under deployments/ changed."""
+
+
+class ModelFolders(Protocol):
+    """Where an artifact's unpacked model folder is."""
+
+    def materialize(self, digest: str) -> Any: ...
+
+
+class ProcessDeployer:
+    """Reconciles deployments to local processes. All methods run on one event loop."""
+
+    def __init__(
+        self,
+        desired: DesiredState,
+        folders: ModelFolders,
+        registry: InstanceRegistry,
+        *,
+        node: str,
+        xds_host: str,
+        xds_port: int,
+        workdir: Any,
+        resync_interval: float = 0.5,
+        drain_seconds: float = 1.0,
+    ) -> None:
+        self._desired = desired
+        self._folders = folders
+        self._registry = registry
+        self._node = node
+        self._xds = (xds_host, xds_port)
+        self._workdir = workdir
+        self._resync_interval = resync_interval
+        self._drain_seconds = drain_seconds
+        self.replicas: dict[ModelKey, list[Replica]] = {}
+        self._starting: set[asyncio.Task[None]] = set()
+        self._wakeup = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        """Begin reconciling in the background."""
+        self._tasks = [asyncio.create_task(self._loop()), asyncio.create_task(self._watch())]
+
+    async def stop(self) -> None:
+        """Stop reconciling, then drain and stop every replica this deployer runs."""
+        for task in self._tasks + list(self._starting):
+            task.cancel()
+        for task in self._tasks + list(self._starting):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        everything = [r for replicas in self.replicas.values() for r in replicas]
+        await asyncio.gather(*(r.stop(drain=False) for r in everything), return_exceptions=True)
+        self.replicas.clear()
+
+    def status(self, model: str, version: int) -> list[Replica]:
+        return list(self.replicas.get((model, version), []))
+
+    async def _watch(self) -> None:
+        while True:
+            try:
+                async for _ in self._desired.watch_deployments():
+                    self._wakeup.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("deployment watch failed (%s); retrying", exc)
+                await asyncio.sleep(1.0)
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.reconcile()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("reconcile failed; retrying")
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), self._resync_interval)
+
+    async def reconcile(self) -> None:
+        """One pass: crashed replicas handled, missing ones started, extra ones drained."""
+        desired = {(d.model, d.version): d.replicas for d in await self._desired.list_deployments()}
+        for key, replicas in list(self.replicas.items()):
+            for replica in replicas:
+                if replica.state == "ready" and not replica.alive():
+                    await replica.handle_crash()
+            want = desired.get(key, 0)
+            extra = [r for r in replicas if r.state != "stopped"][want:]
+            if extra:
+                self._stop(key, extra)
+            now = time.monotonic()
+            for replica in replicas:
+                if replica.state == "crashed" and now - replica.crashed_at >= replica.restart_delay():
+                    replica.restarts += 1
+                    self._launch(replica)
+        for key, want in desired.items():
+            have = len(self.replicas.get(key, []))
+            if have < want:
+                model = await self._desired.get_model_version(*key)
+                if model is None:
+                    log.error("deployment %s:%d names a model version that is not registered", *key)
+                    continue
+                folder = await asyncio.to_thread(self._folders.materialize, model.artifact.digest)
+                for _ in range(want - have):
+                    replica = Replica(self._config(key, folder), self._registry)
+                    self.replicas.setdefault(key, []).append(replica)
+                    self._launch(replica)
+
+    def _config(self, key: ModelKey, folder: Any) -> ReplicaConfig:
+        return ReplicaConfig(
+            model=key[0],
+            version=key[1],
+            model_dir=folder,
+            node=self._node,
+            xds_host=self._xds[0],
+            xds_port=self._xds[1],
+            workdir=self._workdir,
+            drain_seconds=self._drain_seconds,
+        )
+
+    def _launch(self, replica: Replica) -> None:
+        async def run() -> None:
+            try:
+                await replica.start()
+            except Exception as exc:
+                log.error("replica %s failed to start: %s", replica.id, exc)
+
+        task = asyncio.create_task(run())
+        self._starting.add(task)
+        task.add_done_callback(self._starting.discard)
+
+    def _stop(self, key: ModelKey, replicas: Iterable[Replica]) -> None:
+        doomed = list(replicas)
+        remaining = [r for r in self.replicas.get(key, []) if r not in doomed]
+        if remaining:
+            self.replicas[key] = remaining
+        else:
+            self.replicas.pop(key, None)
+
+        async def run() -> None:
+            await asyncio.gather(*(r.stop() for r in doomed), return_exceptions=True)
+
+        task = asyncio.create_task(run())
+        self._starting.add(task)
+        task.add_done_callback(self._starting.discard)

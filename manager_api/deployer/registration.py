@@ -1,0 +1,94 @@
+"""Announces ready instances in etcd under one lease per deployer, and keeps that lease alive.
+
+If the deployer dies, the lease expires after ``ttl`` seconds and every instance it announced leaves etcd, so
+xds_control takes the endpoints out of EDS without anyone cleaning up. If the lease is lost while the deployer
+lives (etcd restarted, a long pause), a new one is granted and the live instances are announced again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import aetcd
+
+from protos.topology import Instance, Keys
+
+log = logging.getLogger(__name__)
+
+
+class LeasedInstanceRegistry:
+    """The InstanceRegistry of the process deployer, backed by etcd leases."""
+
+    def __init__(self, client: aetcd.Client, keys: Keys, node: str, ttl: int = 5) -> None:
+        self._client = client
+        self._keys = keys
+        self._node = node
+        self._ttl = ttl
+        self._lease: aetcd.Lease | None = None
+        self._live: dict[str, Instance] = {}
+        self._keepalive: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        """Remove what a previous life of this node left behind, then keep a lease alive."""
+        result = await self._client.get_prefix(self._keys.instances().encode())
+        for kv in result.kvs:
+            with contextlib.suppress(ValueError):
+                if Instance.model_validate_json(kv.value).node == self._node:
+                    await self._client.delete(kv.key)
+        self._keepalive = asyncio.create_task(self._keep_alive())
+
+    async def stop(self) -> None:
+        """Stop refreshing and revoke the lease: every instance of this node leaves etcd now."""
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keepalive
+        if self._lease is not None:
+            with contextlib.suppress(Exception):
+                await self._lease.revoke()
+        self._live.clear()
+
+    async def register_instance(self, instance: Instance) -> None:
+        async with self._lock:
+            lease = await self._current_lease()
+            await self._put(instance, lease)
+            self._live[instance.id] = instance
+
+    async def deregister_instance(self, instance: Instance) -> None:
+        async with self._lock:
+            self._live.pop(instance.id, None)
+            await self._client.delete(self._key(instance).encode())
+
+    def _key(self, instance: Instance) -> str:
+        return self._keys.instance(instance.model, instance.version, instance.id)
+
+    async def _put(self, instance: Instance, lease: aetcd.Lease) -> None:
+        await self._client.put(self._key(instance).encode(), instance.model_dump_json().encode(), lease=lease)
+
+    async def _current_lease(self) -> aetcd.Lease:
+        if self._lease is None:
+            self._lease = await self._client.lease(self._ttl)
+        return self._lease
+
+    async def _keep_alive(self) -> None:
+        while True:
+            await asyncio.sleep(self._ttl / 3)
+            try:
+                async with self._lock:
+                    if self._lease is None:
+                        continue
+                    remaining = await self._lease.remaining_ttl()
+                    if remaining is None or remaining <= 0:
+                        log.warning("instance lease expired; announcing %d instances again", len(self._live))
+                        self._lease = await self._client.lease(self._ttl)
+                        for instance in self._live.values():
+                            await self._put(instance, self._lease)
+                    else:
+                        await self._lease.refresh()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("could not refresh the instance lease: %s", exc)

@@ -1,0 +1,72 @@
+"""Every error the manager returns is JSON ``{"error": "..."}`` with a fitting status, never HTML or a trace."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+
+class ApiProblem(Exception):
+    """Raised by routes: answered as ``status`` with ``{"error": message}``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def not_found(what: str) -> ApiProblem:
+    return ApiProblem(404, f"{what} not found")
+
+
+def describe_validation_errors(errors: Sequence[Any]) -> str:
+    """One line naming each offending field, e.g. ``body.replicas: Input should be ... (got -1)``."""
+    parts = []
+    for err in errors:
+        where = ".".join(str(p) for p in err.get("loc", ())) or "request"
+        message = err.get("msg", "invalid")
+        if "input" in err and err.get("type") not in ("missing", "json_invalid"):
+            message += f" (got {err['input']!r})"[:200]
+        parts.append(f"{where}: {message}")
+    return "; ".join(parts)
+
+
+def _json_error(status: int, message: str) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": message})
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Map every failure mode of a request to a JSON error body."""
+
+    @app.exception_handler(ApiProblem)
+    async def _problem(_: Request, exc: ApiProblem) -> JSONResponse:
+        return _json_error(exc.status, exc.message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = str(exc.detail)
+        if exc.status_code == 404 and message == "Not Found":
+            message = f"no such endpoint: {request.method} {request.url.path}"
+        elif exc.status_code == 405:
+            message = f"method {request.method} is not allowed on {request.url.path}"
+        return _json_error(exc.status_code, message)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        if any(err.get("type") == "json_invalid" for err in errors):
+            return _json_error(400, "the request body is not valid JSON")
+        return _json_error(422, describe_validation_errors(errors))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return _json_error(500, f"internal error: {type(exc).__name__}: {exc}")

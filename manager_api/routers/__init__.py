@@ -1,0 +1,1 @@
+"""REST resources of the manager, one router each, mounted under /api/v1."""

@@ -1,0 +1,62 @@
+"""``/api/v1/applications``: named endpoints that split traffic across model versions by weight."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+
+from manager_api.dependencies import ApplicationName, Store
+from manager_api.errors import ApiProblem, not_found
+from manager_api.schemas import ApplicationSpec
+from manager_api.store import TopologyStore
+from protos.topology import Application
+
+router = APIRouter(prefix="/applications", tags=["applications"])
+
+#: Pipelines (several stages) come with the applications issue; one stage is served today.
+MAX_STAGES = 1
+
+
+async def _check(store: TopologyStore, spec: ApplicationSpec) -> None:
+    if len(spec.stages) > MAX_STAGES:
+        raise ApiProblem(400, f"stages: {len(spec.stages)} given, only {MAX_STAGES} stage is supported")
+    for index, stage in enumerate(spec.stages):
+        where = f"stages[{index}]"
+        total = sum(v.weight for v in stage.variants)
+        if total != 100:
+            weights = " + ".join(str(v.weight) for v in stage.variants)
+            raise ApiProblem(400, f"{where}: variant weights must sum to 100, got {weights} = {total}")
+        seen: set[tuple[str, int]] = set()
+        for variant in stage.variants:
+            key = (variant.model, variant.version)
+            if key in seen:
+                raise ApiProblem(400, f"{where}: model version {variant.model}:{variant.version} is listed twice")
+            seen.add(key)
+            if await store.get_model_version(variant.model, variant.version) is None:
+                raise ApiProblem(400, f"{where}: model version {variant.model}:{variant.version} is not registered")
+
+
+@router.put("/{name}", response_model=Application)
+async def put_application(name: ApplicationName, spec: ApplicationSpec, store: Store) -> Application:
+    """Create or replace an application; the ingress follows within a push, with no restart."""
+    await _check(store, spec)
+    return await store.put_application(Application(name=name, stages=spec.stages))
+
+
+@router.get("", response_model=list[Application])
+async def list_applications(store: Store) -> list[Application]:
+    return await store.list_applications()
+
+
+@router.get("/{name}", response_model=Application)
+async def get_application(name: ApplicationName, store: Store) -> Application:
+    application = await store.get_application(name)
+    if application is None:
+        raise not_found(f"application {name!r}")
+    return application
+
+
+@router.delete("/{name}", status_code=204)
+async def delete_application(name: ApplicationName, store: Store) -> Response:
+    if not await store.delete_application(name):
+        raise not_found(f"application {name!r}")
+    return Response(status_code=204)

@@ -1,0 +1,49 @@
+"""``/api/v1/deployments``: how many replicas of each model version run; scaling is a PUT."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+
+from manager_api.dependencies import ModelName, Store
+from manager_api.errors import not_found
+from manager_api.schemas import DeploymentSpec, DeploymentView
+from manager_api.store import TopologyStore
+from protos.topology import Deployment
+
+router = APIRouter(prefix="/deployments", tags=["deployments"])
+
+
+async def _view(store: TopologyStore, deployment: Deployment) -> DeploymentView:
+    instances = await store.list_instances(deployment.model, deployment.version)
+    ready = [i for i in instances if i.state == "ready"]
+    return DeploymentView(**deployment.model_dump(), ready_replicas=len(ready), instances=instances)
+
+
+@router.put("/{model}/{version}", response_model=DeploymentView)
+async def put_deployment(model: ModelName, version: int, spec: DeploymentSpec, store: Store) -> DeploymentView:
+    """Create or scale the deployment of a registered model version."""
+    if await store.get_model_version(model, version) is None:
+        raise not_found(f"model version {model}:{version}")
+    deployment = await store.put_deployment(model, version, spec.replicas)
+    return await _view(store, deployment)
+
+
+@router.get("", response_model=list[DeploymentView])
+async def list_deployments(store: Store) -> list[DeploymentView]:
+    return [await _view(store, d) for d in await store.list_deployments()]
+
+
+@router.get("/{model}/{version}", response_model=DeploymentView)
+async def get_deployment(model: ModelName, version: int, store: Store) -> DeploymentView:
+    deployment = await store.get_deployment(model, version)
+    if deployment is None:
+        raise not_found(f"deployment {model}:{version}")
+    return await _view(store, deployment)
+
+
+@router.delete("/{model}/{version}", status_code=204)
+async def delete_deployment(model: ModelName, version: int, store: Store) -> Response:
+    """Stop every replica of the model version (applications naming it answer 503 until re-routed)."""
+    if not await store.delete_deployment(model, version):
+        raise not_found(f"deployment {model}:{version}")
+    return Response(status_code=204)

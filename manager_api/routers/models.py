@@ -1,0 +1,70 @@
+"""``/api/v1/models``: register model versions (upload a model folder archive) and read them back."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, File, UploadFile
+
+from manager_api.archives import ArchiveError
+from manager_api.artifacts import UploadTooLarge
+from manager_api.dependencies import Artifacts, ModelName, Store
+from manager_api.errors import ApiProblem, not_found
+from manager_api.schemas import ModelView
+from protos.topology import ModelVersion
+from runtimes.serving_config import ServingConfigError
+
+router = APIRouter(prefix="/models", tags=["models"])
+
+
+async def _chunks(upload: UploadFile) -> AsyncIterator[bytes]:
+    while chunk := await upload.read(1024 * 1024):
+        yield chunk
+
+
+@router.post("/{model}/versions", status_code=201, response_model=ModelVersion)
+async def register_model_version(
+    model: ModelName,
+    store: Store,
+    artifacts: Artifacts,
+    archive: Annotated[UploadFile, File(description="a .tar.gz, .tar or .zip of the model folder")],
+) -> ModelVersion:
+    """Upload a model folder (with serving.yaml at its root) as the next version of ``model``."""
+    try:
+        async with artifacts.staged(_chunks(archive)) as upload:
+            if upload.size == 0:
+                raise ApiProblem(400, "the archive is empty")
+            config = await asyncio.to_thread(artifacts.check, upload)
+            artifact = await asyncio.to_thread(artifacts.keep, upload)
+    except UploadTooLarge as exc:
+        raise ApiProblem(413, str(exc)) from exc
+    except (ArchiveError, ServingConfigError) as exc:
+        raise ApiProblem(400, str(exc)) from exc
+    return await store.register_model_version(model, config.runtime, artifact, config.signature, config.labels)
+
+
+@router.get("", response_model=list[ModelView])
+async def list_models(store: Store) -> list[ModelView]:
+    """Every model with its versions."""
+    by_name: dict[str, list[ModelVersion]] = {}
+    for record in await store.all_model_versions():
+        by_name.setdefault(record.name, []).append(record)
+    return [ModelView(name=name, versions=versions) for name, versions in by_name.items()]
+
+
+@router.get("/{model}", response_model=ModelView)
+async def get_model(model: ModelName, store: Store) -> ModelView:
+    versions = await store.model_versions(model)
+    if not versions:
+        raise not_found(f"model {model!r}")
+    return ModelView(name=model, versions=versions)
+
+
+@router.get("/{model}/versions/{version}", response_model=ModelVersion)
+async def get_model_version(model: ModelName, version: int, store: Store) -> ModelVersion:
+    record = await store.get_model_version(model, version)
+    if record is None:
+        raise not_found(f"model version {model}:{version}")
+    return record

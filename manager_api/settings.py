@@ -1,0 +1,28 @@
+"""Configuration of one manager_api process, from its command line."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from protos.topology import DEFAULT_PREFIX
+
+DeployerKind = Literal["none", "process"]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where etcd and the artifact store are, and which deployer runs replicas."""
+
+    etcd_host: str = "127.0.0.1"
+    etcd_port: int = 2379
+    prefix: str = DEFAULT_PREFIX
+    data_dir: Path = Path(".hydro")
+    deployer: DeployerKind = "none"
+    xds_host: str = "127.0.0.1"
+    xds_port: int = 18000
+    node: str = field(default_factory=lambda: socket.gethostname().lower().replace("_", "-"))
+    max_upload_bytes: int = 2 * 1024**3
+    drain_seconds: float = 1.0
