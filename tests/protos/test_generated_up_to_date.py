@@ -1,0 +1,48 @@
+"""The committed Python code for protos/inference.proto is what `make protos` produces from it today."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PROTO = "protos/inference.proto"
+GENERATED = ("inference_pb2.py", "inference_pb2.pyi", "inference_pb2_grpc.py", "inference_pb2_grpc.pyi")
+
+
+def _generate(out: Path) -> None:
+    # The same command as the Makefile's `protos` target, with the plugins from the venv that runs the tests.
+    bin_dir = Path(sys.executable).parent
+    argv = [
+        sys.executable,
+        "-m",
+        "grpc_tools.protoc",
+        "-I.",
+        f"--python_out={out}",
+        f"--grpc_python_out={out}",
+        f"--plugin=protoc-gen-mypy={bin_dir / 'protoc-gen-mypy'}",
+        f"--mypy_out={out}",
+        f"--plugin=protoc-gen-mypy_grpc={bin_dir / 'protoc-gen-mypy_grpc'}",
+        f"--mypy_grpc_out={out}",
+        PROTO,
+    ]
+    result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, f"protoc failed: {result.stderr}"
+
+
+@pytest.fixture(scope="module")
+def regenerated(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("protos")
+    _generate(out)
+    return out / "protos"
+
+
+@pytest.mark.parametrize("name", GENERATED)
+def test_generated_file_matches_proto(regenerated: Path, name: str) -> None:
+    committed = ROOT / "protos" / name
+    assert committed.is_file(), f"protos/{name} is missing: run make protos"
+    fresh = (regenerated / name).read_bytes()
+    assert committed.read_bytes() == fresh, f"protos/{name} is out of date with {PROTO}: run make protos"
