@@ -1,0 +1,110 @@
+"""Protocol-neutral inference requests and responses, as the data plane sees them.
+
+The REST and gRPC codecs translate their wire formats to and from these, so validation and prediction are written
+once for both protocols.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+#: Request, tensor and response parameters: the scalar types both JSON and gRPC InferParameter can carry.
+Parameters = dict[str, bool | int | float | str]
+
+
+class TensorData(Protocol):
+    """An input's data as it came off the wire, decoded only once the data plane has checked name, datatype and
+    shape against the signature (so a mismatch is reported as such, not as undecodable data)."""
+
+    def decode(self, name: str, datatype: str) -> np.ndarray:
+        """The data as a flat numpy array of ``datatype``; InvalidInput naming ``name`` if it cannot be."""
+        ...
+
+
+@dataclass(frozen=True)
+class ArrayData:
+    """Data that is already a numpy array (the warm-up call, in-process callers)."""
+
+    array: np.ndarray
+
+    def decode(self, name: str, datatype: str) -> np.ndarray:
+        """The array, flattened."""
+        return self.array.reshape(-1)
+
+
+@dataclass(frozen=True)
+class RequestInput:
+    """One input tensor as the client declared it."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    data: TensorData
+    parameters: Parameters = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RequestedOutput:
+    """An output the client asked for, with its per-output parameters (e.g. ``binary_data``)."""
+
+    name: str
+    parameters: Parameters = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    """An inference request addressed to ``model_name`` (and ``model_version``, empty for any)."""
+
+    model_name: str
+    model_version: str
+    inputs: list[RequestInput]
+    outputs: list[RequestedOutput] = field(default_factory=list)
+    id: str = ""
+    parameters: Parameters = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    """One output tensor, already cast to its signature datatype and shaped."""
+
+    name: str
+    datatype: str
+    data: np.ndarray
+
+    @property
+    def shape(self) -> list[int]:
+        """The tensor's shape as a list of ints (for the wire formats)."""
+        return [int(d) for d in self.data.shape]
+
+
+@dataclass(frozen=True)
+class InferResponse:
+    """The answer: always names the model and version that really served the request."""
+
+    model_name: str
+    model_version: str
+    outputs: list[OutputTensor]
+    id: str = ""
+
+
+@dataclass(frozen=True)
+class TensorMetadata:
+    """One entry of a model's signature, as reported by model metadata."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    """Name, versions, platform and signature of the served model."""
+
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]

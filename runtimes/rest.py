@@ -1,0 +1,166 @@
+"""The Open Inference Protocol over HTTP/JSON: an ASGI app in front of the data plane.
+
+Every error, including unknown routes, wrong methods and unreadable bodies, is JSON ``{"error": "..."}`` with its
+status, so clients (and the mesh's own error mapping) never see HTML or FastAPI's validation format.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from runtimes import json_codec
+from runtimes.dataplane import APPLICATION_HEADER, DataPlane
+from runtimes.errors import InferenceError, InvalidInput, ModelNotReady, PayloadTooLarge
+
+log = logging.getLogger(__name__)
+
+SERVER_NAME = "hydro-serving"
+#: Protocol extensions this server implements, as reported by server metadata.
+EXTENSIONS = ["binary_tensor_data"]
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """The one error shape of the REST API."""
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
+    # gzip and deflate as tritonclient sends them; the limit guards against a small body inflating without bound.
+    wbits = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}.get(encoding)
+    if wbits is None:
+        raise InvalidInput(f"unsupported Content-Encoding {encoding!r}; use gzip, deflate or none")
+    inflater = zlib.decompressobj(wbits)
+    try:
+        data = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise InvalidInput(f"the request body is not valid {encoding} data: {exc}") from None
+    if len(data) > limit:
+        raise PayloadTooLarge(f"the decompressed request body is larger than the {limit // 2**20} MiB limit")
+    return data
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the request body ({declared} bytes) is larger than the {limit // 2**20} MiB limit")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the request body is larger than the {limit // 2**20} MiB limit")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        body = _decompress(body, encoding, limit)
+    return body
+
+
+def create_app(dataplane: DataPlane, *, server_version: str, max_body_bytes: int = 64 * 2**20) -> FastAPI:
+    """The REST app serving ``dataplane``; ``max_body_bytes`` caps request bodies (after decompression)."""
+    app = FastAPI(title="Hydro Serving runtime", docs_url=None, redoc_url=None, openapi_url=None)
+
+    def application(request: Request) -> str | None:
+        return request.headers.get(APPLICATION_HEADER)
+
+    @app.get("/v2/health/live")
+    async def live() -> dict[str, bool]:
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    async def ready() -> Response:
+        if not dataplane.ready:
+            raise ModelNotReady(
+                f"model {dataplane.name!r} version {dataplane.version} is not ready ({dataplane.state})"
+            )
+        return JSONResponse({"ready": True})
+
+    @app.get("/v2")
+    async def server_metadata() -> dict[str, Any]:
+        return {"name": SERVER_NAME, "version": server_version, "extensions": EXTENSIONS}
+
+    async def metadata(request: Request, model: str, version: str) -> Response:
+        meta = dataplane.model_metadata(model, version, application(request))
+        return JSONResponse(json_codec.encode_metadata(meta))
+
+    async def model_ready(request: Request, model: str, version: str) -> Response:
+        if not dataplane.model_ready(model, version, application(request)):
+            raise ModelNotReady(f"model {model!r} is not ready ({dataplane.state})")
+        return JSONResponse({"name": dataplane.name, "version": dataplane.version_string, "ready": True})
+
+    async def infer(request: Request, model: str, version: str) -> Response:
+        app_name = application(request)
+        # Refuse wrong addresses before reading a possibly large body.
+        dataplane.resolve(model, version, app_name)
+        body = await _read_body(request, max_body_bytes)
+        infer_request = json_codec.parse_infer_request(
+            body, model, version, request.headers.get(json_codec.HEADER_LENGTH)
+        )
+        response = await dataplane.infer(infer_request, app_name)
+        encoded = json_codec.encode_infer_response(response, infer_request)
+        return Response(encoded.body, media_type=encoded.media_type, headers=encoded.headers)
+
+    # Separate routes for "any version" and "this version": one handler with an optional path parameter would
+    # also accept ?version= as a query parameter.
+    @app.get("/v2/models/{model}")
+    async def model_metadata(request: Request, model: str) -> Response:
+        return await metadata(request, model, "")
+
+    @app.get("/v2/models/{model}/versions/{version}")
+    async def version_metadata(request: Request, model: str, version: str) -> Response:
+        return await metadata(request, model, version)
+
+    @app.get("/v2/models/{model}/ready")
+    async def model_is_ready(request: Request, model: str) -> Response:
+        return await model_ready(request, model, "")
+
+    @app.get("/v2/models/{model}/versions/{version}/ready")
+    async def version_is_ready(request: Request, model: str, version: str) -> Response:
+        return await model_ready(request, model, version)
+
+    @app.post("/v2/models/{model}/infer")
+    async def model_infer(request: Request, model: str) -> Response:
+        return await infer(request, model, "")
+
+    @app.post("/v2/models/{model}/versions/{version}/infer")
+    async def version_infer(request: Request, model: str, version: str) -> Response:
+        return await infer(request, model, version)
+
+    async def on_inference_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, InferenceError)
+        if exc.http_status >= 500:
+            log.warning("%s %s: %s", request.method, request.url.path, exc)
+        return error_response(exc.http_status, str(exc))
+
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 404:
+            message = f"no route for {request.method} {request.url.path}"
+        elif exc.status_code == 405:
+            message = f"method {request.method} is not allowed for {request.url.path}"
+        else:
+            message = str(exc.detail)
+        return error_response(exc.status_code, message, dict(exc.headers or {}))
+
+    async def on_validation_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        details = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        return error_response(400, f"invalid request: {details}")
+
+    async def on_unexpected_error(request: Request, exc: Exception) -> Response:
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
+
+    app.add_exception_handler(InferenceError, on_inference_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(Exception, on_unexpected_error)
+    return app

@@ -1,0 +1,303 @@
+"""The runtime process: one model version served over gRPC and HTTP from one asyncio event loop.
+
+Order of events: read serving.yaml, bind both ports (so a port clash fails fast), start serving (live, not ready),
+load the model and warm it up on worker threads, report ready. SIGTERM or SIGINT: report not ready, stop
+accepting, let in-flight requests finish for a few seconds, exit 0. A load failure exits 1 with the reason on
+stderr; a second SIGINT exits at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.metadata
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Callable, Generator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import uvicorn
+
+from runtimes.base import create_runtime
+from runtimes.dataplane import DataPlane, default_predict_threads
+from runtimes.errors import ModelLoadError
+from runtimes.grpc_service import HealthReporter, create_grpc_server
+from runtimes.rest import create_app
+from runtimes.serving_config import ServingConfigError, load_serving_config
+
+log = logging.getLogger("runtimes")
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+@dataclass(frozen=True)
+class Options:
+    """Command-line options of ``python -m runtimes``."""
+
+    model_dir: Path
+    name: str
+    version: int
+    host: str = "127.0.0.1"
+    grpc_port: int = 8001
+    http_port: int = 8000
+    max_message_mb: int = 64
+    log_level: str = "info"
+    shutdown_grace: float = 5.0
+    predict_threads: int = 0
+
+    @property
+    def max_message_bytes(self) -> int:
+        """The gRPC message and HTTP body limit in bytes."""
+        return self.max_message_mb * 2**20
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Options:
+    """Parse ``python -m runtimes`` arguments."""
+    parser = argparse.ArgumentParser(
+        prog="python -m runtimes",
+        description="Serve one model version over the Open Inference Protocol (gRPC and HTTP/JSON).",
+    )
+    parser.add_argument("--model-dir", type=Path, required=True, help="model folder with serving.yaml")
+    parser.add_argument("--name", required=True, help="model name this runtime answers to")
+    parser.add_argument("--version", type=int, required=True, help="model version (a positive integer)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    parser.add_argument("--grpc-port", type=int, required=True, help="gRPC port")
+    parser.add_argument("--http-port", type=int, required=True, help="HTTP/JSON port")
+    parser.add_argument(
+        "--max-message-mb", type=int, default=64, help="largest gRPC message / HTTP body in MiB (default: 64)"
+    )
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="default: info")
+    parser.add_argument(
+        "--shutdown-grace", type=float, default=5.0, help="seconds in-flight requests get on shutdown (default: 5)"
+    )
+    parser.add_argument(
+        "--predict-threads",
+        type=int,
+        default=0,
+        help=f"worker threads for predict calls (default: {default_predict_threads()} on this machine)",
+    )
+    args = parser.parse_args(argv)
+    if args.version < 1:
+        parser.error("--version must be a positive integer")
+    if args.max_message_mb < 1:
+        parser.error("--max-message-mb must be at least 1")
+    return Options(
+        model_dir=args.model_dir,
+        name=args.name,
+        version=args.version,
+        host=args.host,
+        grpc_port=args.grpc_port,
+        http_port=args.http_port,
+        max_message_mb=args.max_message_mb,
+        log_level=args.log_level,
+        shutdown_grace=args.shutdown_grace,
+        predict_threads=args.predict_threads,
+    )
+
+
+def server_version() -> str:
+    """This package's version, reported by server metadata."""
+    try:
+        return importlib.metadata.version("hydro-serving")
+    except importlib.metadata.PackageNotFoundError:
+        return "0"
+
+
+class _HttpServer(uvicorn.Server):
+    """uvicorn without its own signal handling: the runtime owns SIGTERM/SIGINT for both protocols."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        # uvicorn's handlers would replace ours and re-raise the signal after shutdown, killing the process
+        # before the gRPC side has drained.
+        yield
+
+
+class _CountingExecutor(ThreadPoolExecutor):
+    """A thread pool that knows how many calls are running right now (cancelled awaits do not stop threads)."""
+
+    def __init__(self, max_workers: int) -> None:
+        super().__init__(max_workers, thread_name_prefix="predict")
+        self._running = 0
+        self._lock = threading.Lock()
+
+    @property
+    def running(self) -> int:
+        """Calls currently executing on a worker thread."""
+        with self._lock:
+            return self._running
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn`` on a worker thread, counted while it runs."""
+
+        def counted() -> Any:
+            with self._lock:
+                self._running += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                with self._lock:
+                    self._running -= 1
+
+        return super().submit(counted)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _fail(message: str) -> int:
+    log.error("%s", message)
+    return 1
+
+
+async def serve(options: Options) -> int:
+    """Run the runtime until a signal or a failure; the process exit code."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def on_signal(sig: int) -> None:
+        name = signal.Signals(sig).name
+        if not stop.is_set():
+            log.info("%s received: shutting down", name)
+            stop.set()
+        elif sig == signal.SIGINT:
+            # A second Ctrl-C is a person who does not want to wait. A second SIGTERM is not: supervisors send one
+            # to the process group and the kernel another when the parent dies (PR_SET_PDEATHSIG).
+            log.warning("second SIGINT: exiting without waiting for in-flight requests")
+            logging.shutdown()
+            os._exit(130)
+        else:
+            log.info("%s received again: already shutting down", name)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+
+    where = f"model {options.name!r} version {options.version} from {options.model_dir}"
+    try:
+        config = load_serving_config(options.model_dir)
+        runtime = create_runtime(options.model_dir, config)
+    except (ServingConfigError, KeyError, ImportError, OSError) as exc:
+        return _fail(f"cannot load {where}: {exc}")
+
+    executor = _CountingExecutor(options.predict_threads or default_predict_threads())
+    dataplane = DataPlane(runtime, name=options.name, version=options.version, executor=executor)
+    version = server_version()
+    grpc_server, health = create_grpc_server(
+        dataplane, server_version=version, max_message_bytes=options.max_message_bytes
+    )
+    await health.set_serving(False)
+    grpc_address = f"{options.host}:{options.grpc_port}"
+    try:
+        if grpc_server.add_insecure_port(grpc_address) == 0:
+            raise RuntimeError("the port is in use or the address is invalid")
+        http_socket = _bind(options.host, options.http_port)
+    except (RuntimeError, OSError) as exc:
+        return _fail(
+            f"cannot listen on {options.host} (gRPC port {options.grpc_port}, HTTP port {options.http_port}): {exc}"
+        )
+
+    app = create_app(dataplane, server_version=version, max_body_bytes=options.max_message_bytes)
+    http = _HttpServer(
+        uvicorn.Config(
+            app,
+            lifespan="off",
+            log_config=None,
+            access_log=options.log_level == "debug",
+            server_header=False,
+            timeout_graceful_shutdown=max(1, round(options.shutdown_grace)),
+        )
+    )
+    await grpc_server.start()
+    http_task = asyncio.create_task(http.serve(sockets=[http_socket]), name="http")
+    load_task = asyncio.create_task(dataplane.load(), name="load")
+    stop_task = asyncio.create_task(stop.wait(), name="stop")
+    log.info(
+        "loading %s (%s runtime); gRPC on %s, HTTP on port %d", where, config.runtime, grpc_address, options.http_port
+    )
+
+    code = 0
+    await asyncio.wait({load_task, stop_task, http_task}, return_when=asyncio.FIRST_COMPLETED)
+    if load_task.done() and not load_task.cancelled() and load_task.exception() is None:
+        await health.set_serving(True)
+        log.info("ready: model %r version %d", options.name, options.version)
+        await asyncio.wait({stop_task, http_task}, return_when=asyncio.FIRST_COMPLETED)
+    elif load_task.done():
+        error = load_task.exception()
+        if not isinstance(error, ModelLoadError):
+            log.error("loading failed", exc_info=error)
+        code = _fail(f"cannot load {where}: {error}")
+    if http_task.done() and not stop.is_set():
+        reason = "cancelled" if http_task.cancelled() else repr(http_task.exception())
+        code = _fail(f"the HTTP server stopped unexpectedly: {reason}")
+
+    await _shutdown(options, dataplane, health, grpc_server, http, http_task)
+    for task in (load_task, stop_task):
+        task.cancel()
+    dataplane.shutdown_executor()
+    if executor.running:
+        # A prediction (or the model load) is stuck past the grace period; joining its thread at exit would hang.
+        log.warning("%d call(s) still running on worker threads; exiting without them", executor.running)
+        logging.shutdown()
+        os._exit(code)
+    log.info("stopped")
+    return code
+
+
+async def _shutdown(
+    options: Options,
+    dataplane: DataPlane,
+    health: HealthReporter,
+    grpc_server: grpc.aio.Server,
+    http: _HttpServer,
+    http_task: asyncio.Task[None],
+) -> None:
+    dataplane.stop()
+    await health.shutdown()
+    http.should_exit = True
+    # Both servers stop accepting at once and give in-flight requests the same grace period.
+    results = await asyncio.gather(
+        grpc_server.stop(options.shutdown_grace),
+        asyncio.wait_for(asyncio.shield(http_task), options.shutdown_grace + 2),
+        return_exceptions=True,
+    )
+    for result in results:
+        if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+            log.warning("shutdown: %r", result)
+    if not http_task.done():
+        http.force_exit = True
+        http_task.cancel()
+
+
+def configure_logging(level: str) -> None:
+    """Log to stderr (the process supervisor captures it) at ``level``."""
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m runtimes``."""
+    options = parse_args(argv)
+    configure_logging(options.log_level)
+    return asyncio.run(serve(options))

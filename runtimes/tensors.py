@@ -1,0 +1,205 @@
+"""Tensor data: Open Inference Protocol datatypes to numpy and back, in JSON lists and in raw bytes.
+
+Raw bytes are the layout shared by gRPC ``raw_input_contents`` / ``raw_output_contents`` and Triton's HTTP
+binary-data extension: little-endian, row-major; each BYTES element is prefixed with its length as a 4-byte
+little-endian unsigned integer.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from runtimes.errors import InvalidInput
+
+_DTYPES: dict[str, np.dtype[Any]] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+    "BYTES": np.dtype(np.object_),
+}
+
+DATATYPES: tuple[str, ...] = tuple(_DTYPES)
+
+_LENGTH = struct.Struct("<I")
+
+
+def numpy_dtype(datatype: str) -> np.dtype[Any]:
+    """The numpy dtype of an OIP datatype (object for BYTES); InvalidInput for an unknown datatype."""
+    try:
+        return _DTYPES[datatype]
+    except KeyError:
+        raise InvalidInput(f"unknown datatype {datatype!r}; known datatypes: {', '.join(DATATYPES)}") from None
+
+
+def datatype_of(dtype: np.dtype[Any]) -> str:
+    """The OIP datatype of a numpy dtype (strings and bytes are BYTES)."""
+    if dtype.kind in "OSU":
+        return "BYTES"
+    for datatype, candidate in _DTYPES.items():
+        if candidate == dtype:
+            return datatype
+    raise ValueError(f"numpy dtype {dtype} has no Open Inference Protocol datatype")
+
+
+def element_count(shape: Sequence[int]) -> int:
+    """Number of elements of a tensor of ``shape`` (1 for a scalar)."""
+    return math.prod(shape)
+
+
+def format_shape(shape: Iterable[int]) -> str:
+    """A shape as the clients wrote it, e.g. ``[-1, 4]``."""
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def _to_bytes(element: object) -> bytes:
+    if isinstance(element, bytes):
+        return element
+    if isinstance(element, str):
+        return element.encode("utf-8")
+    if isinstance(element, bytearray | memoryview | np.bytes_):
+        return bytes(element)
+    # Models may return numbers or other objects in a BYTES output: send their text.
+    return str(element).encode("utf-8")
+
+
+def as_bytes_array(values: Iterable[object]) -> np.ndarray:
+    """A 1-D object array whose elements are ``bytes``, from str/bytes elements."""
+    items = [_to_bytes(v) for v in values]
+    array = np.empty(len(items), dtype=np.object_)
+    array[:] = items
+    return array
+
+
+def _flatten(data: object) -> list[object]:
+    # Only for BYTES: numpy would turn nested lists of strings into a fixed-width unicode array.
+    if not isinstance(data, list | tuple):
+        return [data]
+    flat: list[object] = []
+    stack: list[Any] = [iter(data)]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list | tuple):
+                stack.append(iter(item))
+                break
+            flat.append(item)
+        else:
+            stack.pop()
+    return flat
+
+
+def decode_json_data(name: str, datatype: str, data: object) -> np.ndarray:
+    """Decode a JSON tensor's ``data`` (flat or nested list) into a flat numpy array of ``datatype``."""
+    dtype = numpy_dtype(datatype)
+    if datatype == "BYTES":
+        elements = _flatten(data)
+        for element in elements:
+            if not isinstance(element, str):
+                raise InvalidInput(f"input {name!r}: BYTES data must be strings, got {type(element).__name__}")
+        return as_bytes_array(elements)
+    try:
+        array = np.asarray(data, dtype=dtype)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise InvalidInput(f"input {name!r}: data is not a flat or nested list of {datatype} values ({exc})") from None
+    return array.reshape(-1)
+
+
+def encode_json_data(array: np.ndarray) -> list[Any]:
+    """A tensor's data as a flat JSON list (BYTES as text)."""
+    flat = array.reshape(-1)
+    if flat.dtype == np.object_:
+        return [v.decode("utf-8", errors="replace") if isinstance(v, bytes) else str(v) for v in flat]
+    return list(flat.tolist())
+
+
+def decode_raw(name: str, datatype: str, raw: bytes | memoryview) -> np.ndarray:
+    """Decode one tensor's raw bytes into a flat numpy array of ``datatype``."""
+    dtype = numpy_dtype(datatype)
+    if datatype == "BYTES":
+        return as_bytes_array(_split_bytes(name, bytes(raw)))
+    wire = dtype.newbyteorder("<")
+    if len(raw) % wire.itemsize:
+        raise InvalidInput(
+            f"input {name!r}: {len(raw)} bytes of raw data is not a whole number of {datatype} elements "
+            f"({wire.itemsize} bytes each)"
+        )
+    # A copy: the model may modify its inputs in place, and the wire buffer is read-only.
+    return np.frombuffer(raw, dtype=wire).astype(dtype, copy=True)
+
+
+def _split_bytes(name: str, raw: bytes) -> list[bytes]:
+    elements: list[bytes] = []
+    offset, end = 0, len(raw)
+    while offset < end:
+        if end - offset < _LENGTH.size:
+            raise InvalidInput(f"input {name!r}: raw BYTES data is truncated (a length prefix is cut short)")
+        (length,) = _LENGTH.unpack_from(raw, offset)
+        offset += _LENGTH.size
+        if end - offset < length:
+            raise InvalidInput(f"input {name!r}: raw BYTES data is truncated (an element of {length} bytes)")
+        elements.append(raw[offset : offset + length])
+        offset += length
+    return elements
+
+
+def encode_raw(array: np.ndarray, datatype: str) -> bytes:
+    """A tensor's raw little-endian bytes (BYTES elements length-prefixed)."""
+    if datatype == "BYTES":
+        return b"".join(_LENGTH.pack(len(b)) + b for b in (_to_bytes(v) for v in array.reshape(-1)))
+    wire = numpy_dtype(datatype).newbyteorder("<")
+    return np.ascontiguousarray(array, dtype=wire).tobytes()
+
+
+def cast(array: object, datatype: str) -> np.ndarray:
+    """``array`` converted to the numpy dtype of ``datatype`` (raises ValueError/TypeError if impossible)."""
+    dtype = numpy_dtype(datatype)
+    if datatype == "BYTES":
+        values = np.asarray(array, dtype=np.object_)
+        return as_bytes_array(values.reshape(-1)).reshape(values.shape)
+    return np.asarray(array).astype(dtype, copy=False)
+
+
+def zeros(datatype: str, shape: Sequence[int]) -> np.ndarray:
+    """A tensor of zeros (empty byte strings for BYTES), used for the warm-up call."""
+    if datatype == "BYTES":
+        return as_bytes_array([b""] * element_count(shape)).reshape(tuple(shape))
+    return np.zeros(tuple(shape), dtype=numpy_dtype(datatype))
+
+
+class JsonData:
+    """An input's ``data`` from a JSON request body (flat or nested list)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: object) -> None:
+        self.data = data
+
+    def decode(self, name: str, datatype: str) -> np.ndarray:
+        """The data as a flat array of ``datatype``."""
+        return decode_json_data(name, datatype, self.data)
+
+
+class RawData:
+    """An input's raw bytes (gRPC ``raw_input_contents`` or an HTTP binary-data segment)."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: bytes | memoryview) -> None:
+        self.raw = raw
+
+    def decode(self, name: str, datatype: str) -> np.ndarray:
+        """The bytes as a flat array of ``datatype``."""
+        return decode_raw(name, datatype, self.raw)

@@ -1,0 +1,663 @@
+"""Real runtime processes (`python -m runtimes`) on free ports, driven over REST and gRPC with tritonclient.
+
+One long-lived runtime per model kind serves most tests (sklearn iris, and a python model that doubles its input);
+tests about process lifetime (SIGTERM, load failures) start their own. Every process is stopped in a finalizer.
+
+This module never imports protos.inference_pb2: tritonclient's service_pb2 defines the same `inference` package
+and protobuf refuses both in one process. tritonclient's messages are wire-compatible, so raw gRPC requests here
+are built with them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sklearn.datasets import load_iris
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from manager_api.processes import ChildProcess, free_port, http_ok, wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+IRIS_EXAMPLE = ROOT / "examples" / "iris"
+IRIS_ROWS = load_iris().data[[0, 50, 100]]
+IRIS_LABELS = [0, 1, 2]
+APP_HEADER = "x-hydro-application"
+
+DOUBLER_MODEL = """
+import os
+import time
+
+
+class Doubler:
+    def load(self):
+        self.factor = 2.0
+
+    def predict(self, inputs):
+        x = inputs["x"]
+        if (x < 0).any():
+            raise ValueError("negative values are not allowed")
+        if (x >= 1000).any():
+            # A slow request, for the graceful-shutdown test: say it started, then take a while.
+            marker = os.environ.get("DOUBLER_MARKER")
+            if marker:
+                with open(marker, "a") as started:
+                    print("started", file=started)
+            time.sleep(1.5)
+        return {"y": x * self.factor}
+
+
+def always_fails(inputs):
+    raise RuntimeError("this model cannot predict anything")
+"""
+
+DOUBLER_SERVING = """
+runtime: python
+files: [model.py]
+entrypoint: {entrypoint}
+signature:
+  inputs: [{{name: x, datatype: FP32, shape: [-1, 3]}}]
+  outputs: [{{name: y, datatype: FP32, shape: [-1, 3]}}]
+"""
+
+
+@dataclass
+class Runtime:
+    process: ChildProcess
+    name: str
+    version: int
+    grpc_port: int
+    http_port: int
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        # Not ChildProcess.wait_ready: its "exited" error is swallowed by wait_until as a retryable failure, so a
+        # crashed runtime would cost the whole timeout.
+        url = f"{self.http}/v2/health/ready"
+        wait_until(lambda: not self.process.running or http_ok(url), timeout, f"{self.process.name} ready")
+        if not self.process.running:
+            raise AssertionError(f"{self.process.name} exited with {self.process.returncode}:\n{self.log()}")
+
+    def wait_exit(self, timeout: float) -> int:
+        wait_until(lambda: not self.process.running, timeout, f"{self.process.name} to exit")
+        code = self.process.returncode
+        assert code is not None
+        return code
+
+    def log(self) -> str:
+        assert self.process.log_path is not None
+        return self.process.log_path.read_text(errors="replace")
+
+
+class Launcher:
+    """Starts runtimes and stops every one of them, whatever happened."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.started: list[Runtime] = []
+
+    def start(self, model_dir: Path, name: str, version: int = 1, env: dict[str, str] | None = None) -> Runtime:
+        grpc_port, http_port = free_port(), free_port()
+        argv = [
+            sys.executable,
+            "-m",
+            "runtimes",
+            "--model-dir",
+            str(model_dir),
+            "--name",
+            name,
+            "--version",
+            str(version),
+            "--host",
+            "127.0.0.1",
+            "--grpc-port",
+            str(grpc_port),
+            "--http-port",
+            str(http_port),
+            "--shutdown-grace",
+            "5",
+        ]
+        label = f"runtime-{name}-{len(self.started)}"
+        process = ChildProcess(
+            label, argv, cwd=ROOT, env={**os.environ, **(env or {})}, log_path=self.logs / f"{label}.log"
+        )
+        runtime = Runtime(process, name, version, grpc_port, http_port)
+        self.started.append(runtime)
+        process.start()
+        return runtime
+
+    def stop_all(self) -> None:
+        for runtime in self.started:
+            runtime.process.stop(grace=10)
+
+
+def _make_iris(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    train = runpy.run_path(str(IRIS_EXAMPLE / "train.py"))["train"]  # the example's own training script
+    train(folder)
+    shutil.copy(IRIS_EXAMPLE / "serving.yaml", folder / "serving.yaml")
+    return folder
+
+
+def _make_doubler(folder: Path, entrypoint: str = "model:Doubler") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model.py").write_text(DOUBLER_MODEL)
+    (folder / "serving.yaml").write_text(DOUBLER_SERVING.format(entrypoint=entrypoint))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("models")
+    return {"iris": _make_iris(base / "iris"), "doubler": _make_doubler(base / "doubler")}
+
+
+@pytest.fixture(scope="module")
+def served(model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Runtime]]:
+    launcher = Launcher(tmp_path_factory.mktemp("runtime-logs"))
+    try:
+        # Both start before either is awaited: their imports overlap.
+        runtimes = {
+            "iris": launcher.start(model_dirs["iris"], "iris", 1),
+            "doubler": launcher.start(model_dirs["doubler"], "doubler", 3),
+        }
+        for runtime in runtimes.values():
+            runtime.wait_ready()
+        yield runtimes
+    finally:
+        launcher.stop_all()
+
+
+@pytest.fixture
+def launcher(tmp_path: Path) -> Iterator[Launcher]:
+    launcher = Launcher(tmp_path / "logs")
+    try:
+        yield launcher
+    finally:
+        launcher.stop_all()
+
+
+@pytest.fixture
+def iris(served: dict[str, Runtime]) -> Runtime:
+    return served["iris"]
+
+
+@pytest.fixture
+def doubler(served: dict[str, Runtime]) -> Runtime:
+    return served["doubler"]
+
+
+def _iris_body(rows: np.ndarray = IRIS_ROWS) -> dict[str, Any]:
+    return {"inputs": [{"name": "input", "shape": list(rows.shape), "datatype": "FP64", "data": rows.tolist()}]}
+
+
+def _outputs(response: httpx.Response) -> dict[str, dict[str, Any]]:
+    assert response.status_code == 200, response.text
+    return {o["name"]: o for o in response.json()["outputs"]}
+
+
+def _error(response: httpx.Response, status: int) -> str:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    message = response.json()["error"]
+    assert isinstance(message, str) and message
+    return message
+
+
+# -- inference -------------------------------------------------------------------------------------------------
+
+
+def test_rest_infer_iris(iris: Runtime) -> None:
+    response = httpx.post(f"{iris.http}/v2/models/iris/infer", json={**_iris_body(), "id": "req-1"})
+    outputs = _outputs(response)
+    body = response.json()
+    assert (body["model_name"], body["model_version"], body["id"]) == ("iris", "1", "req-1")
+    assert outputs["label"]["data"] == IRIS_LABELS
+    assert outputs["label"]["datatype"] == "INT64" and outputs["label"]["shape"] == [3]
+    probabilities = np.asarray(outputs["probabilities"]["data"]).reshape(outputs["probabilities"]["shape"])
+    assert probabilities.shape == (3, 3) and np.argmax(probabilities, axis=1).tolist() == IRIS_LABELS
+
+    flat = _iris_body()
+    flat["inputs"][0]["data"] = IRIS_ROWS.ravel().tolist()
+    versioned = httpx.post(f"{iris.http}/v2/models/iris/versions/1/infer", json=flat)
+    assert _outputs(versioned)["label"]["data"] == IRIS_LABELS
+
+
+def test_rest_requested_output_only(iris: Runtime) -> None:
+    body = {**_iris_body(), "outputs": [{"name": "label"}]}
+    outputs = _outputs(httpx.post(f"{iris.http}/v2/models/iris/infer", json=body))
+    assert list(outputs) == ["label"]
+
+
+def test_tritonclient_grpc_infer(iris: Runtime) -> None:
+    client = grpcclient.InferenceServerClient(iris.grpc_target)
+    try:
+        tensor = grpcclient.InferInput("input", list(IRIS_ROWS.shape), "FP64")
+        tensor.set_data_from_numpy(IRIS_ROWS)
+        result = client.infer("iris", [tensor])
+        assert result.as_numpy("label").tolist() == IRIS_LABELS
+        assert result.as_numpy("probabilities").shape == (3, 3)
+        response = result.get_response()
+        assert (response.model_name, response.model_version) == ("iris", "1")
+        # tritonclient sends raw_input_contents, so outputs come back raw too.
+        assert len(response.raw_output_contents) == 2
+    finally:
+        client.close()
+
+
+def test_tritonclient_http_binary_infer(iris: Runtime) -> None:
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{iris.http_port}")
+    try:
+        tensor = httpclient.InferInput("input", list(IRIS_ROWS.shape), "FP64")
+        tensor.set_data_from_numpy(IRIS_ROWS, binary_data=True)
+        outputs = [
+            httpclient.InferRequestedOutput("label", binary_data=True),
+            httpclient.InferRequestedOutput("probabilities", binary_data=False),
+        ]
+        result = client.infer("iris", [tensor], outputs=outputs)
+        assert result.as_numpy("label").tolist() == IRIS_LABELS
+        assert result.as_numpy("probabilities").shape == (3, 3)
+        assert result.get_output("label")["parameters"]["binary_data_size"] == 3 * 8
+        assert "data" in result.get_output("probabilities")
+
+        # No outputs named: tritonclient asks for all of them in binary (binary_data_output).
+        everything = client.infer("iris", [tensor], model_version="1")
+        assert everything.as_numpy("label").tolist() == IRIS_LABELS
+        assert everything.get_response()["model_version"] == "1"
+
+        # JSON all the way, and a gzip-compressed request body.
+        tensor.set_data_from_numpy(IRIS_ROWS, binary_data=False)
+        plain = client.infer("iris", [tensor], request_compression_algorithm="gzip")
+        assert plain.as_numpy("label").tolist() == IRIS_LABELS
+    finally:
+        client.close()
+
+
+def test_grpc_message_larger_than_grpc_default(iris: Runtime) -> None:
+    rows = np.tile(IRIS_ROWS, (60_000, 1))  # 5.8 MB of FP64, above gRPC's 4 MiB default
+    client = grpcclient.InferenceServerClient(iris.grpc_target)
+    try:
+        tensor = grpcclient.InferInput("input", list(rows.shape), "FP64")
+        tensor.set_data_from_numpy(rows)
+        labels = client.infer("iris", [tensor]).as_numpy("label")
+        assert labels.shape == (180_000,) and labels[:3].tolist() == IRIS_LABELS
+    finally:
+        client.close()
+
+
+def test_grpc_typed_contents(doubler: Runtime) -> None:
+    """A request with typed contents (not raw) gets typed contents back."""
+    request = service_pb2.ModelInferRequest(model_name="doubler")
+    tensor = request.inputs.add(name="x", datatype="FP32", shape=[2, 3])
+    tensor.contents.fp32_contents.extend([1, 2, 3, 4, 5, 6])
+    with grpc.insecure_channel(doubler.grpc_target) as channel:
+        response = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
+    assert (response.model_name, response.model_version) == ("doubler", "3")
+    assert not response.raw_output_contents
+    (output,) = response.outputs
+    assert (output.name, output.datatype, list(output.shape)) == ("y", "FP32", [2, 3])
+    assert list(output.contents.fp32_contents) == [2, 4, 6, 8, 10, 12]
+
+
+# -- metadata and health ---------------------------------------------------------------------------------------
+
+
+def test_metadata_rest_and_grpc(iris: Runtime) -> None:
+    expected = {
+        "name": "iris",
+        "versions": ["1"],
+        "platform": "sklearn",
+        "inputs": [{"name": "input", "datatype": "FP64", "shape": [-1, 4]}],
+        "outputs": [
+            {"name": "label", "datatype": "INT64", "shape": [-1]},
+            {"name": "probabilities", "datatype": "FP64", "shape": [-1, 3]},
+        ],
+    }
+    for path in ("/v2/models/iris", "/v2/models/iris/versions/1"):
+        response = httpx.get(iris.http + path)
+        assert response.status_code == 200 and response.json() == expected
+    server = httpx.get(f"{iris.http}/v2").json()
+    assert server["name"] == "hydro-serving" and "binary_tensor_data" in server["extensions"]
+
+    client = grpcclient.InferenceServerClient(iris.grpc_target)
+    try:
+        metadata = client.get_model_metadata("iris", as_json=True)
+        assert metadata["name"] == "iris" and metadata["versions"] == ["1"]
+        assert metadata["inputs"] == [{"name": "input", "datatype": "FP64", "shape": ["-1", "4"]}]
+        assert client.get_server_metadata(as_json=True)["name"] == "hydro-serving"
+    finally:
+        client.close()
+
+
+def test_health_rest_and_grpc(iris: Runtime) -> None:
+    for path in ("/v2/health/live", "/v2/health/ready", "/v2/models/iris/ready", "/v2/models/iris/versions/1/ready"):
+        assert httpx.get(iris.http + path).status_code == 200, path
+    client = grpcclient.InferenceServerClient(iris.grpc_target)
+    try:
+        assert client.is_server_live() and client.is_server_ready()
+        assert client.is_model_ready("iris") and client.is_model_ready("iris", "1")
+    finally:
+        client.close()
+    with grpc.insecure_channel(iris.grpc_target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "inference.GRPCInferenceService"):
+            status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+
+
+# -- addressing ------------------------------------------------------------------------------------------------
+
+
+def test_model_name_rule_rest(iris: Runtime) -> None:
+    url = f"{iris.http}/v2/models/flowers/infer"
+    assert "flowers" in _error(httpx.post(url, json=_iris_body()), 404)
+    assert _error(httpx.get(f"{iris.http}/v2/models/flowers"), 404)
+    assert _error(httpx.get(f"{iris.http}/v2/models/flowers/ready"), 404)
+    # The header must name the requested model: another application's header does not count.
+    assert _error(httpx.post(url, json=_iris_body(), headers={APP_HEADER: "other"}), 404)
+
+    response = httpx.post(url, json=_iris_body(), headers={APP_HEADER: "flowers"})
+    assert _outputs(response)["label"]["data"] == IRIS_LABELS
+    assert (response.json()["model_name"], response.json()["model_version"]) == ("iris", "1")
+    assert httpx.get(f"{iris.http}/v2/models/flowers/ready", headers={APP_HEADER: "flowers"}).status_code == 200
+
+
+def test_model_name_rule_grpc(iris: Runtime) -> None:
+    client = grpcclient.InferenceServerClient(iris.grpc_target)
+    try:
+        tensor = grpcclient.InferInput("input", list(IRIS_ROWS.shape), "FP64")
+        tensor.set_data_from_numpy(IRIS_ROWS)
+        with pytest.raises(InferenceServerException) as missing:
+            client.infer("flowers", [tensor])
+        assert missing.value.status() == "StatusCode.NOT_FOUND" and "flowers" in missing.value.message()
+        result = client.infer("flowers", [tensor], headers={APP_HEADER: "flowers"})
+        assert result.as_numpy("label").tolist() == IRIS_LABELS
+        assert result.get_response().model_name == "iris"
+    finally:
+        client.close()
+
+
+def test_version_mismatch(iris: Runtime) -> None:
+    message = _error(httpx.post(f"{iris.http}/v2/models/iris/versions/2/infer", json=_iris_body()), 404)
+    assert "version" in message and "2" in message
+    assert _error(httpx.get(f"{iris.http}/v2/models/iris/versions/2"), 404)
+    assert _error(httpx.get(f"{iris.http}/v2/models/iris/versions/2/ready"), 404)
+    client = grpcclient.InferenceServerClient(iris.grpc_target)
+    try:
+        tensor = grpcclient.InferInput("input", list(IRIS_ROWS.shape), "FP64")
+        tensor.set_data_from_numpy(IRIS_ROWS)
+        with pytest.raises(InferenceServerException) as wrong:
+            client.infer("iris", [tensor], model_version="2")
+        assert wrong.value.status() == "StatusCode.NOT_FOUND"
+    finally:
+        client.close()
+
+
+# -- bad requests ----------------------------------------------------------------------------------------------
+
+
+def _tensor(**overrides: Any) -> dict[str, Any]:
+    return {**_iris_body()["inputs"][0], **overrides}
+
+
+BAD_REST_BODIES = {
+    "wrong input name": ({"inputs": [_tensor(name="features")]}, ["unknown input 'features'", "input"]),
+    "wrong datatype": ({"inputs": [_tensor(datatype="FP32")]}, ["'input'", "FP32", "FP64"]),
+    "unknown datatype": ({"inputs": [_tensor(datatype="FLOAT")]}, ["'input'", "FLOAT"]),
+    "wrong rank": ({"inputs": [_tensor(shape=[12], data=IRIS_ROWS.ravel().tolist())]}, ["'input'", "[12]", "[-1, 4]"]),
+    "wrong fixed dim": ({"inputs": [_tensor(shape=[4, 3], data=IRIS_ROWS.ravel().tolist())]}, ["'input'", "[4, 3]"]),
+    "data length": ({"inputs": [_tensor(shape=[4, 4])]}, ["'input'", "12", "16"]),
+    "missing inputs list": ({"outputs": []}, ["inputs"]),
+    "missing input tensor": ({"inputs": []}, ["missing input 'input'"]),
+    "non-numeric data": ({"inputs": [_tensor(data=["a", "b"], shape=[1, 2])]}, ["'input'"]),
+    "unknown output": ({**_iris_body(), "outputs": [{"name": "colour"}]}, ["'colour'"]),
+    "shape not a list": ({"inputs": [_tensor(shape="3x4")]}, ["'input'", "shape"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REST_BODIES))
+def test_rest_bad_request(iris: Runtime, case: str) -> None:
+    body, fragments = BAD_REST_BODIES[case]
+    message = _error(httpx.post(f"{iris.http}/v2/models/iris/infer", json=body), 400)
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        (b"{not json", "not valid JSON"),
+        (b"", "empty"),
+        (b"[1, 2]", "JSON object"),
+        (b'{"inputs": "\xc3\x28"}', "UTF-8"),
+    ],
+)
+def test_rest_unreadable_body(iris: Runtime, content: bytes, fragment: str) -> None:
+    response = httpx.post(f"{iris.http}/v2/models/iris/infer", content=content)
+    assert fragment in _error(response, 400)
+
+
+def test_rest_binary_size_mismatch(iris: Runtime) -> None:
+    header = json.dumps(
+        {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP64", "parameters": {"binary_data_size": 32}}]}
+    ).encode()
+    raw = np.zeros(3, dtype="<f8").tobytes()  # 24 bytes where 32 are announced
+    response = httpx.post(
+        f"{iris.http}/v2/models/iris/infer",
+        content=header + raw,
+        headers={"Inference-Header-Content-Length": str(len(header))},
+    )
+    assert "binary_data_size" in _error(response, 400)
+
+
+def test_rest_routing_errors_are_json(iris: Runtime) -> None:
+    assert "/v3/nothing" in _error(httpx.get(f"{iris.http}/v3/nothing"), 404)
+    assert _error(httpx.get(f"{iris.http}/v2/models/iris/infer"), 405)
+    assert _error(httpx.delete(f"{iris.http}/v2/health/live"), 405)
+
+
+def _grpc_infer(runtime: Runtime, request: service_pb2.ModelInferRequest) -> grpc.RpcError:
+    with grpc.insecure_channel(runtime.grpc_target) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as error:
+            stub.ModelInfer(request, timeout=10)
+    return error.value
+
+
+def _raw_request(name: str = "input", datatype: str = "FP64", shape: Sequence[int] = (3, 4), rows: int = 3) -> Any:
+    request = service_pb2.ModelInferRequest(model_name="iris")
+    request.inputs.add(name=name, datatype=datatype, shape=list(shape))
+    request.raw_input_contents.append(IRIS_ROWS[:rows].astype("<f8").tobytes())
+    return request
+
+
+BAD_GRPC_REQUESTS: dict[str, tuple[Callable[[], Any], list[str]]] = {
+    "wrong input name": (lambda: _raw_request(name="features"), ["unknown input 'features'"]),
+    "wrong datatype": (lambda: _raw_request(datatype="FP32"), ["'input'", "FP32", "FP64"]),
+    "wrong shape": (lambda: _raw_request(shape=(3, 2, 2)), ["'input'", "[3, 2, 2]", "[-1, 4]"]),
+    "data length": (lambda: _raw_request(shape=(4, 4)), ["'input'", "12", "16"]),
+    "missing inputs": (lambda: service_pb2.ModelInferRequest(model_name="iris"), ["missing input 'input'"]),
+    "raw count": (
+        lambda: service_pb2.ModelInferRequest(model_name="iris", raw_input_contents=[b"", b""]),
+        ["raw_input_contents"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_GRPC_REQUESTS))
+def test_grpc_bad_request(iris: Runtime, case: str) -> None:
+    build, fragments = BAD_GRPC_REQUESTS[case]
+    error = _grpc_infer(iris, build())
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error
+    for fragment in fragments:
+        assert fragment in (error.details() or ""), error.details()
+
+
+def test_tritonclient_grpc_wrong_input_name(iris: Runtime) -> None:
+    client = grpcclient.InferenceServerClient(iris.grpc_target)
+    try:
+        tensor = grpcclient.InferInput("features", list(IRIS_ROWS.shape), "FP64")
+        tensor.set_data_from_numpy(IRIS_ROWS)
+        with pytest.raises(InferenceServerException) as error:
+            client.infer("iris", [tensor])
+        assert error.value.status() == "StatusCode.INVALID_ARGUMENT"
+        assert "features" in error.value.message()
+    finally:
+        client.close()
+
+
+# -- model failures --------------------------------------------------------------------------------------------
+
+
+def test_predict_error_then_next_request(doubler: Runtime) -> None:
+    url = f"{doubler.http}/v2/models/doubler/infer"
+
+    def body(values: list[float]) -> dict[str, Any]:
+        return {"inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP32", "data": values}]}
+
+    message = _error(httpx.post(url, json=body([1, -2, 3])), 500)
+    assert "negative values are not allowed" in message and "ValueError" in message
+    assert _outputs(httpx.post(url, json=body([1, 2, 3])))["y"]["data"] == [2, 4, 6]
+
+    client = grpcclient.InferenceServerClient(doubler.grpc_target)
+    try:
+        tensor = grpcclient.InferInput("x", [1, 3], "FP32")
+        tensor.set_data_from_numpy(np.array([[-1, 0, 1]], dtype=np.float32))
+        with pytest.raises(InferenceServerException) as error:
+            client.infer("doubler", [tensor])
+        assert error.value.status() == "StatusCode.INTERNAL"
+        assert "negative values are not allowed" in error.value.message()
+        tensor.set_data_from_numpy(np.array([[1, 2, 3]], dtype=np.float32))
+        assert client.infer("doubler", [tensor]).as_numpy("y").tolist() == [[2, 4, 6]]
+    finally:
+        client.close()
+    assert doubler.process.running
+
+
+# -- process lifetime ------------------------------------------------------------------------------------------
+
+
+def test_sigterm_finishes_in_flight_requests_and_exits_zero(
+    model_dirs: dict[str, Path], launcher: Launcher, tmp_path: Path
+) -> None:
+    marker = tmp_path / "predictions-started"
+    runtime = launcher.start(model_dirs["doubler"], "doubler", 1, env={"DOUBLER_MARKER": str(marker)})
+    runtime.wait_ready()
+    slow = np.array([[1000, 1, 2]], dtype=np.float32)
+    results: dict[str, Any] = {}
+
+    def over_rest() -> None:
+        body = {"inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP32", "data": slow.tolist()}]}
+        results["rest"] = httpx.post(f"{runtime.http}/v2/models/doubler/infer", json=body, timeout=20)
+
+    def over_grpc() -> None:
+        client = grpcclient.InferenceServerClient(runtime.grpc_target)
+        try:
+            tensor = grpcclient.InferInput("x", [1, 3], "FP32")
+            tensor.set_data_from_numpy(slow)
+            results["grpc"] = client.infer("doubler", [tensor], client_timeout=20).as_numpy("y").tolist()
+        except Exception as exc:
+            results["grpc"] = exc
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=over_rest), threading.Thread(target=over_grpc)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_until(lambda: marker.exists() and len(marker.read_text().split()) == 2, 10, "both slow predictions")
+        runtime.process.signal_group(signal.SIGTERM)
+        started = time.monotonic()
+        assert runtime.wait_exit(10) == 0, runtime.log()
+        assert time.monotonic() - started < 5
+    finally:
+        for thread in threads:
+            thread.join(20)
+    assert _outputs(results["rest"])["y"]["data"] == [2000, 2, 4]
+    assert results["grpc"] == [[2000, 2, 4]]
+    assert "SIGTERM received" in runtime.log()
+
+
+def test_sigterm_when_idle_exits_zero_promptly(model_dirs: dict[str, Path], launcher: Launcher) -> None:
+    runtime = launcher.start(model_dirs["iris"], "iris", 1)
+    runtime.wait_ready()
+    runtime.process.signal_group(signal.SIGTERM)
+    started = time.monotonic()
+    assert runtime.wait_exit(10) == 0, runtime.log()
+    assert time.monotonic() - started < 3
+
+
+def test_load_failures_exit_nonzero_with_reason(
+    model_dirs: dict[str, Path], launcher: Launcher, tmp_path: Path
+) -> None:
+    missing_file = tmp_path / "iris-without-model"
+    shutil.copytree(model_dirs["iris"], missing_file)
+    (missing_file / "model.joblib").unlink()
+    cases = {
+        "model.joblib": missing_file,
+        "has no attribute 'Nope'": _make_doubler(tmp_path / "bad-entrypoint", "model:Nope"),
+        "cannot import module 'missing_module'": _make_doubler(tmp_path / "bad-module", "missing_module:Model"),
+        "warm-up": _make_doubler(tmp_path / "fails-warm-up", "model:always_fails"),
+    }
+    # All start together; each must exit by itself with its reason in the log.
+    runtimes = {reason: launcher.start(folder, "broken") for reason, folder in cases.items()}
+    for reason, runtime in runtimes.items():
+        assert runtime.wait_exit(30) != 0, runtime.log()
+        log = runtime.log()
+        assert "cannot load model 'broken'" in log and reason in log, log
+
+
+def test_bad_command_line_exits_nonzero() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "runtimes", "--model-dir", "/nonexistent", "--name", "x", "--version", "0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode != 0
+    assert "--version" in result.stderr
+
+
+def test_port_in_use_exits_nonzero(model_dirs: dict[str, Path]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = [sys.executable, "-m", "runtimes", "--model-dir", str(model_dirs["iris"]), "--name", "iris"]
+        for ports in (
+            ["--grpc-port", str(port), "--http-port", str(free_port())],
+            ["--grpc-port", str(free_port()), "--http-port", str(port)],
+        ):
+            result = subprocess.run(
+                [*argv, "--version", "1", *ports], cwd=ROOT, capture_output=True, text=True, timeout=30
+            )
+            assert result.returncode != 0
+            assert "cannot listen" in result.stderr and str(port) in result.stderr
