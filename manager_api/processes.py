@@ -42,6 +42,10 @@ class ReadinessTimeout(RuntimeError):
     """A process did not become ready before its deadline."""
 
 
+class ProcessExited(ReadinessTimeout):
+    """The process being waited for exited: waiting longer cannot help."""
+
+
 def wait_until(check: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
     """Poll ``check`` until it returns True; raise ReadinessTimeout naming ``what`` after ``timeout`` s."""
     deadline = time.monotonic() + timeout
@@ -50,6 +54,8 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str, interval: f
         try:
             if check():
                 return
+        except ProcessExited:
+            raise
         except Exception as exc:  # a refused connection is the normal "not yet"
             last_error = exc
         time.sleep(interval)
@@ -119,11 +125,13 @@ class ChildProcess:
 
         def ready() -> bool:
             if not self.running:
-                raise ReadinessTimeout(f"{self.name} exited with {self.returncode}{self.log_tail()}")
+                raise ProcessExited(f"{self.name} exited with {self.returncode}{self.log_tail()}")
             return check()
 
         try:
             wait_until(ready, timeout, self.name)
+        except ProcessExited:
+            raise
         except ReadinessTimeout as exc:
             if not self.running:
                 raise ReadinessTimeout(f"{self.name} exited with {self.returncode}{self.log_tail()}") from exc

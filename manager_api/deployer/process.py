@@ -65,6 +65,7 @@ class ProcessDeployer:
         self._drain_seconds = drain_seconds
         self.replicas: dict[ModelKey, list[Replica]] = {}
         self._starting: set[asyncio.Task[None]] = set()
+        self._stopping: set[asyncio.Task[None]] = set()
         self._wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -79,8 +80,10 @@ class ProcessDeployer:
         for task in self._tasks + list(self._starting):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        # Replicas already being drained are not cancelled: their stop kills the processes, and they are no
+        # longer in self.replicas, so nothing else would.
         everything = [r for replicas in self.replicas.values() for r in replicas]
-        await asyncio.gather(*(r.stop(drain=False) for r in everything), return_exceptions=True)
+        await asyncio.gather(*self._stopping, *(r.stop(drain=False) for r in everything), return_exceptions=True)
         self.replicas.clear()
 
     def status(self, model: str, version: int) -> list[Replica]:
@@ -173,5 +176,5 @@ class ProcessDeployer:
             await asyncio.gather(*(r.stop() for r in doomed), return_exceptions=True)
 
         task = asyncio.create_task(run())
-        self._starting.add(task)
-        task.add_done_callback(self._starting.discard)
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)

@@ -1,0 +1,301 @@
+"""What the mesh costs: one iris runtime called directly, through its sidecar, and through ingress + sidecar.
+
+Everything runs in this process's run on this machine: etcd, xds_control, the ingress Envoy, one runtime and
+its sidecar (started by the deployer's Replica, registered in etcd like any instance). gRPC load comes from
+h2load (per-request log for percentiles), REST load from wrk (--latency). Same concurrency for every target.
+
+    python benchmarks/mesh_overhead.py [--quick] [--concurrency 16] [--seconds 15]
+
+The last line printed is a JSON object of the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import runpy
+import shutil
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import aetcd
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from manager_api.deployer.registration import LeasedInstanceRegistry  # noqa: E402
+from manager_api.deployer.replica import Replica, ReplicaConfig  # noqa: E402
+from manager_api.etcd_server import EtcdServer  # noqa: E402
+from manager_api.processes import ChildProcess, free_port, wait_until  # noqa: E402
+from protos import inference_pb2  # noqa: E402
+from protos.topology import Application, Keys, Stage, Variant  # noqa: E402
+from xds_control.bootstrap import envoy_process, envoy_ready, render_bootstrap  # noqa: E402
+
+APP = "iris"
+ROW = [5.1, 3.5, 1.4, 0.2]
+
+
+def grpc_frame() -> bytes:
+    """One length-prefixed gRPC message: a ModelInferRequest for one iris row (raw contents)."""
+    request = inference_pb2.ModelInferRequest(model_name=APP)
+    request.inputs.add(name="input", datatype="FP64", shape=[1, 4])
+    request.raw_input_contents.append(np.asarray([ROW], dtype="<f8").tobytes())
+    body = request.SerializeToString()
+    return b"\x00" + struct.pack(">I", len(body)) + bytes(body)
+
+
+def rest_body() -> str:
+    return json.dumps({"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP64", "data": [ROW]}]})
+
+
+def need(tool: str) -> str:
+    found = shutil.which(tool)
+    if not found:
+        sys.exit(f"{tool} is not installed: run `make bench-deps` first")
+    return found
+
+
+def run_h2load(target: str, frame: Path, concurrency: int, seconds: float, headers: dict[str, str]) -> dict[str, float]:
+    """gRPC load with h2load; percentiles from its per-request log."""
+    log = Path(tempfile.mkstemp(suffix=".log")[1])
+    cmd = [
+        need("h2load"),
+        "-c",
+        str(concurrency),
+        "-m",
+        "1",
+        "-t",
+        "1",
+        "-D",
+        str(seconds),
+        "--warm-up-time=1",
+        "-d",
+        str(frame),
+        "-H",
+        "content-type: application/grpc",
+        "-H",
+        "te: trailers",
+        f"--log-file={log}",
+    ]
+    for key, value in headers.items():
+        cmd += ["-H", f"{key}: {value}"]
+    cmd.append(f"http://{target}/inference.GRPCInferenceService/ModelInfer")
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    durations = []
+    statuses = []
+    for line in log.read_text().splitlines():
+        _, status, micros = line.split("\t")[:3]
+        statuses.append(int(status))
+        durations.append(int(micros) / 1000)
+    log.unlink()
+    ok = sum(1 for s in statuses if s == 200)
+    match = re.search(r"finished in ([\d.]+)(m?s), ([\d.]+) req/s", out)
+    rps = float(match.group(3)) if match else ok / seconds
+    return _summary(rps, durations, len(statuses) - ok)
+
+
+def run_wrk(url: str, concurrency: int, seconds: float, headers: dict[str, str]) -> dict[str, float]:
+    """REST load with wrk; percentiles from --latency."""
+    script = Path(tempfile.mkstemp(suffix=".lua")[1])
+    header_lines = "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in headers.items())
+    script.write_text(
+        f'wrk.method = "POST"\nwrk.body = [[{rest_body()}]]\nwrk.headers["Content-Type"] = "application/json"\n'
+        + header_lines
+    )
+    cmd = [
+        need("wrk"),
+        "-t",
+        "1",
+        "-c",
+        str(concurrency),
+        "-d",
+        f"{int(seconds)}s",
+        "--latency",
+        "-s",
+        str(script),
+        url,
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    script.unlink()
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    percentiles = {p: _ms(v, u) for p, v, u in re.findall(r"\s+(50|99)%\s+([\d.]+)(us|ms|s)", out)}
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {
+        "rps": rps,
+        "p50_ms": percentiles.get("50", 0.0),
+        "p99_ms": percentiles.get("99", 0.0),
+        "errors": float(errors.group(1)) if errors else 0.0,
+    }
+
+
+def _ms(value: str, unit: str) -> float:
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def _summary(rps: float, durations: list[float], errors: int) -> dict[str, float]:
+    ordered = sorted(durations) or [0.0]
+    return {
+        "rps": rps,
+        "p50_ms": statistics.median(ordered),
+        "p99_ms": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))],
+        "errors": float(errors),
+    }
+
+
+async def _start_replica(
+    etcd: EtcdServer, keys: Keys, config: ReplicaConfig
+) -> tuple[Replica, LeasedInstanceRegistry, aetcd.Client]:
+    """Start one runtime + sidecar, registered like the deployer registers them, and route the app to it."""
+    client = aetcd.Client(host="127.0.0.1", port=etcd.client_port)
+    await client.connect()
+    registry = LeasedInstanceRegistry(client, keys, node=config.node)
+    await registry.start()
+    replica = Replica(config, registry)
+    await replica.start()
+    app = Application(name=APP, stages=[Stage(variants=[Variant(model=APP, version=1, weight=100)])])
+    await client.put(keys.application(APP).encode(), app.model_dump_json().encode())
+    return replica, registry, client
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="short runs (finishes well within 3 minutes)")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=10.0, help="measurement time per target and round")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; figures are their medians")
+    args = parser.parse_args()
+    seconds = 3.0 if args.quick else args.seconds
+    need("h2load")
+    need("wrk")
+
+    work = Path(tempfile.mkdtemp(prefix="hydro-bench-"))
+    model_dir = work / "model"
+    model_dir.mkdir()
+    shutil.copy(ROOT / "examples" / "iris" / "serving.yaml", model_dir)
+    runpy.run_path(str(ROOT / "examples" / "iris" / "train.py"))["train"](model_dir)
+
+    keys = Keys("/bench/")
+    etcd = EtcdServer(work).start()
+    xds_port, ingress_port, admin_port = free_port(), free_port(), free_port()
+    xds = ChildProcess(
+        "xds_control",
+        [
+            sys.executable,
+            "-m",
+            "xds_control",
+            "--etcd",
+            etcd.endpoint,
+            "--prefix",
+            keys.prefix,
+            "--port",
+            str(xds_port),
+            "--log-level",
+            "WARNING",
+        ],
+        log_path=work / "xds.log",
+    ).start()
+    ingress = envoy_process(
+        "ingress",
+        render_bootstrap(
+            "ingress",
+            node_id="ingress",
+            listen_address="127.0.0.1",
+            listen_port=ingress_port,
+            admin_port=admin_port,
+            xds_host="127.0.0.1",
+            xds_port=xds_port,
+        ),
+        work,
+        admin_port,
+    ).start()
+    loop = asyncio.new_event_loop()
+    config = ReplicaConfig(
+        model=APP,
+        version=1,
+        model_dir=model_dir,
+        node="bench",
+        xds_host="127.0.0.1",
+        xds_port=xds_port,
+        workdir=work,
+    )
+    replica: Replica | None = None
+    registry: LeasedInstanceRegistry | None = None
+    client: aetcd.Client | None = None
+    results: dict[str, Any] = {}
+    try:
+        ingress.wait_ready(lambda: envoy_ready(admin_port), 30)
+        replica, registry, client = loop.run_until_complete(_start_replica(etcd, keys, config))
+        wait_until(
+            lambda: (
+                httpx.post(
+                    f"http://127.0.0.1:{ingress_port}/v2/models/{APP}/infer",
+                    content=rest_body(),
+                    headers={"content-type": "application/json"},
+                ).is_success
+            ),
+            30,
+            "ingress route",
+        )
+        frame = work / "request.grpc"
+        frame.write_bytes(grpc_frame())
+        targets = {
+            "direct": (f"127.0.0.1:{replica.grpc_port}", f"127.0.0.1:{replica.http_port}", {}),
+            "sidecar": (f"127.0.0.1:{replica.inbound_port}", f"127.0.0.1:{replica.inbound_port}", {}),
+            "ingress": (f"127.0.0.1:{ingress_port}", f"127.0.0.1:{ingress_port}", {"x-hydro-model": APP}),
+        }
+        # Rounds interleave the targets so that a noisy moment hits all of them; figures are medians of rounds.
+        rounds: dict[str, list[float]] = {}
+        for round_number in range(1, args.rounds + 1):
+            for name, (grpc_target, rest_target, headers) in targets.items():
+                grpc_result = run_h2load(grpc_target, frame, args.concurrency, seconds, headers)
+                rest_result = run_wrk(
+                    f"http://{rest_target}/v2/models/{APP}/infer",
+                    args.concurrency,
+                    seconds,
+                    {"x-hydro-application": APP} if name != "ingress" else {},
+                )
+                for proto, result in (("grpc", grpc_result), ("rest", rest_result)):
+                    for key, value in result.items():
+                        rounds.setdefault(f"{name}_{proto}_{key}", []).append(value)
+                    print(
+                        f"round {round_number} {name:8s} {proto:4s} rps={result['rps']:9.1f} "
+                        f"p50={result['p50_ms']:7.2f} ms p99={result['p99_ms']:7.2f} ms errors={int(result['errors'])}"
+                    )
+        for key, values in rounds.items():
+            results[key] = round(sum(values) if key.endswith("errors") else statistics.median(values), 3)
+        for proto in ("grpc", "rest"):
+            direct = results[f"direct_{proto}_rps"]
+            for name in ("sidecar", "ingress"):
+                results[f"{name}_{proto}_rps_ratio"] = round(results[f"{name}_{proto}_rps"] / direct, 3)
+            results[f"ingress_{proto}_p99_ratio"] = round(
+                results[f"ingress_{proto}_p99_ms"] / max(results[f"direct_{proto}_p99_ms"], 1e-9), 3
+            )
+        results["concurrency"] = args.concurrency
+        results["seconds_per_target"] = seconds
+        results["rounds"] = args.rounds
+    finally:
+        if replica is not None:
+            loop.run_until_complete(replica.stop(drain=False))
+        if registry is not None:
+            loop.run_until_complete(registry.stop())
+        if client is not None:
+            loop.run_until_complete(client.close())
+        loop.close()
+        ingress.stop()
+        xds.stop()
+        etcd.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(results, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""One request through the whole mesh, from nothing: `hydro up` with real etcd, Envoys and runtimes.
+
+Registers the iris model, deploys two replicas, infers over REST and gRPC through the ingress, sees both
+replicas serve, moves application weights between two versions, survives a SIGKILLed runtime, and gets OIP
+errors (not hangs, not HTML) once the deployment is gone. Ends by stopping `hydro up` with SIGTERM and
+checking that nothing it started is left.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import runpy
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from sklearn.datasets import load_iris
+
+from manager_api.client import ApiError, ManagerClient
+from manager_api.processes import ChildProcess, free_port, http_ok, wait_until
+
+pytestmark = pytest.mark.e2e
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "iris"
+ROWS = load_iris().data[[0, 50, 100, 120]]
+
+
+class Mesh:
+    def __init__(self, process: ChildProcess, ingress_port: int, api_port: int) -> None:
+        self.process = process
+        self.ingress = f"http://127.0.0.1:{ingress_port}"
+        self.grpc_target = f"127.0.0.1:{ingress_port}"
+        self.api = ManagerClient(f"http://127.0.0.1:{api_port}")
+
+    def infer(self, app: str = "iris", timeout: float = 10.0) -> httpx.Response:
+        body = {"inputs": [{"name": "input", "shape": list(ROWS.shape), "datatype": "FP64", "data": ROWS.tolist()}]}
+        return httpx.post(f"{self.ingress}/v2/models/{app}/infer", json=body, timeout=timeout)
+
+
+def _descendants(root: int) -> set[int]:
+    found = {root}
+    changed = True
+    while changed:
+        changed = False
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parent = int(stat.rsplit(")", 1)[1].split()[1])
+            if parent in found and int(entry.name) not in found:
+                found.add(int(entry.name))
+                changed = True
+    return found
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("iris")
+    shutil.copy(EXAMPLE / "serving.yaml", folder / "serving.yaml")
+    runpy.run_path(str(EXAMPLE / "train.py"))["train"](folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    data_dir = tmp_path_factory.mktemp("hydro")
+    ports = {name: free_port() for name in ("ingress", "api", "xds", "etcd")}
+    process = ChildProcess(
+        "hydro-up",
+        [
+            sys.executable,
+            "-m",
+            "manager_api.cli",
+            "up",
+            "--data-dir",
+            str(data_dir),
+            "--ingress-port",
+            str(ports["ingress"]),
+            "--api-port",
+            str(ports["api"]),
+            "--xds-port",
+            str(ports["xds"]),
+            "--etcd-port",
+            str(ports["etcd"]),
+        ],
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        log_path=data_dir / "hydro-up.log",
+    ).start()
+    mesh = Mesh(process, ports["ingress"], ports["api"])
+    try:
+        process.wait_ready(lambda: http_ok(f"{mesh.ingress}/v2/health/ready"), 90)
+        yield mesh
+    finally:
+        mesh.api.close()
+        family = _descendants(process.pid or 0)
+        process.stop(grace=60)
+        print(process.log_tail(80))
+        survivors = [pid for pid in family if Path(f"/proc/{pid}").exists() and pid != os.getpid()]
+        for pid in survivors:
+            os.kill(pid, signal.SIGKILL)
+        assert not survivors, f"hydro up left processes behind: {survivors}"
+
+
+def _labels(response: httpx.Response) -> list[int]:
+    assert response.status_code == 200, response.text
+    outputs = {o["name"]: o for o in response.json()["outputs"]}
+    return [int(x) for x in np.asarray(outputs["label"]["data"]).ravel()]
+
+
+def _served_by(mesh: Mesh, count: int) -> collections.Counter[str]:
+    seen: collections.Counter[str] = collections.Counter()
+    for _ in range(count):
+        response = mesh.infer()
+        assert response.status_code == 200, response.text
+        seen[response.headers["x-hydro-served-by"]] += 1
+    return seen
+
+
+def test_walking_skeleton(mesh: Mesh, model_dir: Path) -> None:
+    expected = [0, 1, 2, 2]
+    v1 = mesh.api.push_model("iris", model_dir)
+    assert v1["version"] == 1 and v1["runtime"] == "sklearn"
+    assert mesh.api.push_model("iris", model_dir)["version"] == 2
+
+    mesh.api.deploy("iris", 1, replicas=2)
+    mesh.api.put_application("iris", [("iris", 1, 100)])
+    wait_until(lambda: mesh.infer().status_code == 200, 120, "iris through the ingress")
+
+    # REST and gRPC through the ingress, correct classes.
+    assert _labels(mesh.infer()) == expected
+    client = grpcclient.InferenceServerClient(mesh.grpc_target)
+    try:
+        tensor = grpcclient.InferInput("input", list(ROWS.shape), "FP64")
+        tensor.set_data_from_numpy(ROWS)
+        result = client.infer("iris", [tensor], headers={"x-hydro-model": "iris"})
+        assert result.as_numpy("label").tolist() == expected
+    finally:
+        client.close()
+
+    # Both replicas serve.
+    wait_until(lambda: len(mesh.api.get_deployment("iris", 1)["instances"]) == 2, 60, "two ready instances")
+    wait_until(lambda: len(_served_by(mesh, 20)) == 2, 30, "traffic on both replicas")
+    replicas_v1 = set(_served_by(mesh, 20))
+
+    # Weights move between versions without restarting anything.
+    mesh.api.deploy("iris", 2, replicas=1)
+    wait_until(lambda: len(mesh.api.get_deployment("iris", 2)["instances"]) == 1, 60, "version 2 ready")
+    mesh.api.put_application("iris", [("iris", 1, 50), ("iris", 2, 50)])
+
+    def versions_seen(n: int) -> collections.Counter[str]:
+        return collections.Counter(mesh.infer().json()["model_version"] for _ in range(n))
+
+    wait_until(lambda: set(versions_seen(40)) == {"1", "2"}, 30, "a 50/50 split")
+    mesh.api.put_application("iris", [("iris", 1, 0), ("iris", 2, 100)])
+    wait_until(lambda: versions_seen(20) == {"2": 20}, 30, "all traffic on version 2")
+    mesh.api.put_application("iris", [("iris", 1, 100)])
+    wait_until(lambda: versions_seen(20) == {"1": 20}, 30, "all traffic back on version 1")
+    assert set(_served_by(mesh, 20)) == replicas_v1, "the same replicas served before and after: no restart"
+
+    # A SIGKILLed runtime: the other replica answers meanwhile, and the runtime comes back.
+    victims = subprocess.run(
+        ["pgrep", "-f", "-x", r".*-m runtimes .*--name iris --version 1 .*"], capture_output=True, text=True
+    ).stdout.split()
+    assert len(victims) == 2, victims
+    os.kill(int(victims[0]), signal.SIGKILL)
+    failures = [r.status_code for r in (mesh.infer() for _ in range(50)) if r.status_code != 200]
+    assert failures == [], "the ingress answers from the other replica while one is down"
+
+    def restarted() -> bool:
+        pids = subprocess.run(
+            ["pgrep", "-f", "-x", r".*-m runtimes .*--name iris --version 1 .*"],
+            capture_output=True,
+            text=True,
+        ).stdout.split()
+        return len(pids) == 2 and victims[0] not in pids
+
+    wait_until(restarted, 60, "the killed runtime restarted")
+    wait_until(lambda: len(_served_by(mesh, 20)) == 2, 60, "the restarted replica back in EDS")
+
+    # Deleting the deployment that serves the application: an OIP error, quickly, not a hang.
+    mesh.api.put_application("iris", [("iris", 2, 100)])
+    mesh.api.delete_deployment("iris", 2)
+
+    def oip_error() -> bool:
+        response = mesh.infer(timeout=10)
+        return response.status_code == 503 and response.headers["content-type"] == "application/json"
+
+    wait_until(oip_error, 30, "an OIP error after the deployment is deleted")
+    assert mesh.infer().json()["error"]
+    client = grpcclient.InferenceServerClient(mesh.grpc_target)
+    try:
+        started = time.monotonic()
+        with pytest.raises(Exception) as grpc_error:
+            client.infer("iris", [tensor], headers={"x-hydro-model": "iris"}, client_timeout=10)
+        assert time.monotonic() - started < 10
+        assert "UNAVAILABLE" in str(grpc_error.value)
+    finally:
+        client.close()
+
+
+def test_manager_errors_are_json(mesh: Mesh) -> None:
+    with pytest.raises(ApiError) as missing:
+        mesh.api.deploy("no-such-model", 1, replicas=1)
+    assert missing.value.status == 404
+    assert "no-such-model" in missing.value.message
