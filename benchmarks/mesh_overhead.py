@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import runpy
 import shutil
@@ -25,12 +26,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import aetcd
-import httpx
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
+VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
+if Path(sys.prefix).resolve() != VENV_PYTHON.parent.parent.resolve() and VENV_PYTHON.exists():
+    # `python benchmarks/mesh_overhead.py` with the system Python: run again inside the project's venv.
+    os.execv(str(VENV_PYTHON), [str(VENV_PYTHON), *sys.argv])
 sys.path.insert(0, str(ROOT))
+
+import aetcd  # noqa: E402
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
 
 from manager_api.deployer.registration import LeasedInstanceRegistry  # noqa: E402
 from manager_api.deployer.replica import Replica, ReplicaConfig  # noqa: E402

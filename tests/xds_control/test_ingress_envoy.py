@@ -132,6 +132,7 @@ def _app(name: str, variants: list[tuple[str, int, int]]) -> str:
 def test_application_routes_and_clusters_reach_envoy(etcd_server: EtcdServer, etcd_prefix: str, stack: Ingress) -> None:
     keys = Keys(etcd_prefix)
     dead_port = free_port()
+    assert stack.cluster_names() == set(), "nothing is served before etcd says so"
     asyncio.run(
         _put(
             etcd_server.endpoint,
@@ -146,7 +147,6 @@ def test_application_routes_and_clusters_reach_envoy(etcd_server: EtcdServer, et
             },
         )
     )
-    assert stack.cluster_names() == set(), "nothing is served before etcd says so"
 
     def routes() -> dict[str, Any]:
         configs = stack.dynamic("Routes")
