@@ -23,8 +23,10 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
@@ -34,6 +36,7 @@ if Path(sys.prefix).resolve() != VENV_PYTHON.parent.parent.resolve() and VENV_PY
 sys.path.insert(0, str(ROOT))
 
 import aetcd  # noqa: E402
+import grpc  # noqa: E402
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -41,11 +44,14 @@ from manager_api.deployer.registration import LeasedInstanceRegistry  # noqa: E4
 from manager_api.deployer.replica import Replica, ReplicaConfig  # noqa: E402
 from manager_api.etcd_server import EtcdServer  # noqa: E402
 from manager_api.processes import ChildProcess, free_port, wait_until  # noqa: E402
-from protos import inference_pb2  # noqa: E402
+from protos import inference_pb2, inference_pb2_grpc  # noqa: E402
 from protos.topology import Application, Keys, Stage, Variant  # noqa: E402
 from xds_control.bootstrap import envoy_process, envoy_ready, render_bootstrap  # noqa: E402
 
+T = TypeVar("T")
 APP = "iris"
+#: Direct and sidecar calls name the application as the ingress would (the runtime serves model "iris").
+APP_HEADER = "x-hydro-application"
 ROW = [5.1, 3.5, 1.4, 0.2]
 
 
@@ -56,6 +62,25 @@ def grpc_frame() -> bytes:
     request.raw_input_contents.append(np.asarray([ROW], dtype="<f8").tobytes())
     body = request.SerializeToString()
     return b"\x00" + struct.pack(">I", len(body)) + bytes(body)
+
+
+def check_grpc(target: str, headers: dict[str, str]) -> None:
+    """One request before the load: h2load counts HTTP 200s, and a gRPC error is an HTTP 200 too."""
+    request = inference_pb2.ModelInferRequest.FromString(grpc_frame()[5:])
+    with grpc.insecure_channel(target) as channel:
+        stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
+        response = stub.ModelInfer(request, metadata=tuple(headers.items()), timeout=10)
+    names = [o.name for o in response.outputs]
+    label = np.frombuffer(response.raw_output_contents[names.index("label")], dtype="<i8")
+    if label.tolist() != [0]:
+        sys.exit(f"{target} answered label {label.tolist()}, expected [0]")
+
+
+def check_rest(url: str, headers: dict[str, str]) -> None:
+    response = httpx.post(url, content=rest_body(), headers={"content-type": "application/json", **headers})
+    labels = {o["name"]: o["data"] for o in response.json().get("outputs", [])}.get("label")
+    if response.status_code != 200 or labels != [0]:
+        sys.exit(f"{url} answered {response.status_code} {response.text[:200]}, expected label [0]")
 
 
 def rest_body() -> str:
@@ -81,7 +106,7 @@ def run_h2load(target: str, frame: Path, concurrency: int, seconds: float, heade
         "-t",
         "1",
         "-D",
-        str(seconds),
+        f"{max(1, round(seconds))}s",
         "--warm-up-time=1",
         "-d",
         str(frame),
@@ -113,7 +138,7 @@ def run_wrk(url: str, concurrency: int, seconds: float, headers: dict[str, str])
     script = Path(tempfile.mkstemp(suffix=".lua")[1])
     header_lines = "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in headers.items())
     script.write_text(
-        f'wrk.method = "POST"\nwrk.body = [[{rest_body()}]]\nwrk.headers["Content-Type"] = "application/json"\n'
+        f'wrk.method = "POST"\nwrk.body = [==[{rest_body()}]==]\nwrk.headers["Content-Type"] = "application/json"\n'
         + header_lines
     )
     cmd = [
@@ -222,7 +247,14 @@ def main() -> None:
         work,
         admin_port,
     ).start()
+    # The lease keep-alive must run while the load generators do, so the loop gets a thread of its own.
     loop = asyncio.new_event_loop()
+    loop_thread = threading.Thread(target=loop.run_forever, name="asyncio", daemon=True)
+    loop_thread.start()
+
+    def run(coroutine: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, loop).result()
+
     config = ReplicaConfig(
         model=APP,
         version=1,
@@ -238,7 +270,7 @@ def main() -> None:
     results: dict[str, Any] = {}
     try:
         ingress.wait_ready(lambda: envoy_ready(admin_port), 30)
-        replica, registry, client = loop.run_until_complete(_start_replica(etcd, keys, config))
+        replica, registry, client = run(_start_replica(etcd, keys, config))
         wait_until(
             lambda: (
                 httpx.post(
@@ -259,6 +291,9 @@ def main() -> None:
         }
         # Rounds interleave the targets so that a noisy moment hits all of them; figures are medians of rounds.
         rounds: dict[str, list[float]] = {}
+        for name, (grpc_target, rest_target, headers) in targets.items():
+            check_grpc(grpc_target, headers)
+            check_rest(f"http://{rest_target}/v2/models/{APP}/infer", {} if name == "ingress" else {APP_HEADER: APP})
         for round_number in range(1, args.rounds + 1):
             for name, (grpc_target, rest_target, headers) in targets.items():
                 grpc_result = run_h2load(grpc_target, frame, args.concurrency, seconds, headers)
@@ -266,7 +301,7 @@ def main() -> None:
                     f"http://{rest_target}/v2/models/{APP}/infer",
                     args.concurrency,
                     seconds,
-                    {"x-hydro-application": APP} if name != "ingress" else {},
+                    {APP_HEADER: APP} if name != "ingress" else {},
                 )
                 for proto, result in (("grpc", grpc_result), ("rest", rest_result)):
                     for key, value in result.items():
@@ -289,11 +324,13 @@ def main() -> None:
         results["rounds"] = args.rounds
     finally:
         if replica is not None:
-            loop.run_until_complete(replica.stop(drain=False))
+            run(replica.stop(drain=False))
         if registry is not None:
-            loop.run_until_complete(registry.stop())
+            run(registry.stop())
         if client is not None:
-            loop.run_until_complete(client.close())
+            run(client.close())
+        loop.call_soon_threadsafe(loop.stop)
+        loop_thread.join()
         loop.close()
         ingress.stop()
         xds.stop()
