@@ -46,7 +46,8 @@ def up(
     def announce() -> None:
         console.print(f"[bold green]Hydro Serving is up[/]  (logs in {stack.logs})")
         console.print(f"  ingress (REST + gRPC): {stack.ingress_url}")
-        console.print(f"  manager API:           {stack.api_url}/api/v1   docs: {stack.api_url}/docs")
+        console.print(f"  manager API:           {stack.api_url}/api/v1")
+        console.print(f"  API docs:              {stack.api_url}/docs")
         console.print(f"  xDS:                   127.0.0.1:{stack.xds_port}")
         console.print(f"  etcd:                  {stack.etcd.endpoint}")
         if demo:
