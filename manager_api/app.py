@@ -14,7 +14,7 @@ from manager_api.dependencies import Store
 from manager_api.deployer.process import ProcessDeployer
 from manager_api.deployer.registration import LeasedInstanceRegistry
 from manager_api.errors import ApiProblem, install_error_handlers
-from manager_api.routers import applications, deployments, instances, models
+from manager_api.routers import applications, deployments, instances, models, proxies
 from manager_api.schemas import Health
 from manager_api.settings import Settings
 from manager_api.store import TopologyStore
@@ -82,7 +82,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     install_error_handlers(app)
     api = APIRouter(prefix="/api/v1")
-    for module in (models, deployments, applications, instances):
+    for module in (models, deployments, applications, instances, proxies):
         api.include_router(module.router)
     app.include_router(api)
     app.include_router(health_router)

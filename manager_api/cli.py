@@ -28,6 +28,7 @@ def up(
     ingress_port: Annotated[int, typer.Option(help="Ingress port (REST and gRPC); 0 = any free port.")] = 8080,
     api_port: Annotated[int, typer.Option(help="Manager API port; 0 = any free port.")] = 8081,
     xds_port: Annotated[int, typer.Option(help="xDS (ADS) port; 0 = any free port.")] = 18000,
+    xds_metrics_port: Annotated[int, typer.Option(help="xds_control /metrics port; 0 = any free port.")] = 18001,
     etcd_port: Annotated[int, typer.Option(help="etcd client port; 0 = any free port.")] = 2379,
 ) -> None:
     """Start etcd, xds_control, manager_api and the ingress Envoy on this machine; Ctrl-C stops them all."""
@@ -39,6 +40,7 @@ def up(
             ingress_port=ingress_port,
             api_port=api_port,
             xds_port=xds_port,
+            xds_metrics_port=xds_metrics_port,
             etcd_port=etcd_port,
         )
     )
@@ -49,6 +51,7 @@ def up(
         console.print(f"  manager API:           {stack.api_url}/api/v1")
         console.print(f"  API docs:              {stack.api_url}/docs")
         console.print(f"  xDS:                   127.0.0.1:{stack.xds_port}")
+        console.print(f"  xDS metrics:           http://127.0.0.1:{stack.xds_metrics_port}/metrics")
         console.print(f"  etcd:                  {stack.etcd.endpoint}")
         if demo:
             from manager_api.demo import push_demo, usage

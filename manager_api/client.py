@@ -87,3 +87,8 @@ class ManagerClient:
 
     def delete_application(self, name: str) -> None:
         self._call("DELETE", f"/applications/{name}")
+
+    def list_proxies(self) -> list[dict[str, Any]]:
+        """Envoys connected to xds_control, with what they acknowledged and their last rejection."""
+        result: list[dict[str, Any]] = self._call("GET", "/proxies")
+        return result

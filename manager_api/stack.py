@@ -33,6 +33,7 @@ class StackConfig:
     ingress_port: int = 8080
     api_port: int = 8081
     xds_port: int = 18000
+    xds_metrics_port: int = 18001
     etcd_port: int = 2379
     prefix: str = "/hydro/"
     ready_timeout: float = 60.0
@@ -56,6 +57,7 @@ class Stack:
         self.ingress_port = config.ingress_port or free_port(config.host)
         self.api_port = config.api_port or free_port()
         self.xds_port = config.xds_port or free_port()
+        self.xds_metrics_port = config.xds_metrics_port or free_port()
         self.etcd = EtcdServer(self.data_dir, config.etcd_port or free_port())
         self._children: list[_Supervised] = []
         self._stopping = False
@@ -90,6 +92,8 @@ class Stack:
                 self.config.prefix,
                 "--port",
                 str(self.xds_port),
+                "--metrics-port",
+                str(self.xds_metrics_port),
             ],
             log_path=self.logs / "xds_control.log",
         )

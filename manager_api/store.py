@@ -21,6 +21,7 @@ from protos.topology import (
     Instance,
     Keys,
     ModelVersion,
+    ProxyStatus,
     Signature,
     now_iso,
 )
@@ -140,6 +141,15 @@ class TopologyStore:
     async def list_instances(self, model: str | None = None, version: int | None = None) -> list[Instance]:
         records = await self._list(self.keys.instances(model, version), Instance)
         return sorted(records, key=lambda i: (i.model, i.version, i.id))
+
+    # --- proxies (written by xds_control, read here) --------------------------------------------------------
+
+    async def list_proxies(self) -> list[ProxyStatus]:
+        records = await self._list(self.keys.proxies(), ProxyStatus)
+        return sorted(records, key=lambda p: p.node_id)
+
+    async def get_proxy(self, node_id: str) -> ProxyStatus | None:
+        return await self._get(self.keys.proxy(node_id), ProxyStatus)
 
     # --- plumbing -------------------------------------------------------------------------------------------
 

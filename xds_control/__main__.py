@@ -14,9 +14,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from protos.topology import DEFAULT_PREFIX, Keys
 from xds_control.controller import Controller
+from xds_control.convergence import ConvergenceTracker
 from xds_control.etcd_watch import EtcdTopologyWatch
+from xds_control.metrics import MetricsCallbacks, XdsMetrics
+from xds_control.observers import FanOutCallbacks, ObservedNodes
 from xds_control.server import AdsServer
 from xds_control.snapshot import SnapshotCache
+from xds_control.status import ProxyStatusWriter
 
 log = logging.getLogger("xds_control")
 
@@ -29,6 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=18000, help="ADS gRPC port")
     parser.add_argument("--quiet-ms", type=float, default=30, help="debounce: quiet period after an etcd event")
     parser.add_argument("--max-delay-ms", type=float, default=300, help="debounce: longest delay of a push")
+    parser.add_argument("--metrics-host", default="127.0.0.1", help="address of the Prometheus /metrics endpoint")
+    parser.add_argument("--metrics-port", type=int, default=0, help="port of /metrics (0: not served)")
     parser.add_argument("--log-level", default="INFO")
     return parser.parse_args(argv)
 
@@ -39,16 +45,25 @@ async def serve(args: argparse.Namespace) -> None:
     client = aetcd.Client(host=host or "127.0.0.1", port=int(port))
     await client.connect()
     cache = SnapshotCache()
-    controller = Controller(cache)
+    keys = Keys(args.prefix)
+    metrics = XdsMetrics()
+    convergence = ConvergenceTracker(metrics)
+    status = ProxyStatusWriter(client, keys)
+    await status.start()
+    controller = Controller(cache, metrics, convergence)
+    nodes = ObservedNodes(controller, metrics, status)
+    callbacks = FanOutCallbacks([MetricsCallbacks(metrics), convergence, status])
+    if args.metrics_port:
+        metrics.serve(args.metrics_host, args.metrics_port)
     server = grpc.aio.server(options=[("grpc.max_send_message_length", 256 * 1024 * 1024)])
-    server.add_generic_rpc_handlers((AdsServer(cache, controller).rpc_handler(),))
+    server.add_generic_rpc_handlers((AdsServer(cache, nodes, callbacks).rpc_handler(),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     bound = server.add_insecure_port(f"{args.host}:{args.port}")
     await server.start()
     watch = EtcdTopologyWatch(
         client,
-        Keys(args.prefix),
+        keys,
         controller.apply,
         quiet=args.quiet_ms / 1000,
         max_delay=args.max_delay_ms / 1000,
@@ -67,6 +82,7 @@ async def serve(args: argparse.Namespace) -> None:
     with contextlib.suppress(asyncio.CancelledError):
         await watch_task
     await server.stop(grace=1.0)
+    await status.stop()
     await client.close()
 
 

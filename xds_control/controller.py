@@ -7,10 +7,13 @@ changes). Both run on the server's event loop, so the state below needs no lock.
 from __future__ import annotations
 
 import logging
+import time
 
 from envoy.config.core.v3 import base_pb2
 
-from xds_control.snapshot import InconsistentSnapshot, SnapshotCache
+from xds_control.convergence import ConvergenceTracker
+from xds_control.metrics import XdsMetrics
+from xds_control.snapshot import InconsistentSnapshot, Snapshot, SnapshotCache
 from xds_control.topology import Topology
 from xds_control.translate import NodeInfo, snapshot_for
 
@@ -20,8 +23,15 @@ log = logging.getLogger(__name__)
 class Controller:
     """Builds snapshots for connected nodes from the latest topology."""
 
-    def __init__(self, cache: SnapshotCache) -> None:
+    def __init__(
+        self,
+        cache: SnapshotCache,
+        metrics: XdsMetrics | None = None,
+        convergence: ConvergenceTracker | None = None,
+    ) -> None:
         self.cache = cache
+        self._metrics = metrics
+        self._convergence = convergence
         self.topology = Topology()
         self.topology_loaded = False
         self._nodes: dict[str, NodeInfo] = {}
@@ -45,16 +55,29 @@ class Controller:
 
     def apply(self, topology: Topology) -> None:
         """Rebuild every connected node's snapshot from ``topology`` (one consistent etcd cut)."""
+        started = time.perf_counter()
         self.topology = topology
         self.topology_loaded = True
+        changed: dict[str, set[str]] = {}
         for info in list(self._nodes.values()):
-            self._rebuild(info)
+            before = self.cache.get(info.node_id)
+            after = self._rebuild(info)
+            if before is not None and after is not None:
+                types = {t for t, version in after.versions.items() if before.versions.get(t) != version}
+                if types:
+                    changed[info.node_id] = types
+        if self._metrics is not None:
+            self._metrics.snapshot_build_seconds.observe(time.perf_counter() - started)
+            self._metrics.topology_revision.set(topology.revision)
+        if self._convergence is not None:
+            self._convergence.expect(topology.revision, topology.observed_at, changed)
 
-    def _rebuild(self, info: NodeInfo) -> None:
+    def _rebuild(self, info: NodeInfo) -> Snapshot | None:
         try:
             snapshot = snapshot_for(self.topology, info)
         except (ValueError, InconsistentSnapshot) as exc:
             # Keep the node on its last good snapshot; a broken topology must not reach any proxy.
             log.error("not updating %s at revision %d: %s", info.node_id, self.topology.revision, exc)
-            return
+            return None
         self.cache.set(info.node_id, snapshot)
+        return snapshot

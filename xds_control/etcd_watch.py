@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 
 import aetcd
@@ -61,8 +62,8 @@ class EtcdTopologyWatch:
         self._revision = result.header.revision
         self._publish()
 
-    def _publish(self) -> None:
-        self._consumer(Topology.from_kvs(self._keys, self._kvs, self._revision))
+    def _publish(self, observed_at: float = 0.0) -> None:
+        self._consumer(Topology.from_kvs(self._keys, self._kvs, self._revision, observed_at))
 
     async def _follow(self) -> None:
         events: asyncio.Queue[aetcd.Event] = asyncio.Queue()
@@ -76,6 +77,8 @@ class EtcdTopologyWatch:
         try:
             while True:
                 self._apply(await self._next(events, pump_task, None))
+                # Convergence is measured from here: the first event of the burst, before the debounce.
+                first_event_at = time.monotonic()
                 deadline = asyncio.get_running_loop().time() + self._max_delay
                 while True:
                     remaining = deadline - asyncio.get_running_loop().time()
@@ -86,7 +89,7 @@ class EtcdTopologyWatch:
                     except TimeoutError:
                         break
                     self._apply(event)
-                self._publish()
+                self._publish(first_event_at)
         finally:
             pump_task.cancel()
             with contextlib.suppress(Exception):

@@ -24,9 +24,11 @@ class Topology:
     deployments: Mapping[ModelKey, Deployment] = field(default_factory=dict)
     applications: Mapping[str, Application] = field(default_factory=dict)
     instances: Mapping[ModelKey, tuple[Instance, ...]] = field(default_factory=dict)
+    #: time.monotonic() when the first etcd event of this revision's burst arrived (0: not from an event).
+    observed_at: float = field(default=0.0, compare=False)
 
     @classmethod
-    def from_kvs(cls, keys: Keys, kvs: Mapping[str, bytes], revision: int) -> Topology:
+    def from_kvs(cls, keys: Keys, kvs: Mapping[str, bytes], revision: int, observed_at: float = 0.0) -> Topology:
         """Parse every key under the prefix; a value that does not parse is logged and skipped, never fatal."""
         models: dict[ModelKey, ModelVersion] = {}
         deployments: dict[ModelKey, Deployment] = {}
@@ -55,6 +57,7 @@ class Topology:
             deployments=deployments,
             applications=applications,
             instances={k: tuple(sorted(v, key=lambda i: i.id)) for k, v in instances.items()},
+            observed_at=observed_at,
         )
 
     def ready_endpoints(self, model: str, version: int) -> list[tuple[str, int]]:

@@ -76,7 +76,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     data_dir = tmp_path_factory.mktemp("hydro")
-    ports = {name: free_port() for name in ("ingress", "api", "xds", "etcd")}
+    ports = {name: free_port() for name in ("ingress", "api", "xds", "metrics", "etcd")}
     process = ChildProcess(
         "hydro-up",
         [
@@ -94,6 +94,8 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
             str(ports["xds"]),
             "--etcd-port",
             str(ports["etcd"]),
+            "--xds-metrics-port",
+            str(ports["metrics"]),
         ],
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
         log_path=data_dir / "hydro-up.log",
@@ -153,6 +155,14 @@ def test_walking_skeleton(mesh: Mesh, model_dir: Path) -> None:
     wait_until(lambda: len(mesh.api.get_deployment("iris", 1)["instances"]) == 2, 60, "two ready instances")
     wait_until(lambda: len(_served_by(mesh, 20)) == 2, 30, "traffic on both replicas")
     replicas_v1 = set(_served_by(mesh, 20))
+
+    # xds_control records every connected proxy and what it acknowledged; none rejected anything.
+    def proxies() -> dict[str, dict[str, object]]:
+        return {p["node_id"]: p for p in mesh.api.list_proxies()}
+
+    wait_until(lambda: len(proxies()) == 3, 30, "the ingress and two sidecars in /api/v1/proxies")
+    assert sorted(p["role"] for p in proxies().values()) == ["ingress", "sidecar", "sidecar"]
+    assert all(p["last_nack"] is None for p in proxies().values())
 
     # Weights move between versions without restarting anything.
     mesh.api.deploy("iris", 2, replicas=1)

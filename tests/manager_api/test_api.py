@@ -21,7 +21,7 @@ import pytest
 from manager_api.client import ManagerClient, pack_model_folder
 from manager_api.etcd_server import EtcdServer
 from manager_api.processes import ChildProcess, free_port, http_ok
-from protos.topology import Keys, ModelVersion
+from protos.topology import Keys, ModelVersion, ProxyStatus
 
 SERVING_YAML = """\
 runtime: python
@@ -287,3 +287,19 @@ def test_bad_applications_are_refused(manager: Manager, tmp_path: Path) -> None:
 def test_unknown_endpoints_answer_json(manager: Manager) -> None:
     assert_error(manager.http.get("/nothing-here"), 404, "/api/v1/nothing-here")
     assert_error(manager.http.post("/deployments"), 405, "POST")
+
+
+def test_proxies_show_what_xds_control_recorded(manager: Manager) -> None:
+    status = ProxyStatus(node_id="ingress", role="ingress", acked={"Cluster": "abc"}, last_nack="Cluster v2: bad")
+
+    async def write() -> None:
+        host, port = manager.etcd.endpoint.rsplit(":", 1)
+        async with aetcd.Client(host=host, port=int(port)) as client:
+            await client.put(Keys(manager.prefix).proxy("ingress").encode(), status.model_dump_json().encode())
+
+    asyncio.run(write())
+    listed = manager.http.get("/proxies").json()
+    assert [p["node_id"] for p in listed] == ["ingress"]
+    one = manager.http.get("/proxies/ingress").json()
+    assert one["last_nack"] == "Cluster v2: bad" and one["acked"] == {"Cluster": "abc"}
+    assert_error(manager.http.get("/proxies/nobody"), 404, "nobody")

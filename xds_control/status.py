@@ -1,0 +1,115 @@
+"""Writes what each connected proxy has acknowledged, and its last rejection, to ``proxies/{node_id}`` in etcd.
+
+The keys hang on one lease of this xds_control process: when it dies, its proxies' records go with it, and the
+replica they reconnect to writes them again. Writes are batched (at most one per node per ``interval``) so a
+burst of ACKs does not become a burst of etcd writes; stream callbacks only mark a node dirty.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import aetcd
+
+from protos.topology import Keys, ProxyStatus, now_iso
+from xds_control.server import StreamCallbacks
+
+log = logging.getLogger(__name__)
+
+
+class ProxyStatusWriter(StreamCallbacks):
+    """Stream callbacks that keep ``proxies/`` in etcd up to date."""
+
+    def __init__(self, client: aetcd.Client, keys: Keys, ttl: int = 10, interval: float = 0.2) -> None:
+        self._client = client
+        self._keys = keys
+        self._ttl = ttl
+        self._interval = interval
+        self._status: dict[str, ProxyStatus] = {}
+        self._dirty: set[str] = set()
+        self._wake = asyncio.Event()
+        self._lease: aetcd.Lease | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        """Stop writing and revoke the lease: the records of this process's proxies disappear."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._lease is not None:
+            with contextlib.suppress(Exception):
+                await self._lease.revoke()
+
+    def proxy_connected(self, node_id: str, role: str) -> None:
+        self._status[node_id] = ProxyStatus(node_id=node_id, role=role)
+        self._mark(node_id)
+
+    def on_ack(self, node_id: str, type_url: str, version: str) -> None:
+        status = self._status.get(node_id)
+        if status is not None:
+            acked = {**status.acked, type_url.rsplit(".", 1)[-1]: version}
+            self._status[node_id] = status.model_copy(update={"acked": acked})
+            self._mark(node_id)
+
+    def on_nack(self, node_id: str, type_url: str, version: str, error: str) -> None:
+        status = self._status.get(node_id)
+        if status is not None:
+            message = f"{type_url.rsplit('.', 1)[-1]} version {version}: {error}"
+            self._status[node_id] = status.model_copy(update={"last_nack": message, "last_nack_at": now_iso()})
+            self._mark(node_id)
+
+    def on_stream_closed(self, node_id: str) -> None:
+        if self._status.pop(node_id, None) is not None:
+            self._mark(node_id)
+
+    def _mark(self, node_id: str) -> None:
+        self._dirty.add(node_id)
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            # Waking every ttl/3 without changes keeps the lease (and so the records) alive in quiet periods.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._ttl / 3)
+            self._wake.clear()
+            try:
+                await self._flush()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("could not write proxy status to etcd: %s", exc)
+                self._lease = None
+                self._wake.set()
+            await asyncio.sleep(self._interval)  # batching window, not a readiness wait
+
+    async def _flush(self) -> None:
+        lease = await self._current_lease()
+        dirty, self._dirty = self._dirty, set()
+        try:
+            for node_id in sorted(dirty):
+                key = self._keys.proxy(node_id).encode()
+                status = self._status.get(node_id)
+                if status is None:
+                    await self._client.delete(key)
+                else:
+                    await self._client.put(key, status.model_dump_json().encode(), lease=lease)
+        except BaseException:
+            self._dirty |= dirty
+            raise
+
+    async def _current_lease(self) -> aetcd.Lease:
+        if self._lease is not None:
+            remaining = await self._lease.remaining_ttl()
+            if remaining is not None and remaining > 0:
+                await self._lease.refresh()
+                return self._lease
+            # The lease expired (etcd restart, long pause): every live record must be written again.
+            self._dirty |= self._status.keys()
+        self._lease = await self._client.lease(self._ttl)
+        return self._lease
