@@ -10,109 +10,21 @@ from __future__ import annotations
 
 import collections
 import os
-import runpy
-import shutil
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from sklearn.datasets import load_iris
+from hydro_mesh import EXPECTED, ROWS, Mesh
 
-from manager_api.client import ApiError, ManagerClient
-from manager_api.processes import ChildProcess, free_port, http_ok, wait_until
+from manager_api.client import ApiError
+from manager_api.processes import wait_until
 
 pytestmark = pytest.mark.e2e
-
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "iris"
-ROWS = load_iris().data[[0, 50, 100, 120]]
-
-
-class Mesh:
-    def __init__(self, process: ChildProcess, ingress_port: int, api_port: int) -> None:
-        self.process = process
-        self.ingress = f"http://127.0.0.1:{ingress_port}"
-        self.grpc_target = f"127.0.0.1:{ingress_port}"
-        self.api = ManagerClient(f"http://127.0.0.1:{api_port}")
-
-    def infer(self, app: str = "iris", timeout: float = 10.0) -> httpx.Response:
-        body = {"inputs": [{"name": "input", "shape": list(ROWS.shape), "datatype": "FP64", "data": ROWS.tolist()}]}
-        return httpx.post(f"{self.ingress}/v2/models/{app}/infer", json=body, timeout=timeout)
-
-
-def _descendants(root: int) -> set[int]:
-    found = {root}
-    changed = True
-    while changed:
-        changed = False
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parent = int(stat.rsplit(")", 1)[1].split()[1])
-            if parent in found and int(entry.name) not in found:
-                found.add(int(entry.name))
-                changed = True
-    return found
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("iris")
-    shutil.copy(EXAMPLE / "serving.yaml", folder / "serving.yaml")
-    runpy.run_path(str(EXAMPLE / "train.py"))["train"](folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    data_dir = tmp_path_factory.mktemp("hydro")
-    ports = {name: free_port() for name in ("ingress", "api", "xds", "metrics", "etcd")}
-    process = ChildProcess(
-        "hydro-up",
-        [
-            sys.executable,
-            "-m",
-            "manager_api.cli",
-            "up",
-            "--data-dir",
-            str(data_dir),
-            "--ingress-port",
-            str(ports["ingress"]),
-            "--api-port",
-            str(ports["api"]),
-            "--xds-port",
-            str(ports["xds"]),
-            "--etcd-port",
-            str(ports["etcd"]),
-            "--xds-metrics-port",
-            str(ports["metrics"]),
-        ],
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        log_path=data_dir / "hydro-up.log",
-    ).start()
-    mesh = Mesh(process, ports["ingress"], ports["api"])
-    try:
-        process.wait_ready(lambda: http_ok(f"{mesh.ingress}/v2/health/ready"), 90)
-        yield mesh
-    finally:
-        mesh.api.close()
-        family = _descendants(process.pid or 0)
-        process.stop(grace=60)
-        print(process.log_tail(80))
-        survivors = [pid for pid in family if Path(f"/proc/{pid}").exists() and pid != os.getpid()]
-        for pid in survivors:
-            os.kill(pid, signal.SIGKILL)
-        assert not survivors, f"hydro up left processes behind: {survivors}"
 
 
 def _labels(response: httpx.Response) -> list[int]:
@@ -131,7 +43,7 @@ def _served_by(mesh: Mesh, count: int) -> collections.Counter[str]:
 
 
 def test_walking_skeleton(mesh: Mesh, model_dir: Path) -> None:
-    expected = [0, 1, 2, 2]
+    expected = EXPECTED
     v1 = mesh.api.push_model("iris", model_dir)
     assert v1["version"] == 1 and v1["runtime"] == "sklearn"
     assert mesh.api.push_model("iris", model_dir)["version"] == 2
