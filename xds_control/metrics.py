@@ -31,6 +31,13 @@ class XdsMetrics:
         self.response_bytes = Histogram(
             "hydro_xds_response_bytes", "Size of one discovery response", ["type"], buckets=_BYTES_BUCKETS, registry=r
         )
+        self.response_resources = Histogram(
+            "hydro_xds_response_resources",
+            "Resources in one discovery response (delta: added plus removed)",
+            ["type"],
+            buckets=(0, 1, 2, 5, 10, 100, 1000, 10000, 100000),
+            registry=r,
+        )
         self.acks = Counter("hydro_xds_acks_total", "Responses a proxy accepted", ["type"], registry=r)
         self.nacks = Counter("hydro_xds_nacks_total", "Responses a proxy rejected", ["type"], registry=r)
         self.snapshot_build_seconds = Histogram(
@@ -71,7 +78,8 @@ class MetricsCallbacks(StreamCallbacks):
     def on_nack(self, node_id: str, type_url: str, version: str, error: str) -> None:
         self._metrics.nacks.labels(short_type(type_url)).inc()
 
-    def on_response(self, node_id: str, type_url: str, version: str, size: int) -> None:
+    def on_response(self, node_id: str, type_url: str, version: str, size: int, resources: int) -> None:
         kind = short_type(type_url)
         self._metrics.responses.labels(kind).inc()
         self._metrics.response_bytes.labels(kind).observe(size)
+        self._metrics.response_resources.labels(kind).observe(resources)

@@ -26,9 +26,9 @@ class FanOutCallbacks(StreamCallbacks):
         for observer in self._observers:
             observer.on_nack(node_id, type_url, version, error)
 
-    def on_response(self, node_id: str, type_url: str, version: str, size: int) -> None:
+    def on_response(self, node_id: str, type_url: str, version: str, size: int, resources: int) -> None:
         for observer in self._observers:
-            observer.on_response(node_id, type_url, version, size)
+            observer.on_response(node_id, type_url, version, size, resources)
 
     def on_stream_closed(self, node_id: str) -> None:
         for observer in self._observers:

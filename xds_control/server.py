@@ -8,14 +8,17 @@ The rules this module enforces (DESIGN.md, "Control plane rules"):
   endpoints answered; a cluster that routes in use still name stays in CDS until the proxy acknowledged routes
   without it; after a CDS change the next EDS request is always answered;
 - requested names that do not exist are answered with empty resources instead of being left to time out.
+
+``AdsServer`` also serves delta ADS on the same stream loop, hooks and snapshots (delta_server.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -26,6 +29,7 @@ from envoy.config.route.v3 import route_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
 from xds_control import resources
+from xds_control.delta_server import DeltaAdsStream
 from xds_control.snapshot import Snapshot, SnapshotCache, version_of
 from xds_control.wire import encode_discovery_response
 
@@ -42,6 +46,16 @@ class NodeRegistry(Protocol):
     def node_disconnected(self, node_id: str) -> None: ...
 
 
+class StreamMachine(Protocol):
+    """One proxy's protocol state (state-of-the-world or delta), driven by ``AdsServer``'s stream loop."""
+
+    node_id: str
+
+    def handle_request(self, request: Any) -> list[bytes]: ...
+
+    def push(self) -> list[bytes]: ...
+
+
 class StreamCallbacks:
     """Hooks for metrics, status and logs; the protocol loop calls them and ignores what they return."""
 
@@ -51,8 +65,8 @@ class StreamCallbacks:
     def on_nack(self, node_id: str, type_url: str, version: str, error: str) -> None:
         """A proxy rejected ``version`` of ``type_url`` with ``error``."""
 
-    def on_response(self, node_id: str, type_url: str, version: str, size: int) -> None:
-        """A response of ``size`` bytes went out."""
+    def on_response(self, node_id: str, type_url: str, version: str, size: int, resources: int) -> None:
+        """A response of ``size`` bytes carrying ``resources`` resources (delta: added plus removed) went out."""
 
     def on_stream_closed(self, node_id: str) -> None:
         """The proxy's stream ended."""
@@ -169,7 +183,17 @@ class AdsStream:
         if type_url == resources.LISTENER:
             return dict(current)
         # EDS and RDS are asked for by name; unknown names get an empty resource rather than a time-out.
-        return {name: current[name] if name in current else _empty(type_url, name) for name in state.names}
+        items = {}
+        clusters_kept = self._types[resources.CLUSTER].sent
+        for name in state.names:
+            if name in current:
+                items[name] = current[name]
+            elif type_url == resources.ENDPOINT and name in clusters_kept and name in state.sent:
+                # make-before-break: its cluster stays (still routed to), so it keeps its endpoints until it goes.
+                items[name] = state.sent[name]
+            else:
+                items[name] = _empty(type_url, name)
+        return items
 
     def _clusters_ready(self, snapshot: Snapshot) -> bool:
         clusters = self._types[resources.CLUSTER].acked
@@ -208,7 +232,7 @@ class AdsStream:
             nonce,
             len(items),
         )
-        self._callbacks.on_response(self.node_id, type_url, version, len(payload))
+        self._callbacks.on_response(self.node_id, type_url, version, len(payload), len(items))
         return payload
 
 
@@ -219,6 +243,10 @@ def _empty(type_url: str, name: str) -> bytes:
     else:
         message = route_pb2.RouteConfiguration(name=name)
     return resources.pack(message).SerializeToString(deterministic=True)
+
+
+def _as_is(payload: bytes) -> bytes:
+    return payload
 
 
 def _short(type_url: str) -> str:
@@ -234,20 +262,50 @@ class AdsServer:
         self._callbacks = callbacks or StreamCallbacks()
 
     def rpc_handler(self) -> grpc.GenericRpcHandler:
-        """The generic handler to add to a grpc.aio server. Responses are pre-encoded bytes."""
-        handler = grpc.stream_stream_rpc_method_handler(
+        """The generic handler to add to a grpc.aio server: state-of-the-world and delta ADS.
+
+        Responses are pre-encoded bytes. Which of the two a proxy speaks is its bootstrap's ``api_type``.
+        """
+        sotw = grpc.stream_stream_rpc_method_handler(
             self.stream,
             request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
-            response_serializer=lambda payload: payload,
+            response_serializer=_as_is,
+        )
+        delta = grpc.stream_stream_rpc_method_handler(
+            self.delta_stream,
+            request_deserializer=discovery_pb2.DeltaDiscoveryRequest.FromString,
+            response_serializer=_as_is,
         )
         return grpc.method_handlers_generic_handler(
-            "envoy.service.discovery.v3.AggregatedDiscoveryService", {"StreamAggregatedResources": handler}
+            "envoy.service.discovery.v3.AggregatedDiscoveryService",
+            {"StreamAggregatedResources": sotw, "DeltaAggregatedResources": delta},
         )
 
+    # grpc.aio streams responses only from async generator functions, hence the two thin wrappers.
     async def stream(
         self, requests: AsyncIterator[discovery_pb2.DiscoveryRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
-        """One proxy's ADS stream: requests and snapshot changes in, responses out."""
+        """One proxy's state-of-the-world ADS stream: requests and snapshot changes in, responses out."""
+        responses = self._serve(requests, context, lambda node: AdsStream(node, self._cache, self._callbacks))
+        async with contextlib.aclosing(responses):  # the stream's cleanup runs when the call ends, not at GC
+            async for payload in responses:
+                yield payload
+
+    async def delta_stream(
+        self, requests: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        """One proxy's delta ADS stream: requests and snapshot changes in, responses out."""
+        responses = self._serve(requests, context, lambda node: DeltaAdsStream(node, self._cache, self._callbacks))
+        async with contextlib.aclosing(responses):  # the stream's cleanup runs when the call ends, not at GC
+            async for payload in responses:
+                yield payload
+
+    async def _serve(
+        self,
+        requests: AsyncIterator[Any],
+        context: grpc.aio.ServicerContext,
+        new_stream: Callable[[str], StreamMachine],
+    ) -> AsyncGenerator[bytes, None]:
         inbox: asyncio.Queue[object] = asyncio.Queue()
 
         async def read() -> None:
@@ -258,11 +316,11 @@ class AdsServer:
                 inbox.put_nowait(_CLOSED)
 
         reader = asyncio.create_task(read())
-        stream: AdsStream | None = None
+        stream: StreamMachine | None = None
         stop_listening = None
         try:
             while True:
-                item = await inbox.get()
+                item: Any = await inbox.get()
                 if item is _CLOSED:
                     return
                 if item is _CHANGED:
@@ -270,14 +328,13 @@ class AdsServer:
                     for payload in stream.push():
                         yield payload
                     continue
-                assert isinstance(item, discovery_pb2.DiscoveryRequest)
                 if stream is None:
                     if not item.node.id:
                         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first request must carry node.id")
-                    stream = AdsStream(item.node.id, self._cache, self._callbacks)
+                    stream = new_stream(item.node.id)
                     stop_listening = self._cache.listen(item.node.id, lambda: inbox.put_nowait(_CHANGED))
                     self._nodes.node_connected(item.node)
-                    log.info("proxy %s connected", item.node.id)
+                    log.info("proxy %s connected (%s)", item.node.id, type(stream).__name__)
                 for payload in stream.handle_request(item):
                     yield payload
         finally:

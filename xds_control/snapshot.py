@@ -4,6 +4,8 @@ No gRPC here. A snapshot holds every resource already serialized (as the bytes o
 so a resource is serialized once per version and the same bytes go to every stream that needs them.
 Versions are hashes of those deterministic bytes: two control-plane replicas watching the same etcd hand out
 identical versions for identical state, and a reconnecting Envoy that already has a version gets nothing.
+Delta xDS uses one version per resource (``resource_versions``) and the resource wrapped in a delta ``Resource``
+message (``delta_resource``), encoded on first use and then shared by every delta stream of the node.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 from google.protobuf.message import Message
 
 from xds_control import resources
+from xds_control.wire import encode_delta_resource
 
 ResourceBytes = Mapping[str, bytes]
 
@@ -28,6 +31,11 @@ def version_of(items: ResourceBytes) -> str:
         digest.update(items[name])
         digest.update(b"\0")
     return digest.hexdigest()[:16]
+
+
+def resource_version(any_bytes: bytes) -> str:
+    """The version of one resource: a hash of its deterministic serialization (the name is inside it)."""
+    return hashlib.sha256(any_bytes).hexdigest()[:16]
 
 
 class InconsistentSnapshot(ValueError):
@@ -44,6 +52,10 @@ class Snapshot:
     #: Clusters that listeners (inline routes) and route configurations send traffic to, by type URL.
     routed: Mapping[str, frozenset[str]] = field(default_factory=dict)
     versions: Mapping[str, str] = field(default_factory=dict)
+    #: Per-resource versions by type URL, then by name (delta xDS).
+    resource_versions: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    #: Delta ``Resource`` encodings made so far, by (type URL, name); filled on first use, never changed after.
+    _delta: dict[tuple[str, str], bytes] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @classmethod
     def build(
@@ -68,6 +80,10 @@ class Snapshot:
                 resources.ROUTE: frozenset(route_clusters),
             },
             versions={type_url: version_of(items) for type_url, items in by_type.items()},
+            resource_versions={
+                type_url: {name: resource_version(data) for name, data in items.items()}
+                for type_url, items in by_type.items()
+            },
         )
         snapshot._check(frozenset(rds_names))
         return snapshot
@@ -91,6 +107,15 @@ class Snapshot:
 
     def items(self, type_url: str) -> ResourceBytes:
         return self.by_type.get(type_url, {})
+
+    def delta_resource(self, type_url: str, name: str) -> bytes:
+        """The serialized delta ``Resource`` (name, version, resource) of one resource in this snapshot."""
+        key = (type_url, name)
+        encoded = self._delta.get(key)
+        if encoded is None:
+            version = self.resource_versions[type_url][name]
+            encoded = self._delta[key] = encode_delta_resource(name, version, self.by_type[type_url][name])
+        return encoded
 
 
 Listener = Callable[[], None]

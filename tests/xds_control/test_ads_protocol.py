@@ -182,6 +182,17 @@ def test_removed_cluster_stays_until_routes_without_it_are_acknowledged() -> Non
     assert old not in proxy.names(r.CLUSTER), "removed once no acknowledged route names it"
 
 
+def test_removed_cluster_keeps_its_endpoints_while_routes_name_it() -> None:
+    cache, proxy, _ = _connected(_topology({("a", 1): 50, ("b", 1): 50}, {("a", 1): 7001, ("b", 1): 7002}))
+    _warm_up(proxy)
+    old = cluster_name("b", 1)
+    cache.set(NODE, ingress_snapshot(_topology({("a", 1): 100}, {("a", 1): 7001}), _node_info()))
+    pushed = proxy.push()
+    assert [p.type_url for p in pushed] == [r.ROUTE], "neither the cluster nor its endpoints change before routes"
+    cds = proxy.ack(r.ROUTE, ["ingress"])[0]
+    assert cds.type_url == r.CLUSTER and old not in proxy.names(r.CLUSTER)
+
+
 def test_new_cluster_is_warm_before_routes_name_it() -> None:
     cache, proxy, _ = _connected(_topology({("a", 1): 100}))
     _warm_up(proxy)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +32,13 @@ from xds_control.bootstrap import envoy_process, envoy_ready, render_bootstrap
 
 
 class Ingress:
-    def __init__(self, listen_port: int, admin_port: int) -> None:
+    def __init__(self, listen_port: int, admin_port: int, api_type: str, xds_log: Path) -> None:
         self.url = f"http://127.0.0.1:{listen_port}"
         self.listen_port = listen_port
         self.admin_port = admin_port
+        self.api_type = api_type
+        self.xds_log = xds_log
+        self.restart_control_plane: Callable[[], None] = lambda: None
 
     def config_dump(self) -> dict[str, Any]:
         result: dict[str, Any] = httpx.get(f"http://127.0.0.1:{self.admin_port}/config_dump").json()
@@ -53,27 +57,44 @@ class Ingress:
     def cluster_names(self) -> set[str]:
         return {c["name"] for c in self.dynamic("Clusters")}
 
+    def endpoints(self, cluster: str) -> set[str]:
+        """HOST:PORT of the cluster's endpoints as Envoy has them (admin /clusters)."""
+        text = httpx.get(f"http://127.0.0.1:{self.admin_port}/clusters").text
+        hosts = set()
+        for line in text.splitlines():
+            name, _, rest = line.partition("::")
+            host = rest.split("::")[0]
+            if name == cluster and ":" in host:  # HOST:PORT, not a cluster-wide line such as default_priority
+                hosts.add(host)
+        return hosts
 
-@pytest.fixture
-def stack(etcd_server: EtcdServer, etcd_prefix: str, tmp_path: Path) -> Iterator[Ingress]:
+
+@pytest.fixture(params=["GRPC", "DELTA_GRPC"])
+def stack(
+    request: pytest.FixtureRequest, etcd_server: EtcdServer, etcd_prefix: str, tmp_path: Path
+) -> Iterator[Ingress]:
+    """xds_control and an ingress Envoy speaking state-of-the-world or delta ADS to it."""
+    with ingress_stack(etcd_server, etcd_prefix, tmp_path, request.param) as ingress:
+        yield ingress
+
+
+@contextlib.contextmanager
+def ingress_stack(etcd_server: EtcdServer, etcd_prefix: str, tmp_path: Path, api_type: str) -> Iterator[Ingress]:
+    """Start xds_control, then an ingress Envoy with ``api_type`` ADS; stop both on exit."""
     xds_port = free_port()
-    xds = ChildProcess(
-        "xds_control",
-        [
-            sys.executable,
-            "-m",
-            "xds_control",
-            "--etcd",
-            etcd_server.endpoint,
-            "--prefix",
-            etcd_prefix,
-            "--port",
-            str(xds_port),
-            "--log-level",
-            "DEBUG",
-        ],
-        log_path=tmp_path / "xds.log",
-    )
+    log = tmp_path / "xds.log"
+    argv = [sys.executable, "-m", "xds_control", "--etcd", etcd_server.endpoint, "--prefix", etcd_prefix]
+    argv += ["--port", str(xds_port), "--log-level", "DEBUG"]
+    control_planes: list[ChildProcess] = []
+
+    def start_control_plane() -> None:
+        # One log for every run, so that a test can read what happened across a restart.
+        control_planes.append(ChildProcess("xds_control", argv, log_path=log).start())
+
+    def restart_control_plane() -> None:
+        control_planes[-1].stop()
+        start_control_plane()
+
     listen_port, admin_port = free_port(), free_port()
     envoy = envoy_process(
         "ingress",
@@ -85,19 +106,26 @@ def stack(etcd_server: EtcdServer, etcd_prefix: str, tmp_path: Path) -> Iterator
             admin_port=admin_port,
             xds_host="127.0.0.1",
             xds_port=xds_port,
+            ads_api_type=api_type,
         ),
         tmp_path,
         admin_port,
     )
     try:
-        xds.start()
+        start_control_plane()
         envoy.start()
         envoy.wait_ready(lambda: envoy_ready(admin_port), 30)
-        yield Ingress(listen_port, admin_port)
+        stream = "DeltaAdsStream" if api_type == "DELTA_GRPC" else "AdsStream"
+        wait_until(lambda: f"connected ({stream})" in log.read_text(), 10, f"Envoy on a {api_type} stream")
+        ingress = Ingress(listen_port, admin_port, api_type, log)
+        ingress.restart_control_plane = restart_control_plane
+        yield ingress
     finally:
         envoy.stop()
-        xds.stop()
-        print(xds.log_tail(60))
+        for process in control_planes:
+            process.stop()
+        if control_planes:
+            print(control_planes[-1].log_tail(60))
 
 
 SIGNATURE = Signature(
