@@ -68,8 +68,12 @@ class ManagerClient:
         result: dict[str, Any] = self._call("GET", f"/models/{name}")
         return result
 
-    def deploy(self, model: str, version: int, replicas: int) -> dict[str, Any]:
-        result: dict[str, Any] = self._call("PUT", f"/deployments/{model}/{version}", json={"replicas": replicas})
+    def deploy(self, model: str, version: int, replicas: int, policies: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Create or scale a deployment; ``policies`` (docs/traffic_policies.md) replace the current ones if given."""
+        body: dict[str, Any] = {"replicas": replicas}
+        if policies is not None:
+            body["policies"] = policies
+        result: dict[str, Any] = self._call("PUT", f"/deployments/{model}/{version}", json=body)
         return result
 
     def get_deployment(self, model: str, version: int) -> dict[str, Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from protos.topology import Deployment, Instance, ModelVersion, Stage
+from protos.topology import Deployment, Instance, ModelVersion, Policies, Stage
 
 
 class DeploymentSpec(BaseModel):
@@ -12,6 +12,10 @@ class DeploymentSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     replicas: int = Field(ge=0, le=64, description="how many runtime + sidecar pairs should run")
+    policies: Policies | None = Field(
+        None,
+        description="traffic policies (docs/traffic_policies.md); omitted: keep the current ones (defaults if new)",
+    )
 
 
 class ApplicationSpec(BaseModel):

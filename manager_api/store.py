@@ -21,6 +21,7 @@ from protos.topology import (
     Instance,
     Keys,
     ModelVersion,
+    Policies,
     ProxyStatus,
     Signature,
     now_iso,
@@ -85,13 +86,18 @@ class TopologyStore:
 
     # --- deployments ----------------------------------------------------------------------------------------
 
-    async def put_deployment(self, model: str, version: int, replicas: int) -> Deployment:
-        """Create or scale a deployment, keeping its creation time."""
+    async def put_deployment(
+        self, model: str, version: int, replicas: int, policies: Policies | None = None
+    ) -> Deployment:
+        """Create or scale a deployment, keeping its creation time (and its policies when ``policies`` is None)."""
         current = await self.get_deployment(model, version)
         if current is None:
-            record = Deployment(model=model, version=version, replicas=replicas)
+            record = Deployment(model=model, version=version, replicas=replicas, policies=policies or Policies())
         else:
-            record = current.model_copy(update={"replicas": replicas, "updated_at": now_iso()})
+            update: dict[str, object] = {"replicas": replicas, "updated_at": now_iso()}
+            if policies is not None:
+                update["policies"] = policies
+            record = current.model_copy(update=update)
         await self.client.put(self.keys.deployment(model, version).encode(), record.model_dump_json().encode())
         return record
 

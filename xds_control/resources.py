@@ -6,28 +6,41 @@ calls lives in translate.py.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from envoy.config.accesslog.v3 import accesslog_pb2
-from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
 from envoy.config.core.v3 import (
     address_pb2,
     base_pb2,
     config_source_pb2,
+    health_check_pb2,
     protocol_pb2,
     substitution_format_string_pb2,
 )
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.http.buffer.v3 import buffer_pb2
+from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import string_pb2
+from envoy.type.v3 import percent_pb2, token_bucket_pb2
 from google.protobuf import any_pb2, duration_pb2, struct_pb2
 from google.protobuf.message import Message
+
+from protos.topology import (
+    CircuitBreakerPolicy,
+    HealthCheckPolicy,
+    OutlierDetectionPolicy,
+    RateLimitPolicy,
+    RetryPolicy,
+)
 
 CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
@@ -44,6 +57,22 @@ GRPC_MODEL_HEADER = "x-hydro-model"
 GRPC_SERVICE_PREFIX = "/inference.GRPCInferenceService/"
 
 _HTTP_OPTIONS_KEY = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+RATE_LIMIT_FILTER = "envoy.filters.http.local_ratelimit"
+BUFFER_FILTER = "envoy.filters.http.buffer"
+
+#: Authority of active health checks: the default (the cluster name, with '|') is not a valid :authority.
+HEALTH_CHECK_AUTHORITY = "health.hydro"
+#: The gRPC health service name the runtimes report SERVING for once their model is loaded.
+HEALTH_CHECK_SERVICE = "inference.GRPCInferenceService"
+#: Envoy's default floor of concurrent retries under a retry budget (kept when the budget is set).
+MIN_RETRY_CONCURRENCY = 3
+
+RATE_LIMITED_MESSAGE = (
+    "too many requests: the model version's rate limit (policies.rate_limit in its deployment) is exceeded; retry later"
+)
+GRPC_DEADLINE_EXCEEDED = "4"
+GRPC_RESOURCE_EXHAUSTED = "8"
+TOO_LARGE_MESSAGE = "request body too large: the model version's policies.max_request_bytes is exceeded"
 
 
 def pack(message: Message) -> any_pb2.Any:
@@ -79,7 +108,19 @@ def _http2_options() -> dict[str, any_pb2.Any]:
     return {_HTTP_OPTIONS_KEY: pack(options)}
 
 
-def eds_cluster(name: str, connect_timeout: float = 1.0) -> cluster_pb2.Cluster:
+@dataclass(frozen=True)
+class ClusterPolicies:
+    """The policies that live on an upstream cluster: they protect or judge the replicas of one model version."""
+
+    circuit_breaker: CircuitBreakerPolicy
+    retry_budget_percent: float | None = None
+    outlier_detection: OutlierDetectionPolicy | None = None
+    health_check: HealthCheckPolicy | None = None
+
+
+def eds_cluster(
+    name: str, connect_timeout: float = 1.0, policies: ClusterPolicies | None = None
+) -> cluster_pb2.Cluster:
     """A cluster of sidecars found through EDS, spoken to over HTTP/2 (gRPC and REST alike)."""
     cluster = cluster_pb2.Cluster(
         name=name,
@@ -90,7 +131,79 @@ def eds_cluster(name: str, connect_timeout: float = 1.0) -> cluster_pb2.Cluster:
     )
     for key, value in _http2_options().items():
         cluster.typed_extension_protocol_options[key].CopyFrom(value)
+    if policies is not None:
+        cluster.circuit_breakers.CopyFrom(
+            _shared_circuit_breakers(policies.circuit_breaker, policies.retry_budget_percent)
+        )
+        if policies.outlier_detection is not None:
+            cluster.outlier_detection.CopyFrom(outlier_detection(policies.outlier_detection))
+        if policies.health_check is not None:
+            cluster.health_checks.append(grpc_health_check(policies.health_check))
     return cluster
+
+
+def _ms(value: int) -> duration_pb2.Duration:
+    duration = duration_pb2.Duration()
+    duration.FromMilliseconds(value)
+    return duration
+
+
+@functools.lru_cache(maxsize=256)
+def _shared_circuit_breakers(
+    policy: CircuitBreakerPolicy, retry_budget_percent: float | None
+) -> circuit_breaker_pb2.CircuitBreakers:
+    # Thousands of clusters share a handful of distinct thresholds: build each once (callers copy it).
+    return circuit_breakers(policy, retry_budget_percent)
+
+
+def circuit_breakers(
+    policy: CircuitBreakerPolicy, retry_budget_percent: float | None
+) -> circuit_breaker_pb2.CircuitBreakers:
+    """Default-priority thresholds; a retry budget replaces Envoy's fixed cap of 3 concurrent retries."""
+    thresholds = circuit_breaker_pb2.CircuitBreakers.Thresholds(
+        max_connections={"value": policy.max_connections},
+        max_pending_requests={"value": policy.max_pending_requests},
+        max_requests={"value": policy.max_requests},
+        # The gauges (remaining_rq, remaining_pending...) let an operator see how close to the limits a model runs.
+        track_remaining=True,
+    )
+    if retry_budget_percent is not None:
+        thresholds.retry_budget.CopyFrom(
+            circuit_breaker_pb2.CircuitBreakers.Thresholds.RetryBudget(
+                budget_percent=percent_pb2.Percent(value=retry_budget_percent),
+                min_retry_concurrency={"value": MIN_RETRY_CONCURRENCY},
+            )
+        )
+    return circuit_breaker_pb2.CircuitBreakers(thresholds=[thresholds])
+
+
+def outlier_detection(policy: OutlierDetectionPolicy) -> outlier_detection_pb2.OutlierDetection:
+    """Eject a replica after ``consecutive_5xx`` failures in a row (gRPC errors count as their HTTP mapping)."""
+    return outlier_detection_pb2.OutlierDetection(
+        consecutive_5xx={"value": policy.consecutive_5xx},
+        interval=_ms(policy.interval_ms),
+        base_ejection_time=_ms(policy.base_ejection_ms),
+        max_ejection_percent={"value": policy.max_ejection_percent},
+        # A model version runs on a few replicas: 10 % of 2 rounds down to none, which would make the policy
+        # a no-op exactly where it matters most.
+        always_eject_one_host={"value": True},
+    )
+
+
+def grpc_health_check(policy: HealthCheckPolicy) -> health_check_pb2.HealthCheck:
+    """grpc.health.v1 checks through the sidecar (it routes gRPC to the runtime, whose health service answers)."""
+    return health_check_pb2.HealthCheck(
+        timeout=_ms(policy.timeout_ms),
+        interval=_ms(policy.interval_ms),
+        # Envoy checks idle clusters only once a minute by default; a model that gets no traffic yet must still
+        # be found dead as fast as a busy one.
+        no_traffic_interval=_ms(policy.interval_ms),
+        unhealthy_threshold={"value": policy.unhealthy_threshold},
+        healthy_threshold={"value": policy.healthy_threshold},
+        grpc_health_check=health_check_pb2.HealthCheck.GrpcHealthCheck(
+            service_name=HEALTH_CHECK_SERVICE, authority=HEALTH_CHECK_AUTHORITY
+        ),
+    )
 
 
 def static_cluster(name: str, host: str, port: int, http2: bool, connect_timeout: float = 1.0) -> cluster_pb2.Cluster:
@@ -121,18 +234,59 @@ def load_assignment(cluster_name: str, endpoints: Sequence[tuple[str, int]]) -> 
     )
 
 
-def _local_reply_config() -> hcm_pb2.LocalReplyConfig:
-    """Envoy's own replies speak the Open Inference Protocol: JSON {"error"} for REST, plain grpc-message."""
-    grpc_request = hcm_pb2.ResponseMapper(
-        filter=_content_type_is_grpc_filter(),
-        body_format_override=substitution_format_string_pb2.SubstitutionFormatString(
-            text_format_source=base_pb2.DataSource(inline_string="%LOCAL_REPLY_BODY%")
-        ),
+def _plain_text() -> substitution_format_string_pb2.SubstitutionFormatString:
+    return substitution_format_string_pb2.SubstitutionFormatString(
+        text_format_source=base_pb2.DataSource(inline_string="%LOCAL_REPLY_BODY%")
     )
+
+
+def _status_is(code: int) -> accesslog_pb2.AccessLogFilter:
+    return accesslog_pb2.AccessLogFilter(
+        status_code_filter=accesslog_pb2.StatusCodeFilter(
+            comparison=accesslog_pb2.ComparisonFilter(
+                op=accesslog_pb2.ComparisonFilter.EQ,
+                value=base_pb2.RuntimeUInt32(default_value=code, runtime_key=f"hydro.local_reply.status_{code}"),
+            )
+        )
+    )
+
+
+def _all_of(*filters: accesslog_pb2.AccessLogFilter) -> accesslog_pb2.AccessLogFilter:
+    return accesslog_pb2.AccessLogFilter(and_filter=accesslog_pb2.AndFilter(filters=list(filters)))
+
+
+def _local_reply_config() -> hcm_pb2.LocalReplyConfig:
+    """Envoy's own replies speak the Open Inference Protocol: JSON {"error"} for REST, plain grpc-message.
+
+    The policy rejections (429 rate limited, 413 too large) get a message that says which policy refused the
+    call; the first matching mapper wins, so the gRPC variants come first.
+    """
+    grpc = _content_type_is_grpc_filter()
+    mappers = [
+        hcm_pb2.ResponseMapper(
+            filter=_all_of(grpc, _status_is(429)),
+            body=base_pb2.DataSource(inline_string=RATE_LIMITED_MESSAGE),
+            body_format_override=_plain_text(),
+        ),
+        hcm_pb2.ResponseMapper(
+            filter=_all_of(grpc, _status_is(413)),
+            body=base_pb2.DataSource(inline_string=TOO_LARGE_MESSAGE),
+            body_format_override=_plain_text(),
+            headers_to_add=[_set_header("grpc-status", GRPC_RESOURCE_EXHAUSTED)],
+        ),
+        hcm_pb2.ResponseMapper(
+            filter=_all_of(grpc, _status_is(504)),
+            body_format_override=_plain_text(),
+            headers_to_add=[_set_header("grpc-status", GRPC_DEADLINE_EXCEEDED)],
+        ),
+        hcm_pb2.ResponseMapper(filter=_status_is(429), body=base_pb2.DataSource(inline_string=RATE_LIMITED_MESSAGE)),
+        hcm_pb2.ResponseMapper(filter=_status_is(413), body=base_pb2.DataSource(inline_string=TOO_LARGE_MESSAGE)),
+        hcm_pb2.ResponseMapper(filter=grpc, body_format_override=_plain_text()),
+    ]
     json_body = struct_pb2.Struct()
     json_body.update({"error": "%LOCAL_REPLY_BODY%"})
     return hcm_pb2.LocalReplyConfig(
-        mappers=[grpc_request],
+        mappers=mappers,
         body_format=substitution_format_string_pb2.SubstitutionFormatString(
             json_format=json_body, content_type="application/json"
         ),
@@ -149,13 +303,38 @@ def _grpc_content_type_matcher() -> route_components_pb2.HeaderMatcher:
     )
 
 
+def _policy_filters() -> list[hcm_pb2.HttpFilter]:
+    """Rate limit and body size filters, inert unless a route enables them with its per-filter config.
+
+    The rate limiter comes first so that a request over the limit is refused before its body is buffered.
+    """
+    return [
+        # Without a token bucket here, the filter limits only routes that carry a LocalRateLimit of their own.
+        hcm_pb2.HttpFilter(
+            name=RATE_LIMIT_FILTER, typed_config=pack(local_rate_limit_pb2.LocalRateLimit(stat_prefix="rate_limit"))
+        ),
+        hcm_pb2.HttpFilter(
+            name=BUFFER_FILTER,
+            # Disabled by default: buffering every request would cost latency and memory on routes without a limit.
+            typed_config=pack(buffer_pb2.Buffer(max_request_bytes={"value": 1024 * 1024})),
+            disabled=True,
+        ),
+    ]
+
+
 def _http_connection_manager(
-    stat_prefix: str, *, rds_name: str | None = None, route_config: route_pb2.RouteConfiguration | None = None
+    stat_prefix: str,
+    *,
+    rds_name: str | None = None,
+    route_config: route_pb2.RouteConfiguration | None = None,
+    policy_filters: bool = False,
 ) -> hcm_pb2.HttpConnectionManager:
+    filters = _policy_filters() if policy_filters else []
+    filters.append(hcm_pb2.HttpFilter(name="envoy.filters.http.router", typed_config=pack(router_pb2.Router())))
     manager = hcm_pb2.HttpConnectionManager(
         stat_prefix=stat_prefix,
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,
-        http_filters=[hcm_pb2.HttpFilter(name="envoy.filters.http.router", typed_config=pack(router_pb2.Router()))],
+        http_filters=filters,
         local_reply_config=_local_reply_config(),
         # Infer calls can take long (cold models, big tensors); per-route timeouts bound them instead.
         stream_idle_timeout=_seconds(300),
@@ -174,9 +353,15 @@ def http_listener(
     *,
     rds_name: str | None = None,
     route_config: route_pb2.RouteConfiguration | None = None,
+    policy_filters: bool = False,
 ) -> listener_pb2.Listener:
-    """An HTTP listener (HTTP/1.1 and HTTP/2, so REST and gRPC on one port) with RDS or inline routes."""
-    manager = _http_connection_manager(name, rds_name=rds_name, route_config=route_config)
+    """An HTTP listener (HTTP/1.1 and HTTP/2, so REST and gRPC on one port) with RDS or inline routes.
+
+    ``policy_filters`` adds the rate limit and request size filters that routes may enable (the ingress).
+    """
+    manager = _http_connection_manager(
+        name, rds_name=rds_name, route_config=route_config, policy_filters=policy_filters
+    )
     return listener_pb2.Listener(
         name=name,
         address=_socket_address(host, port),
@@ -193,18 +378,82 @@ def http_listener(
 
 
 @dataclass(frozen=True)
+class RequestLimits:
+    """What the ingress refuses before calling a model version: too many requests, too large a body."""
+
+    stat_prefix: str
+    rate_limit: RateLimitPolicy | None = None
+    max_request_bytes: int | None = None
+
+    def filter_configs(self) -> dict[str, any_pb2.Any]:
+        """Per-filter configs for a route or weighted cluster (typed_per_filter_config)."""
+        configs: dict[str, any_pb2.Any] = {}
+        if self.rate_limit is not None:
+            configs[RATE_LIMIT_FILTER] = pack(local_rate_limit(self.stat_prefix, self.rate_limit))
+        if self.max_request_bytes is not None:
+            configs[BUFFER_FILTER] = pack(
+                buffer_pb2.BufferPerRoute(buffer=buffer_pb2.Buffer(max_request_bytes={"value": self.max_request_bytes}))
+            )
+        return configs
+
+
+def local_rate_limit(stat_prefix: str, policy: RateLimitPolicy) -> local_rate_limit_pb2.LocalRateLimit:
+    """A token bucket of ``burst`` tokens refilled with ``requests_per_second`` every second, enforced always."""
+    always = base_pb2.RuntimeFractionalPercent(
+        default_value=percent_pb2.FractionalPercent(numerator=100, denominator=percent_pb2.FractionalPercent.HUNDRED),
+        runtime_key="hydro.rate_limit.enabled",
+    )
+    enforced = base_pb2.RuntimeFractionalPercent()
+    enforced.CopyFrom(always)
+    enforced.runtime_key = "hydro.rate_limit.enforced"
+    return local_rate_limit_pb2.LocalRateLimit(
+        stat_prefix=stat_prefix,
+        token_bucket=token_bucket_pb2.TokenBucket(
+            max_tokens=policy.bucket_size,
+            tokens_per_fill={"value": policy.requests_per_second},
+            fill_interval=_seconds(1.0),
+        ),
+        filter_enabled=always,
+        filter_enforced=enforced,
+        # gRPC clients should back off (RESOURCE_EXHAUSTED), not fail over as they do on UNAVAILABLE.
+        rate_limited_as_resource_exhausted=True,
+    )
+
+
+@dataclass(frozen=True)
 class WeightedTarget:
-    """One cluster and its share of a route's traffic."""
+    """One cluster and its share of a route's traffic, with the request limits of its model version."""
 
     cluster: str
     weight: int
+    limits: RequestLimits | None = None
 
 
-def _retry_policy() -> route_components_pb2.RetryPolicy:
-    """Retry, on another host, what certainly never reached a model or was refused by a proxy in front of it."""
-    return route_components_pb2.RetryPolicy(
-        retry_on="connect-failure,refused-stream,reset,unavailable,gateway-error",
-        num_retries={"value": 2},
+@dataclass(frozen=True)
+class RoutePolicies:
+    """What lives on a route's action: the deadline of a call and how it is retried."""
+
+    timeout_ms: int = 60_000
+    retries: RetryPolicy | None = None
+
+
+def retry_policy(policy: RetryPolicy) -> route_components_pb2.RetryPolicy | None:
+    """Retry on another host than the ones already tried; None when retries are off."""
+    if policy.attempts == 0:
+        return None
+    retry = route_components_pb2.RetryPolicy()
+    retry.CopyFrom(_shared_retry_policy(policy.attempts, policy.per_try_timeout_ms, tuple(policy.retry_on)))
+    return retry
+
+
+# Thousands of routes share a handful of distinct policies: build each once (callers copy it, never mutate it).
+@functools.lru_cache(maxsize=256)
+def _shared_retry_policy(
+    attempts: int, per_try_timeout_ms: int | None, retry_on: tuple[str, ...]
+) -> route_components_pb2.RetryPolicy:
+    retry = route_components_pb2.RetryPolicy(
+        retry_on=",".join(retry_on),
+        num_retries={"value": attempts},
         retry_host_predicate=[
             route_components_pb2.RetryPolicy.RetryHostPredicate(
                 name="envoy.retry_host_predicates.previous_hosts",
@@ -213,24 +462,46 @@ def _retry_policy() -> route_components_pb2.RetryPolicy:
         ],
         host_selection_retry_max_attempts=3,
     )
+    if per_try_timeout_ms is not None:
+        retry.per_try_timeout.CopyFrom(_ms(per_try_timeout_ms))
+    return retry
 
 
-def _route_action(targets: Sequence[WeightedTarget], timeout: float) -> route_components_pb2.RouteAction:
-    action = route_components_pb2.RouteAction(timeout=_seconds(timeout), retry_policy=_retry_policy())
+_DEFAULT_ROUTE_POLICIES = RoutePolicies(retries=RetryPolicy())
+
+
+def _route_action(targets: Sequence[WeightedTarget], policies: RoutePolicies) -> route_components_pb2.RouteAction:
+    action = route_components_pb2.RouteAction(timeout=_ms(policies.timeout_ms))
+    retries = policies.retries
+    if retries is not None and retries.attempts > 0:
+        action.retry_policy.CopyFrom(
+            _shared_retry_policy(retries.attempts, retries.per_try_timeout_ms, tuple(retries.retry_on))
+        )
     # Sorted so that the same variants in another order give the same bytes, hence the same version.
     live = sorted((t for t in targets if t.weight > 0), key=lambda t: t.cluster)
     if len(live) == 1:
         action.cluster = live[0].cluster
     else:
-        action.weighted_clusters.CopyFrom(
-            route_components_pb2.WeightedCluster(
-                clusters=[
-                    route_components_pb2.WeightedCluster.ClusterWeight(name=t.cluster, weight={"value": t.weight})
-                    for t in live
-                ]
-            )
-        )
+        weights = []
+        for t in live:
+            weight = route_components_pb2.WeightedCluster.ClusterWeight(name=t.cluster, weight={"value": t.weight})
+            # Each variant keeps its own limits: the rate limit and body size filters read the chosen cluster's.
+            for filter_name, config in (t.limits.filter_configs() if t.limits else {}).items():
+                weight.typed_per_filter_config[filter_name].CopyFrom(config)
+            weights.append(weight)
+        action.weighted_clusters.CopyFrom(route_components_pb2.WeightedCluster(clusters=weights))
     return action
+
+
+def _route(
+    name: str, match: route_components_pb2.RouteMatch, targets: Sequence[WeightedTarget], policies: RoutePolicies
+) -> route_components_pb2.Route:
+    route = route_components_pb2.Route(name=name, match=match, route=_route_action(targets, policies))
+    live = [t for t in targets if t.weight > 0]
+    if len(live) == 1 and live[0].limits is not None:
+        for filter_name, config in live[0].limits.filter_configs().items():
+            route.typed_per_filter_config[filter_name].CopyFrom(config)
+    return route
 
 
 def _set_header(name: str, value: str) -> base_pb2.HeaderValueOption:
@@ -241,7 +512,7 @@ def _set_header(name: str, value: str) -> base_pb2.HeaderValueOption:
 
 
 def application_routes(
-    app: str, targets: Sequence[WeightedTarget], timeout: float = 60.0
+    app: str, targets: Sequence[WeightedTarget], policies: RoutePolicies = _DEFAULT_ROUTE_POLICIES
 ) -> list[route_components_pb2.Route]:
     """Routes for one application: gRPC chosen by the x-hydro-model header, REST by /v2/models/{app}."""
     grpc_match = route_components_pb2.RouteMatch(
@@ -253,23 +524,25 @@ def application_routes(
     rest_match = route_components_pb2.RouteMatch(path_separated_prefix=f"/v2/models/{app}")
     routes = []
     for kind, match in (("grpc", grpc_match), ("rest", rest_match)):
-        routes.append(
-            route_components_pb2.Route(
-                name=f"app|{app}|{kind}",
-                match=match,
-                route=_route_action(targets, timeout),
-                request_headers_to_add=[_set_header(APPLICATION_HEADER, app)],
-            )
-        )
+        route = _route(f"app|{app}|{kind}", match, targets, policies)
+        route.request_headers_to_add.append(_set_header(APPLICATION_HEADER, app))
+        routes.append(route)
     return routes
 
 
-def model_version_route(model: str, version: int, cluster: str, timeout: float = 60.0) -> route_components_pb2.Route:
+def model_version_route(
+    model: str,
+    version: int,
+    cluster: str,
+    policies: RoutePolicies = _DEFAULT_ROUTE_POLICIES,
+    limits: RequestLimits | None = None,
+) -> route_components_pb2.Route:
     """REST route that addresses one model version directly: /v2/models/{model}/versions/{n}."""
-    return route_components_pb2.Route(
-        name=f"model|{model}|{version}",
-        match=route_components_pb2.RouteMatch(path_separated_prefix=f"/v2/models/{model}/versions/{version}"),
-        route=_route_action([WeightedTarget(cluster, 100)], timeout),
+    return _route(
+        f"model|{model}|{version}",
+        route_components_pb2.RouteMatch(path_separated_prefix=f"/v2/models/{model}/versions/{version}"),
+        [WeightedTarget(cluster, 100, limits)],
+        policies,
     )
 
 

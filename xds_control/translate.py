@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from envoy.config.core.v3 import base_pb2
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from protos.topology import Policies, RetryPolicy
 from xds_control import resources as r
 from xds_control.snapshot import Snapshot
 from xds_control.topology import Topology
@@ -54,6 +55,56 @@ class NodeInfo:
         return int(str(value).split(".")[0])
 
 
+def policies_of(topology: Topology, model: str, version: int) -> Policies:
+    """The deployment's policies; the defaults for a version an application names but nobody deployed."""
+    deployment = topology.deployments.get((model, version))
+    return deployment.policies if deployment is not None else Policies()
+
+
+def cluster_policies(policies: Policies) -> r.ClusterPolicies:
+    """The policies that belong on the model version's ingress cluster."""
+    return r.ClusterPolicies(
+        circuit_breaker=policies.circuit_breaker,
+        retry_budget_percent=policies.retries.budget_percent,
+        outlier_detection=policies.outlier_detection,
+        health_check=policies.health_check,
+    )
+
+
+def request_limits(model: str, version: int, policies: Policies) -> r.RequestLimits | None:
+    """The rate limit and body size limit of one model version, None when it has neither."""
+    if policies.rate_limit is None and policies.max_request_bytes is None:
+        return None
+    # Dots would split the stat name into more segments.
+    stat_prefix = f"model_{model}_{version}".replace(".", "_")
+    return r.RequestLimits(stat_prefix, policies.rate_limit, policies.max_request_bytes)
+
+
+def route_policies(policies: Sequence[Policies]) -> r.RoutePolicies:
+    """Route-level policies for a route to one or several model versions (an application's weighted variants).
+
+    One route has one timeout and one retry policy, so variants' policies are merged towards the most permissive:
+    the longest timeout and per-try timeout, the most attempts, every retry condition. A canary with a stricter
+    policy than its main variant therefore gets the main variant's deadline, never a shorter one.
+    """
+    if not policies:
+        policies = [Policies()]
+    timeout = max(p.timeout_ms for p in policies)
+    retrying = [p.retries for p in policies if p.retries.attempts > 0]
+    if not retrying:
+        return r.RoutePolicies(timeout_ms=timeout, retries=None)
+    if len(retrying) == 1:
+        return r.RoutePolicies(timeout_ms=timeout, retries=retrying[0])
+    per_try = [p.per_try_timeout_ms for p in retrying]
+    retry_on = list(dict.fromkeys(c for p in retrying for c in p.retry_on))
+    merged = RetryPolicy(
+        attempts=max(p.attempts for p in retrying),
+        per_try_timeout_ms=None if None in per_try else max(t for t in per_try if t is not None),
+        retry_on=retry_on,
+    )
+    return r.RoutePolicies(timeout_ms=timeout, retries=merged)
+
+
 def ingress_snapshot(topology: Topology, node: NodeInfo) -> Snapshot:
     """Every application and deployed model version, routed to their sidecars."""
     served = set(topology.deployments)
@@ -64,7 +115,7 @@ def ingress_snapshot(topology: Topology, node: NodeInfo) -> Snapshot:
     endpoints: list[tuple[str, Message]] = []
     for model, version in sorted(served):
         name = cluster_name(model, version)
-        clusters.append((name, r.eds_cluster(name)))
+        clusters.append((name, r.eds_cluster(name, policies=cluster_policies(policies_of(topology, model, version)))))
         endpoints.append((name, r.load_assignment(name, topology.ready_endpoints(model, version))))
 
     routes = [
@@ -72,11 +123,30 @@ def ingress_snapshot(topology: Topology, node: NodeInfo) -> Snapshot:
         r.exact_direct_route("ready", "/v2/health/ready", 200, "ready"),
     ]
     for model, version in sorted(topology.deployments):
-        routes.append(r.model_version_route(model, version, cluster_name(model, version)))
+        policies = policies_of(topology, model, version)
+        routes.append(
+            r.model_version_route(
+                model,
+                version,
+                cluster_name(model, version),
+                route_policies([policies]),
+                request_limits(model, version, policies),
+            )
+        )
     for name in sorted(topology.applications):
         first_stage = topology.applications[name].stages[0]
-        targets = [r.WeightedTarget(cluster_name(v.model, v.version), v.weight) for v in first_stage.variants]
-        routes.extend(r.application_routes(name, targets))
+        targets = []
+        live_policies = []
+        for v in first_stage.variants:
+            policies = policies_of(topology, v.model, v.version)
+            targets.append(
+                r.WeightedTarget(
+                    cluster_name(v.model, v.version), v.weight, request_limits(v.model, v.version, policies)
+                )
+            )
+            if v.weight > 0:
+                live_policies.append(policies)
+        routes.extend(r.application_routes(name, targets, route_policies(live_policies)))
     routes.append(r.direct_route("no-grpc-route", r.GRPC_SERVICE_PREFIX, 404, NO_ROUTE_GRPC))
     routes.append(r.direct_route("no-route", "/", 404, NO_ROUTE_REST))
     route_config = r.route_configuration(INGRESS_ROUTES, routes)
@@ -86,6 +156,7 @@ def ingress_snapshot(topology: Topology, node: NodeInfo) -> Snapshot:
         node.text("listen_address", "0.0.0.0"),
         node.port("listen_port"),
         rds_name=INGRESS_ROUTES,
+        policy_filters=True,
     )
     return Snapshot.build(
         {
@@ -105,7 +176,11 @@ def sidecar_snapshot(node: NodeInfo) -> Snapshot:
     runtime_host = node.text("runtime_address", "127.0.0.1")
     served_by = f"{node.text('model')}:{node.text('version')}/{node.text('instance')}"
     route_config = r.route_configuration(
-        "inbound", r.grpc_or_http_routes(LOCAL_GRPC, LOCAL_HTTP), {r.SERVED_BY_HEADER: served_by}
+        "inbound",
+        # No deadline of its own: the caller (the ingress route, from the deployment's timeout_ms) owns it, and a
+        # shorter fixed one here would cut off calls the deployment allows.
+        r.grpc_or_http_routes(LOCAL_GRPC, LOCAL_HTTP, timeout=0),
+        {r.SERVED_BY_HEADER: served_by},
     )
     listener = r.http_listener(
         SIDECAR_LISTENER,

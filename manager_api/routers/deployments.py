@@ -21,10 +21,10 @@ async def _view(store: TopologyStore, deployment: Deployment) -> DeploymentView:
 
 @router.put("/{model}/{version}", response_model=DeploymentView)
 async def put_deployment(model: ModelName, version: int, spec: DeploymentSpec, store: Store) -> DeploymentView:
-    """Create or scale the deployment of a registered model version."""
+    """Create or scale the deployment of a registered model version, and set its traffic policies."""
     if await store.get_model_version(model, version) is None:
         raise not_found(f"model version {model}:{version}")
-    deployment = await store.put_deployment(model, version, spec.replicas)
+    deployment = await store.put_deployment(model, version, spec.replicas, spec.policies)
     return await _view(store, deployment)
 
 
