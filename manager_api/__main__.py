@@ -12,6 +12,9 @@ from manager_api.app import create_app
 from manager_api.settings import Settings
 from protos.topology import DEFAULT_PREFIX
 
+#: The --xds-api choices as Envoy's ads_config.api_type.
+ADS_API_TYPE = {"sotw": "GRPC", "delta": "DELTA_GRPC"}
+
 
 def _host_port(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
@@ -29,6 +32,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=8081)
     parser.add_argument("--deployer", choices=("none", "process"), default="none", help="who runs replicas")
     parser.add_argument("--xds", type=_host_port, default=("127.0.0.1", 18000), help="xds_control HOST:PORT")
+    parser.add_argument(
+        "--xds-api", choices=("sotw", "delta"), default="sotw", help="ADS flavour the sidecars speak to xds_control"
+    )
     parser.add_argument("--max-upload-mb", type=int, default=2048)
     parser.add_argument("--log-level", default="info")
     return parser.parse_args(argv)
@@ -45,6 +51,7 @@ def main(argv: list[str] | None = None) -> None:
         deployer=args.deployer,
         xds_host=args.xds[0],
         xds_port=args.xds[1],
+        ads_api_type=ADS_API_TYPE[args.xds_api],
         max_upload_bytes=args.max_upload_mb * 1024 * 1024,
     )
     # Replicas are children of this process: uvicorn's graceful shutdown runs the lifespan, which stops them.

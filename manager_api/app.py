@@ -61,6 +61,7 @@ def create_app(settings: Settings) -> FastAPI:
                 xds_port=settings.xds_port,
                 workdir=settings.data_dir / "replicas",
                 drain_seconds=settings.drain_seconds,
+                ads_api_type=settings.ads_api_type,
             )
             await deployer.start()
         app.state.deployer = deployer

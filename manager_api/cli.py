@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import logging
 from pathlib import Path
 from typing import Annotated
@@ -13,6 +14,11 @@ from manager_api.stack import Stack, StackConfig, run_until_signalled
 
 app = typer.Typer(help="Hydro Serving: a machine-learning serving mesh.", no_args_is_help=True)
 console = Console()
+
+
+class XdsApi(enum.StrEnum):
+    sotw = "sotw"
+    delta = "delta"
 
 
 @app.callback()
@@ -30,6 +36,9 @@ def up(
     xds_port: Annotated[int, typer.Option(help="xDS (ADS) port; 0 = any free port.")] = 18000,
     xds_metrics_port: Annotated[int, typer.Option(help="xds_control /metrics port; 0 = any free port.")] = 18001,
     etcd_port: Annotated[int, typer.Option(help="etcd client port; 0 = any free port.")] = 2379,
+    xds_api: Annotated[
+        XdsApi, typer.Option(help="ADS flavour of every Envoy: state of the world or delta (incremental).")
+    ] = XdsApi.sotw,
 ) -> None:
     """Start etcd, xds_control, manager_api and the ingress Envoy on this machine; Ctrl-C stops them all."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -42,6 +51,7 @@ def up(
             xds_port=xds_port,
             xds_metrics_port=xds_metrics_port,
             etcd_port=etcd_port,
+            xds_api=xds_api.value,
         )
     )
 
@@ -50,7 +60,7 @@ def up(
         console.print(f"  ingress (REST + gRPC): {stack.ingress_url}")
         console.print(f"  manager API:           {stack.api_url}/api/v1")
         console.print(f"  API docs:              {stack.api_url}/docs")
-        console.print(f"  xDS:                   127.0.0.1:{stack.xds_port}")
+        console.print(f"  xDS:                   127.0.0.1:{stack.xds_port} ({stack.config.xds_api})")
         console.print(f"  xDS metrics:           http://127.0.0.1:{stack.xds_metrics_port}/metrics")
         console.print(f"  etcd:                  {stack.etcd.endpoint}")
         if demo:

@@ -23,6 +23,8 @@ class Settings:
     deployer: DeployerKind = "none"
     xds_host: str = "127.0.0.1"
     xds_port: int = 18000
+    #: ADS flavour of the sidecars' bootstraps: GRPC (state of the world) or DELTA_GRPC.
+    ads_api_type: str = "GRPC"
     node: str = field(default_factory=lambda: socket.gethostname().lower().replace("_", "-"))
     max_upload_bytes: int = 2 * 1024**3
     drain_seconds: float = 1.0

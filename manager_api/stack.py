@@ -33,6 +33,8 @@ class StackConfig:
     ingress_port: int = 8080
     api_port: int = 8081
     xds_port: int = 18000
+    #: ADS flavour every Envoy speaks: "sotw" (state of the world) or "delta".
+    xds_api: str = "sotw"
     xds_metrics_port: int = 18001
     etcd_port: int = 2379
     prefix: str = "/hydro/"
@@ -116,6 +118,8 @@ class Stack:
                 "process",
                 "--xds",
                 f"127.0.0.1:{self.xds_port}",
+                "--xds-api",
+                self.config.xds_api,
             ],
             log_path=self.logs / "manager_api.log",
         )
@@ -129,6 +133,7 @@ class Stack:
             admin_port=admin_port,
             xds_host="127.0.0.1",
             xds_port=self.xds_port,
+            ads_api_type="DELTA_GRPC" if self.config.xds_api == "delta" else "GRPC",
         )
         ingress = envoy_process("ingress", bootstrap, self.logs, admin_port)
         self._run(ingress, lambda: envoy_ready(admin_port))

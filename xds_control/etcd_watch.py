@@ -17,7 +17,7 @@ from collections.abc import Callable
 import aetcd
 
 from protos.topology import Keys
-from xds_control.topology import Topology
+from xds_control.topology import Topology, TopologyRecords
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class EtcdTopologyWatch:
         self._consumer = consumer
         self._quiet = quiet
         self._max_delay = max_delay
-        self._kvs: dict[str, bytes] = {}
+        self._records = TopologyRecords(keys)
         self._revision = 0
 
     async def run(self) -> None:
@@ -58,12 +58,14 @@ class EtcdTopologyWatch:
 
     async def _load(self) -> None:
         result = await self._client.get_prefix(self._keys.prefix.encode())
-        self._kvs = {kv.key.decode(): kv.value for kv in result.kvs}
+        self._records.clear()
+        for kv in result.kvs:
+            self._records.put(kv.key.decode(), kv.value)
         self._revision = result.header.revision
         self._publish()
 
     def _publish(self, observed_at: float = 0.0) -> None:
-        self._consumer(Topology.from_kvs(self._keys, self._kvs, self._revision, observed_at))
+        self._consumer(self._records.topology(self._revision, observed_at))
 
     async def _follow(self) -> None:
         events: asyncio.Queue[aetcd.Event] = asyncio.Queue()
@@ -112,7 +114,7 @@ class EtcdTopologyWatch:
     def _apply(self, event: aetcd.Event) -> None:
         key = event.kv.key.decode()
         if event.kind == aetcd.EventKind.PUT:
-            self._kvs[key] = event.kv.value
+            self._records.put(key, event.kv.value)
         else:
-            self._kvs.pop(key, None)
+            self._records.delete(key)
         self._revision = max(self._revision, event.kv.mod_revision)

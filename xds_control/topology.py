@@ -30,36 +30,64 @@ class Topology:
     @classmethod
     def from_kvs(cls, keys: Keys, kvs: Mapping[str, bytes], revision: int, observed_at: float = 0.0) -> Topology:
         """Parse every key under the prefix; a value that does not parse is logged and skipped, never fatal."""
-        models: dict[ModelKey, ModelVersion] = {}
-        deployments: dict[ModelKey, Deployment] = {}
-        applications: dict[str, Application] = {}
-        instances: dict[ModelKey, list[Instance]] = {}
+        records = TopologyRecords(keys)
         for key, value in kvs.items():
-            kind = keys.kind_of(key)
-            try:
-                if kind == "models":
-                    model = ModelVersion.model_validate_json(value)
-                    models[(model.name, model.version)] = model
-                elif kind == "deployments":
-                    deployment = Deployment.model_validate_json(value)
-                    deployments[(deployment.model, deployment.version)] = deployment
-                elif kind == "applications":
-                    app = Application.model_validate_json(value)
-                    applications[app.name] = app
-                elif kind == "instances":
-                    instance = Instance.model_validate_json(value)
-                    instances.setdefault((instance.model, instance.version), []).append(instance)
-            except ValidationError as exc:
-                log.error("ignoring %s: not a valid record: %s", key, exc.errors()[:1])
-        return cls(
-            revision=revision,
-            models=models,
-            deployments=deployments,
-            applications=applications,
-            instances={k: tuple(sorted(v, key=lambda i: i.id)) for k, v in instances.items()},
-            observed_at=observed_at,
-        )
+            records.put(key, value)
+        return records.topology(revision, observed_at)
 
     def ready_endpoints(self, model: str, version: int) -> list[tuple[str, int]]:
         """Addresses of the sidecars of the ready instances of one model version."""
         return [(i.address, i.port) for i in self.instances.get((model, version), ()) if i.state == "ready"]
+
+
+class TopologyRecords:
+    """Parsed records by etcd key, updated one event at a time.
+
+    Parsing is the costly part of reading the state (pydantic validation of every value); keeping the parsed
+    records means a change to one key costs one parse, and a Topology is assembled from them without any.
+    """
+
+    def __init__(self, keys: Keys) -> None:
+        self._keys = keys
+        self._models: dict[str, ModelVersion] = {}
+        self._deployments: dict[str, Deployment] = {}
+        self._applications: dict[str, Application] = {}
+        self._instances: dict[str, Instance] = {}
+
+    def clear(self) -> None:
+        for records in (self._models, self._deployments, self._applications, self._instances):
+            records.clear()
+
+    def put(self, key: str, value: bytes) -> None:
+        """Parse and keep one value; an invalid one is logged and removes what the key held."""
+        self.delete(key)
+        kind = self._keys.kind_of(key)
+        try:
+            if kind == "models":
+                self._models[key] = ModelVersion.model_validate_json(value)
+            elif kind == "deployments":
+                self._deployments[key] = Deployment.model_validate_json(value)
+            elif kind == "applications":
+                self._applications[key] = Application.model_validate_json(value)
+            elif kind == "instances":
+                self._instances[key] = Instance.model_validate_json(value)
+        except ValidationError as exc:
+            log.error("ignoring %s: not a valid record: %s", key, exc.errors()[:1])
+
+    def delete(self, key: str) -> None:
+        for records in (self._models, self._deployments, self._applications, self._instances):
+            records.pop(key, None)
+
+    def topology(self, revision: int, observed_at: float = 0.0) -> Topology:
+        """The records as one Topology (no parsing: only the indexes are built)."""
+        instances: dict[ModelKey, list[Instance]] = {}
+        for instance in self._instances.values():
+            instances.setdefault((instance.model, instance.version), []).append(instance)
+        return Topology(
+            revision=revision,
+            models={(m.name, m.version): m for m in self._models.values()},
+            deployments={(d.model, d.version): d for d in self._deployments.values()},
+            applications={a.name: a for a in self._applications.values()},
+            instances={k: tuple(sorted(v, key=lambda i: i.id)) for k, v in instances.items()},
+            observed_at=observed_at,
+        )

@@ -54,6 +54,7 @@ class ProcessDeployer:
         workdir: Any,
         resync_interval: float = 0.5,
         drain_seconds: float = 1.0,
+        ads_api_type: str = "GRPC",
     ) -> None:
         self._desired = desired
         self._folders = folders
@@ -63,6 +64,7 @@ class ProcessDeployer:
         self._workdir = workdir
         self._resync_interval = resync_interval
         self._drain_seconds = drain_seconds
+        self._ads_api_type = ads_api_type
         self.replicas: dict[ModelKey, list[Replica]] = {}
         self._starting: set[asyncio.Task[None]] = set()
         self._stopping: set[asyncio.Task[None]] = set()
@@ -151,6 +153,7 @@ class ProcessDeployer:
             xds_port=self._xds[1],
             workdir=self._workdir,
             drain_seconds=self._drain_seconds,
+            ads_api_type=self._ads_api_type,
         )
 
     def _launch(self, replica: Replica) -> None:

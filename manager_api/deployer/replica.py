@@ -47,6 +47,7 @@ class ReplicaConfig:
     host: str = "127.0.0.1"
     ready_timeout: float = 60.0
     drain_seconds: float = 1.0
+    ads_api_type: str = "GRPC"
 
 
 class Replica:
@@ -124,6 +125,7 @@ class Replica:
             admin_port=admin_port,
             xds_host=cfg.xds_host,
             xds_port=cfg.xds_port,
+            ads_api_type=cfg.ads_api_type,
         )
         self.sidecar = envoy_process("sidecar", bootstrap, workdir, admin_port).start()
         ready_url = f"http://{host}:{self.inbound_port}/v2/health/ready"

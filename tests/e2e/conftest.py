@@ -29,7 +29,9 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+def mesh(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    """`hydro up`; parametrize indirectly with "sotw" or "delta" to choose the ADS flavour (default sotw)."""
+    xds_api = getattr(request, "param", "sotw")
     data_dir = tmp_path_factory.mktemp("hydro")
     ports = {name: free_port() for name in ("ingress", "api", "xds", "metrics", "etcd")}
     process = ChildProcess(
@@ -51,6 +53,8 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
             str(ports["etcd"]),
             "--xds-metrics-port",
             str(ports["metrics"]),
+            "--xds-api",
+            xds_api,
         ],
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
         log_path=data_dir / "hydro-up.log",

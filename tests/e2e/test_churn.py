@@ -1,8 +1,9 @@
 """Churn under steady load: nothing the operator does may fail a request.
 
-For 60 s, REST and gRPC clients call the application through the ingress while the weights shift from version
-1 to version 2 in 10 steps, version 1 scales 1 -> 3 -> 1, version 2 rolls in and version 1 is removed, and
-xds_control is killed once (the supervisor restarts it). Every request must succeed.
+Run once with every Envoy on state-of-the-world ADS and once on delta ADS. For 60 s, REST and gRPC clients call
+the application through the ingress while the weights shift from version 1 to version 2 in 10 steps, version 1
+scales 1 -> 3 -> 1, version 2 rolls in and version 1 is removed, and xds_control is killed once (the supervisor
+restarts it). Every request must succeed.
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ def _pids(pattern: str) -> list[int]:
     return [int(pid) for pid in found if int(pid) != os.getpid()]
 
 
+@pytest.mark.parametrize("mesh", ["sotw", "delta"], indirect=True)
 def test_churn_under_load_fails_no_request(mesh: Mesh, model_dir: Path) -> None:
     assert mesh.api.push_model("iris", model_dir)["version"] == 1
     assert mesh.api.push_model("iris", model_dir)["version"] == 2
