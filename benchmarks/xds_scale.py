@@ -278,12 +278,30 @@ def measure(size: int, work: Path, samples: int, changes: int, log: Callable[[st
                 f"ACKed in {figures[f'endpoint_change_ms_{mode}_{size}']:.0f} ms"
             )
             if mode == "sotw":
+                converged = plane.metric("hydro_xds_convergence_seconds_count")
+                converged_s = plane.metric("hydro_xds_convergence_seconds_sum")
+                builds = plane.metric("hydro_xds_snapshot_build_seconds_count")
+                builds_s = plane.metric("hydro_xds_snapshot_build_seconds_sum")
                 delays = propagation_ms(plane, etcd, samples, size)
+                figures[f"convergence_mean_ms_{size}"] = round(
+                    (plane.metric("hydro_xds_convergence_seconds_sum") - converged_s)
+                    * 1000
+                    / max(1.0, plane.metric("hydro_xds_convergence_seconds_count") - converged),
+                    1,
+                )
+                figures[f"push_build_mean_ms_{size}"] = round(
+                    (plane.metric("hydro_xds_snapshot_build_seconds_sum") - builds_s)
+                    * 1000
+                    / max(1.0, plane.metric("hydro_xds_snapshot_build_seconds_count") - builds),
+                    1,
+                )
                 figures[f"propagation_p50_ms_{size}"] = round(percentile(delays, 0.5), 1)
                 figures[f"propagation_p99_ms_{size}"] = round(percentile(delays, 0.99), 1)
                 log(
                     f"N={size}: propagation etcd write -> ingress routes it: "
-                    f"p50 {figures[f'propagation_p50_ms_{size}']} ms, p99 {figures[f'propagation_p99_ms_{size}']} ms"
+                    f"p50 {figures[f'propagation_p50_ms_{size}']} ms, p99 {figures[f'propagation_p99_ms_{size}']} ms "
+                    f"(xds_control: rebuild {figures[f'push_build_mean_ms_{size}']} ms, "
+                    f"first etcd event to ACK {figures[f'convergence_mean_ms_{size}']} ms, means)"
                 )
             plane.stop()
     finally:

@@ -19,6 +19,7 @@ from manager_api.schemas import Health
 from manager_api.settings import Settings
 from manager_api.store import TopologyStore
 from protos.topology import Keys
+from xds_control.etcd_watch import ETCD_CLIENT_OPTIONS
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = aetcd.Client(host=settings.etcd_host, port=settings.etcd_port)
+        client = aetcd.Client(host=settings.etcd_host, port=settings.etcd_port, options=ETCD_CLIENT_OPTIONS)
         await client.connect()
         keys = Keys(settings.prefix)
         store = TopologyStore(client, keys)

@@ -15,7 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from protos.topology import DEFAULT_PREFIX, Keys
 from xds_control.controller import Controller
 from xds_control.convergence import ConvergenceTracker
-from xds_control.etcd_watch import EtcdTopologyWatch
+from xds_control.etcd_watch import ETCD_CLIENT_OPTIONS, EtcdTopologyWatch
 from xds_control.metrics import MetricsCallbacks, XdsMetrics
 from xds_control.observers import FanOutCallbacks, ObservedNodes
 from xds_control.server import AdsServer
@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 async def serve(args: argparse.Namespace) -> None:
     """Run the ADS server and the etcd watch until SIGTERM or SIGINT."""
     host, _, port = args.etcd.rpartition(":")
-    client = aetcd.Client(host=host or "127.0.0.1", port=int(port))
+    client = aetcd.Client(host=host or "127.0.0.1", port=int(port), options=ETCD_CLIENT_OPTIONS)
     await client.connect()
     cache = SnapshotCache()
     keys = Keys(args.prefix)

@@ -11,6 +11,7 @@ import time
 
 from envoy.config.core.v3 import base_pb2
 
+from xds_control.build_cache import BuildCache
 from xds_control.convergence import ConvergenceTracker
 from xds_control.metrics import XdsMetrics
 from xds_control.snapshot import InconsistentSnapshot, Snapshot, SnapshotCache
@@ -32,6 +33,8 @@ class Controller:
         self.cache = cache
         self._metrics = metrics
         self._convergence = convergence
+        # One cache per node: sweeping after a build must not drop what another node's build still uses.
+        self._build_caches: dict[str, BuildCache] = {}
         self.topology = Topology()
         self.topology_loaded = False
         self._nodes: dict[str, NodeInfo] = {}
@@ -52,6 +55,7 @@ class Controller:
         self._streams.pop(node_id, None)
         self._nodes.pop(node_id, None)
         self.cache.clear(node_id)
+        self._build_caches.pop(node_id, None)
 
     def apply(self, topology: Topology) -> None:
         """Rebuild every connected node's snapshot from ``topology`` (one consistent etcd cut)."""
@@ -74,7 +78,7 @@ class Controller:
 
     def _rebuild(self, info: NodeInfo) -> Snapshot | None:
         try:
-            snapshot = snapshot_for(self.topology, info)
+            snapshot = snapshot_for(self.topology, info, self._build_caches.setdefault(info.node_id, BuildCache()))
         except (ValueError, InconsistentSnapshot) as exc:
             # Keep the node on its last good snapshot; a broken topology must not reach any proxy.
             log.error("not updating %s at revision %d: %s", info.node_id, self.topology.revision, exc)

@@ -15,11 +15,18 @@ import time
 from collections.abc import Callable
 
 import aetcd
+from aetcd import rpc
+from aetcd.utils import prefix_range_end
 
 from protos.topology import Keys
 from xds_control.topology import Topology, TopologyRecords
 
 log = logging.getLogger(__name__)
+
+#: Keys per range request when reading the whole state.
+READ_PAGE = 2000
+#: gRPC options of etcd clients: a watch response carrying a big transaction can pass the 4 MiB default.
+ETCD_CLIENT_OPTIONS = {"grpc.max_receive_message_length": 256 * 1024 * 1024}
 
 
 class EtcdTopologyWatch:
@@ -57,11 +64,22 @@ class EtcdTopologyWatch:
                 backoff = min(backoff * 2, 5.0)
 
     async def _load(self) -> None:
-        result = await self._client.get_prefix(self._keys.prefix.encode())
+        # Paged at one revision: a single range of 10,000 deployments is ~15 MB, past gRPC's message limits,
+        # and pages read at the first page's revision still form one consistent cut.
+        prefix = self._keys.prefix.encode()
+        end = prefix_range_end(prefix)
+        start, revision = prefix, 0
         self._records.clear()
-        for kv in result.kvs:
-            self._records.put(kv.key.decode(), kv.value)
-        self._revision = result.header.revision
+        while True:
+            request = rpc.RangeRequest(key=start, range_end=end, limit=READ_PAGE, revision=revision)
+            response = await self._client.kvstub.Range(request, timeout=60)
+            revision = revision or response.header.revision
+            for kv in response.kvs:
+                self._records.put(kv.key.decode(), kv.value)
+            if not response.more or not response.kvs:
+                break
+            start = response.kvs[-1].key + b"\0"
+        self._revision = revision
         self._publish()
 
     def _publish(self, observed_at: float = 0.0) -> None:

@@ -38,6 +38,11 @@ def resource_version(any_bytes: bytes) -> str:
     return hashlib.sha256(any_bytes).hexdigest()[:16]
 
 
+def serialize(message: Message) -> bytes:
+    """The deterministic bytes of ``message`` packed in an ``Any``: how every resource goes on the wire."""
+    return resources.pack(message).SerializeToString(deterministic=True)
+
+
 class InconsistentSnapshot(ValueError):
     """A snapshot names something it does not contain; publishing it would break a proxy."""
 
@@ -60,18 +65,21 @@ class Snapshot:
     @classmethod
     def build(
         cls,
-        messages: Mapping[str, Iterable[tuple[str, Message]]],
+        messages: Mapping[str, Iterable[tuple[str, Message | bytes]]],
         *,
         eds_clusters: Iterable[str] = (),
         listener_clusters: Iterable[str] = (),
         route_clusters: Iterable[str] = (),
         rds_names: Iterable[str] = (),
     ) -> Snapshot:
-        """Serialize each message once and check that every name referenced is present."""
+        """Serialize each message once and check that every name referenced is present.
+
+        A resource given as bytes is already a serialized ``Any`` (see ``serialize``) and is taken as is.
+        """
         by_type: dict[str, dict[str, bytes]] = {type_url: {} for type_url in resources.PUSH_ORDER}
         for type_url, named in messages.items():
             for name, message in named:
-                by_type[type_url][name] = resources.pack(message).SerializeToString(deterministic=True)
+                by_type[type_url][name] = message if isinstance(message, bytes) else serialize(message)
         snapshot = cls(
             by_type=by_type,
             eds_clusters=frozenset(eds_clusters),

@@ -6,12 +6,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from envoy.config.core.v3 import base_pb2
+from envoy.config.route.v3 import route_components_pb2
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from protos.topology import Policies, RetryPolicy
 from xds_control import resources as r
-from xds_control.snapshot import Snapshot
+from xds_control.build_cache import BuildCache
+from xds_control.snapshot import Snapshot, serialize
 from xds_control.topology import Topology
 
 INGRESS_LISTENER = "ingress"
@@ -105,48 +107,43 @@ def route_policies(policies: Sequence[Policies]) -> r.RoutePolicies:
     return r.RoutePolicies(timeout_ms=timeout, retries=merged)
 
 
-def ingress_snapshot(topology: Topology, node: NodeInfo) -> Snapshot:
-    """Every application and deployed model version, routed to their sidecars."""
+def ingress_snapshot(topology: Topology, node: NodeInfo, cache: BuildCache | None = None) -> Snapshot:
+    """Every application and deployed model version, routed to their sidecars.
+
+    With a ``cache``, resources whose input records are the same objects as last time are reused, not rebuilt.
+    """
+    cache = cache if cache is not None else BuildCache()
     served = set(topology.deployments)
     for app in topology.applications.values():
         served.update((v.model, v.version) for stage in app.stages for v in stage.variants)
 
-    clusters: list[tuple[str, Message]] = []
-    endpoints: list[tuple[str, Message]] = []
+    clusters: list[tuple[str, Message | bytes]] = []
+    endpoints: list[tuple[str, Message | bytes]] = []
     for model, version in sorted(served):
         name = cluster_name(model, version)
-        clusters.append((name, r.eds_cluster(name, policies=cluster_policies(policies_of(topology, model, version)))))
-        endpoints.append((name, r.load_assignment(name, topology.ready_endpoints(model, version))))
+        deployment = topology.deployments.get((model, version))
+        policies = policies_of(topology, model, version)
+        cluster = cache.get(("cluster", name), (deployment,), _cluster_bytes, name, policies)
+        clusters.append((name, cluster))
+        instances = topology.instances.get((model, version), ())
+        ready = topology.ready_endpoints(model, version)
+        assignment = cache.get(("endpoints", name), instances, _endpoints_bytes, name, ready)
+        endpoints.append((name, assignment))
 
     routes = [
         r.exact_direct_route("live", "/v2/health/live", 200, "live"),
         r.exact_direct_route("ready", "/v2/health/ready", 200, "ready"),
     ]
     for model, version in sorted(topology.deployments):
-        policies = policies_of(topology, model, version)
-        routes.append(
-            r.model_version_route(
-                model,
-                version,
-                cluster_name(model, version),
-                route_policies([policies]),
-                request_limits(model, version, policies),
-            )
-        )
+        deployment = topology.deployments[(model, version)]
+        key = ("model-route", model, version)
+        routes.append(cache.get(key, (deployment,), _model_version_route, model, version, deployment.policies))
     for name in sorted(topology.applications):
-        first_stage = topology.applications[name].stages[0]
-        targets = []
-        live_policies = []
-        for v in first_stage.variants:
-            policies = policies_of(topology, v.model, v.version)
-            targets.append(
-                r.WeightedTarget(
-                    cluster_name(v.model, v.version), v.weight, request_limits(v.model, v.version, policies)
-                )
-            )
-            if v.weight > 0:
-                live_policies.append(policies)
-        routes.extend(r.application_routes(name, targets, route_policies(live_policies)))
+        app = topology.applications[name]
+        variants = app.stages[0].variants
+        inputs = (app, *(topology.deployments.get((v.model, v.version)) for v in variants))
+        routes.extend(cache.get(("app-routes", name), inputs, _application_routes, topology, name))
+    cache.sweep()
     routes.append(r.direct_route("no-grpc-route", r.GRPC_SERVICE_PREFIX, 404, NO_ROUTE_GRPC))
     routes.append(r.direct_route("no-route", "/", 404, NO_ROUTE_REST))
     route_config = r.route_configuration(INGRESS_ROUTES, routes)
@@ -169,6 +166,38 @@ def ingress_snapshot(topology: Topology, node: NodeInfo) -> Snapshot:
         route_clusters=r.clusters_named_by(route_config),
         rds_names=[INGRESS_ROUTES],
     )
+
+
+def _cluster_bytes(name: str, policies: Policies) -> bytes:
+    return serialize(r.eds_cluster(name, policies=cluster_policies(policies)))
+
+
+def _endpoints_bytes(name: str, ready: Sequence[tuple[str, int]]) -> bytes:
+    return serialize(r.load_assignment(name, ready))
+
+
+def _model_version_route(model: str, version: int, policies: Policies) -> route_components_pb2.Route:
+    return r.model_version_route(
+        model,
+        version,
+        cluster_name(model, version),
+        route_policies([policies]),
+        request_limits(model, version, policies),
+    )
+
+
+def _application_routes(topology: Topology, name: str) -> list[route_components_pb2.Route]:
+    first_stage = topology.applications[name].stages[0]
+    targets = []
+    live_policies = []
+    for v in first_stage.variants:
+        policies = policies_of(topology, v.model, v.version)
+        targets.append(
+            r.WeightedTarget(cluster_name(v.model, v.version), v.weight, request_limits(v.model, v.version, policies))
+        )
+        if v.weight > 0:
+            live_policies.append(policies)
+    return list(r.application_routes(name, targets, route_policies(live_policies)))
 
 
 def sidecar_snapshot(node: NodeInfo) -> Snapshot:
@@ -206,10 +235,10 @@ def sidecar_snapshot(node: NodeInfo) -> Snapshot:
     )
 
 
-def snapshot_for(topology: Topology, node: NodeInfo) -> Snapshot:
+def snapshot_for(topology: Topology, node: NodeInfo, cache: BuildCache | None = None) -> Snapshot:
     """The snapshot a node of any role should have; ValueError for a node we cannot serve."""
     if node.role == "ingress":
-        return ingress_snapshot(topology, node)
+        return ingress_snapshot(topology, node, cache)
     if node.role == "sidecar":
         return sidecar_snapshot(node)
     raise ValueError(f"node {node.node_id} has unknown role {node.role!r} (expected ingress or sidecar)")
