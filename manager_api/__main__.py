@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 from pathlib import Path
 
@@ -36,12 +37,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--xds-api", choices=("sotw", "delta"), default="sotw", help="ADS flavour the sidecars speak to xds_control"
     )
     parser.add_argument("--max-upload-mb", type=int, default=2048)
+    parser.add_argument(
+        "--tokens", type=Path, default=None, help="bearer tokens file (required unless --host is a loopback address)"
+    )
     parser.add_argument("--log-level", default="info")
     return parser.parse_args(argv)
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.tokens is None and not _is_loopback(args.host):
+        raise SystemExit(f"refusing to serve on {args.host} without --tokens: anyone could change the mesh")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = Settings(
         etcd_host=args.etcd[0],
@@ -53,6 +66,7 @@ def main(argv: list[str] | None = None) -> None:
         xds_port=args.xds[1],
         ads_api_type=ADS_API_TYPE[args.xds_api],
         max_upload_bytes=args.max_upload_mb * 1024 * 1024,
+        tokens_file=args.tokens,
     )
     # Replicas are children of this process: uvicorn's graceful shutdown runs the lifespan, which stops them.
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level.lower())

@@ -7,9 +7,10 @@ import logging
 from collections.abc import AsyncIterator
 
 import aetcd
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, Depends, FastAPI
 
 from manager_api.artifacts import ArtifactStore
+from manager_api.auth import TokenStore, authorize
 from manager_api.dependencies import Store
 from manager_api.deployer.process import ProcessDeployer
 from manager_api.deployer.registration import LeasedInstanceRegistry
@@ -83,7 +84,8 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    api = APIRouter(prefix="/api/v1")
+    app.state.tokens = TokenStore.load(settings.tokens_file) if settings.tokens_file is not None else None
+    api = APIRouter(prefix="/api/v1", dependencies=[Depends(authorize)])
     for module in (models, deployments, applications, instances, proxies):
         api.include_router(module.router)
     app.include_router(api)

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from manager_api.credentials import CREDENTIALS_FILE
 from manager_api.stack import Stack, StackConfig, run_until_signalled
 
 app = typer.Typer(help="Hydro Serving: a machine-learning serving mesh.", no_args_is_help=True)
@@ -60,6 +61,7 @@ def up(
         console.print(f"  ingress (REST + gRPC): {stack.ingress_url}")
         console.print(f"  manager API:           {stack.api_url}/api/v1")
         console.print(f"  API docs:              {stack.api_url}/docs")
+        console.print(f"  admin token:           in {stack.data_dir / CREDENTIALS_FILE}")
         console.print(f"  xDS:                   127.0.0.1:{stack.xds_port} ({stack.config.xds_api})")
         console.print(f"  xDS metrics:           http://127.0.0.1:{stack.xds_metrics_port}/metrics")
         console.print(f"  etcd:                  {stack.etcd.endpoint}")
@@ -67,7 +69,7 @@ def up(
             from manager_api.demo import push_demo, usage
 
             console.print("Pushing the iris demo...")
-            labels = push_demo(stack.api_url, stack.ingress_url)
+            labels = push_demo(stack.api_url, stack.ingress_url, stack.credentials.token)
             console.print(f"The demo application answered through the ingress: label {labels}")
             console.print(usage(stack.ingress_url), highlight=False, markup=False, soft_wrap=True)
         console.print("Press Ctrl-C to stop everything.", highlight=False)

@@ -31,11 +31,13 @@ def ensure_trained(folder: Path) -> None:
         train(folder)
 
 
-def push_demo(api_url: str, ingress_url: str, replicas: int = 2, timeout: float = 120.0) -> list[int]:
+def push_demo(
+    api_url: str, ingress_url: str, token: str | None = None, replicas: int = 2, timeout: float = 120.0
+) -> list[int]:
     """Register (once), deploy and route the iris example; return the labels it answered through the ingress."""
     folder = EXAMPLES / "iris"
     ensure_trained(folder)
-    with ManagerClient(api_url) as api:
+    with ManagerClient(api_url, token) as api:
         try:
             versions = api.get_model(DEMO_MODEL).get("versions", [])
         except ApiError as exc:

@@ -28,3 +28,5 @@ class Settings:
     node: str = field(default_factory=lambda: socket.gethostname().lower().replace("_", "-"))
     max_upload_bytes: int = 2 * 1024**3
     drain_seconds: float = 1.0
+    #: Bearer tokens (see manager_api/auth.py); None disables auth, allowed only on a loopback address.
+    tokens_file: Path | None = None

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
+from manager_api.credentials import ensure_admin_credentials
 from manager_api.etcd_server import EtcdServer
 from manager_api.processes import ChildProcess, free_port, http_ok
 from xds_control.bootstrap import envoy_process, envoy_ready, render_bootstrap
@@ -61,6 +62,7 @@ class Stack:
         self.xds_port = config.xds_port or free_port()
         self.xds_metrics_port = config.xds_metrics_port or free_port()
         self.etcd = EtcdServer(self.data_dir, config.etcd_port or free_port())
+        self.credentials, self.tokens_file = ensure_admin_credentials(self.data_dir, self.api_url)
         self._children: list[_Supervised] = []
         self._stopping = False
 
@@ -120,6 +122,8 @@ class Stack:
                 f"127.0.0.1:{self.xds_port}",
                 "--xds-api",
                 self.config.xds_api,
+                "--tokens",
+                str(self.tokens_file),
             ],
             log_path=self.logs / "manager_api.log",
         )

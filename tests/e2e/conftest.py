@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from hydro_mesh import EXAMPLE, Mesh, descendants
 
+from manager_api.credentials import load_credentials
 from manager_api.processes import ChildProcess, free_port, http_ok
 
 
@@ -59,12 +60,16 @@ def mesh(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
         log_path=data_dir / "hydro-up.log",
     ).start()
-    mesh = Mesh(process, ports["ingress"], ports["api"], ports["xds"])
+    mesh: Mesh | None = None
     try:
-        process.wait_ready(lambda: http_ok(f"{mesh.ingress}/v2/health/ready"), 90)
+        process.wait_ready(lambda: http_ok(f"http://127.0.0.1:{ports['ingress']}/v2/health/ready"), 90)
+        credentials = load_credentials(data_dir)
+        assert credentials is not None, "hydro up wrote no credentials"
+        mesh = Mesh(process, ports["ingress"], ports["api"], ports["xds"], credentials.token, data_dir)
         yield mesh
     finally:
-        mesh.api.close()
+        if mesh is not None:
+            mesh.api.close()
         family = descendants(process.pid or 0)
         process.stop(grace=60)
         print(process.log_tail(80))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import httpx
@@ -17,13 +18,22 @@ EXPECTED = [0, 1, 2, 2]
 
 
 class Mesh:
-    def __init__(self, process: ChildProcess, ingress_port: int, api_port: int, xds_port: int) -> None:
+    def __init__(
+        self, process: ChildProcess, ingress_port: int, api_port: int, xds_port: int, token: str, data_dir: Path
+    ) -> None:
         self.process = process
+        self.data_dir = data_dir
         #: pgrep pattern of this stack's xds_control (other stacks may run beside it).
         self.xds_pattern = rf"[-]m xds_control .*--port {xds_port} "
         self.ingress = f"http://127.0.0.1:{ingress_port}"
         self.grpc_target = f"127.0.0.1:{ingress_port}"
-        self.api = ManagerClient(f"http://127.0.0.1:{api_port}")
+        self.api = ManagerClient(f"http://127.0.0.1:{api_port}", token)
+
+    def runtime_pids(self, model: str, version: int) -> list[int]:
+        """Runtime processes of this stack (its artifacts folder is in their command line) for one version."""
+        pattern = rf"[-]m runtimes --model-dir {self.data_dir}/\S* --name {model} --version {version} "
+        found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+        return [int(pid) for pid in found]
 
     def infer(self, app: str = "iris", timeout: float = 10.0) -> httpx.Response:
         body = {"inputs": [{"name": "input", "shape": list(ROWS.shape), "datatype": "FP64", "data": ROWS.tolist()}]}

@@ -120,7 +120,7 @@ def test_churn_under_load_fails_no_request(mesh: Mesh, model_dir: Path) -> None:
             time.sleep(2.0)  # pacing of the churn (one step every 2 s), not a readiness wait
 
         mesh.api.delete_deployment("iris", 1)
-        wait_until(lambda: not _pids(r"[-]m runtimes .*--name iris --version 1 "), 30, "version 1 stopped")
+        wait_until(lambda: not mesh.runtime_pids("iris", 1), 30, "version 1 stopped")
         remaining = LOAD_SECONDS - (time.monotonic() - started)
         if remaining > 0:
             load.stop.wait(remaining)  # the rest of the 60 s of steady load

@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -92,20 +91,14 @@ def test_walking_skeleton(mesh: Mesh, model_dir: Path) -> None:
     assert set(_served_by(mesh, 20)) == replicas_v1, "the same replicas served before and after: no restart"
 
     # A SIGKILLed runtime: the other replica answers meanwhile, and the runtime comes back.
-    victims = subprocess.run(
-        ["pgrep", "-f", "-x", r".*-m runtimes .*--name iris --version 1 .*"], capture_output=True, text=True
-    ).stdout.split()
+    victims = mesh.runtime_pids("iris", 1)
     assert len(victims) == 2, victims
-    os.kill(int(victims[0]), signal.SIGKILL)
+    os.kill(victims[0], signal.SIGKILL)
     failures = [r.status_code for r in (mesh.infer() for _ in range(50)) if r.status_code != 200]
     assert failures == [], "the ingress answers from the other replica while one is down"
 
     def restarted() -> bool:
-        pids = subprocess.run(
-            ["pgrep", "-f", "-x", r".*-m runtimes .*--name iris --version 1 .*"],
-            capture_output=True,
-            text=True,
-        ).stdout.split()
+        pids = mesh.runtime_pids("iris", 1)
         return len(pids) == 2 and victims[0] not in pids
 
     wait_until(restarted, 60, "the killed runtime restarted")

@@ -1,0 +1,117 @@
+"""Bearer tokens on every /api/v1 route, checked against a real manager process: none, viewer and admin."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from manager_api.auth import TokenStore, hash_token, write_token_file
+from manager_api.credentials import ensure_admin_credentials, load_credentials
+from manager_api.etcd_server import EtcdServer
+from manager_api.processes import ChildProcess, free_port, http_ok
+
+ADMIN = "admin-token-for-tests"
+VIEWER = "viewer-token-for-tests"
+
+
+@pytest.fixture(scope="module")
+def manager_url(etcd_server: EtcdServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    data_dir = tmp_path_factory.mktemp("manager-auth")
+    tokens = data_dir / "tokens.json"
+    write_token_file(tokens, {"ops": ("admin", ADMIN), "dashboards": ("viewer", VIEWER)})
+    port = free_port()
+    process = ChildProcess(
+        "manager_api",
+        [
+            *(sys.executable, "-m", "manager_api", "--etcd", etcd_server.endpoint, "--prefix", "/hydro-auth-test/"),
+            *("--data-dir", str(data_dir), "--port", str(port), "--tokens", str(tokens)),
+        ],
+        log_path=data_dir / "manager.log",
+    ).start()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        process.wait_ready(lambda: http_ok(f"{url}/healthz"), 60)
+        yield url
+    finally:
+        process.stop()
+
+
+def _routes(url: str) -> list[tuple[str, str]]:
+    """Every (method, concrete path) of /api/v1 in the manager's own OpenAPI document."""
+    spec = httpx.get(f"{url}/openapi.json").json()
+    routes = []
+    for path, methods in spec["paths"].items():
+        if not path.startswith("/api/v1"):
+            continue
+        concrete = re.sub(r"\{version\}", "1", re.sub(r"\{[a-z_]+\}", "nothing-here", path))
+        routes.extend((method.upper(), concrete) for method in methods)
+    return routes
+
+
+def _call(url: str, method: str, path: str, token: str | None) -> httpx.Response:
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    return httpx.request(method, url + path, headers=headers, json={}, timeout=30)
+
+
+def test_every_route_requires_a_token(manager_url: str) -> None:
+    routes = _routes(manager_url)
+    assert len(routes) >= 15, routes
+    for method, path in routes:
+        for token in (None, "not-a-known-token"):
+            response = _call(manager_url, method, path, token)
+            assert response.status_code == 401, (method, path, token, response.text)
+            assert response.json()["error"]
+    response = httpx.get(f"{manager_url}/api/v1/models", headers={"authorization": "Basic abc"})
+    assert response.status_code == 401 and "Bearer" in response.json()["error"]
+
+
+def test_viewers_read_admins_write(manager_url: str) -> None:
+    for method, path in _routes(manager_url):
+        viewer = _call(manager_url, method, path, VIEWER)
+        admin = _call(manager_url, method, path, ADMIN)
+        assert admin.status_code not in (401, 403), (method, path, admin.text)
+        if method == "GET":
+            assert viewer.status_code not in (401, 403), (method, path, viewer.text)
+        else:
+            assert viewer.status_code == 403, (method, path, viewer.text)
+            assert "admin" in viewer.json()["error"]
+
+
+def test_health_and_docs_need_no_token(manager_url: str) -> None:
+    assert httpx.get(f"{manager_url}/healthz").status_code == 200
+    assert httpx.get(f"{manager_url}/openapi.json").status_code == 200
+
+
+def test_token_store_keeps_hashes_only(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.json"
+    write_token_file(path, {"a": ("admin", ADMIN)})
+    assert ADMIN not in path.read_text() and hash_token(ADMIN) in path.read_text()
+    assert path.stat().st_mode & 0o077 == 0
+    store = TokenStore.load(path)
+    assert store.role_of(ADMIN) == "admin" and store.role_of(VIEWER) is None
+
+
+def test_credentials_survive_a_restart(tmp_path: Path) -> None:
+    first, tokens = ensure_admin_credentials(tmp_path, "http://127.0.0.1:1")
+    second, _ = ensure_admin_credentials(tmp_path, "http://127.0.0.1:1")
+    assert first.token == second.token and load_credentials(tmp_path) == second
+    assert TokenStore.load(tokens).role_of(first.token) == "admin"
+
+
+def test_refuses_a_network_address_without_tokens(etcd_server: EtcdServer, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "manager_api", "--etcd", etcd_server.endpoint, "--host", "0.0.0.0"),
+            *("--data-dir", str(tmp_path), "--port", str(free_port())),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0 and "without --tokens" in result.stderr
