@@ -6,6 +6,7 @@ The Open Inference Protocol (KServe V2) gRPC service, as served by Hydro Serving
 Message names and field numbers follow Triton's grpc_service.proto, a superset of the KServe V2 spec, so that
 tritonclient and other Triton tools work against the runtimes unmodified. Only the methods a single-model
 runtime can answer are declared; adding one of Triton's others later must reuse Triton's field numbers.
+ModelConfig and the model_config.proto types are a subset of Triton's (tests/protos lists which fields).
 Regenerate the Python code with `make protos`.
 """
 
@@ -49,6 +50,10 @@ class GRPCInferenceServiceStub:
     """A model's versions, platform and input/output signature."""
     ModelInfer: _grpc.UnaryUnaryMultiCallable[_inference_pb2.ModelInferRequest, _inference_pb2.ModelInferResponse]
     """Run one inference."""
+    ModelConfig: _grpc.UnaryUnaryMultiCallable[_inference_pb2.ModelConfigRequest, _inference_pb2.ModelConfigResponse]
+    """The model's configuration in Triton's terms (what perf_analyzer and Triton clients read before inferring)."""
+    ModelStatistics: _grpc.UnaryUnaryMultiCallable[_inference_pb2.ModelStatisticsRequest, _inference_pb2.ModelStatisticsResponse]
+    """Cumulative inference statistics of the model since the runtime started."""
 
 @_typing.type_check_only
 class GRPCInferenceServiceAsyncStub(GRPCInferenceServiceStub):
@@ -65,6 +70,10 @@ class GRPCInferenceServiceAsyncStub(GRPCInferenceServiceStub):
     """A model's versions, platform and input/output signature."""
     ModelInfer: _aio.UnaryUnaryMultiCallable[_inference_pb2.ModelInferRequest, _inference_pb2.ModelInferResponse]  # type: ignore[assignment]
     """Run one inference."""
+    ModelConfig: _aio.UnaryUnaryMultiCallable[_inference_pb2.ModelConfigRequest, _inference_pb2.ModelConfigResponse]  # type: ignore[assignment]
+    """The model's configuration in Triton's terms (what perf_analyzer and Triton clients read before inferring)."""
+    ModelStatistics: _aio.UnaryUnaryMultiCallable[_inference_pb2.ModelStatisticsRequest, _inference_pb2.ModelStatisticsResponse]  # type: ignore[assignment]
+    """Cumulative inference statistics of the model since the runtime started."""
 
 class GRPCInferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -114,5 +123,21 @@ class GRPCInferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_inference_pb2.ModelInferResponse, _abc.Awaitable[_inference_pb2.ModelInferResponse]]:
         """Run one inference."""
+
+    @_abc_1.abstractmethod
+    def ModelConfig(
+        self,
+        request: _inference_pb2.ModelConfigRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.ModelConfigResponse, _abc.Awaitable[_inference_pb2.ModelConfigResponse]]:
+        """The model's configuration in Triton's terms (what perf_analyzer and Triton clients read before inferring)."""
+
+    @_abc_1.abstractmethod
+    def ModelStatistics(
+        self,
+        request: _inference_pb2.ModelStatisticsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.ModelStatisticsResponse, _abc.Awaitable[_inference_pb2.ModelStatisticsResponse]]:
+        """Cumulative inference statistics of the model since the runtime started."""
 
 def add_GRPCInferenceServiceServicer_to_server(servicer: GRPCInferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -10,15 +10,20 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
+from prometheus_client import CollectorRegistry
 
 from protos.topology import Signature, TensorSpec
 from runtimes.base import ModelRuntime
+from runtimes.batching import Batcher, BatchingOptions, request_rows, unbatchable_reason
 from runtimes.errors import (
     InferenceError,
     InvalidInput,
@@ -37,6 +42,7 @@ from runtimes.messages import (
     RequestInput,
     TensorMetadata,
 )
+from runtimes.statistics import Snapshot, Statistics
 from runtimes.tensors import cast, element_count, format_shape, zeros
 
 __all__ = [
@@ -57,6 +63,10 @@ APPLICATION_HEADER = "x-hydro-application"
 
 _T = TypeVar("_T")
 
+#: A predict whose thread CPU time (EWMA) stays below this runs on the event loop for small requests: the hop to
+#: a worker thread and back (and the GIL hand-over it causes) costs more than the prediction itself.
+INLINE_BUDGET_SECONDS = 0.0005
+
 
 def shape_matches(shape: Sequence[int], expected: Sequence[int]) -> bool:
     """Whether ``shape`` fits ``expected``, where -1 in ``expected`` accepts any size."""
@@ -66,6 +76,17 @@ def shape_matches(shape: Sequence[int], expected: Sequence[int]) -> bool:
 def default_predict_threads() -> int:
     """Worker threads for predict calls: enough to overlap numpy work that releases the GIL, no more."""
     return max(1, min(4, os.cpu_count() or 1))
+
+
+@dataclass
+class _Timing:
+    """perf_counter_ns() marks of one request's stages, for the statistics (0 = not reached)."""
+
+    submitted: int = 0
+    started: int = 0
+    validated: int = 0
+    predicted: int = 0
+    finished: int = 0
 
 
 class DataPlane:
@@ -78,6 +99,7 @@ class DataPlane:
         name: str,
         version: int,
         executor: Executor | None = None,
+        batching: BatchingOptions | None = None,
     ) -> None:
         self.runtime = runtime
         self.name = name
@@ -88,6 +110,20 @@ class DataPlane:
         self._state = "loading"
         self._inputs = {spec.name: spec for spec in self.signature.inputs}
         self._outputs = {spec.name: spec for spec in self.signature.outputs}
+        self.statistics = Statistics()
+        self._inline_rows = runtime.inline_rows
+        # Unknown until the warm-up call has been measured: until then nothing runs inline.
+        self._predict_cost = math.inf
+        #: Prometheus metrics of this data plane (served at /metrics by the REST app).
+        self.metrics = CollectorRegistry()
+        self.batcher: Batcher | None = None
+        if batching is not None:
+            reason = unbatchable_reason(self.signature)
+            if reason is None:
+                labels = {"model": name, "version": str(version)}
+                self.batcher = Batcher(batching, self._predict_rows, self.metrics, labels)
+            else:
+                log.warning("batching is off for model %s version %s: %s", name, version, reason)
 
     # -- state -------------------------------------------------------------------------------------------------
 
@@ -167,16 +203,74 @@ class DataPlane:
             outputs=describe(self.signature.outputs),
         )
 
+    def model_statistics(self, name: str, version: str = "", application: str | None = None) -> Snapshot:
+        """Cumulative statistics of the served model; an empty ``name`` means every model (this one)."""
+        if name:
+            self.resolve(name, version, application)
+        elif version:
+            raise InvalidInput("a model version was given without a model name")
+        return self.statistics.snapshot()
+
     # -- inference ---------------------------------------------------------------------------------------------
 
     async def infer(self, request: InferRequest, application: str | None = None) -> InferResponse:
-        """Answer one request: address check, readiness, validation and prediction (the last two off the loop)."""
+        """Answer one request: address check, readiness, validation and prediction (the last two on a worker
+        thread, unless measured cheap enough for the event loop, or through the batcher when batching is on)."""
         self.resolve(request.model_name, request.model_version, application)
-        if not self.ready:
-            raise ModelNotReady(f"model {self.name!r} version {self.version} is not ready ({self._state})")
-        wanted = self._requested_outputs(request)
-        outputs = await self._run(self._validate_and_predict, request.inputs, wanted)
+        timing = _Timing(submitted=time.perf_counter_ns())
+        try:
+            if not self.ready:
+                raise ModelNotReady(f"model {self.name!r} version {self.version} is not ready ({self._state})")
+            wanted = self._requested_outputs(request)
+            outputs = await self._dispatch(request.inputs, wanted, timing)
+        except Exception:
+            self.statistics.record_failure(time.perf_counter_ns() - timing.submitted)
+            raise
+        self.statistics.record_success(
+            total_ns=time.perf_counter_ns() - timing.submitted,
+            queue_ns=timing.started - timing.submitted,
+            input_ns=timing.validated - timing.started,
+            infer_ns=timing.predicted - timing.validated,
+            output_ns=timing.finished - timing.predicted,
+        )
         return InferResponse(self.name, self.version_string, outputs, request.id)
+
+    def _cheap(self, rows: int) -> bool:
+        """Whether a predict of ``rows`` rows may run on the event loop (measured cheap for this model)."""
+        return 0 < rows <= self._inline_rows and self._predict_cost < INLINE_BUDGET_SECONDS
+
+    async def _dispatch(
+        self, inputs: Sequence[RequestInput], wanted: list[TensorSpec], timing: _Timing
+    ) -> list[OutputTensor]:
+        """Validate and predict: through the batcher, inline when cheap, else on a worker thread."""
+        rows = min((t.shape[0] if t.shape else 0 for t in inputs), default=0)
+        if self.batcher is None:
+            if self._cheap(rows):
+                return self._validate_and_predict(inputs, wanted, timing)
+            return await self._run(self._validate_and_predict, inputs, wanted, timing)
+        timing.started = time.perf_counter_ns()
+        arrays = self.validate(inputs) if self._cheap(rows) else await self._run(self.validate, inputs)
+        timing.validated = time.perf_counter_ns()
+        count = request_rows(arrays)
+        if count is None:
+            # Inputs of different lengths cannot be concatenated with anyone else's: this request runs alone.
+            everything = await self._run(self._predict, arrays, list(self._outputs.values()))
+        else:
+            everything = await self.batcher.submit(arrays, count)
+        timing.predicted = timing.finished = time.perf_counter_ns()
+        by_name = {tensor.name: tensor for tensor in everything}
+        return [by_name[spec.name] for spec in wanted]
+
+    async def _predict_rows(self, arrays: dict[str, np.ndarray], rows: int) -> list[OutputTensor]:
+        """Every output for a batch of ``rows`` rows (the batcher's predict call)."""
+        started = time.perf_counter_ns()
+        outputs = list(self._outputs.values())
+        if self._cheap(rows):
+            result = self._predict(arrays, outputs)
+        else:
+            result = await self._run(self._predict, arrays, outputs)
+        self.statistics.record_execution(rows, 0, time.perf_counter_ns() - started, 0)
+        return result
 
     def _requested_outputs(self, request: InferRequest) -> list[TensorSpec]:
         if not request.outputs:
@@ -189,6 +283,10 @@ class DataPlane:
                     f"unknown output {requested.name!r} requested; model {self.name!r} has outputs: "
                     f"{', '.join(self._outputs)}"
                 )
+            if requested.parameters.get("classification"):
+                # Triton's classification extension (tritonclient's class_count): not offered (server metadata
+                # does not list it); ignoring it would hand back a tensor where the client expects class labels.
+                raise InvalidInput(f"output {requested.name!r}: the classification extension is not supported")
             wanted[spec.name] = spec
         return list(wanted.values())
 
@@ -220,7 +318,11 @@ class DataPlane:
                     f"input {tensor.name!r} has {flat.size} data elements, but shape {format_shape(tensor.shape)} "
                     f"needs {count}"
                 )
-            arrays[tensor.name] = flat.reshape(tensor.shape)
+            try:
+                arrays[tensor.name] = flat.reshape(tensor.shape)
+            except ValueError as exc:
+                # Only an empty tensor gets here with absurd sizes (e.g. [0, 2**64]): numpy cannot index them.
+                raise InvalidInput(f"input {tensor.name!r} has shape {format_shape(tensor.shape)}: {exc}") from None
         missing = [name for name in self._inputs if name not in arrays]
         if missing:
             raise InvalidInput(
@@ -228,21 +330,56 @@ class DataPlane:
             )
         return arrays
 
-    def _validate_and_predict(self, inputs: Sequence[RequestInput], wanted: list[TensorSpec]) -> list[OutputTensor]:
-        return self._predict(self.validate(inputs), wanted)
+    def _validate_and_predict(
+        self, inputs: Sequence[RequestInput], wanted: list[TensorSpec], timing: _Timing | None = None
+    ) -> list[OutputTensor]:
+        if timing is None:
+            return self._predict(self.validate(inputs), wanted)
+        timing.started = time.perf_counter_ns()
+        arrays = self.validate(inputs)
+        timing.validated = time.perf_counter_ns()
+        return self._predict(arrays, wanted, timing)
 
-    def _predict(self, arrays: dict[str, np.ndarray], wanted: list[TensorSpec]) -> list[OutputTensor]:
+    def _predict(
+        self, arrays: dict[str, np.ndarray], wanted: list[TensorSpec], timing: _Timing | None = None
+    ) -> list[OutputTensor]:
+        cpu = time.thread_time()
         try:
             result = self.runtime.predict(arrays)
         except (Exception, SystemExit) as exc:
             # The model's own bug: the client gets the message, the log gets the traceback, the process lives on.
             log.exception("predict failed for model %s version %s", self.name, self.version)
             raise PredictError(f"model {self.name!r} failed: {type(exc).__name__}: {exc}") from exc
+        if self._inline_rows:
+            self._observe_cost(time.thread_time() - cpu, arrays)
+        if timing is not None:
+            timing.predicted = time.perf_counter_ns()
         if not isinstance(result, Mapping):
             raise PredictError(
                 f"model {self.name!r} returned {type(result).__name__}; predict must return a dict of output arrays"
             )
-        return [self._output(result, spec) for spec in wanted]
+        outputs = [self._output(result, spec) for spec in wanted]
+        if timing is not None:
+            timing.finished = time.perf_counter_ns()
+            # Unbatched: one execution per request, of batch size 1 in Triton's terms (max_batch_size is 0).
+            self.statistics.record_execution(
+                1,
+                timing.validated - timing.started,
+                timing.predicted - timing.validated,
+                timing.finished - timing.predicted,
+            )
+        return outputs
+
+    def _observe_cost(self, seconds: float, arrays: Mapping[str, np.ndarray]) -> None:
+        # Thread CPU time, not wall time: waiting for the GIL under load must not make a cheap model look costly.
+        # Only calls small enough to run inline say anything about whether inline calls are cheap.
+        rows = min((a.shape[0] if a.ndim else 0 for a in arrays.values()), default=0)
+        if rows > self._inline_rows:
+            return
+        if math.isinf(self._predict_cost):
+            self._predict_cost = seconds
+        else:
+            self._predict_cost = 0.8 * self._predict_cost + 0.2 * seconds
 
     def _output(self, result: Mapping[str, Any], spec: TensorSpec) -> OutputTensor:
         if spec.name not in result:

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from protos import inference_pb2 as pb
@@ -18,7 +19,9 @@ from protos import inference_pb2_grpc as pb_grpc
 from runtimes.dataplane import APPLICATION_HEADER, DataPlane
 from runtimes.errors import InferenceError
 from runtimes.grpc_codec import build_model_infer_response, parse_model_infer_request, uses_raw_inputs
+from runtimes.json_codec import CONFIG_DATATYPES
 from runtimes.rest import EXTENSIONS, SERVER_NAME
+from runtimes.statistics import BATCH_STAGES, INFER_STAGES, Duration
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +104,43 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         return await self._guard(context, "ModelInfer", call)
 
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
+        """The model's configuration in Triton's terms (a subset of Triton's ModelConfig)."""
+
+        async def call() -> pb.ModelConfigResponse:
+            meta = self.dataplane.model_metadata(request.name, request.version, application_of(context))
+            config = pb.ModelConfig(name=meta.name, platform=meta.platform, backend=meta.platform, max_batch_size=0)
+            for t in meta.inputs:
+                config.input.add(name=t.name, data_type=pb.DataType.Value(CONFIG_DATATYPES[t.datatype]), dims=t.shape)
+            for t in meta.outputs:
+                config.output.add(name=t.name, data_type=pb.DataType.Value(CONFIG_DATATYPES[t.datatype]), dims=t.shape)
+            return pb.ModelConfigResponse(config=config)
+
+        return await self._guard(context, "ModelConfig", call)
+
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:
+        """Cumulative inference statistics; an empty name means every model served here (this one)."""
+
+        async def call() -> pb.ModelStatisticsResponse:
+            snapshot = self.dataplane.model_statistics(request.name, request.version, application_of(context))
+
+            def duration(d: Duration) -> pb.StatisticDuration:
+                return pb.StatisticDuration(count=d.count, ns=d.ns)
+
+            stats = pb.ModelStatistics(
+                name=self.dataplane.name,
+                version=self.dataplane.version_string,
+                last_inference=snapshot.last_inference_ms,
+                inference_count=snapshot.inference_count,
+                execution_count=snapshot.execution_count,
+                inference_stats=pb.InferStatistics(**{k: duration(snapshot.stages[k]) for k in INFER_STAGES}),
+            )
+            for size, stages in snapshot.batches.items():
+                stats.batch_stats.add(batch_size=size, **{k: duration(stages[k]) for k in BATCH_STAGES})
+            return pb.ModelStatisticsResponse(model_stats=[stats])
+
+        return await self._guard(context, "ModelStatistics", call)
+
 
 class HealthReporter:
     """The grpc.health.v1 service, switched to SERVING when the data plane becomes ready."""
@@ -119,6 +159,46 @@ class HealthReporter:
         await self.servicer.enter_graceful_shutdown()
 
 
+class _Malformed:
+    """A request body that is not a valid message of the method's request type."""
+
+    def __init__(self, type_name: str, error: str) -> None:
+        self.message = f"the request is not a valid {type_name} message: {error}"
+
+
+def _tolerant_parser(message_type: type[Message]) -> Callable[[bytes], Message | _Malformed]:
+    # grpc's own handling of a deserializer error is UNKNOWN ("Unexpected DecodeError"), a server-side failure in
+    # every client's eyes; the client sent the bad bytes, so it gets INVALID_ARGUMENT instead.
+    def parse(data: bytes) -> Message | _Malformed:
+        try:
+            return message_type.FromString(data)
+        except DecodeError as exc:
+            return _Malformed(message_type.DESCRIPTOR.full_name, str(exc))
+
+    return parse
+
+
+def _add_inference_service(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+    """Register every method of inference.GRPCInferenceService (as the generated code would, but with requests
+    that fail to parse answered INVALID_ARGUMENT)."""
+    service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for method in service.methods:
+        behaviour = getattr(servicer, method.name)
+
+        async def handle(request: Any, context: grpc.aio.ServicerContext, behaviour: Any = behaviour) -> Any:
+            if isinstance(request, _Malformed):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+            return await behaviour(request, context)
+
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            handle,
+            request_deserializer=_tolerant_parser(getattr(pb, method.input_type.name)),
+            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+
+
 def create_grpc_server(
     dataplane: DataPlane, *, server_version: str, max_message_bytes: int
 ) -> tuple[grpc.aio.Server, HealthReporter]:
@@ -131,7 +211,7 @@ def create_grpc_server(
             ("grpc.so_reuseport", 0),
         ]
     )
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(dataplane, server_version), server)
+    _add_inference_service(InferenceServicer(dataplane, server_version), server)
     reporter = HealthReporter()
     health_pb2_grpc.add_HealthServicer_to_server(reporter.servicer, server)
     return server, reporter

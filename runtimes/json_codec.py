@@ -45,6 +45,9 @@ def _parse_json(text: bytes | memoryview, what: str) -> Any:
         raise InvalidInput(f"{what} is not UTF-8 text: {exc.reason} at byte {exc.start}") from None
     except json.JSONDecodeError as exc:
         raise InvalidInput(f"{what} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:
+        # The decoder recurses once per nesting level: thousands of "[" exhaust the stack before any tensor does.
+        raise InvalidInput(f"{what} is nested too deeply to be an inference request") from None
 
 
 def _parameters(raw: object, where: str) -> Parameters:
@@ -200,10 +203,49 @@ def encode_metadata(metadata: ModelMetadata) -> dict[str, Any]:
     }
 
 
+#: Triton's model-config DataType name for each protocol datatype (Triton calls BYTES TYPE_STRING).
+CONFIG_DATATYPES = {
+    "BOOL": "TYPE_BOOL",
+    "UINT8": "TYPE_UINT8",
+    "UINT16": "TYPE_UINT16",
+    "UINT32": "TYPE_UINT32",
+    "UINT64": "TYPE_UINT64",
+    "INT8": "TYPE_INT8",
+    "INT16": "TYPE_INT16",
+    "INT32": "TYPE_INT32",
+    "INT64": "TYPE_INT64",
+    "FP16": "TYPE_FP16",
+    "FP32": "TYPE_FP32",
+    "FP64": "TYPE_FP64",
+    "BYTES": "TYPE_STRING",
+}
+
+
+def encode_model_config(metadata: ModelMetadata) -> dict[str, Any]:
+    """The model's configuration as Triton's REST ``/config`` returns it (a subset of Triton's ModelConfig).
+
+    ``max_batch_size`` is 0: the signature's shapes are complete (a batch dimension, if any, is written as -1), so
+    ``dims`` are the full shapes, as Triton reports models without its own batching.
+    """
+
+    def tensors(specs: list[Any]) -> list[dict[str, Any]]:
+        return [{"name": s.name, "data_type": CONFIG_DATATYPES[s.datatype], "dims": s.shape} for s in specs]
+
+    return {
+        "name": metadata.name,
+        "platform": metadata.platform,
+        "backend": metadata.platform,
+        "max_batch_size": 0,
+        "input": tensors(metadata.inputs),
+        "output": tensors(metadata.outputs),
+    }
+
+
 def dumps(document: object) -> bytes:
     """Compact JSON bytes.
 
     A model may output NaN or infinity; they are written as NaN/Infinity (as Python's json and tritonclient read
-    them) rather than failing the request, although strict JSON parsers reject them.
+    them) rather than failing the request, although strict JSON parsers reject them. A lone surrogate (valid in a
+    JSON escape, e.g. an echoed request id "\\udc80", but not encodable as UTF-8) is written back as its escape.
     """
-    return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "backslashreplace")

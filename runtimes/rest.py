@@ -13,22 +13,28 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from runtimes import json_codec
 from runtimes.dataplane import APPLICATION_HEADER, DataPlane
 from runtimes.errors import InferenceError, InvalidInput, ModelNotReady, PayloadTooLarge
+from runtimes.statistics import snapshot_json
 
 log = logging.getLogger(__name__)
 
 SERVER_NAME = "hydro-serving"
-#: Protocol extensions this server implements, as reported by server metadata.
-EXTENSIONS = ["binary_tensor_data"]
+#: Protocol extensions this server implements, as reported by server metadata (Triton's names).
+EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics"]
 
 
-def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
     """The one error shape of the REST API."""
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+    # json_codec.dumps, not JSONResponse: messages quote client-sent names, which may hold lone surrogates that
+    # JSONResponse's UTF-8 encoding would turn into a crash inside the error handler.
+    return Response(
+        json_codec.dumps({"error": message}), status_code=status, headers=headers, media_type="application/json"
+    )
 
 
 def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
@@ -64,6 +70,20 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return body
 
 
+async def infer_response(
+    dataplane: DataPlane, request: Request, model: str, version: str, max_body_bytes: int
+) -> Response:
+    """Answer one POST .../infer (the FastAPI route and the fast path of runtimes.rest_fast share it)."""
+    app_name = request.headers.get(APPLICATION_HEADER)
+    # Refuse wrong addresses before reading a possibly large body.
+    dataplane.resolve(model, version, app_name)
+    body = await _read_body(request, max_body_bytes)
+    infer_request = json_codec.parse_infer_request(body, model, version, request.headers.get(json_codec.HEADER_LENGTH))
+    response = await dataplane.infer(infer_request, app_name)
+    encoded = json_codec.encode_infer_response(response, infer_request)
+    return Response(encoded.body, media_type=encoded.media_type, headers=encoded.headers)
+
+
 def create_app(dataplane: DataPlane, *, server_version: str, max_body_bytes: int = 64 * 2**20) -> FastAPI:
     """The REST app serving ``dataplane``; ``max_body_bytes`` caps request bodies (after decompression)."""
     app = FastAPI(title="Hydro Serving runtime", docs_url=None, redoc_url=None, openapi_url=None)
@@ -83,6 +103,11 @@ def create_app(dataplane: DataPlane, *, server_version: str, max_body_bytes: int
             )
         return JSONResponse({"ready": True})
 
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        # Prometheus text format: batch sizes and queue times of the adaptive batcher, when it is on.
+        return Response(generate_latest(dataplane.metrics), media_type=CONTENT_TYPE_LATEST)
+
     @app.get("/v2")
     async def server_metadata() -> dict[str, Any]:
         return {"name": SERVER_NAME, "version": server_version, "extensions": EXTENSIONS}
@@ -97,16 +122,20 @@ def create_app(dataplane: DataPlane, *, server_version: str, max_body_bytes: int
         return JSONResponse({"name": dataplane.name, "version": dataplane.version_string, "ready": True})
 
     async def infer(request: Request, model: str, version: str) -> Response:
-        app_name = application(request)
-        # Refuse wrong addresses before reading a possibly large body.
-        dataplane.resolve(model, version, app_name)
-        body = await _read_body(request, max_body_bytes)
-        infer_request = json_codec.parse_infer_request(
-            body, model, version, request.headers.get(json_codec.HEADER_LENGTH)
-        )
-        response = await dataplane.infer(infer_request, app_name)
-        encoded = json_codec.encode_infer_response(response, infer_request)
-        return Response(encoded.body, media_type=encoded.media_type, headers=encoded.headers)
+        return await infer_response(dataplane, request, model, version, max_body_bytes)
+
+    async def config(request: Request, model: str, version: str) -> Response:
+        meta = dataplane.model_metadata(model, version, application(request))
+        return JSONResponse(json_codec.encode_model_config(meta))
+
+    async def stats(request: Request, model: str, version: str) -> Response:
+        snapshot = dataplane.model_statistics(model, version, application(request))
+        return JSONResponse({"model_stats": [snapshot_json(dataplane.name, dataplane.version_string, snapshot)]})
+
+    # Before /v2/models/{model}: Triton's "statistics of every model" path, not a model named "stats".
+    @app.get("/v2/models/stats")
+    async def all_stats(request: Request) -> Response:
+        return await stats(request, "", "")
 
     # Separate routes for "any version" and "this version": one handler with an optional path parameter would
     # also accept ?version= as a query parameter.
@@ -125,6 +154,22 @@ def create_app(dataplane: DataPlane, *, server_version: str, max_body_bytes: int
     @app.get("/v2/models/{model}/versions/{version}/ready")
     async def version_is_ready(request: Request, model: str, version: str) -> Response:
         return await model_ready(request, model, version)
+
+    @app.get("/v2/models/{model}/config")
+    async def model_config(request: Request, model: str) -> Response:
+        return await config(request, model, "")
+
+    @app.get("/v2/models/{model}/versions/{version}/config")
+    async def version_config(request: Request, model: str, version: str) -> Response:
+        return await config(request, model, version)
+
+    @app.get("/v2/models/{model}/stats")
+    async def model_stats(request: Request, model: str) -> Response:
+        return await stats(request, model, "")
+
+    @app.get("/v2/models/{model}/versions/{version}/stats")
+    async def version_stats(request: Request, model: str, version: str) -> Response:
+        return await stats(request, model, version)
 
     @app.post("/v2/models/{model}/infer")
     async def model_infer(request: Request, model: str) -> Response:

@@ -109,12 +109,44 @@ def decode_json_data(name: str, datatype: str, data: object) -> np.ndarray:
         for element in elements:
             if not isinstance(element, str):
                 raise InvalidInput(f"input {name!r}: BYTES data must be strings, got {type(element).__name__}")
-        return as_bytes_array(elements)
+        try:
+            return as_bytes_array(elements)
+        except UnicodeEncodeError as exc:
+            # JSON escapes can spell lone surrogates ("\\udc80"), which are not text and have no UTF-8 form.
+            raise InvalidInput(f"input {name!r}: BYTES data is not valid Unicode text: {exc.reason}") from None
+    # numpy would convert anything it can: "1.5" and 1.5 to INT32 1, "abc" to BOOL true, null to NaN. So the data is
+    # read as JSON gave it first, and its kind is checked against the datatype before the (range-checked) cast.
     try:
-        array = np.asarray(data, dtype=dtype)
+        values = np.asarray(data)
     except (ValueError, TypeError, OverflowError) as exc:
         raise InvalidInput(f"input {name!r}: data is not a flat or nested list of {datatype} values ({exc})") from None
-    return array.reshape(-1)
+    expected, allowed = _JSON_KINDS[dtype.kind]
+    if values.size and dtype.kind in "iu" and values.dtype.kind in "fO":
+        values = _exact_integers(name, datatype, data, values)
+    if values.size and values.dtype.kind not in allowed:
+        found = _KIND_NAMES.get(values.dtype.kind, "mixed or null values")
+        raise InvalidInput(f"input {name!r}: {datatype} data must be {expected}, got {found}")
+    if values.size and dtype.kind in "iu" and values.dtype != dtype:
+        info = np.iinfo(dtype)
+        if values.min() < info.min or values.max() > info.max:
+            raise InvalidInput(f"input {name!r}: a value does not fit {datatype} ({info.min} to {info.max})")
+    return values.astype(dtype, copy=False).reshape(-1)
+
+
+def _exact_integers(name: str, datatype: str, data: object, values: np.ndarray) -> np.ndarray:
+    # Integers past INT64 next to small ones make numpy choose float64 (or object for past UINT64), which is not a
+    # reason to refuse them: convert the JSON values exactly, once they are known to be whole numbers.
+    if values.dtype.kind == "f" and not np.array_equal(values, np.trunc(values)):
+        return values  # really fractional (or NaN): refused by the caller with the usual message
+    try:
+        return np.asarray(data, dtype=numpy_dtype(datatype))
+    except (ValueError, TypeError, OverflowError):
+        raise InvalidInput(f"input {name!r}: {datatype} data must be integers that fit {datatype}") from None
+
+
+#: numpy kind of a datatype -> (what its JSON data must be, numpy kinds of JSON data accepted for it).
+_JSON_KINDS = {"b": ("true/false", "b"), "i": ("integers", "iu"), "u": ("integers", "iu"), "f": ("numbers", "iuf")}
+_KIND_NAMES = {"b": "true/false", "i": "integers", "u": "integers", "f": "non-integer numbers", "U": "strings"}
 
 
 def encode_json_data(array: np.ndarray) -> list[Any]:
@@ -136,6 +168,10 @@ def decode_raw(name: str, datatype: str, raw: bytes | memoryview) -> np.ndarray:
             f"input {name!r}: {len(raw)} bytes of raw data is not a whole number of {datatype} elements "
             f"({wire.itemsize} bytes each)"
         )
+    if datatype == "BOOL":
+        # Any non-zero byte is true; reinterpreting bytes such as 0x02 as numpy bools would give values that are
+        # neither True nor False. The comparison makes the copy a model may write into.
+        return np.not_equal(np.frombuffer(raw, dtype=np.uint8), 0)
     # A copy: the model may modify its inputs in place, and the wire buffer is read-only.
     return np.frombuffer(raw, dtype=wire).astype(dtype, copy=True)
 

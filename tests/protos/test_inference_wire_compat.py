@@ -1,7 +1,9 @@
 """protos/inference.proto is wire-compatible with Triton's grpc_service.proto, as shipped inside tritonclient.
 
 Every message we declare must exist in Triton's proto with the same fields (numbers, names, types, cardinality),
-so that tritonclient and any other Triton-speaking tool talk to the runtimes unmodified.
+so that tritonclient and any other Triton-speaking tool talk to the runtimes unmodified. A few messages of Triton's
+model_config.proto (and ModelStatistics) are declared on purpose as subsets: every field we declare must still be
+Triton's, and omitted fields are simply absent on the wire.
 
 Our proto is compiled to a descriptor set here instead of importing protos.inference_pb2: both files define the
 `inference` package, and protobuf refuses two files defining the same symbols in one process's default pool.
@@ -16,11 +18,16 @@ from pathlib import Path
 
 import pytest
 from google.protobuf import descriptor_pb2
+from tritonclient.grpc import model_config_pb2 as triton_config
 from tritonclient.grpc import service_pb2 as triton
 
 ROOT = Path(__file__).resolve().parents[2]
 
 FieldKey = tuple[int, str, int, int, str]
+
+#: Messages we declare with only some of Triton's fields (the signature part of a model config; statistics
+#: without memory usage). Every other message must have all of Triton's fields.
+SUBSETS = {"ModelConfig", "ModelInput", "ModelOutput", "ModelStatistics"}
 
 
 def _compile_ours(out: Path) -> descriptor_pb2.FileDescriptorProto:
@@ -54,8 +61,13 @@ def ours(tmp_path_factory: pytest.TempPathFactory) -> descriptor_pb2.FileDescrip
 
 @pytest.fixture(scope="module")
 def theirs() -> descriptor_pb2.FileDescriptorProto:
+    # grpc_service.proto and model_config.proto share the `inference` package; one merged file is compared.
     proto = descriptor_pb2.FileDescriptorProto()
     triton.DESCRIPTOR.CopyToProto(proto)
+    config = descriptor_pb2.FileDescriptorProto()
+    triton_config.DESCRIPTOR.CopyToProto(config)
+    proto.message_type.extend(config.message_type)
+    proto.enum_type.extend(config.enum_type)
     return proto
 
 
@@ -70,9 +82,24 @@ def test_every_message_matches_triton(
     our_messages, their_messages = _messages(ours.message_type), _messages(theirs.message_type)
     assert "ModelInferRequest.InferInputTensor" in our_messages
     for name, message in our_messages.items():
-        assert name in their_messages, f"{name} is not in Triton's grpc_service.proto"
-        assert _fields(message) == _fields(their_messages[name]), f"{name} differs from Triton's"
-        assert [o.name for o in message.oneof_decl] == [o.name for o in their_messages[name].oneof_decl]
+        assert name in their_messages, f"{name} is not in Triton's grpc_service.proto or model_config.proto"
+        our_fields, their_fields = _fields(message), _fields(their_messages[name])
+        if name in SUBSETS:
+            for number, field in our_fields.items():
+                assert their_fields.get(number) == field, f"{name} field {number} differs from Triton's"
+            assert not message.oneof_decl, f"{name}: a subset declares no oneof"
+        else:
+            assert our_fields == their_fields, f"{name} differs from Triton's"
+            assert [o.name for o in message.oneof_decl] == [o.name for o in their_messages[name].oneof_decl]
+
+
+def test_enums_match_triton(
+    ours: descriptor_pb2.FileDescriptorProto, theirs: descriptor_pb2.FileDescriptorProto
+) -> None:
+    their_enums = {e.name: {v.name: v.number for v in e.value} for e in theirs.enum_type}
+    assert [e.name for e in ours.enum_type] == ["DataType"]
+    for enum in ours.enum_type:
+        assert {v.name: v.number for v in enum.value} == their_enums[enum.name], enum.name
 
 
 def test_service_methods_match_triton(
@@ -89,6 +116,8 @@ def test_service_methods_match_triton(
         "ServerMetadata",
         "ModelMetadata",
         "ModelInfer",
+        "ModelConfig",
+        "ModelStatistics",
     }
     for method in service.method:
         other = their_methods[method.name]

@@ -1,0 +1,123 @@
+"""Cumulative inference statistics of a runtime, in the shape of Triton's statistics extension.
+
+Both protocols report the same numbers: gRPC ModelStatistics and REST ``GET /v2/models/{m}/stats``. Durations are
+nanoseconds, as Triton reports them; ``last_inference`` is milliseconds since the epoch.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+#: The keys of Triton's InferStatistics, in its field order.
+INFER_STAGES = (
+    "success",
+    "fail",
+    "queue",
+    "compute_input",
+    "compute_infer",
+    "compute_output",
+    "cache_hit",
+    "cache_miss",
+)
+#: The keys of Triton's InferBatchStatistics durations.
+BATCH_STAGES = ("compute_input", "compute_infer", "compute_output")
+
+
+@dataclass
+class Duration:
+    """A count and a total duration in nanoseconds."""
+
+    count: int = 0
+    ns: int = 0
+
+    def add(self, ns: int, count: int = 1) -> None:
+        """Count ``count`` more occurrences that took ``ns`` altogether."""
+        self.count += count
+        self.ns += max(0, ns)
+
+
+@dataclass
+class Snapshot:
+    """The statistics at one moment (a copy: later inferences do not change it)."""
+
+    last_inference_ms: int
+    inference_count: int
+    execution_count: int
+    stages: dict[str, Duration]
+    #: batch size -> stage -> duration
+    batches: dict[int, dict[str, Duration]] = field(default_factory=dict)
+
+
+class Statistics:
+    """Thread-safe counters: requests finish on the event loop, predictions on worker threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last_inference_ms = 0
+        self._inference_count = 0
+        self._execution_count = 0
+        self._stages = {stage: Duration() for stage in INFER_STAGES}
+        self._batches: dict[int, dict[str, Duration]] = {}
+
+    def record_execution(self, batch_size: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
+        """One model execution over ``batch_size`` inferences (1 per request unless requests are batched)."""
+        with self._lock:
+            self._execution_count += 1
+            batch = self._batches.setdefault(batch_size, {stage: Duration() for stage in BATCH_STAGES})
+            batch["compute_input"].add(input_ns)
+            batch["compute_infer"].add(infer_ns)
+            batch["compute_output"].add(output_ns)
+
+    def record_success(self, total_ns: int, queue_ns: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
+        """One successful inference request and how long each stage of it took."""
+        with self._lock:
+            self._last_inference_ms = time.time_ns() // 1_000_000
+            self._inference_count += 1
+            self._stages["success"].add(total_ns)
+            self._stages["queue"].add(queue_ns)
+            self._stages["compute_input"].add(input_ns)
+            self._stages["compute_infer"].add(infer_ns)
+            self._stages["compute_output"].add(output_ns)
+
+    def record_failure(self, total_ns: int) -> None:
+        """One inference request that failed (bad input, model error, not ready)."""
+        with self._lock:
+            self._last_inference_ms = time.time_ns() // 1_000_000
+            self._stages["fail"].add(total_ns)
+
+    def snapshot(self) -> Snapshot:
+        """A consistent copy of every counter."""
+        with self._lock:
+            return Snapshot(
+                last_inference_ms=self._last_inference_ms,
+                inference_count=self._inference_count,
+                execution_count=self._execution_count,
+                stages={k: Duration(v.count, v.ns) for k, v in self._stages.items()},
+                batches={
+                    size: {k: Duration(v.count, v.ns) for k, v in stages.items()}
+                    for size, stages in sorted(self._batches.items())
+                },
+            )
+
+
+def snapshot_json(name: str, version: str, snapshot: Snapshot) -> dict[str, Any]:
+    """One entry of Triton's REST ``model_stats`` list."""
+
+    def duration(d: Duration) -> dict[str, int]:
+        return {"count": d.count, "ns": d.ns}
+
+    return {
+        "name": name,
+        "version": version,
+        "last_inference": snapshot.last_inference_ms,
+        "inference_count": snapshot.inference_count,
+        "execution_count": snapshot.execution_count,
+        "inference_stats": {stage: duration(d) for stage, d in snapshot.stages.items()},
+        "batch_stats": [
+            {"batch_size": size, **{stage: duration(d) for stage, d in stages.items()}}
+            for size, stages in snapshot.batches.items()
+        ],
+    }

@@ -1,0 +1,42 @@
+"""Session fixtures: the echo runtimes of oip_echo.py (every datatype), shared by conformance and fuzz tests.
+
+Both runtimes are real `python -m runtimes` processes on free ports, stopped at the end of the session.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from oip_echo import DATATYPES, TYPED_DATATYPES, EchoRuntime, start_echo
+
+from manager_api.processes import http_ok, wait_until
+
+
+@pytest.fixture(scope="session")
+def echo_runtimes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, EchoRuntime]]:
+    """``alltypes`` and ``typed`` echo runtimes, ready."""
+    base = tmp_path_factory.mktemp("echo")
+    started: list[EchoRuntime] = []
+    try:
+        # Both start before either is awaited: their imports overlap.
+        for name, datatypes in (("alltypes", DATATYPES), ("typed", TYPED_DATATYPES)):
+            started.append(start_echo(base / name, name, datatypes, base / "logs"))
+        for runtime in started:
+            url = f"http://{runtime.http_url}/v2/health/ready"
+            wait_until(lambda r=runtime, u=url: not r.process.running or http_ok(u), 60, f"{runtime.name} ready")
+            assert runtime.process.running, f"{runtime.name} exited:\n{runtime.log()}"
+        yield {runtime.name: runtime for runtime in started}
+    finally:
+        for runtime in started:
+            runtime.process.stop(grace=10)
+
+
+@pytest.fixture(scope="session")
+def alltypes(echo_runtimes: dict[str, EchoRuntime]) -> EchoRuntime:
+    return echo_runtimes["alltypes"]
+
+
+@pytest.fixture(scope="session")
+def typed(echo_runtimes: dict[str, EchoRuntime]) -> EchoRuntime:
+    return echo_runtimes["typed"]
