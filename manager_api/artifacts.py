@@ -19,6 +19,7 @@ from pathlib import Path
 from manager_api.archives import MAX_UNPACKED_BYTES, model_root, unpack_archive
 from protos.topology import Artifact
 from runtimes.serving_config import ServingConfig, load_serving_config
+from runtimes.signatures import DEFAULT_TIMEOUT, verify_signature
 
 _CHUNK = 1024 * 1024
 
@@ -40,9 +41,12 @@ class StagedUpload:
 class ArtifactStore:
     """Keeps model archives by sha256 and hands out their unpacked folders."""
 
-    def __init__(self, root: Path, max_upload_bytes: int = 2 * 1024**3) -> None:
+    def __init__(
+        self, root: Path, max_upload_bytes: int = 2 * 1024**3, signature_timeout: float = DEFAULT_TIMEOUT
+    ) -> None:
         self.root = root
         self.max_upload_bytes = max_upload_bytes
+        self.signature_timeout = signature_timeout
         self._staging = root / "staging"
         self._blobs = root / "blobs" / "sha256"
         self._folders = root / "folders" / "sha256"
@@ -69,9 +73,15 @@ class ArtifactStore:
             shutil.rmtree(workdir, ignore_errors=True)
 
     def check(self, upload: StagedUpload) -> ServingConfig:
-        """Unpack in staging and read serving.yaml; ArchiveError / ServingConfigError say what is wrong."""
+        """Unpack in staging, read serving.yaml and check the declared signature against the model itself.
+
+        Blocking (the signature check loads the model in a child process): call it off the event loop.
+        ArchiveError / ServingConfigError (SignatureMismatch naming the field among them) say what is wrong.
+        """
         folder = unpack_archive(upload.archive, upload.workdir / "unpacked", MAX_UNPACKED_BYTES)
-        return load_serving_config(folder)
+        config = load_serving_config(folder)
+        verify_signature(folder, config, self.signature_timeout)
+        return config
 
     def keep(self, upload: StagedUpload) -> Artifact:
         """Move a checked upload into the store (no-op if the same bytes are already there)."""

@@ -23,6 +23,9 @@ class ModelRuntime(ABC):
 
     #: The ``runtime:`` value of serving.yaml this class serves; also reported as the model's platform.
     kind: ClassVar[str]
+    #: Requests of at most this many rows (first dimension) may be predicted on the event loop when the data plane
+    #: has measured them to be cheap; 0 (user code, whose cost can depend on the data) always uses worker threads.
+    inline_rows: ClassVar[int] = 0
 
     def __init__(self, model_dir: Path, config: ServingConfig) -> None:
         self.model_dir = model_dir
@@ -42,6 +45,11 @@ class ModelRuntime(ABC):
 _REGISTRY: dict[str, str] = {
     "python": "runtimes.python_model:PythonModelRuntime",
     "sklearn": "runtimes.sklearn_model:SklearnRuntime",
+    "onnx": "runtimes.onnx_model:OnnxRuntime",
+    "xgboost": "runtimes.xgboost_model:XGBoostRuntime",
+    "lightgbm": "runtimes.lightgbm_model:LightGBMRuntime",
+    "tensorflow": "runtimes.tensorflow_model:TensorFlowRuntime",
+    "spark": "runtimes.spark_model:SparkRuntime",
 }
 _LOADED: dict[str, type[ModelRuntime]] = {}
 

@@ -16,7 +16,7 @@ from protos.topology import Signature
 SERVING_FILE = "serving.yaml"
 
 #: Runtime kinds this version can serve; each has a module in runtimes/.
-RUNTIME_KINDS = ("python", "sklearn")
+RUNTIME_KINDS = ("python", "sklearn", "onnx", "xgboost", "lightgbm", "tensorflow", "spark")
 
 
 class ServingConfigError(ValueError):
@@ -81,7 +81,8 @@ def load_serving_config(model_dir: Path) -> ServingConfig:
     if not path.is_file():
         raise ServingConfigError(f"{SERVING_FILE} not found in the model folder")
     config = parse_serving_config(path.read_text(encoding="utf-8", errors="replace"))
-    missing = [name for name in config.files if not (model_dir / name).is_file()]
+    # A listed entry may be a folder: TensorFlow SavedModels and Spark ML models are directories.
+    missing = [name for name in config.files if not (model_dir / name).exists()]
     if missing:
         raise ServingConfigError(f"files listed in serving.yaml are missing from the folder: {', '.join(missing)}")
     return config

@@ -166,8 +166,8 @@ def test_zip_archive_with_a_top_folder_is_accepted(manager: Manager) -> None:
         (tar_with({"serving.yaml": b"runtime: [unclosed"}), ["not valid YAML"]),
         (tar_with({"serving.yaml": b"runtime: python\nfiles: []\n"}), ["signature", "Field required"]),
         (
-            tar_with({"serving.yaml": SERVING_YAML.replace("python", "tensorflow").encode()}),
-            ["runtime", "tensorflow"],
+            tar_with({"serving.yaml": SERVING_YAML.replace("python", "caffe").encode()}),
+            ["runtime", "caffe"],
         ),
         (tar_with({"serving.yaml": SERVING_YAML.encode()}), ["missing", "model.py"]),
         (

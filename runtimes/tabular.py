@@ -1,0 +1,53 @@
+"""What the tabular runtimes (scikit-learn, XGBoost, LightGBM) share: one feature matrix in, outputs by name.
+
+An output whose name contains "proba" is the class probabilities, shape [-1, classes] (``predict_proba``); every
+other output is the prediction: the class index for classifiers, the value for regressors.
+"""
+
+from __future__ import annotations
+
+from protos.topology import Signature, TensorSpec
+from runtimes.errors import ModelLoadError
+from runtimes.serving_config import ServingConfig
+
+
+def is_proba(output_name: str) -> bool:
+    """Whether an output of this name is served as class probabilities."""
+    return "proba" in output_name.lower()
+
+
+def feature_input(config: ServingConfig) -> str:
+    """The name of the single input (the feature matrix); ModelLoadError if the signature has several."""
+    if len(config.signature.inputs) != 1:
+        names = ", ".join(spec.name for spec in config.signature.inputs)
+        raise ModelLoadError(f"the {config.runtime} runtime takes exactly one input (the feature matrix), got: {names}")
+    return config.signature.inputs[0].name
+
+
+def tabular_signature(
+    config: ServingConfig,
+    num_features: int | None,
+    classes: int | None,
+    predict_shape: list[int] | None,
+    what: str,
+) -> Signature:
+    """The signature a tabular model implies, with the declared names and datatypes (frameworks convert those).
+
+    ``num_features`` and ``classes`` are None when the model does not know them; ``classes`` None also means a
+    declared probabilities output is an error (``what`` names the model in that message). ``predict_shape`` None
+    keeps the declared shape of prediction outputs.
+    """
+    feature_input(config)
+    declared = config.signature.inputs[0]
+    width = -1 if num_features is None or num_features <= 0 else num_features
+    inputs = [TensorSpec(name=declared.name, datatype=declared.datatype, shape=[-1, width])]
+    outputs = []
+    for spec in config.signature.outputs:
+        if is_proba(spec.name):
+            if classes is None:
+                raise ModelLoadError(f"output {spec.name!r} asks for class probabilities, but {what} is no classifier")
+            outputs.append(TensorSpec(name=spec.name, datatype=spec.datatype, shape=[-1, classes]))
+        else:
+            shape = spec.shape if predict_shape is None else predict_shape
+            outputs.append(TensorSpec(name=spec.name, datatype=spec.datatype, shape=shape))
+    return Signature(inputs=inputs, outputs=outputs)

@@ -1,0 +1,103 @@
+"""The onnx runtime in process: graphs built with onnx's helper API, answers compared with onnxruntime's own."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import pytest
+from framework_models import LINEAR_B, LINEAR_W, ROWS, onnx_classifier, onnx_linear, serve_in_process
+
+from protos.topology import Signature, TensorSpec
+from runtimes.base import create_runtime
+from runtimes.errors import ModelLoadError
+from runtimes.onnx_model import OnnxRuntime, signature_of
+from runtimes.serving_config import load_serving_config
+
+
+def _loaded(folder: Path) -> OnnxRuntime:
+    runtime = create_runtime(folder, load_serving_config(folder))
+    assert isinstance(runtime, OnnxRuntime)
+    runtime.load()
+    return runtime
+
+
+def _own_answers(path: Path, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feed), strict=True))
+
+
+def test_linear_graph(tmp_path: Path) -> None:
+    runtime = _loaded(onnx_linear(tmp_path / "m"))
+    assert runtime.kind == "onnx"
+    result = runtime.predict({"x": ROWS})
+    np.testing.assert_allclose(result["y"], ROWS @ LINEAR_W + LINEAR_B, rtol=1e-5)
+
+
+def test_inputs_of_another_numeric_type_are_converted(tmp_path: Path) -> None:
+    runtime = _loaded(onnx_linear(tmp_path / "m"))
+    result = runtime.predict({"x": ROWS.astype(np.float64)})
+    assert result["y"].dtype == np.float32
+
+
+async def test_classifier_outputs_by_name_through_the_data_plane(tmp_path: Path) -> None:
+    folder = onnx_classifier(tmp_path / "m")
+    outputs = await serve_in_process(folder, {"input": ROWS})
+    expected = _own_answers(folder / "iris.onnx", {"input": ROWS})
+    assert outputs["label"].dtype == np.int64
+    np.testing.assert_array_equal(outputs["label"], expected["label"])
+    np.testing.assert_allclose(outputs["probabilities"], expected["probabilities"], rtol=1e-6)
+    assert outputs["label"].tolist() == [0, 0, 1, 1, 2, 2]
+    # The graph's third output ("logits") is not declared, so it is not served.
+    assert set(outputs) == {"label", "probabilities"}
+
+
+def test_signature_is_the_graph(tmp_path: Path) -> None:
+    folder = onnx_classifier(tmp_path / "m")
+    assert signature_of(folder, load_serving_config(folder)) == Signature(
+        inputs=[TensorSpec(name="input", datatype="FP32", shape=[-1, 4])],
+        outputs=[
+            TensorSpec(name="label", datatype="INT64", shape=[-1]),
+            TensorSpec(name="probabilities", datatype="FP32", shape=[-1, 3]),
+            TensorSpec(name="logits", datatype="FP32", shape=[-1, 3]),
+        ],
+    )
+
+
+def test_shape_mismatch_names_the_field(tmp_path: Path) -> None:
+    folder = onnx_linear(tmp_path / "m", features=3)
+    with pytest.raises(ModelLoadError) as error:
+        _loaded(folder)
+    assert str(error.value) == "signature.inputs[0].shape: the ONNX graph says [-1, 4], serving.yaml says [-1, 3]"
+
+
+def test_datatype_and_output_mismatches(tmp_path: Path) -> None:
+    folder = onnx_classifier(tmp_path / "m")
+    yaml = (folder / "serving.yaml").read_text()
+    (folder / "serving.yaml").write_text(
+        yaml.replace("name: input, datatype: FP32", "name: input, datatype: FP64").replace("probabilities", "proba")
+    )
+    with pytest.raises(ModelLoadError) as error:
+        _loaded(folder)
+    message = str(error.value)
+    assert "signature.inputs[0].datatype: the ONNX graph says FP32, serving.yaml says FP64" in message
+    assert "signature.outputs[1].name: the ONNX graph has no output 'proba'" in message
+    assert "'probabilities'" in message
+
+
+def test_undeclared_graph_input(tmp_path: Path) -> None:
+    folder = onnx_linear(tmp_path / "m")
+    yaml = (folder / "serving.yaml").read_text().replace("name: x,", "name: features,")
+    (folder / "serving.yaml").write_text(yaml)
+    with pytest.raises(ModelLoadError, match=r"the ONNX graph needs input 'x' \(FP32 \[-1, 4\]\)"):
+        _loaded(folder)
+
+
+@pytest.mark.parametrize("content", [b"", b"not an onnx model", b"\x08\x07\x12\x03abc"])
+def test_bad_file_is_a_clear_load_error(tmp_path: Path, content: bytes) -> None:
+    folder = onnx_linear(tmp_path / "m")
+    (folder / "linear.onnx").write_bytes(content)
+    with pytest.raises(ModelLoadError, match=r"cannot load linear\.onnx with onnxruntime"):
+        _loaded(folder)
