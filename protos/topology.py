@@ -234,6 +234,15 @@ class RateLimitPolicy(_Policy):
         return self.burst if self.burst is not None else self.requests_per_second
 
 
+class BatchingPolicy(_Policy):
+    """Adaptive batching in the runtime: concurrent requests are predicted together (see docs/runtimes.md)."""
+
+    max_batch_size: int = Field(ge=2, le=4096, description="most rows in one predict call")
+    max_delay_ms: float = Field(
+        default=2.0, ge=0, le=1_000, description="longest a request waits for others to join its batch"
+    )
+
+
 class Policies(_Policy):
     """Traffic policies of one model version, enforced by the ingress Envoy (see docs/traffic_policies.md)."""
 
@@ -248,6 +257,9 @@ class Policies(_Policy):
         ge=1,
         le=4 * 1024**3 - 1,
         description="largest request body accepted; unset: no limit at the ingress",
+    )
+    batching: BatchingPolicy | None = Field(
+        default=None, description="adaptive batching in the runtime (not the ingress); unset: off"
     )
 
     @model_validator(mode="after")

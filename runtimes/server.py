@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import importlib.metadata
 import logging
 import os
@@ -26,12 +27,15 @@ from typing import Any
 
 import grpc
 import uvicorn
+import uvloop
 
 from runtimes.base import create_runtime
+from runtimes.batching import BatchingOptions
 from runtimes.dataplane import DataPlane, default_predict_threads
 from runtimes.errors import ModelLoadError
 from runtimes.grpc_service import HealthReporter, create_grpc_server
 from runtimes.rest import create_app
+from runtimes.rest_fast import with_fast_infer
 from runtimes.serving_config import ServingConfigError, load_serving_config
 
 log = logging.getLogger("runtimes")
@@ -53,6 +57,8 @@ class Options:
     log_level: str = "info"
     shutdown_grace: float = 5.0
     predict_threads: int = 0
+    max_batch_size: int = 0
+    max_batch_delay_ms: float = 2.0
 
     @property
     def max_message_bytes(self) -> int:
@@ -85,7 +91,23 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         default=0,
         help=f"worker threads for predict calls (default: {default_predict_threads()} on this machine)",
     )
+    parser.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=0,
+        help="adaptive batching: most rows per predict call; 0 or 1 turns batching off (default: 0)",
+    )
+    parser.add_argument(
+        "--max-batch-delay-ms",
+        type=float,
+        default=2.0,
+        help="adaptive batching: longest a request waits for others to join its batch (default: 2)",
+    )
     args = parser.parse_args(argv)
+    if args.max_batch_size < 0:
+        parser.error("--max-batch-size must be >= 0")
+    if not 0 <= args.max_batch_delay_ms <= 10_000:
+        parser.error("--max-batch-delay-ms must be between 0 and 10000")
     if args.version < 1:
         parser.error("--version must be a positive integer")
     if args.max_message_mb < 1:
@@ -101,6 +123,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         log_level=args.log_level,
         shutdown_grace=args.shutdown_grace,
         predict_threads=args.predict_threads,
+        max_batch_size=args.max_batch_size,
+        max_batch_delay_ms=args.max_batch_delay_ms,
     )
 
 
@@ -198,7 +222,10 @@ async def serve(options: Options) -> int:
         return _fail(f"cannot load {where}: {exc}")
 
     executor = _CountingExecutor(options.predict_threads or default_predict_threads())
-    dataplane = DataPlane(runtime, name=options.name, version=options.version, executor=executor)
+    batching = (
+        BatchingOptions(options.max_batch_size, options.max_batch_delay_ms) if options.max_batch_size > 1 else None
+    )
+    dataplane = DataPlane(runtime, name=options.name, version=options.version, executor=executor, batching=batching)
     version = server_version()
     grpc_server, health = create_grpc_server(
         dataplane, server_version=version, max_message_bytes=options.max_message_bytes
@@ -217,11 +244,13 @@ async def serve(options: Options) -> int:
     app = create_app(dataplane, server_version=version, max_body_bytes=options.max_message_bytes)
     http = _HttpServer(
         uvicorn.Config(
-            app,
+            with_fast_infer(app, dataplane, max_body_bytes=options.max_message_bytes),
             lifespan="off",
             log_config=None,
             access_log=options.log_level == "debug",
             server_header=False,
+            # The sidecar is the only client; rewriting client addresses from headers would only cost time.
+            proxy_headers=False,
             timeout_graceful_shutdown=max(1, round(options.shutdown_grace)),
         )
     )
@@ -236,6 +265,10 @@ async def serve(options: Options) -> int:
     code = 0
     await asyncio.wait({load_task, stop_task, http_task}, return_when=asyncio.FIRST_COMPLETED)
     if load_task.done() and not load_task.cancelled() and load_task.exception() is None:
+        # Everything loaded so far (libraries, the model) lives as long as the process and is never garbage: keep
+        # the collector's full passes under load from rescanning it (a pause for every request in flight).
+        gc.collect()
+        gc.freeze()
         await health.set_serving(True)
         log.info("ready: model %r version %d", options.name, options.version)
         await asyncio.wait({stop_task, http_task}, return_when=asyncio.FIRST_COMPLETED)
@@ -300,4 +333,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m runtimes``."""
     options = parse_args(argv)
     configure_logging(options.log_level)
-    return asyncio.run(serve(options))
+    # uvloop (as MLServer and uvicorn[standard] use): measured ~1.3x the requests per second of the default loop
+    # for both grpc.aio and uvicorn on a small model.
+    return uvloop.run(serve(options))

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from typing import Any, Protocol
 
 from manager_api.deployer.replica import InstanceRegistry, Replica, ReplicaConfig
-from protos.topology import Deployment, ModelVersion
+from protos.topology import BatchingPolicy, Deployment, ModelVersion
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ class ProcessDeployer:
         self._resync_interval = resync_interval
         self._drain_seconds = drain_seconds
         self._ads_api_type = ads_api_type
+        self._batching: dict[ModelKey, BatchingPolicy | None] = {}
         self.replicas: dict[ModelKey, list[Replica]] = {}
         self._starting: set[asyncio.Task[None]] = set()
         self._stopping: set[asyncio.Task[None]] = set()
@@ -116,7 +117,10 @@ class ProcessDeployer:
 
     async def reconcile(self) -> None:
         """One pass: crashed replicas handled, missing ones started, extra ones drained."""
-        desired = {(d.model, d.version): d.replicas for d in await self._desired.list_deployments()}
+        deployments = await self._desired.list_deployments()
+        desired = {(d.model, d.version): d.replicas for d in deployments}
+        # Replicas started from now on get the deployment's current batching policy; running ones keep theirs.
+        self._batching = {(d.model, d.version): d.policies.batching for d in deployments}
         for key, replicas in list(self.replicas.items()):
             for replica in replicas:
                 if replica.state == "ready" and not replica.alive():
@@ -154,6 +158,7 @@ class ProcessDeployer:
             workdir=self._workdir,
             drain_seconds=self._drain_seconds,
             ads_api_type=self._ads_api_type,
+            batching=self._batching.get(key),
         )
 
     def _launch(self, replica: Replica) -> None:
