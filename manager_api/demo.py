@@ -73,12 +73,12 @@ def usage(ingress_url: str) -> str:
 
   curl -s -X POST {ingress_url}/v2/models/{DEMO_APP}/infer -H 'content-type: application/json' -d '{body}'
 
-or with tritonclient over gRPC (the x-hydro-model header names the application):
+or with tritonclient over gRPC (the model name in the request picks the application):
 
   import numpy as np, tritonclient.grpc as grpcclient
   client = grpcclient.InferenceServerClient("{host}")
   x = grpcclient.InferInput("input", [2, 4], "FP64")
   x.set_data_from_numpy(np.array({DEMO_ROWS}))
-  result = client.infer("{DEMO_APP}", [x], headers={{"x-hydro-model": "{DEMO_APP}"}})
+  result = client.infer("{DEMO_APP}", [x])
   print(result.as_numpy("label"))
 """

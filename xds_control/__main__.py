@@ -18,6 +18,7 @@ from xds_control.convergence import ConvergenceTracker
 from xds_control.etcd_watch import ETCD_CLIENT_OPTIONS, EtcdTopologyWatch
 from xds_control.metrics import MetricsCallbacks, XdsMetrics
 from xds_control.observers import FanOutCallbacks, ObservedNodes
+from xds_control.resources import DEFAULT_MAX_REQUEST_BYTES
 from xds_control.server import AdsServer
 from xds_control.snapshot import SnapshotCache
 from xds_control.status import ProxyStatusWriter
@@ -35,8 +36,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-delay-ms", type=float, default=300, help="debounce: longest delay of a push")
     parser.add_argument("--metrics-host", default="127.0.0.1", help="address of the Prometheus /metrics endpoint")
     parser.add_argument("--metrics-port", type=int, default=0, help="port of /metrics (0: not served)")
+    parser.add_argument(
+        "--max-request-mb",
+        type=int,
+        default=DEFAULT_MAX_REQUEST_BYTES // 2**20,
+        help="largest request body (MiB) the ingress and sidecars take; 413 / RESOURCE_EXHAUSTED beyond it",
+    )
     parser.add_argument("--log-level", default="INFO")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.max_request_mb < 1:
+        parser.error("--max-request-mb must be at least 1")
+    return args
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -50,7 +60,7 @@ async def serve(args: argparse.Namespace) -> None:
     convergence = ConvergenceTracker(metrics)
     status = ProxyStatusWriter(client, keys)
     await status.start()
-    controller = Controller(cache, metrics, convergence)
+    controller = Controller(cache, metrics, convergence, max_request_bytes=args.max_request_mb * 2**20)
     nodes = ObservedNodes(controller, metrics, status)
     callbacks = FanOutCallbacks([MetricsCallbacks(metrics), convergence, status])
     if args.metrics_port:

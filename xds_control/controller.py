@@ -14,6 +14,7 @@ from envoy.config.core.v3 import base_pb2
 from xds_control.build_cache import BuildCache
 from xds_control.convergence import ConvergenceTracker
 from xds_control.metrics import XdsMetrics
+from xds_control.resources import DEFAULT_MAX_REQUEST_BYTES
 from xds_control.snapshot import InconsistentSnapshot, Snapshot, SnapshotCache
 from xds_control.topology import Topology
 from xds_control.translate import NodeInfo, snapshot_for
@@ -29,8 +30,10 @@ class Controller:
         cache: SnapshotCache,
         metrics: XdsMetrics | None = None,
         convergence: ConvergenceTracker | None = None,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     ) -> None:
         self.cache = cache
+        self.max_request_bytes = max_request_bytes
         self._metrics = metrics
         self._convergence = convergence
         # One cache per node: sweeping after a build must not drop what another node's build still uses.
@@ -78,7 +81,8 @@ class Controller:
 
     def _rebuild(self, info: NodeInfo) -> Snapshot | None:
         try:
-            snapshot = snapshot_for(self.topology, info, self._build_caches.setdefault(info.node_id, BuildCache()))
+            build_cache = self._build_caches.setdefault(info.node_id, BuildCache())
+            snapshot = snapshot_for(self.topology, info, build_cache, self.max_request_bytes)
         except (ValueError, InconsistentSnapshot) as exc:
             # Keep the node on its last good snapshot; a broken topology must not reach any proxy.
             log.error("not updating %s at revision %d: %s", info.node_id, self.topology.revision, exc)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
@@ -23,15 +24,18 @@ from envoy.config.core.v3 import (
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.clusters.aggregate.v3 import cluster_pb2 as aggregate_pb2
 from envoy.extensions.filters.http.buffer.v3 import buffer_pb2
+from envoy.extensions.filters.http.grpc_field_extraction.v3 import config_pb2 as field_extraction_pb2
 from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2
+from envoy.extensions.filters.http.lua.v3 import lua_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
-from envoy.type.matcher.v3 import string_pb2
+from envoy.type.matcher.v3 import metadata_pb2, string_pb2, value_pb2
 from envoy.type.v3 import percent_pb2, token_bucket_pb2
-from google.protobuf import any_pb2, duration_pb2, struct_pb2
+from google.protobuf import any_pb2, descriptor_pb2, duration_pb2, struct_pb2
 from google.protobuf.message import Message
 
 from protos.topology import (
@@ -59,6 +63,60 @@ GRPC_SERVICE_PREFIX = "/inference.GRPCInferenceService/"
 _HTTP_OPTIONS_KEY = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 RATE_LIMIT_FILTER = "envoy.filters.http.local_ratelimit"
 BUFFER_FILTER = "envoy.filters.http.buffer"
+FIELD_EXTRACTION_FILTER = "envoy.filters.http.grpc_field_extraction"
+ROUTE_REFRESH_FILTER = "envoy.filters.http.lua"
+#: A second buffer filter, in front of the field extraction: it answers 413 past the mesh's request limit
+#: (the extraction's own overflow answer is FAILED_PRECONDITION, which tells a client nothing).
+REQUEST_LIMIT_FILTER = "hydro.request_limit"
+
+#: The descriptor set of protos/inference.proto (`make protos`): the field extraction parses requests with it.
+#: Read from the file, never from protos.inference_pb2, whose `inference` package clashes with tritonclient's.
+INFERENCE_DESCRIPTOR_SET = Path(__file__).resolve().parents[1] / "protos" / "inference_descriptor.pb"
+GRPC_SERVICE = "inference.GRPCInferenceService"
+#: Route metadata (under ROUTE_REFRESH_FILTER) with the request limit of the route's model version(s).
+MAX_REQUEST_BYTES_KEY = "max_request_bytes"
+#: The OIP methods whose request names a model, and its (model, version) fields. The extraction stores each
+#: field in dynamic metadata under its own name, as a list of strings.
+MODEL_METHODS: dict[str, tuple[str, str]] = {
+    "ModelInfer": ("model_name", "model_version"),
+    "ModelMetadata": ("name", "version"),
+    "ModelReady": ("name", "version"),
+    "ModelConfig": ("name", "version"),
+    "ModelStatistics": ("name", "version"),
+}
+#: The (model, version) field pairs of MODEL_METHODS: a route by name exists once per pair.
+NAME_FIELDS = (("model_name", "model_version"), ("name", "version"))
+#: The OIP methods about the server as a whole; the ingress sends them to any ready instance.
+SERVER_METHODS = ("ServerLive", "ServerReady", "ServerMetadata")
+#: A cluster over every deployed model version's cluster (Envoy's aggregate cluster): the first with a healthy
+#: host answers.
+ANY_INSTANCE_CLUSTER = "any|ready"
+#: Runs after the field extraction: re-chooses the route, now that the model name is in the dynamic metadata.
+#: The route was chosen on the headers, before the body came, and Envoy keeps it unless a filter clears the
+#: route cache. The body reaches the buffer filter after this in one piece, which it does not check, so the
+#: new route's max_request_bytes (its metadata) is checked here. Kept this short on purpose: copying the
+#: extracted fields into metadata of our own here cost up to 30 % of the ingress's gRPC throughput (noisy).
+_ROUTE_REFRESH_LUA = f"""\
+function envoy_on_request(handle)
+  handle:clearRouteCache()
+  local limit = handle:metadata():get("{MAX_REQUEST_BYTES_KEY}")
+  if limit ~= nil then
+    local body = handle:body()
+    if body ~= nil and body:length() > limit then
+      handle:respond({{[":status"] = "413"}}, "request body too large")
+    end
+  end
+end
+"""
+
+#: Default largest request body at the ingress (and message size of runtimes the deployer starts): a 256 MiB
+#: tensor plus its request's framing and JSON header. xds_control --max-request-mb changes it.
+DEFAULT_MAX_REQUEST_BYTES = 288 * 2**20
+#: Upstream connection buffers: bodies stream through them under flow control, so they need not hold a whole
+#: tensor; larger than Envoy's 1 MiB default so that big tensors move in fewer, larger writes.
+UPSTREAM_BUFFER_BYTES = 16 * 2**20
+#: HTTP/2's largest flow-control window (2^31 - 1).
+_MAX_HTTP2_WINDOW = 2**31 - 1
 
 #: Authority of active health checks: the default (the cluster name, with '|') is not a valid :authority.
 HEALTH_CHECK_AUTHORITY = "health.hydro"
@@ -71,8 +129,22 @@ RATE_LIMITED_MESSAGE = (
     "too many requests: the model version's rate limit (policies.rate_limit in its deployment) is exceeded; retry later"
 )
 GRPC_DEADLINE_EXCEEDED = "4"
+GRPC_NOT_FOUND = "5"
 GRPC_RESOURCE_EXHAUSTED = "8"
-TOO_LARGE_MESSAGE = "request body too large: the model version's policies.max_request_bytes is exceeded"
+TOO_LARGE_MESSAGE = (
+    "request body too large: the model version's policies.max_request_bytes or the mesh's limit "
+    "(xds_control --max-request-mb) is exceeded"
+)
+#: The answer to a gRPC call naming no application or model version the mesh knows (a substitution format:
+#: the model name and version come from the field extraction's dynamic metadata, as lists).
+UNKNOWN_MODEL_FORMAT = (
+    "no application or model version named {model} ({model_field}; {version_field} {version}); "
+    "the manager's GET /api/v1/applications lists them"
+)
+UNKNOWN_HEADER_FORMAT = (
+    f"no application named %REQ({GRPC_MODEL_HEADER})% by the {GRPC_MODEL_HEADER} request header; "
+    "the manager's GET /api/v1/applications lists them"
+)
 
 
 def pack(message: Message) -> any_pb2.Any:
@@ -128,6 +200,7 @@ def eds_cluster(
         eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads()),
         connect_timeout=_seconds(connect_timeout),
         lb_policy=cluster_pb2.Cluster.ROUND_ROBIN,
+        per_connection_buffer_limit_bytes={"value": UPSTREAM_BUFFER_BYTES},
     )
     for key, value in _http2_options().items():
         cluster.typed_extension_protocol_options[key].CopyFrom(value)
@@ -213,11 +286,25 @@ def static_cluster(name: str, host: str, port: int, http2: bool, connect_timeout
         type=cluster_pb2.Cluster.STATIC,
         connect_timeout=_seconds(connect_timeout),
         load_assignment=load_assignment(name, [(host, port)]),
+        per_connection_buffer_limit_bytes={"value": UPSTREAM_BUFFER_BYTES},
     )
     if http2:
         for key, value in _http2_options().items():
             cluster.typed_extension_protocol_options[key].CopyFrom(value)
     return cluster
+
+
+def aggregate_cluster(name: str, clusters: Sequence[str]) -> cluster_pb2.Cluster:
+    """Envoy's aggregate cluster over ``clusters``: requests go to the first one (in order) with healthy hosts."""
+    return cluster_pb2.Cluster(
+        name=name,
+        connect_timeout=_seconds(1.0),
+        lb_policy=cluster_pb2.Cluster.CLUSTER_PROVIDED,
+        cluster_type=cluster_pb2.Cluster.CustomClusterType(
+            name="envoy.clusters.aggregate",
+            typed_config=pack(aggregate_pb2.ClusterConfig(clusters=list(clusters))),
+        ),
+    )
 
 
 def load_assignment(cluster_name: str, endpoints: Sequence[tuple[str, int]]) -> endpoint_pb2.ClusterLoadAssignment:
@@ -255,6 +342,33 @@ def _all_of(*filters: accesslog_pb2.AccessLogFilter) -> accesslog_pb2.AccessLogF
     return accesslog_pb2.AccessLogFilter(and_filter=accesslog_pb2.AndFilter(filters=list(filters)))
 
 
+def _extracted(field: str) -> accesslog_pb2.AccessLogFilter:
+    return accesslog_pb2.AccessLogFilter(
+        metadata_filter=accesslog_pb2.MetadataFilter(
+            matcher=metadata_pb2.MetadataMatcher(
+                filter=FIELD_EXTRACTION_FILTER,
+                path=[metadata_pb2.MetadataMatcher.PathSegment(key=field)],
+                value=value_pb2.ValueMatcher(present_match=True),
+            ),
+            match_if_key_not_found={"value": False},
+        )
+    )
+
+
+def _has_header(name: str) -> accesslog_pb2.AccessLogFilter:
+    return accesslog_pb2.AccessLogFilter(
+        header_filter=accesslog_pb2.HeaderFilter(
+            header=route_components_pb2.HeaderMatcher(name=name, present_match=True)
+        )
+    )
+
+
+def _text(format_string: str) -> substitution_format_string_pb2.SubstitutionFormatString:
+    return substitution_format_string_pb2.SubstitutionFormatString(
+        text_format_source=base_pb2.DataSource(inline_string=format_string)
+    )
+
+
 def _local_reply_config() -> hcm_pb2.LocalReplyConfig:
     """Envoy's own replies speak the Open Inference Protocol: JSON {"error"} for REST, plain grpc-message.
 
@@ -273,6 +387,33 @@ def _local_reply_config() -> hcm_pb2.LocalReplyConfig:
             body=base_pb2.DataSource(inline_string=TOO_LARGE_MESSAGE),
             body_format_override=_plain_text(),
             headers_to_add=[_set_header("grpc-status", GRPC_RESOURCE_EXHAUSTED)],
+        ),
+        # No route for the model a gRPC call names: NOT_FOUND naming it (Envoy's own mapping of 404 would be
+        # UNIMPLEMENTED, which tells a client the method does not exist).
+        hcm_pb2.ResponseMapper(
+            filter=_all_of(grpc, _status_is(404), _has_header(GRPC_MODEL_HEADER)),
+            body_format_override=_text(UNKNOWN_HEADER_FORMAT),
+            headers_to_add=[_set_header("grpc-status", GRPC_NOT_FOUND)],
+        ),
+        *(
+            hcm_pb2.ResponseMapper(
+                filter=_all_of(grpc, _status_is(404), _extracted(model_field)),
+                body_format_override=_text(
+                    UNKNOWN_MODEL_FORMAT.format(
+                        model=f"%DYNAMIC_METADATA({FIELD_EXTRACTION_FILTER}:{model_field})%",
+                        version=f"%DYNAMIC_METADATA({FIELD_EXTRACTION_FILTER}:{version_field})%",
+                        model_field=model_field,
+                        version_field=version_field,
+                    )
+                ),
+                headers_to_add=[_set_header("grpc-status", GRPC_NOT_FOUND)],
+            )
+            for model_field, version_field in NAME_FIELDS
+        ),
+        hcm_pb2.ResponseMapper(
+            filter=_all_of(grpc, _status_is(404)),
+            body_format_override=_plain_text(),
+            headers_to_add=[_set_header("grpc-status", GRPC_NOT_FOUND)],
         ),
         hcm_pb2.ResponseMapper(
             filter=_all_of(grpc, _status_is(504)),
@@ -322,14 +463,94 @@ def _policy_filters() -> list[hcm_pb2.HttpFilter]:
     ]
 
 
+@functools.cache
+def _field_extraction_packed() -> any_pb2.Any:
+    # Read and parsed once per process: the ingress listener is rebuilt on every topology change.
+    return pack(field_extraction_config(INFERENCE_DESCRIPTOR_SET.read_bytes()))
+
+
+def model_methods(descriptor_set: bytes) -> dict[str, tuple[str, str]]:
+    """The MODEL_METHODS the descriptor set's GRPCInferenceService has (Envoy refuses unknown ones)."""
+    files = descriptor_pb2.FileDescriptorSet.FromString(descriptor_set)
+    present = {
+        f"{proto.package}.{service.name}.{method.name}"
+        for proto in files.file
+        for service in proto.service
+        for method in service.method
+    }
+    return {name: fields for name, fields in MODEL_METHODS.items() if f"{GRPC_SERVICE}.{name}" in present}
+
+
+def field_extraction_config(descriptor_set: bytes) -> field_extraction_pb2.GrpcFieldExtractionConfig:
+    """Put the model and version fields of the gRPC requests that name a model into dynamic metadata."""
+    by_method = {}
+    for method, (model_field, version_field) in sorted(model_methods(descriptor_set).items()):
+        by_method[f"{GRPC_SERVICE}.{method}"] = field_extraction_pb2.FieldExtractions(
+            request_field_extractions={
+                # Envoy 1.40 stores each field under its own name whatever this says; say so.
+                model_field: field_extraction_pb2.RequestFieldValueDisposition(dynamic_metadata=model_field),
+                version_field: field_extraction_pb2.RequestFieldValueDisposition(dynamic_metadata=version_field),
+            }
+        )
+    return field_extraction_pb2.GrpcFieldExtractionConfig(
+        descriptor_set=base_pb2.DataSource(inline_bytes=descriptor_set), extractions_by_method=by_method
+    )
+
+
+def _model_routing_filters(max_request_bytes: int) -> list[hcm_pb2.HttpFilter]:
+    """Header-less gRPC routing: extract the model name from the request, then choose the route again.
+
+    The route refresh is disabled by default; only the route a header-less gRPC call lands on before its body
+    is read (the gRPC fallback route) enables it. The extraction passes REST and other gRPC methods through
+    untouched; routes chosen by the x-hydro-model header disable it, so their bodies are not held.
+    """
+    return [
+        hcm_pb2.HttpFilter(
+            name=REQUEST_LIMIT_FILTER,
+            typed_config=pack(buffer_pb2.Buffer(max_request_bytes={"value": max_request_bytes})),
+            disabled=True,
+        ),
+        # Envoy cannot enable a disabled filter per route without a per-route config, which this one lacks.
+        hcm_pb2.HttpFilter(name=FIELD_EXTRACTION_FILTER, typed_config=_field_extraction_packed()),
+        hcm_pb2.HttpFilter(
+            name=ROUTE_REFRESH_FILTER,
+            typed_config=pack(lua_pb2.Lua(default_source_code=base_pb2.DataSource(inline_string=_ROUTE_REFRESH_LUA))),
+            disabled=True,
+        ),
+    ]
+
+
+def route_refresh_enabled(max_request_bytes: int) -> dict[str, any_pb2.Any]:
+    """Per-filter configs that turn the request limit and the route refresh on for one route."""
+    return {
+        REQUEST_LIMIT_FILTER: pack(
+            buffer_pb2.BufferPerRoute(buffer=buffer_pb2.Buffer(max_request_bytes={"value": max_request_bytes}))
+        ),
+        # Lua refuses an empty per-route config.
+        ROUTE_REFRESH_FILTER: pack(
+            lua_pb2.LuaPerRoute(source_code=base_pb2.DataSource(inline_string=_ROUTE_REFRESH_LUA))
+        ),
+    }
+
+
+def field_extraction_disabled() -> dict[str, any_pb2.Any]:
+    """The per-filter config that keeps the field extraction off a route (the header already chose it)."""
+    return {FIELD_EXTRACTION_FILTER: pack(route_components_pb2.FilterConfig(disabled=True))}
+
+
 def _http_connection_manager(
     stat_prefix: str,
     *,
     rds_name: str | None = None,
     route_config: route_pb2.RouteConfiguration | None = None,
     policy_filters: bool = False,
+    model_routing: bool = False,
+    buffer_limit_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
 ) -> hcm_pb2.HttpConnectionManager:
-    filters = _policy_filters() if policy_filters else []
+    # Extraction and route refresh come first: the rate limit and body size filters read the route's
+    # per-filter configs, so they must see the route chosen by the model name.
+    filters = _model_routing_filters(buffer_limit_bytes) if model_routing else []
+    filters.extend(_policy_filters() if policy_filters else [])
     filters.append(hcm_pb2.HttpFilter(name="envoy.filters.http.router", typed_config=pack(router_pb2.Router())))
     manager = hcm_pb2.HttpConnectionManager(
         stat_prefix=stat_prefix,
@@ -339,6 +560,15 @@ def _http_connection_manager(
         # Infer calls can take long (cold models, big tensors); per-route timeouts bound them instead.
         stream_idle_timeout=_seconds(300),
     )
+    if model_routing:
+        # A filter may hold at most one HTTP/2 stream window of a request (Envoy's default: 16 MiB), and the
+        # field extraction holds a whole ModelInferRequest: the window must fit the largest request allowed.
+        window = min(buffer_limit_bytes, _MAX_HTTP2_WINDOW)
+        manager.http2_protocol_options.CopyFrom(
+            protocol_pb2.Http2ProtocolOptions(
+                initial_stream_window_size={"value": window}, initial_connection_window_size={"value": window}
+            )
+        )
     if rds_name is not None:
         manager.rds.CopyFrom(hcm_pb2.Rds(route_config_name=rds_name, config_source=_ads()))
     elif route_config is not None:
@@ -354,17 +584,28 @@ def http_listener(
     rds_name: str | None = None,
     route_config: route_pb2.RouteConfiguration | None = None,
     policy_filters: bool = False,
+    model_routing: bool = False,
+    buffer_limit_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
 ) -> listener_pb2.Listener:
     """An HTTP listener (HTTP/1.1 and HTTP/2, so REST and gRPC on one port) with RDS or inline routes.
 
-    ``policy_filters`` adds the rate limit and request size filters that routes may enable (the ingress).
+    ``policy_filters`` adds the rate limit and request size filters that routes may enable, ``model_routing``
+    the filters that route gRPC calls by the model their request names (both for the ingress).
+    ``buffer_limit_bytes`` is the most a filter may buffer of one request (413 beyond it): the field extraction
+    holds a whole ModelInferRequest before the call is routed.
     """
     manager = _http_connection_manager(
-        name, rds_name=rds_name, route_config=route_config, policy_filters=policy_filters
+        name,
+        rds_name=rds_name,
+        route_config=route_config,
+        policy_filters=policy_filters,
+        model_routing=model_routing,
+        buffer_limit_bytes=buffer_limit_bytes,
     )
     return listener_pb2.Listener(
         name=name,
         address=_socket_address(host, port),
+        per_connection_buffer_limit_bytes={"value": buffer_limit_bytes},
         filter_chains=[
             listener_components_pb2.FilterChain(
                 filters=[
@@ -498,6 +739,13 @@ def _route(
 ) -> route_components_pb2.Route:
     route = route_components_pb2.Route(name=name, match=match, route=_route_action(targets, policies))
     live = [t for t in targets if t.weight > 0]
+    limits = [t.limits.max_request_bytes if t.limits is not None else None for t in live]
+    if live and all(limit is not None for limit in limits):
+        # For the route refresh's check of header-less gRPC calls: the largest of the variants' limits (it
+        # runs before the router picks a variant).
+        route.metadata.filter_metadata[ROUTE_REFRESH_FILTER].update(
+            {MAX_REQUEST_BYTES_KEY: max(limit for limit in limits if limit is not None)}
+        )
     if len(live) == 1 and live[0].limits is not None:
         for filter_name, config in live[0].limits.filter_configs().items():
             route.typed_per_filter_config[filter_name].CopyFrom(config)
@@ -511,21 +759,49 @@ def _set_header(name: str, value: str) -> base_pb2.HeaderValueOption:
     )
 
 
+def _extracted_is(field: str, value: str) -> metadata_pb2.MetadataMatcher:
+    # The field extraction stores each field under its own name as a list of strings.
+    return metadata_pb2.MetadataMatcher(
+        filter=FIELD_EXTRACTION_FILTER,
+        path=[metadata_pb2.MetadataMatcher.PathSegment(key=field)],
+        value=value_pb2.ValueMatcher(
+            list_match=value_pb2.ListMatcher(
+                one_of=value_pb2.ValueMatcher(string_match=string_pb2.StringMatcher(exact=value))
+            )
+        ),
+    )
+
+
 def application_routes(
     app: str, targets: Sequence[WeightedTarget], policies: RoutePolicies = _DEFAULT_ROUTE_POLICIES
 ) -> list[route_components_pb2.Route]:
-    """Routes for one application: gRPC chosen by the x-hydro-model header, REST by /v2/models/{app}."""
-    grpc_match = route_components_pb2.RouteMatch(
+    """Routes for one application: gRPC by the x-hydro-model header or else by the model name in the request
+    (ModelInferRequest.model_name, ModelMetadataRequest.name...), REST by /v2/models/{app}."""
+    header_match = route_components_pb2.RouteMatch(
         prefix=GRPC_SERVICE_PREFIX,
         headers=[
             route_components_pb2.HeaderMatcher(name=GRPC_MODEL_HEADER, string_match=string_pb2.StringMatcher(exact=app))
         ],
     )
+    # Only match once the field extraction has run and the route cache was cleared (see _model_routing_filters):
+    # one route per field name (ModelInfer's model_name, the other methods' name).
+    by_name = [
+        (
+            f"grpc-{model_field}",
+            route_components_pb2.RouteMatch(
+                prefix=GRPC_SERVICE_PREFIX, dynamic_metadata=[_extracted_is(model_field, app)]
+            ),
+        )
+        for model_field, _ in NAME_FIELDS
+    ]
     rest_match = route_components_pb2.RouteMatch(path_separated_prefix=f"/v2/models/{app}")
     routes = []
-    for kind, match in (("grpc", grpc_match), ("rest", rest_match)):
+    for kind, match in (("grpc", header_match), *by_name, ("rest", rest_match)):
         route = _route(f"app|{app}|{kind}", match, targets, policies)
         route.request_headers_to_add.append(_set_header(APPLICATION_HEADER, app))
+        if kind == "grpc":
+            for filter_name, config in field_extraction_disabled().items():
+                route.typed_per_filter_config[filter_name].CopyFrom(config)
         routes.append(route)
     return routes
 
@@ -544,6 +820,64 @@ def model_version_route(
         [WeightedTarget(cluster, 100, limits)],
         policies,
     )
+
+
+def model_version_grpc_routes(
+    model: str,
+    version: int,
+    cluster: str,
+    policies: RoutePolicies = _DEFAULT_ROUTE_POLICIES,
+    limits: RequestLimits | None = None,
+) -> list[route_components_pb2.Route]:
+    """gRPC routes to one model version, chosen by the model name and version its request names."""
+    routes = []
+    for model_field, version_field in NAME_FIELDS:
+        match = route_components_pb2.RouteMatch(
+            prefix=GRPC_SERVICE_PREFIX,
+            dynamic_metadata=[_extracted_is(model_field, model), _extracted_is(version_field, str(version))],
+        )
+        target = WeightedTarget(cluster, 100, limits)
+        routes.append(_route(f"model|{model}|{version}|grpc-{model_field}", match, [target], policies))
+    return routes
+
+
+def server_routes(cluster: str | None) -> list[route_components_pb2.Route]:
+    """ServerLive, ServerReady and ServerMetadata: answered by any ready instance (``cluster``, an aggregate
+    of every model version's cluster), or UNAVAILABLE when no model version is deployed (None)."""
+    routes = []
+    for method in SERVER_METHODS:
+        match = route_components_pb2.RouteMatch(path=GRPC_SERVICE_PREFIX + method)
+        name = f"server|{method}"
+        if cluster is None:
+            routes.append(
+                route_components_pb2.Route(
+                    name=name,
+                    match=match,
+                    direct_response=route_components_pb2.DirectResponseAction(
+                        status=503, body=base_pb2.DataSource(inline_string="no model version is deployed")
+                    ),
+                )
+            )
+        else:
+            routes.append(_route(name, match, [WeightedTarget(cluster, 100)], _DEFAULT_ROUTE_POLICIES))
+    return routes
+
+
+def grpc_fallback_routes(
+    not_found_body: str, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+) -> list[route_components_pb2.Route]:
+    """The last gRPC routes: a call whose x-hydro-model header names no application gets NOT_FOUND at once; any
+    other lands here before its body is read, so this route turns the route refresh on. If the route chosen
+    again with the model name is still this one, the model is unknown: NOT_FOUND naming it.
+    ``max_request_bytes`` bounds what the field extraction buffers of a request."""
+    unknown_header = direct_route("no-grpc-route-by-header", GRPC_SERVICE_PREFIX, 404, not_found_body)
+    unknown_header.match.headers.append(route_components_pb2.HeaderMatcher(name=GRPC_MODEL_HEADER, present_match=True))
+    for filter_name, config in field_extraction_disabled().items():
+        unknown_header.typed_per_filter_config[filter_name].CopyFrom(config)
+    fallback = direct_route("no-grpc-route", GRPC_SERVICE_PREFIX, 404, not_found_body)
+    for filter_name, config in route_refresh_enabled(max_request_bytes).items():
+        fallback.typed_per_filter_config[filter_name].CopyFrom(config)
+    return [unknown_header, fallback]
 
 
 def direct_route(name: str, prefix: str, status: int, body: str) -> route_components_pb2.Route:

@@ -24,8 +24,8 @@ LOCAL_HTTP = "local|http"
 
 NO_ROUTE_REST = "no application or model version matches this path; the manager's GET /api/v1/applications lists them"
 NO_ROUTE_GRPC = (
-    "no application named by the x-hydro-model request header; set it to an application name "
-    "(the manager's GET /api/v1/applications lists them)"
+    "no application or model version named by the request (model_name, or the x-hydro-model request header); "
+    "the manager's GET /api/v1/applications lists them"
 )
 
 
@@ -107,10 +107,16 @@ def route_policies(policies: Sequence[Policies]) -> r.RoutePolicies:
     return r.RoutePolicies(timeout_ms=timeout, retries=merged)
 
 
-def ingress_snapshot(topology: Topology, node: NodeInfo, cache: BuildCache | None = None) -> Snapshot:
+def ingress_snapshot(
+    topology: Topology,
+    node: NodeInfo,
+    cache: BuildCache | None = None,
+    max_request_bytes: int = r.DEFAULT_MAX_REQUEST_BYTES,
+) -> Snapshot:
     """Every application and deployed model version, routed to their sidecars.
 
     With a ``cache``, resources whose input records are the same objects as last time are reused, not rebuilt.
+    ``max_request_bytes`` is the largest request body the ingress takes (413 / RESOURCE_EXHAUSTED beyond it).
     """
     cache = cache if cache is not None else BuildCache()
     served = set(topology.deployments)
@@ -129,22 +135,29 @@ def ingress_snapshot(topology: Topology, node: NodeInfo, cache: BuildCache | Non
         ready = topology.ready_endpoints(model, version)
         assignment = cache.get(("endpoints", name), instances, _endpoints_bytes, name, ready)
         endpoints.append((name, assignment))
+    model_clusters = [name for name, _ in clusters]
+    # Server-level gRPC calls go to whichever deployed model version has a healthy replica. Only deployments
+    # count (the other clusters have no replicas), so that application changes never touch this cluster.
+    deployed = [cluster_name(model, version) for model, version in sorted(topology.deployments)]
+    if deployed:
+        clusters.append((r.ANY_INSTANCE_CLUSTER, r.aggregate_cluster(r.ANY_INSTANCE_CLUSTER, deployed)))
 
     routes = [
         r.exact_direct_route("live", "/v2/health/live", 200, "live"),
         r.exact_direct_route("ready", "/v2/health/ready", 200, "ready"),
+        *r.server_routes(r.ANY_INSTANCE_CLUSTER if deployed else None),
     ]
     for model, version in sorted(topology.deployments):
         deployment = topology.deployments[(model, version)]
         key = ("model-route", model, version)
-        routes.append(cache.get(key, (deployment,), _model_version_route, model, version, deployment.policies))
+        routes.extend(cache.get(key, (deployment,), _model_version_routes, model, version, deployment.policies))
     for name in sorted(topology.applications):
         app = topology.applications[name]
         variants = app.stages[0].variants
         inputs = (app, *(topology.deployments.get((v.model, v.version)) for v in variants))
         routes.extend(cache.get(("app-routes", name), inputs, _application_routes, topology, name))
     cache.sweep()
-    routes.append(r.direct_route("no-grpc-route", r.GRPC_SERVICE_PREFIX, 404, NO_ROUTE_GRPC))
+    routes.extend(r.grpc_fallback_routes(NO_ROUTE_GRPC, max_request_bytes))
     routes.append(r.direct_route("no-route", "/", 404, NO_ROUTE_REST))
     route_config = r.route_configuration(INGRESS_ROUTES, routes)
 
@@ -154,6 +167,8 @@ def ingress_snapshot(topology: Topology, node: NodeInfo, cache: BuildCache | Non
         node.port("listen_port"),
         rds_name=INGRESS_ROUTES,
         policy_filters=True,
+        model_routing=True,
+        buffer_limit_bytes=max_request_bytes,
     )
     return Snapshot.build(
         {
@@ -162,7 +177,7 @@ def ingress_snapshot(topology: Topology, node: NodeInfo, cache: BuildCache | Non
             r.LISTENER: [(INGRESS_LISTENER, listener)],
             r.ROUTE: [(INGRESS_ROUTES, route_config)],
         },
-        eds_clusters=[name for name, _ in clusters],
+        eds_clusters=model_clusters,
         route_clusters=r.clusters_named_by(route_config),
         rds_names=[INGRESS_ROUTES],
     )
@@ -176,14 +191,10 @@ def _endpoints_bytes(name: str, ready: Sequence[tuple[str, int]]) -> bytes:
     return serialize(r.load_assignment(name, ready))
 
 
-def _model_version_route(model: str, version: int, policies: Policies) -> route_components_pb2.Route:
-    return r.model_version_route(
-        model,
-        version,
-        cluster_name(model, version),
-        route_policies([policies]),
-        request_limits(model, version, policies),
-    )
+def _model_version_routes(model: str, version: int, policies: Policies) -> list[route_components_pb2.Route]:
+    args = (model, version, cluster_name(model, version), route_policies([policies]))
+    limits = request_limits(model, version, policies)
+    return [r.model_version_route(*args, limits), *r.model_version_grpc_routes(*args, limits)]
 
 
 def _application_routes(topology: Topology, name: str) -> list[route_components_pb2.Route]:
@@ -200,7 +211,7 @@ def _application_routes(topology: Topology, name: str) -> list[route_components_
     return list(r.application_routes(name, targets, route_policies(live_policies)))
 
 
-def sidecar_snapshot(node: NodeInfo) -> Snapshot:
+def sidecar_snapshot(node: NodeInfo, max_request_bytes: int = r.DEFAULT_MAX_REQUEST_BYTES) -> Snapshot:
     """One inbound listener that hands gRPC to the runtime's gRPC port and the rest to its HTTP port."""
     runtime_host = node.text("runtime_address", "127.0.0.1")
     served_by = f"{node.text('model')}:{node.text('version')}/{node.text('instance')}"
@@ -216,6 +227,7 @@ def sidecar_snapshot(node: NodeInfo) -> Snapshot:
         node.text("inbound_address", "127.0.0.1"),
         node.port("inbound_port"),
         route_config=route_config,
+        buffer_limit_bytes=max_request_bytes,
     )
     return Snapshot.build(
         {
@@ -235,10 +247,15 @@ def sidecar_snapshot(node: NodeInfo) -> Snapshot:
     )
 
 
-def snapshot_for(topology: Topology, node: NodeInfo, cache: BuildCache | None = None) -> Snapshot:
+def snapshot_for(
+    topology: Topology,
+    node: NodeInfo,
+    cache: BuildCache | None = None,
+    max_request_bytes: int = r.DEFAULT_MAX_REQUEST_BYTES,
+) -> Snapshot:
     """The snapshot a node of any role should have; ValueError for a node we cannot serve."""
     if node.role == "ingress":
-        return ingress_snapshot(topology, node, cache)
+        return ingress_snapshot(topology, node, cache, max_request_bytes)
     if node.role == "sidecar":
-        return sidecar_snapshot(node)
+        return sidecar_snapshot(node, max_request_bytes)
     raise ValueError(f"node {node.node_id} has unknown role {node.role!r} (expected ingress or sidecar)")

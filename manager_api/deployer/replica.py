@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 from manager_api.processes import ChildProcess, ReadinessTimeout, free_port, http_ok
-from protos.topology import Instance
+from protos.topology import BatchingPolicy, Instance
 from xds_control.bootstrap import envoy_process, envoy_ready, render_bootstrap
+from xds_control.resources import DEFAULT_MAX_REQUEST_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,16 @@ class ReplicaConfig:
     ready_timeout: float = 60.0
     drain_seconds: float = 1.0
     ads_api_type: str = "GRPC"
+    batching: BatchingPolicy | None = None
+    #: The runtime's largest message: at least the mesh's request limit, which the ingress enforces first.
+    max_message_mb: int = DEFAULT_MAX_REQUEST_BYTES // 2**20
+
+
+def _batching_flags(batching: BatchingPolicy | None) -> list[str]:
+    """The runtime's command-line flags for a deployment's batching policy (none when batching is off)."""
+    if batching is None:
+        return []
+    return ["--max-batch-size", str(batching.max_batch_size), "--max-batch-delay-ms", str(batching.max_delay_ms)]
 
 
 class Replica:
@@ -108,6 +119,9 @@ class Replica:
                 str(grpc_port),
                 "--http-port",
                 str(http_port),
+                "--max-message-mb",
+                str(cfg.max_message_mb),
+                *_batching_flags(cfg.batching),
             ],
             log_path=workdir / "runtime.log",
         ).start()

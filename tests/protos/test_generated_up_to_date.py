@@ -1,4 +1,8 @@
-"""The committed Python code for protos/inference.proto is what `make protos` produces from it today."""
+"""The committed Python code and descriptor set for protos/inference.proto are what `make protos` produces today.
+
+The descriptor set is what the ingress Envoy's gRPC field extraction parses requests with: a stale one would
+route by fields that moved.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PROTO = "protos/inference.proto"
-GENERATED = ("inference_pb2.py", "inference_pb2.pyi", "inference_pb2_grpc.py", "inference_pb2_grpc.pyi")
+GENERATED = (
+    "inference_pb2.py",
+    "inference_pb2.pyi",
+    "inference_pb2_grpc.py",
+    "inference_pb2_grpc.pyi",
+    "inference_descriptor.pb",
+)
 
 
 def _generate(out: Path) -> None:
@@ -27,6 +37,7 @@ def _generate(out: Path) -> None:
         f"--mypy_out={out}",
         f"--plugin=protoc-gen-mypy_grpc={bin_dir / 'protoc-gen-mypy_grpc'}",
         f"--mypy_grpc_out={out}",
+        f"--descriptor_set_out={out / 'protos' / 'inference_descriptor.pb'}",
         PROTO,
     ]
     result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=60)
@@ -36,6 +47,8 @@ def _generate(out: Path) -> None:
 @pytest.fixture(scope="module")
 def regenerated(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("protos")
+    # protoc writes the descriptor set to the path given, and does not create its folder.
+    (out / "protos").mkdir()
     _generate(out)
     return out / "protos"
 

@@ -203,8 +203,9 @@ def test_application_routes_and_clusters_reach_envoy(etcd_server: EtcdServer, et
         call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
         with pytest.raises(grpc.RpcError) as no_header:
             call(b"", timeout=5)
-        assert no_header.value.code() == grpc.StatusCode.UNIMPLEMENTED
-        assert "x-hydro-model" in (no_header.value.details() or "")
+        # An empty body names no model (header-less routing reads the request's model_name).
+        assert no_header.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "model_name" in (no_header.value.details() or "")
         with pytest.raises(grpc.RpcError) as no_endpoint:
             call(b"", timeout=5, metadata=(("x-hydro-model", "shop"),))
         assert no_endpoint.value.code() == grpc.StatusCode.UNAVAILABLE

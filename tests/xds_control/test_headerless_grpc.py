@@ -1,0 +1,355 @@
+"""Header-less gRPC routing and large tensors through a real ingress Envoy, with tritonclient.grpc as the client.
+
+One stack for the module: etcd, xds_control (request limit 260 MiB), the ingress Envoy, and one replica (runtime +
+sidecar, started by the deployer's Replica and registered under a lease) of model ``echo`` version 1, which
+returns its input. Application ``alias`` routes to it; no application is named ``echo``, so ``echo`` is reachable
+by gRPC only with its version (as REST's /v2/models/echo/versions/1). No request sets a header unless the test
+is about the header.
+
+tritonclient's messages are the only OIP messages in this process: protos.inference_pb2 defines the same
+``inference`` package and cannot be imported beside them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+import uuid
+from collections.abc import Coroutine, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import aetcd
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from envoy.config.route.v3 import route_pb2
+from google.protobuf import any_pb2
+from tritonclient.utils import InferenceServerException
+
+from manager_api.deployer.registration import LeasedInstanceRegistry
+from manager_api.deployer.replica import Replica, ReplicaConfig
+from manager_api.etcd_server import EtcdServer
+from manager_api.processes import ChildProcess, free_port, wait_until
+from protos.topology import (
+    Application,
+    Artifact,
+    Deployment,
+    Keys,
+    ModelVersion,
+    Policies,
+    Signature,
+    Stage,
+    TensorSpec,
+    Variant,
+)
+from xds_control import resources as r
+from xds_control.bootstrap import envoy_process, envoy_ready, render_bootstrap
+from xds_control.snapshot import Snapshot
+from xds_control.topology import Topology
+from xds_control.translate import INGRESS_ROUTES, NodeInfo, ingress_snapshot
+
+T = TypeVar("T")
+MODEL = "echo"
+APP = "alias"
+LIMIT_MB = 260
+MODEL_PY = "def predict(inputs):\n    return {'y': inputs['x']}\n"
+SERVING_YAML = """\
+runtime: python
+files: [model.py]
+entrypoint: model:predict
+signature:
+  inputs: [{name: x, datatype: FP32, shape: [-1]}]
+  outputs: [{name: y, datatype: FP32, shape: [-1]}]
+"""
+
+
+@dataclass
+class Stack:
+    """The running stack: the ingress's address and admin port, and a way to rewrite the deployment."""
+
+    listen_port: int
+    admin_port: int
+    keys: Keys
+    etcd: aetcd.Client
+    loop: asyncio.AbstractEventLoop
+
+    def deploy(self, policies: Policies) -> None:
+        """Store the deployment with ``policies`` and wait until Envoy routes by name with them."""
+        record = Deployment(model=MODEL, version=1, replicas=1, policies=policies)
+        key = self.keys.deployment(MODEL, 1).encode()
+        _run(self.loop, self.etcd.put(key, record.model_dump_json().encode()))
+        expected = policies.max_request_bytes
+
+        def loaded() -> bool:
+            dump = httpx.get(f"http://127.0.0.1:{self.admin_port}/config_dump?resource=dynamic_route_configs")
+            for config in dump.json()["configs"]:
+                for vhost in config["route_config"].get("virtual_hosts", []):
+                    for route in vhost["routes"]:
+                        if route["name"] == f"app|{APP}|grpc-model_name":
+                            limit = route.get("typed_per_filter_config", {}).get("envoy.filters.http.buffer")
+                            held = None if limit is None else int(limit["buffer"]["max_request_bytes"])
+                            return held == expected
+            return False
+
+        wait_until(loaded, 15, "Envoy to load the deployment's request limit")
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.listen_port}"
+
+    def client(self) -> triton.InferenceServerClient:
+        return triton.InferenceServerClient(self.address)
+
+
+def _run(loop: asyncio.AbstractEventLoop, coroutine: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run_coroutine_threadsafe(coroutine, loop).result(90)
+
+
+@pytest.fixture(scope="module")
+def stack(etcd_server: EtcdServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    work = tmp_path_factory.mktemp("headerless")
+    model_dir = work / "model"
+    model_dir.mkdir()
+    (model_dir / "model.py").write_text(MODEL_PY)
+    (model_dir / "serving.yaml").write_text(SERVING_YAML)
+    keys = Keys(f"/hydro-headerless-{uuid.uuid4().hex[:8]}/")
+    xds_port, listen_port, admin_port = free_port(), free_port(), free_port()
+    xds = ChildProcess(
+        "xds_control",
+        [
+            *(sys.executable, "-m", "xds_control", "--etcd", etcd_server.endpoint, "--prefix", keys.prefix),
+            *("--port", str(xds_port), "--max-request-mb", str(LIMIT_MB)),
+        ],
+        log_path=work / "xds.log",
+    )
+    ingress = envoy_process(
+        "ingress",
+        render_bootstrap(
+            "ingress",
+            node_id="ingress",
+            listen_address="127.0.0.1",
+            listen_port=listen_port,
+            admin_port=admin_port,
+            xds_host="127.0.0.1",
+            xds_port=xds_port,
+        ),
+        work,
+        admin_port,
+    )
+    # The registry's lease keep-alive must run while the tests block on calls: the loop gets a thread.
+    loop = asyncio.new_event_loop()
+    loop_thread = threading.Thread(target=loop.run_forever, name="headerless-loop", daemon=True)
+    loop_thread.start()
+    client = aetcd.Client(host="127.0.0.1", port=etcd_server.client_port)
+    registry = LeasedInstanceRegistry(client, keys, node="headerless")
+    replica: Replica | None = None
+    try:
+        xds.start()
+        ingress.start()
+        _run(loop, client.connect())
+        artifact = Artifact(digest="sha256:" + "0" * 64, uri="file:///nowhere", size=0)
+        signature = Signature(
+            inputs=[TensorSpec(name="x", datatype="FP32", shape=[-1])],
+            outputs=[TensorSpec(name="y", datatype="FP32", shape=[-1])],
+        )
+        records = {
+            keys.model_version(MODEL, 1): ModelVersion(
+                name=MODEL, version=1, runtime="python", artifact=artifact, signature=signature
+            ),
+            keys.deployment(MODEL, 1): Deployment(model=MODEL, version=1, replicas=1),
+            keys.application(APP): Application(
+                name=APP, stages=[Stage(variants=[Variant(model=MODEL, version=1, weight=100)])]
+            ),
+        }
+        for key, record in records.items():
+            _run(loop, client.put(key.encode(), record.model_dump_json().encode()))
+        _run(loop, registry.start())
+        ingress.wait_ready(lambda: envoy_ready(admin_port), 30)
+        config = ReplicaConfig(
+            model=MODEL,
+            version=1,
+            model_dir=model_dir,
+            node="headerless",
+            xds_host="127.0.0.1",
+            xds_port=xds_port,
+            workdir=work / "replica",
+            drain_seconds=0,
+        )
+        replica = Replica(config, registry)
+        _run(loop, replica.start())
+        running = Stack(listen_port, admin_port, keys, client, loop)
+        wait_until(lambda: _ready_through_ingress(running), 30, "the application to answer through the ingress")
+        yield running
+    finally:
+        # Each step on its own: one failing must not leave the processes of the next ones running.
+        steps = [replica.stop(drain=False)] if replica is not None else []
+        for step in [*steps, registry.stop(), client.close()]:
+            try:
+                _run(loop, step)
+            except Exception as exc:
+                print(f"teardown step failed: {exc!r}")
+        loop.call_soon_threadsafe(loop.stop)
+        loop_thread.join(10)
+        loop.close()
+        ingress.stop()
+        xds.stop()
+        print(xds.log_tail(30))
+
+
+def _ready_through_ingress(stack: Stack) -> bool:
+    # An error is "not yet" to wait_until, which reports the last one if it never gets ready.
+    with stack.client() as client:
+        return bool(client.is_model_ready(APP))
+
+
+def _input(values: np.ndarray) -> triton.InferInput:
+    tensor = triton.InferInput("x", [int(values.size)], "FP32")
+    tensor.set_data_from_numpy(values)
+    return tensor
+
+
+def _failure(call: Any) -> InferenceServerException:
+    with pytest.raises(InferenceServerException) as caught:
+        call()
+    return caught.value
+
+
+def test_infer_by_model_name_without_headers(stack: Stack) -> None:
+    values = np.array([1.0, 2.5, -3.0], dtype=np.float32)
+    with stack.client() as client:
+        result = client.infer(APP, [_input(values)])
+        np.testing.assert_array_equal(result.as_numpy("y"), values)
+        response = result.get_response()
+        assert (response.model_name, response.model_version) == (MODEL, "1")
+        # A model version is addressed by its name and version, as /v2/models/echo/versions/1 over REST.
+        result = client.infer(MODEL, [_input(values)], model_version="1")
+        np.testing.assert_array_equal(result.as_numpy("y"), values)
+
+
+def test_metadata_and_readiness_without_headers(stack: Stack) -> None:
+    with stack.client() as client:
+        assert client.is_server_live()
+        assert client.is_server_ready()
+        assert client.get_server_metadata().name == "hydro-serving"
+        assert client.is_model_ready(APP)
+        assert client.is_model_ready(MODEL, "1")
+        metadata = client.get_model_metadata(APP)
+        assert metadata.name == MODEL
+        assert [(t.name, t.datatype, list(t.shape)) for t in metadata.inputs] == [("x", "FP32", [-1])]
+        assert client.get_model_metadata(MODEL, "1").versions == ["1"]
+
+
+def test_unknown_model_is_not_found_naming_it(stack: Stack) -> None:
+    values = np.array([1.0], dtype=np.float32)
+    with stack.client() as client:
+        for call in (
+            lambda: client.infer("no-such-model", [_input(values)]),
+            lambda: client.get_model_metadata("no-such-model"),
+            lambda: client.is_model_ready("no-such-model"),
+        ):
+            error = _failure(call)
+            assert error.status() == "StatusCode.NOT_FOUND", error
+            assert "no-such-model" in (error.message() or ""), error
+        # A model without a version is not an application name.
+        error = _failure(lambda: client.infer(MODEL, [_input(values)]))
+        assert error.status() == "StatusCode.NOT_FOUND", error
+        error = _failure(lambda: client.infer(MODEL, [_input(values)], model_version="7"))
+        assert error.status() == "StatusCode.NOT_FOUND", error
+
+
+def test_header_still_routes_and_wins(stack: Stack) -> None:
+    values = np.array([4.0], dtype=np.float32)
+    with stack.client() as client:
+        result = client.infer(APP, [_input(values)], headers={"x-hydro-model": APP})
+        np.testing.assert_array_equal(result.as_numpy("y"), values)
+        # The header names no application: NOT_FOUND, even though the request's model_name is one.
+        error = _failure(lambda: client.infer(APP, [_input(values)], headers={"x-hydro-model": "elsewhere"}))
+        assert error.status() == "StatusCode.NOT_FOUND", error
+        assert "elsewhere" in (error.message() or ""), error
+
+
+def test_rest_routes_are_unchanged(stack: Stack) -> None:
+    body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [1.0, 2.0]}]}
+    for path in (f"/v2/models/{APP}/infer", f"/v2/models/{MODEL}/versions/1/infer"):
+        response = httpx.post(f"http://{stack.address}{path}", json=body, timeout=10)
+        assert response.status_code == 200, response.text
+        assert response.json()["outputs"][0]["data"] == [1.0, 2.0]
+    response = httpx.post(f"http://{stack.address}/v2/models/nope/infer", json=body, timeout=10)
+    assert response.status_code == 404
+    assert "error" in response.json()
+
+
+def test_deployment_request_limit_applies_without_headers(stack: Stack) -> None:
+    values = np.zeros(2**19, dtype=np.float32)  # 2 MiB
+    try:
+        stack.deploy(Policies(max_request_bytes=2**20))
+        with stack.client() as client:
+            for headers in ({}, {"x-hydro-model": APP}):
+                error = _failure(
+                    lambda headers=headers: client.infer(APP, [_input(values)], headers=headers, client_timeout=30)
+                )
+                assert error.status() == "StatusCode.RESOURCE_EXHAUSTED", (headers, error)
+            small = np.ones(16, dtype=np.float32)
+            np.testing.assert_array_equal(client.infer(APP, [_input(small)]).as_numpy("y"), small)
+    finally:
+        stack.deploy(Policies())
+
+
+def test_256_mib_tensor_round_trip(stack: Stack) -> None:
+    values = np.arange(64 * 2**20, dtype=np.float32)  # 256 MiB
+    with stack.client() as client:
+        result = client.infer(APP, [_input(values)], client_timeout=60)
+        output = result.as_numpy("y")
+        assert output is not None and output.shape == values.shape
+        assert np.array_equal(output, values)
+
+
+def test_request_over_the_limit_is_resource_exhausted(stack: Stack) -> None:
+    values = np.zeros((LIMIT_MB + 4) * 2**18, dtype=np.float32)  # 4 MiB past the limit
+    with stack.client() as client:
+        error = _failure(lambda: client.infer(APP, [_input(values)], client_timeout=60))
+        assert error.status() == "StatusCode.RESOURCE_EXHAUSTED", error
+        assert "too large" in (error.message() or ""), error
+        # The ingress is fine afterwards.
+        assert client.is_model_ready(APP)
+    body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}]}
+    response = httpx.post(f"http://{stack.address}/v2/models/{APP}/infer", json=body, timeout=10)
+    assert response.status_code == 200
+
+
+# --- translation only (no processes) -------------------------------------------------------------------------
+
+
+def test_descriptor_set_covers_every_method_that_names_a_model() -> None:
+    assert r.model_methods(r.INFERENCE_DESCRIPTOR_SET.read_bytes()) == r.MODEL_METHODS
+
+
+def test_ingress_routes_by_header_then_by_name_then_not_found() -> None:
+    deployment = Deployment(model="m", version=1, replicas=1)
+    app = Application(name="a", stages=[Stage(variants=[Variant(model="m", version=1, weight=100)])])
+    topology = Topology(revision=1, deployments={("m", 1): deployment}, applications={"a": app})
+    node = NodeInfo(node_id="ingress", role="ingress", metadata={"listen_port": 8080})
+    snapshot = ingress_snapshot(topology, node, max_request_bytes=300 * 2**20)
+    routes = _route_config(snapshot)
+    assert [route.name for route in routes.virtual_hosts[0].routes] == [
+        *("live", "ready", "server|ServerLive", "server|ServerReady", "server|ServerMetadata"),
+        *("model|m|1", "model|m|1|grpc-model_name", "model|m|1|grpc-name"),
+        *("app|a|grpc", "app|a|grpc-model_name", "app|a|grpc-name", "app|a|rest"),
+        *("no-grpc-route-by-header", "no-grpc-route", "no-route"),
+    ]
+    assert set(snapshot.by_type[r.CLUSTER]) == {"model|m|1", r.ANY_INSTANCE_CLUSTER}
+    # Without deployments there is nobody to answer server-level calls: no aggregate cluster.
+    bare = ingress_snapshot(Topology(revision=2, applications={"a": app}), node)
+    assert set(bare.by_type[r.CLUSTER]) == {"model|m|1"}
+    server_live = _route_config(bare).virtual_hosts[0].routes[2]
+    assert server_live.direct_response.status == 503
+
+
+def _route_config(snapshot: Snapshot) -> route_pb2.RouteConfiguration:
+    packed = any_pb2.Any.FromString(snapshot.by_type[r.ROUTE][INGRESS_ROUTES])
+    config = route_pb2.RouteConfiguration()
+    assert packed.Unpack(config)
+    return config
