@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from typing import TypeVar
 
 import aetcd
+from aetcd.utils import prefix_range_end
 from pydantic import BaseModel, ValidationError
 
 from protos.topology import (
@@ -54,18 +55,23 @@ class TopologyStore:
         signature: Signature,
         labels: dict[str, str],
     ) -> ModelVersion:
-        """Store a new immutable version of ``name`` numbered one above the highest existing one."""
+        """Store a new immutable version of ``name``, numbered after every number ever handed out for it."""
         for _ in range(_VERSION_ATTEMPTS):
+            counter_key = self.keys.version_counter(name).encode()
+            counter = await self.client.get(counter_key)
+            last = int(counter.value) if counter is not None else 0
             existing = await self.model_versions(name)
-            number = max((m.version for m in existing), default=0) + 1
+            number = max([last, *(m.version for m in existing)]) + 1
             record = ModelVersion(
                 name=name, version=number, runtime=runtime, artifact=artifact, signature=signature, labels=labels
             )
             key = self.keys.model_version(name, number).encode()
             tx = self.client.transactions
+            counter_revision = counter.mod_revision if counter is not None else 0
             created, _ = await self.client.transaction(
-                compare=[tx.create(key) == 0],
-                success=[tx.put(key, record.model_dump_json().encode())],
+                # A concurrent upload moves the counter: whoever loses reads again and takes the next number.
+                compare=[tx.create(key) == 0, tx.mod(counter_key) == counter_revision],
+                success=[tx.put(key, record.model_dump_json().encode()), tx.put(counter_key, str(number).encode())],
                 failure=[],
             )
             if created:
@@ -83,6 +89,42 @@ class TopologyStore:
 
     async def get_model_version(self, name: str, version: int) -> ModelVersion | None:
         return await self._get(self.keys.model_version(name, version), ModelVersion)
+
+    async def delete_model_version(self, name: str, version: int) -> list[str]:
+        """Delete an unused version; return what uses it instead (nothing deleted then).
+
+        One transaction: the version's deployment must be absent and no application may have changed since
+        the applications were read, so an application created meanwhile cannot end up naming a deleted version.
+        Raises KeyError if the version does not exist, ConflictError if the race is lost too often.
+        """
+        for _ in range(_VERSION_ATTEMPTS):
+            if await self.get_model_version(name, version) is None:
+                raise KeyError(f"{name}:{version}")
+            users = []
+            if await self.get_deployment(name, version) is not None:
+                users.append(f"deployment {name}:{version}")
+            apps_prefix = self.keys.applications().encode()
+            apps = await self.client.get_prefix(apps_prefix)
+            for kv in apps:
+                with contextlib.suppress(ValidationError):
+                    app = Application.model_validate_json(kv.value)
+                    if any((v.model, v.version) == (name, version) for s in app.stages for v in s.variants):
+                        users.append(f"application {app.name}")
+            if users:
+                return users
+            tx = self.client.transactions
+            revision = apps.header.revision
+            deleted, _ = await self.client.transaction(
+                compare=[
+                    tx.version(self.keys.deployment(name, version).encode()) == 0,
+                    tx.mod(apps_prefix, prefix_range_end(apps_prefix)) < revision + 1,
+                ],
+                success=[tx.delete(self.keys.model_version(name, version).encode())],
+                failure=[],
+            )
+            if deleted:
+                return []
+        raise ConflictError(f"could not delete {name}:{version}: the topology kept changing")
 
     # --- deployments ----------------------------------------------------------------------------------------
 
@@ -129,7 +171,16 @@ class TopologyStore:
         if current is not None:
             application = application.model_copy(update={"created_at": current.created_at, "updated_at": now_iso()})
         key = self.keys.application(application.name).encode()
-        await self.client.put(key, application.model_dump_json().encode())
+        tx = self.client.transactions
+        # Written only if every version it names still exists: pairs with delete_model_version's transaction.
+        named = {(v.model, v.version) for stage in application.stages for v in stage.variants}
+        written, _ = await self.client.transaction(
+            compare=[tx.version(self.keys.model_version(m, v).encode()) > 0 for m, v in sorted(named)],
+            success=[tx.put(key, application.model_dump_json().encode())],
+            failure=[],
+        )
+        if not written:
+            raise ConflictError(f"application {application.name}: a model version it names was deleted meanwhile")
         return application
 
     async def get_application(self, name: str) -> Application | None:

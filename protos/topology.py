@@ -344,6 +344,10 @@ class Keys:
     def model_version(self, model: str, version: int) -> str:
         return f"{self.prefix}models/{model}/{version}"
 
+    def version_counter(self, model: str) -> str:
+        """The last version number handed out for ``model`` (plain integer), so deleted numbers are not reused."""
+        return f"{self.prefix}version-counters/{model}"
+
     def deployments(self) -> str:
         return f"{self.prefix}deployments/"
 

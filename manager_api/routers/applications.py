@@ -7,7 +7,7 @@ from fastapi import APIRouter, Response
 from manager_api.dependencies import ApplicationName, Store
 from manager_api.errors import ApiProblem, not_found
 from manager_api.schemas import ApplicationSpec
-from manager_api.store import TopologyStore
+from manager_api.store import ConflictError, TopologyStore
 from protos.topology import Application
 
 router = APIRouter(prefix="/applications", tags=["applications"])
@@ -39,7 +39,10 @@ async def _check(store: TopologyStore, spec: ApplicationSpec) -> None:
 async def put_application(name: ApplicationName, spec: ApplicationSpec, store: Store) -> Application:
     """Create or replace an application; the ingress follows within a push, with no restart."""
     await _check(store, spec)
-    return await store.put_application(Application(name=name, stages=spec.stages))
+    try:
+        return await store.put_application(Application(name=name, stages=spec.stages))
+    except ConflictError as exc:
+        raise ApiProblem(409, str(exc)) from exc
 
 
 @router.get("", response_model=list[Application])

@@ -6,13 +6,14 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, File, UploadFile
+from fastapi import APIRouter, File, Response, UploadFile
 
 from manager_api.archives import ArchiveError
 from manager_api.artifacts import UploadTooLarge
 from manager_api.dependencies import Artifacts, ModelName, Store
 from manager_api.errors import ApiProblem, not_found
 from manager_api.schemas import ModelView
+from manager_api.store import ConflictError
 from protos.topology import ModelVersion
 from runtimes.serving_config import ServingConfigError
 
@@ -68,3 +69,17 @@ async def get_model_version(model: ModelName, version: int, store: Store) -> Mod
     if record is None:
         raise not_found(f"model version {model}:{version}")
     return record
+
+
+@router.delete("/{model}/versions/{version}", status_code=204)
+async def delete_model_version(model: ModelName, version: int, store: Store) -> Response:
+    """Delete a version nothing uses; 409 naming the deployment and applications that still do."""
+    try:
+        users = await store.delete_model_version(model, version)
+    except KeyError as exc:
+        raise not_found(f"model version {model}:{version}") from exc
+    except ConflictError as exc:
+        raise ApiProblem(409, str(exc)) from exc
+    if users:
+        raise ApiProblem(409, f"model version {model}:{version} is in use by {', '.join(users)}; remove those first")
+    return Response(status_code=204)

@@ -303,3 +303,29 @@ def test_proxies_show_what_xds_control_recorded(manager: Manager) -> None:
     one = manager.http.get("/proxies/ingress").json()
     assert one["last_nack"] == "Cluster v2: bad" and one["acked"] == {"Cluster": "abc"}
     assert_error(manager.http.get("/proxies/nobody"), 404, "nobody")
+
+
+def test_delete_model_version_refused_while_in_use(manager: Manager, tmp_path: Path) -> None:
+    archive = folder_archive(tmp_path)
+    for _ in range(3):
+        assert manager.upload("deletable", archive).status_code == 201
+    keys = Keys(manager.prefix)
+    assert manager.http.put("/deployments/deletable/1", json={"replicas": 1}).status_code == 200
+    body = {"stages": [{"variants": [{"model": "deletable", "version": 2, "weight": 100}]}]}
+    assert manager.http.put("/applications/uses-two", json=body).status_code == 200
+
+    assert_error(manager.http.delete("/models/deletable/versions/1"), 409, "deployment deletable:1")
+    assert_error(manager.http.delete("/models/deletable/versions/2"), 409, "application uses-two")
+    assert keys.model_version("deletable", 1) in manager.etcd_keys()
+    assert keys.model_version("deletable", 2) in manager.etcd_keys()
+
+    assert manager.http.delete("/models/deletable/versions/3").status_code == 204
+    assert keys.model_version("deletable", 3) not in manager.etcd_keys()
+    assert_error(manager.http.delete("/models/deletable/versions/3"), 404, "deletable:3")
+    # A deleted version cannot be routed to, and its number is not handed out again.
+    body = {"stages": [{"variants": [{"model": "deletable", "version": 3, "weight": 100}]}]}
+    assert_error(manager.http.put("/applications/uses-three", json=body), 400, "deletable:3")
+    assert manager.upload("deletable", archive).json()["version"] == 4
+
+    assert manager.http.delete("/deployments/deletable/1").status_code == 204
+    assert manager.http.delete("/models/deletable/versions/1").status_code == 204
