@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import zlib
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -139,45 +140,21 @@ def create_app(dataplane: DataPlane, *, server_version: str, max_body_bytes: int
 
     # Separate routes for "any version" and "this version": one handler with an optional path parameter would
     # also accept ?version= as a query parameter.
-    @app.get("/v2/models/{model}")
-    async def model_metadata(request: Request, model: str) -> Response:
-        return await metadata(request, model, "")
+    def versioned(method: str, suffix: str, handler: Callable[[Request, str, str], Awaitable[Response]]) -> None:
+        async def any_version(request: Request, model: str) -> Response:
+            return await handler(request, model, "")
 
-    @app.get("/v2/models/{model}/versions/{version}")
-    async def version_metadata(request: Request, model: str, version: str) -> Response:
-        return await metadata(request, model, version)
+        async def one_version(request: Request, model: str, version: str) -> Response:
+            return await handler(request, model, version)
 
-    @app.get("/v2/models/{model}/ready")
-    async def model_is_ready(request: Request, model: str) -> Response:
-        return await model_ready(request, model, "")
+        app.add_api_route(f"/v2/models/{{model}}{suffix}", any_version, methods=[method])
+        app.add_api_route(f"/v2/models/{{model}}/versions/{{version}}{suffix}", one_version, methods=[method])
 
-    @app.get("/v2/models/{model}/versions/{version}/ready")
-    async def version_is_ready(request: Request, model: str, version: str) -> Response:
-        return await model_ready(request, model, version)
-
-    @app.get("/v2/models/{model}/config")
-    async def model_config(request: Request, model: str) -> Response:
-        return await config(request, model, "")
-
-    @app.get("/v2/models/{model}/versions/{version}/config")
-    async def version_config(request: Request, model: str, version: str) -> Response:
-        return await config(request, model, version)
-
-    @app.get("/v2/models/{model}/stats")
-    async def model_stats(request: Request, model: str) -> Response:
-        return await stats(request, model, "")
-
-    @app.get("/v2/models/{model}/versions/{version}/stats")
-    async def version_stats(request: Request, model: str, version: str) -> Response:
-        return await stats(request, model, version)
-
-    @app.post("/v2/models/{model}/infer")
-    async def model_infer(request: Request, model: str) -> Response:
-        return await infer(request, model, "")
-
-    @app.post("/v2/models/{model}/versions/{version}/infer")
-    async def version_infer(request: Request, model: str, version: str) -> Response:
-        return await infer(request, model, version)
+    versioned("GET", "", metadata)
+    versioned("GET", "/ready", model_ready)
+    versioned("GET", "/config", config)
+    versioned("GET", "/stats", stats)
+    versioned("POST", "/infer", infer)
 
     async def on_inference_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, InferenceError)

@@ -26,6 +26,8 @@ from manager_api.processes import wait_until
 pytestmark = pytest.mark.e2e
 
 LOAD_SECONDS = 60.0
+#: Requests that must complete on each weight step before the next one (about 2 s of this load).
+STEP_REQUESTS = 600
 
 
 class Load:
@@ -49,6 +51,10 @@ class Load:
         self.stop.set()
         for thread in self._threads:
             thread.join(30)
+
+    def total(self) -> int:
+        with self._lock:
+            return sum(self.outcomes.values())
 
     def _record(self, kind: str, ok: bool, detail: str, version: str = "") -> None:
         with self._lock:
@@ -89,6 +95,14 @@ def _instances(mesh: Mesh, version: int) -> int:
     return len(mesh.api.get_deployment("iris", version)["instances"])
 
 
+def _ingress_routes(mesh: Mesh) -> str:
+    """The route configuration version the ingress Envoy last acknowledged (from /api/v1/proxies)."""
+    for proxy in mesh.api.list_proxies():
+        if proxy["role"] == "ingress":
+            return str(proxy["acked"].get("RouteConfiguration", ""))
+    return ""
+
+
 def _pids(pattern: str) -> list[int]:
     found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
     return [int(pid) for pid in found if int(pid) != os.getpid()]
@@ -109,7 +123,9 @@ def test_churn_under_load_fails_no_request(mesh: Mesh, model_dir: Path) -> None:
         wait_until(lambda: _instances(mesh, 1) == 3 and _instances(mesh, 2) == 1, 60, "v1 x3 and v2 x1 ready")
 
         for step in range(1, 11):
+            before = _ingress_routes(mesh)
             mesh.api.put_application("iris", [("iris", 1, 100 - 10 * step), ("iris", 2, 10 * step)])
+            wait_until(lambda before=before: _ingress_routes(mesh) != before, 30, f"step {step} acknowledged by the ingress")
             if step == 5:
                 mesh.api.deploy("iris", 1, replicas=1)
             if step == 7:
@@ -117,7 +133,9 @@ def test_churn_under_load_fails_no_request(mesh: Mesh, model_dir: Path) -> None:
                 assert len(xds) == 1, xds
                 os.kill(xds[0], signal.SIGKILL)
                 wait_until(lambda: len(_pids(mesh.xds_pattern)) == 1, 30, "xds_control restarted")
-            time.sleep(2.0)  # pacing of the churn (one step every 2 s), not a readiness wait
+            # Pacing in requests, not seconds: each configuration carries traffic before the next change.
+            mark = load.total()
+            wait_until(lambda mark=mark: load.total() >= mark + STEP_REQUESTS, 30, f"traffic through step {step}")
 
         mesh.api.delete_deployment("iris", 1)
         wait_until(lambda: not mesh.runtime_pids("iris", 1), 30, "version 1 stopped")
