@@ -125,7 +125,7 @@ def test_churn_under_load_fails_no_request(mesh: Mesh, model_dir: Path) -> None:
         for step in range(1, 11):
             before = _ingress_routes(mesh)
             mesh.api.put_application("iris", [("iris", 1, 100 - 10 * step), ("iris", 2, 10 * step)])
-            wait_until(lambda before=before: _ingress_routes(mesh) != before, 30, f"step {step} acknowledged by the ingress")
+            wait_until(lambda before=before: _ingress_routes(mesh) != before, 30, f"step {step} acknowledged")
             if step == 5:
                 mesh.api.deploy("iris", 1, replicas=1)
             if step == 7:
