@@ -46,7 +46,7 @@ from manager_api.etcd_server import EtcdServer  # noqa: E402
 from manager_api.processes import ChildProcess, free_port, wait_until  # noqa: E402
 from protos import inference_pb2, inference_pb2_grpc  # noqa: E402
 from protos.topology import Application, Keys, Stage, Variant  # noqa: E402
-from xds_control.bootstrap import envoy_process, envoy_ready, render_bootstrap  # noqa: E402
+from xds_control.bootstrap import envoy_ready, ingress_envoy  # noqa: E402
 
 T = TypeVar("T")
 APP = "iris"
@@ -233,20 +233,7 @@ def main() -> None:
         ],
         log_path=work / "xds.log",
     ).start()
-    ingress = envoy_process(
-        "ingress",
-        render_bootstrap(
-            "ingress",
-            node_id="ingress",
-            listen_address="127.0.0.1",
-            listen_port=ingress_port,
-            admin_port=admin_port,
-            xds_host="127.0.0.1",
-            xds_port=xds_port,
-        ),
-        work,
-        admin_port,
-    ).start()
+    ingress = ingress_envoy(work, admin_port=admin_port, xds_port=xds_port, listen_port=ingress_port).start()
     # The lease keep-alive must run while the load generators do, so the loop gets a thread of its own.
     loop = asyncio.new_event_loop()
     loop_thread = threading.Thread(target=loop.run_forever, name="asyncio", daemon=True)

@@ -52,7 +52,7 @@ from protos.topology import (  # noqa: E402
     TensorSpec,
     Variant,
 )
-from xds_control.bootstrap import envoy_process, envoy_ready, render_bootstrap  # noqa: E402
+from xds_control.bootstrap import envoy_ready, ingress_envoy  # noqa: E402
 from xds_control.topology import Topology  # noqa: E402
 from xds_control.translate import NodeInfo, ingress_snapshot  # noqa: E402
 
@@ -150,20 +150,13 @@ class Plane:
             ],
             log_path=work / f"xds-{node_id}.log",
         )
-        self.envoy = envoy_process(
-            node_id,
-            render_bootstrap(
-                "ingress",
-                node_id=node_id,
-                listen_address="127.0.0.1",
-                listen_port=self.listen_port,
-                admin_port=self.admin_port,
-                xds_host="127.0.0.1",
-                xds_port=self.xds_port,
-                ads_api_type=api_type,
-            ),
+        self.envoy = ingress_envoy(
             work / node_id,
-            self.admin_port,
+            admin_port=self.admin_port,
+            xds_port=self.xds_port,
+            listen_port=self.listen_port,
+            node_id=node_id,
+            ads_api_type=api_type,
         )
 
     def start_control_plane(self) -> None:

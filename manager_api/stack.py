@@ -20,7 +20,7 @@ from types import FrameType
 from manager_api.credentials import ensure_admin_credentials
 from manager_api.etcd_server import EtcdServer
 from manager_api.processes import ChildProcess, free_port, http_ok
-from xds_control.bootstrap import envoy_process, envoy_ready, render_bootstrap
+from xds_control.bootstrap import envoy_ready, ingress_envoy
 
 log = logging.getLogger(__name__)
 
@@ -129,17 +129,14 @@ class Stack:
         )
         self._run(manager, lambda: http_ok(f"{self.api_url}/healthz"))
         admin_port = free_port()
-        bootstrap = render_bootstrap(
-            "ingress",
-            node_id="ingress",
-            listen_address=self.config.host,
-            listen_port=self.ingress_port,
+        ingress = ingress_envoy(
+            self.logs,
             admin_port=admin_port,
-            xds_host="127.0.0.1",
             xds_port=self.xds_port,
+            listen_port=self.ingress_port,
+            listen_address=self.config.host,
             ads_api_type="DELTA_GRPC" if self.config.xds_api == "delta" else "GRPC",
         )
-        ingress = envoy_process("ingress", bootstrap, self.logs, admin_port)
         self._run(ingress, lambda: envoy_ready(admin_port))
 
     def _run(self, process: ChildProcess, ready: Callable[[], bool]) -> None:

@@ -68,3 +68,28 @@ def envoy_process(name: str, bootstrap: str, workdir: Path, admin_port: int, log
 def envoy_ready(admin_port: int) -> bool:
     """Whether the Envoy with this admin port finished initializing (listeners and clusters warm)."""
     return http_ok(f"http://127.0.0.1:{admin_port}/ready")
+
+
+def ingress_envoy(
+    workdir: Path,
+    *,
+    xds_port: int,
+    listen_port: int,
+    admin_port: int,
+    node_id: str = "ingress",
+    listen_address: str = "127.0.0.1",
+    xds_host: str = "127.0.0.1",
+    ads_api_type: str = "GRPC",
+) -> ChildProcess:
+    """An ingress Envoy (not started yet) that takes all its config from xds_control at ``xds_host:xds_port``."""
+    bootstrap = render_bootstrap(
+        "ingress",
+        node_id=node_id,
+        listen_address=listen_address,
+        listen_port=listen_port,
+        admin_port=admin_port,
+        xds_host=xds_host,
+        xds_port=xds_port,
+        ads_api_type=ads_api_type,
+    )
+    return envoy_process(node_id, bootstrap, workdir, admin_port)

@@ -46,7 +46,7 @@ from protos.topology import (
     Variant,
 )
 from xds_control import resources as r
-from xds_control.bootstrap import envoy_process, envoy_ready, render_bootstrap
+from xds_control.bootstrap import envoy_ready, ingress_envoy
 from xds_control.snapshot import Snapshot
 from xds_control.topology import Topology
 from xds_control.translate import INGRESS_ROUTES, NodeInfo, ingress_snapshot
@@ -125,20 +125,7 @@ def stack(etcd_server: EtcdServer, tmp_path_factory: pytest.TempPathFactory) -> 
         ],
         log_path=work / "xds.log",
     )
-    ingress = envoy_process(
-        "ingress",
-        render_bootstrap(
-            "ingress",
-            node_id="ingress",
-            listen_address="127.0.0.1",
-            listen_port=listen_port,
-            admin_port=admin_port,
-            xds_host="127.0.0.1",
-            xds_port=xds_port,
-        ),
-        work,
-        admin_port,
-    )
+    ingress = ingress_envoy(work, admin_port=admin_port, xds_port=xds_port, listen_port=listen_port)
     # The registry's lease keep-alive must run while the tests block on calls: the loop gets a thread.
     loop = asyncio.new_event_loop()
     loop_thread = threading.Thread(target=loop.run_forever, name="headerless-loop", daemon=True)

@@ -28,7 +28,7 @@ from protos.topology import (
     TensorSpec,
     Variant,
 )
-from xds_control.bootstrap import envoy_process, envoy_ready, render_bootstrap
+from xds_control.bootstrap import envoy_ready, ingress_envoy
 
 
 class Ingress:
@@ -96,20 +96,8 @@ def ingress_stack(etcd_server: EtcdServer, etcd_prefix: str, tmp_path: Path, api
         start_control_plane()
 
     listen_port, admin_port = free_port(), free_port()
-    envoy = envoy_process(
-        "ingress",
-        render_bootstrap(
-            "ingress",
-            node_id="ingress",
-            listen_address="127.0.0.1",
-            listen_port=listen_port,
-            admin_port=admin_port,
-            xds_host="127.0.0.1",
-            xds_port=xds_port,
-            ads_api_type=api_type,
-        ),
-        tmp_path,
-        admin_port,
+    envoy = ingress_envoy(
+        tmp_path, admin_port=admin_port, xds_port=xds_port, listen_port=listen_port, ads_api_type=api_type
     )
     try:
         start_control_plane()

@@ -36,7 +36,7 @@ from protos.topology import (
     TensorSpec,
     Variant,
 )
-from xds_control.bootstrap import envoy_process, envoy_ready, render_bootstrap
+from xds_control.bootstrap import envoy_ready, ingress_envoy
 
 MODEL_PY = "def predict(inputs):\n    return {'y': inputs['x'] * 2}\n"
 SERVING_YAML = """\
@@ -135,20 +135,7 @@ def stack(etcd_server: EtcdServer, etcd_prefix: str, tmp_path: Path) -> Iterator
             ],
             log_path=tmp_path / "xds.log",
         ),
-        envoy_process(
-            "ingress",
-            render_bootstrap(
-                "ingress",
-                node_id="ingress",
-                listen_address="127.0.0.1",
-                listen_port=ingress_port,
-                admin_port=admin_port,
-                xds_host="127.0.0.1",
-                xds_port=xds_port,
-            ),
-            tmp_path,
-            admin_port,
-        ),
+        ingress_envoy(tmp_path, admin_port=admin_port, xds_port=xds_port, listen_port=ingress_port),
     ]
     try:
         for process in processes:

@@ -48,7 +48,7 @@ from protos.topology import (
     Variant,
 )
 from xds_control import resources as r
-from xds_control.bootstrap import envoy_process, envoy_ready, render_bootstrap
+from xds_control.bootstrap import envoy_ready, ingress_envoy
 from xds_control.translate import cluster_name, cluster_policies, request_limits, route_policies
 
 T = TypeVar("T")
@@ -236,20 +236,7 @@ def stack(etcd_server: EtcdServer, tmp_path_factory: pytest.TempPathFactory) -> 
         ],
         log_path=work / "xds.log",
     )
-    ingress = envoy_process(
-        "ingress",
-        render_bootstrap(
-            "ingress",
-            node_id="ingress",
-            listen_address="127.0.0.1",
-            listen_port=listen_port,
-            admin_port=admin_port,
-            xds_host="127.0.0.1",
-            xds_port=xds_port,
-        ),
-        work,
-        admin_port,
-    )
+    ingress = ingress_envoy(work, admin_port=admin_port, xds_port=xds_port, listen_port=listen_port)
     # Each replica gets its own copy of the model folder, hence its own mode file.
     model_dirs = []
     for index in range(2):

@@ -30,7 +30,7 @@ from protos.topology import (
     TensorSpec,
     Variant,
 )
-from xds_control.bootstrap import envoy_process, envoy_ready, render_bootstrap
+from xds_control.bootstrap import envoy_ready, ingress_envoy
 
 SIGNATURE = Signature(
     inputs=[TensorSpec(name="x", datatype="FP32", shape=[-1])],
@@ -59,16 +59,13 @@ def two_replicas(etcd_server: EtcdServer, etcd_prefix: str, tmp_path: Path) -> I
                     log_path=tmp_path / f"xds-{name}.log",
                 ).start()
             )
-            bootstrap = render_bootstrap(
-                "ingress",
-                node_id=f"ingress-{name}",
-                listen_address="127.0.0.1",
-                listen_port=listen_port,
+            envoy = ingress_envoy(
+                tmp_path / name,
                 admin_port=admin_port,
-                xds_host="127.0.0.1",
                 xds_port=xds_port,
-            )
-            envoy = envoy_process(f"ingress-{name}", bootstrap, tmp_path / name, admin_port).start()
+                listen_port=listen_port,
+                node_id=f"ingress-{name}",
+            ).start()
             admin_ports.append(admin_port)
             processes.append(envoy)
             envoy.wait_ready(lambda port=admin_port: envoy_ready(port), 30)  # type: ignore[misc]
