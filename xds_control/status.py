@@ -105,9 +105,8 @@ class ProxyStatusWriter(StreamCallbacks):
 
     async def _current_lease(self) -> aetcd.Lease:
         if self._lease is not None:
-            remaining = await self._lease.remaining_ttl()
-            if remaining is not None and remaining > 0:
-                await self._lease.refresh()
+            # One round trip: the keep-alive reply's TTL is 0 when the lease is already gone.
+            if (await self._lease.refresh()).TTL > 0:
                 return self._lease
             # The lease expired (etcd restart, long pause): every live record must be written again.
             self._dirty |= self._status.keys()

@@ -80,14 +80,12 @@ class LeasedInstanceRegistry:
                 async with self._lock:
                     if self._lease is None:
                         continue
-                    remaining = await self._lease.remaining_ttl()
-                    if remaining is None or remaining <= 0:
+                    # One round trip: the keep-alive reply's TTL is 0 when the lease is already gone.
+                    if (await self._lease.refresh()).TTL <= 0:
                         log.warning("instance lease expired; announcing %d instances again", len(self._live))
                         self._lease = await self._client.lease(self._ttl)
                         for instance in self._live.values():
                             await self._put(instance, self._lease)
-                    else:
-                        await self._lease.refresh()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
