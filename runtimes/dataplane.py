@@ -346,6 +346,9 @@ class DataPlane:
         cpu = time.thread_time()
         try:
             result = self.runtime.predict(arrays)
+        except InvalidInput:
+            # The runtime judged the data itself (e.g. NaN where the model takes none): the client's mistake.
+            raise
         except (Exception, SystemExit) as exc:
             # The model's own bug: the client gets the message, the log gets the traceback, the process lives on.
             log.exception("predict failed for model %s version %s", self.name, self.version)

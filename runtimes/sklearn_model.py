@@ -13,10 +13,12 @@ from typing import Any, ClassVar
 
 import joblib
 import numpy as np
+import sklearn
+from sklearn.utils import get_tags
 
 from protos.topology import Signature
 from runtimes.base import ModelRuntime
-from runtimes.errors import ModelLoadError
+from runtimes.errors import InvalidInput, ModelLoadError
 from runtimes.serving_config import ServingConfig
 from runtimes.signatures import check_signature, source_name
 from runtimes.tabular import tabular_signature
@@ -69,6 +71,7 @@ class SklearnRuntime(ModelRuntime):
         self._input = signature.inputs[0].name
         self._methods = {spec.name: _method_for(spec.name) for spec in signature.outputs}
         self._labels_from_proba = False
+        self._allows_nan = True
 
     def load(self) -> None:
         """Unpickle the estimator and check it has the methods the signature's outputs need."""
@@ -90,6 +93,7 @@ class SklearnRuntime(ModelRuntime):
             model
         )
         check_signature(self.config.signature, _signature(model, self.config), source_name(self.kind))
+        self._allows_nan = _allows_nan(model)
         self._model = model
 
     def predict(self, inputs: dict[str, np.ndarray]) -> Mapping[str, Any]:
@@ -97,15 +101,36 @@ class SklearnRuntime(ModelRuntime):
         if self._model is None:
             raise RuntimeError("the model is not loaded")
         features = inputs[self._input]
+        if features.dtype.kind != "f":
+            # Integers cannot be NaN; object arrays are sklearn's to judge.
+            return self._call(self._model, features)
+        if not self._allows_nan and not np.isfinite(features).all():
+            raise InvalidInput(
+                f"input {self._input!r} contains NaN or infinity, which {type(self._model).__name__} does not accept"
+            )
+        # sklearn's own finiteness check costs ~10 us of a ~90 us one-row call; numpy did it above in ~1 us.
+        with sklearn.config_context(assume_finite=True):
+            return self._call(self._model, features)
+
+    def _call(self, model: Any, features: np.ndarray) -> Mapping[str, Any]:
         results: dict[str, Any] = {}
         if self._labels_from_proba:
-            proba = self._model.predict_proba(features)
+            proba = model.predict_proba(features)
             results["predict_proba"] = proba
-            results["predict"] = self._model.classes_.take(np.argmax(proba, axis=1))
+            results["predict"] = model.classes_.take(np.argmax(proba, axis=1))
             return {output: results[method] for output, method in self._methods.items()}
         for method in set(self._methods.values()):
-            results[method] = getattr(self._model, method)(features)
+            results[method] = getattr(model, method)(features)
         return {output: results[method] for output, method in self._methods.items()}
+
+
+def _allows_nan(model: Any) -> bool:
+    """Whether the estimator accepts missing values (its input tags say; unknown estimators are trusted to)."""
+    try:
+        return bool(get_tags(model).input_tags.allow_nan)
+    except Exception:
+        # Third-party estimators without sklearn tags: let them see the NaN and decide.
+        return True
 
 
 def signature_of(model_dir: Path, config: ServingConfig) -> Signature:

@@ -1,0 +1,42 @@
+"""The sklearn runtime in process: answers equal the estimator's own, and missing values are judged per estimator."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import joblib
+import numpy as np
+import pytest
+from framework_models import CLASSES, FEATURES, ROWS, TABULAR_YAML, serve_in_process, sklearn_classifier
+from sklearn.ensemble import HistGradientBoostingClassifier
+
+from runtimes.errors import InvalidInput
+
+
+async def test_answers_equal_the_estimators_own(tmp_path: Path) -> None:
+    folder = sklearn_classifier(tmp_path / "m")
+    model = joblib.load(folder / "model.joblib")
+    outputs = await serve_in_process(folder, {"input": ROWS})
+    np.testing.assert_allclose(outputs["probabilities"], model.predict_proba(ROWS), rtol=1e-6)
+    np.testing.assert_array_equal(outputs["label"], model.predict(ROWS))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+async def test_non_finite_input_is_the_clients_error(tmp_path: Path, bad: float) -> None:
+    # LogisticRegression takes no missing values: a 400 naming the input, not a 500 from inside sklearn.
+    rows = ROWS.copy()
+    rows[1, 2] = bad
+    with pytest.raises(InvalidInput, match=r"input 'input' contains NaN or infinity.*LogisticRegression"):
+        await serve_in_process(sklearn_classifier(tmp_path / "m"), {"input": rows})
+
+
+async def test_estimators_that_take_missing_values_get_them(tmp_path: Path) -> None:
+    folder = tmp_path / "hgb"
+    folder.mkdir()
+    model = HistGradientBoostingClassifier(max_iter=20).fit(FEATURES, CLASSES)
+    joblib.dump(model, folder / "model.joblib")
+    (folder / "serving.yaml").write_text(TABULAR_YAML.format(runtime="sklearn", file="model.joblib", features=4))
+    rows = ROWS.copy()
+    rows[0, 0] = np.nan
+    outputs = await serve_in_process(folder, {"input": rows})
+    np.testing.assert_array_equal(outputs["label"], model.predict(rows))
