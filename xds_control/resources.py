@@ -33,7 +33,7 @@ from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
-from envoy.type.matcher.v3 import metadata_pb2, string_pb2, value_pb2
+from envoy.type.matcher.v3 import metadata_pb2, regex_pb2, string_pb2, value_pb2
 from envoy.type.v3 import percent_pb2, token_bucket_pb2
 from google.protobuf import any_pb2, descriptor_pb2, duration_pb2, struct_pb2
 from google.protobuf.message import Message
@@ -88,6 +88,9 @@ MODEL_METHODS: dict[str, tuple[str, str]] = {
 NAME_FIELDS = (("model_name", "model_version"), ("name", "version"))
 #: The OIP methods about the server as a whole; the ingress sends them to any ready instance.
 SERVER_METHODS = ("ServerLive", "ServerReady", "ServerMetadata")
+#: REST calls about the server rather than one model: server metadata, and statistics of every model (the
+#: ingress's own /v2/health/* answer without a replica).
+SERVER_REST_PATHS = ("/v2", "/v2/models/stats")
 #: A cluster over every deployed model version's cluster (Envoy's aggregate cluster): the first with a healthy
 #: host answers.
 ANY_INSTANCE_CLUSTER = "any|ready"
@@ -419,6 +422,14 @@ def _local_reply_config() -> hcm_pb2.LocalReplyConfig:
             filter=_all_of(grpc, _status_is(504)),
             body_format_override=_plain_text(),
             headers_to_add=[_set_header("grpc-status", GRPC_DEADLINE_EXCEEDED)],
+        ),
+        # The ingress's own health answers ({"live": true}): already OIP JSON, not an error.
+        hcm_pb2.ResponseMapper(
+            filter=_status_is(200),
+            body_format_override=substitution_format_string_pb2.SubstitutionFormatString(
+                text_format_source=base_pb2.DataSource(inline_string="%LOCAL_REPLY_BODY%"),
+                content_type="application/json",
+            ),
         ),
         hcm_pb2.ResponseMapper(filter=_status_is(429), body=base_pb2.DataSource(inline_string=RATE_LIMITED_MESSAGE)),
         hcm_pb2.ResponseMapper(filter=_status_is(413), body=base_pb2.DataSource(inline_string=TOO_LARGE_MESSAGE)),
@@ -772,6 +783,22 @@ def _extracted_is(field: str, value: str) -> metadata_pb2.MetadataMatcher:
     )
 
 
+def _extracted_matches(field: str, regex: str, invert: bool = False) -> metadata_pb2.MetadataMatcher:
+    """Whether an extracted field's value matches ``regex`` (inverted: also true before the extraction ran)."""
+    return metadata_pb2.MetadataMatcher(
+        filter=FIELD_EXTRACTION_FILTER,
+        path=[metadata_pb2.MetadataMatcher.PathSegment(key=field)],
+        value=value_pb2.ValueMatcher(
+            list_match=value_pb2.ListMatcher(
+                one_of=value_pb2.ValueMatcher(
+                    string_match=string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=regex))
+                )
+            )
+        ),
+        invert=invert,
+    )
+
+
 def application_routes(
     app: str, targets: Sequence[WeightedTarget], policies: RoutePolicies = _DEFAULT_ROUTE_POLICIES
 ) -> list[route_components_pb2.Route]:
@@ -841,25 +868,33 @@ def model_version_grpc_routes(
     return routes
 
 
-def server_routes(cluster: str | None) -> list[route_components_pb2.Route]:
-    """ServerLive, ServerReady and ServerMetadata: answered by any ready instance (``cluster``, an aggregate
-    of every model version's cluster), or UNAVAILABLE when no model version is deployed (None)."""
+def server_routes(
+    cluster: str | None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+) -> list[route_components_pb2.Route]:
+    """Server-wide calls: ServerLive, ServerReady, ServerMetadata, their REST peers, and statistics of every model
+    (ModelStatistics naming no model). Any ready instance answers (``cluster``, an aggregate of every model
+    version's cluster), or UNAVAILABLE when no model version is deployed (None)."""
+    matches = [(f"server|{m}", route_components_pb2.RouteMatch(path=GRPC_SERVICE_PREFIX + m)) for m in SERVER_METHODS]
+    matches += [(f"server|{path}", route_components_pb2.RouteMatch(path=path)) for path in SERVER_REST_PATHS]
+    # ModelStatistics names its model in the request body: this route is first chosen before the body is read
+    # (the name is not extracted yet), and turns the route refresh on. Chosen again with the name extracted, a
+    # named call goes to its model's route (earlier in the list); one naming no model stays here.
+    statistics = route_components_pb2.RouteMatch(
+        path=GRPC_SERVICE_PREFIX + "ModelStatistics",
+        dynamic_metadata=[_extracted_matches("name", ".+", invert=True)],
+    )
+    matches.append(("server|ModelStatistics", statistics))
     routes = []
-    for method in SERVER_METHODS:
-        match = route_components_pb2.RouteMatch(path=GRPC_SERVICE_PREFIX + method)
-        name = f"server|{method}"
+    for name, match in matches:
         if cluster is None:
-            routes.append(
-                route_components_pb2.Route(
-                    name=name,
-                    match=match,
-                    direct_response=route_components_pb2.DirectResponseAction(
-                        status=503, body=base_pb2.DataSource(inline_string="no model version is deployed")
-                    ),
-                )
-            )
+            route = direct_route(name, "/", 503, "no model version is deployed")
+            route.match.CopyFrom(match)
         else:
-            routes.append(_route(name, match, [WeightedTarget(cluster, 100)], _DEFAULT_ROUTE_POLICIES))
+            route = _route(name, match, [WeightedTarget(cluster, 100)], _DEFAULT_ROUTE_POLICIES)
+        if name == "server|ModelStatistics":
+            for filter_name, config in route_refresh_enabled(max_request_bytes).items():
+                route.typed_per_filter_config[filter_name].CopyFrom(config)
+        routes.append(route)
     return routes
 
 
@@ -881,13 +916,12 @@ def grpc_fallback_routes(
 
 
 def direct_route(name: str, prefix: str, status: int, body: str) -> route_components_pb2.Route:
-    """A route Envoy answers itself; the local reply mapping turns ``body`` into an OIP error."""
+    """A route Envoy answers itself; the local reply mapping turns ``body`` into an OIP error (a 200 is sent as
+    is). ``body`` is a substitution format string: %REQ(:PATH)% names the path asked for."""
     return route_components_pb2.Route(
         name=name,
         match=route_components_pb2.RouteMatch(prefix=prefix),
-        direct_response=route_components_pb2.DirectResponseAction(
-            status=status, body=base_pb2.DataSource(inline_string=body)
-        ),
+        direct_response=route_components_pb2.DirectResponseAction(status=status, body_format=_text(body)),
     )
 
 

@@ -22,7 +22,9 @@ SIDECAR_LISTENER = "inbound"
 LOCAL_GRPC = "local|grpc"
 LOCAL_HTTP = "local|http"
 
-NO_ROUTE_REST = "no application or model version matches this path; the manager's GET /api/v1/applications lists them"
+NO_ROUTE_REST = (
+    "no application or model version matches %REQ(:PATH)%; the manager's GET /api/v1/applications lists them"
+)
 NO_ROUTE_GRPC = (
     "no application or model version named by the request (model_name, or the x-hydro-model request header); "
     "the manager's GET /api/v1/applications lists them"
@@ -143,9 +145,9 @@ def ingress_snapshot(
         clusters.append((r.ANY_INSTANCE_CLUSTER, r.aggregate_cluster(r.ANY_INSTANCE_CLUSTER, deployed)))
 
     routes = [
-        r.exact_direct_route("live", "/v2/health/live", 200, "live"),
-        r.exact_direct_route("ready", "/v2/health/ready", 200, "ready"),
-        *r.server_routes(r.ANY_INSTANCE_CLUSTER if deployed else None),
+        r.exact_direct_route("live", "/v2/health/live", 200, '{"live": true}'),
+        r.exact_direct_route("ready", "/v2/health/ready", 200, '{"ready": true}'),
+        *r.server_routes(r.ANY_INSTANCE_CLUSTER if deployed else None, max_request_bytes),
     ]
     for model, version in sorted(topology.deployments):
         deployment = topology.deployments[(model, version)]

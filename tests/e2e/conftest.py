@@ -6,19 +6,13 @@ left running.
 
 from __future__ import annotations
 
-import os
 import runpy
 import shutil
-import signal
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hydro_mesh import EXAMPLE, Mesh, descendants
-
-from manager_api.credentials import load_credentials
-from manager_api.processes import ChildProcess, free_port, http_ok
+from hydro_mesh import EXAMPLE, Mesh, running_mesh
 
 
 @pytest.fixture(scope="module")
@@ -32,48 +26,5 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def mesh(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     """`hydro up`; parametrize indirectly with "sotw" or "delta" to choose the ADS flavour (default sotw)."""
-    xds_api = getattr(request, "param", "sotw")
-    data_dir = tmp_path_factory.mktemp("hydro")
-    ports = {name: free_port() for name in ("ingress", "api", "xds", "metrics", "etcd")}
-    process = ChildProcess(
-        "hydro-up",
-        [
-            sys.executable,
-            "-m",
-            "manager_api.cli",
-            "up",
-            "--data-dir",
-            str(data_dir),
-            "--ingress-port",
-            str(ports["ingress"]),
-            "--api-port",
-            str(ports["api"]),
-            "--xds-port",
-            str(ports["xds"]),
-            "--etcd-port",
-            str(ports["etcd"]),
-            "--xds-metrics-port",
-            str(ports["metrics"]),
-            "--xds-api",
-            xds_api,
-        ],
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        log_path=data_dir / "hydro-up.log",
-    ).start()
-    mesh: Mesh | None = None
-    try:
-        process.wait_ready(lambda: http_ok(f"http://127.0.0.1:{ports['ingress']}/v2/health/ready"), 90)
-        credentials = load_credentials(data_dir)
-        assert credentials is not None, "hydro up wrote no credentials"
-        mesh = Mesh(process, ports["ingress"], ports["api"], ports["xds"], credentials.token, data_dir)
+    with running_mesh(tmp_path_factory.mktemp("hydro"), getattr(request, "param", "sotw")) as mesh:
         yield mesh
-    finally:
-        if mesh is not None:
-            mesh.api.close()
-        family = descendants(process.pid or 0)
-        process.stop(grace=60)
-        print(process.log_tail(80))
-        survivors = [pid for pid in family if Path(f"/proc/{pid}").exists() and pid != os.getpid()]
-        for pid in survivors:
-            os.kill(pid, signal.SIGKILL)
-        assert not survivors, f"hydro up left processes behind: {survivors}"

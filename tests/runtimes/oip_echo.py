@@ -98,10 +98,27 @@ class EchoRuntime:
         return self.process.log_path.read_text(errors="replace")
 
 
-def start_echo(folder: Path, name: str, datatypes: tuple[str, ...], logs: Path) -> EchoRuntime:
+@dataclass(frozen=True)
+class EchoTarget:
+    """Where the conformance tests reach an echo model: its runtime directly, or the mesh's ingress."""
+
+    name: str
+    http_url: str
+    grpc_url: str
+    #: "direct" or "ingress".
+    via: str
+
+
+def write_echo_model(folder: Path, datatypes: tuple[str, ...]) -> Path:
+    """The echo model folder (model.py + serving.yaml) for ``datatypes``."""
     folder.mkdir(parents=True)
     (folder / "model.py").write_text(ECHO_MODEL)
     (folder / "serving.yaml").write_text(serving_yaml(datatypes))
+    return folder
+
+
+def start_echo(folder: Path, name: str, datatypes: tuple[str, ...], logs: Path) -> EchoRuntime:
+    write_echo_model(folder, datatypes)
     grpc_port, http_port = free_port(), free_port()
     argv = [sys.executable, "-m", "runtimes", "--model-dir", str(folder), "--name", name, "--version", "1"]
     argv += ["--host", "127.0.0.1", "--grpc-port", str(grpc_port), "--http-port", str(http_port)]

@@ -5,9 +5,9 @@ one output per datatype): health, metadata, model config and statistics, inferen
 and as JSON / typed contents, requested outputs, parameters, request ids, explicit and default versions, unknown
 models and wrong datatypes. KServe's clients run in their own virtualenv (see test_kserve_clients).
 
-These tests talk to the runtime directly. Through the ingress, a gRPC client that sets no routing header needs
-header-less routing in Envoy (being added in xds_control); once it is in, the same assertions should run against
-the ingress address as well.
+Every test runs twice: against the runtime directly, and through a whole `hydro up` mesh (ingress Envoy, sidecar,
+deployer) where the model is application `alltypes` / `typed`, reached with no extra header: the ingress chooses
+the route from the URL (REST) or from the model name inside the gRPC request.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
 import tritonclient.http as httpclient
 import tritonclient.http.aio as httpaio
-from oip_echo import DATATYPES, TYPED_DATATYPES, EchoRuntime, input_name, output_name, sample
+from hydro_mesh import Mesh
+from oip_echo import DATATYPES, TYPED_DATATYPES, EchoRuntime, EchoTarget, input_name, output_name, sample
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
@@ -68,10 +69,34 @@ def _assert_echo(result: Any, datatypes: Sequence[str]) -> None:
             assert np.array_equal(got, expected), datatype
 
 
+@pytest.fixture(scope="module", params=["direct", "ingress"])
+def via(request: pytest.FixtureRequest) -> Mesh | None:
+    """None for the runtimes themselves, else the mesh whose ingress serves them."""
+    return request.getfixturevalue("echo_mesh") if request.param == "ingress" else None
+
+
+def _target(runtime: EchoRuntime, mesh: Mesh | None) -> EchoTarget:
+    if mesh is None:
+        return EchoTarget(runtime.name, runtime.http_url, runtime.grpc_url, "direct")
+    return EchoTarget(runtime.name, mesh.grpc_target, mesh.grpc_target, "ingress")
+
+
+@pytest.fixture(scope="module")
+def alltypes(alltypes: EchoRuntime, via: Mesh | None) -> EchoTarget:
+    """The every-datatype echo model, directly or through the ingress."""
+    return _target(alltypes, via)
+
+
+@pytest.fixture(scope="module")
+def typed(typed: EchoRuntime, via: Mesh | None) -> EchoTarget:
+    """The typed-contents echo model (no FP16), directly or through the ingress."""
+    return _target(typed, via)
+
+
 # -- health, metadata, config, statistics ------------------------------------------------------------------------
 
 
-def test_http_health_and_metadata(alltypes: EchoRuntime) -> None:
+def test_http_health_and_metadata(alltypes: EchoTarget) -> None:
     client = httpclient.InferenceServerClient(alltypes.http_url)
     try:
         assert client.is_server_live() and client.is_server_ready()
@@ -99,7 +124,7 @@ def test_http_health_and_metadata(alltypes: EchoRuntime) -> None:
         client.close()
 
 
-def test_grpc_health_and_metadata(alltypes: EchoRuntime) -> None:
+def test_grpc_health_and_metadata(alltypes: EchoTarget) -> None:
     client = grpcclient.InferenceServerClient(alltypes.grpc_url)
     try:
         assert client.is_server_live() and client.is_server_ready()
@@ -129,7 +154,7 @@ def test_grpc_health_and_metadata(alltypes: EchoRuntime) -> None:
         client.close()
 
 
-def test_statistics_count_inferences(typed: EchoRuntime) -> None:
+def test_statistics_count_inferences(typed: EchoTarget) -> None:
     http = httpclient.InferenceServerClient(typed.http_url)
     grpc_client = grpcclient.InferenceServerClient(typed.grpc_url)
     try:
@@ -147,11 +172,17 @@ def test_statistics_count_inferences(typed: EchoRuntime) -> None:
         assert stats["compute_infer"]["ns"] > 0 and after["last_inference"] > 0
         assert after["batch_stats"] and after["batch_stats"][0]["batch_size"] == 1
 
-        # Every model (no name) over REST and gRPC: the one this runtime serves.
-        assert [s["name"] for s in http.get_inference_statistics()["model_stats"]] == ["typed"]
+        # Every model (no name) over REST and gRPC: the one this runtime serves. Through the ingress, a server-wide
+        # call is answered by any ready replica of the mesh: here the alltypes or the typed runtime.
+        over_rest = [s["name"] for s in http.get_inference_statistics()["model_stats"]]
         over_grpc = grpc_client.get_inference_statistics().model_stats
-        assert [(s.name, s.version) for s in over_grpc] == [("typed", "1")]
-        assert over_grpc[0].inference_stats.success.count >= stats["success"]["count"]
+        if typed.via == "direct":
+            assert over_rest == ["typed"]
+            assert [(s.name, s.version) for s in over_grpc] == [("typed", "1")]
+            assert over_grpc[0].inference_stats.success.count >= stats["success"]["count"]
+        else:
+            assert over_rest in (["typed"], ["alltypes"])
+            assert [s.name for s in over_grpc] in (["typed"], ["alltypes"])
         assert grpc_client.get_inference_statistics("typed", "1").model_stats[0].execution_count > 0
         with pytest.raises(InferenceServerException) as missing:
             grpc_client.get_inference_statistics("nothing")
@@ -165,7 +196,7 @@ def test_statistics_count_inferences(typed: EchoRuntime) -> None:
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
-def test_http_every_datatype(alltypes: EchoRuntime, binary: bool) -> None:
+def test_http_every_datatype(alltypes: EchoTarget, binary: bool) -> None:
     client = httpclient.InferenceServerClient(alltypes.http_url)
     try:
         outputs = [httpclient.InferRequestedOutput(output_name(d), binary_data=binary) for d in DATATYPES]
@@ -180,7 +211,7 @@ def test_http_every_datatype(alltypes: EchoRuntime, binary: bool) -> None:
         client.close()
 
 
-def test_grpc_every_datatype_raw(alltypes: EchoRuntime) -> None:
+def test_grpc_every_datatype_raw(alltypes: EchoTarget) -> None:
     client = grpcclient.InferenceServerClient(alltypes.grpc_url)
     try:
         result = client.infer("alltypes", _inputs(grpcclient, DATATYPES), request_id="grpc-all", model_version="1")
@@ -209,7 +240,7 @@ def _typed_request() -> service_pb2.ModelInferRequest:
     return request
 
 
-def test_grpc_every_datatype_typed_contents(typed: EchoRuntime) -> None:
+def test_grpc_every_datatype_typed_contents(typed: EchoTarget) -> None:
     """Typed contents in, typed contents out (FP16 has no typed field; the typed model has none)."""
     with grpc.insecure_channel(typed.grpc_url) as channel:
         response = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(_typed_request(), timeout=10)
@@ -226,7 +257,7 @@ def test_grpc_every_datatype_typed_contents(typed: EchoRuntime) -> None:
 # -- requested outputs, parameters, versions ----------------------------------------------------------------------
 
 
-def test_requested_outputs_and_parameters(alltypes: EchoRuntime) -> None:
+def test_requested_outputs_and_parameters(alltypes: EchoTarget) -> None:
     wanted = ["FP16", "BYTES", "UINT64"]
     http = httpclient.InferenceServerClient(alltypes.http_url)
     grpc_client = grpcclient.InferenceServerClient(alltypes.grpc_url)
@@ -261,7 +292,7 @@ def test_requested_outputs_and_parameters(alltypes: EchoRuntime) -> None:
         grpc_client.close()
 
 
-def test_explicit_default_and_wrong_versions(typed: EchoRuntime) -> None:
+def test_explicit_default_and_wrong_versions(typed: EchoTarget) -> None:
     base = f"http://{typed.http_url}/v2/models/typed"
     body = {
         "id": "v",
@@ -300,7 +331,7 @@ def _json_data(datatype: str) -> list[Any]:
 # -- errors -----------------------------------------------------------------------------------------------------
 
 
-def test_unknown_model_and_wrong_datatype_sync(alltypes: EchoRuntime) -> None:
+def test_unknown_model_and_wrong_datatype_sync(alltypes: EchoTarget) -> None:
     wrong = _inputs(httpclient, DATATYPES)
     wrong[0] = httpclient.InferInput(input_name("BOOL"), [3, 2], "INT8")
     wrong[0].set_data_from_numpy(sample("INT8"))
@@ -334,7 +365,7 @@ def test_unknown_model_and_wrong_datatype_sync(alltypes: EchoRuntime) -> None:
 # -- asyncio clients --------------------------------------------------------------------------------------------
 
 
-async def test_http_aio_client(alltypes: EchoRuntime) -> None:
+async def test_http_aio_client(alltypes: EchoTarget) -> None:
     client = httpaio.InferenceServerClient(alltypes.http_url)
     try:
         assert await client.is_server_live() and await client.is_server_ready()
@@ -365,7 +396,7 @@ async def test_http_aio_client(alltypes: EchoRuntime) -> None:
         await client.close()
 
 
-async def test_grpc_aio_client(alltypes: EchoRuntime) -> None:
+async def test_grpc_aio_client(alltypes: EchoTarget) -> None:
     client = grpcaio.InferenceServerClient(alltypes.grpc_url)
     try:
         assert await client.is_server_live() and await client.is_server_ready()
@@ -395,7 +426,7 @@ async def test_grpc_aio_client(alltypes: EchoRuntime) -> None:
 # -- KServe's clients -------------------------------------------------------------------------------------------
 
 
-def test_kserve_clients(alltypes: EchoRuntime, typed: EchoRuntime) -> None:
+def test_kserve_clients(alltypes: EchoTarget, typed: EchoTarget) -> None:
     """KServe's InferenceRESTClient and InferenceGRPCClient, from the `kserve` package in .venv-kserve.
 
     kserve pins another protobuf major and defines its own `inference` proto package, so it lives in its own

@@ -323,6 +323,7 @@ def test_ingress_routes_by_header_then_by_name_then_not_found() -> None:
     routes = _route_config(snapshot)
     assert [route.name for route in routes.virtual_hosts[0].routes] == [
         *("live", "ready", "server|ServerLive", "server|ServerReady", "server|ServerMetadata"),
+        *("server|/v2", "server|/v2/models/stats", "server|ModelStatistics"),
         *("model|m|1", "model|m|1|grpc-model_name", "model|m|1|grpc-name"),
         *("app|a|grpc", "app|a|grpc-model_name", "app|a|grpc-name", "app|a|rest"),
         *("no-grpc-route-by-header", "no-grpc-route", "no-route"),
