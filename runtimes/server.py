@@ -329,10 +329,18 @@ def configure_logging(level: str) -> None:
     )
 
 
+#: How long a thread may hold the GIL while another waits for it (Python's default is 5 ms).
+GIL_SWITCH_INTERVAL_SECONDS = 0.001
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m runtimes``."""
     options = parse_args(argv)
     configure_logging(options.log_level)
+    # A predict thread holding the GIL makes the event loop wait up to one switch interval for every step of a
+    # health or metadata call. 1 ms instead of Python's 5 ms: with 8 clients on a 30 ms pure-Python model, the
+    # median gRPC health + metadata probe went from 23-58 ms to 7 ms (REST 11-14 -> 4 ms).
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_SECONDS)
     # uvloop (as MLServer and uvicorn[standard] use): measured ~1.3x the requests per second of the default loop
     # for both grpc.aio and uvicorn on a small model.
     return uvloop.run(serve(options))

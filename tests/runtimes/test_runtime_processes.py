@@ -561,6 +561,76 @@ def test_predict_error_then_next_request(doubler: Runtime) -> None:
     assert doubler.process.running
 
 
+# -- under load -------------------------------------------------------------------------------------------------
+
+#: A model whose predict holds the GIL for 30 ms of CPU, like pure-Python pre-processing.
+BURNER_MODEL = """
+import time
+
+
+def predict(inputs):
+    deadline = time.thread_time() + 0.03
+    while time.thread_time() < deadline:
+        pass
+    return {"y": inputs["x"] * 2}
+"""
+
+
+def test_health_and_metadata_stay_responsive_under_full_load(launcher: Launcher, tmp_path: Path) -> None:
+    """8 clients keep the CPU-bound model busy; health, readiness and metadata over REST and gRPC still answer
+    quickly. Were predict run on the event loop, each probe would queue behind up to 8 predictions (~240 ms)."""
+    folder = tmp_path / "burner"
+    folder.mkdir()
+    (folder / "model.py").write_text(BURNER_MODEL)
+    (folder / "serving.yaml").write_text(DOUBLER_SERVING.format(entrypoint="model:predict"))
+    runtime = launcher.start(folder, "burner")
+    runtime.wait_ready()
+    body = {"inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP32", "data": [[1, 2, 3]]}]}
+    stop = threading.Event()
+    answered: list[int] = []
+
+    def load() -> None:
+        with httpx.Client(base_url=runtime.http, timeout=30) as client:
+            while not stop.is_set():
+                answered.append(client.post("/v2/models/burner/infer", json=body).status_code)
+
+    workers = [threading.Thread(target=load) for _ in range(8)]
+    for worker in workers:
+        worker.start()
+    latencies: dict[str, list[float]] = {"rest": [], "grpc": []}
+    grpc_client = grpcclient.InferenceServerClient(runtime.grpc_target)
+    try:
+        wait_until(lambda: len(answered) >= 16, 30, "the load to be running")
+        before = len(answered)
+        with httpx.Client(base_url=runtime.http, timeout=10) as probe, grpc.insecure_channel(runtime.grpc_target) as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            window = time.monotonic() + 2.0
+            while len(latencies["grpc"]) < 20 or time.monotonic() < window:
+                started = time.perf_counter()
+                assert probe.get("/v2/health/ready").status_code == 200
+                assert probe.get("/v2/models/burner").json()["name"] == "burner"
+                latencies["rest"].append((time.perf_counter() - started) / 2)
+                started = time.perf_counter()
+                check = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+                assert check.status == health_pb2.HealthCheckResponse.SERVING
+                assert grpc_client.get_model_metadata("burner").name == "burner"
+                latencies["grpc"].append((time.perf_counter() - started) / 2)
+        during = len(answered) - before
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join(30)
+        grpc_client.close()
+    assert set(answered) == {200}
+    # The model really was busy meanwhile: at 30 ms of CPU a call, 2 s of probing overlapped dozens of predictions.
+    assert during >= 30, during
+    for protocol, values in latencies.items():
+        ordered = sorted(values)
+        median, worst = ordered[len(ordered) // 2], ordered[-1]
+        print(f"{protocol}: median {median * 1000:.1f} ms, max {worst * 1000:.1f} ms over {len(values)} probes")
+        assert median < 0.06 and worst < 0.5, (protocol, ordered)
+
+
 # -- process lifetime ------------------------------------------------------------------------------------------
 
 
