@@ -91,12 +91,17 @@ def proxy_state(proxy: dict[str, Any]) -> str:
     return f"NACK: {proxy['last_nack']}" if proxy.get("last_nack") else "ok"
 
 
+#: xDS resource types by the names Envoy users know them by.
+XDS_NAMES = {"Cluster": "CDS", "ClusterLoadAssignment": "EDS", "Listener": "LDS", "RouteConfiguration": "RDS"}
+
+
+def acked_text(proxy: dict[str, Any]) -> str:
+    """The resource types a proxy acknowledged, as ``CDS EDS LDS RDS``."""
+    return " ".join(sorted(XDS_NAMES.get(type_name, type_name) for type_name in proxy.get("acked", {}))) or "-"
+
+
 def proxy_rows(proxies: list[dict[str, Any]]) -> list[list[object]]:
-    rows: list[list[object]] = []
-    for p in proxies:
-        acked = ", ".join(sorted(p.get("acked", {}))) or "-"
-        rows.append([p["node_id"], p["role"], acked, proxy_state(p), when(p.get("connected_at"))])
-    return rows
+    return [[p["node_id"], p["role"], acked_text(p), proxy_state(p), when(p.get("connected_at"))] for p in proxies]
 
 
 COLUMNS = {

@@ -9,7 +9,7 @@ from rich.markup import escape
 
 from manager_api.cli.connection import ApiOption, DataDirOption, TokenOption, manager, resolve
 from manager_api.cli.output import OutputFormat, OutputOption, emit, out, table
-from manager_api.cli.resources import proxy_state, variants_text
+from manager_api.cli.resources import acked_text, proxy_state, variants_text
 from manager_api.cli.root import app
 from manager_api.client import ManagerClient
 
@@ -54,7 +54,7 @@ def render(summary: dict[str, Any]) -> None:
         (
             "Proxies",
             ("NODE", "ROLE", "ACKED", "STATUS"),
-            [[p["node_id"], p["role"], len(p["acked"]), proxy_state(p)] for p in summary["proxies"]],
+            [[p["node_id"], p["role"], acked_text(p), proxy_state(p)] for p in summary["proxies"]],
         ),
     ]
     for title, columns, rows in sections:

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from manager_api.auth import write_token_file
 from manager_api.cli import app
-from manager_api.client import ManagerClient
+from manager_api.client import ManagerClient, pack_model_to_file
 from manager_api.credentials import ensure_admin_credentials
 from manager_api.etcd_server import EtcdServer
 from manager_api.processes import ChildProcess, free_port, http_ok
@@ -141,7 +141,8 @@ def test_apply_creates_configures_and_leaves_unchanged(manager: Manager, tmp_pat
     write_manifests(manifests / "a-app.yaml", doc("Application", "cli-app", {"stages": [
         {"variants": [{"model": "cli-apply", "version": "latest", "weight": 100}]}]}))  # fmt: skip
     write_manifests(manifests / "b-deploy.yml", doc("Deployment", "cli-apply", {"version": "latest", "replicas": 1}))
-    write_manifests(manifests / "c-model.yaml", doc("Model", "cli-apply", {"path": str(folder)}))
+    # A Model's path is relative to its manifest file.
+    write_manifests(manifests / "c-model.yaml", doc("Model", "cli-apply", {"path": "../model"}))
     (manifests / "notes.txt").write_text("not a manifest")
 
     first = ok(hydro(manager, "apply", "-f", str(manifests)))
@@ -156,6 +157,9 @@ def test_apply_creates_configures_and_leaves_unchanged(manager: Manager, tmp_pat
         {"variants": [{"model": "cli-apply", "version": 1, "weight": 100}]}
     ]
 
+    # Archives are reproducible: touching the files does not make a new version.
+    for path in folder.iterdir():
+        os.utime(path, (1_000_000_000, 1_000_000_000))
     again = json.loads(ok(hydro(manager, "apply", "-f", str(manifests), "-o", "json")))
     assert [(o["kind"], o["action"]) for o in again] == [
         ("Model", "unchanged"),
@@ -294,6 +298,21 @@ def test_push_get_describe_delete(manager: Manager, tmp_path: Path) -> None:
     assert "unknown kind 'gadgets'" in failed(hydro(manager, "get", "gadgets"))
 
 
+def test_upload_streams_from_a_file_and_reports_bytes_sent(manager: Manager, tmp_path: Path) -> None:
+    folder = model_folder(tmp_path)
+    # Incompressible, so the archive is several chunks long.
+    (folder / "weights.bin").write_bytes(os.urandom(3 * 1024 * 1024))
+    packed_progress: list[int] = []
+    packed = pack_model_to_file(folder, tmp_path / "model.tar.gz", packed_progress.append)
+    assert packed_progress[-1] == sum(p.stat().st_size for p in folder.iterdir())
+    sent: list[int] = []
+    with manager.client() as client:
+        record = client.upload_model("cli-stream", packed, sent.append)
+    assert len(sent) > 1 and sent == sorted(sent) and sent[-1] == packed.size
+    assert record["artifact"]["digest"] == packed.digest and record["artifact"]["size"] == packed.size
+    assert manager.etcd_records()["models/cli-stream/1"]["artifact"] == record["artifact"]
+
+
 def test_status_and_proxies_show_acks_and_nacks(manager: Manager, tmp_path: Path) -> None:
     status = ProxyStatus(
         node_id="cli-ingress", role="ingress", acked={"Cluster": "v3", "Listener": "v3"}, last_nack="Listener v4: bad"
@@ -319,7 +338,7 @@ def test_status_and_proxies_show_acks_and_nacks(manager: Manager, tmp_path: Path
     assert "NACK: Listener v4: bad" in text and "0/2" in text
     proxies = json.loads(ok(hydro(manager, "get", "proxies", "cli-ingress", "-o", "json")))
     assert proxies[0]["acked"] == {"Cluster": "v3", "Listener": "v3"}
-    assert "Cluster, Listener" in ok(hydro(manager, "get", "proxies"))
+    assert "CDS LDS" in ok(hydro(manager, "get", "proxies"))
     assert "cannot be deleted" in failed(hydro(manager, "delete", "proxy", "cli-ingress"))
 
 
