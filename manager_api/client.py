@@ -30,15 +30,13 @@ class ApiError(RuntimeError):
         self.message = message
 
 
-def model_files(folder: Path) -> list[tuple[Path, str]]:
-    """The files a model archive holds, as (path, name in the archive), in a stable order; caches skipped."""
-    found = []
-    for path in sorted(folder.rglob("*")):
-        relative = path.relative_to(folder)
-        if "__pycache__" in relative.parts or not path.is_file():
-            continue
-        found.append((path, relative.as_posix()))
-    return found
+def model_files(folder: Path) -> list[Path]:
+    """The files a model archive holds, in archive order (sorted paths); caches skipped."""
+    return [
+        path
+        for path in sorted(folder.rglob("*"))
+        if "__pycache__" not in path.relative_to(folder).parts and path.is_file()
+    ]
 
 
 class _HashingWriter(io.RawIOBase):
@@ -88,8 +86,8 @@ def write_model_archive(folder: Path, out: IO[bytes], on_progress: Progress | No
         gzip.GzipFile(fileobj=hashing, mode="wb", mtime=0, filename="") as compressed,
         tarfile.open(fileobj=compressed, mode="w", format=tarfile.PAX_FORMAT) as archive,
     ):
-        for path, name in model_files(folder):
-            info = tarfile.TarInfo(name)
+        for path in model_files(folder):
+            info = tarfile.TarInfo(path.relative_to(folder).as_posix())
             file_stat = path.stat()
             info.size = file_stat.st_size
             info.mode = 0o755 if file_stat.st_mode & stat.S_IXUSR else 0o644

@@ -39,7 +39,7 @@ def _progress() -> Progress:
 
 def pack_with_progress(folder: Path, workdir: Path) -> PackedModel:
     """Pack ``folder`` into ``workdir``, showing the bytes of files read."""
-    total = sum(path.stat().st_size for path, _ in model_files(folder))
+    total = sum(path.stat().st_size for path in model_files(folder))
     with _progress() as progress:
         task = progress.add_task(f"packing {folder.name}", total=total)
         return pack_model_to_file(folder, workdir / "model.tar.gz", lambda done: progress.update(task, completed=done))
