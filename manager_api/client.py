@@ -147,6 +147,17 @@ def _multipart_stream(
     return f"multipart/form-data; boundary={boundary}", len(head) + packed.size + len(tail), chunks()
 
 
+def _raise_for_error(response: httpx.Response) -> None:
+    """ApiError with the body's ``error`` text (or the raw body, from something that is not the manager)."""
+    if not response.is_error:
+        return
+    try:
+        message = str(response.json().get("error", response.text))
+    except (ValueError, AttributeError):
+        message = response.text.strip() or response.reason_phrase
+    raise ApiError(response.status_code, message)
+
+
 class ManagerClient:
     """Typed calls to /api/v1; every error becomes ApiError with the server's message.
 
@@ -170,19 +181,13 @@ class ManagerClient:
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         response = self._http.request(method, path, **kwargs)
-        if response.is_error:
-            try:
-                message = str(response.json().get("error", response.text))
-            except (ValueError, AttributeError):
-                message = response.text
-            raise ApiError(response.status_code, message)
+        _raise_for_error(response)
         return response.json() if response.content else None
 
     def health(self) -> dict[str, Any]:
         """``GET /healthz`` (no token needed): ``{"status": "ok", "etcd": "ok"}``; ApiError 503 if etcd is down."""
         response = self._http.get(self.base_url + "/healthz")
-        if response.is_error:
-            raise ApiError(response.status_code, str(response.json().get("error", response.text)))
+        _raise_for_error(response)
         result: dict[str, Any] = response.json()
         return result
 

@@ -246,6 +246,8 @@ def test_manifests_refer_to_registered_versions_before_anything_is_written(manag
     assert f"{path}: document 2: spec: cli-refs:7 is not registered" in message
     assert f"{path}: document 3: spec.stages.0.variants.0: nowhere:1 is not registered (and no Model" in message
     assert manager.etcd_records() == before
+    missing = tmp_path / "missing.yaml"
+    assert f"error: {missing}: no such file or directory" in failed(hydro(manager, "apply", "-f", str(missing)))
     # A model path that is not a model folder is named too.
     bad_path = write_manifests(tmp_path / "path.yaml", doc("Model", "cli-refs", {"path": "missing"}))
     assert f"{bad_path}: document 1: spec.path: {tmp_path / 'missing'} is not a model folder" in failed(
