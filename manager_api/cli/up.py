@@ -1,4 +1,4 @@
-"""The `hydro` command line."""
+"""`hydro up`: the whole stack on this machine."""
 
 from __future__ import annotations
 
@@ -10,21 +10,16 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from manager_api.cli.root import app
 from manager_api.credentials import CREDENTIALS_FILE
 from manager_api.stack import Stack, StackConfig, run_until_signalled
 
-app = typer.Typer(help="Hydro Serving: a machine-learning serving mesh.", no_args_is_help=True)
 console = Console()
 
 
 class XdsApi(enum.StrEnum):
     sotw = "sotw"
     delta = "delta"
-
-
-@app.callback()
-def _root() -> None:
-    """Hydro Serving command line."""
 
 
 @app.command()
@@ -75,11 +70,3 @@ def up(
         console.print("Press Ctrl-C to stop everything.", highlight=False)
 
     raise typer.Exit(run_until_signalled(stack, announce))
-
-
-def main() -> None:
-    app()
-
-
-if __name__ == "__main__":
-    main()

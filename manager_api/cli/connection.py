@@ -1,0 +1,112 @@
+"""Where the manager API is and which token to send, the options that say so, and how failures are reported.
+
+Precedence, as kubectl and the cloud CLIs do it: ``--api`` / ``--token``, then HYDRO_API_URL / HYDRO_TOKEN, then
+the credentials file `hydro up` wrote in ``--data-dir`` (default ``.hydro``), then ``http://127.0.0.1:8081``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import httpx
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from manager_api.client import ApiError, ManagerClient
+from manager_api.credentials import CREDENTIALS_FILE, load_credentials
+from manager_api.manifests import ManifestError
+
+DEFAULT_API_URL = "http://127.0.0.1:8081"
+API_ENV = "HYDRO_API_URL"
+TOKEN_ENV = "HYDRO_TOKEN"
+
+#: Errors go to stderr, one red line each, so stdout stays parseable with -o json|yaml.
+errors = Console(stderr=True, highlight=False, soft_wrap=True)
+
+ApiOption = Annotated[
+    str | None, typer.Option("--api", envvar=API_ENV, help="Manager API URL [default: from the credentials file]")
+]
+TokenOption = Annotated[
+    str | None,
+    typer.Option("--token", envvar=TOKEN_ENV, help="Bearer token [default: from the credentials file]"),
+]
+DataDirOption = Annotated[Path, typer.Option("--data-dir", help=f"Where `hydro up` wrote {CREDENTIALS_FILE}.")]
+
+
+@dataclass(frozen=True)
+class Connection:
+    """A resolved API URL and token, with where each came from (said in error messages)."""
+
+    api_url: str
+    token: str | None
+    api_from: str
+    token_from: str
+
+
+def resolve(api: str | None, token: str | None, data_dir: Path) -> Connection:
+    """Apply the precedence above; typer has already folded the environment variables into ``api``/``token``."""
+    credentials = load_credentials(data_dir)
+    where = f"{data_dir / CREDENTIALS_FILE}"
+    if api:
+        api_url, api_from = api, f"--api or {API_ENV}"
+    elif credentials is not None:
+        api_url, api_from = credentials.api_url, where
+    else:
+        api_url, api_from = DEFAULT_API_URL, f"the default: no --api, no {API_ENV}, no {where}"
+    if token:
+        return Connection(api_url.rstrip("/"), token, api_from, f"--token or {TOKEN_ENV}")
+    if credentials is not None:
+        return Connection(api_url.rstrip("/"), credentials.token, api_from, where)
+    return Connection(api_url.rstrip("/"), None, api_from, "nowhere (no --token, no credentials file)")
+
+
+def fail(message: str) -> NoReturn:
+    """Print one red error line and exit with status 1."""
+    errors.print(f"[red]error: {escape(message)}[/]")
+    raise typer.Exit(1)
+
+
+def describe_api_error(exc: ApiError, connection: Connection) -> str:
+    """The API's own ``error`` text, plus where the token came from when the token is the problem."""
+    if exc.status == 401:
+        return f"{exc.message} (HTTP 401; token from {connection.token_from})"
+    if exc.status == 403:
+        return f"{exc.message} (HTTP 403)"
+    return exc.message
+
+
+def describe_unreachable(exc: httpx.TransportError, connection: Connection) -> str:
+    """Where the CLI tried, why it failed, and how to start or point at a manager."""
+    reason = "connection refused" if isinstance(exc, httpx.ConnectError) else f"{type(exc).__name__}: {exc}"
+    return (
+        f"cannot reach the manager API at {connection.api_url} (from {connection.api_from}): {reason}. "
+        f"Start the stack with `hydro up`, or pass --api URL / set {API_ENV}."
+    )
+
+
+@contextlib.contextmanager
+def reported(connection: Connection) -> Iterator[None]:
+    """Turn API errors, unreachable managers and bad manifests into one red line and exit code 1."""
+    try:
+        yield
+    except ApiError as exc:
+        fail(describe_api_error(exc, connection))
+    except httpx.TransportError as exc:
+        fail(describe_unreachable(exc, connection))
+    except ManifestError as exc:
+        for problem in exc.problems[:-1]:
+            errors.print(f"[red]error: {escape(problem)}[/]")
+        fail(exc.problems[-1])
+
+
+@contextlib.contextmanager
+def manager(api: str | None, token: str | None, data_dir: Path) -> Iterator[ManagerClient]:
+    """A ManagerClient for the resolved connection, with every failure reported as one red line."""
+    connection = resolve(api, token, data_dir)
+    with reported(connection), ManagerClient(connection.api_url, connection.token) as client:
+        yield client

@@ -1,0 +1,89 @@
+"""`hydro predict APP --data JSON|@file.json`: one Open Inference Protocol REST call through the ingress."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+from rich.markup import escape
+
+from manager_api.cli.connection import fail
+from manager_api.cli.output import OutputFormat, OutputOption, emit, out, table
+from manager_api.cli.root import app
+
+DEFAULT_INGRESS_URL = "http://127.0.0.1:8080"
+INGRESS_ENV = "HYDRO_INGRESS_URL"
+
+
+def request_body(data: str) -> dict[str, Any]:
+    """The OIP request from ``--data``: inline JSON or ``@file``; a bare list of tensors becomes ``inputs``."""
+    if data.startswith("@"):
+        path = Path(data[1:])
+        try:
+            data = path.read_text()
+        except OSError as exc:
+            fail(f"--data {path}: cannot read: {exc.strerror or exc}")
+    try:
+        body = json.loads(data)
+    except ValueError as exc:
+        fail(f"--data is not valid JSON: {exc}")
+    if isinstance(body, list):
+        body = {"inputs": body}
+    if not isinstance(body, dict) or not isinstance(body.get("inputs"), list):
+        fail('--data must be an inference request {"inputs": [...]} or a list of input tensors')
+    return body
+
+
+def infer_path(model: str, version: int | None) -> str:
+    return f"/v2/models/{model}" + (f"/versions/{version}" if version is not None else "") + "/infer"
+
+
+@app.command()
+def predict(
+    application: Annotated[str, typer.Argument(help="The application (or model) to call.")],
+    data: Annotated[
+        str, typer.Option("--data", "-d", help='The request: JSON ({"inputs": [...]} or a list of tensors) or @file')
+    ],
+    version: Annotated[
+        int | None, typer.Option("--model-version", help="Call this version of a model instead of an application.")
+    ] = None,
+    ingress: Annotated[
+        str, typer.Option("--ingress", envvar=INGRESS_ENV, help="Ingress (or runtime) REST URL.")
+    ] = DEFAULT_INGRESS_URL,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the answer.")] = 60.0,
+    output: OutputOption = OutputFormat.table,
+) -> None:
+    """Send one inference request and print the outputs."""
+    body = request_body(data)
+    url = ingress.rstrip("/") + infer_path(application, version)
+    try:
+        response = httpx.post(url, json=body, timeout=timeout)
+    except httpx.TransportError as exc:
+        reason = "connection refused" if isinstance(exc, httpx.ConnectError) else f"{type(exc).__name__}: {exc}"
+        fail(
+            f"cannot reach the ingress at {ingress} ({reason}). Start the stack with `hydro up`, "
+            f"or pass --ingress URL / set {INGRESS_ENV}."
+        )
+    try:
+        answer = response.json()
+    except ValueError:
+        answer = None
+    if response.is_error:
+        message = answer.get("error") if isinstance(answer, dict) else None
+        fail(f"{message or response.text.strip() or response.reason_phrase} (HTTP {response.status_code} from {url})")
+    if not isinstance(answer, dict):
+        fail(f"{url} answered {response.status_code} without a JSON body")
+    if output is not OutputFormat.table:
+        emit(answer, output)
+        return
+    served_by = response.headers.get("x-hydro-served-by")
+    header = f"{answer.get('model_name', application)} version {answer.get('model_version') or '-'}"
+    out.print(escape(header + (f" (served by {served_by})" if served_by else "")))
+    rows = [
+        [o.get("name"), o.get("datatype"), json.dumps(o.get("shape")), json.dumps(o.get("data"))]
+        for o in answer.get("outputs", [])
+    ]
+    out.print(table(None, ("OUTPUT", "DATATYPE", "SHAPE", "DATA"), rows))
