@@ -7,8 +7,8 @@ loaded and warmed up, and NOT_SERVING from the moment shutdown begins.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 import grpc
 from google.protobuf.message import DecodeError, Message
@@ -27,8 +27,6 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = "inference.GRPCInferenceService"
 
-_T = TypeVar("_T")
-
 
 def application_of(context: grpc.aio.ServicerContext) -> str | None:
     """The ``x-hydro-application`` request header, if the mesh set one."""
@@ -45,17 +43,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.dataplane = dataplane
         self.server_version = server_version
 
-    async def _guard(self, context: grpc.aio.ServicerContext, method: str, call: Callable[[], Awaitable[_T]]) -> _T:
-        try:
-            return await call()
-        except InferenceError as exc:
+    async def _abort(self, context: grpc.aio.ServicerContext, method: str, exc: Exception) -> NoReturn:
+        """End the call with the status the error maps to (INTERNAL, logged with its traceback, if unexpected)."""
+        if isinstance(exc, InferenceError):
             if exc.http_status >= 500:
                 log.warning("%s: %s", method, exc)
             await context.abort(grpc.StatusCode[exc.grpc_code], str(exc))
-        except Exception as exc:
-            # AbortError from the branch above never gets here: it is raised outside this try's handlers.
-            log.exception("%s failed", method)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+        log.error("%s failed", method, exc_info=exc)
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
         raise AssertionError("context.abort returned")
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
@@ -68,12 +63,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
         """Whether the addressed model is ready; NOT_FOUND if it is not served here."""
-
-        async def call() -> pb.ModelReadyResponse:
+        try:
             ready = self.dataplane.model_ready(request.name, request.version, application_of(context))
             return pb.ModelReadyResponse(ready=ready)
-
-        return await self._guard(context, "ModelReady", call)
+        except Exception as exc:
+            await self._abort(context, "ModelReady", exc)
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
         """Server name, version and extensions."""
@@ -81,8 +75,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
         """The model's versions, platform and signature."""
-
-        async def call() -> pb.ModelMetadataResponse:
+        try:
             meta = self.dataplane.model_metadata(request.name, request.version, application_of(context))
             tensor = pb.ModelMetadataResponse.TensorMetadata
             return pb.ModelMetadataResponse(
@@ -92,22 +85,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 inputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in meta.inputs],
                 outputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in meta.outputs],
             )
-
-        return await self._guard(context, "ModelMetadata", call)
+        except Exception as exc:
+            await self._abort(context, "ModelMetadata", exc)
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         """Run one inference."""
-
-        async def call() -> pb.ModelInferResponse:
+        try:
             response = await self.dataplane.infer(parse_model_infer_request(request), application_of(context))
             return build_model_infer_response(response, raw=uses_raw_inputs(request))
-
-        return await self._guard(context, "ModelInfer", call)
+        except Exception as exc:
+            await self._abort(context, "ModelInfer", exc)
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
         """The model's configuration in Triton's terms (a subset of Triton's ModelConfig)."""
-
-        async def call() -> pb.ModelConfigResponse:
+        try:
             meta = self.dataplane.model_metadata(request.name, request.version, application_of(context))
             config = pb.ModelConfig(name=meta.name, platform=meta.platform, backend=meta.platform, max_batch_size=0)
             for t in meta.inputs:
@@ -115,13 +106,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             for t in meta.outputs:
                 config.output.add(name=t.name, data_type=pb.DataType.Value(CONFIG_DATATYPES[t.datatype]), dims=t.shape)
             return pb.ModelConfigResponse(config=config)
-
-        return await self._guard(context, "ModelConfig", call)
+        except Exception as exc:
+            await self._abort(context, "ModelConfig", exc)
 
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:
         """Cumulative inference statistics; an empty name means every model served here (this one)."""
-
-        async def call() -> pb.ModelStatisticsResponse:
+        try:
             snapshot = self.dataplane.model_statistics(request.name, request.version, application_of(context))
 
             def duration(d: Duration) -> pb.StatisticDuration:
@@ -138,8 +128,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             for size, stages in snapshot.batches.items():
                 stats.batch_stats.add(batch_size=size, **{k: duration(stages[k]) for k in BATCH_STAGES})
             return pb.ModelStatisticsResponse(model_stats=[stats])
-
-        return await self._guard(context, "ModelStatistics", call)
+        except Exception as exc:
+            await self._abort(context, "ModelStatistics", exc)
 
 
 class HealthReporter:
