@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from manager_api.store import Change
@@ -62,7 +62,7 @@ def format_event(change: Change, data: dict[str, Any]) -> str:
 
 async def event_stream(
     changes: AsyncIterator[Change], keys: Keys, heartbeat: float = HEARTBEAT_SECONDS
-) -> AsyncIterator[str]:
+) -> AsyncGenerator[str, None]:
     """SSE text for ``changes`` until they end (the watch broke: the client reconnects with Last-Event-ID)."""
     queue: asyncio.Queue[Change | None] = asyncio.Queue()
 
