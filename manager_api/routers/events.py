@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterable, Awaitable, Callable, Mapping
 from typing import Annotated
 
 import anyio
@@ -13,7 +13,7 @@ from starlette.types import Receive, Scope, Send
 
 from manager_api.dependencies import Store
 from manager_api.errors import ApiProblem
-from manager_api.events import HEARTBEAT_SECONDS, event_stream
+from manager_api.events import event_stream
 from manager_api.schemas import ErrorBody
 
 router = APIRouter(prefix="/events", tags=["events"])
@@ -33,8 +33,14 @@ class _ClosingStream(StreamingResponse):
     left before the body started, the body generator never runs its own cleanup, hence this hook.
     """
 
-    def __init__(self, content: object, on_close: Callable[[], Awaitable[object]], **kwargs: object) -> None:
-        super().__init__(content, **kwargs)  # type: ignore[arg-type]
+    def __init__(
+        self,
+        content: AsyncIterable[str],
+        on_close: Callable[[], Awaitable[object]],
+        media_type: str,
+        headers: Mapping[str, str],
+    ) -> None:
+        super().__init__(content, media_type=media_type, headers=headers)
         self._on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -86,7 +92,7 @@ async def events(
     after = _resume_point(since, last_event_id)
     exits = contextlib.AsyncExitStack()
     changes = await exits.enter_async_context(store.changes(after))
-    heartbeat: float = getattr(request.app.state, "events_heartbeat", HEARTBEAT_SECONDS)
+    heartbeat: float = request.app.state.events_heartbeat
     return _ClosingStream(
         event_stream(changes, store.keys, heartbeat),
         on_close=exits.aclose,

@@ -53,6 +53,13 @@ def stored(manager: ManagerUnderTest, key: str) -> tuple[bytes, int] | None:
     return etcd_read(manager.etcd_endpoint, key)
 
 
+def present(manager: ManagerUnderTest, key: str) -> tuple[bytes, int]:
+    """The value and mod_revision of a key that must exist."""
+    found = stored(manager, key)
+    assert found is not None, f"{key} is not in etcd"
+    return found
+
+
 def test_reads_carry_the_etcd_mod_revision(manager: ManagerUnderTest, http: httpx.Client, model: str) -> None:
     keys = Keys(manager.prefix)
     put = http.put(f"/deployments/{model}/1", json={"replicas": 1})
@@ -66,7 +73,7 @@ def test_reads_carry_the_etcd_mod_revision(manager: ManagerUnderTest, http: http
         (f"/models/{model}/versions/1", keys.model_version(model, 1)),
     ):
         revision = http.get(path).json()["revision"]
-        assert revision == stored(manager, key)[1], path  # type: ignore[index]
+        assert revision == present(manager, key)[1], path
     # Lists carry it too, record by record.
     assert http.get(f"/deployments/{model}/1").json()["revision"] == put.json()["revision"]
     listed = {d["version"]: d["revision"] for d in http.get("/deployments").json() if d["model"] == model}
@@ -84,7 +91,7 @@ def test_a_write_returns_the_revision_a_get_then_shows(
     assert second.status_code == 200, second.text
     assert second.json()["revision"] > first
     assert second.json()["revision"] == http.get(f"/deployments/{model}/2").json()["revision"]
-    assert second.json()["revision"] == stored(manager, Keys(manager.prefix).deployment(model, 2))[1]  # type: ignore[index]
+    assert second.json()["revision"] == present(manager, Keys(manager.prefix).deployment(model, 2))[1]
     assert second.json()["replicas"] == 2
     http.delete(f"/deployments/{model}/2")
 
@@ -200,7 +207,7 @@ def test_concurrent_writers_with_one_revision_exactly_one_wins(
     assert all(r.status_code == 409 for r in responses if r is not winners[0])
     won = winners[0].json()
     assert all(r.json()["current_revision"] == won["revision"] for r in responses if r is not winners[0])
-    value, revision = stored(manager, key)  # type: ignore[misc]
+    value, revision = present(manager, key)
     assert revision == won["revision"] and f'"replicas":{won["replicas"]}'.encode() in value
 
     # Deletes with one revision: one 204; etcd orders the transactions, so the rest find nothing to delete.
