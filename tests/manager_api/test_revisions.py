@@ -274,3 +274,42 @@ def test_openapi_documents_revisions(manager: ManagerUnderTest) -> None:
     assert put["responses"]["409"]["content"]["application/json"]["schema"]["$ref"].endswith("RevisionConflictBody")
     delete = spec["paths"]["/api/v1/applications/{name}"]["delete"]
     assert any(p["name"] == "revision" and p["in"] == "query" for p in delete["parameters"])
+
+
+def test_concurrent_writers_without_a_revision_all_land(
+    manager: ManagerUnderTest, http: httpx.Client, model: str
+) -> None:
+    """Unconditional writes are not refused: a lost race is re-read and re-applied, never a 409 or a 500."""
+    http.put(f"/deployments/{model}/1", json={"replicas": 1})
+    responses = _race(
+        8,
+        lambda client, i: client.put(
+            f"{manager.api}/deployments/{model}/1",
+            json={"replicas": 20 + i, "policies": {"timeout_ms": 1000 + i}},
+        ),
+    )
+    assert [r.status_code for r in responses] == [200] * 8, [r.text for r in responses]
+    revisions = sorted(r.json()["revision"] for r in responses)
+    assert len(set(revisions)) == 8  # eight distinct writes, one after the other
+    final = http.get(f"/deployments/{model}/1").json()
+    assert final["revision"] == revisions[-1] == present(manager, Keys(manager.prefix).deployment(model, 1))[1]
+    last = next(r.json() for r in responses if r.json()["revision"] == revisions[-1])
+    assert (final["replicas"], final["policies"]["timeout_ms"]) == (last["replicas"], last["policies"]["timeout_ms"])
+
+
+def test_a_concurrent_scale_does_not_undo_a_policy_change(
+    manager: ManagerUnderTest, http: httpx.Client, model: str
+) -> None:
+    """PUTs without policies keep the current ones: read and written in one compare, so none writes back stale ones."""
+    http.put(f"/deployments/{model}/1", json={"replicas": 1, "policies": {"timeout_ms": 1000}})
+    for _ in range(3):
+        responses = _race(
+            6,
+            lambda client, i: client.put(
+                f"{manager.api}/deployments/{model}/1",
+                json={"replicas": 5, "policies": {"timeout_ms": 4321}} if i == 0 else {"replicas": 5},
+            ),
+        )
+        assert [r.status_code for r in responses] == [200] * 6, [r.text for r in responses]
+        assert http.get(f"/deployments/{model}/1").json()["policies"]["timeout_ms"] == 4321
+        http.put(f"/deployments/{model}/1", json={"replicas": 1, "policies": {"timeout_ms": 1000}})
