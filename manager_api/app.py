@@ -7,7 +7,8 @@ import logging
 from collections.abc import AsyncIterator
 
 import aetcd
-from fastapi import APIRouter, Depends, FastAPI
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
 
 from manager_api.artifacts import ArtifactStore
 from manager_api.auth import TokenStore, authorize
@@ -15,10 +16,11 @@ from manager_api.dependencies import Store
 from manager_api.deployer.process import ProcessDeployer
 from manager_api.deployer.registration import LeasedInstanceRegistry
 from manager_api.errors import ApiProblem, install_error_handlers
-from manager_api.routers import applications, deployments, instances, models, proxies
+from manager_api.events import HEARTBEAT_SECONDS
+from manager_api.routers import applications, deployments, events, instances, models, proxies
 from manager_api.schemas import Health
 from manager_api.settings import Settings
-from manager_api.store import TopologyStore
+from manager_api.store import HistoryCompacted, RevisionMismatch, TopologyStore
 from protos.topology import Keys
 from xds_control.etcd_watch import ETCD_CLIENT_OPTIONS
 
@@ -35,6 +37,18 @@ async def healthz(store: Store) -> Health:
     except Exception as exc:
         raise ApiProblem(503, f"etcd unreachable: {exc}") from exc
     return Health(status="ok", etcd="ok")
+
+
+def _install_store_error_handlers(app: FastAPI) -> None:
+    """Answers for the store's conditional-write and watch failures, with the revision a client needs next."""
+
+    @app.exception_handler(RevisionMismatch)
+    async def _mismatch(_: Request, exc: RevisionMismatch) -> JSONResponse:
+        return JSONResponse(status_code=409, content={"error": str(exc), "current_revision": exc.current})
+
+    @app.exception_handler(HistoryCompacted)
+    async def _compacted(_: Request, exc: HistoryCompacted) -> JSONResponse:
+        return JSONResponse(status_code=410, content={"error": str(exc)})
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -84,9 +98,11 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    _install_store_error_handlers(app)
+    app.state.events_heartbeat = HEARTBEAT_SECONDS
     app.state.tokens = TokenStore.load(settings.tokens_file) if settings.tokens_file is not None else None
     api = APIRouter(prefix="/api/v1", dependencies=[Depends(authorize)])
-    for module in (models, deployments, applications, instances, proxies):
+    for module in (models, deployments, applications, instances, proxies, events):
         api.include_router(module.router)
     app.include_router(api)
     app.include_router(health_router)

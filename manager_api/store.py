@@ -3,15 +3,24 @@
 The only module of manager_api that talks to etcd. Key layout lives in ``protos.topology.Keys``; values are the
 records of ``protos.topology``. Model versions are numbered by an etcd transaction (create-if-absent), so two
 uploads racing for the same model never get the same number.
+
+Every write is one transaction that compares the written key's ``mod_revision`` with the one it read: a write
+carrying the client's ``expected_revision`` fails with RevisionMismatch when the record moved on (optimistic
+concurrency); a write without one re-reads and re-applies itself on top of whatever won the race, so concurrent
+partial updates (scale vs. policies) never undo each other.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
-from typing import TypeVar
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, Literal, TypeVar
 
 import aetcd
+import anyio
+from aetcd import rpc
+from aetcd.exceptions import RevisionCompactedError
 from aetcd.utils import prefix_range_end
 from pydantic import BaseModel, ValidationError
 
@@ -34,8 +43,75 @@ RecordT = TypeVar("RecordT", bound=BaseModel)
 _VERSION_ATTEMPTS = 20
 
 
+#: Deadline of one etcd transaction (seconds).
+_TXN_TIMEOUT = 30.0
+
+
 class ConflictError(RuntimeError):
     """A write lost a race too many times; the caller may retry."""
+
+
+class RevisionMismatch(RuntimeError):
+    """A conditional write found the record at another revision than the client read (0: absent); nothing written."""
+
+    def __init__(self, what: str, expected: int, current: int) -> None:
+        if expected == 0:
+            message = f"{what} exists (revision {current}) but revision 0 asks to create it: read it again and retry"
+        elif current == 0:
+            message = f"{what} changed since revision {expected} (now deleted): read it again and retry"
+        else:
+            message = f"{what} changed since revision {expected} (now {current}): read it again and retry"
+        super().__init__(message)
+        self.what = what
+        self.expected = expected
+        self.current = current
+
+
+class HistoryCompacted(RuntimeError):
+    """A watch asked for changes older than etcd keeps (they were compacted away)."""
+
+    def __init__(self, start: int) -> None:
+        super().__init__(
+            f"the changes after revision {start - 1} are compacted away in etcd: read the current state and "
+            "follow the events from the revisions it carries"
+        )
+        self.start = start
+
+
+@dataclass(frozen=True)
+class Stored(Generic[RecordT]):
+    """A record with the etcd ``mod_revision`` it was read or written at (what clients send back to update it)."""
+
+    record: RecordT
+    revision: int
+
+
+@dataclass(frozen=True)
+class Change:
+    """One key changed under the prefix, as an etcd watch reports it; ``value`` is None for a delete."""
+
+    type: Literal["put", "delete"]
+    key: str
+    revision: int
+    value: bytes | None
+
+
+def _put(key: bytes, value: bytes) -> rpc.RequestOp:
+    return rpc.RequestOp(request_put=rpc.PutRequest(key=key, value=value))
+
+
+def _read(key: bytes) -> rpc.RequestOp:
+    return rpc.RequestOp(request_range=rpc.RangeRequest(key=key))
+
+
+def _delete(key: bytes) -> rpc.RequestOp:
+    return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key))
+
+
+def _mod_revision(response: Any, index: int) -> int:
+    """The mod_revision of the key read by the ``index``-th operation of a transaction's branch (0 if absent)."""
+    kvs = response.responses[index].response_range.kvs
+    return int(kvs[0].mod_revision) if kvs else 0
 
 
 class TopologyStore:
@@ -54,7 +130,7 @@ class TopologyStore:
         artifact: Artifact,
         signature: Signature,
         labels: dict[str, str],
-    ) -> ModelVersion:
+    ) -> Stored[ModelVersion]:
         """Store a new immutable version of ``name``, numbered after every number ever handed out for it."""
         for _ in range(_VERSION_ATTEMPTS):
             counter_key = self.keys.version_counter(name).encode()
@@ -68,38 +144,50 @@ class TopologyStore:
             key = self.keys.model_version(name, number).encode()
             tx = self.client.transactions
             counter_revision = counter.mod_revision if counter is not None else 0
-            created, _ = await self.client.transaction(
+            response = await self._txn(
                 # A concurrent upload moves the counter: whoever loses reads again and takes the next number.
                 compare=[tx.create(key) == 0, tx.mod(counter_key) == counter_revision],
-                success=[tx.put(key, record.model_dump_json().encode()), tx.put(counter_key, str(number).encode())],
-                failure=[],
+                success=[_put(key, record.model_dump_json().encode()), _put(counter_key, str(number).encode())],
             )
-            if created:
-                return record
+            if response.succeeded:
+                return Stored(record, response.header.revision)
         raise ConflictError(f"could not number a new version of {name!r}: too many concurrent uploads")
 
     async def model_versions(self, name: str) -> list[ModelVersion]:
         """Every version of one model, oldest first."""
+        return [s.record for s in await self.read_model_versions(name)]
+
+    async def read_model_versions(self, name: str | None = None) -> list[Stored[ModelVersion]]:
+        """Every version of one model (or of all models) with its revision, by name then version."""
         records = await self._list(self.keys.model_versions(name), ModelVersion)
-        return sorted(records, key=lambda m: m.version)
+        return sorted(records, key=lambda s: (s.record.name, s.record.version))
 
     async def all_model_versions(self) -> list[ModelVersion]:
-        records = await self._list(self.keys.model_versions(), ModelVersion)
-        return sorted(records, key=lambda m: (m.name, m.version))
+        return [s.record for s in await self.read_model_versions()]
 
     async def get_model_version(self, name: str, version: int) -> ModelVersion | None:
+        stored = await self.read_model_version(name, version)
+        return stored.record if stored is not None else None
+
+    async def read_model_version(self, name: str, version: int) -> Stored[ModelVersion] | None:
         return await self._get(self.keys.model_version(name, version), ModelVersion)
 
-    async def delete_model_version(self, name: str, version: int) -> list[str]:
+    async def delete_model_version(self, name: str, version: int, expected_revision: int | None = None) -> list[str]:
         """Delete an unused version; return what uses it instead (nothing deleted then).
 
         One transaction: the version's deployment must be absent and no application may have changed since
         the applications were read, so an application created meanwhile cannot end up naming a deleted version.
-        Raises KeyError if the version does not exist, ConflictError if the race is lost too often.
+        Raises KeyError if the version does not exist, RevisionMismatch if it is not at ``expected_revision``,
+        ConflictError if the race is lost too often.
         """
+        what = f"model version {name}/{version}"
+        key = self.keys.model_version(name, version).encode()
         for _ in range(_VERSION_ATTEMPTS):
-            if await self.get_model_version(name, version) is None:
+            stored = await self.read_model_version(name, version)
+            if stored is None:
                 raise KeyError(f"{name}:{version}")
+            if expected_revision is not None and expected_revision != stored.revision:
+                raise RevisionMismatch(what, expected_revision, stored.revision)
             users = []
             if await self.get_deployment(name, version) is not None:
                 users.append(f"deployment {name}:{version}")
@@ -114,44 +202,89 @@ class TopologyStore:
                 return users
             tx = self.client.transactions
             revision = apps.header.revision
-            deleted, _ = await self.client.transaction(
+            response = await self._txn(
                 compare=[
+                    tx.mod(key) == stored.revision,
                     tx.version(self.keys.deployment(name, version).encode()) == 0,
                     tx.mod(apps_prefix, prefix_range_end(apps_prefix)) < revision + 1,
                 ],
-                success=[tx.delete(self.keys.model_version(name, version).encode())],
-                failure=[],
+                success=[_delete(key)],
+                failure=[_read(key)],
             )
-            if deleted:
+            if response.succeeded:
                 return []
+            now = _mod_revision(response, 0)
+            if now == 0:
+                raise KeyError(f"{name}:{version}")
+            if expected_revision is not None and now != expected_revision:
+                raise RevisionMismatch(what, expected_revision, now)
         raise ConflictError(f"could not delete {name}:{version}: the topology kept changing")
 
     # --- deployments ----------------------------------------------------------------------------------------
 
     async def put_deployment(
-        self, model: str, version: int, replicas: int, policies: Policies | None = None
-    ) -> Deployment:
-        """Create or scale a deployment, keeping its creation time (and its policies when ``policies`` is None)."""
-        current = await self.get_deployment(model, version)
-        if current is None:
-            record = Deployment(model=model, version=version, replicas=replicas, policies=policies or Policies())
-        else:
-            update: dict[str, object] = {"replicas": replicas, "updated_at": now_iso()}
-            if policies is not None:
-                update["policies"] = policies
-            record = current.model_copy(update=update)
-        await self.client.put(self.keys.deployment(model, version).encode(), record.model_dump_json().encode())
-        return record
+        self,
+        model: str,
+        version: int,
+        replicas: int,
+        policies: Policies | None = None,
+        expected_revision: int | None = None,
+    ) -> Stored[Deployment]:
+        """Create or scale a deployment, keeping its creation time (and its policies when ``policies`` is None).
+
+        Written only while the model version exists (pairs with delete_model_version). With
+        ``expected_revision`` (0: must not exist yet) the write happens only if the deployment is still at that
+        revision, else RevisionMismatch; without it, a lost race is re-read and re-applied. Raises KeyError if
+        the model version is not registered.
+        """
+        what = f"deployment {model}/{version}"
+        key = self.keys.deployment(model, version).encode()
+        model_key = self.keys.model_version(model, version).encode()
+        for _ in range(_VERSION_ATTEMPTS):
+            current = await self._get(self.keys.deployment(model, version), Deployment)
+            current_revision = current.revision if current is not None else 0
+            if expected_revision is not None and expected_revision != current_revision:
+                raise RevisionMismatch(what, expected_revision, current_revision)
+            if current is None:
+                record = Deployment(model=model, version=version, replicas=replicas, policies=policies or Policies())
+            else:
+                update: dict[str, object] = {"replicas": replicas, "updated_at": now_iso()}
+                if policies is not None:
+                    update["policies"] = policies
+                record = current.record.model_copy(update=update)
+            tx = self.client.transactions
+            response = await self._txn(
+                compare=[tx.mod(key) == current_revision, tx.version(model_key) > 0],
+                success=[_put(key, record.model_dump_json().encode())],
+                failure=[_read(key), _read(model_key)],
+            )
+            if response.succeeded:
+                return Stored(record, response.header.revision)
+            if _mod_revision(response, 1) == 0:
+                raise KeyError(f"model version {model}:{version}")
+            if expected_revision is not None:
+                raise RevisionMismatch(what, expected_revision, _mod_revision(response, 0))
+        raise ConflictError(f"{what}: too many concurrent writes, try again")
 
     async def get_deployment(self, model: str, version: int) -> Deployment | None:
+        stored = await self.read_deployment(model, version)
+        return stored.record if stored is not None else None
+
+    async def read_deployment(self, model: str, version: int) -> Stored[Deployment] | None:
         return await self._get(self.keys.deployment(model, version), Deployment)
 
     async def list_deployments(self) -> list[Deployment]:
-        records = await self._list(self.keys.deployments(), Deployment)
-        return sorted(records, key=lambda d: (d.model, d.version))
+        return [s.record for s in await self.read_deployments()]
 
-    async def delete_deployment(self, model: str, version: int) -> bool:
-        return await self.client.delete(self.keys.deployment(model, version).encode()) is not None
+    async def read_deployments(self) -> list[Stored[Deployment]]:
+        records = await self._list(self.keys.deployments(), Deployment)
+        return sorted(records, key=lambda s: (s.record.model, s.record.version))
+
+    async def delete_deployment(self, model: str, version: int, expected_revision: int | None = None) -> bool:
+        """Delete a deployment; False if there was none, RevisionMismatch if not at ``expected_revision``."""
+        return await self._delete_record(
+            f"deployment {model}/{version}", self.keys.deployment(model, version), expected_revision
+        )
 
     async def watch_deployments(self) -> AsyncIterator[None]:
         """Yields once per change under deployments/ (the deployer re-reads everything on each)."""
@@ -165,48 +298,110 @@ class TopologyStore:
 
     # --- applications ---------------------------------------------------------------------------------------
 
-    async def put_application(self, application: Application) -> Application:
-        """Create or replace an application, keeping its creation time."""
-        current = await self.get_application(application.name)
-        if current is not None:
-            application = application.model_copy(update={"created_at": current.created_at, "updated_at": now_iso()})
+    async def put_application(
+        self, application: Application, expected_revision: int | None = None
+    ) -> Stored[Application]:
+        """Create or replace an application, keeping its creation time.
+
+        Written only if every version it names still exists (pairs with delete_model_version's transaction),
+        else ConflictError. ``expected_revision`` works as in put_deployment.
+        """
+        what = f"application {application.name}"
         key = self.keys.application(application.name).encode()
-        tx = self.client.transactions
-        # Written only if every version it names still exists: pairs with delete_model_version's transaction.
-        named = {(v.model, v.version) for stage in application.stages for v in stage.variants}
-        written, _ = await self.client.transaction(
-            compare=[tx.version(self.keys.model_version(m, v).encode()) > 0 for m, v in sorted(named)],
-            success=[tx.put(key, application.model_dump_json().encode())],
-            failure=[],
-        )
-        if not written:
-            raise ConflictError(f"application {application.name}: a model version it names was deleted meanwhile")
-        return application
+        named = sorted({(v.model, v.version) for stage in application.stages for v in stage.variants})
+        version_keys = [self.keys.model_version(m, v).encode() for m, v in named]
+        for _ in range(_VERSION_ATTEMPTS):
+            current = await self._get(self.keys.application(application.name), Application)
+            current_revision = current.revision if current is not None else 0
+            if expected_revision is not None and expected_revision != current_revision:
+                raise RevisionMismatch(what, expected_revision, current_revision)
+            record = application
+            if current is not None:
+                kept = {"created_at": current.record.created_at, "updated_at": now_iso()}
+                record = application.model_copy(update=kept)
+            tx = self.client.transactions
+            response = await self._txn(
+                compare=[tx.mod(key) == current_revision, *(tx.version(k) > 0 for k in version_keys)],
+                success=[_put(key, record.model_dump_json().encode())],
+                failure=[_read(key), *(_read(k) for k in version_keys)],
+            )
+            if response.succeeded:
+                return Stored(record, response.header.revision)
+            if any(_mod_revision(response, i + 1) == 0 for i in range(len(version_keys))):
+                raise ConflictError(f"{what}: a model version it names was deleted meanwhile")
+            if expected_revision is not None:
+                raise RevisionMismatch(what, expected_revision, _mod_revision(response, 0))
+        raise ConflictError(f"{what}: too many concurrent writes, try again")
 
     async def get_application(self, name: str) -> Application | None:
+        stored = await self.read_application(name)
+        return stored.record if stored is not None else None
+
+    async def read_application(self, name: str) -> Stored[Application] | None:
         return await self._get(self.keys.application(name), Application)
 
     async def list_applications(self) -> list[Application]:
-        records = await self._list(self.keys.applications(), Application)
-        return sorted(records, key=lambda a: a.name)
+        return [s.record for s in await self.read_applications()]
 
-    async def delete_application(self, name: str) -> bool:
-        return await self.client.delete(self.keys.application(name).encode()) is not None
+    async def read_applications(self) -> list[Stored[Application]]:
+        records = await self._list(self.keys.applications(), Application)
+        return sorted(records, key=lambda s: s.record.name)
+
+    async def delete_application(self, name: str, expected_revision: int | None = None) -> bool:
+        """Delete an application; False if there was none, RevisionMismatch if not at ``expected_revision``."""
+        return await self._delete_record(f"application {name}", self.keys.application(name), expected_revision)
 
     # --- instances (written by the deployer's registry, read here) ---------------------------------------------
 
     async def list_instances(self, model: str | None = None, version: int | None = None) -> list[Instance]:
         records = await self._list(self.keys.instances(model, version), Instance)
-        return sorted(records, key=lambda i: (i.model, i.version, i.id))
+        return sorted((s.record for s in records), key=lambda i: (i.model, i.version, i.id))
 
     # --- proxies (written by xds_control, read here) --------------------------------------------------------
 
     async def list_proxies(self) -> list[ProxyStatus]:
         records = await self._list(self.keys.proxies(), ProxyStatus)
-        return sorted(records, key=lambda p: p.node_id)
+        return sorted((s.record for s in records), key=lambda p: p.node_id)
 
     async def get_proxy(self, node_id: str) -> ProxyStatus | None:
-        return await self._get(self.keys.proxy(node_id), ProxyStatus)
+        stored = await self._get(self.keys.proxy(node_id), ProxyStatus)
+        return stored.record if stored is not None else None
+
+    # --- changes --------------------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def changes(self, after_revision: int | None = None) -> AsyncIterator[AsyncIterator[Change]]:
+        """Watch everything under the prefix: changes made after ``after_revision`` (None: from now on).
+
+        The watch exists once this is entered (changes made afterwards are never missed) and is cancelled on
+        exit, also when the caller is being cancelled. Raises HistoryCompacted if etcd no longer has
+        ``after_revision + 1``.
+        """
+        start = after_revision + 1 if after_revision is not None else None
+        if start is not None:
+            await self._check_history(start)
+        try:
+            watch = await self.client.watch_prefix(self.keys.prefix.encode(), start_revision=start)
+        except RevisionCompactedError as exc:
+            raise HistoryCompacted(start or 0) from exc
+
+        async def follow() -> AsyncIterator[Change]:
+            async for event in watch:
+                put = event.kind == aetcd.EventKind.PUT
+                yield Change(
+                    type="put" if put else "delete",
+                    key=event.kv.key.decode(),
+                    revision=event.kv.mod_revision,
+                    value=event.kv.value if put else None,
+                )
+
+        try:
+            yield follow()
+        finally:
+            # Shielded: a disconnected client cancels the request's task, and the cancel request must still
+            # reach etcd or the watch would live as long as the manager.
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await watch.cancel()
 
     # --- plumbing -------------------------------------------------------------------------------------------
 
@@ -214,17 +409,58 @@ class TopologyStore:
         """Raises if etcd does not answer."""
         await self.client.status()
 
-    async def _get(self, key: str, kind: type[RecordT]) -> RecordT | None:
+    async def _check_history(self, revision: int) -> None:
+        """Raise HistoryCompacted if etcd no longer has ``revision``.
+
+        etcd accepts a watch from a compacted revision and only then cancels it, after the response headers
+        would be gone; a read at that revision fails at once instead.
+        """
+        prefix = self.keys.prefix.encode()
+        request = rpc.RangeRequest(
+            key=prefix, range_end=prefix_range_end(prefix), revision=revision, limit=1, keys_only=True
+        )
+        try:
+            await self.client.kvstub.Range(request, timeout=_TXN_TIMEOUT)
+        except rpc.AioRpcError as exc:
+            if "compacted" in (exc.details() or ""):
+                raise HistoryCompacted(revision) from exc
+            if "future revision" not in (exc.details() or ""):  # a future revision is fine: the watch waits
+                raise
+
+    async def _txn(
+        self, compare: Sequence[Any], success: Sequence[rpc.RequestOp], failure: Sequence[rpc.RequestOp] = ()
+    ) -> Any:
+        """One etcd transaction; the raw TxnResponse, whose header revision is the revision of the writes."""
+        request = rpc.TxnRequest(
+            compare=[c.build_message() for c in compare], success=list(success), failure=list(failure)
+        )
+        return await self.client.kvstub.Txn(request, timeout=_TXN_TIMEOUT)
+
+    async def _delete_record(self, what: str, key: str, expected_revision: int | None) -> bool:
+        tx = self.client.transactions
+        raw = key.encode()
+        compare = [tx.version(raw) > 0]
+        if expected_revision is not None:
+            compare.append(tx.mod(raw) == expected_revision)
+        response = await self._txn(compare, success=[_delete(raw)], failure=[_read(raw)])
+        if response.succeeded:
+            return True
+        current = _mod_revision(response, 0)
+        if current == 0:
+            return False
+        raise RevisionMismatch(what, expected_revision or 0, current)
+
+    async def _get(self, key: str, kind: type[RecordT]) -> Stored[RecordT] | None:
         result = await self.client.get(key.encode())
         if result is None:
             return None
-        return kind.model_validate_json(result.value)
+        return Stored(kind.model_validate_json(result.value), result.mod_revision)
 
-    async def _list(self, prefix: str, kind: type[RecordT]) -> list[RecordT]:
+    async def _list(self, prefix: str, kind: type[RecordT]) -> list[Stored[RecordT]]:
         result = await self.client.get_prefix(prefix.encode())
         records = []
         for kv in result:
             # A value written by hand (etcdctl) that does not parse is skipped, not fatal to every listing.
             with contextlib.suppress(ValidationError):
-                records.append(kind.model_validate_json(kv.value))
+                records.append(Stored(kind.model_validate_json(kv.value), kv.mod_revision))
         return records

@@ -6,8 +6,8 @@ from fastapi import APIRouter, Response
 
 from manager_api.dependencies import ApplicationName, Store
 from manager_api.errors import ApiProblem, not_found
-from manager_api.schemas import ApplicationSpec
-from manager_api.store import ConflictError, TopologyStore
+from manager_api.schemas import CONDITIONAL_WRITE_RESPONSES, ApplicationSpec, ApplicationView, RevisionQuery
+from manager_api.store import ConflictError, Stored, TopologyStore
 from protos.topology import Application
 
 router = APIRouter(prefix="/applications", tags=["applications"])
@@ -35,31 +35,38 @@ async def _check(store: TopologyStore, spec: ApplicationSpec) -> None:
                 raise ApiProblem(400, f"{where}: model version {variant.model}:{variant.version} is not registered")
 
 
-@router.put("/{name}", response_model=Application)
-async def put_application(name: ApplicationName, spec: ApplicationSpec, store: Store) -> Application:
-    """Create or replace an application; the ingress follows within a push, with no restart."""
+def _view(stored: Stored[Application]) -> ApplicationView:
+    return ApplicationView(**stored.record.model_dump(), revision=stored.revision)
+
+
+@router.put("/{name}", response_model=ApplicationView, responses=CONDITIONAL_WRITE_RESPONSES)
+async def put_application(name: ApplicationName, spec: ApplicationSpec, store: Store) -> ApplicationView:
+    """Create or replace an application; the ingress follows within a push, with no restart.
+
+    With ``revision`` (from a GET) the write happens only if nobody changed the application since: 409 otherwise.
+    """
     await _check(store, spec)
     try:
-        return await store.put_application(Application(name=name, stages=spec.stages))
+        return _view(await store.put_application(Application(name=name, stages=spec.stages), spec.revision))
     except ConflictError as exc:
         raise ApiProblem(409, str(exc)) from exc
 
 
-@router.get("", response_model=list[Application])
-async def list_applications(store: Store) -> list[Application]:
-    return await store.list_applications()
+@router.get("", response_model=list[ApplicationView])
+async def list_applications(store: Store) -> list[ApplicationView]:
+    return [_view(stored) for stored in await store.read_applications()]
 
 
-@router.get("/{name}", response_model=Application)
-async def get_application(name: ApplicationName, store: Store) -> Application:
-    application = await store.get_application(name)
-    if application is None:
+@router.get("/{name}", response_model=ApplicationView)
+async def get_application(name: ApplicationName, store: Store) -> ApplicationView:
+    stored = await store.read_application(name)
+    if stored is None:
         raise not_found(f"application {name!r}")
-    return application
+    return _view(stored)
 
 
-@router.delete("/{name}", status_code=204)
-async def delete_application(name: ApplicationName, store: Store) -> Response:
-    if not await store.delete_application(name):
+@router.delete("/{name}", status_code=204, responses=CONDITIONAL_WRITE_RESPONSES)
+async def delete_application(name: ApplicationName, store: Store, revision: RevisionQuery = None) -> Response:
+    if not await store.delete_application(name, revision):
         raise not_found(f"application {name!r}")
     return Response(status_code=204)

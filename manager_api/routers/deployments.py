@@ -6,44 +6,53 @@ from fastapi import APIRouter, Response
 
 from manager_api.dependencies import ModelName, Store
 from manager_api.errors import not_found
-from manager_api.schemas import DeploymentSpec, DeploymentView
-from manager_api.store import TopologyStore
+from manager_api.schemas import CONDITIONAL_WRITE_RESPONSES, DeploymentSpec, DeploymentView, RevisionQuery
+from manager_api.store import Stored, TopologyStore
 from protos.topology import Deployment
 
 router = APIRouter(prefix="/deployments", tags=["deployments"])
 
 
-async def _view(store: TopologyStore, deployment: Deployment) -> DeploymentView:
+async def _view(store: TopologyStore, stored: Stored[Deployment]) -> DeploymentView:
+    deployment = stored.record
     instances = await store.list_instances(deployment.model, deployment.version)
     ready = [i for i in instances if i.state == "ready"]
-    return DeploymentView(**deployment.model_dump(), ready_replicas=len(ready), instances=instances)
+    return DeploymentView(
+        **deployment.model_dump(), revision=stored.revision, ready_replicas=len(ready), instances=instances
+    )
 
 
-@router.put("/{model}/{version}", response_model=DeploymentView)
+@router.put("/{model}/{version}", response_model=DeploymentView, responses=CONDITIONAL_WRITE_RESPONSES)
 async def put_deployment(model: ModelName, version: int, spec: DeploymentSpec, store: Store) -> DeploymentView:
-    """Create or scale the deployment of a registered model version, and set its traffic policies."""
+    """Create or scale the deployment of a registered model version, and set its traffic policies.
+
+    With ``revision`` (from a GET) the write happens only if nobody changed the deployment since: 409 otherwise.
+    """
     if await store.get_model_version(model, version) is None:
         raise not_found(f"model version {model}:{version}")
-    deployment = await store.put_deployment(model, version, spec.replicas, spec.policies)
-    return await _view(store, deployment)
+    try:
+        stored = await store.put_deployment(model, version, spec.replicas, spec.policies, spec.revision)
+    except KeyError as exc:  # the version was deleted between the check and the write
+        raise not_found(f"model version {model}:{version}") from exc
+    return await _view(store, stored)
 
 
 @router.get("", response_model=list[DeploymentView])
 async def list_deployments(store: Store) -> list[DeploymentView]:
-    return [await _view(store, d) for d in await store.list_deployments()]
+    return [await _view(store, d) for d in await store.read_deployments()]
 
 
 @router.get("/{model}/{version}", response_model=DeploymentView)
 async def get_deployment(model: ModelName, version: int, store: Store) -> DeploymentView:
-    deployment = await store.get_deployment(model, version)
-    if deployment is None:
+    stored = await store.read_deployment(model, version)
+    if stored is None:
         raise not_found(f"deployment {model}:{version}")
-    return await _view(store, deployment)
+    return await _view(store, stored)
 
 
-@router.delete("/{model}/{version}", status_code=204)
-async def delete_deployment(model: ModelName, version: int, store: Store) -> Response:
+@router.delete("/{model}/{version}", status_code=204, responses=CONDITIONAL_WRITE_RESPONSES)
+async def delete_deployment(model: ModelName, version: int, store: Store, revision: RevisionQuery = None) -> Response:
     """Stop every replica of the model version (applications naming it answer 503 until re-routed)."""
-    if not await store.delete_deployment(model, version):
+    if not await store.delete_deployment(model, version, revision):
         raise not_found(f"deployment {model}:{version}")
     return Response(status_code=204)

@@ -12,12 +12,16 @@ from manager_api.archives import ArchiveError
 from manager_api.artifacts import UploadTooLarge
 from manager_api.dependencies import Artifacts, ModelName, Store
 from manager_api.errors import ApiProblem, not_found
-from manager_api.schemas import ModelView
-from manager_api.store import ConflictError
+from manager_api.schemas import CONDITIONAL_WRITE_RESPONSES, ModelVersionView, ModelView, RevisionQuery
+from manager_api.store import ConflictError, Stored
 from protos.topology import ModelVersion
 from runtimes.serving_config import ServingConfigError
 
 router = APIRouter(prefix="/models", tags=["models"])
+
+
+def _view(stored: Stored[ModelVersion]) -> ModelVersionView:
+    return ModelVersionView(**stored.record.model_dump(), revision=stored.revision)
 
 
 async def _chunks(upload: UploadFile) -> AsyncIterator[bytes]:
@@ -25,13 +29,13 @@ async def _chunks(upload: UploadFile) -> AsyncIterator[bytes]:
         yield chunk
 
 
-@router.post("/{model}/versions", status_code=201, response_model=ModelVersion)
+@router.post("/{model}/versions", status_code=201, response_model=ModelVersionView)
 async def register_model_version(
     model: ModelName,
     store: Store,
     artifacts: Artifacts,
     archive: Annotated[UploadFile, File(description="a .tar.gz, .tar or .zip of the model folder")],
-) -> ModelVersion:
+) -> ModelVersionView:
     """Upload a model folder (with serving.yaml at its root) as the next version of ``model``."""
     try:
         async with artifacts.staged(_chunks(archive)) as upload:
@@ -43,39 +47,41 @@ async def register_model_version(
         raise ApiProblem(413, str(exc)) from exc
     except (ArchiveError, ServingConfigError) as exc:
         raise ApiProblem(400, str(exc)) from exc
-    return await store.register_model_version(model, config.runtime, artifact, config.signature, config.labels)
+    return _view(await store.register_model_version(model, config.runtime, artifact, config.signature, config.labels))
 
 
 @router.get("", response_model=list[ModelView])
 async def list_models(store: Store) -> list[ModelView]:
     """Every model with its versions."""
-    by_name: dict[str, list[ModelVersion]] = {}
-    for record in await store.all_model_versions():
-        by_name.setdefault(record.name, []).append(record)
+    by_name: dict[str, list[ModelVersionView]] = {}
+    for stored in await store.read_model_versions():
+        by_name.setdefault(stored.record.name, []).append(_view(stored))
     return [ModelView(name=name, versions=versions) for name, versions in by_name.items()]
 
 
 @router.get("/{model}", response_model=ModelView)
 async def get_model(model: ModelName, store: Store) -> ModelView:
-    versions = await store.model_versions(model)
+    versions = await store.read_model_versions(model)
     if not versions:
         raise not_found(f"model {model!r}")
-    return ModelView(name=model, versions=versions)
+    return ModelView(name=model, versions=[_view(stored) for stored in versions])
 
 
-@router.get("/{model}/versions/{version}", response_model=ModelVersion)
-async def get_model_version(model: ModelName, version: int, store: Store) -> ModelVersion:
-    record = await store.get_model_version(model, version)
-    if record is None:
+@router.get("/{model}/versions/{version}", response_model=ModelVersionView)
+async def get_model_version(model: ModelName, version: int, store: Store) -> ModelVersionView:
+    stored = await store.read_model_version(model, version)
+    if stored is None:
         raise not_found(f"model version {model}:{version}")
-    return record
+    return _view(stored)
 
 
-@router.delete("/{model}/versions/{version}", status_code=204)
-async def delete_model_version(model: ModelName, version: int, store: Store) -> Response:
+@router.delete("/{model}/versions/{version}", status_code=204, responses=CONDITIONAL_WRITE_RESPONSES)
+async def delete_model_version(
+    model: ModelName, version: int, store: Store, revision: RevisionQuery = None
+) -> Response:
     """Delete a version nothing uses; 409 naming the deployment and applications that still do."""
     try:
-        users = await store.delete_model_version(model, version)
+        users = await store.delete_model_version(model, version, revision)
     except KeyError as exc:
         raise not_found(f"model version {model}:{version}") from exc
     except ConflictError as exc:

@@ -21,7 +21,8 @@ import pytest
 from manager_api.client import ManagerClient, pack_model_folder
 from manager_api.etcd_server import EtcdServer
 from manager_api.processes import ChildProcess, free_port, http_ok
-from protos.topology import Keys, ModelVersion, ProxyStatus
+from manager_api.schemas import ModelVersionView
+from protos.topology import Keys, ProxyStatus
 
 SERVING_YAML = """\
 runtime: python
@@ -133,7 +134,7 @@ def test_register_versions_are_numbered_and_stored(manager: Manager, tmp_path: P
     stored = manager.etcd_keys()
     assert keys.model_version("doubler", 1) in stored and keys.model_version("doubler", 2) in stored
     # The same bytes are stored once, and the unpacked folder is what runtimes will load.
-    digest = ModelVersion.model_validate(first.json()).artifact.digest.split(":")[1]
+    digest = ModelVersionView.model_validate(first.json()).artifact.digest.split(":")[1]
     assert (manager.data_dir / "artifacts" / "blobs" / "sha256" / digest).is_file()
     assert (manager.data_dir / "artifacts" / "folders" / "sha256" / digest / "model.py").is_file()
 

@@ -1,0 +1,102 @@
+"""``/api/v1/events``: topology changes as server-sent events, resumable by revision."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterable, Awaitable, Callable, Mapping
+from typing import Annotated
+
+import anyio
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from manager_api.dependencies import Store
+from manager_api.errors import ApiProblem
+from manager_api.events import event_stream
+from manager_api.schemas import ErrorBody
+
+router = APIRouter(prefix="/events", tags=["events"])
+
+_EXAMPLE = (
+    "id: 42\nevent: put\n"
+    'data: {"kind":"deployment","key":"/hydro/deployments/iris/1","name":"iris/1","revision":42,'
+    '"value":{"model":"iris","version":1,"replicas":2,"...":"..."}}\n\n'
+    ": keepalive\n\n"
+)
+
+
+class _ClosingStream(StreamingResponse):
+    """A streaming response that runs ``on_close`` however it ends: finished, failed, or client gone.
+
+    The watch is opened before the response (so a compacted ``since`` can still be a 410); if the client
+    left before the body started, the body generator never runs its own cleanup, hence this hook.
+    """
+
+    def __init__(
+        self,
+        content: AsyncIterable[str],
+        on_close: Callable[[], Awaitable[object]],
+        media_type: str,
+        headers: Mapping[str, str],
+    ) -> None:
+        super().__init__(content, media_type=media_type, headers=headers)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._on_close()
+
+
+def _resume_point(since: int | None, last_event_id: str | None) -> int | None:
+    # EventSource sends Last-Event-ID when it reconnects to the same URL: it is newer than the URL's since.
+    if last_event_id is None or not last_event_id.strip():
+        return since
+    try:
+        revision = int(last_event_id)
+    except ValueError:
+        revision = -1
+    if revision < 0:
+        raise ApiProblem(400, f"Last-Event-ID must be an etcd revision (an integer >= 0), got {last_event_id!r}")
+    return revision
+
+
+@router.get(
+    "",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"text/event-stream": {"example": _EXAMPLE}}, "description": "one event per changed key"},
+        400: {"model": ErrorBody, "description": "Last-Event-ID is not a revision"},
+        410: {"model": ErrorBody, "description": "the requested revision was compacted away: read the state again"},
+    },
+)
+async def events(
+    request: Request,
+    store: Store,
+    since: Annotated[
+        int | None,
+        Query(ge=0, description="send the changes made after this revision (e.g. the `revision` of a GET) first"),
+    ] = None,
+    last_event_id: Annotated[
+        str | None, Header(description="the `id` of the last event seen; takes precedence over `since`")
+    ] = None,
+) -> StreamingResponse:
+    """Stream every change of models, deployments, applications, instances and proxies as it happens.
+
+    Without ``since`` or ``Last-Event-ID`` the stream starts now. Each event's ``id`` is its etcd revision;
+    the events of one transaction share it. ``: keepalive`` comments are sent every 15 s of silence.
+    """
+    after = _resume_point(since, last_event_id)
+    exits = contextlib.AsyncExitStack()
+    changes = await exits.enter_async_context(store.changes(after))
+    heartbeat: float = request.app.state.events_heartbeat
+    return _ClosingStream(
+        event_stream(changes, store.keys, heartbeat),
+        on_close=exits.aclose,
+        media_type="text/event-stream",
+        # no-transform and X-Accel-Buffering: proxies (nginx) must pass each event on at once, not buffer.
+        headers={"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "no"},
+    )

@@ -1,0 +1,125 @@
+"""A real `python -m manager_api` process for tests: start, SIGKILL, restart on the same port, stop.
+
+Also registers small python models, since deployments and applications need registered versions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import signal
+import sys
+import tarfile
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import aetcd
+import httpx
+
+from manager_api.processes import ChildProcess, free_port, http_ok
+
+SERVING_YAML = b"""\
+runtime: python
+files: [model.py]
+entrypoint: model:predict
+signature:
+  inputs: [{name: x, datatype: FP32, shape: [-1]}]
+  outputs: [{name: y, datatype: FP32, shape: [-1]}]
+"""
+MODEL_PY = b"def predict(inputs):\n    return {'y': inputs['x'] * 2}\n"
+
+
+def python_model_archive() -> bytes:
+    """A .tar.gz of a one-function python model (no framework: registration needs no signature check)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, data in (("serving.yaml", SERVING_YAML), ("model.py", MODEL_PY)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+class ManagerUnderTest:
+    """One manager on a fixed port; ``kill`` + ``start`` is a crash and restart with the same data dir."""
+
+    def __init__(
+        self, etcd_endpoint: str, prefix: str, data_dir: Path, tokens_file: Path | None = None, port: int = 0
+    ) -> None:
+        self.etcd_endpoint = etcd_endpoint
+        self.prefix = prefix
+        self.data_dir = data_dir
+        self.tokens_file = tokens_file
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.api = self.url + "/api/v1"
+        self._process: ChildProcess | None = None
+        self.starts = 0
+
+    def start(self, timeout: float = 60.0) -> ManagerUnderTest:
+        """Start (or restart) the process and wait until /healthz answers."""
+        self.starts += 1
+        argv = [
+            *(sys.executable, "-m", "manager_api", "--etcd", self.etcd_endpoint, "--prefix", self.prefix),
+            *("--data-dir", str(self.data_dir), "--port", str(self.port), "--log-level", "warning"),
+        ]
+        if self.tokens_file is not None:
+            argv += ["--tokens", str(self.tokens_file)]
+        self._process = ChildProcess(f"manager_api#{self.starts}", argv, log_path=self.data_dir / "manager.log")
+        self._process.start()
+        self._process.wait_ready(lambda: http_ok(f"{self.url}/healthz"), timeout)
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL the process group: no graceful shutdown, in-flight requests are cut."""
+        if self._process is not None:
+            self._process.signal_group(signal.SIGKILL)
+            self._process.stop(grace=5.0)
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.stop()
+
+    def healthy(self) -> bool:
+        try:
+            return http_ok(f"{self.url}/healthz")
+        except httpx.HTTPError:
+            return False
+
+    def __enter__(self) -> ManagerUnderTest:
+        return self.start()
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self.stop()
+
+
+def register_model(http: httpx.Client, name: str) -> dict[str, Any]:
+    """Register the next version of a python model ``name`` through ``http`` (based at /api/v1)."""
+    response = http.post(f"/models/{name}/versions", files={"archive": ("model.tar.gz", python_model_archive())})
+    assert response.status_code == 201, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def etcd_read(endpoint: str, key: str) -> tuple[bytes, int] | None:
+    """The value and mod_revision of ``key``, read from etcd itself (not through the manager)."""
+
+    async def read() -> tuple[bytes, int] | None:
+        host, port = endpoint.rsplit(":", 1)
+        async with aetcd.Client(host=host, port=int(port)) as client:
+            result = await client.get(key.encode())
+            return None if result is None else (result.value, result.mod_revision)
+
+    return asyncio.run(read())
+
+
+def etcd_prefix_items(endpoint: str, prefix: str) -> dict[str, tuple[bytes, int]]:
+    """Every key under ``prefix`` with its value and mod_revision, read from etcd itself."""
+
+    async def read() -> dict[str, tuple[bytes, int]]:
+        host, port = endpoint.rsplit(":", 1)
+        async with aetcd.Client(host=host, port=int(port)) as client:
+            return {kv.key.decode(): (kv.value, kv.mod_revision) for kv in await client.get_prefix(prefix.encode())}
+
+    return asyncio.run(read())

@@ -1,0 +1,223 @@
+"""GET /api/v1/events: topology changes as server-sent events from a real manager on its own real etcd.
+
+The module has an etcd of its own: one test compacts its history, and another counts its watchers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aetcd
+import httpx
+import pytest
+from manager_under_test import ManagerUnderTest, register_model
+
+from manager_api.auth import write_token_file
+from manager_api.etcd_server import EtcdServer
+from manager_api.events import KEEPALIVE, event_stream
+from manager_api.processes import wait_until
+from manager_api.store import Change
+from protos.topology import Keys
+
+ADMIN = "events-admin-token"
+VIEWER = "events-viewer-token"
+PREFIX = "/hydro-events-test/"
+
+
+@dataclass
+class Event:
+    id: str | None
+    type: str
+    data: dict[str, Any]
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
+    server = EtcdServer(tmp_path_factory.mktemp("events-etcd")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def manager(etcd: EtcdServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagerUnderTest]:
+    data_dir = tmp_path_factory.mktemp("events-manager")
+    tokens = data_dir / "tokens.json"
+    write_token_file(tokens, {"ops": ("admin", ADMIN), "dashboards": ("viewer", VIEWER)})
+    with ManagerUnderTest(etcd.endpoint, PREFIX, data_dir, tokens_file=tokens) as manager:
+        yield manager
+
+
+@pytest.fixture
+def admin(manager: ManagerUnderTest) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=manager.api, headers={"authorization": f"Bearer {ADMIN}"}, timeout=30) as client:
+        yield client
+
+
+@pytest.fixture
+def viewer(manager: ManagerUnderTest) -> Iterator[httpx.Client]:
+    # The read timeout bounds a wait for the next line; heartbeats (15 s) come sooner when nothing happens.
+    with httpx.Client(base_url=manager.api, headers={"authorization": f"Bearer {VIEWER}"}, timeout=30) as client:
+        yield client
+
+
+def read_events(response: httpx.Response, until: Callable[[Event], bool], timeout: float = 20.0) -> list[Event]:
+    """Parse SSE from ``response`` until an event satisfies ``until``; every event read, in order."""
+    deadline = time.monotonic() + timeout
+    events: list[Event] = []
+    fields: dict[str, str] = {}
+    for line in response.iter_lines():
+        if time.monotonic() > deadline:
+            break
+        if line.startswith(":"):
+            continue
+        if line:
+            name, _, value = line.partition(": ")
+            fields[name] = value
+            continue
+        if "data" in fields:
+            event = Event(fields.get("id"), fields.get("event", "message"), json.loads(fields["data"]))
+            events.append(event)
+            if until(event):
+                return events
+        fields = {}
+    raise AssertionError(f"no matching event within {timeout} s; got {events}")
+
+
+def test_a_new_deployment_is_streamed(manager: ManagerUnderTest, admin: httpx.Client, viewer: httpx.Client) -> None:
+    register_model(admin, "ev")
+    with viewer.stream("GET", "/events") as stream:
+        assert stream.status_code == 200
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        put = admin.put("/deployments/ev/1", json={"replicas": 2})
+        assert put.status_code == 200, put.text
+        events = read_events(stream, lambda e: e.data["kind"] == "deployment")
+    event = events[-1]
+    revision = put.json()["revision"]
+    assert event.id == str(revision) and event.type == "put"
+    assert event.data["key"] == Keys(PREFIX).deployment("ev", 1)
+    assert event.data["name"] == "ev/1" and event.data["revision"] == revision
+    assert event.data["value"]["replicas"] == 2 and event.data["value"]["model"] == "ev"
+    assert all(e.data["kind"] in {"model", "deployment", "application", "instance", "proxy"} for e in events)
+
+
+def test_deletes_and_registrations_are_streamed(admin: httpx.Client, viewer: httpx.Client) -> None:
+    register_model(admin, "ev-del")
+    admin.put("/deployments/ev-del/1", json={"replicas": 1})
+    with viewer.stream("GET", "/events") as stream:
+        version = register_model(admin, "ev-del")
+        assert admin.delete("/deployments/ev-del/1").status_code == 204
+        events = read_events(stream, lambda e: e.type == "delete")
+    # The version counter written with the model version is internal: only the model event is sent.
+    assert [(e.type, e.data["kind"], e.data["name"]) for e in events] == [
+        ("put", "model", "ev-del/2"),
+        ("delete", "deployment", "ev-del/1"),
+    ]
+    assert events[0].data["revision"] == version["revision"] and events[0].data["value"]["version"] == 2
+    assert events[1].data["value"] is None and int(events[1].id or 0) > version["revision"]
+
+
+def test_resume_with_since_or_last_event_id(admin: httpx.Client, viewer: httpx.Client) -> None:
+    register_model(admin, "ev-resume")
+    first = admin.put("/deployments/ev-resume/1", json={"replicas": 1}).json()["revision"]
+    second = admin.put("/deployments/ev-resume/1", json={"replicas": 2}).json()["revision"]
+    third = admin.put("/deployments/ev-resume/1", json={"replicas": 3}).json()["revision"]
+
+    def replayed(**kwargs: Any) -> list[Event]:
+        with viewer.stream("GET", "/events", **kwargs) as stream:
+            assert stream.status_code == 200, stream.read()
+            return read_events(stream, lambda e: e.data["revision"] == third)
+
+    # since=N replays what changed after N: the write at N itself was already seen.
+    events = replayed(params={"since": first})
+    assert [(e.id, e.data["value"]["replicas"]) for e in events] == [(str(second), 2), (str(third), 3)]
+    events = replayed(headers={"last-event-id": str(second)})
+    assert [e.data["value"]["replicas"] for e in events] == [3]
+    # EventSource reconnects to the same URL with Last-Event-ID: the header is newer than the URL's since.
+    events = replayed(params={"since": first}, headers={"last-event-id": str(second)})
+    assert [e.data["revision"] for e in events] == [third]
+
+
+def test_tokens_are_required(manager: ManagerUnderTest) -> None:
+    for headers in ({}, {"authorization": "Bearer nope"}):
+        response = httpx.get(f"{manager.api}/events", headers=headers, timeout=30)
+        assert response.status_code == 401, response.text
+        assert response.json()["error"]
+
+
+def test_bad_resume_points_are_refused(viewer: httpx.Client) -> None:
+    response = viewer.get("/events", params={"since": -1})
+    assert response.status_code == 422 and "query.since" in response.json()["error"], response.text
+    response = viewer.get("/events", params={"since": "yesterday"})
+    assert response.status_code == 422 and "query.since" in response.json()["error"], response.text
+    response = viewer.get("/events", headers={"last-event-id": "abc"})
+    assert response.status_code == 400 and "Last-Event-ID" in response.json()["error"], response.text
+
+
+def test_compacted_history_is_a_410(etcd: EtcdServer, admin: httpx.Client, viewer: httpx.Client) -> None:
+    register_model(admin, "ev-compact")
+    old = admin.put("/deployments/ev-compact/1", json={"replicas": 1}).json()["revision"]
+    now = admin.put("/deployments/ev-compact/1", json={"replicas": 2}).json()["revision"]
+
+    async def compact() -> None:
+        host, port = etcd.endpoint.rsplit(":", 1)
+        async with aetcd.Client(host=host, port=int(port)) as client:
+            await client.compact(now, physical=True)
+
+    asyncio.run(compact())
+    response = viewer.get("/events", params={"since": old - 1})
+    assert response.status_code == 410, response.text
+    assert f"after revision {old - 1} are compacted" in response.json()["error"]
+    # From the compaction point on, history is there.
+    with viewer.stream("GET", "/events", params={"since": now - 1}) as stream:
+        assert stream.status_code == 200
+        assert read_events(stream, lambda e: True)[0].data["revision"] == now
+
+
+def _etcd_watchers(etcd: EtcdServer) -> int:
+    metrics = httpx.get(f"http://{etcd.endpoint}/metrics", timeout=10).text
+    for line in metrics.splitlines():
+        if line.startswith("etcd_debugging_mvcc_watcher_total "):
+            return int(float(line.split()[1]))
+    raise AssertionError("etcd exposes no etcd_debugging_mvcc_watcher_total")
+
+
+def test_the_watch_is_cancelled_when_the_client_leaves(etcd: EtcdServer, manager: ManagerUnderTest) -> None:
+    before = _etcd_watchers(etcd)
+    clients = [
+        httpx.Client(base_url=manager.api, headers={"authorization": f"Bearer {VIEWER}"}, timeout=30) for _ in range(3)
+    ]
+    streams = [client.stream("GET", "/events") for client in clients]
+    try:
+        for stream in streams:
+            assert stream.__enter__().status_code == 200
+        wait_until(lambda: _etcd_watchers(etcd) == before + 3, 10, "one etcd watch per open stream")
+    finally:
+        for stream in streams:
+            stream.__exit__(None, None, None)
+        for client in clients:
+            client.close()
+    wait_until(lambda: _etcd_watchers(etcd) == before, 10, "the watches of closed streams cancelled")
+
+
+async def test_silence_is_filled_with_keepalives(tmp_path: Path) -> None:
+    """The heartbeat is 15 s in the manager; the stream itself is driven here with a short one."""
+    quiet = asyncio.Event()
+
+    async def no_changes() -> AsyncIterator[Change]:
+        await quiet.wait()
+        yield Change(type="put", key=f"{PREFIX}applications/late", revision=9, value=b"{}")
+
+    stream = event_stream(no_changes(), Keys(PREFIX), heartbeat=0.05)
+    assert await anext(stream) == KEEPALIVE
+    assert await anext(stream) == KEEPALIVE
+    quiet.set()
+    assert (await anext(stream)).startswith("id: 9\nevent: put\ndata: ")
+    await stream.aclose()
