@@ -1,8 +1,10 @@
-"""The process deployer: runs the desired replicas of every deployment as local runtime + sidecar pairs.
+"""The process deployer: runs this node's share of every deployment as local runtime + sidecar pairs.
 
 It reconciles ``deployments/`` in etcd against the replicas it runs: starts missing ones, drains and stops
-extra ones, and restarts crashed ones with back-off. Instances are registered only once ready, under a lease,
-so a deployer that dies takes its endpoints out of EDS when the lease expires.
+extra ones, and restarts crashed ones with back-off. Its share of each deployment comes from the live nodes
+(``nodes/``, see placement.py), so the same code runs in `hydro up` (node "local") and in every `hydro agent`.
+Instances are registered only once ready, under the node's lease, so a deployer that dies takes its endpoints
+out of EDS, and its replicas to the other nodes, when the lease expires.
 """
 
 from __future__ import annotations
@@ -11,11 +13,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
+from manager_api.deployer.placement import share
 from manager_api.deployer.replica import InstanceRegistry, Replica, ReplicaConfig
-from protos.topology import BatchingPolicy, Deployment, ModelVersion
+from protos.topology import BatchingPolicy, Deployment, ModelVersion, Node
 
 log = logging.getLogger(__name__)
 
@@ -23,14 +26,19 @@ ModelKey = tuple[str, int]
 
 
 class DesiredState(Protocol):
-    """What the deployer reads: deployments, the model versions they name, and a change signal."""
+    """What the deployer reads: deployments, the model versions they name, the live nodes, and change signals."""
 
     async def list_deployments(self) -> list[Deployment]: ...
+
+    async def list_nodes(self) -> list[Node]: ...
 
     async def get_model_version(self, name: str, version: int) -> ModelVersion | None: ...
 
     def watch_deployments(self) -> Any:
         """An async iterator that yields whenever something under deployments/ changed."""
+
+    def watch_nodes(self) -> Any:
+        """An async iterator that yields whenever a node joined or left."""
 
 
 class ModelFolders(Protocol):
@@ -52,6 +60,7 @@ class ProcessDeployer:
         xds_host: str,
         xds_port: int,
         workdir: Any,
+        advertise_address: str = "127.0.0.1",
         resync_interval: float = 0.5,
         drain_seconds: float = 1.0,
         ads_api_type: str = "GRPC",
@@ -60,6 +69,7 @@ class ProcessDeployer:
         self._folders = folders
         self._registry = registry
         self._node = node
+        self._advertise_address = advertise_address
         self._xds = (xds_host, xds_port)
         self._workdir = workdir
         self._resync_interval = resync_interval
@@ -71,10 +81,15 @@ class ProcessDeployer:
         self._stopping: set[asyncio.Task[None]] = set()
         self._wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._held = False
 
     async def start(self) -> None:
         """Begin reconciling in the background."""
-        self._tasks = [asyncio.create_task(self._loop()), asyncio.create_task(self._watch())]
+        self._tasks = [
+            asyncio.create_task(self._loop()),
+            asyncio.create_task(self._watch(self._desired.watch_deployments)),
+            asyncio.create_task(self._watch(self._desired.watch_nodes)),
+        ]
 
     async def stop(self) -> None:
         """Stop reconciling, then drain and stop every replica this deployer runs."""
@@ -92,10 +107,10 @@ class ProcessDeployer:
     def status(self, model: str, version: int) -> list[Replica]:
         return list(self.replicas.get((model, version), []))
 
-    async def _watch(self) -> None:
+    async def _watch(self, watch: Callable[[], Any]) -> None:
         while True:
             try:
-                async for _ in self._desired.watch_deployments():
+                async for _ in watch():
                     self._wakeup.set()
             except asyncio.CancelledError:
                 raise
@@ -118,7 +133,21 @@ class ProcessDeployer:
     async def reconcile(self) -> None:
         """One pass: crashed replicas handled, missing ones started, extra ones drained."""
         deployments = await self._desired.list_deployments()
-        desired = {(d.model, d.version): d.replicas for d in deployments}
+        nodes = [n.name for n in await self._desired.list_nodes()]
+        if self._node not in nodes:
+            # Our own lease is gone (etcd restarted, a long pause) and the registry is renewing it. Shares computed
+            # without us would drain everything we run: start nothing and keep what runs (within each deployment's
+            # replicas) until we count again. The others may run extra replicas meanwhile, the safe side.
+            if not self._held:
+                log.warning("node %s is not among the live nodes %s; holding its replicas", self._node, nodes)
+            self._held = True
+            running = {key: len(replicas) for key, replicas in self.replicas.items()}
+            desired = {(d.model, d.version): min(d.replicas, running.get((d.model, d.version), 0)) for d in deployments}
+        else:
+            self._held = False
+            desired = {
+                (d.model, d.version): share(d.model, d.version, d.replicas, nodes, self._node) for d in deployments
+            }
         # Replicas started from now on get the deployment's current batching policy; running ones keep theirs.
         self._batching = {(d.model, d.version): d.policies.batching for d in deployments}
         for key, replicas in list(self.replicas.items()):
@@ -153,6 +182,7 @@ class ProcessDeployer:
             version=key[1],
             model_dir=folder,
             node=self._node,
+            advertise_address=self._advertise_address,
             xds_host=self._xds[0],
             xds_port=self._xds[1],
             workdir=self._workdir,
