@@ -133,6 +133,9 @@ class Stack:
                 "process" if self.config.local_node else "none",
                 "--xds",
                 self.xds_address,
+                # The local node's sidecars are reached where the rest of the control plane is.
+                "--advertise-address",
+                _reachable(self.config.control_host),
                 "--xds-api",
                 self.config.xds_api,
                 "--tokens",

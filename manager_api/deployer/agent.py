@@ -93,6 +93,8 @@ async def run_agent(config: AgentConfig, stop: asyncio.Event) -> None:
 
 def serve(config: AgentConfig) -> int:
     """Run the agent in this process until SIGINT or SIGTERM."""
+    # Readiness polls of every starting replica would otherwise log each attempt.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
     async def main() -> None:
         stop = asyncio.Event()
