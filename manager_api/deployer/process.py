@@ -13,12 +13,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable
-from typing import Any, Protocol
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol, TypeVar
 
 from manager_api.deployer.placement import share
 from manager_api.deployer.replica import InstanceRegistry, Replica, ReplicaConfig
-from protos.topology import BatchingPolicy, Deployment, ModelVersion, Node
+from protos.topology import BatchingPolicy, Deployment, Instance, ModelVersion, Node
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,8 @@ class DesiredState(Protocol):
     async def list_deployments(self) -> list[Deployment]: ...
 
     async def list_nodes(self) -> list[Node]: ...
+
+    async def list_instances(self) -> list[Instance]: ...
 
     async def get_model_version(self, name: str, version: int) -> ModelVersion | None: ...
 
@@ -45,6 +48,37 @@ class ModelFolders(Protocol):
     """Where an artifact's unpacked model folder is."""
 
     def materialize(self, digest: str) -> Any: ...
+
+
+class _Stated(Protocol):
+    @property
+    def state(self) -> str: ...
+
+
+StatedT = TypeVar("StatedT", bound=_Stated)
+
+
+def surplus(running: Sequence[StatedT], want: int, ready: int, total: int | None) -> list[StatedT]:
+    """Which of this node's ``running`` replicas to stop when it should run ``want`` of them.
+
+    Replicas that are not ready go first: stopping them costs no capacity. Ready ones go only while the mesh keeps
+    ``total`` ready instances of the deployment without them (``ready`` counts them all, on every node): when a
+    node joins or comes back, the replicas it takes over keep running elsewhere until its own are ready (make
+    before break). A deleted deployment (``total`` None) is stopped at once.
+    """
+    count = len(running) - want
+    if count <= 0:
+        return []
+    not_ready = [r for r in running if r.state != "ready"]
+    ready_here = [r for r in running if r.state == "ready"]
+    # The newest of each kind go first.
+    doomed = not_ready[len(not_ready) - min(count, len(not_ready)) :]
+    more = count - len(doomed)
+    if total is not None:
+        more = min(more, max(0, ready - total))
+    if more > 0:
+        doomed += ready_here[-more:]
+    return doomed
 
 
 class ProcessDeployer:
@@ -141,8 +175,8 @@ class ProcessDeployer:
             if not self._held:
                 log.warning("node %s is not among the live nodes %s; holding its replicas", self._node, nodes)
             self._held = True
-            running = {key: len(replicas) for key, replicas in self.replicas.items()}
-            desired = {(d.model, d.version): min(d.replicas, running.get((d.model, d.version), 0)) for d in deployments}
+            counts = {key: len(replicas) for key, replicas in self.replicas.items()}
+            desired = {(d.model, d.version): min(d.replicas, counts.get((d.model, d.version), 0)) for d in deployments}
         else:
             self._held = False
             desired = {
@@ -150,12 +184,16 @@ class ProcessDeployer:
             }
         # Replicas started from now on get the deployment's current batching policy; running ones keep theirs.
         self._batching = {(d.model, d.version): d.policies.batching for d in deployments}
-        for key, replicas in list(self.replicas.items()):
+        for replicas in self.replicas.values():
             for replica in replicas:
                 if replica.state == "ready" and not replica.alive():
                     await replica.handle_crash()
-            want = desired.get(key, 0)
-            extra = [r for r in replicas if r.state != "stopped"][want:]
+        # Read after the crashes above are deregistered: they must not count as capacity.
+        totals = {(d.model, d.version): d.replicas for d in deployments}
+        ready = Counter((i.model, i.version) for i in await self._desired.list_instances() if i.state == "ready")
+        for key, replicas in list(self.replicas.items()):
+            running = [r for r in replicas if r.state != "stopped"]
+            extra = surplus(running, desired.get(key, 0), ready[key], totals.get(key))
             if extra:
                 self._stop(key, extra)
             now = time.monotonic()

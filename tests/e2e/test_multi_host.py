@@ -4,7 +4,8 @@
 "h2" each run `hydro agent`, which downloads the model from the manager and registers its sidecars at its own
 address. A two-replica deployment gets one replica per host. A SIGKILLed runtime is restarted and comes back in
 EDS. Then every process of h1 is SIGKILLed under load: its lease expires, its endpoint leaves the ingress's EDS,
-its replica moves to h2, and no request fails once the endpoint is gone (the ejection window).
+its replica moves to h2, and no request fails once the endpoint is gone (the ejection window). Finally h1's agent
+starts again and takes its replica back without a failed request (make before break).
 """
 
 from __future__ import annotations
@@ -48,7 +49,23 @@ class Hosts:
     data_dir: Path
     hydro_up: ChildProcess
     api: ManagerClient
+    token: str
+    logs: Path
     agents: dict[str, ChildProcess] = field(default_factory=dict)
+    #: Every process started, in start order, for the teardown.
+    processes: list[ChildProcess] = field(default_factory=list)
+
+    def start_agent(self, name: str) -> ChildProcess:
+        """`hydro agent` on host ``name`` (again, after a kill: same name, same data dir)."""
+        host, ctl = self.host(name), self.ctl.address
+        command = [sys.executable, "-m", "manager_api.cli", "agent", "--node", name]
+        command += ["--advertise-address", host.address, "--manager", f"http://{ctl}:{API}"]
+        command += ["--etcd", f"{ctl}:{ETCD}", "--xds", f"{ctl}:{XDS}"]
+        command += ["--data-dir", str(self.logs / name), "--lease-ttl", str(LEASE_TTL)]
+        env = {"HYDRO_TOKEN": self.token}
+        self.agents[name] = _start(f"agent-{name}", host, command, self.logs / f"{name}.log", env)
+        self.processes.append(self.agents[name])
+        return self.agents[name]
 
     @property
     def ingress(self) -> str:
@@ -120,6 +137,7 @@ def hosts(tmp_path: Path) -> Iterator[Hosts]:
         pytest.skip(reason)
     net = Network(name)
     processes: list[ChildProcess] = []
+    hosts: Hosts | None = None
     try:
         ctl = net.add_host("ctl", 1)
         for agent, octet in AGENTS.items():
@@ -134,15 +152,10 @@ def hosts(tmp_path: Path) -> Iterator[Hosts]:
         hydro_up.wait_ready(lambda: ctl.call(http_ok, f"http://{ctl.address}:{INGRESS}/v2/health/ready"), 90)
         credentials = load_credentials(data_dir)
         assert credentials is not None, "hydro up wrote no credentials"
-        hosts = Hosts(net, ctl, data_dir, hydro_up, ManagerClient(f"http://{ctl.address}:{API}", credentials.token))
+        api = ManagerClient(f"http://{ctl.address}:{API}", credentials.token)
+        hosts = Hosts(net, ctl, data_dir, hydro_up, api, credentials.token, tmp_path, processes=processes)
         for agent in AGENTS:
-            command = [sys.executable, "-m", "manager_api.cli", "agent", "--node", agent]
-            command += ["--advertise-address", net.hosts[agent].address, "--manager", f"http://{ctl.address}:{API}"]
-            command += ["--etcd", f"{ctl.address}:{ETCD}", "--xds", f"{ctl.address}:{XDS}"]
-            command += ["--data-dir", str(tmp_path / agent), "--lease-ttl", str(LEASE_TTL)]
-            env = {"HYDRO_TOKEN": credentials.token}
-            hosts.agents[agent] = _start(f"agent-{agent}", net.hosts[agent], command, tmp_path / f"{agent}.log", env)
-            processes.append(hosts.agents[agent])
+            hosts.start_agent(agent)
         yield hosts
     finally:
         # Agents first (they drain their replicas), then the control plane, then whatever is left, then the hosts.
@@ -266,15 +279,29 @@ def test_replicas_spread_restart_and_move_when_a_host_dies(hosts: Hosts, model_d
         moved_at = time.monotonic()
         # Keep the load going on the two h2 replicas for a while before judging.
         wait_until(lambda: load.completed(since=moved_at) >= 100, 60, "load after the move")
+
+        # h1 comes back: its replica moves back make-before-break (h2 stops one only once h1's is ready).
+        rejoined = time.monotonic()
+        hosts.start_agent("h1")
+
+        def spread_again() -> bool:
+            instances = hosts.instances()
+            spread = sorted(i["node"] for i in instances) == ["h1", "h2"]
+            return spread and hosts.eds() == {_endpoint(i) for i in instances}
+
+        wait_until(spread_again, 120, "one replica per host again")
+        spread_at = time.monotonic()
+        wait_until(lambda: load.completed(since=spread_at) >= 100, 60, "load after the rejoin")
     finally:
         load.stop()
     window = load.failures(until=left_eds)
     after = load.failures(since=left_eds)
     print(
         f"h1 SIGKILL -> endpoint out of EDS {left_eds - killed:.2f} s, node record gone {node_gone - killed:.2f} s, "
-        f"replica moved and in EDS {moved_at - killed:.2f} s; requests: {len(load.outcomes)} "
-        f"({load.completed(since=killed)} after the kill), failed within the window {len(window)}, after {len(after)}"
+        f"replica moved and in EDS {moved_at - killed:.2f} s; h1 restarted -> one replica per host again "
+        f"{spread_at - rejoined:.2f} s; requests: {len(load.outcomes)} ({load.completed(since=killed)} after the "
+        f"kill), failed within the window {len(window)}, after it {len(after)}"
     )
     assert left_eds - killed <= LEASE_TTL + 10
     assert not after, f"{len(after)} requests failed after h1 left EDS: {after[:5]}"
-    assert load.completed(since=left_eds) >= 100
+    assert {_host_of(o[2]) for o in load.outcomes if o[0] > spread_at} == {"h1", "h2"}
