@@ -32,6 +32,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8081)
     parser.add_argument("--deployer", choices=("none", "process"), default="none", help="who runs replicas")
+    parser.add_argument("--node", default="local", help="node name of the process deployer in nodes/")
+    parser.add_argument(
+        "--advertise-address", default="127.0.0.1", help="address the process deployer's sidecars listen on"
+    )
     parser.add_argument("--xds", type=_host_port, default=("127.0.0.1", 18000), help="xds_control HOST:PORT")
     parser.add_argument(
         "--xds-api", choices=("sotw", "delta"), default="sotw", help="ADS flavour the sidecars speak to xds_control"
@@ -62,6 +66,8 @@ def main(argv: list[str] | None = None) -> None:
         prefix=args.prefix,
         data_dir=args.data_dir.resolve(),
         deployer=args.deployer,
+        node=args.node,
+        advertise_address=args.advertise_address,
         xds_host=args.xds[0],
         xds_port=args.xds[1],
         ads_api_type=ADS_API_TYPE[args.xds_api],

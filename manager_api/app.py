@@ -17,11 +17,11 @@ from manager_api.deployer.process import ProcessDeployer
 from manager_api.deployer.registration import LeasedInstanceRegistry
 from manager_api.errors import ApiProblem, install_error_handlers
 from manager_api.events import HEARTBEAT_SECONDS
-from manager_api.routers import applications, deployments, events, instances, models, proxies
+from manager_api.routers import applications, artifacts, deployments, events, instances, models, proxies
 from manager_api.schemas import Health
 from manager_api.settings import Settings
 from manager_api.store import HistoryCompacted, RevisionMismatch, TopologyStore
-from protos.topology import Keys
+from protos.topology import Keys, Node
 from xds_control.etcd_watch import ETCD_CLIENT_OPTIONS
 
 log = logging.getLogger(__name__)
@@ -66,13 +66,15 @@ def create_app(settings: Settings) -> FastAPI:
         registry: LeasedInstanceRegistry | None = None
         deployer: ProcessDeployer | None = None
         if settings.deployer == "process":
-            registry = LeasedInstanceRegistry(client, keys, settings.node)
+            node = Node(name=settings.node, advertise_address=settings.advertise_address)
+            registry = LeasedInstanceRegistry(client, keys, settings.node, announce=node)
             await registry.start()
             deployer = ProcessDeployer(
                 store,
                 artifacts,
                 registry,
                 node=settings.node,
+                advertise_address=settings.advertise_address,
                 xds_host=settings.xds_host,
                 xds_port=settings.xds_port,
                 workdir=settings.data_dir / "replicas",
@@ -102,7 +104,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.events_heartbeat = HEARTBEAT_SECONDS
     app.state.tokens = TokenStore.load(settings.tokens_file) if settings.tokens_file is not None else None
     api = APIRouter(prefix="/api/v1", dependencies=[Depends(authorize)])
-    for module in (models, deployments, applications, instances, proxies, events):
+    for module in (models, artifacts, deployments, applications, instances, proxies, events):
         api.include_router(module.router)
     app.include_router(api)
     app.include_router(health_router)

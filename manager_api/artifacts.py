@@ -95,6 +95,11 @@ class ArtifactStore:
                 (upload.workdir / "unpacked").replace(folder)
         return Artifact(digest=upload.digest, uri=blob.as_uri(), size=upload.size)
 
+    def blob(self, digest: str) -> Path | None:
+        """The archive of an artifact as uploaded (what agents on other hosts download), None if not stored."""
+        blob = self._blobs / digest.split(":", 1)[1]
+        return blob if blob.is_file() else None
+
     def materialize(self, digest: str) -> Path:
         """The unpacked model folder of an artifact, unpacking the blob again if the folder is gone."""
         hexdigest = digest.split(":", 1)[1]

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -25,7 +24,10 @@ class Settings:
     xds_port: int = 18000
     #: ADS flavour of the sidecars' bootstraps: GRPC (state of the world) or DELTA_GRPC.
     ads_api_type: str = "GRPC"
-    node: str = field(default_factory=lambda: socket.gethostname().lower().replace("_", "-"))
+    #: This deployer's node name in ``nodes/`` (`hydro up`'s is "local"; each `hydro agent` names its own).
+    node: str = "local"
+    #: Where the sidecars of this node's replicas listen and are registered (other hosts call them there).
+    advertise_address: str = "127.0.0.1"
     max_upload_bytes: int = 2 * 1024**3
     drain_seconds: float = 1.0
     #: Bearer tokens (see manager_api/auth.py); None disables auth, allowed only on a loopback address.

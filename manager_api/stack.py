@@ -31,6 +31,10 @@ class StackConfig:
 
     data_dir: Path
     host: str = "127.0.0.1"
+    #: Where etcd, xds_control and the manager API listen: loopback unless agents on other hosts must reach them.
+    control_host: str = "127.0.0.1"
+    #: Whether the manager runs replicas here as node "local"; False leaves them all to `hydro agent`s.
+    local_node: bool = True
     ingress_port: int = 8080
     api_port: int = 8081
     xds_port: int = 18000
@@ -58,10 +62,11 @@ class Stack:
         self.data_dir = config.data_dir.resolve()
         self.logs = self.data_dir / "logs"
         self.ingress_port = config.ingress_port or free_port(config.host)
-        self.api_port = config.api_port or free_port()
-        self.xds_port = config.xds_port or free_port()
+        control = config.control_host
+        self.api_port = config.api_port or free_port(control)
+        self.xds_port = config.xds_port or free_port(control)
         self.xds_metrics_port = config.xds_metrics_port or free_port()
-        self.etcd = EtcdServer(self.data_dir, config.etcd_port or free_port())
+        self.etcd = EtcdServer(self.data_dir, config.etcd_port or free_port(control), host=control)
         self.credentials, self.tokens_file = ensure_admin_credentials(self.data_dir, self.api_url)
         self._children: list[_Supervised] = []
         self._stopping = False
@@ -72,11 +77,15 @@ class Stack:
 
     @property
     def api_url(self) -> str:
-        return f"http://127.0.0.1:{self.api_port}"
+        return f"http://{_reachable(self.config.control_host)}:{self.api_port}"
+
+    @property
+    def xds_address(self) -> str:
+        return f"{_reachable(self.config.control_host)}:{self.xds_port}"
 
     @property
     def _client_host(self) -> str:
-        return "127.0.0.1" if self.config.host in ("0.0.0.0", "") else self.config.host
+        return _reachable(self.config.host)
 
     def start(self) -> None:
         """Start every process in dependency order, each one ready before the next starts."""
@@ -94,6 +103,8 @@ class Stack:
                 self.etcd.endpoint,
                 "--prefix",
                 self.config.prefix,
+                "--host",
+                self.config.control_host,
                 "--port",
                 str(self.xds_port),
                 "--metrics-port",
@@ -101,7 +112,7 @@ class Stack:
             ],
             log_path=self.logs / "xds_control.log",
         )
-        self._run(xds, lambda: _tcp_open("127.0.0.1", self.xds_port))
+        self._run(xds, lambda: _tcp_open(_reachable(self.config.control_host), self.xds_port))
         manager = ChildProcess(
             "manager_api",
             [
@@ -114,12 +125,17 @@ class Stack:
                 self.config.prefix,
                 "--data-dir",
                 str(self.data_dir),
+                "--host",
+                self.config.control_host,
                 "--port",
                 str(self.api_port),
                 "--deployer",
-                "process",
+                "process" if self.config.local_node else "none",
                 "--xds",
-                f"127.0.0.1:{self.xds_port}",
+                self.xds_address,
+                # The local node's sidecars are reached where the rest of the control plane is.
+                "--advertise-address",
+                _reachable(self.config.control_host),
                 "--xds-api",
                 self.config.xds_api,
                 "--tokens",
@@ -135,6 +151,7 @@ class Stack:
             xds_port=self.xds_port,
             listen_port=self.ingress_port,
             listen_address=self.config.host,
+            xds_host=_reachable(self.config.control_host),
             ads_api_type="DELTA_GRPC" if self.config.xds_api == "delta" else "GRPC",
         )
         self._run(ingress, lambda: envoy_ready(admin_port))
@@ -167,6 +184,11 @@ class Stack:
         self._stopping = True
         for child in reversed(self._children):
             child.process.stop(grace=30.0 if child.process.name == "manager_api" else 10.0)
+
+
+def _reachable(host: str) -> str:
+    """The address a client dials for a server bound to ``host`` (the wildcard is reached on loopback)."""
+    return "127.0.0.1" if host in ("0.0.0.0", "") else host
 
 
 def _tcp_open(host: str, port: int) -> bool:

@@ -31,6 +31,7 @@ from protos.topology import (
     Instance,
     Keys,
     ModelVersion,
+    Node,
     Policies,
     ProxyStatus,
     Signature,
@@ -288,7 +289,11 @@ class TopologyStore:
 
     async def watch_deployments(self) -> AsyncIterator[None]:
         """Yields once per change under deployments/ (the deployer re-reads everything on each)."""
-        watch = await self.client.watch_prefix(self.keys.deployments().encode())
+        async for _ in self._watch(self.keys.deployments()):
+            yield None
+
+    async def _watch(self, prefix: str) -> AsyncIterator[None]:
+        watch = await self.client.watch_prefix(prefix.encode())
         try:
             async for _ in watch:
                 yield None
@@ -356,6 +361,17 @@ class TopologyStore:
     async def list_instances(self, model: str | None = None, version: int | None = None) -> list[Instance]:
         records = await self._list(self.keys.instances(model, version), Instance)
         return sorted((s.record for s in records), key=lambda i: (i.model, i.version, i.id))
+
+    # --- nodes (leased, written by each deployer's registry; read by every deployer for placement) ----------------
+
+    async def list_nodes(self) -> list[Node]:
+        records = await self._list(self.keys.nodes(), Node)
+        return sorted((s.record for s in records), key=lambda n: n.name)
+
+    async def watch_nodes(self) -> AsyncIterator[None]:
+        """Yields once per change under nodes/: a node joined, or its lease expired."""
+        async for _ in self._watch(self.keys.nodes()):
+            yield None
 
     # --- proxies (written by xds_control, read here) --------------------------------------------------------
 

@@ -8,6 +8,7 @@ migrate it. Keys live under a configurable prefix (default ``/hydro/``):
 - ``applications/{app}``                Application
 - ``instances/{model}/{version}/{id}``  Instance       (leased; written only once the instance is ready)
 - ``proxies/{node_id}``                 ProxyStatus    (leased; written by xds_control)
+- ``nodes/{name}``                      Node           (leased; written by the deployer running on that node)
 """
 
 from __future__ import annotations
@@ -330,6 +331,18 @@ class ProxyStatus(Record):
     connected_at: str = Field(default_factory=now_iso)
 
 
+class Node(Record):
+    """``nodes/{name}`` (leased): a live deployer (``hydro up``'s local one or a ``hydro agent``) that runs replicas.
+
+    It shares its lease with the node's instances: when the node dies, it and its endpoints leave etcd together.
+    """
+
+    name: str = Field(pattern=NAME_PATTERN)
+    #: The address other hosts reach this node's sidecars at (registered in its instances).
+    advertise_address: str
+    started_at: str = Field(default_factory=now_iso)
+
+
 class Keys:
     """Builds and parses etcd keys under one prefix. The only place that knows the key layout."""
 
@@ -376,6 +389,12 @@ class Keys:
 
     def proxy(self, node_id: str) -> str:
         return f"{self.prefix}proxies/{node_id}"
+
+    def nodes(self) -> str:
+        return f"{self.prefix}nodes/"
+
+    def node(self, name: str) -> str:
+        return f"{self.prefix}nodes/{name}"
 
     def kind_of(self, key: str) -> str | None:
         """The first path segment after the prefix (``models``, ``instances``...), or None if foreign."""

@@ -6,7 +6,7 @@ Each module registers its commands on ``root.app`` when imported; importing this
 from __future__ import annotations
 
 # Importing a command module registers its commands on root.app.
-from manager_api.cli import apply, predict, push, resources, status, up  # noqa: F401
+from manager_api.cli import agent, apply, predict, push, resources, status, up  # noqa: F401
 from manager_api.cli.root import app
 
 

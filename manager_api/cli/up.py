@@ -35,6 +35,12 @@ def up(
     xds_api: Annotated[
         XdsApi, typer.Option(help="ADS flavour of every Envoy: state of the world or delta (incremental).")
     ] = XdsApi.sotw,
+    control_host: Annotated[
+        str, typer.Option(help="Address etcd, xds_control and the manager API listen on (agents reach it).")
+    ] = "127.0.0.1",
+    local_node: Annotated[
+        bool, typer.Option(help="Run replicas on this machine as node 'local'; --no-local-node leaves them to agents.")
+    ] = True,
 ) -> None:
     """Start etcd, xds_control, manager_api and the ingress Envoy on this machine; Ctrl-C stops them all."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -48,6 +54,8 @@ def up(
             xds_metrics_port=xds_metrics_port,
             etcd_port=etcd_port,
             xds_api=xds_api.value,
+            control_host=control_host,
+            local_node=local_node,
         )
     )
 
@@ -57,7 +65,7 @@ def up(
         console.print(f"  manager API:           {stack.api_url}/api/v1")
         console.print(f"  API docs:              {stack.api_url}/docs")
         console.print(f"  admin token:           in {stack.data_dir / CREDENTIALS_FILE}")
-        console.print(f"  xDS:                   127.0.0.1:{stack.xds_port} ({stack.config.xds_api})")
+        console.print(f"  xDS:                   {stack.xds_address} ({stack.config.xds_api})")
         console.print(f"  xDS metrics:           http://127.0.0.1:{stack.xds_metrics_port}/metrics")
         console.print(f"  etcd:                  {stack.etcd.endpoint}")
         if demo:

@@ -1,8 +1,10 @@
-"""The process deployer: runs the desired replicas of every deployment as local runtime + sidecar pairs.
+"""The process deployer: runs this node's share of every deployment as local runtime + sidecar pairs.
 
 It reconciles ``deployments/`` in etcd against the replicas it runs: starts missing ones, drains and stops
-extra ones, and restarts crashed ones with back-off. Instances are registered only once ready, under a lease,
-so a deployer that dies takes its endpoints out of EDS when the lease expires.
+extra ones, and restarts crashed ones with back-off. Its share of each deployment comes from the live nodes
+(``nodes/``, see placement.py), so the same code runs in `hydro up` (node "local") and in every `hydro agent`.
+Instances are registered only once ready, under the node's lease, so a deployer that dies takes its endpoints
+out of EDS, and its replicas to the other nodes, when the lease expires.
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable
-from typing import Any, Protocol
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol, TypeVar
 
+from manager_api.deployer.placement import share
 from manager_api.deployer.replica import InstanceRegistry, Replica, ReplicaConfig
-from protos.topology import BatchingPolicy, Deployment, ModelVersion
+from protos.topology import BatchingPolicy, Deployment, Instance, ModelVersion, Node
 
 log = logging.getLogger(__name__)
 
@@ -23,20 +27,58 @@ ModelKey = tuple[str, int]
 
 
 class DesiredState(Protocol):
-    """What the deployer reads: deployments, the model versions they name, and a change signal."""
+    """What the deployer reads: deployments, the model versions they name, the live nodes, and change signals."""
 
     async def list_deployments(self) -> list[Deployment]: ...
+
+    async def list_nodes(self) -> list[Node]: ...
+
+    async def list_instances(self) -> list[Instance]: ...
 
     async def get_model_version(self, name: str, version: int) -> ModelVersion | None: ...
 
     def watch_deployments(self) -> Any:
         """An async iterator that yields whenever something under deployments/ changed."""
 
+    def watch_nodes(self) -> Any:
+        """An async iterator that yields whenever a node joined or left."""
+
 
 class ModelFolders(Protocol):
     """Where an artifact's unpacked model folder is."""
 
     def materialize(self, digest: str) -> Any: ...
+
+
+class _Stated(Protocol):
+    @property
+    def state(self) -> str: ...
+
+
+StatedT = TypeVar("StatedT", bound=_Stated)
+
+
+def surplus(running: Sequence[StatedT], want: int, ready: int, total: int | None) -> list[StatedT]:
+    """Which of this node's ``running`` replicas to stop when it should run ``want`` of them.
+
+    Replicas that are not ready go first: stopping them costs no capacity. Ready ones go only while the mesh keeps
+    ``total`` ready instances of the deployment without them (``ready`` counts them all, on every node): when a
+    node joins or comes back, the replicas it takes over keep running elsewhere until its own are ready (make
+    before break). A deleted deployment (``total`` None) is stopped at once.
+    """
+    count = len(running) - want
+    if count <= 0:
+        return []
+    not_ready = [r for r in running if r.state != "ready"]
+    ready_here = [r for r in running if r.state == "ready"]
+    # The newest of each kind go first.
+    doomed = not_ready[len(not_ready) - min(count, len(not_ready)) :]
+    more = count - len(doomed)
+    if total is not None:
+        more = min(more, max(0, ready - total))
+    if more > 0:
+        doomed += ready_here[-more:]
+    return doomed
 
 
 class ProcessDeployer:
@@ -52,6 +94,7 @@ class ProcessDeployer:
         xds_host: str,
         xds_port: int,
         workdir: Any,
+        advertise_address: str = "127.0.0.1",
         resync_interval: float = 0.5,
         drain_seconds: float = 1.0,
         ads_api_type: str = "GRPC",
@@ -60,6 +103,7 @@ class ProcessDeployer:
         self._folders = folders
         self._registry = registry
         self._node = node
+        self._advertise_address = advertise_address
         self._xds = (xds_host, xds_port)
         self._workdir = workdir
         self._resync_interval = resync_interval
@@ -71,10 +115,15 @@ class ProcessDeployer:
         self._stopping: set[asyncio.Task[None]] = set()
         self._wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._held = False
 
     async def start(self) -> None:
         """Begin reconciling in the background."""
-        self._tasks = [asyncio.create_task(self._loop()), asyncio.create_task(self._watch())]
+        self._tasks = [
+            asyncio.create_task(self._loop()),
+            asyncio.create_task(self._watch(self._desired.watch_deployments)),
+            asyncio.create_task(self._watch(self._desired.watch_nodes)),
+        ]
 
     async def stop(self) -> None:
         """Stop reconciling, then drain and stop every replica this deployer runs."""
@@ -92,10 +141,10 @@ class ProcessDeployer:
     def status(self, model: str, version: int) -> list[Replica]:
         return list(self.replicas.get((model, version), []))
 
-    async def _watch(self) -> None:
+    async def _watch(self, watch: Callable[[], Any]) -> None:
         while True:
             try:
-                async for _ in self._desired.watch_deployments():
+                async for _ in watch():
                     self._wakeup.set()
             except asyncio.CancelledError:
                 raise
@@ -118,15 +167,33 @@ class ProcessDeployer:
     async def reconcile(self) -> None:
         """One pass: crashed replicas handled, missing ones started, extra ones drained."""
         deployments = await self._desired.list_deployments()
-        desired = {(d.model, d.version): d.replicas for d in deployments}
+        nodes = [n.name for n in await self._desired.list_nodes()]
+        if self._node not in nodes:
+            # Our own lease is gone (etcd restarted, a long pause) and the registry is renewing it. Shares computed
+            # without us would drain everything we run: start nothing and keep what runs (within each deployment's
+            # replicas) until we count again. The others may run extra replicas meanwhile, the safe side.
+            if not self._held:
+                log.warning("node %s is not among the live nodes %s; holding its replicas", self._node, nodes)
+            self._held = True
+            counts = {key: len(replicas) for key, replicas in self.replicas.items()}
+            desired = {(d.model, d.version): min(d.replicas, counts.get((d.model, d.version), 0)) for d in deployments}
+        else:
+            self._held = False
+            desired = {
+                (d.model, d.version): share(d.model, d.version, d.replicas, nodes, self._node) for d in deployments
+            }
         # Replicas started from now on get the deployment's current batching policy; running ones keep theirs.
         self._batching = {(d.model, d.version): d.policies.batching for d in deployments}
-        for key, replicas in list(self.replicas.items()):
+        for replicas in self.replicas.values():
             for replica in replicas:
                 if replica.state == "ready" and not replica.alive():
                     await replica.handle_crash()
-            want = desired.get(key, 0)
-            extra = [r for r in replicas if r.state != "stopped"][want:]
+        # Read after the crashes above are deregistered: they must not count as capacity.
+        totals = {(d.model, d.version): d.replicas for d in deployments}
+        ready = Counter((i.model, i.version) for i in await self._desired.list_instances() if i.state == "ready")
+        for key, replicas in list(self.replicas.items()):
+            running = [r for r in replicas if r.state != "stopped"]
+            extra = surplus(running, desired.get(key, 0), ready[key], totals.get(key))
             if extra:
                 self._stop(key, extra)
             now = time.monotonic()
@@ -153,6 +220,7 @@ class ProcessDeployer:
             version=key[1],
             model_dir=folder,
             node=self._node,
+            advertise_address=self._advertise_address,
             xds_host=self._xds[0],
             xds_port=self._xds[1],
             workdir=self._workdir,

@@ -1,4 +1,7 @@
-"""Announces ready instances in etcd under one lease per deployer, and keeps that lease alive.
+"""Announces the node and its ready instances in etcd under one lease per deployer, and keeps that lease alive.
+
+The node record (``nodes/{name}``) shares the lease of the instances: the node stops counting for placement at
+the very moment its endpoints leave EDS, so the survivors take its replicas over exactly when they are gone.
 
 If the deployer dies, the lease expires after ``ttl`` seconds and every instance it announced leaves etcd, so
 xds_control takes the endpoints out of EDS without anyone cleaning up. If the lease is lost while the deployer
@@ -13,7 +16,7 @@ import logging
 
 import aetcd
 
-from protos.topology import Instance, Keys
+from protos.topology import Instance, Keys, Node
 
 log = logging.getLogger(__name__)
 
@@ -21,11 +24,13 @@ log = logging.getLogger(__name__)
 class LeasedInstanceRegistry:
     """The InstanceRegistry of the process deployer, backed by etcd leases."""
 
-    def __init__(self, client: aetcd.Client, keys: Keys, node: str, ttl: int = 5) -> None:
+    def __init__(self, client: aetcd.Client, keys: Keys, node: str, ttl: int = 5, announce: Node | None = None) -> None:
         self._client = client
         self._keys = keys
         self._node = node
         self._ttl = ttl
+        #: Written under the lease from start() on, so placement counts this node; None: instances only.
+        self._announce = announce
         self._lease: aetcd.Lease | None = None
         self._live: dict[str, Instance] = {}
         self._keepalive: asyncio.Task[None] | None = None
@@ -38,6 +43,9 @@ class LeasedInstanceRegistry:
             with contextlib.suppress(ValueError):
                 if Instance.model_validate_json(kv.value).node == self._node:
                     await self._client.delete(kv.key)
+        if self._announce is not None:
+            async with self._lock:
+                await self._put_node(await self._current_lease())
         self._keepalive = asyncio.create_task(self._keep_alive())
 
     async def stop(self) -> None:
@@ -68,6 +76,11 @@ class LeasedInstanceRegistry:
     async def _put(self, instance: Instance, lease: aetcd.Lease) -> None:
         await self._client.put(self._key(instance).encode(), instance.model_dump_json().encode(), lease=lease)
 
+    async def _put_node(self, lease: aetcd.Lease) -> None:
+        if self._announce is not None:
+            key = self._keys.node(self._announce.name).encode()
+            await self._client.put(key, self._announce.model_dump_json().encode(), lease=lease)
+
     async def _current_lease(self) -> aetcd.Lease:
         if self._lease is None:
             self._lease = await self._client.lease(self._ttl)
@@ -82,8 +95,9 @@ class LeasedInstanceRegistry:
                         continue
                     # One round trip: the keep-alive reply's TTL is 0 when the lease is already gone.
                     if (await self._lease.refresh()).TTL <= 0:
-                        log.warning("instance lease expired; announcing %d instances again", len(self._live))
+                        log.warning("node lease expired; announcing the node and %d instances again", len(self._live))
                         self._lease = await self._client.lease(self._ttl)
+                        await self._put_node(self._lease)
                         for instance in self._live.values():
                             await self._put(instance, self._lease)
             except asyncio.CancelledError:

@@ -45,7 +45,10 @@ class ReplicaConfig:
     xds_host: str
     xds_port: int
     workdir: Path
+    #: Where the runtime listens: only its sidecar, on the same host, talks to it.
     host: str = "127.0.0.1"
+    #: Where the sidecar's inbound listener listens, and the address registered for other hosts to reach it.
+    advertise_address: str = "127.0.0.1"
     ready_timeout: float = 60.0
     drain_seconds: float = 1.0
     ads_api_type: str = "GRPC"
@@ -85,7 +88,7 @@ class Replica:
             version=self.config.version,
             id=self.id,
             node=self.config.node,
-            address=self.config.host,
+            address=self.config.advertise_address,
             port=self.inbound_port,
             state="ready" if self.state == "ready" else "draining",
         )
@@ -99,7 +102,7 @@ class Replica:
         cfg = self.config
         host = cfg.host
         self.grpc_port, self.http_port = grpc_port, http_port = free_port(host), free_port(host)
-        self.inbound_port, admin_port = free_port(host), free_port(host)
+        self.inbound_port, admin_port = free_port(cfg.advertise_address), free_port(host)
         workdir = cfg.workdir / self.id
         self.runtime = ChildProcess(
             f"runtime-{self.id}",
@@ -131,7 +134,7 @@ class Replica:
             model=cfg.model,
             version=cfg.version,
             instance=self.id,
-            inbound_address=host,
+            inbound_address=cfg.advertise_address,
             inbound_port=self.inbound_port,
             runtime_address=host,
             runtime_grpc_port=grpc_port,
@@ -142,7 +145,8 @@ class Replica:
             ads_api_type=cfg.ads_api_type,
         )
         self.sidecar = envoy_process("sidecar", bootstrap, workdir, admin_port).start()
-        ready_url = f"http://{host}:{self.inbound_port}/v2/health/ready"
+        # Through the sidecar at the advertised address: ready means reachable the way the ingress will call it.
+        ready_url = f"http://{cfg.advertise_address}:{self.inbound_port}/v2/health/ready"
         started = time.monotonic()
         try:
             for process, check in (
@@ -158,7 +162,8 @@ class Replica:
             raise
         self.state = "ready"
         await self.registry.register_instance(self.instance)
-        log.info("replica %s of %s:%d ready on %s:%d", self.id, cfg.model, cfg.version, host, self.inbound_port)
+        where = f"{cfg.advertise_address}:{self.inbound_port}"
+        log.info("replica %s of %s:%d ready on %s", self.id, cfg.model, cfg.version, where)
 
     async def stop(self, drain: bool = True) -> None:
         """Deregister, let in-flight requests finish while proxies drop the endpoint, then stop both processes."""

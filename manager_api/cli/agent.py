@@ -1,0 +1,57 @@
+"""`hydro agent`: run this host's share of every deployment, for stacks spread over several hosts."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from manager_api.cli.root import app
+from manager_api.cli.up import XdsApi
+from manager_api.deployer.agent import AgentConfig, host_port, serve
+from protos.topology import DEFAULT_PREFIX
+
+
+def _host_port(value: str) -> tuple[str, int]:
+    try:
+        return host_port(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+
+
+@app.command()
+def agent(
+    node: Annotated[str, typer.Option(help="This host's name in nodes/, unique among the nodes.")],
+    advertise_address: Annotated[str, typer.Option(help="This host's address that the ingress and others reach.")],
+    manager: Annotated[str, typer.Option(help="Manager API URL, where model archives are downloaded from.")],
+    etcd: Annotated[str, typer.Option(help="etcd endpoint HOST:PORT.")] = "127.0.0.1:2379",
+    xds: Annotated[str, typer.Option(help="xds_control HOST:PORT, for the sidecars.")] = "127.0.0.1:18000",
+    xds_api: Annotated[XdsApi, typer.Option(help="ADS flavour of the sidecars.")] = XdsApi.sotw,
+    prefix: Annotated[str, typer.Option(help="etcd key prefix of the desired state.")] = DEFAULT_PREFIX,
+    data_dir: Annotated[Path, typer.Option(help="Artifact cache and replica logs.")] = Path(".hydro-agent"),
+    token: Annotated[
+        str | None, typer.Option(envvar="HYDRO_TOKEN", help="Manager API token (viewer is enough).", show_default=False)
+    ] = None,
+    lease_ttl: Annotated[int, typer.Option(min=1, help="Seconds before a dead agent's replicas move.")] = 5,
+) -> None:
+    """Run this host's share of every deployment (runtime + sidecar pairs) until Ctrl-C or SIGTERM."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    etcd_host, etcd_port = _host_port(etcd)
+    xds_host, xds_port = _host_port(xds)
+    config = AgentConfig(
+        node=node,
+        advertise_address=advertise_address,
+        manager_url=manager,
+        data_dir=data_dir.resolve(),
+        etcd_host=etcd_host,
+        etcd_port=etcd_port,
+        prefix=prefix,
+        xds_host=xds_host,
+        xds_port=xds_port,
+        ads_api_type="DELTA_GRPC" if xds_api == XdsApi.delta else "GRPC",
+        token=token,
+        lease_ttl=lease_ttl,
+    )
+    raise typer.Exit(serve(config))
