@@ -31,6 +31,7 @@ KINDS = {
     "applications": "application",
     "instances": "instance",
     "proxies": "proxy",
+    "nodes": "node",
 }
 
 
