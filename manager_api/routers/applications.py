@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 
+from manager_api.contracts import ContractError, StageModel, check_application
 from manager_api.dependencies import ApplicationName, Store
 from manager_api.errors import ApiProblem, not_found
 from manager_api.schemas import CONDITIONAL_WRITE_RESPONSES, ApplicationSpec, ApplicationView, RevisionQuery
@@ -19,6 +20,7 @@ MAX_STAGES = 1
 async def _check(store: TopologyStore, spec: ApplicationSpec) -> None:
     if len(spec.stages) > MAX_STAGES:
         raise ApiProblem(400, f"stages: {len(spec.stages)} given, only {MAX_STAGES} stage is supported")
+    stages: list[list[StageModel]] = []
     for index, stage in enumerate(spec.stages):
         where = f"stages[{index}]"
         total = sum(v.weight for v in stage.variants)
@@ -26,13 +28,23 @@ async def _check(store: TopologyStore, spec: ApplicationSpec) -> None:
             weights = " + ".join(str(v.weight) for v in stage.variants)
             raise ApiProblem(400, f"{where}: variant weights must sum to 100, got {weights} = {total}")
         seen: set[tuple[str, int]] = set()
-        for variant in stage.variants:
+        members: list[StageModel] = []
+        for position, variant in enumerate(stage.variants):
             key = (variant.model, variant.version)
             if key in seen:
                 raise ApiProblem(400, f"{where}: model version {variant.model}:{variant.version} is listed twice")
             seen.add(key)
-            if await store.get_model_version(variant.model, variant.version) is None:
+            registered = await store.get_model_version(variant.model, variant.version)
+            if registered is None:
                 raise ApiProblem(400, f"{where}: model version {variant.model}:{variant.version} is not registered")
+            members.append(
+                StageModel(f"{where}.variants[{position}]", variant.model, variant.version, registered.signature)
+            )
+        stages.append(members)
+    try:
+        check_application(stages)
+    except ContractError as exc:
+        raise ApiProblem(400, str(exc)) from exc
 
 
 def _view(stored: Stored[Application]) -> ApplicationView:
