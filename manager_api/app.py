@@ -15,7 +15,7 @@ from manager_api.auth import TokenStore, authorize
 from manager_api.dependencies import Store
 from manager_api.deployer.process import ProcessDeployer
 from manager_api.deployer.registration import LeasedInstanceRegistry
-from manager_api.errors import ApiProblem, install_error_handlers
+from manager_api.errors import ERROR_RESPONSES, ApiProblem, install_error_handlers
 from manager_api.events import HEARTBEAT_SECONDS
 from manager_api.routers import applications, artifacts, deployments, events, instances, models, proxies
 from manager_api.schemas import Health
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 health_router = APIRouter(tags=["health"])
 
 
-@health_router.get("/healthz", response_model=Health)
+@health_router.get("/healthz", response_model=Health, responses={503: ERROR_RESPONSES["5XX"]})
 async def healthz(store: Store) -> Health:
     """Live and able to reach etcd (503 otherwise)."""
     try:
@@ -103,7 +103,7 @@ def create_app(settings: Settings) -> FastAPI:
     _install_store_error_handlers(app)
     app.state.events_heartbeat = HEARTBEAT_SECONDS
     app.state.tokens = TokenStore.load(settings.tokens_file) if settings.tokens_file is not None else None
-    api = APIRouter(prefix="/api/v1", dependencies=[Depends(authorize)])
+    api = APIRouter(prefix="/api/v1", dependencies=[Depends(authorize)], responses=ERROR_RESPONSES)
     for module in (models, artifacts, deployments, applications, instances, proxies, events):
         api.include_router(module.router)
     app.include_router(api)

@@ -11,7 +11,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from manager_api.schemas import ErrorBody
+
 log = logging.getLogger(__name__)
+
+#: The error answers every /api/v1 operation documents (FastAPI would otherwise document its own 422 body).
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    "4XX": {"model": ErrorBody, "description": "bad request: the message names the offending field or record"},
+    "5XX": {"model": ErrorBody, "description": "the manager failed (e.g. etcd unreachable)"},
+}
 
 
 class ApiProblem(Exception):
