@@ -119,6 +119,8 @@ class ModelDiscovery:
         self._thread = threading.Thread(target=self._run, name="model-discovery", daemon=True)
         self._thread.start()
         log.info("watching %s for model folders (quiet period %.1f s)", self.models_dir, self.quiet_period)
+        if not self.models_dir.is_dir():
+            log.warning("%s is not a folder (yet): nothing to register until it is", self.models_dir)
         return self
 
     def stop(self, timeout: float = 30.0) -> None:
