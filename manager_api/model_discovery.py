@@ -186,6 +186,10 @@ class ModelDiscovery:
                 f"{name!r} is not a valid model name: use 1 to 63 lower-case letters, digits, '-', '_' or '.', "
                 "starting and ending with a letter or digit (rename the folder or set name: in serving.yaml)",
             )
+        owner = self._folder_of(name, besides=folder.name)
+        if owner is not None:
+            # Two folders feeding one model would register each other's files in turn.
+            return self._refused(folder, state, f"model {name!r} already comes from the folder {owner!r}")
         with tempfile.TemporaryDirectory(prefix="hydro-discovery-") as scratch:
             packed = pack_model_to_file(folder, Path(scratch) / "model.tar.gz")
             after = fingerprint(folder)
@@ -206,6 +210,13 @@ class ModelDiscovery:
         version = int(registered["version"])
         log.info("registered model %s version %d from %s", name, version, folder)
         return self._settled(state, Action.registered, version=version)
+
+    def _folder_of(self, model: str, besides: str) -> str | None:
+        """The other folder that registered ``model`` (or found it up to date), if any."""
+        for folder, status in self.status.items():
+            if folder != besides and status.model == model and status.action in (Action.registered, Action.unchanged):
+                return folder
+        return None
 
     def _latest_version(self, name: str) -> tuple[int, str] | None:
         """(number, artifact digest) of the model's newest version, or None if it has none."""

@@ -154,6 +154,8 @@ def test_a_broken_folder_is_logged_left_alone_until_it_changes_and_others_still_
     named = models_dir / "folder-with-a-name"
     shutil.copytree(iris, named)
     (named / "serving.yaml").write_text("name: renamed-b\n" + good_yaml)
+    same_name = models_dir / "zz-copy-of-the-named-folder"
+    shutil.copytree(named, same_name)
 
     wait_for_versions(api, "iris-b", [1])
     wait_for_versions(api, "renamed-b", [1])
@@ -163,6 +165,10 @@ def test_a_broken_folder_is_logged_left_alone_until_it_changes_and_others_still_
     assert versions(api, "broken-b") == []
     assert watcher.status["Not A Model Name"].action == Action.failed
     assert "is not a valid model name" in (watcher.status["Not A Model Name"].error or "")
+    wait_until(lambda: watcher.status[same_name.name].handled == 1, REGISTERED_WITHIN, "the copy handled")
+    assert watcher.status[same_name.name].action == Action.failed
+    assert "already comes from the folder 'folder-with-a-name'" in (watcher.status[same_name.name].error or "")
+    assert versions(api, "renamed-b") == [1]
     logged = [r.getMessage() for r in caplog.records]
     assert any("broken-b" in m and "unknown runtime 'cobol'" in m for m in logged), logged
 
