@@ -20,7 +20,7 @@ from manager_api.events import HEARTBEAT_SECONDS
 from manager_api.routers import applications, artifacts, deployments, events, instances, models, proxies
 from manager_api.schemas import Health
 from manager_api.settings import Settings
-from manager_api.store import HistoryCompacted, RevisionMismatch, TopologyStore
+from manager_api.store import ConflictError, HistoryCompacted, RevisionMismatch, TopologyStore
 from protos.topology import Keys, Node
 from xds_control.etcd_watch import ETCD_CLIENT_OPTIONS
 
@@ -45,6 +45,12 @@ def _install_store_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RevisionMismatch)
     async def _mismatch(_: Request, exc: RevisionMismatch) -> JSONResponse:
         return JSONResponse(status_code=409, content={"error": str(exc), "current_revision": exc.current})
+
+    @app.exception_handler(ConflictError)
+    async def _contended(_: Request, exc: ConflictError) -> JSONResponse:
+        # An unconditional write lost its compare-and-swap too often (many writers on one key): nothing was
+        # written and a retry may well succeed, so 503 + Retry-After rather than a 409 without a revision.
+        return JSONResponse(status_code=503, content={"error": str(exc)}, headers={"Retry-After": "1"})
 
     @app.exception_handler(HistoryCompacted)
     async def _compacted(_: Request, exc: HistoryCompacted) -> JSONResponse:
