@@ -2,8 +2,9 @@
 
 Part 1: a real etcd and one `python -m manager_api` process (no deployer, admin token, access log on as in
 `hydro up`), seeded with iris versions, their deployments and applications. wrk with CLIENTS connections reads
-(GET models, deployments, applications in turn) and then writes (a deployment scale and an application PUT in
-turn) for a fixed time; then each endpoint alone, for the breakdown.
+(GET models, deployments, applications in turn) and then writes (deployment scales and application PUTs in turn,
+spread over the seeded records) for a fixed time; then each endpoint alone, for the breakdown, the writes on one
+record (every client on one key: the store's compare-and-swap under contention; 503s count as errors).
 
 Part 2: the whole `hydro up` stack on free ports (etcd, xds_control, manager with the process deployer, ingress
 Envoy). Each round pushes examples/iris as a new model (packed and uploaded through the API), deploys it with one
@@ -175,16 +176,13 @@ def manager_load(args: argparse.Namespace, work: Path, iris: Path, seconds: floa
         with ManagerClient(url, TOKEN) as api:
             seed(api, iris, args.versions)
         reads = [Call("GET", f"/api/v1/{kind}") for kind in ("models", "deployments", "applications")]
-        scale = [Call("PUT", f"/api/v1/deployments/{MODEL}/1", {"replicas": n}) for n in (1, 0)]
-        route = [
-            Call(
-                "PUT",
-                "/api/v1/applications/app-0",
-                {"stages": [{"variants": [{"model": MODEL, "version": v, "weight": 100}]}]},
-            )
-            for v in (1, args.versions)
-        ]
-        writes = [scale[0], route[0], scale[1], route[1]]
+        # The mixed write run spreads over the seeded records (a few writers per key, as in real use); the
+        # *_one_key runs put every client on one record, the worst case for the store's compare-and-swap.
+        writes = []
+        for index in range(SEED_APPLICATIONS):
+            version = index % args.versions + 1
+            writes.append(Call("PUT", f"/api/v1/deployments/{MODEL}/{version}", {"replicas": index % 2}))
+            writes.append(Call("PUT", f"/api/v1/applications/app-{index}", _one_variant(version)))
         runs = {
             "read": reads,
             "write": writes,
@@ -192,8 +190,10 @@ def manager_load(args: argparse.Namespace, work: Path, iris: Path, seconds: floa
             "get_deployments": reads[1:2],
             "get_applications": reads[2:],
             "get_model_version": [Call("GET", f"/api/v1/models/{MODEL}/versions/1")],
-            "put_deployment": scale,
-            "put_application": route,
+            "put_deployment_one_key": [Call("PUT", f"/api/v1/deployments/{MODEL}/1", {"replicas": n}) for n in (1, 0)],
+            "put_application_one_key": [
+                Call("PUT", "/api/v1/applications/app-0", _one_variant(v)) for v in (1, args.versions)
+            ],
         }
         for name, calls in runs.items():
             result = run_wrk(url, calls, args.clients, seconds if name in ("read", "write") else seconds / 2)
@@ -210,6 +210,10 @@ def manager_load(args: argparse.Namespace, work: Path, iris: Path, seconds: floa
     if args.profile and profile.exists():
         print_profile(profile)
     return results
+
+
+def _one_variant(version: int) -> dict[str, Any]:
+    return {"stages": [{"variants": [{"model": MODEL, "version": version, "weight": 100}]}]}
 
 
 def print_profile(path: Path) -> None:
