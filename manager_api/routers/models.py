@@ -34,7 +34,10 @@ async def register_model_version(
     model: ModelName,
     store: Store,
     artifacts: Artifacts,
-    archive: Annotated[UploadFile, File(description="a .tar.gz, .tar or .zip of the model folder")],
+    archive: Annotated[
+        UploadFile,
+        File(description="a .tar.gz, .tar or .zip of the model folder", examples=["(bytes of tar czf - -C iris .)"]),
+    ],
 ) -> ModelVersionView:
     """Upload a model folder (with serving.yaml at its root) as the next version of ``model``."""
     try:
