@@ -13,6 +13,7 @@ from typing import Any, NoReturn
 import grpc
 from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from opentelemetry.trace import Tracer
 
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
@@ -21,7 +22,9 @@ from runtimes.errors import InferenceError
 from runtimes.grpc_codec import build_model_infer_response, parse_model_infer_request, uses_raw_inputs
 from runtimes.json_codec import CONFIG_DATATYPES
 from runtimes.rest import EXTENSIONS, SERVER_NAME
+from runtimes.spans import describe_request, inference_span
 from runtimes.statistics import BATCH_STAGES, INFER_STAGES, Duration
+from tracing import active_tracer
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +93,25 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         """Run one inference."""
+        tracer = active_tracer()
         try:
-            response = await self.dataplane.infer(parse_model_infer_request(request), application_of(context))
-            return build_model_infer_response(response, raw=uses_raw_inputs(request))
+            if tracer is None:
+                response = await self.dataplane.infer(parse_model_infer_request(request), application_of(context))
+                return build_model_infer_response(response, raw=uses_raw_inputs(request))
+            return await self._traced_infer(tracer, request, context)
         except Exception as exc:
             await self._abort(context, "ModelInfer", exc)
+
+    async def _traced_infer(
+        self, tracer: Tracer, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInferResponse:
+        metadata = {key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)}
+        app_name = metadata.get(APPLICATION_HEADER)
+        with inference_span(tracer, "grpc", metadata, request.model_name, request.model_version, app_name) as span:
+            infer_request = parse_model_infer_request(request)
+            describe_request(span, infer_request)
+            response = await self.dataplane.infer(infer_request, app_name)
+            return build_model_infer_response(response, raw=uses_raw_inputs(request))
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
         """The model's configuration in Triton's terms (a subset of Triton's ModelConfig)."""

@@ -14,13 +14,16 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from opentelemetry.trace import Span
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from runtimes import json_codec
 from runtimes.dataplane import APPLICATION_HEADER, DataPlane
 from runtimes.errors import InferenceError, InvalidInput, ModelNotReady, PayloadTooLarge
+from runtimes.spans import describe_request, inference_span
 from runtimes.statistics import snapshot_json
+from tracing import active_tracer
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +79,28 @@ async def infer_response(
 ) -> Response:
     """Answer one POST .../infer (the FastAPI route and the fast path of runtimes.rest_fast share it)."""
     app_name = request.headers.get(APPLICATION_HEADER)
+    tracer = active_tracer()
+    if tracer is None:
+        return await _infer(dataplane, request, model, version, app_name, max_body_bytes, None)
+    with inference_span(tracer, "rest", request.headers, model, version, app_name) as span:
+        return await _infer(dataplane, request, model, version, app_name, max_body_bytes, span)
+
+
+async def _infer(
+    dataplane: DataPlane,
+    request: Request,
+    model: str,
+    version: str,
+    app_name: str | None,
+    max_body_bytes: int,
+    span: Span | None,
+) -> Response:
     # Refuse wrong addresses before reading a possibly large body.
     dataplane.resolve(model, version, app_name)
     body = await _read_body(request, max_body_bytes)
     infer_request = json_codec.parse_infer_request(body, model, version, request.headers.get(json_codec.HEADER_LENGTH))
+    if span is not None:
+        describe_request(span, infer_request)
     response = await dataplane.infer(infer_request, app_name)
     encoded = json_codec.encode_infer_response(response, infer_request)
     return Response(encoded.body, media_type=encoded.media_type, headers=encoded.headers)

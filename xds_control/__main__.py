@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 
 import aetcd
@@ -13,6 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from protos.topology import DEFAULT_PREFIX, Keys
+from tracing import InvalidEndpoint, TracingSettings, setup_tracing
 from xds_control.controller import Controller
 from xds_control.convergence import ConvergenceTracker
 from xds_control.etcd_watch import ETCD_CLIENT_OPTIONS, EtcdTopologyWatch
@@ -22,6 +24,7 @@ from xds_control.resources import DEFAULT_MAX_REQUEST_BYTES
 from xds_control.server import AdsServer
 from xds_control.snapshot import SnapshotCache
 from xds_control.status import ProxyStatusWriter
+from xds_control.tracing_config import EnvoyTracing
 
 log = logging.getLogger("xds_control")
 
@@ -42,11 +45,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=DEFAULT_MAX_REQUEST_BYTES // 2**20,
         help="largest request body (MiB) the ingress and sidecars take; 413 / RESOURCE_EXHAUSTED beyond it",
     )
+    parser.add_argument(
+        "--otlp-endpoint",
+        default=None,
+        help="OTLP gRPC collector HOST:PORT every Envoy (and this process) sends spans to "
+        "(default: $OTEL_EXPORTER_OTLP_ENDPOINT; none: tracing off)",
+    )
+    parser.add_argument(
+        "--trace-sampling-percent",
+        type=float,
+        default=100.0,
+        help="share of requests the ingress traces (sidecars and runtimes follow its decision)",
+    )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     if args.max_request_mb < 1:
         parser.error("--max-request-mb must be at least 1")
+    if not 0 <= args.trace_sampling_percent <= 100:
+        parser.error("--trace-sampling-percent must be between 0 and 100")
+    try:
+        args.tracing = envoy_tracing(args.otlp_endpoint, args.trace_sampling_percent)
+    except InvalidEndpoint as exc:
+        parser.error(f"--otlp-endpoint: {exc}")
     return args
+
+
+def envoy_tracing(endpoint: str | None, sampling_percent: float) -> EnvoyTracing | None:
+    """The Envoys' tracing: to ``endpoint``, else to the collector of the OTEL_* variables, else none."""
+    if endpoint:
+        return EnvoyTracing.from_endpoint(endpoint, sampling_percent)
+    collector = TracingSettings.from_environ().collector
+    return EnvoyTracing(collector, sampling_percent) if collector is not None else None
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -60,7 +89,9 @@ async def serve(args: argparse.Namespace) -> None:
     convergence = ConvergenceTracker(metrics)
     status = ProxyStatusWriter(client, keys)
     await status.start()
-    controller = Controller(cache, metrics, convergence, max_request_bytes=args.max_request_mb * 2**20)
+    controller = Controller(
+        cache, metrics, convergence, max_request_bytes=args.max_request_mb * 2**20, tracing=args.tracing
+    )
     nodes = ObservedNodes(controller, metrics, status)
     callbacks = FanOutCallbacks([MetricsCallbacks(metrics), convergence, status])
     if args.metrics_port:
@@ -81,6 +112,8 @@ async def serve(args: argparse.Namespace) -> None:
     watch_task = asyncio.create_task(watch.run())
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     log.info("xds_control serving ADS on %s:%d, etcd %s prefix %s", args.host, bound, args.etcd, args.prefix)
+    if args.tracing is not None:
+        log.info("Envoys trace %g%% of requests to %s", args.tracing.sampling_percent, args.tracing.collector)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -99,7 +132,14 @@ async def serve(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    asyncio.run(serve(args))
+    environ = dict(os.environ)
+    if args.tracing is not None:
+        environ.setdefault("OTEL_EXPORTER_OTLP_ENDPOINT", args.tracing.collector.url)
+    tracing = setup_tracing("xds_control", environ=environ)
+    try:
+        asyncio.run(serve(args))
+    finally:
+        tracing.shutdown()
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from xds_control.metrics import XdsMetrics
 from xds_control.resources import DEFAULT_MAX_REQUEST_BYTES
 from xds_control.snapshot import InconsistentSnapshot, Snapshot, SnapshotCache
 from xds_control.topology import Topology
+from xds_control.tracing_config import EnvoyTracing
 from xds_control.translate import NodeInfo, snapshot_for
 
 log = logging.getLogger(__name__)
@@ -31,9 +32,11 @@ class Controller:
         metrics: XdsMetrics | None = None,
         convergence: ConvergenceTracker | None = None,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        tracing: EnvoyTracing | None = None,
     ) -> None:
         self.cache = cache
         self.max_request_bytes = max_request_bytes
+        self.tracing = tracing
         self._metrics = metrics
         self._convergence = convergence
         # One cache per node: sweeping after a build must not drop what another node's build still uses.
@@ -82,7 +85,7 @@ class Controller:
     def _rebuild(self, info: NodeInfo) -> Snapshot | None:
         try:
             build_cache = self._build_caches.setdefault(info.node_id, BuildCache())
-            snapshot = snapshot_for(self.topology, info, build_cache, self.max_request_bytes)
+            snapshot = snapshot_for(self.topology, info, build_cache, self.max_request_bytes, self.tracing)
         except (ValueError, InconsistentSnapshot) as exc:
             # Keep the node on its last good snapshot; a broken topology must not reach any proxy.
             log.error("not updating %s at revision %d: %s", info.node_id, self.topology.revision, exc)

@@ -7,7 +7,7 @@ calls lives in translate.py.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -557,6 +557,7 @@ def _http_connection_manager(
     policy_filters: bool = False,
     model_routing: bool = False,
     buffer_limit_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    configure: Callable[[hcm_pb2.HttpConnectionManager], None] | None = None,
 ) -> hcm_pb2.HttpConnectionManager:
     # Extraction and route refresh come first: the rate limit and body size filters read the route's
     # per-filter configs, so they must see the route chosen by the model name.
@@ -584,6 +585,8 @@ def _http_connection_manager(
         manager.rds.CopyFrom(hcm_pb2.Rds(route_config_name=rds_name, config_source=_ads()))
     elif route_config is not None:
         manager.route_config.CopyFrom(route_config)
+    if configure is not None:
+        configure(manager)
     return manager
 
 
@@ -597,13 +600,15 @@ def http_listener(
     policy_filters: bool = False,
     model_routing: bool = False,
     buffer_limit_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    configure: Callable[[hcm_pb2.HttpConnectionManager], None] | None = None,
 ) -> listener_pb2.Listener:
     """An HTTP listener (HTTP/1.1 and HTTP/2, so REST and gRPC on one port) with RDS or inline routes.
 
     ``policy_filters`` adds the rate limit and request size filters that routes may enable, ``model_routing``
     the filters that route gRPC calls by the model their request names (both for the ingress).
     ``buffer_limit_bytes`` is the most a filter may buffer of one request (413 beyond it): the field extraction
-    holds a whole ModelInferRequest before the call is routed.
+    holds a whole ModelInferRequest before the call is routed. ``configure`` may amend the HTTP connection
+    manager last (xds_control.tracing_config adds tracing with it).
     """
     manager = _http_connection_manager(
         name,
@@ -612,6 +617,7 @@ def http_listener(
         policy_filters=policy_filters,
         model_routing=model_routing,
         buffer_limit_bytes=buffer_limit_bytes,
+        configure=configure,
     )
     return listener_pb2.Listener(
         name=name,

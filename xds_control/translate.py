@@ -15,6 +15,7 @@ from xds_control import resources as r
 from xds_control.build_cache import BuildCache
 from xds_control.snapshot import Snapshot, serialize
 from xds_control.topology import Topology
+from xds_control.tracing_config import INGRESS_SERVICE, EnvoyTracing, collector_clusters, sidecar_service, tracing_hook
 
 INGRESS_LISTENER = "ingress"
 INGRESS_ROUTES = "ingress"
@@ -114,6 +115,7 @@ def ingress_snapshot(
     node: NodeInfo,
     cache: BuildCache | None = None,
     max_request_bytes: int = r.DEFAULT_MAX_REQUEST_BYTES,
+    tracing: EnvoyTracing | None = None,
 ) -> Snapshot:
     """Every application and deployed model version, routed to their sidecars.
 
@@ -143,6 +145,7 @@ def ingress_snapshot(
     deployed = [cluster_name(model, version) for model, version in sorted(topology.deployments)]
     if deployed:
         clusters.append((r.ANY_INSTANCE_CLUSTER, r.aggregate_cluster(r.ANY_INSTANCE_CLUSTER, deployed)))
+    clusters.extend(collector_clusters(tracing))
 
     routes = [
         r.exact_direct_route("live", "/v2/health/live", 200, '{"live": true}'),
@@ -171,6 +174,7 @@ def ingress_snapshot(
         policy_filters=True,
         model_routing=True,
         buffer_limit_bytes=max_request_bytes,
+        configure=tracing_hook(tracing, INGRESS_SERVICE, ingress=True),
     )
     return Snapshot.build(
         {
@@ -213,7 +217,9 @@ def _application_routes(topology: Topology, name: str) -> list[route_components_
     return list(r.application_routes(name, targets, route_policies(live_policies)))
 
 
-def sidecar_snapshot(node: NodeInfo, max_request_bytes: int = r.DEFAULT_MAX_REQUEST_BYTES) -> Snapshot:
+def sidecar_snapshot(
+    node: NodeInfo, max_request_bytes: int = r.DEFAULT_MAX_REQUEST_BYTES, tracing: EnvoyTracing | None = None
+) -> Snapshot:
     """One inbound listener that hands gRPC to the runtime's gRPC port and the rest to its HTTP port."""
     runtime_host = node.text("runtime_address", "127.0.0.1")
     served_by = f"{node.text('model')}:{node.text('version')}/{node.text('instance')}"
@@ -230,6 +236,7 @@ def sidecar_snapshot(node: NodeInfo, max_request_bytes: int = r.DEFAULT_MAX_REQU
         node.port("inbound_port"),
         route_config=route_config,
         buffer_limit_bytes=max_request_bytes,
+        configure=tracing_hook(tracing, sidecar_service(node.text("model"), node.text("version")), ingress=False),
     )
     return Snapshot.build(
         {
@@ -242,6 +249,7 @@ def sidecar_snapshot(node: NodeInfo, max_request_bytes: int = r.DEFAULT_MAX_REQU
                     LOCAL_HTTP,
                     r.static_cluster(LOCAL_HTTP, runtime_host, node.port("runtime_http_port"), http2=False),
                 ),
+                *collector_clusters(tracing),
             ],
             r.LISTENER: [(SIDECAR_LISTENER, listener)],
         },
@@ -254,10 +262,14 @@ def snapshot_for(
     node: NodeInfo,
     cache: BuildCache | None = None,
     max_request_bytes: int = r.DEFAULT_MAX_REQUEST_BYTES,
+    tracing: EnvoyTracing | None = None,
 ) -> Snapshot:
-    """The snapshot a node of any role should have; ValueError for a node we cannot serve."""
+    """The snapshot a node of any role should have; ValueError for a node we cannot serve.
+
+    With ``tracing``, every proxy's connection manager traces to its collector (xds_control.tracing_config).
+    """
     if node.role == "ingress":
-        return ingress_snapshot(topology, node, cache, max_request_bytes)
+        return ingress_snapshot(topology, node, cache, max_request_bytes, tracing)
     if node.role == "sidecar":
-        return sidecar_snapshot(node, max_request_bytes)
+        return sidecar_snapshot(node, max_request_bytes, tracing)
     raise ValueError(f"node {node.node_id} has unknown role {node.role!r} (expected ingress or sidecar)")

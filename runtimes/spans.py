@@ -1,0 +1,69 @@
+"""The span of one inference, child of the caller's W3C trace context (the sidecar Envoy's span).
+
+Callers fetch ``tracing.active_tracer()`` first and skip all of this when it is None: with tracing off an
+inference costs one global lookup and nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+from opentelemetry import propagate, trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from runtimes.errors import InferenceError
+from runtimes.messages import InferRequest
+
+REQUEST_ID_HEADER = "x-request-id"
+
+
+@contextmanager
+def inference_span(
+    tracer: trace.Tracer,
+    protocol: str,
+    headers: Mapping[str, str],
+    model: str,
+    version: str,
+    application: str | None,
+) -> Iterator[trace.Span]:
+    """A server span around one inference; errors are recorded on it (status ERROR only for the server's own
+    failures: a client's bad request is the client's error, as HTTP semantic conventions have it)."""
+    parent = propagate.extract(headers)
+    attributes = {"hydro.protocol": protocol, "hydro.model": model}
+    if version:
+        attributes["hydro.version"] = version
+    if application:
+        attributes["hydro.application"] = application
+    request_id = headers.get(REQUEST_ID_HEADER)
+    if request_id:
+        attributes["hydro.request_id"] = request_id
+    with tracer.start_as_current_span(
+        f"infer {model}",
+        context=parent,
+        kind=SpanKind.SERVER,
+        attributes=attributes,
+        record_exception=False,
+        set_status_on_exception=False,
+    ) as span:
+        try:
+            yield span
+        except InferenceError as exc:
+            span.record_exception(exc)
+            span.set_attribute("hydro.error_status", exc.http_status)
+            if exc.http_status >= 500:
+                span.set_status(Status(StatusCode.ERROR, str(exc)))
+            raise
+        except Exception as exc:
+            span.record_exception(exc)
+            span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+            raise
+
+
+def describe_request(span: trace.Span, request: InferRequest) -> None:
+    """Attributes known once the request is parsed: batch size (first dimension of the first input), its id."""
+    if request.inputs:
+        shape = request.inputs[0].shape
+        span.set_attribute("hydro.batch_size", shape[0] if shape else 1)
+    if request.id:
+        span.set_attribute("hydro.inference_id", request.id)

@@ -1,0 +1,130 @@
+"""An OTLP gRPC trace receiver in the test process: what Jaeger would get, as plain records to assert on."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.common.v1 import common_pb2
+from opentelemetry.proto.trace.v1 import trace_pb2
+
+
+def _value(value: common_pb2.AnyValue) -> Any:
+    kind = value.WhichOneof("value")
+    return getattr(value, kind) if kind in ("string_value", "bool_value", "int_value", "double_value") else None
+
+
+@dataclass(frozen=True)
+class ReceivedSpan:
+    """One span as the collector received it."""
+
+    service: str
+    name: str
+    trace_id: str
+    span_id: str
+    parent_id: str
+    kind: int
+    attributes: dict[str, Any] = field(hash=False)
+    error: bool = False
+
+    @property
+    def is_server(self) -> bool:
+        return self.kind == trace_pb2.Span.SPAN_KIND_SERVER
+
+    @property
+    def is_client(self) -> bool:
+        return self.kind == trace_pb2.Span.SPAN_KIND_CLIENT
+
+
+class _Collector(trace_service_pb2_grpc.TraceServiceServicer):
+    def __init__(self, receiver: OtlpReceiver) -> None:
+        self.receiver = receiver
+
+    async def Export(
+        self, request: trace_service_pb2.ExportTraceServiceRequest, context: Any
+    ) -> trace_service_pb2.ExportTraceServiceResponse:
+        spans = []
+        for resource_spans in request.resource_spans:
+            resource = {a.key: _value(a.value) for a in resource_spans.resource.attributes}
+            service = str(resource.get("service.name", ""))
+            for scope in resource_spans.scope_spans:
+                for span in scope.spans:
+                    spans.append(
+                        ReceivedSpan(
+                            service=service,
+                            name=span.name,
+                            trace_id=span.trace_id.hex(),
+                            span_id=span.span_id.hex(),
+                            parent_id=span.parent_span_id.hex(),
+                            kind=span.kind,
+                            attributes={a.key: _value(a.value) for a in span.attributes},
+                            error=span.status.code == trace_pb2.Status.STATUS_CODE_ERROR,
+                        )
+                    )
+        self.receiver.add(spans)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+class OtlpReceiver:
+    """opentelemetry.proto.collector.trace.v1.TraceService on a grpc.aio server, on a loop of its own thread."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.host = host
+        self.port = 0
+        self._spans: list[ReceivedSpan] = []
+        self._lock = threading.Lock()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="otlp-receiver", daemon=True)
+        self._server: grpc.aio.Server | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def add(self, spans: list[ReceivedSpan]) -> None:
+        with self._lock:
+            self._spans.extend(spans)
+
+    def spans(self, trace_id: str | None = None) -> list[ReceivedSpan]:
+        with self._lock:
+            return [s for s in self._spans if trace_id is None or s.trace_id == trace_id]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._spans.clear()
+
+    def wait_for(self, done: Callable[[list[ReceivedSpan]], bool], timeout: float, what: str) -> list[ReceivedSpan]:
+        """Poll until ``done(spans)`` holds (Envoy and the SDK export in batches, every few seconds)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            spans = self.spans()
+            if done(spans):
+                return spans
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}; received {len(spans)} spans: {spans}")
+            time.sleep(0.1)
+
+    def start(self, port: int = 0) -> OtlpReceiver:
+        self._thread.start()
+        self.port = asyncio.run_coroutine_threadsafe(self._start(port), self._loop).result(10)
+        return self
+
+    async def _start(self, port: int) -> int:
+        self._server = grpc.aio.server()
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_Collector(self), self._server)
+        bound = self._server.add_insecure_port(f"{self.host}:{port}")
+        await self._server.start()
+        return int(bound)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            asyncio.run_coroutine_threadsafe(self._server.stop(0.5), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()

@@ -1,0 +1,108 @@
+"""``setup_tracing``: the one OpenTelemetry set-up of every Hydro Serving process.
+
+Runtimes, xds_control and manager_api call it once at start-up with the name they go by in Jaeger. With no
+collector configured it installs nothing and ``active_tracer()`` stays None: instrumented code checks that one
+global and does no tracing work at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from opentelemetry import trace
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+from tracing.quiet_export import quiet_export_logging
+from tracing.settings import TracingSettings
+
+log = logging.getLogger(__name__)
+
+INSTRUMENTATION_NAME = "hydro_serving"
+
+
+@dataclass
+class Tracing:
+    """The tracing state of this process: a tracer when spans are exported, None when tracing is off."""
+
+    settings: TracingSettings
+    service_name: str
+    tracer: trace.Tracer | None = None
+    provider: TracerProvider | None = field(default=None, repr=False)
+
+    @property
+    def enabled(self) -> bool:
+        return self.tracer is not None
+
+    exporter: OTLPSpanExporter | None = field(default=None, repr=False)
+
+    def shutdown(self, timeout_seconds: float = 2.0) -> None:
+        """Export what is queued, waiting at most ``timeout_seconds``: a dead collector must not hold up an exit.
+
+        The SDK's own shutdown waits for an export in progress, and an export to a collector that is down retries
+        for up to OTEL_EXPORTER_OTLP_TIMEOUT (10 s): it runs on a thread of its own, and past the timeout the
+        exporter is told to stop retrying.
+        """
+        global _active
+        self.tracer = None
+        if _active is self:
+            _active = None
+        provider, exporter, self.provider, self.exporter = self.provider, self.exporter, None, None
+        if provider is None:
+            return
+        flushing = threading.Thread(target=provider.shutdown, name="tracing-shutdown", daemon=True)
+        flushing.start()
+        flushing.join(timeout_seconds)
+        if flushing.is_alive() and exporter is not None:
+            exporter.shutdown()
+            flushing.join(0.5)
+
+
+_active: Tracing | None = None
+
+
+def active_tracer() -> trace.Tracer | None:
+    """The tracer of this process, None when tracing is off (the one check on hot paths)."""
+    return _active.tracer if _active is not None else None
+
+
+def setup_tracing(
+    service_name: str,
+    *,
+    attributes: Mapping[str, str | int] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Tracing:
+    """Configure tracing for this process from the OTEL_* environment variables (see tracing.settings).
+
+    ``service_name`` is how the process shows in Jaeger (``OTEL_SERVICE_NAME`` overrides it); ``attributes`` are
+    added to its resource (``OTEL_RESOURCE_ATTRIBUTES`` is read too). Spans go through a BatchSpanProcessor to an
+    OTLP gRPC exporter, so a slow or absent collector costs the request path only a queue append. Calling it again
+    replaces the previous set-up. Raises tracing.settings.InvalidEndpoint for an unusable endpoint.
+    """
+    global _active
+    if _active is not None:
+        _active.shutdown()
+    settings = TracingSettings.from_environ(environ)
+    name = settings.service_name or service_name
+    state = Tracing(settings, name)
+    if settings.collector is None:
+        _active = state
+        return state
+    quiet_export_logging()
+    resource = Resource.create({**(attributes or {}), SERVICE_NAME: name})
+    # The sampler comes from OTEL_TRACES_SAMPLER(_ARG); the SDK's default, parent-based always-on, follows the
+    # decision of the caller (the Envoy in front), so Envoy's sampling percentage decides for the whole trace.
+    provider = TracerProvider(resource=resource)
+    exporter = OTLPSpanExporter(endpoint=settings.collector.url, insecure=not settings.collector.secure)
+    provider.add_span_processor(BatchSpanProcessor(exporter))
+    state.provider = provider
+    state.exporter = exporter
+    state.tracer = provider.get_tracer(INSTRUMENTATION_NAME)
+    _active = state
+    log.info("tracing: spans of %r go to the OTLP collector at %s", name, settings.collector)
+    return state

@@ -1,0 +1,65 @@
+"""Keeps a collector that is down from flooding the log.
+
+With no collector listening, the OTLP exporter logs a warning for every retry of every batch and an error when it
+gives up (a handful of lines every few seconds, for as long as the process runs), and the batch processor logs a
+warning for every span it drops once its queue is full. The first of these is useful, the thousandth is noise.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+#: Loggers of the export path: the OTLP gRPC exporter (export thread) and the batch processor.
+EXPORTER_LOGGER = "opentelemetry.exporter.otlp.proto.grpc.exporter"
+PROCESSOR_LOGGER = "opentelemetry.sdk._shared_internal"
+#: One export problem per this many seconds reaches the log.
+DEFAULT_INTERVAL_SECONDS = 60.0
+
+
+class RateLimitFilter(logging.Filter):
+    """Passes the first record, then at most one per ``interval`` seconds; the next one that passes says how many
+    were held back. Thread-safe (the exporter logs from its own thread)."""
+
+    def __init__(self, interval: float = DEFAULT_INTERVAL_SECONDS, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.interval = interval
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._next_allowed = float("-inf")
+        self.suppressed = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Whether ``record`` is logged (it may get a note of the records suppressed before it)."""
+        now = self._clock()
+        with self._lock:
+            if now < self._next_allowed:
+                self.suppressed += 1
+                return False
+            held_back, self.suppressed = self.suppressed, 0
+            self._next_allowed = now + self.interval
+        if held_back:
+            record.msg = f"{record.msg} ({held_back} similar tracing export messages suppressed)"
+        # The exporter's tracebacks for a refused connection say nothing the message does not.
+        record.exc_info = None
+        record.exc_text = None
+        return True
+
+
+_installed: RateLimitFilter | None = None
+
+
+def quiet_export_logging(interval: float = DEFAULT_INTERVAL_SECONDS) -> RateLimitFilter:
+    """Rate-limit the exporter's messages and silence the processor's per-span drop warnings (idempotent).
+
+    The drop warning is raised to ERROR level rather than filtered because it is logged on the request path, once
+    per span, where a filtered record is still built; an export failure is already in the log when spans drop.
+    """
+    global _installed
+    if _installed is None:
+        _installed = RateLimitFilter(interval)
+        logging.getLogger(EXPORTER_LOGGER).addFilter(_installed)
+        logging.getLogger(PROCESSOR_LOGGER).setLevel(logging.ERROR)
+    return _installed

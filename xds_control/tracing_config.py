@@ -1,0 +1,121 @@
+"""Envoy's OpenTelemetry tracer, as xds_control configures it on the ingress and on every sidecar.
+
+Each HTTP connection manager gets a ``tracing`` block: the ``envoy.tracers.opentelemetry`` provider sending OTLP
+over gRPC to the collector cluster, a service name saying which proxy it is, and ``spawn_upstream_span`` so that
+every upstream attempt (each retry included) is a span of its own under the proxy's server span. The ingress
+decides sampling (a random percentage); sidecars sample 100 % and so follow the decision the ``traceparent``
+header carries. The ingress also answers with the trace id (``x-hydro-trace-id``) next to ``x-request-id``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.common.mutation_rules.v3 import mutation_rules_pb2
+from envoy.config.core.v3 import base_pb2, grpc_service_pb2
+from envoy.config.trace.v3 import http_tracer_pb2, opentelemetry_pb2
+from envoy.extensions.filters.http.header_mutation.v3 import header_mutation_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+from envoy.type.v3 import percent_pb2
+from google.protobuf import duration_pb2
+from google.protobuf.message import Message
+
+from tracing.settings import CollectorAddress, parse_endpoint
+from xds_control import resources as r
+
+COLLECTOR_CLUSTER = "otel|collector"
+TRACE_ID_HEADER = "x-hydro-trace-id"
+TRACE_ID_FILTER = "hydro.trace_id"
+INGRESS_SERVICE = "ingress"
+#: Most an export to the collector may take before Envoy drops that batch of spans.
+EXPORT_TIMEOUT_SECONDS = 0.5
+
+
+def sidecar_service(model: str, version: str) -> str:
+    """How a model version's sidecars show in Jaeger."""
+    return f"sidecar {model}:{version}"
+
+
+@dataclass(frozen=True)
+class EnvoyTracing:
+    """Where Envoys send spans and which share of requests the ingress samples."""
+
+    collector: CollectorAddress
+    sampling_percent: float = 100.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.sampling_percent <= 100:
+            raise ValueError(f"the sampling percentage must be between 0 and 100, not {self.sampling_percent}")
+
+    @classmethod
+    def from_endpoint(cls, endpoint: str, sampling_percent: float = 100.0) -> EnvoyTracing:
+        """From ``HOST:PORT`` or ``http://HOST:PORT`` (tracing.settings.InvalidEndpoint if it is neither)."""
+        return cls(parse_endpoint(endpoint), sampling_percent)
+
+    def connection_manager_tracing(self, service_name: str, *, sampling: bool) -> hcm_pb2.HttpConnectionManager.Tracing:
+        """The HCM ``tracing`` block; ``sampling`` False samples everything (the parent's flag then decides)."""
+        provider = opentelemetry_pb2.OpenTelemetryConfig(
+            grpc_service=grpc_service_pb2.GrpcService(
+                envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=COLLECTOR_CLUSTER),
+                timeout=duration_pb2.Duration(nanos=int(EXPORT_TIMEOUT_SECONDS * 1e9)),
+            ),
+            service_name=service_name,
+        )
+        percent = self.sampling_percent if sampling else 100.0
+        return hcm_pb2.HttpConnectionManager.Tracing(
+            provider=http_tracer_pb2.Tracing.Http(name="envoy.tracers.opentelemetry", typed_config=r.pack(provider)),
+            random_sampling=percent_pb2.Percent(value=percent),
+            spawn_upstream_span={"value": True},
+            # Envoy's default names every server span "ingress" (the traffic direction), sidecars' too.
+            operation=f"{service_name} %REQ(:PATH)%",
+        )
+
+    def collector_cluster(self) -> cluster_pb2.Cluster:
+        """The collector as an HTTP/2 cluster (STRICT_DNS for a host name such as compose's ``jaeger``)."""
+        cluster = r.static_cluster(COLLECTOR_CLUSTER, self.collector.host, self.collector.port, http2=True)
+        try:
+            ipaddress.ip_address(self.collector.host)
+        except ValueError:
+            cluster.type = cluster_pb2.Cluster.STRICT_DNS
+        return cluster
+
+
+def trace_id_filter() -> hcm_pb2.HttpFilter:
+    """Sets ``x-hydro-trace-id`` on every response to the trace id (nothing when the request is not traced)."""
+    header = base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=TRACE_ID_HEADER, value="%TRACE_ID%"),
+        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+    )
+    mutation = header_mutation_pb2.HeaderMutation(
+        mutations=header_mutation_pb2.Mutations(response_mutations=[mutation_rules_pb2.HeaderMutation(append=header)])
+    )
+    return hcm_pb2.HttpFilter(name=TRACE_ID_FILTER, typed_config=r.pack(mutation))
+
+
+def add_tracing(
+    manager: hcm_pb2.HttpConnectionManager, tracing: EnvoyTracing, service_name: str, *, ingress: bool
+) -> None:
+    """Turn tracing on in ``manager``: the ingress samples and reports the trace id, sidecars follow the parent."""
+    manager.tracing.CopyFrom(tracing.connection_manager_tracing(service_name, sampling=ingress))
+    if ingress:
+        # x-request-id too, so both ids a user may hold are in the response.
+        manager.always_set_request_id_in_response = True
+        manager.http_filters.insert(len(manager.http_filters) - 1, trace_id_filter())
+
+
+ManagerHook = Callable[[hcm_pb2.HttpConnectionManager], None]
+
+
+def tracing_hook(tracing: EnvoyTracing | None, service_name: str, *, ingress: bool) -> ManagerHook | None:
+    """What resources.http_listener calls on the connection manager it builds; None when tracing is off."""
+    if tracing is None:
+        return None
+    return lambda manager: add_tracing(manager, tracing, service_name, ingress=ingress)
+
+
+def collector_clusters(tracing: EnvoyTracing | None) -> list[tuple[str, Message]]:
+    """The snapshot's collector cluster, none when tracing is off."""
+    return [] if tracing is None else [(COLLECTOR_CLUSTER, tracing.collector_cluster())]
