@@ -12,6 +12,8 @@ import uvicorn
 from manager_api.app import create_app
 from manager_api.settings import Settings
 from protos.topology import DEFAULT_PREFIX
+from tracing.provider import setup_tracing
+from tracing.settings import InvalidEndpoint
 
 #: The --xds-api choices as Envoy's ads_config.api_type.
 ADS_API_TYPE = {"sotw": "GRPC", "delta": "DELTA_GRPC"}
@@ -74,8 +76,16 @@ def main(argv: list[str] | None = None) -> None:
         max_upload_bytes=args.max_upload_mb * 1024 * 1024,
         tokens_file=args.tokens,
     )
-    # Replicas are children of this process: uvicorn's graceful shutdown runs the lifespan, which stops them.
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level.lower())
+    try:
+        # The OTEL_* variables reach the replicas it starts too (children inherit the environment).
+        tracing = setup_tracing("manager_api")
+    except InvalidEndpoint as exc:
+        raise SystemExit(f"tracing: {exc}") from None
+    try:
+        # Replicas are children of this process: uvicorn's graceful shutdown runs the lifespan, which stops them.
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level.lower())
+    finally:
+        tracing.shutdown()
 
 
 if __name__ == "__main__":

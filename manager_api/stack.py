@@ -8,6 +8,7 @@ SIGINT or SIGTERM stops them in reverse order; the manager drains and stops the 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import sys
@@ -22,6 +23,7 @@ from manager_api.credentials import ensure_admin_credentials
 from manager_api.etcd_server import EtcdServer
 from manager_api.model_discovery import ModelDiscovery
 from manager_api.processes import ChildProcess, free_port, http_ok
+from tracing.settings import parse_endpoint
 from xds_control.bootstrap import envoy_ready, ingress_envoy
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,11 @@ class StackConfig:
     ready_timeout: float = 60.0
     #: Folder of model folders to register and keep up to date (manager_api.model_discovery); None: off.
     models_dir: Path | None = None
+    #: OTLP gRPC collector (HOST:PORT or http://HOST:PORT) every process and Envoy sends spans to; None: tracing
+    #: as the OTEL_* variables of this process say (off without an endpoint).
+    otlp_endpoint: str | None = None
+    #: Share of requests the ingress traces; sidecars and runtimes follow its decision.
+    trace_sampling_percent: float = 100.0
 
 
 @dataclass
@@ -75,6 +82,11 @@ class Stack:
         self._children: list[_Supervised] = []
         self._stopping = False
         self._discovery: ModelDiscovery | None = None
+        #: The children's environment: with --otlp-endpoint, every process (and through the manager, every
+        #: runtime it starts) exports its spans there.
+        self.env = dict(os.environ)
+        if config.otlp_endpoint is not None:
+            self.env["OTEL_EXPORTER_OTLP_ENDPOINT"] = parse_endpoint(config.otlp_endpoint).url
 
     @property
     def ingress_url(self) -> str:
@@ -114,7 +126,10 @@ class Stack:
                 str(self.xds_port),
                 "--metrics-port",
                 str(self.xds_metrics_port),
+                "--trace-sampling-percent",
+                str(self.config.trace_sampling_percent),
             ],
+            env=self.env,
             log_path=self.logs / "xds_control.log",
         )
         self._run(xds, lambda: _tcp_open(_reachable(self.config.control_host), self.xds_port))
@@ -146,6 +161,7 @@ class Stack:
                 "--tokens",
                 str(self.tokens_file),
             ],
+            env=self.env,
             log_path=self.logs / "manager_api.log",
         )
         self._run(manager, lambda: http_ok(f"{self.api_url}/healthz"))
@@ -183,7 +199,9 @@ class Stack:
                 if now - child.down_since >= min(30.0, 2.0**child.restarts):
                     child.restarts += 1
                     child.down_since = 0.0
-                    fresh = ChildProcess(child.process.name, child.process.argv, log_path=child.process.log_path)
+                    fresh = ChildProcess(
+                        child.process.name, child.process.argv, env=child.process.env, log_path=child.process.log_path
+                    )
                     child.process = fresh.start()
             time.sleep(0.2)
 

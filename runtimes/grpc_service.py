@@ -24,7 +24,7 @@ from runtimes.json_codec import CONFIG_DATATYPES
 from runtimes.rest import EXTENSIONS, SERVER_NAME
 from runtimes.spans import describe_request, inference_span
 from runtimes.statistics import BATCH_STAGES, INFER_STAGES, Duration
-from tracing import active_tracer
+from tracing.provider import active_tracer
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from runtimes.dataplane import APPLICATION_HEADER, DataPlane
 from runtimes.errors import InferenceError, InvalidInput, ModelNotReady, PayloadTooLarge
 from runtimes.spans import describe_request, inference_span
 from runtimes.statistics import snapshot_json
-from tracing import active_tracer
+from tracing.provider import active_tracer
 
 log = logging.getLogger(__name__)
 

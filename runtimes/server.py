@@ -37,7 +37,8 @@ from runtimes.grpc_service import HealthReporter, create_grpc_server
 from runtimes.rest import create_app
 from runtimes.rest_fast import with_fast_infer
 from runtimes.serving_config import ServingConfigError, load_serving_config
-from tracing import InvalidEndpoint, setup_tracing
+from tracing.provider import setup_tracing
+from tracing.settings import InvalidEndpoint
 
 log = logging.getLogger("runtimes")
 

@@ -1,14 +1,6 @@
-"""OpenTelemetry for every Hydro Serving process: set-up from OTEL_* variables, spans, Envoy's tracing pieces."""
+"""OpenTelemetry for every Hydro Serving process: tracing.provider (setup_tracing, active_tracer) and
+tracing.settings (OTEL_* variables, collector addresses).
 
-from tracing.provider import Tracing, active_tracer, setup_tracing
-from tracing.settings import CollectorAddress, InvalidEndpoint, TracingSettings, parse_endpoint
-
-__all__ = [
-    "CollectorAddress",
-    "InvalidEndpoint",
-    "Tracing",
-    "TracingSettings",
-    "active_tracer",
-    "parse_endpoint",
-    "setup_tracing",
-]
+Nothing is re-exported here: tests/tracing/ is on the test path as a namespace portion of the same name, and a
+package's ``__init__`` is then not run, so code imports the submodules.
+"""

@@ -42,6 +42,8 @@ class RateLimitFilter(logging.Filter):
             self._next_allowed = now + self.interval
         if held_back:
             record.msg = f"{record.msg} ({held_back} similar tracing export messages suppressed)"
+        else:
+            record.msg = f"{record.msg} (tracing export messages are limited to one per {self.interval:g} s)"
         # The exporter's tracebacks for a refused connection say nothing the message does not.
         record.exc_info = None
         record.exc_text = None

@@ -14,7 +14,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from protos.topology import DEFAULT_PREFIX, Keys
-from tracing import InvalidEndpoint, TracingSettings, setup_tracing
+from tracing.provider import setup_tracing
+from tracing.settings import InvalidEndpoint, TracingSettings
 from xds_control.controller import Controller
 from xds_control.convergence import ConvergenceTracker
 from xds_control.etcd_watch import ETCD_CLIENT_OPTIONS, EtcdTopologyWatch

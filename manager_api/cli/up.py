@@ -13,6 +13,7 @@ from rich.console import Console
 from manager_api.cli.root import app
 from manager_api.credentials import CREDENTIALS_FILE
 from manager_api.stack import Stack, StackConfig, run_until_signalled
+from tracing.settings import InvalidEndpoint, parse_endpoint
 
 console = Console()
 
@@ -45,9 +46,24 @@ def up(
         Path | None,
         typer.Option(help="Register every sub-folder with a serving.yaml as a model; each change is a new version."),
     ] = None,
+    otlp_endpoint: Annotated[
+        str | None,
+        typer.Option(
+            help="OpenTelemetry collector (OTLP gRPC, HOST:PORT, e.g. Jaeger's 127.0.0.1:4317) for every process's "
+            "and Envoy's spans; default $OTEL_EXPORTER_OTLP_ENDPOINT, none: tracing off."
+        ),
+    ] = None,
+    trace_sampling_percent: Annotated[
+        float, typer.Option(min=0, max=100, help="Share of requests the ingress traces (with a collector).")
+    ] = 100.0,
 ) -> None:
     """Start etcd, xds_control, manager_api and the ingress Envoy on this machine; Ctrl-C stops them all."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if otlp_endpoint is not None:
+        try:
+            parse_endpoint(otlp_endpoint)
+        except InvalidEndpoint as exc:
+            raise typer.BadParameter(str(exc), param_hint="--otlp-endpoint") from None
     stack = Stack(
         StackConfig(
             data_dir=data_dir,
@@ -61,6 +77,8 @@ def up(
             control_host=control_host,
             local_node=local_node,
             models_dir=models_dir,
+            otlp_endpoint=otlp_endpoint,
+            trace_sampling_percent=trace_sampling_percent,
         )
     )
 
@@ -73,6 +91,9 @@ def up(
         console.print(f"  xDS:                   {stack.xds_address} ({stack.config.xds_api})")
         console.print(f"  xDS metrics:           http://127.0.0.1:{stack.xds_metrics_port}/metrics")
         console.print(f"  etcd:                  {stack.etcd.endpoint}")
+        collector = stack.env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        if collector:
+            console.print(f"  traces to:             {collector} ({trace_sampling_percent:g}% of requests)")
         if models_dir is not None:
             console.print(f"  models folder:         {models_dir.resolve()} (each sub-folder is a model)")
         if demo:

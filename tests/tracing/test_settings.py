@@ -1,0 +1,111 @@
+"""Tracing settings from OTEL_* variables, the quiet export log, and what a process does with a bad endpoint."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+
+import pytest
+
+from tracing.provider import active_tracer, setup_tracing
+from tracing.quiet_export import RateLimitFilter
+from tracing.settings import InvalidEndpoint, TracingSettings, parse_endpoint
+from xds_control.tracing_config import EnvoyTracing
+
+
+@pytest.mark.parametrize(
+    ("text", "host", "port", "secure"),
+    [
+        ("collector:4317", "collector", 4317, False),
+        ("http://127.0.0.1:9999", "127.0.0.1", 9999, False),
+        ("https://otel.example.com", "otel.example.com", 4317, True),
+        ("localhost", "localhost", 4317, False),
+    ],
+)
+def test_endpoints(text: str, host: str, port: int, secure: bool) -> None:
+    address = parse_endpoint(text)
+    assert (address.host, address.port, address.secure) == (host, port, secure)
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("", "empty"),
+        ("ftp://x:1", "scheme"),
+        ("host:notaport", "port"),
+        ("http://host:4317/v1/traces", "path"),
+        (":4317", "no host"),
+    ],
+)
+def test_bad_endpoints_say_what_is_wrong(text: str, says: str) -> None:
+    with pytest.raises(InvalidEndpoint, match=says):
+        parse_endpoint(text)
+
+
+def test_off_without_endpoint_or_when_disabled() -> None:
+    assert not TracingSettings.from_environ({}).enabled
+    on = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317"}
+    assert TracingSettings.from_environ(on).enabled
+    assert not TracingSettings.from_environ({**on, "OTEL_SDK_DISABLED": "true"}).enabled
+    assert not TracingSettings.from_environ({**on, "OTEL_TRACES_EXPORTER": "none"}).enabled
+    traces_only = TracingSettings.from_environ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "c:1", **on})
+    assert str(traces_only.collector) == "c:1", "the traces-specific variable wins"
+    assert TracingSettings.from_environ({"OTEL_EXPORTER_OTLP_ENDPOINT": "c:1", "OTEL_EXPORTER_OTLP_INSECURE": "false"})
+
+
+def test_setup_without_collector_installs_nothing() -> None:
+    tracing = setup_tracing("unit", environ={"OTEL_SERVICE_NAME": "named"})
+    assert not tracing.enabled and active_tracer() is None
+    assert tracing.service_name == "named", "OTEL_SERVICE_NAME overrides the process's own name"
+    tracing.shutdown()
+
+
+def test_setup_with_a_dead_collector_shuts_down_quickly() -> None:
+    tracing = setup_tracing("unit", environ={"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"})
+    tracer = active_tracer()
+    assert tracer is not None
+    with tracer.start_as_current_span("unsent"):
+        pass
+    tracing.shutdown(timeout_seconds=0.5)
+    assert active_tracer() is None
+
+
+def test_rate_limit_filter_passes_one_message_per_interval_and_counts_the_rest() -> None:
+    now = [0.0]
+    limiter = RateLimitFilter(interval=60, clock=lambda: now[0])
+
+    def record(message: str) -> logging.LogRecord:
+        return logging.LogRecord("x", logging.WARNING, __file__, 1, message, None, None)
+
+    assert limiter.filter(record("first"))
+    assert not any(limiter.filter(record("again")) for _ in range(5))
+    now[0] = 61
+    later = record("later")
+    assert limiter.filter(later)
+    assert "5 similar" in later.getMessage()
+
+
+def test_envoy_sampling_percentage_is_checked() -> None:
+    with pytest.raises(ValueError, match="between 0 and 100"):
+        EnvoyTracing.from_endpoint("127.0.0.1:4317", sampling_percent=150)
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--otlp-endpoint", "ftp://x:1"], "--otlp-endpoint"),
+        (["--otlp-endpoint", "127.0.0.1:4317", "--trace-sampling-percent", "101"], "--trace-sampling-percent"),
+    ],
+)
+def test_xds_control_refuses_bad_tracing_flags(argv: list[str], says: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "xds_control", *argv], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and says in done.stderr, done.stderr
+
+
+def test_runtime_refuses_a_bad_endpoint() -> None:
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "ftp://nowhere:1", "PATH": "/usr/bin:/bin"}
+    argv = [sys.executable, "-m", "runtimes", "--model-dir", "/nonexistent", "--name", "m", "--version", "1"]
+    argv += ["--grpc-port", "1", "--http-port", "2"]  # never bound: the endpoint is refused first
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 1 and "tracing: OTLP endpoint" in done.stderr, done.stderr
