@@ -9,13 +9,16 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
-from opentelemetry import propagate, trace
+from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from runtimes.errors import InferenceError
 from runtimes.messages import InferRequest
 
 REQUEST_ID_HEADER = "x-request-id"
+#: Envoy's OpenTelemetry tracer speaks W3C trace context (traceparent); nothing else needs extracting.
+_W3C = TraceContextTextMapPropagator()
 
 
 @contextmanager
@@ -29,7 +32,7 @@ def inference_span(
 ) -> Iterator[trace.Span]:
     """A server span around one inference; errors are recorded on it (status ERROR only for the server's own
     failures: a client's bad request is the client's error, as HTTP semantic conventions have it)."""
-    parent = propagate.extract(headers)
+    parent = _W3C.extract(headers)
     attributes = {"hydro.protocol": protocol, "hydro.model": model}
     if version:
         attributes["hydro.version"] = version
@@ -38,26 +41,23 @@ def inference_span(
     request_id = headers.get(REQUEST_ID_HEADER)
     if request_id:
         attributes["hydro.request_id"] = request_id
-    with tracer.start_as_current_span(
-        f"infer {model}",
-        context=parent,
-        kind=SpanKind.SERVER,
-        attributes=attributes,
-        record_exception=False,
-        set_status_on_exception=False,
-    ) as span:
-        try:
-            yield span
-        except InferenceError as exc:
-            span.record_exception(exc)
-            span.set_attribute("hydro.error_status", exc.http_status)
-            if exc.http_status >= 500:
-                span.set_status(Status(StatusCode.ERROR, str(exc)))
-            raise
-        except Exception as exc:
-            span.record_exception(exc)
-            span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
-            raise
+    # start_span, not start_as_current_span: nothing below makes child spans, and attaching the span to the
+    # context (and detaching it) would cost every request for nothing.
+    span = tracer.start_span(f"infer {model}", context=parent, kind=SpanKind.SERVER, attributes=attributes)
+    try:
+        yield span
+    except InferenceError as exc:
+        span.record_exception(exc)
+        span.set_attribute("hydro.error_status", exc.http_status)
+        if exc.http_status >= 500:
+            span.set_status(Status(StatusCode.ERROR, str(exc)))
+        raise
+    except Exception as exc:
+        span.record_exception(exc)
+        span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+        raise
+    finally:
+        span.end()
 
 
 def describe_request(span: trace.Span, request: InferRequest) -> None:

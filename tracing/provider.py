@@ -2,7 +2,8 @@
 
 Runtimes, xds_control and manager_api call it once at start-up with the name they go by in Jaeger. With no
 collector configured it installs nothing and ``active_tracer()`` stays None: instrumented code checks that one
-global and does no tracing work at all.
+global and does no tracing work at all. The same holds while a configured collector does not answer
+(tracing.collector_watch).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
+from tracing.collector_watch import CollectorWatch, WatchedExporter
 from tracing.quiet_export import quiet_export_logging
 from tracing.settings import TracingSettings
 
@@ -34,12 +36,19 @@ class Tracing:
     service_name: str
     tracer: trace.Tracer | None = None
     provider: TracerProvider | None = field(default=None, repr=False)
+    exporter: OTLPSpanExporter | None = field(default=None, repr=False)
+    #: Hands the tracer out only while the collector answers (tracing.collector_watch).
+    watch: CollectorWatch | None = field(default=None, repr=False)
 
     @property
     def enabled(self) -> bool:
+        """Whether spans are being made right now."""
         return self.tracer is not None
 
-    exporter: OTLPSpanExporter | None = field(default=None, repr=False)
+    @property
+    def configured(self) -> bool:
+        """Whether spans are exported when the collector answers (``enabled`` says whether it does now)."""
+        return self.provider is not None
 
     def shutdown(self, timeout_seconds: float = 2.0) -> None:
         """Export what is queued, waiting at most ``timeout_seconds``: a dead collector must not hold up an exit.
@@ -53,6 +62,8 @@ class Tracing:
         if _active is self:
             _active = None
         provider, exporter, self.provider, self.exporter = self.provider, self.exporter, None, None
+        if self.watch is not None:
+            self.watch.stop()
         if provider is None:
             return
         flushing = threading.Thread(target=provider.shutdown, name="tracing-shutdown", daemon=True)
@@ -67,7 +78,7 @@ _active: Tracing | None = None
 
 
 def active_tracer() -> trace.Tracer | None:
-    """The tracer of this process, None when tracing is off (the one check on hot paths)."""
+    """The tracer of this process, None when tracing is off or paused (the one check on hot paths)."""
     return _active.tracer if _active is not None else None
 
 
@@ -99,10 +110,17 @@ def setup_tracing(
     # decision of the caller (the Envoy in front), so Envoy's sampling percentage decides for the whole trace.
     provider = TracerProvider(resource=resource)
     exporter = OTLPSpanExporter(endpoint=settings.collector.url, insecure=not settings.collector.secure)
-    provider.add_span_processor(BatchSpanProcessor(exporter))
+    tracer = provider.get_tracer(INSTRUMENTATION_NAME)
+
+    def armed(reachable: bool) -> None:
+        # One reference assignment: hot paths read state.tracer without a lock.
+        state.tracer = tracer if reachable and state.provider is not None else None
+
+    watch = CollectorWatch(settings.collector, armed)
+    provider.add_span_processor(BatchSpanProcessor(WatchedExporter(exporter, watch)))
     state.provider = provider
     state.exporter = exporter
-    state.tracer = provider.get_tracer(INSTRUMENTATION_NAME)
+    state.watch = watch.start()
     _active = state
     log.info("tracing: spans of %r go to the OTLP collector at %s", name, settings.collector)
     return state

@@ -21,11 +21,17 @@ DEFAULT_INTERVAL_SECONDS = 60.0
 
 class RateLimitFilter(logging.Filter):
     """Passes the first record, then at most one per ``interval`` seconds; the next one that passes says how many
-    were held back. Thread-safe (the exporter logs from its own thread)."""
+    were held back. Records below ``min_level`` always pass. Thread-safe (the exporter logs from its own thread)."""
 
-    def __init__(self, interval: float = DEFAULT_INTERVAL_SECONDS, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        interval: float = DEFAULT_INTERVAL_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+        min_level: int = logging.NOTSET,
+    ) -> None:
         super().__init__()
         self.interval = interval
+        self.min_level = min_level
         self._clock = clock
         self._lock = threading.Lock()
         self._next_allowed = float("-inf")
@@ -33,6 +39,8 @@ class RateLimitFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Whether ``record`` is logged (it may get a note of the records suppressed before it)."""
+        if record.levelno < self.min_level:
+            return True
         now = self._clock()
         with self._lock:
             if now < self._next_allowed:

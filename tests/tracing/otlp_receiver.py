@@ -123,6 +123,8 @@ class OtlpReceiver:
         return int(bound)
 
     def stop(self) -> None:
+        if not self._thread.is_alive():
+            return
         if self._server is not None:
             asyncio.run_coroutine_threadsafe(self._server.stop(0.5), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)

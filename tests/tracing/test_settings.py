@@ -5,9 +5,12 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+import time
 
 import pytest
+from otlp_receiver import OtlpReceiver
 
+from manager_api.processes import free_port, wait_until
 from tracing.provider import active_tracer, setup_tracing
 from tracing.quiet_export import RateLimitFilter
 from tracing.settings import InvalidEndpoint, TracingSettings, parse_endpoint
@@ -61,14 +64,26 @@ def test_setup_without_collector_installs_nothing() -> None:
     tracing.shutdown()
 
 
-def test_setup_with_a_dead_collector_shuts_down_quickly() -> None:
-    tracing = setup_tracing("unit", environ={"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"})
-    tracer = active_tracer()
-    assert tracer is not None
-    with tracer.start_as_current_span("unsent"):
-        pass
+def test_a_dead_collector_pauses_tracing_and_holds_up_no_exit() -> None:
+    tracing = setup_tracing("unit", environ={"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}"})
+    assert tracing.configured
+    assert active_tracer() is None, "no spans are made before the collector answers"
+    started = time.monotonic()
     tracing.shutdown(timeout_seconds=0.5)
-    assert active_tracer() is None
+    assert time.monotonic() - started < 2
+
+
+def test_spans_reach_a_live_collector(receiver: OtlpReceiver) -> None:
+    tracing = setup_tracing("unit", environ={"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{receiver.endpoint}"})
+    try:
+        wait_until(lambda: active_tracer() is not None, 10, "the collector probe to arm the tracer")
+        tracer = active_tracer()
+        assert tracer is not None
+        tracer.start_span("probe-me").end()
+    finally:
+        tracing.shutdown()
+    spans = receiver.wait_for(lambda spans: any(s.name == "probe-me" for s in spans), 10, "the span")
+    assert next(s for s in spans if s.name == "probe-me").service == "unit"
 
 
 def test_rate_limit_filter_passes_one_message_per_interval_and_counts_the_rest() -> None:
@@ -109,3 +124,19 @@ def test_runtime_refuses_a_bad_endpoint() -> None:
     argv += ["--grpc-port", "1", "--http-port", "2"]  # never bound: the endpoint is refused first
     done = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env)
     assert done.returncode == 1 and "tracing: OTLP endpoint" in done.stderr, done.stderr
+
+
+def test_tracing_resumes_when_the_collector_comes_back() -> None:
+    port = free_port()
+    tracing = setup_tracing("unit", environ={"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}"})
+    assert tracing.watch is not None
+    tracing.watch.interval = 0.2
+    collector = OtlpReceiver()
+    try:
+        wait_until(lambda: tracing.watch is not None and tracing.watch.probed, 10, "a first probe")
+        assert active_tracer() is None, "paused while nothing listens"
+        collector.start(port)
+        wait_until(lambda: active_tracer() is not None, 10, "tracing to resume")
+    finally:
+        tracing.shutdown()
+        collector.stop()
