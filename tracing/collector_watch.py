@@ -43,7 +43,8 @@ class CollectorWatch:
         self.interval = interval
         self._on_change = on_change
         self._lock = threading.Lock()
-        #: None until the first probe or export says (the first answer is logged either way).
+        #: None until the first probe or export says (the first answer is logged either way); the tracer is armed
+        #: meanwhile, so that the first requests of a process are traced when the collector is there.
         self._up: bool | None = None
         self._down = threading.Event()
         self._down.set()
@@ -99,18 +100,28 @@ class CollectorWatch:
                 self._stopped.wait(self.interval)
 
     def _reachable(self) -> bool:
+        """Connect to the collector: READY is an answer, and so is TRANSIENT_FAILURE (refused, unreachable), so
+        a collector that is down is known as fast as one that is up, not only at the timeout."""
         target = f"{self.collector.host}:{self.collector.port}"
         channel = (
             grpc.secure_channel(target, grpc.ssl_channel_credentials())
             if self.collector.secure
             else grpc.insecure_channel(target)
         )
+        answered = threading.Event()
+        states: list[grpc.ChannelConnectivity] = []
+
+        def on_state(state: grpc.ChannelConnectivity) -> None:
+            if state in (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE):
+                states.append(state)
+                answered.set()
+
+        channel.subscribe(on_state, try_to_connect=True)
         try:
-            grpc.channel_ready_future(channel).result(timeout=PROBE_TIMEOUT_SECONDS)
-            return True
-        except grpc.FutureTimeoutError:
-            return False
+            answered.wait(PROBE_TIMEOUT_SECONDS)
+            return bool(states) and states[0] == grpc.ChannelConnectivity.READY
         finally:
+            channel.unsubscribe(on_state)
             channel.close()
 
 

@@ -120,6 +120,8 @@ def setup_tracing(
     provider.add_span_processor(BatchSpanProcessor(WatchedExporter(exporter, watch)))
     state.provider = provider
     state.exporter = exporter
+    # Armed until the first probe (milliseconds on a LAN) says the collector does not answer.
+    state.tracer = tracer
     state.watch = watch.start()
     _active = state
     log.info("tracing: spans of %r go to the OTLP collector at %s", name, settings.collector)
