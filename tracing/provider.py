@@ -20,6 +20,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from tracing.collector_watch import CollectorWatch, WatchedExporter
+from tracing.encoding import FastOTLPSpanExporter
 from tracing.quiet_export import quiet_export_logging
 from tracing.settings import TracingSettings
 
@@ -109,7 +110,7 @@ def setup_tracing(
     # The sampler comes from OTEL_TRACES_SAMPLER(_ARG); the SDK's default, parent-based always-on, follows the
     # decision of the caller (the Envoy in front), so Envoy's sampling percentage decides for the whole trace.
     provider = TracerProvider(resource=resource)
-    exporter = OTLPSpanExporter(endpoint=settings.collector.url, insecure=not settings.collector.secure)
+    exporter = FastOTLPSpanExporter(endpoint=settings.collector.url, insecure=not settings.collector.secure)
     tracer = provider.get_tracer(INSTRUMENTATION_NAME)
 
     def armed(reachable: bool) -> None:

@@ -1,0 +1,55 @@
+"""tracing.encoding writes the same export requests as the SDK's encoder, for simple and unusual spans alike."""
+
+from __future__ import annotations
+
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans as sdk_encode_spans
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.trace import (
+    Link,
+    NonRecordingSpan,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+    set_span_in_context,
+)
+
+from tracing.encoding import encode_spans
+
+
+class _Keep(SpanExporter):
+    def __init__(self) -> None:
+        self.spans: list[ReadableSpan] = []
+
+    def export(self, spans: object) -> SpanExportResult:
+        self.spans.extend(spans)  # type: ignore[call-overload]
+        return SpanExportResult.SUCCESS
+
+
+def _spans() -> list[ReadableSpan]:
+    kept = _Keep()
+    provider = TracerProvider(resource=Resource.create({"service.name": "enc", "hydro.version": 3}))
+    provider.add_span_processor(SimpleSpanProcessor(kept))
+    tracer = provider.get_tracer("a")
+    remote = SpanContext(0xABC, 0xDEF, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED))
+    parent = set_span_in_context(NonRecordingSpan(remote))
+    attributes = {"s": "x", "i": 7, "f": 0.5, "b": True, "b0": False}
+    tracer.start_span("plain", context=parent, kind=SpanKind.SERVER, attributes=attributes).end()
+    tracer.start_span("root").end()
+    failed = tracer.start_span("failed", context=parent, kind=SpanKind.CLIENT)
+    failed.set_status(Status(StatusCode.ERROR, "boom"))
+    failed.end()
+    recorded = tracer.start_span("with event")
+    recorded.record_exception(ValueError("bad"))
+    recorded.end()
+    tracer.start_span("with link and list", links=[Link(remote)], attributes={"l": [1, 2]}).end()
+    provider.get_tracer("b").start_span("other scope").end()
+    return kept.spans
+
+
+def test_same_request_as_the_sdk() -> None:
+    spans = _spans()
+    assert encode_spans(spans) == sdk_encode_spans(spans)
