@@ -7,7 +7,7 @@ their runtimes get OTEL_EXPORTER_OTLP_ENDPOINT like `hydro up --otlp-endpoint` g
 a grpc.aio OTLP TraceService in this process that counts the spans it gets. Load: wrk (REST) and h2load (gRPC)
 through each ingress, rounds interleaved so that a noisy moment hits every configuration; figures are medians.
 
-    python benchmarks/tracing_overhead.py [--quick] [--concurrency 16] [--seconds 10] [--rounds 3]
+    python benchmarks/tracing_overhead.py [--quick] [--concurrency 16] [--seconds 10] [--rounds 5]
 
 The last line printed is a JSON object of the figures; ``no_collector_drop_pct`` and ``full_sampling_drop_pct``
 are the larger of the REST and gRPC throughput drops against tracing off (negative: no drop).
@@ -145,9 +145,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="short runs (finishes well within 3 minutes)")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=10.0, help="measurement time per target and round")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; figures are their medians")
+    parser.add_argument("--rounds", type=int, default=0, help="interleaved rounds (default 5, --quick 7)")
     args = parser.parse_args()
-    seconds = 3.0 if args.quick else args.seconds
+    # Quick runs are more, shorter rounds: on a shared machine the median of many short rounds is steadier.
+    seconds = 2.0 if args.quick else args.seconds
+    args.rounds = args.rounds or (7 if args.quick else 5)
     need("h2load")
     need("wrk")
 
@@ -187,7 +189,9 @@ def main() -> None:
         frame.write_bytes(grpc_frame())
         rounds: dict[str, list[float]] = {}
         for round_number in range(1, args.rounds + 1):
-            for name in CONFIGS:
+            # Each round starts with another configuration, so that none always runs right after another.
+            shift = (round_number - 1) % len(CONFIGS)
+            for name in CONFIGS[shift:] + CONFIGS[:shift]:
                 port = meshes[name].ingress_port
                 grpc_result = run_h2load(f"127.0.0.1:{port}", frame, args.concurrency, seconds, {"x-hydro-model": APP})
                 rest_result = run_wrk(f"http://127.0.0.1:{port}/v2/models/{APP}/infer", args.concurrency, seconds, {})
