@@ -1,10 +1,11 @@
 """Envoy's OpenTelemetry tracer, as xds_control configures it on the ingress and on every sidecar.
 
 Each HTTP connection manager gets a ``tracing`` block: the ``envoy.tracers.opentelemetry`` provider sending OTLP
-over gRPC to the collector cluster, a service name saying which proxy it is, and ``spawn_upstream_span`` so that
-every upstream attempt (each retry included) is a span of its own under the proxy's server span. The ingress
-decides sampling (a random percentage); sidecars sample 100 % and so follow the decision the ``traceparent``
-header carries. The ingress also answers with the trace id (``x-hydro-trace-id``) next to ``x-request-id``.
+over gRPC to the collector cluster and a service name saying which proxy it is. On the ingress
+``spawn_upstream_span`` makes every upstream attempt (each retry included) a span of its own under its server span;
+a sidecar's server span is the runtime span's parent. The ingress decides sampling (a random percentage);
+sidecars sample 100 % and so follow the decision the ``traceparent`` header carries. The ingress also answers
+with the trace id (``x-hydro-trace-id``) next to ``x-request-id``.
 """
 
 from __future__ import annotations
@@ -55,8 +56,10 @@ class EnvoyTracing:
         """From ``HOST:PORT`` or ``http://HOST:PORT`` (tracing.settings.InvalidEndpoint if it is neither)."""
         return cls(parse_endpoint(endpoint), sampling_percent)
 
-    def connection_manager_tracing(self, service_name: str, *, sampling: bool) -> hcm_pb2.HttpConnectionManager.Tracing:
-        """The HCM ``tracing`` block; ``sampling`` False samples everything (the parent's flag then decides)."""
+    def connection_manager_tracing(self, service_name: str, *, ingress: bool) -> hcm_pb2.HttpConnectionManager.Tracing:
+        """The HCM ``tracing`` block. The ingress samples and makes a span per upstream attempt; a sidecar samples
+        everything (the parent's flag then decides) and its server span is the runtime's parent: its one upstream,
+        on loopback, would only add a span per request."""
         provider = opentelemetry_pb2.OpenTelemetryConfig(
             grpc_service=grpc_service_pb2.GrpcService(
                 envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=COLLECTOR_CLUSTER),
@@ -64,11 +67,11 @@ class EnvoyTracing:
             ),
             service_name=service_name,
         )
-        percent = self.sampling_percent if sampling else 100.0
+        percent = self.sampling_percent if ingress else 100.0
         return hcm_pb2.HttpConnectionManager.Tracing(
             provider=http_tracer_pb2.Tracing.Http(name="envoy.tracers.opentelemetry", typed_config=r.pack(provider)),
             random_sampling=percent_pb2.Percent(value=percent),
-            spawn_upstream_span={"value": True},
+            spawn_upstream_span={"value": ingress},
             # Envoy's default names every server span "ingress" (the traffic direction), sidecars' too.
             operation=f"{service_name} %REQ(:PATH)%",
         )
@@ -99,7 +102,7 @@ def add_tracing(
     manager: hcm_pb2.HttpConnectionManager, tracing: EnvoyTracing, service_name: str, *, ingress: bool
 ) -> None:
     """Turn tracing on in ``manager``: the ingress samples and reports the trace id, sidecars follow the parent."""
-    manager.tracing.CopyFrom(tracing.connection_manager_tracing(service_name, sampling=ingress))
+    manager.tracing.CopyFrom(tracing.connection_manager_tracing(service_name, ingress=ingress))
     if ingress:
         # x-request-id too, so both ids a user may hold are in the response.
         manager.always_set_request_id_in_response = True

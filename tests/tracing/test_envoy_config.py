@@ -1,0 +1,75 @@
+"""What xds_control's translation adds for tracing: the collector cluster and each proxy's tracing block, and
+nothing at all without a collector."""
+
+from __future__ import annotations
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.config.trace.v3 import opentelemetry_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+from google.protobuf import any_pb2
+from google.protobuf.message import Message
+
+from xds_control import resources as r
+from xds_control.snapshot import Snapshot
+from xds_control.topology import Topology
+from xds_control.tracing_config import COLLECTOR_CLUSTER, TRACE_ID_FILTER, EnvoyTracing
+from xds_control.translate import INGRESS_LISTENER, SIDECAR_LISTENER, NodeInfo, snapshot_for
+
+INGRESS = NodeInfo("ingress", "ingress", {"listen_port": 8080})
+SIDECAR = NodeInfo(
+    "sidecar~m~2~a",
+    "sidecar",
+    {"model": "m", "version": "2", "instance": "a", "inbound_port": 1, "runtime_grpc_port": 2, "runtime_http_port": 3},
+)
+
+
+def _unpack(data: bytes, message: Message) -> None:
+    wrapper = any_pb2.Any.FromString(data)
+    wrapper.Unpack(message)
+
+
+def _manager(snapshot: Snapshot, listener_name: str) -> hcm_pb2.HttpConnectionManager:
+    listener = listener_pb2.Listener()
+    _unpack(snapshot.by_type[r.LISTENER][listener_name], listener)
+    manager = hcm_pb2.HttpConnectionManager()
+    listener.filter_chains[0].filters[0].typed_config.Unpack(manager)
+    return manager
+
+
+def test_ingress_and_sidecar_trace_to_the_collector() -> None:
+    tracing = EnvoyTracing.from_endpoint("http://10.1.2.3:4317", sampling_percent=12.5)
+    ingress = snapshot_for(Topology(), INGRESS, tracing=tracing)
+    manager = _manager(ingress, INGRESS_LISTENER)
+    assert manager.tracing.random_sampling.value == 12.5
+    assert manager.tracing.spawn_upstream_span.value, "each attempt of the ingress is a span"
+    config = opentelemetry_pb2.OpenTelemetryConfig()
+    manager.tracing.provider.typed_config.Unpack(config)
+    assert config.service_name == "ingress" and config.grpc_service.envoy_grpc.cluster_name == COLLECTOR_CLUSTER
+    assert manager.always_set_request_id_in_response
+    names = [f.name for f in manager.http_filters]
+    assert names.index(TRACE_ID_FILTER) == len(names) - 2, "the trace id filter runs just before the router"
+    cluster = cluster_pb2.Cluster()
+    _unpack(ingress.by_type[r.CLUSTER][COLLECTOR_CLUSTER], cluster)
+    assert cluster.type == cluster_pb2.Cluster.STATIC
+
+    sidecar = snapshot_for(Topology(), SIDECAR, tracing=tracing)
+    manager = _manager(sidecar, SIDECAR_LISTENER)
+    manager.tracing.provider.typed_config.Unpack(config)
+    assert config.service_name == "sidecar m:2"
+    assert manager.tracing.random_sampling.value == 100, "sidecars follow the ingress's decision"
+    assert not manager.tracing.spawn_upstream_span.value
+    assert TRACE_ID_FILTER not in [f.name for f in manager.http_filters]
+    assert COLLECTOR_CLUSTER in sidecar.by_type[r.CLUSTER]
+
+
+def test_a_collector_named_by_host_is_resolved_by_dns() -> None:
+    cluster = EnvoyTracing.from_endpoint("jaeger:4317").collector_cluster()
+    assert cluster.type == cluster_pb2.Cluster.STRICT_DNS
+
+
+def test_no_collector_no_tracing() -> None:
+    for node, listener in ((INGRESS, INGRESS_LISTENER), (SIDECAR, SIDECAR_LISTENER)):
+        snapshot = snapshot_for(Topology(), node)
+        assert not _manager(snapshot, listener).HasField("tracing")
+        assert COLLECTOR_CLUSTER not in snapshot.by_type[r.CLUSTER]
