@@ -8,7 +8,7 @@ from manager_api.contracts import ContractError, StageModel, check_application
 from manager_api.dependencies import ApplicationName, Store
 from manager_api.errors import ApiProblem, not_found
 from manager_api.schemas import CONDITIONAL_WRITE_RESPONSES, ApplicationSpec, ApplicationView, RevisionQuery
-from manager_api.store import ConflictError, Stored, TopologyStore
+from manager_api.store import Stored, TopologyStore
 from protos.topology import Application
 
 router = APIRouter(prefix="/applications", tags=["applications"])
@@ -58,10 +58,8 @@ async def put_application(name: ApplicationName, spec: ApplicationSpec, store: S
     With ``revision`` (from a GET) the write happens only if nobody changed the application since: 409 otherwise.
     """
     await _check(store, spec)
-    try:
-        return _view(await store.put_application(Application(name=name, stages=spec.stages), spec.revision))
-    except ConflictError as exc:
-        raise ApiProblem(409, str(exc)) from exc
+    # A lost race (RevisionMismatch -> 409, ConflictError -> 503 + Retry-After) is answered by app.py's handlers.
+    return _view(await store.put_application(Application(name=name, stages=spec.stages), spec.revision))
 
 
 @router.get("", response_model=list[ApplicationView])
