@@ -72,13 +72,13 @@ class PipelineStack:
         headers = {"content-type": "application/json"}
         return httpx.post(f"{self.url}/v2/models/{model}/infer", content=content, headers=headers, timeout=10)
 
-    def grpc_infer(self, raw: np.ndarray) -> tuple[service_pb2.ModelInferResponse, dict[str, str]]:
+    def grpc_infer(self, raw: np.ndarray, timeout: float = 10) -> tuple[service_pb2.ModelInferResponse, dict[str, str]]:
         request = service_pb2.ModelInferRequest(model_name=APP)
         request.inputs.add(name="raw", datatype="FP32", shape=list(raw.shape))
         request.raw_input_contents.append(raw.astype("<f4").tobytes())
         with grpc.insecure_channel(f"127.0.0.1:{self.inbound_port}") as channel:
             stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-            response, call = stub.ModelInfer.with_call(request, timeout=10)
+            response, call = stub.ModelInfer.with_call(request, timeout=timeout)
         return response, {key: value for key, value in call.initial_metadata()}
 
     def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -147,6 +147,8 @@ def stack(etcd_server: EtcdServer, tmp_path_factory: pytest.TempPathFactory) -> 
             *(sys.executable, "-m", "runtimes.pipeline", "--spec", str(spec_path)),
             *("--outbound", f"127.0.0.1:{ports['outbound']}", "--grpc-port", str(ports["grpc"])),
             *("--http-port", str(ports["http"]), "--shadow-timeout", "3", "--max-shadows-in-flight", "4"),
+            # Split over three stages: 1 s for the first, which the slow-stage test exceeds.
+            *("--timeout", "3"),
         ],
         log_path=work / "pipeline.log",
     )
@@ -331,3 +333,24 @@ def test_shadows_never_reach_the_caller_and_are_measured(stack: PipelineStack) -
     ratio = metric(after, "hydro_shadow_agreement_ratio", shadow=skewed)
     assert ratio == pytest.approx(agreed / (agreed + disagreed))
     assert 0.7 <= ratio <= 0.8
+
+
+# Last: the slow calls hold the first stage's worker threads for 2 s.
+def test_the_time_budget_is_split_across_stages(stack: PipelineStack) -> None:
+    slow = ROWS * 10
+    slow[0, 0] = 9999
+    # --timeout 3 over three stages: the first gets 1 s, and its 2 s answer is cut off there.
+    started = time.perf_counter()
+    response = stack.rest(slow)
+    elapsed = time.perf_counter() - started
+    assert response.status_code == 504, response.text
+    assert "stage 1 (scale:1) of application 'iris-pipe' failed: DEADLINE_EXCEEDED" in response.json()["error"]
+    assert 0.9 < elapsed < 1.8
+    # The caller's own deadline, when shorter, is the budget: 0.6 s gives the first stage 0.2 s.
+    started = time.perf_counter()
+    with pytest.raises(grpc.RpcError) as raised:
+        stack.grpc_infer(slow, timeout=0.6)
+    elapsed = time.perf_counter() - started
+    assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "stage 1 (scale:1)" in (raised.value.details() or ""), raised.value.details()
+    assert elapsed < 0.55

@@ -6,7 +6,8 @@ The file ``mode`` beside this module (absent: ``ok``) makes a copy of the folder
 - ``sleep``: answer correctly after 2 s
 - ``skew``: answer correctly except on every 4th call (off by one), so it agrees on exactly 3 calls in 4
 
-Negative input always raises (a stage failure the tests provoke on purpose).
+Whatever the mode, negative input raises and a first length of 9999 takes 2 s (stage failures and slow stages
+that the tests provoke on purpose).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 MODE_FILE = Path(__file__).with_name("mode")
+SLOW_MARKER = 9999
 
 
 class Scale:
@@ -37,6 +39,8 @@ class Scale:
             call = self.calls
         if (raw < 0).any():
             raise ValueError("negative length in raw")
+        if raw.size and raw.flat[0] == SLOW_MARKER:
+            time.sleep(2)
         # Call 0 is the runtime's warm-up on zeros: it must pass for the model to load at all.
         if self.mode == "fail" and call > 0:
             raise RuntimeError("this shadow always fails (mode: fail)")
