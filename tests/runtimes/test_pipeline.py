@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,13 +48,17 @@ APP = "iris-pipe"
 SCALE_MODES = {1: "ok", 2: "fail", 3: "sleep", 4: "skew"}
 SHADOWS = {2: "scale:2", 3: "scale:3", 4: "scale:4"}
 STAGES_HEADER = "x-hydro-stages"
-SERVED = "1=scale:1;2=clf:1;3=post:1"
+#: The stages header: stage 3 has two variants (post:1 and post:2, the same model), half the traffic each.
+SERVED = re.compile(r"1=scale:1;2=clf:1;3=post:[12]")
 SPECIES = ["setosa", "versicolor", "virginica"]
 
 
 @dataclass
 class PipelineStack:
     loop: asyncio.AbstractEventLoop
+    client: aetcd.Client
+    keys: Keys
+    app: Application
     inbound_port: int
     http_port: int
     expected_labels: list[int]
@@ -80,6 +86,9 @@ class PipelineStack:
             stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
             response, call = stub.ModelInfer.with_call(request, timeout=timeout)
         return response, {key: value for key, value in call.initial_metadata()}
+
+    def put_application(self, app: Application) -> None:
+        self.run(self.client.put(self.keys.application(APP).encode(), app.model_dump_json().encode()))
 
     def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         """The pipeline runtime's metrics by (sample name, sorted labels)."""
@@ -114,7 +123,7 @@ def stack(etcd_server: EtcdServer, tmp_path_factory: pytest.TempPathFactory) -> 
         (folder / "mode").write_text(mode)
         folders[("scale", version)] = folder
     folders[("clf", 1)] = sklearn_classifier(work / "clf")
-    folders[("post", 1)] = MODELS / "post"
+    folders[("post", 1)] = folders[("post", 2)] = MODELS / "post"
     expected = joblib.load(folders[("clf", 1)] / "model.joblib").predict(ROWS).tolist()
 
     app = Application(
@@ -125,7 +134,7 @@ def stack(etcd_server: EtcdServer, tmp_path_factory: pytest.TempPathFactory) -> 
                 shadows=[ShadowVariant(model="scale", version=v) for v in SHADOWS],
             ),
             Stage(variants=[Variant(model="clf", version=1, weight=100)]),
-            Stage(variants=[Variant(model="post", version=1, weight=100)]),
+            Stage(variants=[Variant(model="post", version=1, weight=50), Variant(model="post", version=2, weight=50)]),
         ],
     )
     spec_path = work / "spec.json"
@@ -169,12 +178,12 @@ def stack(etcd_server: EtcdServer, tmp_path_factory: pytest.TempPathFactory) -> 
     loop_thread.start()
     client = aetcd.Client(host="127.0.0.1", port=etcd_server.client_port)
     registry = LeasedInstanceRegistry(client, keys, node="pipeline-test")
-    stack = PipelineStack(loop, ports["inbound"], ports["http"], expected)
+    stack = PipelineStack(loop, client, keys, app, ports["inbound"], ports["http"], expected)
     try:
         xds.start()
         pipeline.start()
         stack.run(client.connect())
-        stack.run(client.put(keys.application(APP).encode(), app.model_dump_json().encode()))
+        stack.put_application(app)
         stack.run(registry.start())
         for (model, version), folder in folders.items():
             config = ReplicaConfig(
@@ -222,7 +231,7 @@ def _check_answer(stack: PipelineStack, outputs: dict[str, list[Any]]) -> None:
 def test_rest_and_grpc_answer_with_the_last_stage_and_name_every_stage(stack: PipelineStack) -> None:
     response = stack.rest(ROWS * 10)
     assert response.status_code == 200, response.text
-    assert response.headers[STAGES_HEADER] == SERVED
+    assert SERVED.fullmatch(response.headers[STAGES_HEADER])
     body = response.json()
     assert body["model_name"] == APP
     assert [o["name"] for o in body["outputs"]] == ["species", "confidence"]
@@ -230,7 +239,7 @@ def test_rest_and_grpc_answer_with_the_last_stage_and_name_every_stage(stack: Pi
     _check_answer(stack, {o["name"]: o["data"] for o in body["outputs"]})
 
     message, metadata = stack.grpc_infer(ROWS * 10)
-    assert metadata[STAGES_HEADER] == SERVED
+    assert SERVED.fullmatch(metadata[STAGES_HEADER])
     assert [o.name for o in message.outputs] == ["species", "confidence"]
     # Raw in, raw out: the last stage's bytes (BYTES: 4-byte little-endian length prefixes).
     species_raw = message.raw_output_contents[0]
@@ -241,6 +250,16 @@ def test_rest_and_grpc_answer_with_the_last_stage_and_name_every_stage(stack: Pi
         offset += 4 + length
     confidence = np.frombuffer(message.raw_output_contents[1], dtype="<f4").tolist()
     _check_answer(stack, {"species": names, "confidence": confidence})
+
+    # Typed contents in, typed contents out.
+    typed = service_pb2.ModelInferRequest(model_name=APP)
+    tensor = typed.inputs.add(name="raw", datatype="FP32", shape=list(ROWS.shape))
+    tensor.contents.fp32_contents.extend((ROWS * 10).ravel().tolist())
+    with grpc.insecure_channel(f"127.0.0.1:{stack.inbound_port}") as channel:
+        answer = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(typed, timeout=10)
+    assert not answer.raw_output_contents
+    species = [b.decode() for b in answer.outputs[0].contents.bytes_contents]
+    _check_answer(stack, {"species": species, "confidence": list(answer.outputs[1].contents.fp32_contents)})
 
     metadata_response = httpx.get(f"{stack.url}/v2/models/{APP}", timeout=5).json()
     assert [t["name"] for t in metadata_response["inputs"]] == ["raw"]
@@ -292,7 +311,7 @@ def test_shadows_never_reach_the_caller_and_are_measured(stack: PipelineStack) -
         started = time.perf_counter()
         if index % 2:
             _, metadata = stack.grpc_infer(ROWS * 10)
-            assert metadata[STAGES_HEADER] == SERVED
+            assert SERVED.fullmatch(metadata[STAGES_HEADER])
         else:
             response = stack.rest(ROWS * 10)
             assert response.status_code == 200, response.text
@@ -333,6 +352,29 @@ def test_shadows_never_reach_the_caller_and_are_measured(stack: PipelineStack) -
     ratio = metric(after, "hydro_shadow_agreement_ratio", shadow=skewed)
     assert ratio == pytest.approx(agreed / (agreed + disagreed))
     assert 0.7 <= ratio <= 0.8
+
+
+def test_stage_variants_share_traffic_by_weight_and_a_weight_change_fails_nothing(stack: PipelineStack) -> None:
+    def last_stage() -> str:
+        response = stack.rest(ROWS * 10)
+        assert response.status_code == 200, response.text
+        return response.headers[STAGES_HEADER].rsplit("=", 1)[1]
+
+    shares = Counter(last_stage() for _ in range(60))
+    assert set(shares) == {"post:1", "post:2"}
+    assert min(shares.values()) >= 12, shares  # 50/50: fewer than 12 of 60 happens once in ~10^6 runs
+
+    stages = list(stack.app.stages)
+    variants = [Variant(model="post", version=1, weight=0), Variant(model="post", version=2, weight=100)]
+    stages[2] = Stage(variants=variants)
+    stack.put_application(stack.app.model_copy(update={"stages": stages}))
+    # Requests keep flowing while the new weights reach the outbound routes (RDS): none may fail.
+    streak = 0
+    deadline = time.monotonic() + 20
+    while streak < 20:
+        assert time.monotonic() < deadline, "the new weights did not reach the pipeline's sidecar"
+        streak = streak + 1 if last_stage() == "post:2" else 0
+    stack.put_application(stack.app)
 
 
 # Last: the slow calls hold the first stage's worker threads for 2 s.
