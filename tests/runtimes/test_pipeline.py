@@ -1,10 +1,10 @@
-"""A three-stage pipeline through real Envoys: etcd, xds_control, six model replicas (runtime + sidecar, registered
+"""A three-stage pipeline through real Envoys: etcd, xds_control, seven model replicas (runtime + sidecar, registered
 in etcd by the deployer's Replica), and the pipeline runtime behind its own sidecar, called on that sidecar's
 inbound port over REST and gRPC.
 
 Stages: millimetres to centimetres (python) -> iris classifier (scikit-learn) -> species name and confidence
-(python). Stage 1 has three shadows, copies of its model told to fail, to sleep 2 s, or to disagree on every 4th
-call (tests/runtimes/pipeline_models/scale).
+(python, two variants at 50/50). Stage 1 has three shadows, copies of its model told to fail, to sleep 2 s, or
+to disagree on every 4th call (tests/runtimes/pipeline_models/scale).
 """
 
 from __future__ import annotations
