@@ -53,10 +53,23 @@ def test_signature_is_first_inputs_and_outputs_common_to_the_last_variants(tmp_p
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"clf:2": {"inputs": [_tensor("features")], "outputs": [_tensor("label")]}}, "clf:2 needs input features"),
-        ({"clf:2": {"inputs": [_tensor("input", "FP64")], "outputs": [_tensor("x")]}}, "needs input 'input' as FP64"),
-        ({"clf:2": {"inputs": [_tensor("input")], "outputs": [_tensor("label", "FP32")]}}, "INT64 in clf:1 but FP32"),
-        ({"shadow:1": {"inputs": [_tensor("other")], "outputs": [_tensor("x")]}}, r"\(shadow\): shadow:1 needs input"),
+        ({"clf:2": {"inputs": [_tensor("features")], "outputs": [_tensor("label")]}}, "clf:2 takes features but clf:1"),
+        (
+            {
+                "clf:1": {"inputs": [_tensor("input", "FP64")], "outputs": [_tensor("x")]},
+                "clf:2": {"inputs": [_tensor("input", "FP64")], "outputs": [_tensor("x")]},
+                "shadow:1": {"inputs": [_tensor("input", "FP64")], "outputs": [_tensor("x")]},
+            },
+            r"stage 2: clf:1 needs input input \(FP64 \[-1, 4\]\), stage 1 gives input \(FP32",
+        ),
+        (
+            {"clf:2": {"inputs": [_tensor("input")], "outputs": [_tensor("label", "FP32")]}},
+            r"label \(INT64 \[-1\]\) of clf:1 is label \(FP32",
+        ),
+        (
+            {"shadow:1": {"inputs": [_tensor("other")], "outputs": [_tensor("x")]}},
+            "shadow:1 takes other but clf:1 takes input",
+        ),
     ],
 )
 def test_broken_contracts_name_the_stage_and_tensor(tmp_path: Path, change: dict[str, Any], message: str) -> None:
