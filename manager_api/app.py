@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -10,7 +11,7 @@ import aetcd
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from manager_api.artifacts import ArtifactStore
+from manager_api.artifacts import ArtifactStore, open_blob_store
 from manager_api.auth import TokenStore, authorize
 from manager_api.dependencies import Store
 from manager_api.deployer.process import ProcessDeployer
@@ -66,7 +67,9 @@ def create_app(settings: Settings) -> FastAPI:
         await client.connect()
         keys = Keys(settings.prefix)
         store = TopologyStore(client, keys)
-        artifacts = ArtifactStore(settings.data_dir / "artifacts", settings.max_upload_bytes)
+        root = settings.data_dir / "artifacts"
+        blobs = await asyncio.to_thread(open_blob_store, settings.artifact_store, root, settings.s3_endpoint)
+        artifacts = ArtifactStore(root, settings.max_upload_bytes, blobs=blobs)
         app.state.store = store
         app.state.artifacts = artifacts
         registry: LeasedInstanceRegistry | None = None
