@@ -1,6 +1,6 @@
 """The S3 artifact store against a real S3-compatible server and real `python -m manager_api` processes.
 
-The server is SeaweedFS (`weed mini`, tests/manager_api/s3_server.py): a stand-in for AWS S3 or MinIO, which is
+The server is SeaweedFS (`weed mini`, tests/s3_server.py): a stand-in for AWS S3 or MinIO, which is
 what production points at (docs/artifacts.md). It is a real object store (SigV4 credentials, multipart uploads),
 not a mock, but it is not AWS: behaviour specific to AWS (regions, IAM policies) is not covered here.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from s3_server import ACCESS_KEY, SECRET_KEY, SeaweedS3
+from s3_server import ACCESS_KEY, SECRET_KEY, SeaweedS3, aws_env
 
 from manager_api.artifacts import ArtifactStore, DigestMismatch
 from manager_api.artifacts.s3 import S3Blobs
@@ -51,15 +51,6 @@ def archive(factor: int) -> bytes:
 
 def digest_of(data: bytes) -> str:
     return f"sha256:{hashlib.sha256(data).hexdigest()}"
-
-
-def aws_env(**extra: str) -> dict[str, str]:
-    """The environment of a child that finds its S3 credentials only in the AWS variables given here."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env.update(AWS_CONFIG_FILE="/nonexistent", AWS_SHARED_CREDENTIALS_FILE="/nonexistent")
-    env.update(AWS_EC2_METADATA_DISABLED="true")
-    env.update(extra)
-    return env
 
 
 @pytest.fixture(scope="module")

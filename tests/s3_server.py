@@ -2,12 +2,14 @@
 
 It is not AWS S3 nor MinIO (no MinIO server ships on PyPI), but it is a real object store speaking the S3 API over
 HTTP with SigV4 authentication, multipart uploads and per-identity credentials, so wrong keys are refused the way
-AWS and MinIO refuse them. In production the manager points at AWS S3 or a MinIO endpoint instead (docs/artifacts.md).
+AWS and MinIO refuse them. In production the manager points at AWS S3 or a MinIO endpoint instead
+(docs/artifacts.md).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -24,6 +26,16 @@ if TYPE_CHECKING:
 
 ACCESS_KEY = "hydro-test-access"
 SECRET_KEY = "hydro-test-secret-key"
+
+
+def aws_env(**extra: str) -> dict[str, str]:
+    """The environment of a child that finds S3 credentials only in the AWS variables given here (no profile files,
+    no instance metadata), so that a test controls exactly what the manager sees."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_CONFIG_FILE="/nonexistent", AWS_SHARED_CREDENTIALS_FILE="/nonexistent")
+    env.update(AWS_EC2_METADATA_DISABLED="true")
+    env.update(extra)
+    return env
 
 
 def weed_binary() -> str:
