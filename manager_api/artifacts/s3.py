@@ -13,6 +13,7 @@ AWS_PROFILE, instance roles); the endpoint from ``endpoint`` or AWS_ENDPOINT_URL
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import os
@@ -100,13 +101,22 @@ class S3Blobs:
         return f"{self.prefix}sha256/{hex_of(digest)}"
 
     def has(self, digest: str) -> bool:
-        try:
-            self._client.head_object(Bucket=self.bucket, Key=self.key(digest))
-        except ClientError as exc:
-            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
-                return False
-            raise
+        with self._failures("HeadObject"):
+            try:
+                self._client.head_object(Bucket=self.bucket, Key=self.key(digest))
+            except ClientError as exc:
+                if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                    return False
+                raise
         return True
+
+    @contextlib.contextmanager
+    def _failures(self, what: str) -> Iterator[None]:
+        """S3 errors as ArtifactStoreUnavailable (the API answers 503), naming the store and the call."""
+        try:
+            yield
+        except (BotoCoreError, ClientError) as exc:
+            raise ArtifactStoreUnavailable(f"artifact store {self.location}: {what} failed: {exc}") from exc
 
     def put(self, digest: str, chunks: Iterable[bytes]) -> str:
         if self.has(digest):
@@ -114,11 +124,12 @@ class S3Blobs:
         parts = _parts(chunks, self.part_size)
         first = next(parts, b"")
         second = next(parts, None)
-        if second is None:
-            self._check(digest, hashlib.sha256(first).hexdigest())
-            self._client.put_object(Bucket=self.bucket, Key=self.key(digest), Body=first)
-        else:
-            self._multipart(digest, itertools.chain((first, second), parts))
+        with self._failures("upload"):
+            if second is None:
+                self._check(digest, hashlib.sha256(first).hexdigest())
+                self._client.put_object(Bucket=self.bucket, Key=self.key(digest), Body=first)
+            else:
+                self._multipart(digest, itertools.chain((first, second), parts))
         return self.uri(digest)
 
     def _multipart(self, digest: str, parts: Iterable[bytes]) -> None:
@@ -138,8 +149,10 @@ class S3Blobs:
                 Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": done}
             )
         except BaseException:
-            # Nothing was completed: aborting frees the parts, and no object ever appeared under the digest.
-            self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+            # Nothing was completed: aborting frees the parts, and no object ever appeared under the digest. If the
+            # abort fails too (the endpoint is gone), the bucket's lifecycle rule for incomplete uploads cleans up.
+            with contextlib.suppress(BotoCoreError, ClientError):
+                self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
             raise
 
     def _check(self, digest: str, hexdigest: str) -> None:
@@ -149,17 +162,19 @@ class S3Blobs:
             )
 
     def open(self, digest: str) -> Blob:
-        try:
-            response = self._client.get_object(Bucket=self.bucket, Key=self.key(digest))
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                raise BlobNotFound(f"artifact {digest} is not in the store at {self.location}") from exc
-            raise
+        with self._failures("GetObject"):
+            try:
+                response = self._client.get_object(Bucket=self.bucket, Key=self.key(digest))
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                    raise BlobNotFound(f"artifact {digest} is not in the store at {self.location}") from exc
+                raise
         body = response["Body"]
         return Blob(response["ContentLength"], body.iter_chunks(CHUNK), body.close)
 
     def delete(self, digest: str) -> None:
-        self._client.delete_object(Bucket=self.bucket, Key=self.key(digest))
+        with self._failures("DeleteObject"):
+            self._client.delete_object(Bucket=self.bucket, Key=self.key(digest))
 
     def uri(self, digest: str) -> str:
         return f"s3://{self.bucket}/{self.key(digest)}"

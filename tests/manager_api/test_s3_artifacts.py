@@ -294,3 +294,23 @@ def test_hydro_up_refuses_a_missing_bucket_before_starting_anything(s3: SeaweedS
     assert "bucket 'no-such-bucket' does not exist" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
     assert not list(tmp_path.iterdir()), "hydro up started something before checking the artifact store"
+
+
+def test_a_bucket_that_goes_away_after_startup_is_a_503_naming_the_store(
+    etcd_server: EtcdServer, tmp_path: Path
+) -> None:
+    with SeaweedS3(tmp_path / "s3") as s3:
+        (tmp_path / "manager").mkdir()
+        env = aws_env(AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY)
+        argv = ["--artifact-store", f"s3://{s3.bucket}/gone", "--s3-endpoint", s3.endpoint]
+        process, url = start_manager(etcd_server, "/hydro-s3-gone-test/", tmp_path / "manager", argv, env)
+    try:
+        response = upload(url, "orphan", archive(9))
+        assert response.status_code == 503, response.text
+        assert f"artifact store s3://{s3.bucket}/gone/: HeadObject failed" in response.json()["error"]
+        download = httpx.get(f"{url}/api/v1/artifacts/{digest_of(archive(9))}", timeout=60)
+        assert download.status_code == 503, download.text
+        # Nothing was registered for the refused upload.
+        assert httpx.get(f"{url}/api/v1/models/orphan", timeout=30).status_code == 404
+    finally:
+        process.stop()
