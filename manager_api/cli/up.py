@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from manager_api.artifacts import ArtifactStoreUnavailable, open_blob_store
 from manager_api.cli.root import app
 from manager_api.credentials import CREDENTIALS_FILE
 from manager_api.stack import Stack, StackConfig, run_until_signalled
@@ -45,9 +46,26 @@ def up(
         Path | None,
         typer.Option(help="Register every sub-folder with a serving.yaml as a model; each change is a new version."),
     ] = None,
+    artifact_store: Annotated[
+        str | None,
+        typer.Option(
+            help="Keep model archives in s3://BUCKET/PREFIX (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) or a "
+            "directory instead of DATA_DIR/artifacts."
+        ),
+    ] = None,
+    s3_endpoint: Annotated[
+        str | None, typer.Option(help="URL of an S3-compatible server such as MinIO (default: AWS_ENDPOINT_URL).")
+    ] = None,
 ) -> None:
     """Start etcd, xds_control, manager_api and the ingress Envoy on this machine; Ctrl-C stops them all."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if artifact_store is not None:
+        # Checked before anything starts: a wrong bucket or key is one line, not a manager that keeps restarting.
+        try:
+            open_blob_store(artifact_store, data_dir / "artifacts", s3_endpoint)
+        except ArtifactStoreUnavailable as exc:
+            console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            raise typer.Exit(2) from None
     stack = Stack(
         StackConfig(
             data_dir=data_dir,
@@ -61,6 +79,8 @@ def up(
             control_host=control_host,
             local_node=local_node,
             models_dir=models_dir,
+            artifact_store=artifact_store,
+            s3_endpoint=s3_endpoint,
         )
     )
 
