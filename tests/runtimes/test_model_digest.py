@@ -193,3 +193,14 @@ def test_a_malformed_digest_flag_is_a_usage_error(tmp_path: Path, runtimes: Runt
     wait_until(lambda: not process.running, 60, "the runtime to exit")
     assert process.returncode == 2
     assert "--expect-digest must be sha256:<64 lower-case hex digits>, got 'md5:abc'" in process.log_tail(5)
+
+
+def test_an_unreadable_manifest_is_refused_saying_so(tmp_path: Path, runtimes: Runtimes) -> None:
+    folder = model_folder(tmp_path / "m")
+    (tmp_path / "expected.json").write_text("[1, 2]")
+    process, _ = runtimes.start(
+        folder, "--expect-digest", folder_digest(folder), "--expect-files", str(tmp_path / "expected.json")
+    )
+    wait_until(lambda: not process.running, 60, "the runtime to exit")
+    assert process.returncode == 1
+    assert "is not a JSON object of path -> sha256 hex" in process.log_tail(5)
