@@ -51,6 +51,9 @@ class Broken:
         return inputs
 """
 
+#: The ``instances`` of a deployment, as the API returns them.
+Instances = list[dict[str, Any]]
+
 
 @dataclass
 class Stack:
@@ -95,7 +98,7 @@ class Stack:
         (folder / "model.py").write_text(f"# {name}\n{code}")
         return self.api.push_model(name, folder)
 
-    def instances(self, model: str, version: int = 1) -> list[dict[str, Any]]:
+    def instances(self, model: str, version: int = 1) -> Instances:
         return list(self.api.get_deployment(model, version)["instances"])
 
 
@@ -130,11 +133,9 @@ def stack(etcd_server: EtcdServer, tmp_path_factory: pytest.TempPathFactory) -> 
                 os.kill(pid, signal.SIGKILL)
 
 
-def watch_states(
-    read: Callable[[], list[dict[str, Any]]], until: Callable[[list[dict[str, Any]]], bool], timeout: float
-) -> list[list[dict[str, Any]]]:
+def watch_states(read: Callable[[], Instances], until: Callable[[Instances], bool], timeout: float) -> list[Instances]:
     """Poll ``read`` until ``until`` holds; every distinct answer seen on the way, in order."""
-    seen: list[list[dict[str, Any]]] = []
+    seen: list[Instances] = []
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         current = read()
@@ -146,7 +147,7 @@ def watch_states(
     raise AssertionError(f"not reached within {timeout} s; last seen: {seen[-1:]}")
 
 
-def states(instances: list[dict[str, Any]]) -> list[str]:
+def states(instances: Instances) -> list[str]:
     return sorted(i["state"] for i in instances)
 
 
@@ -193,11 +194,38 @@ def test_scale_down_drains_then_the_status_is_gone(stack: Stack) -> None:
     wait_until(lambda: not stack.etcd_records("replicas/scaled/"), 60, "the statuses of a deleted deployment gone")
 
 
+def test_a_killed_runtime_is_restarted_and_its_death_kept_as_last_error(stack: Stack) -> None:
+    stack.push("victim")
+    stack.api.deploy("victim", 1, 1)
+    [before] = watch_states(lambda: stack.instances("victim"), lambda i: states(i) == ["ready"], 90)[-1]
+    assert stack.agent is not None
+    [runtime] = [pid for pid in descendants(stack.agent.pid or 0) if b"--name\0victim\0" in cmdline(pid)]
+    os.kill(runtime, signal.SIGKILL)
+
+    def back(instances: Instances) -> bool:
+        return states(instances) == ["ready"] and instances[0]["restarts"] == 1
+
+    seen = watch_states(lambda: stack.instances("victim"), back, 90)
+    assert any(states(s) != ["ready"] for s in seen), seen
+    after = seen[-1][0]
+    assert after["id"] == before["id"] and after["since"] > before["since"]
+    assert after["last_error"].startswith(f"runtime-{before['id']} killed by SIGKILL"), after["last_error"]
+    stack.api.delete_deployment("victim", 1)
+    wait_until(lambda: not stack.etcd_records("replicas/victim/"), 60, "the victim's status gone")
+
+
+def cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def test_a_model_that_crashes_on_load_is_crash_looping_with_its_error(stack: Stack) -> None:
     stack.push("broken", BROKEN, "model:Broken")
     stack.api.deploy("broken", 1, 1)
 
-    def crash_looping(instances: list[dict[str, Any]]) -> bool:
+    def crash_looping(instances: Instances) -> bool:
         return states(instances) == ["crash-looping"] and instances[0]["last_error"] is not None
 
     [first] = watch_states(lambda: stack.instances("broken"), crash_looping, 90)[-1]
@@ -227,7 +255,7 @@ def test_a_tampered_folder_is_refused_and_reported(stack: Stack) -> None:
     (cached / "model.py").write_text(DOUBLE.replace("* 2", "* 0"))
     stack.api.deploy("tampered", 1, 1)
 
-    def refused(instances: list[dict[str, Any]]) -> bool:
+    def refused(instances: Instances) -> bool:
         return states(instances) == ["crash-looping"] and "registered digest" in (instances[0]["last_error"] or "")
 
     [instance] = watch_states(lambda: stack.instances("tampered"), refused, 90)[-1]
