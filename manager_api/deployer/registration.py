@@ -35,6 +35,8 @@ class LeasedInstanceRegistry:
         self._lease: aetcd.Lease | None = None
         self._live: dict[str, Instance] = {}
         self._statuses: dict[str, ReplicaStatus] = {}
+        #: Status keys whose delete failed: the lease outlives them, so the keep-alive loop deletes them later.
+        self._uncleared: set[bytes] = set()
         self._keepalive: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
 
@@ -62,6 +64,7 @@ class LeasedInstanceRegistry:
                 await self._lease.revoke()
         self._live.clear()
         self._statuses.clear()
+        self._uncleared.clear()
 
     async def register_instance(self, instance: Instance) -> None:
         async with self._lock:
@@ -82,13 +85,21 @@ class LeasedInstanceRegistry:
             self._statuses[status.id] = status
 
     async def clear_status(self, status: ReplicaStatus) -> None:
-        """Remove a stopped replica's status."""
+        """Remove a stopped replica's status (retried by the keep-alive loop if etcd refuses now)."""
+        key = self._status_key(status)
         async with self._lock:
             self._statuses.pop(status.id, None)
-            await self._client.delete(self._keys.replica_status(status.model, status.version, status.id).encode())
+            self._uncleared.add(key)
+            await self._client.delete(key)
+            self._uncleared.discard(key)
+
+    def _status_key(self, status: ReplicaStatus) -> bytes:
+        return self._keys.replica_status(status.model, status.version, status.id).encode()
 
     async def _put_status(self, status: ReplicaStatus, lease: aetcd.Lease) -> None:
-        key = self._keys.replica_status(status.model, status.version, status.id).encode()
+        key = self._status_key(status)
+        # A newer status of the same replica wins over an older failed delete.
+        self._uncleared.discard(key)
         await self._client.put(key, status.model_dump_json().encode(), lease=lease)
 
     def _key(self, instance: Instance) -> str:
@@ -123,6 +134,9 @@ class LeasedInstanceRegistry:
                             await self._put(instance, self._lease)
                         for status in self._statuses.values():
                             await self._put_status(status, self._lease)
+                    for key in sorted(self._uncleared):
+                        await self._client.delete(key)
+                        self._uncleared.discard(key)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

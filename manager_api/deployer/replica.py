@@ -200,6 +200,9 @@ class Replica:
         self.inbound_port, admin_port = free_port(cfg.advertise_address), free_port(host)
         workdir = cfg.workdir / self.id
         await self._report()
+        if self.retired:
+            # stop() ran during the report: it found no processes to kill, so none may be started.
+            return
         self.runtime = ChildProcess(
             f"runtime-{self.id}",
             [
@@ -262,7 +265,9 @@ class Replica:
             await self._crashed()
             raise
         if self.retired:
-            # Stopped while starting: stop() has killed (or is killing) the processes; announce nothing.
+            # Stopped while starting: announce nothing, and make sure the processes are gone (stop() may have run
+            # before they existed).
+            await self._kill()
             return
         self.state = "ready"
         await self.registry.register_instance(self.instance)
