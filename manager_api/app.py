@@ -15,12 +15,12 @@ from manager_api.auth import TokenStore, authorize
 from manager_api.dependencies import Store
 from manager_api.deployer.process import ProcessDeployer
 from manager_api.deployer.registration import LeasedInstanceRegistry
-from manager_api.errors import ApiProblem, install_error_handlers
+from manager_api.errors import ERROR_RESPONSES, ApiProblem, install_error_handlers
 from manager_api.events import HEARTBEAT_SECONDS
 from manager_api.routers import applications, artifacts, deployments, events, instances, models, proxies
 from manager_api.schemas import Health
 from manager_api.settings import Settings
-from manager_api.store import HistoryCompacted, RevisionMismatch, TopologyStore
+from manager_api.store import ConflictError, HistoryCompacted, RevisionMismatch, TopologyStore
 from protos.topology import Keys, Node
 from xds_control.etcd_watch import ETCD_CLIENT_OPTIONS
 
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 health_router = APIRouter(tags=["health"])
 
 
-@health_router.get("/healthz", response_model=Health)
+@health_router.get("/healthz", response_model=Health, responses={503: ERROR_RESPONSES["5XX"]})
 async def healthz(store: Store) -> Health:
     """Live and able to reach etcd (503 otherwise)."""
     try:
@@ -45,6 +45,12 @@ def _install_store_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RevisionMismatch)
     async def _mismatch(_: Request, exc: RevisionMismatch) -> JSONResponse:
         return JSONResponse(status_code=409, content={"error": str(exc), "current_revision": exc.current})
+
+    @app.exception_handler(ConflictError)
+    async def _contended(_: Request, exc: ConflictError) -> JSONResponse:
+        # An unconditional write lost its compare-and-swap too often (many writers on one key): nothing was
+        # written and a retry may well succeed, so 503 + Retry-After rather than a 409 without a revision.
+        return JSONResponse(status_code=503, content={"error": str(exc)}, headers={"Retry-After": "1"})
 
     @app.exception_handler(HistoryCompacted)
     async def _compacted(_: Request, exc: HistoryCompacted) -> JSONResponse:
@@ -103,7 +109,7 @@ def create_app(settings: Settings) -> FastAPI:
     _install_store_error_handlers(app)
     app.state.events_heartbeat = HEARTBEAT_SECONDS
     app.state.tokens = TokenStore.load(settings.tokens_file) if settings.tokens_file is not None else None
-    api = APIRouter(prefix="/api/v1", dependencies=[Depends(authorize)])
+    api = APIRouter(prefix="/api/v1", dependencies=[Depends(authorize)], responses=ERROR_RESPONSES)
     for module in (models, artifacts, deployments, applications, instances, proxies, events):
         api.include_router(module.router)
     app.include_router(api)

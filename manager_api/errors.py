@@ -10,8 +10,17 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from manager_api.schemas import ErrorBody
 
 log = logging.getLogger(__name__)
+
+#: The error answers every /api/v1 operation documents (FastAPI would otherwise document its own 422 body).
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    "4XX": {"model": ErrorBody, "description": "bad request: the message names the offending field or record"},
+    "5XX": {"model": ErrorBody, "description": "the manager failed (e.g. etcd unreachable)"},
+}
 
 
 class ApiProblem(Exception):
@@ -68,5 +77,43 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Reached only by errors outside _AnswerUnexpected (in other middleware): Starlette re-raises after it.
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return _json_error(500, f"internal error: {type(exc).__name__}: {exc}")
+        return _unexpected_error(exc)
+
+    app.add_middleware(_AnswerUnexpected)
+
+
+def _unexpected_error(exc: Exception) -> JSONResponse:
+    return _json_error(500, f"internal error: {type(exc).__name__}: {exc}")
+
+
+class _AnswerUnexpected:
+    """ASGI middleware answering an unexpected exception with a JSON 500, and keeping the connection.
+
+    Starlette's own 500 handler re-raises the exception once it has answered, and uvicorn then closes the
+    connection: a keep-alive client's next request on it fails with a reset instead of an answer. Here the
+    exception stops, logged. Once a response has started (a stream) nothing can be answered: it is re-raised.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            if started:
+                raise
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            await _unexpected_error(exc)(scope, receive, send)

@@ -17,8 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
+from manager_api.client import ManagerClient
 from manager_api.credentials import ensure_admin_credentials
 from manager_api.etcd_server import EtcdServer
+from manager_api.model_discovery import ModelDiscovery
 from manager_api.processes import ChildProcess, free_port, http_ok
 from xds_control.bootstrap import envoy_ready, ingress_envoy
 
@@ -44,6 +46,8 @@ class StackConfig:
     etcd_port: int = 2379
     prefix: str = "/hydro/"
     ready_timeout: float = 60.0
+    #: Folder of model folders to register and keep up to date (manager_api.model_discovery); None: off.
+    models_dir: Path | None = None
 
 
 @dataclass
@@ -70,6 +74,7 @@ class Stack:
         self.credentials, self.tokens_file = ensure_admin_credentials(self.data_dir, self.api_url)
         self._children: list[_Supervised] = []
         self._stopping = False
+        self._discovery: ModelDiscovery | None = None
 
     @property
     def ingress_url(self) -> str:
@@ -155,6 +160,9 @@ class Stack:
             ads_api_type="DELTA_GRPC" if self.config.xds_api == "delta" else "GRPC",
         )
         self._run(ingress, lambda: envoy_ready(admin_port))
+        if self.config.models_dir is not None:
+            api = ManagerClient(self.api_url, self.credentials.token)
+            self._discovery = ModelDiscovery(self.config.models_dir.resolve(), api).start()
 
     def _run(self, process: ChildProcess, ready: Callable[[], bool]) -> None:
         process.start()
@@ -182,6 +190,9 @@ class Stack:
     def stop(self) -> None:
         """Stop every child in reverse start order (the manager drains its runtimes first)."""
         self._stopping = True
+        if self._discovery is not None:
+            self._discovery.stop()
+            self._discovery.api.close()
         for child in reversed(self._children):
             child.process.stop(grace=30.0 if child.process.name == "manager_api" else 10.0)
 

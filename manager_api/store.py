@@ -12,7 +12,9 @@ partial updates (scale vs. policies) never undo each other.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import zlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar
@@ -43,6 +45,8 @@ RecordT = TypeVar("RecordT", bound=BaseModel)
 
 #: Attempts at numbering a new model version before giving up (each loses only to a concurrent upload).
 _VERSION_ATTEMPTS = 20
+#: Locks shared by the keys of one record kind; few, since writes are short.
+_WRITE_LOCK_STRIPES = 64
 
 
 #: Deadline of one etcd transaction (seconds).
@@ -122,6 +126,16 @@ class TopologyStore:
     def __init__(self, client: aetcd.Client, keys: Keys) -> None:
         self.client = client
         self.keys = keys
+        self._write_locks = [asyncio.Lock() for _ in range(_WRITE_LOCK_STRIPES)]
+
+    def _writer(self, key: bytes) -> asyncio.Lock:
+        """The lock this process's writers of ``key`` take turns on (one of a few stripes).
+
+        Compare-and-swap alone keeps writes correct across processes, but 50 clients writing one record made most
+        attempts lose the race and retry until they gave up (503); queueing them here first makes each write one
+        transaction. Other manager processes still meet only the compare-and-swap.
+        """
+        return self._write_locks[zlib.crc32(key) % _WRITE_LOCK_STRIPES]
 
     # --- models ---------------------------------------------------------------------------------------------
 
@@ -242,31 +256,34 @@ class TopologyStore:
         what = f"deployment {model}/{version}"
         key = self.keys.deployment(model, version).encode()
         model_key = self.keys.model_version(model, version).encode()
-        for _ in range(_VERSION_ATTEMPTS):
-            current = await self._get(self.keys.deployment(model, version), Deployment)
-            current_revision = current.revision if current is not None else 0
-            if expected_revision is not None and expected_revision != current_revision:
-                raise RevisionMismatch(what, expected_revision, current_revision)
-            if current is None:
-                record = Deployment(model=model, version=version, replicas=replicas, policies=policies or Policies())
-            else:
-                update: dict[str, object] = {"replicas": replicas, "updated_at": now_iso()}
-                if policies is not None:
-                    update["policies"] = policies
-                record = current.record.model_copy(update=update)
-            tx = self.client.transactions
-            response = await self._txn(
-                compare=[tx.mod(key) == current_revision, tx.version(model_key) > 0],
-                success=[_put(key, record.model_dump_json().encode())],
-                failure=[_read(key), _read(model_key)],
-            )
-            if response.succeeded:
-                return Stored(record, response.header.revision)
-            if _mod_revision(response, 1) == 0:
-                raise KeyError(f"model version {model}:{version}")
-            if expected_revision is not None:
-                raise RevisionMismatch(what, expected_revision, _mod_revision(response, 0))
-        raise ConflictError(f"{what}: too many concurrent writes, try again")
+        async with self._writer(key):
+            for _ in range(_VERSION_ATTEMPTS):
+                current = await self._get(self.keys.deployment(model, version), Deployment)
+                current_revision = current.revision if current is not None else 0
+                if expected_revision is not None and expected_revision != current_revision:
+                    raise RevisionMismatch(what, expected_revision, current_revision)
+                if current is None:
+                    record = Deployment(
+                        model=model, version=version, replicas=replicas, policies=policies or Policies()
+                    )
+                else:
+                    update: dict[str, object] = {"replicas": replicas, "updated_at": now_iso()}
+                    if policies is not None:
+                        update["policies"] = policies
+                    record = current.record.model_copy(update=update)
+                tx = self.client.transactions
+                response = await self._txn(
+                    compare=[tx.mod(key) == current_revision, tx.version(model_key) > 0],
+                    success=[_put(key, record.model_dump_json().encode())],
+                    failure=[_read(key), _read(model_key)],
+                )
+                if response.succeeded:
+                    return Stored(record, response.header.revision)
+                if _mod_revision(response, 1) == 0:
+                    raise KeyError(f"model version {model}:{version}")
+                if expected_revision is not None:
+                    raise RevisionMismatch(what, expected_revision, _mod_revision(response, 0))
+            raise ConflictError(f"{what}: too many concurrent writes, try again")
 
     async def get_deployment(self, model: str, version: int) -> Deployment | None:
         stored = await self.read_deployment(model, version)
@@ -316,28 +333,29 @@ class TopologyStore:
         key = self.keys.application(application.name).encode()
         named = sorted({(v.model, v.version) for stage in application.stages for v in stage.variants})
         version_keys = [self.keys.model_version(m, v).encode() for m, v in named]
-        for _ in range(_VERSION_ATTEMPTS):
-            current = await self._get(self.keys.application(application.name), Application)
-            current_revision = current.revision if current is not None else 0
-            if expected_revision is not None and expected_revision != current_revision:
-                raise RevisionMismatch(what, expected_revision, current_revision)
-            record = application
-            if current is not None:
-                kept = {"created_at": current.record.created_at, "updated_at": now_iso()}
-                record = application.model_copy(update=kept)
-            tx = self.client.transactions
-            response = await self._txn(
-                compare=[tx.mod(key) == current_revision, *(tx.version(k) > 0 for k in version_keys)],
-                success=[_put(key, record.model_dump_json().encode())],
-                failure=[_read(key), *(_read(k) for k in version_keys)],
-            )
-            if response.succeeded:
-                return Stored(record, response.header.revision)
-            if any(_mod_revision(response, i + 1) == 0 for i in range(len(version_keys))):
-                raise ConflictError(f"{what}: a model version it names was deleted meanwhile")
-            if expected_revision is not None:
-                raise RevisionMismatch(what, expected_revision, _mod_revision(response, 0))
-        raise ConflictError(f"{what}: too many concurrent writes, try again")
+        async with self._writer(key):
+            for _ in range(_VERSION_ATTEMPTS):
+                current = await self._get(self.keys.application(application.name), Application)
+                current_revision = current.revision if current is not None else 0
+                if expected_revision is not None and expected_revision != current_revision:
+                    raise RevisionMismatch(what, expected_revision, current_revision)
+                record = application
+                if current is not None:
+                    kept = {"created_at": current.record.created_at, "updated_at": now_iso()}
+                    record = application.model_copy(update=kept)
+                tx = self.client.transactions
+                response = await self._txn(
+                    compare=[tx.mod(key) == current_revision, *(tx.version(k) > 0 for k in version_keys)],
+                    success=[_put(key, record.model_dump_json().encode())],
+                    failure=[_read(key), *(_read(k) for k in version_keys)],
+                )
+                if response.succeeded:
+                    return Stored(record, response.header.revision)
+                if any(_mod_revision(response, i + 1) == 0 for i in range(len(version_keys))):
+                    raise ConflictError(f"{what}: a model version it names was deleted meanwhile")
+                if expected_revision is not None:
+                    raise RevisionMismatch(what, expected_revision, _mod_revision(response, 0))
+            raise ConflictError(f"{what}: too many concurrent writes, try again")
 
     async def get_application(self, name: str) -> Application | None:
         stored = await self.read_application(name)

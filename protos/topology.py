@@ -303,11 +303,21 @@ class Variant(BaseModel):
     weight: int = Field(ge=0, le=100)
 
 
+class ShadowVariant(BaseModel):
+    """A model version that gets a copy of a stage's input; its answer is only compared, never returned."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    model: str
+    version: int = Field(ge=1)
+
+
 class Stage(BaseModel):
-    """One step of an application; its variants' weights sum to 100."""
+    """One step of an application; its variants' weights sum to 100. Shadows see its traffic, answer nobody."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     variants: list[Variant] = Field(min_length=1)
+    # Records written before shadows existed have none.
+    shadows: list[ShadowVariant] = Field(default_factory=list)
 
 
 class Application(Record):

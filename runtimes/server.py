@@ -170,6 +170,16 @@ class _HttpServer(uvicorn.Server):
         yield
 
 
+#: How long a thread may hold the GIL while another waits for it, while predict threads run: a predict thread
+#: holding the GIL makes the event loop wait up to one interval for every step of a health or metadata call. With 8
+#: clients on a 30 ms pure-Python model, 1 ms instead of Python's 5 ms took the median gRPC health + metadata probe
+#: from 23-58 ms to 7 ms (REST 11-14 -> 4 ms).
+BUSY_SWITCH_INTERVAL_SECONDS = 0.001
+#: ...and otherwise (Python's default). Not 1 ms all the time: with predicts inline on the event loop, the loop and
+#: gRPC's own threads then hand the GIL over so often that a 1-row sklearn model served ~15 % fewer gRPC requests.
+IDLE_SWITCH_INTERVAL_SECONDS = 0.005
+
+
 class _CountingExecutor(ThreadPoolExecutor):
     """A thread pool that knows how many calls are running right now (cancelled awaits do not stop threads)."""
 
@@ -190,11 +200,15 @@ class _CountingExecutor(ThreadPoolExecutor):
         def counted() -> Any:
             with self._lock:
                 self._running += 1
+                if self._running == 1:
+                    sys.setswitchinterval(BUSY_SWITCH_INTERVAL_SECONDS)
             try:
                 return fn(*args, **kwargs)
             finally:
                 with self._lock:
                     self._running -= 1
+                    if self._running == 0:
+                        sys.setswitchinterval(IDLE_SWITCH_INTERVAL_SECONDS)
 
         return super().submit(counted)
 
@@ -383,18 +397,10 @@ def configure_logging(level: str) -> None:
     )
 
 
-#: How long a thread may hold the GIL while another waits for it (Python's default is 5 ms).
-GIL_SWITCH_INTERVAL_SECONDS = 0.001
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m runtimes``."""
     options = parse_args(argv)
     configure_logging(options.log_level)
-    # A predict thread holding the GIL makes the event loop wait up to one switch interval for every step of a
-    # health or metadata call. 1 ms instead of Python's 5 ms: with 8 clients on a 30 ms pure-Python model, the
-    # median gRPC health + metadata probe went from 23-58 ms to 7 ms (REST 11-14 -> 4 ms).
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL_SECONDS)
     # uvloop (as MLServer and uvicorn[standard] use): measured ~1.3x the requests per second of the default loop
     # for both grpc.aio and uvicorn on a small model.
     return uvloop.run(serve(options))

@@ -11,7 +11,7 @@ from pathlib import Path, PurePosixPath
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from protos.topology import Signature
+from protos.topology import NAME_PATTERN, Signature
 
 SERVING_FILE = "serving.yaml"
 
@@ -27,6 +27,8 @@ class ServingConfig(BaseModel):
     """The parsed ``serving.yaml`` of a model folder."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    #: The model's name when its folder is discovered by `hydro up --models-dir` (default: the folder's name).
+    name: str | None = Field(default=None, pattern=NAME_PATTERN)
     runtime: str
     files: list[str] = Field(default_factory=list)
     entrypoint: str | None = None

@@ -1,16 +1,17 @@
-"""Translation of the desired topology into per-node snapshots: ingress and sidecar roles."""
+"""Translation of the desired topology into per-node snapshots: ingress, sidecar and pipeline roles."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from envoy.config.core.v3 import base_pb2
+from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_components_pb2
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from protos.topology import Policies, RetryPolicy
+from protos.topology import Policies, RetryPolicy, Stage
 from xds_control import resources as r
 from xds_control.build_cache import BuildCache
 from xds_control.snapshot import Snapshot, serialize
@@ -19,6 +20,14 @@ from xds_control.topology import Topology
 INGRESS_LISTENER = "ingress"
 INGRESS_ROUTES = "ingress"
 SIDECAR_LISTENER = "inbound"
+OUTBOUND_LISTENER = "outbound"
+#: Headers of a pipeline runtime's outbound calls: ``{app}/{stage index}``, or ``{model}/{version}`` (shadows).
+STAGE_HEADER = "x-hydro-stage"
+MODEL_VERSION_HEADER = "x-hydro-model-version"
+NO_STAGE = (
+    "no stage of application {app} is named by the x-hydro-stage header, nor a model version of it by "
+    "x-hydro-model-version"
+)
 LOCAL_GRPC = "local|grpc"
 LOCAL_HTTP = "local|http"
 
@@ -109,6 +118,26 @@ def route_policies(policies: Sequence[Policies]) -> r.RoutePolicies:
     return r.RoutePolicies(timeout_ms=timeout, retries=merged)
 
 
+Named = list[tuple[str, Message | bytes]]
+
+
+def model_clusters(topology: Topology, served: Iterable[tuple[str, int]], cache: BuildCache) -> tuple[Named, Named]:
+    """The EDS cluster (with its deployment's policies) and the endpoints of each model version in ``served``."""
+    clusters: Named = []
+    endpoints: Named = []
+    for model, version in sorted(served):
+        name = cluster_name(model, version)
+        deployment = topology.deployments.get((model, version))
+        policies = policies_of(topology, model, version)
+        cluster = cache.get(("cluster", name), (deployment,), _cluster_bytes, name, policies)
+        clusters.append((name, cluster))
+        instances = topology.instances.get((model, version), ())
+        ready = topology.ready_endpoints(model, version)
+        assignment = cache.get(("endpoints", name), instances, _endpoints_bytes, name, ready)
+        endpoints.append((name, assignment))
+    return clusters, endpoints
+
+
 def ingress_snapshot(
     topology: Topology,
     node: NodeInfo,
@@ -125,19 +154,8 @@ def ingress_snapshot(
     for app in topology.applications.values():
         served.update((v.model, v.version) for stage in app.stages for v in stage.variants)
 
-    clusters: list[tuple[str, Message | bytes]] = []
-    endpoints: list[tuple[str, Message | bytes]] = []
-    for model, version in sorted(served):
-        name = cluster_name(model, version)
-        deployment = topology.deployments.get((model, version))
-        policies = policies_of(topology, model, version)
-        cluster = cache.get(("cluster", name), (deployment,), _cluster_bytes, name, policies)
-        clusters.append((name, cluster))
-        instances = topology.instances.get((model, version), ())
-        ready = topology.ready_endpoints(model, version)
-        assignment = cache.get(("endpoints", name), instances, _endpoints_bytes, name, ready)
-        endpoints.append((name, assignment))
-    model_clusters = [name for name, _ in clusters]
+    clusters, endpoints = model_clusters(topology, served, cache)
+    model_cluster_names = [name for name, _ in clusters]
     # Server-level gRPC calls go to whichever deployed model version has a healthy replica. Only deployments
     # count (the other clusters have no replicas), so that application changes never touch this cluster.
     deployed = [cluster_name(model, version) for model, version in sorted(topology.deployments)]
@@ -179,7 +197,7 @@ def ingress_snapshot(
             r.LISTENER: [(INGRESS_LISTENER, listener)],
             r.ROUTE: [(INGRESS_ROUTES, route_config)],
         },
-        eds_clusters=model_clusters,
+        eds_clusters=model_cluster_names,
         route_clusters=r.clusters_named_by(route_config),
         rds_names=[INGRESS_ROUTES],
     )
@@ -199,24 +217,28 @@ def _model_version_routes(model: str, version: int, policies: Policies) -> list[
     return [r.model_version_route(*args, limits), *r.model_version_grpc_routes(*args, limits)]
 
 
-def _application_routes(topology: Topology, name: str) -> list[route_components_pb2.Route]:
-    first_stage = topology.applications[name].stages[0]
+def stage_targets(topology: Topology, stage: Stage) -> tuple[list[r.WeightedTarget], r.RoutePolicies]:
+    """The weighted clusters of a stage's variants, and the route policies merged from its live variants."""
     targets = []
     live_policies = []
-    for v in first_stage.variants:
+    for v in stage.variants:
         policies = policies_of(topology, v.model, v.version)
         targets.append(
             r.WeightedTarget(cluster_name(v.model, v.version), v.weight, request_limits(v.model, v.version, policies))
         )
         if v.weight > 0:
             live_policies.append(policies)
-    return list(r.application_routes(name, targets, route_policies(live_policies)))
+    return targets, route_policies(live_policies)
 
 
-def sidecar_snapshot(node: NodeInfo, max_request_bytes: int = r.DEFAULT_MAX_REQUEST_BYTES) -> Snapshot:
-    """One inbound listener that hands gRPC to the runtime's gRPC port and the rest to its HTTP port."""
+def _application_routes(topology: Topology, name: str) -> list[route_components_pb2.Route]:
+    targets, policies = stage_targets(topology, topology.applications[name].stages[0])
+    return list(r.application_routes(name, targets, policies))
+
+
+def _inbound(node: NodeInfo, served_by: str, max_request_bytes: int) -> tuple[Named, listener_pb2.Listener]:
+    """The local runtime's clusters, and the inbound listener that hands gRPC to its gRPC port, the rest to HTTP."""
     runtime_host = node.text("runtime_address", "127.0.0.1")
-    served_by = f"{node.text('model')}:{node.text('version')}/{node.text('instance')}"
     route_config = r.route_configuration(
         "inbound",
         # No deadline of its own: the caller (the ingress route, from the deployment's timeout_ms) owns it, and a
@@ -231,21 +253,97 @@ def sidecar_snapshot(node: NodeInfo, max_request_bytes: int = r.DEFAULT_MAX_REQU
         route_config=route_config,
         buffer_limit_bytes=max_request_bytes,
     )
+    clusters: Named = [
+        (LOCAL_GRPC, r.static_cluster(LOCAL_GRPC, runtime_host, node.port("runtime_grpc_port"), http2=True)),
+        (LOCAL_HTTP, r.static_cluster(LOCAL_HTTP, runtime_host, node.port("runtime_http_port"), http2=False)),
+    ]
+    return clusters, listener
+
+
+def sidecar_snapshot(node: NodeInfo, max_request_bytes: int = r.DEFAULT_MAX_REQUEST_BYTES) -> Snapshot:
+    """One inbound listener that hands gRPC to the runtime's gRPC port and the rest to its HTTP port."""
+    served_by = f"{node.text('model')}:{node.text('version')}/{node.text('instance')}"
+    clusters, listener = _inbound(node, served_by, max_request_bytes)
+    return Snapshot.build(
+        {r.CLUSTER: clusters, r.LISTENER: [(SIDECAR_LISTENER, listener)]},
+        listener_clusters=[LOCAL_GRPC, LOCAL_HTTP],
+    )
+
+
+def outbound_routes_name(app: str) -> str:
+    """The RDS name of a pipeline sidecar's outbound routes."""
+    return f"outbound|{app}"
+
+
+def pipeline_snapshot(
+    topology: Topology,
+    node: NodeInfo,
+    cache: BuildCache | None = None,
+    max_request_bytes: int = r.DEFAULT_MAX_REQUEST_BYTES,
+) -> Snapshot:
+    """A pipeline runtime's sidecar: the inbound listener of a model sidecar, plus an outbound listener on
+    loopback through which the runtime calls its stages.
+
+    Outbound routes: ``x-hydro-stage: {app}/{i}`` goes to stage i's variants by weight (the ingress's clusters,
+    EDS and policies: timeout, retries, circuit breaking), ``x-hydro-model-version: {model}/{version}`` to that
+    exact version (shadows). The routes come over RDS, so a weight change never touches the listener and the
+    runtime's open connection. An application not (or no longer) in etcd gets only a 404 route.
+    """
+    cache = cache if cache is not None else BuildCache()
+    app_name = node.text("app")
+    if not app_name:
+        raise ValueError(f"pipeline node {node.node_id} has no app in its metadata")
+    app = topology.applications.get(app_name)
+    stages = app.stages if app is not None else []
+    served = {(v.model, v.version) for stage in stages for v in stage.variants}
+    served.update((s.model, s.version) for stage in stages for s in stage.shadows)
+    clusters, endpoints = model_clusters(topology, served, cache)
+    model_cluster_names = [name for name, _ in clusters]
+    cache.sweep()
+
+    routes = []
+    for index, stage in enumerate(stages, start=1):
+        targets, policies = stage_targets(topology, stage)
+        routes.append(
+            r.header_route(
+                f"stage|{app_name}|{index}",
+                STAGE_HEADER,
+                f"{app_name}/{index}",
+                targets,
+                policies,
+                # As the ingress does: the variant's runtime then takes the application's name as its own.
+                {r.APPLICATION_HEADER: app_name},
+            )
+        )
+    for model, version in sorted(served):
+        target = r.WeightedTarget(cluster_name(model, version), 100)
+        policies = route_policies([policies_of(topology, model, version)])
+        routes.append(
+            r.header_route(f"model|{model}|{version}", MODEL_VERSION_HEADER, f"{model}/{version}", [target], policies)
+        )
+    routes.append(r.direct_route("no-stage", "/", 404, NO_STAGE.format(app=app_name)))
+    outbound_name = outbound_routes_name(app_name)
+    outbound_config = r.route_configuration(outbound_name, routes)
+    outbound = r.http_listener(
+        OUTBOUND_LISTENER,
+        node.text("outbound_address", "127.0.0.1"),
+        node.port("outbound_port"),
+        rds_name=outbound_name,
+        buffer_limit_bytes=max_request_bytes,
+    )
+
+    local_clusters, inbound = _inbound(node, f"{app_name}:pipeline/{node.text('instance')}", max_request_bytes)
     return Snapshot.build(
         {
-            r.CLUSTER: [
-                (
-                    LOCAL_GRPC,
-                    r.static_cluster(LOCAL_GRPC, runtime_host, node.port("runtime_grpc_port"), http2=True),
-                ),
-                (
-                    LOCAL_HTTP,
-                    r.static_cluster(LOCAL_HTTP, runtime_host, node.port("runtime_http_port"), http2=False),
-                ),
-            ],
-            r.LISTENER: [(SIDECAR_LISTENER, listener)],
+            r.CLUSTER: [*local_clusters, *clusters],
+            r.ENDPOINT: endpoints,
+            r.LISTENER: [(SIDECAR_LISTENER, inbound), (OUTBOUND_LISTENER, outbound)],
+            r.ROUTE: [(outbound_name, outbound_config)],
         },
-        listener_clusters=r.clusters_named_by(route_config),
+        eds_clusters=model_cluster_names,
+        listener_clusters=[LOCAL_GRPC, LOCAL_HTTP],
+        route_clusters=r.clusters_named_by(outbound_config),
+        rds_names=[outbound_name],
     )
 
 
@@ -260,4 +358,6 @@ def snapshot_for(
         return ingress_snapshot(topology, node, cache, max_request_bytes)
     if node.role == "sidecar":
         return sidecar_snapshot(node, max_request_bytes)
-    raise ValueError(f"node {node.node_id} has unknown role {node.role!r} (expected ingress or sidecar)")
+    if node.role == "pipeline":
+        return pipeline_snapshot(topology, node, cache, max_request_bytes)
+    raise ValueError(f"node {node.node_id} has unknown role {node.role!r} (expected ingress, sidecar or pipeline)")

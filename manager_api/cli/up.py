@@ -41,6 +41,10 @@ def up(
     local_node: Annotated[
         bool, typer.Option(help="Run replicas on this machine as node 'local'; --no-local-node leaves them to agents.")
     ] = True,
+    models_dir: Annotated[
+        Path | None,
+        typer.Option(help="Register every sub-folder with a serving.yaml as a model; each change is a new version."),
+    ] = None,
 ) -> None:
     """Start etcd, xds_control, manager_api and the ingress Envoy on this machine; Ctrl-C stops them all."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -56,6 +60,7 @@ def up(
             xds_api=xds_api.value,
             control_host=control_host,
             local_node=local_node,
+            models_dir=models_dir,
         )
     )
 
@@ -68,6 +73,8 @@ def up(
         console.print(f"  xDS:                   {stack.xds_address} ({stack.config.xds_api})")
         console.print(f"  xDS metrics:           http://127.0.0.1:{stack.xds_metrics_port}/metrics")
         console.print(f"  etcd:                  {stack.etcd.endpoint}")
+        if models_dir is not None:
+            console.print(f"  models folder:         {models_dir.resolve()} (each sub-folder is a model)")
         if demo:
             from manager_api.demo import push_demo, usage
 

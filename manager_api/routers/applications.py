@@ -7,8 +7,9 @@ from fastapi import APIRouter, Response
 from manager_api.dependencies import ApplicationName, Store
 from manager_api.errors import ApiProblem, not_found
 from manager_api.schemas import CONDITIONAL_WRITE_RESPONSES, ApplicationSpec, ApplicationView, RevisionQuery
-from manager_api.store import ConflictError, Stored, TopologyStore
-from protos.topology import Application
+from manager_api.store import Stored, TopologyStore
+from protos.contracts import ContractError, check_application, version_key
+from protos.topology import Application, ShadowVariant, Signature, Variant
 
 router = APIRouter(prefix="/applications", tags=["applications"])
 
@@ -16,9 +17,11 @@ router = APIRouter(prefix="/applications", tags=["applications"])
 MAX_STAGES = 1
 
 
-async def _check(store: TopologyStore, spec: ApplicationSpec) -> None:
+async def _check(store: TopologyStore, name: str, spec: ApplicationSpec) -> Application:
+    """The application record, once its weights, references and contract between stages are right."""
     if len(spec.stages) > MAX_STAGES:
         raise ApiProblem(400, f"stages: {len(spec.stages)} given, only {MAX_STAGES} stage is supported")
+    signatures: dict[str, Signature] = {}
     for index, stage in enumerate(spec.stages):
         where = f"stages[{index}]"
         total = sum(v.weight for v in stage.variants)
@@ -31,8 +34,18 @@ async def _check(store: TopologyStore, spec: ApplicationSpec) -> None:
             if key in seen:
                 raise ApiProblem(400, f"{where}: model version {variant.model}:{variant.version} is listed twice")
             seen.add(key)
-            if await store.get_model_version(variant.model, variant.version) is None:
-                raise ApiProblem(400, f"{where}: model version {variant.model}:{variant.version} is not registered")
+        members: list[Variant | ShadowVariant] = [*stage.variants, *stage.shadows]
+        for member in members:
+            registered = await store.get_model_version(member.model, member.version)
+            if registered is None:
+                raise ApiProblem(400, f"{where}: model version {member.model}:{member.version} is not registered")
+            signatures[version_key(member.model, member.version)] = registered.signature
+    application = Application(name=name, stages=spec.stages)
+    try:
+        check_application(application, signatures)
+    except ContractError as exc:
+        raise ApiProblem(400, f"contract between model versions: {exc}") from exc
+    return application
 
 
 def _view(stored: Stored[Application]) -> ApplicationView:
@@ -45,11 +58,9 @@ async def put_application(name: ApplicationName, spec: ApplicationSpec, store: S
 
     With ``revision`` (from a GET) the write happens only if nobody changed the application since: 409 otherwise.
     """
-    await _check(store, spec)
-    try:
-        return _view(await store.put_application(Application(name=name, stages=spec.stages), spec.revision))
-    except ConflictError as exc:
-        raise ApiProblem(409, str(exc)) from exc
+    application = await _check(store, name, spec)
+    # A lost race (RevisionMismatch -> 409, ConflictError -> 503 + Retry-After) is answered by app.py's handlers.
+    return _view(await store.put_application(application, spec.revision))
 
 
 @router.get("", response_model=list[ApplicationView])

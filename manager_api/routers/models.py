@@ -13,7 +13,7 @@ from manager_api.artifacts import UploadTooLarge
 from manager_api.dependencies import Artifacts, ModelName, Store
 from manager_api.errors import ApiProblem, not_found
 from manager_api.schemas import CONDITIONAL_WRITE_RESPONSES, ModelVersionView, ModelView, RevisionQuery
-from manager_api.store import ConflictError, Stored
+from manager_api.store import Stored
 from protos.topology import ModelVersion
 from runtimes.model_digest import manifest_digest
 from runtimes.serving_config import ServingConfigError
@@ -35,7 +35,10 @@ async def register_model_version(
     model: ModelName,
     store: Store,
     artifacts: Artifacts,
-    archive: Annotated[UploadFile, File(description="a .tar.gz, .tar or .zip of the model folder")],
+    archive: Annotated[
+        UploadFile,
+        File(description="a .tar.gz, .tar or .zip of the model folder", examples=["(bytes of tar czf - -C iris .)"]),
+    ],
 ) -> ModelVersionView:
     """Upload a model folder (with serving.yaml at its root) as the next version of ``model``."""
     try:
@@ -88,8 +91,6 @@ async def delete_model_version(
         users = await store.delete_model_version(model, version, revision)
     except KeyError as exc:
         raise not_found(f"model version {model}:{version}") from exc
-    except ConflictError as exc:
-        raise ApiProblem(409, str(exc)) from exc
     if users:
         raise ApiProblem(409, f"model version {model}:{version} is in use by {', '.join(users)}; remove those first")
     return Response(status_code=204)

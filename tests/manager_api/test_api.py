@@ -266,6 +266,8 @@ def test_applications(manager: Manager, tmp_path: Path) -> None:
 
 def test_bad_applications_are_refused(manager: Manager, tmp_path: Path) -> None:
     assert manager.upload("weighted", folder_archive(tmp_path)).status_code == 201
+    other = SERVING_YAML.replace("{name: x, datatype: FP32", "{name: x, datatype: FP64")
+    assert manager.upload("weighted", folder_archive(tmp_path, serving=other)).status_code == 201
 
     def variants(*items: tuple[str, int, int]) -> dict[str, object]:
         return {"stages": [{"variants": [{"model": m, "version": v, "weight": w} for m, v, w in items]}]}
@@ -280,6 +282,13 @@ def test_bad_applications_are_refused(manager: Manager, tmp_path: Path) -> None:
     assert_error(put("/applications/app", json={"stages": []}), 422, "stages")
     two = {"stages": [variants(("weighted", 1, 100))["stages"][0]] * 2}  # type: ignore[index]
     assert_error(put("/applications/app", json=two), 400, "only 1 stage")
+    # An A/B split between versions that do not take the same inputs: traffic could not move between them.
+    split = variants(("weighted", 1, 50), ("weighted", 2, 50))
+    assert_error(
+        put("/applications/app", json=split),
+        400,
+        "stage 1: weighted:2 takes x (FP64 [-1]) but weighted:1 takes x (FP32 [-1])",
+    )
     assert_error(put("/applications/UPPER", json=variants(("weighted", 1, 100))), 400, "invalid application name")
     assert_error(put("/applications/app", content=b"nope", headers={"content-type": "application/json"}), 400, "JSON")
     assert manager.etcd_keys() == before
