@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import Query
 from pydantic import BaseModel, ConfigDict, Field
 
-from protos.topology import Application, Deployment, Instance, ModelVersion, Policies, Stage
+from protos.topology import LAST_ERROR_MAX_CHARS, Application, Deployment, ModelVersion, Policies, ReplicaState, Stage
 
 #: The etcd mod_revision a client read a record at; strict, so "12" or 12.5 are refused rather than coerced.
 Revision = Annotated[
@@ -90,12 +90,110 @@ class ModelView(BaseModel):
     versions: list[ModelVersionView]
 
 
+class InstanceView(BaseModel):
+    """One replica of a deployment as the deployer running it reports it (``replicas/`` in etcd)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "local-3f9c2a1b",
+                    "node": "local",
+                    "state": "ready",
+                    "address": "127.0.0.1",
+                    "port": 41234,
+                    "restarts": 0,
+                    "since": "2026-11-25T18:40:02.120+00:00",
+                    "last_error": None,
+                    "next_restart_at": None,
+                },
+                {
+                    "id": "h1-0d4e5f6a",
+                    "node": "h1",
+                    "state": "crash-looping",
+                    "address": "10.77.0.11",
+                    "port": 40111,
+                    "restarts": 3,
+                    "since": "2026-11-25T18:41:10.500+00:00",
+                    "last_error": "runtime-h1-0d4e5f6a exited with code 1\n--- runtime-h1-0d4e5f6a log ---\n"
+                    "... ERROR runtimes: cannot load model 'iris' version 2 from ...: No module named 'sklearn'",
+                    "next_restart_at": "2026-11-25T18:41:14.500+00:00",
+                },
+            ]
+        }
+    )
+    id: str
+    node: str = Field(description="the node (`hydro up`'s is local, or a `hydro agent --node`) that runs it")
+    state: ReplicaState = Field(
+        description="starting: processes launched, not ready yet; ready: registered, receiving traffic; "
+        "crash-looping: a process exited or never got ready, waiting until next_restart_at to start again; "
+        "draining: deregistered, stopping (scale down or delete)"
+    )
+    address: str = Field(description="where its sidecar listens (other hosts call it there)")
+    port: int = Field(description="its sidecar's port; 0 before the first start")
+    restarts: int = Field(description="starts after a crash so far")
+    since: str = Field(description="when it entered this state (ISO-8601 UTC)")
+    last_error: str | None = Field(
+        default=None,
+        description=f"the last crash: exit code or signal and the tail of the log, at most {LAST_ERROR_MAX_CHARS} "
+        "characters; kept across restarts",
+    )
+    next_restart_at: str | None = Field(
+        default=None, description="while crash-looping: when it starts again (ISO-8601 UTC)"
+    )
+
+
 class DeploymentView(Deployment):
-    """A deployment with the instances that are ready now."""
+    """A deployment with the state of each of its replicas."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "schema_version": 1,
+                    "model": "iris",
+                    "version": 1,
+                    "replicas": 2,
+                    "policies": {"timeout_ms": 60000},
+                    "created_at": "2026-11-25T18:39:58.002+00:00",
+                    "updated_at": "2026-11-25T18:39:58.002+00:00",
+                    "revision": 12,
+                    "ready_replicas": 1,
+                    "instances": [
+                        {
+                            "id": "local-3f9c2a1b",
+                            "node": "local",
+                            "state": "ready",
+                            "address": "127.0.0.1",
+                            "port": 41234,
+                            "restarts": 0,
+                            "since": "2026-11-25T18:40:02.120+00:00",
+                            "last_error": None,
+                            "next_restart_at": None,
+                        },
+                        {
+                            "id": "local-9a8b7c6d",
+                            "node": "local",
+                            "state": "starting",
+                            "address": "127.0.0.1",
+                            "port": 41240,
+                            "restarts": 0,
+                            "since": "2026-11-25T18:40:03.510+00:00",
+                            "last_error": None,
+                            "next_restart_at": None,
+                        },
+                    ],
+                }
+            ]
+        }
+    )
 
     revision: int = Field(description=_REVISION_DOC, examples=[12])
-    ready_replicas: int
-    instances: list[Instance]
+    ready_replicas: int = Field(description="replicas registered as ready endpoints (what the mesh routes to)")
+    instances: list[InstanceView] = Field(
+        description="every replica that a live node runs, whatever its state; a node that dies takes its "
+        "replicas' entries with it when its lease expires"
+    )
 
 
 class ApplicationView(Application):

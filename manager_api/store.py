@@ -36,6 +36,7 @@ from protos.topology import (
     Node,
     Policies,
     ProxyStatus,
+    ReplicaStatus,
     Signature,
     now_iso,
 )
@@ -379,6 +380,11 @@ class TopologyStore:
     async def list_instances(self, model: str | None = None, version: int | None = None) -> list[Instance]:
         records = await self._list(self.keys.instances(model, version), Instance)
         return sorted((s.record for s in records), key=lambda i: (i.model, i.version, i.id))
+
+    async def list_replica_statuses(self, model: str | None = None, version: int | None = None) -> list[ReplicaStatus]:
+        """Every replica's status (leased, written by the deployer running it), by model, version and id."""
+        records = await self._list(self.keys.replica_statuses(model, version), ReplicaStatus)
+        return sorted((s.record for s in records), key=lambda r: (r.model, r.version, r.id))
 
     # --- nodes (leased, written by each deployer's registry; read by every deployer for placement) ----------------
 

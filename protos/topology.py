@@ -9,6 +9,7 @@ migrate it. Keys live under a configurable prefix (default ``/hydro/``):
 - ``instances/{model}/{version}/{id}``  Instance       (leased; written only once the instance is ready)
 - ``proxies/{node_id}``                 ProxyStatus    (leased; written by xds_control)
 - ``nodes/{name}``                      Node           (leased; written by the deployer running on that node)
+- ``replicas/{model}/{version}/{id}``   ReplicaStatus  (leased with its node; every replica, whatever its state)
 """
 
 from __future__ import annotations
@@ -107,9 +108,19 @@ class Artifact(BaseModel):
     """Where a model version's files are: a content-addressed archive of the model folder."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    digest: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
+    digest: str = Field(pattern=r"^sha256:[0-9a-f]{64}$", description="sha256 of the archive as uploaded")
     uri: str
     size: int = Field(ge=0)
+    # Records registered before runtimes verified their folders have neither: they deploy unverified.
+    folder_digest: str | None = Field(
+        default=None,
+        pattern=r"^sha256:[0-9a-f]{64}$",
+        description="sha256 of the unpacked model folder's manifest (runtimes/model_digest.py); runtimes check it",
+    )
+    files: dict[str, str] | None = Field(
+        default=None,
+        description="the folder's manifest: relative path -> sha256 hex; lets a runtime name the file that differs",
+    )
 
 
 class ModelVersion(Record):
@@ -330,6 +341,36 @@ class Instance(Record):
     state: Literal["ready", "draining"] = "ready"
 
 
+#: Longest ``ReplicaStatus.last_error`` (characters): the exit status and the tail of the runtime's log.
+LAST_ERROR_MAX_CHARS = 2048
+
+ReplicaState = Literal["starting", "ready", "crash-looping", "draining"]
+
+
+class ReplicaStatus(Record):
+    """``replicas/{model}/{version}/{id}`` (leased with its node's instances): one replica as its deployer sees it.
+
+    Unlike ``instances/`` (ready endpoints only, what EDS serves), every replica has one from its first start until
+    it is stopped, so a crash loop is visible. A node that dies takes its statuses with it when its lease expires.
+    """
+
+    model: str
+    version: int = Field(ge=1)
+    id: str
+    node: str
+    state: ReplicaState
+    #: Where its sidecar listens (port 0 before the first start).
+    address: str
+    port: int = Field(default=0, ge=0, le=65535)
+    restarts: int = Field(default=0, ge=0)
+    #: When the replica entered ``state`` (ISO-8601 UTC).
+    since: str = Field(default_factory=now_iso)
+    #: Why it last crashed: exit code or signal and the last lines of its log; kept across restarts.
+    last_error: str | None = Field(default=None, max_length=LAST_ERROR_MAX_CHARS)
+    #: While crash-looping: when the deployer starts it again (ISO-8601 UTC).
+    next_restart_at: str | None = None
+
+
 class ProxyStatus(Record):
     """``proxies/{node_id}`` (leased): what a connected Envoy has acknowledged, and its last rejection."""
 
@@ -405,6 +446,17 @@ class Keys:
 
     def node(self, name: str) -> str:
         return f"{self.prefix}nodes/{name}"
+
+    def replica_statuses(self, model: str | None = None, version: int | None = None) -> str:
+        key = f"{self.prefix}replicas/"
+        if model is not None:
+            key += f"{model}/"
+            if version is not None:
+                key += f"{version}/"
+        return key
+
+    def replica_status(self, model: str, version: int, replica_id: str) -> str:
+        return f"{self.prefix}replicas/{model}/{version}/{replica_id}"
 
     def kind_of(self, key: str) -> str | None:
         """The first path segment after the prefix (``models``, ``instances``...), or None if foreign."""

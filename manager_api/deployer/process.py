@@ -4,7 +4,8 @@ It reconciles ``deployments/`` in etcd against the replicas it runs: starts miss
 extra ones, and restarts crashed ones with back-off. Its share of each deployment comes from the live nodes
 (``nodes/``, see placement.py), so the same code runs in `hydro up` (node "local") and in every `hydro agent`.
 Instances are registered only once ready, under the node's lease, so a deployer that dies takes its endpoints
-out of EDS, and its replicas to the other nodes, when the lease expires.
+out of EDS, and its replicas to the other nodes, when the lease expires. Every replica's status (starting, ready,
+crash-looping, draining) is reported under the same lease (replica.py).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any, Protocol, TypeVar
 
 from manager_api.deployer.placement import share
 from manager_api.deployer.replica import InstanceRegistry, Replica, ReplicaConfig
-from protos.topology import BatchingPolicy, Deployment, Instance, ModelVersion, Node
+from protos.topology import Artifact, BatchingPolicy, Deployment, Instance, ModelVersion, Node
 
 log = logging.getLogger(__name__)
 
@@ -210,11 +211,11 @@ class ProcessDeployer:
                     continue
                 folder = await asyncio.to_thread(self._folders.materialize, model.artifact.digest)
                 for _ in range(want - have):
-                    replica = Replica(self._config(key, folder), self._registry)
+                    replica = Replica(self._config(key, folder, model.artifact), self._registry)
                     self.replicas.setdefault(key, []).append(replica)
                     self._launch(replica)
 
-    def _config(self, key: ModelKey, folder: Any) -> ReplicaConfig:
+    def _config(self, key: ModelKey, folder: Any, artifact: Artifact) -> ReplicaConfig:
         return ReplicaConfig(
             model=key[0],
             version=key[1],
@@ -227,6 +228,8 @@ class ProcessDeployer:
             drain_seconds=self._drain_seconds,
             ads_api_type=self._ads_api_type,
             batching=self._batching.get(key),
+            expect_digest=artifact.folder_digest,
+            expected_files=artifact.files,
         )
 
     def _launch(self, replica: Replica) -> None:

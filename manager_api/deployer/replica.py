@@ -1,23 +1,30 @@
 """One replica of a deployment on this machine: a runtime process and its sidecar Envoy.
 
 Lifecycle: starting -> ready (registered in etcd under a lease) -> draining -> stopped, or crashed when either
-process dies. Only the ProcessDeployer drives it, from one event loop.
+process dies. Each change is also reported as the replica's status (``replicas/``, crashed being "crash-looping"
+with the error and the time of the next start), from its first start until it is stopped. Only the
+ProcessDeployer drives it, from one event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import signal
 import sys
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Literal, Protocol
 
-from manager_api.processes import ChildProcess, ReadinessTimeout, free_port, http_ok
-from protos.topology import BatchingPolicy, Instance
+from manager_api.processes import ChildProcess, ProcessExited, ReadinessTimeout, free_port, http_ok
+from protos.topology import LAST_ERROR_MAX_CHARS, BatchingPolicy, Instance, ReplicaStatus, now_iso
+from protos.topology import ReplicaState as ReportedState
 from xds_control.bootstrap import envoy_process, envoy_ready, render_bootstrap
 from xds_control.resources import DEFAULT_MAX_REQUEST_BYTES
 
@@ -25,13 +32,31 @@ log = logging.getLogger(__name__)
 
 ReplicaState = Literal["starting", "ready", "draining", "crashed", "stopped"]
 
+#: What a replica's status says in each state: a crashed replica waits to start again; a stopped one is on its way
+#: out (its status is removed right after).
+REPORTED: dict[ReplicaState, ReportedState] = {
+    "starting": "starting",
+    "ready": "ready",
+    "draining": "draining",
+    "crashed": "crash-looping",
+    "stopped": "draining",
+}
+
+
+#: Lines of a dead process's log kept in its replica's ``last_error``.
+LOG_TAIL_LINES = 20
+
 
 class InstanceRegistry(Protocol):
-    """Where ready instances are announced (etcd, under a lease that the registry keeps alive)."""
+    """Where ready instances and every replica's status are announced (etcd, under the node's lease)."""
 
     async def register_instance(self, instance: Instance) -> None: ...
 
     async def deregister_instance(self, instance: Instance) -> None: ...
+
+    async def report_status(self, status: ReplicaStatus) -> None: ...
+
+    async def clear_status(self, status: ReplicaStatus) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -55,6 +80,10 @@ class ReplicaConfig:
     batching: BatchingPolicy | None = None
     #: The runtime's largest message: at least the mesh's request limit, which the ingress enforces first.
     max_message_mb: int = DEFAULT_MAX_REQUEST_BYTES // 2**20
+    #: The registered folder digest the runtime must find before loading; None (older records): not checked.
+    expect_digest: str | None = None
+    #: The registered manifest (path -> sha256), so that a mismatch names the file; optional.
+    expected_files: Mapping[str, str] | None = None
 
 
 def _batching_flags(batching: BatchingPolicy | None) -> list[str]:
@@ -62,6 +91,47 @@ def _batching_flags(batching: BatchingPolicy | None) -> list[str]:
     if batching is None:
         return []
     return ["--max-batch-size", str(batching.max_batch_size), "--max-batch-delay-ms", str(batching.max_delay_ms)]
+
+
+def _digest_flags(config: ReplicaConfig, workdir: Path) -> list[str]:
+    """``--expect-digest`` (and the manifest, written beside the logs) when the model version has a digest."""
+    if config.expect_digest is None:
+        return []
+    flags = ["--expect-digest", config.expect_digest]
+    if config.expected_files is not None:
+        manifest = workdir / "expected-files.json"
+        manifest.parent.mkdir(parents=True, exist_ok=True)
+        manifest.write_text(json.dumps(dict(config.expected_files), sort_keys=True))
+        flags += ["--expect-files", str(manifest)]
+    return flags
+
+
+def exit_text(returncode: int | None) -> str:
+    """``exited with code 1``, ``killed by SIGKILL``: how a process ended, in words."""
+    if returncode is None:
+        return "is still running"
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exited with code {returncode}"
+
+
+def bounded(text: str, limit: int = LAST_ERROR_MAX_CHARS) -> str:
+    """``text`` within ``limit`` characters: its first line (the exit status) and as much of its end as fits."""
+    if len(text) <= limit:
+        return text
+    head, _, _ = text.partition("\n")
+    head = head[: limit // 4]
+    marker = "\n[...]\n"
+    return head + marker + text[-(limit - len(head) - len(marker)) :]
+
+
+def crash_report(processes: list[ChildProcess]) -> str:
+    """How each of ``processes`` ended and the last lines of its log, bounded for ``ReplicaStatus.last_error``."""
+    parts = [f"{p.name} {exit_text(p.returncode)}{p.log_tail(LOG_TAIL_LINES)}" for p in processes]
+    return bounded("\n".join(parts))
 
 
 class Replica:
@@ -75,6 +145,9 @@ class Replica:
         self.last_error: str | None = None
         self.restarts = 0
         self.crashed_at = 0.0
+        #: Set by stop(): from then on no start, crash or readiness may announce anything.
+        self.retired = False
+        self.status: ReplicaStatus | None = None
         self.runtime: ChildProcess | None = None
         self.sidecar: ChildProcess | None = None
         self.inbound_port = 0
@@ -93,6 +166,28 @@ class Replica:
             state="ready" if self.state == "ready" else "draining",
         )
 
+    async def _report(self, next_restart_at: str | None = None) -> None:
+        """Write the replica's status; a failure is logged, never fatal (the status is for people, not traffic)."""
+        state = REPORTED[self.state]
+        previous = self.status
+        self.status = ReplicaStatus(
+            model=self.config.model,
+            version=self.config.version,
+            id=self.id,
+            node=self.config.node,
+            state=state,
+            address=self.config.advertise_address,
+            port=self.inbound_port,
+            restarts=self.restarts,
+            since=previous.since if previous is not None and previous.state == state else now_iso(),
+            last_error=self.last_error,
+            next_restart_at=next_restart_at,
+        )
+        try:
+            await self.registry.report_status(self.status)
+        except Exception as exc:
+            log.warning("could not report the status of replica %s: %s", self.id, exc)
+
     def alive(self) -> bool:
         return all(p is not None and p.running for p in (self.runtime, self.sidecar))
 
@@ -104,6 +199,10 @@ class Replica:
         self.grpc_port, self.http_port = grpc_port, http_port = free_port(host), free_port(host)
         self.inbound_port, admin_port = free_port(cfg.advertise_address), free_port(host)
         workdir = cfg.workdir / self.id
+        await self._report()
+        if self.retired:
+            # stop() ran during the report: it found no processes to kill, so none may be started.
+            return
         self.runtime = ChildProcess(
             f"runtime-{self.id}",
             [
@@ -125,6 +224,7 @@ class Replica:
                 "--max-message-mb",
                 str(cfg.max_message_mb),
                 *_batching_flags(cfg.batching),
+                *_digest_flags(cfg, workdir),
             ],
             log_path=workdir / "runtime.log",
         ).start()
@@ -156,19 +256,31 @@ class Replica:
                 remaining = max(1.0, cfg.ready_timeout - (time.monotonic() - started))
                 await asyncio.to_thread(process.wait_ready, check, remaining)
         except ReadinessTimeout as exc:
-            self.last_error = str(exc)
+            if isinstance(exc, ProcessExited):
+                dead = [p for p in (self.runtime, self.sidecar) if p is not None and not p.running]
+                self.last_error = crash_report(dead)
+            else:
+                self.last_error = bounded(str(exc))
             await self._kill()
-            self._mark_crashed()
+            await self._crashed()
             raise
+        if self.retired:
+            # Stopped while starting: announce nothing, and make sure the processes are gone (stop() may have run
+            # before they existed).
+            await self._kill()
+            return
         self.state = "ready"
         await self.registry.register_instance(self.instance)
+        await self._report()
         where = f"{cfg.advertise_address}:{self.inbound_port}"
         log.info("replica %s of %s:%d ready on %s", self.id, cfg.model, cfg.version, where)
 
     async def stop(self, drain: bool = True) -> None:
         """Deregister, let in-flight requests finish while proxies drop the endpoint, then stop both processes."""
         was_ready = self.state == "ready"
+        self.retired = True
         self.state = "draining"
+        await self._report()
         with contextlib.suppress(Exception):
             await self.registry.deregister_instance(self.instance)
         if drain and was_ready and self.config.drain_seconds > 0:
@@ -176,20 +288,27 @@ class Replica:
             await asyncio.sleep(self.config.drain_seconds)
         await self._kill()
         self.state = "stopped"
+        if self.status is not None:
+            with contextlib.suppress(Exception):
+                await self.registry.clear_status(self.status)
 
     async def handle_crash(self) -> None:
         """One of the processes died: deregister at once and stop the survivor."""
         dead = [p for p in (self.runtime, self.sidecar) if p is not None and not p.running]
-        self.last_error = "; ".join(f"{p.name} exited with {p.returncode}{p.log_tail(5)}" for p in dead)
+        self.last_error = crash_report(dead)
         log.warning("replica %s crashed: %s", self.id, self.last_error)
         with contextlib.suppress(Exception):
             await self.registry.deregister_instance(self.instance)
         await self._kill()
-        self._mark_crashed()
+        await self._crashed()
 
-    def _mark_crashed(self) -> None:
+    async def _crashed(self) -> None:
+        if self.retired:
+            return
         self.state = "crashed"
         self.crashed_at = time.monotonic()
+        restart_at = datetime.now(UTC) + timedelta(seconds=self.restart_delay())
+        await self._report(next_restart_at=restart_at.isoformat(timespec="milliseconds"))
 
     def restart_delay(self) -> float:
         """Back-off before the next start: 0.5 s doubling to 30 s."""
