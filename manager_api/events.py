@@ -32,6 +32,7 @@ KINDS = {
     "instances": "instance",
     "proxies": "proxy",
     "nodes": "node",
+    "replicas": "replica",
 }
 
 

@@ -125,7 +125,10 @@ def test_an_upload_is_stored_in_the_bucket_under_its_digest(
     artifact = response.json()["artifact"]
     hexdigest = hashlib.sha256(data).hexdigest()
     key = f"{PREFIX}/sha256/{hexdigest}"
-    assert artifact == {"digest": f"sha256:{hexdigest}", "uri": f"s3://{s3.bucket}/{key}", "size": len(data)}
+    stored = {k: artifact[k] for k in ("digest", "uri", "size")}
+    assert stored == {"digest": f"sha256:{hexdigest}", "uri": f"s3://{s3.bucket}/{key}", "size": len(data)}
+    # The unpacked folder's digest and files (what runtimes check before loading) are recorded too.
+    assert set(artifact["files"]) == {"model.py", "serving.yaml"} and artifact["folder_digest"].startswith("sha256:")
     assert s3.client().get_object(Bucket=s3.bucket, Key=key)["Body"].read() == data
     # The bucket is the store: the manager's disk keeps no archive (only the unpacked folder it caches).
     assert not list((data_dir / "artifacts" / "blobs" / "sha256").glob("*"))
