@@ -196,10 +196,30 @@ class DeploymentView(Deployment):
     )
 
 
+class VariantStatus(BaseModel):
+    """One variant or shadow of a stage, and how many of its replicas can take traffic now."""
+
+    stage: int = Field(description="the stage, counted from 1", examples=[1])
+    model: str = Field(examples=["iris"])
+    version: int = Field(examples=[2])
+    weight: int | None = Field(description="its share of the stage's traffic; null for a shadow", examples=[10])
+    ready_replicas: int = Field(examples=[2])
+
+
+class ApplicationStatus(BaseModel):
+    """Whether the application can answer: every stage has a weighted variant with a ready replica."""
+
+    ready: bool
+    #: Why not, when not: the first stage that has no ready replica where its traffic goes.
+    reason: str | None = Field(default=None, examples=["stage 1: no ready replica of iris:2 (weight 100)"])
+    variants: list[VariantStatus]
+
+
 class ApplicationView(Application):
-    """An application and the revision it was stored at."""
+    """An application, the revision it was stored at, and whether its model versions can serve it now."""
 
     revision: int = Field(description=_REVISION_DOC, examples=[21])
+    status: ApplicationStatus
 
 
 class RevisionConflictBody(BaseModel):

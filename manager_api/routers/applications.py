@@ -6,7 +6,14 @@ from fastapi import APIRouter, Response
 
 from manager_api.dependencies import ApplicationName, Store
 from manager_api.errors import ApiProblem, not_found
-from manager_api.schemas import CONDITIONAL_WRITE_RESPONSES, ApplicationSpec, ApplicationView, RevisionQuery
+from manager_api.schemas import (
+    CONDITIONAL_WRITE_RESPONSES,
+    ApplicationSpec,
+    ApplicationStatus,
+    ApplicationView,
+    RevisionQuery,
+    VariantStatus,
+)
 from manager_api.store import Stored, TopologyStore
 from protos.contracts import ContractError, check_application, version_key
 from protos.topology import Application, ShadowVariant, Signature, Variant
@@ -48,8 +55,36 @@ async def _check(store: TopologyStore, name: str, spec: ApplicationSpec) -> Appl
     return application
 
 
-def _view(stored: Stored[Application]) -> ApplicationView:
-    return ApplicationView(**stored.record.model_dump(), revision=stored.revision)
+async def _ready_replicas(store: TopologyStore) -> dict[tuple[str, int], int]:
+    """Ready instances per model version (one read for any number of applications)."""
+    ready: dict[tuple[str, int], int] = {}
+    for instance in await store.list_instances():
+        if instance.state == "ready":
+            key = (instance.model, instance.version)
+            ready[key] = ready.get(key, 0) + 1
+    return ready
+
+
+def _view(stored: Stored[Application], ready: dict[tuple[str, int], int]) -> ApplicationView:
+    return ApplicationView(**stored.record.model_dump(), revision=stored.revision, status=_status(stored.record, ready))
+
+
+def _status(application: Application, ready: dict[tuple[str, int], int]) -> ApplicationStatus:
+    variants: list[VariantStatus] = []
+    reason: str | None = None
+    for index, stage in enumerate(application.stages, start=1):
+        for v in stage.variants:
+            variants.append(VariantStatus(stage=index, model=v.model, version=v.version, weight=v.weight,
+                                          ready_replicas=ready.get((v.model, v.version), 0)))  # fmt: skip
+        for shadow in stage.shadows:
+            variants.append(VariantStatus(stage=index, model=shadow.model, version=shadow.version, weight=None,
+                                          ready_replicas=ready.get((shadow.model, shadow.version), 0)))  # fmt: skip
+        starved = [v for v in stage.variants if v.weight > 0 and not ready.get((v.model, v.version))]
+        if starved and reason is None:
+            # Envoy sends a weighted variant's share to it whatever its health: those requests fail.
+            names = ", ".join(f"{v.model}:{v.version} (weight {v.weight})" for v in starved)
+            reason = f"stage {index}: no ready replica of {names}"
+    return ApplicationStatus(ready=reason is None, reason=reason, variants=variants)
 
 
 @router.put("/{name}", response_model=ApplicationView, responses=CONDITIONAL_WRITE_RESPONSES)
@@ -60,12 +95,15 @@ async def put_application(name: ApplicationName, spec: ApplicationSpec, store: S
     """
     application = await _check(store, name, spec)
     # A lost race (RevisionMismatch -> 409, ConflictError -> 503 + Retry-After) is answered by app.py's handlers.
-    return _view(await store.put_application(application, spec.revision))
+    stored = await store.put_application(application, spec.revision)
+    return _view(stored, await _ready_replicas(store))
 
 
 @router.get("", response_model=list[ApplicationView])
 async def list_applications(store: Store) -> list[ApplicationView]:
-    return [_view(stored) for stored in await store.read_applications()]
+    stored = await store.read_applications()
+    ready = await _ready_replicas(store)
+    return [_view(one, ready) for one in stored]
 
 
 @router.get("/{name}", response_model=ApplicationView)
@@ -73,7 +111,7 @@ async def get_application(name: ApplicationName, store: Store) -> ApplicationVie
     stored = await store.read_application(name)
     if stored is None:
         raise not_found(f"application {name!r}")
-    return _view(stored)
+    return _view(stored, await _ready_replicas(store))
 
 
 @router.delete("/{name}", status_code=204, responses=CONDITIONAL_WRITE_RESPONSES)

@@ -26,9 +26,7 @@ async def _view(store: TopologyStore, stored: Stored[Deployment]) -> DeploymentV
     deployment = stored.record
     endpoints = await store.list_instances(deployment.model, deployment.version)
     statuses = await store.list_replica_statuses(deployment.model, deployment.version)
-    instances = [
-        InstanceView.model_validate(s.model_dump(exclude={"schema_version", "model", "version"})) for s in statuses
-    ]
+    instances = [InstanceView.model_validate(s.model_dump(exclude=_NOT_IN_VIEW)) for s in statuses]
     return DeploymentView(
         **deployment.model_dump(),
         revision=stored.revision,

@@ -17,12 +17,13 @@ from pathlib import Path
 import aetcd
 import httpx
 import pytest
+from pydantic import BaseModel
 
 from manager_api.client import ManagerClient, pack_model_folder
 from manager_api.etcd_server import EtcdServer
 from manager_api.processes import ChildProcess, free_port, http_ok
 from manager_api.schemas import ModelVersionView
-from protos.topology import Keys, ProxyStatus
+from protos.topology import Instance, Keys, ProxyStatus
 
 SERVING_YAML = """\
 runtime: python
@@ -53,6 +54,16 @@ class Manager:
                 return [kv.key.decode() for kv in await client.get_prefix(self.prefix.encode())]
 
         return asyncio.run(read())
+
+    def put_record(self, key: str, record: BaseModel) -> None:
+        """Write a record to etcd as another process would (xds_control, a deployer)."""
+
+        async def write() -> None:
+            host, port = self.etcd.endpoint.rsplit(":", 1)
+            async with aetcd.Client(host=host, port=int(port)) as client:
+                await client.put(key.encode(), record.model_dump_json().encode())
+
+        asyncio.run(write())
 
     def stored_blobs(self) -> list[Path]:
         return sorted((self.data_dir / "artifacts" / "blobs" / "sha256").iterdir())
@@ -258,6 +269,25 @@ def test_applications(manager: Manager, tmp_path: Path) -> None:
     assert [v["weight"] for v in updated["stages"][0]["variants"]] == [30, 70]
     stored = manager.http.get("/applications/shop").json()
     assert stored["stages"] == updated["stages"]
+    # Nothing runs yet (this manager has no deployer): the status says which variant would fail its share.
+    assert stored["status"]["ready"] is False
+    assert stored["status"]["reason"] == "stage 1: no ready replica of split:1 (weight 30), split:2 (weight 70)"
+    manager.put_record(
+        Keys(manager.prefix).instance("split", 1, "r1"),
+        Instance(model="split", version=1, id="r1", node="n", address="127.0.0.1", port=1),
+    )
+    half = manager.http.get("/applications/shop").json()["status"]
+    assert half["reason"] == "stage 1: no ready replica of split:2 (weight 70)"
+    assert [(v["version"], v["weight"], v["ready_replicas"]) for v in half["variants"]] == [(1, 30, 1), (2, 70, 0)]
+    client.put_application("shop", [("split", 1, 100), ("split", 2, 0)])
+    assert manager.http.get("/applications").json()[0]["status"] == {
+        "ready": True,
+        "reason": None,
+        "variants": [
+            {"stage": 1, "model": "split", "version": 1, "weight": 100, "ready_replicas": 1},
+            {"stage": 1, "model": "split", "version": 2, "weight": 0, "ready_replicas": 0},
+        ],
+    }
     assert "shop" in [a["name"] for a in manager.http.get("/applications").json()]
     assert manager.http.delete("/applications/shop").status_code == 204
     assert_error(manager.http.get("/applications/shop"), 404, "shop")
@@ -301,13 +331,7 @@ def test_unknown_endpoints_answer_json(manager: Manager) -> None:
 
 def test_proxies_show_what_xds_control_recorded(manager: Manager) -> None:
     status = ProxyStatus(node_id="ingress", role="ingress", acked={"Cluster": "abc"}, last_nack="Cluster v2: bad")
-
-    async def write() -> None:
-        host, port = manager.etcd.endpoint.rsplit(":", 1)
-        async with aetcd.Client(host=host, port=int(port)) as client:
-            await client.put(Keys(manager.prefix).proxy("ingress").encode(), status.model_dump_json().encode())
-
-    asyncio.run(write())
+    manager.put_record(Keys(manager.prefix).proxy("ingress"), status)
     listed = manager.http.get("/proxies").json()
     assert [p["node_id"] for p in listed] == ["ingress"]
     one = manager.http.get("/proxies/ingress").json()
