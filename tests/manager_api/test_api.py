@@ -311,7 +311,7 @@ def test_bad_applications_are_refused(manager: Manager, tmp_path: Path) -> None:
     assert_error(put("/applications/app", json=variants(("weighted", 1, 101))), 422, "weight")
     assert_error(put("/applications/app", json={"stages": []}), 422, "stages")
     two = {"stages": [variants(("weighted", 1, 100))["stages"][0]] * 2}  # type: ignore[index]
-    assert_error(put("/applications/app", json=two), 400, "only 1 stage")
+    assert_error(put("/applications/app", json={"stages": two["stages"] * 9}), 400, "at most 16 stages")
     # An A/B split between versions that do not take the same inputs: traffic could not move between them.
     split = variants(("weighted", 1, 50), ("weighted", 2, 50))
     assert_error(
