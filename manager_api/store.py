@@ -214,7 +214,9 @@ class TopologyStore:
             for kv in apps:
                 with contextlib.suppress(ValidationError):
                     app = Application.model_validate_json(kv.value)
-                    if any((v.model, v.version) == (name, version) for s in app.stages for v in s.variants):
+                    named = {(v.model, v.version) for s in app.stages for v in s.variants}
+                    named |= {(m.model, m.version) for s in app.stages for m in s.shadows}
+                    if (name, version) in named:
                         users.append(f"application {app.name}")
             if users:
                 return users
