@@ -7,7 +7,16 @@ from typing import Annotated
 from fastapi import Query
 from pydantic import BaseModel, ConfigDict, Field
 
-from protos.topology import LAST_ERROR_MAX_CHARS, Application, Deployment, ModelVersion, Policies, ReplicaState, Stage
+from protos.topology import (
+    LAST_ERROR_MAX_CHARS,
+    MAX_PIPELINE_REPLICAS,
+    Application,
+    Deployment,
+    ModelVersion,
+    Policies,
+    ReplicaState,
+    Stage,
+)
 
 #: The etcd mod_revision a client read a record at; strict, so "12" or 12.5 are refused rather than coerced.
 Revision = Annotated[
@@ -74,6 +83,12 @@ class ApplicationSpec(BaseModel):
         },
     )
     stages: list[Stage] = Field(min_length=1)
+    pipeline_replicas: int = Field(
+        default=1,
+        ge=1,
+        le=MAX_PIPELINE_REPLICAS,
+        description="pipeline runtimes serving it when it has several stages or a shadow; ignored otherwise",
+    )
     revision: Revision | None = None
 
 
@@ -207,12 +222,16 @@ class VariantStatus(BaseModel):
 
 
 class ApplicationStatus(BaseModel):
-    """Whether the application can answer: every stage has a weighted variant with a ready replica."""
+    """Whether the application can answer: every stage has a weighted variant with a ready replica, and its
+    pipeline runtime (when it needs one: several stages or a shadow) a ready replica."""
 
     ready: bool
-    #: Why not, when not: the first stage that has no ready replica where its traffic goes.
+    #: Why not, when not: the first stage that has no ready replica where its traffic goes, else the pipeline.
     reason: str | None = Field(default=None, examples=["stage 1: no ready replica of iris:2 (weight 100)"])
     variants: list[VariantStatus]
+    pipeline_ready_replicas: int | None = Field(
+        default=None, description="ready pipeline runtimes; null when the ingress calls the one stage directly"
+    )
 
 
 class ApplicationView(Application):

@@ -34,6 +34,8 @@ from protos.topology import (
     Keys,
     ModelVersion,
     Node,
+    PipelineInstance,
+    PipelineReplicaStatus,
     Policies,
     ProxyStatus,
     ReplicaStatus,
@@ -212,7 +214,9 @@ class TopologyStore:
             for kv in apps:
                 with contextlib.suppress(ValidationError):
                     app = Application.model_validate_json(kv.value)
-                    if any((v.model, v.version) == (name, version) for s in app.stages for v in s.variants):
+                    named = {(v.model, v.version) for s in app.stages for v in s.variants}
+                    named |= {(m.model, m.version) for s in app.stages for m in s.shadows}
+                    if (name, version) in named:
                         users.append(f"application {app.name}")
             if users:
                 return users
@@ -331,7 +335,11 @@ class TopologyStore:
         """
         what = f"application {application.name}"
         key = self.keys.application(application.name).encode()
-        named = sorted({(v.model, v.version) for stage in application.stages for v in stage.variants})
+        # Shadows too: a shadow whose version is deleted meanwhile would leave the pipeline unable to start.
+        named = sorted(
+            {(v.model, v.version) for stage in application.stages for v in stage.variants}
+            | {(s.model, s.version) for stage in application.stages for s in stage.shadows}
+        )
         version_keys = [self.keys.model_version(m, v).encode() for m, v in named]
         async with self._writer(key):
             for _ in range(_VERSION_ATTEMPTS):
@@ -371,6 +379,11 @@ class TopologyStore:
         records = await self._list(self.keys.applications(), Application)
         return sorted(records, key=lambda s: s.record.name)
 
+    async def watch_applications(self) -> AsyncIterator[None]:
+        """Yields once per change under applications/ (the deployer runs pipelines for some of them)."""
+        async for _ in self._watch(self.keys.applications()):
+            yield None
+
     async def delete_application(self, name: str, expected_revision: int | None = None) -> bool:
         """Delete an application; False if there was none, RevisionMismatch if not at ``expected_revision``."""
         return await self._delete_record(f"application {name}", self.keys.application(name), expected_revision)
@@ -380,6 +393,16 @@ class TopologyStore:
     async def list_instances(self, model: str | None = None, version: int | None = None) -> list[Instance]:
         records = await self._list(self.keys.instances(model, version), Instance)
         return sorted((s.record for s in records), key=lambda i: (i.model, i.version, i.id))
+
+    async def list_pipelines(self, app: str | None = None) -> list[PipelineInstance]:
+        """Registered pipeline runtimes (leased, ready or draining), by application and id."""
+        records = await self._list(self.keys.pipelines(app), PipelineInstance)
+        return sorted((s.record for s in records), key=lambda p: (p.app, p.id))
+
+    async def list_pipeline_statuses(self, app: str | None = None) -> list[PipelineReplicaStatus]:
+        """Every pipeline replica's status, by application and id."""
+        records = await self._list(self.keys.pipeline_statuses(app), PipelineReplicaStatus)
+        return sorted((s.record for s in records), key=lambda r: (r.app, r.id))
 
     async def list_replica_statuses(self, model: str | None = None, version: int | None = None) -> list[ReplicaStatus]:
         """Every replica's status (leased, written by the deployer running it), by model, version and id."""

@@ -10,6 +10,8 @@ migrate it. Keys live under a configurable prefix (default ``/hydro/``):
 - ``proxies/{node_id}``                 ProxyStatus    (leased; written by xds_control)
 - ``nodes/{name}``                      Node           (leased; written by the deployer running on that node)
 - ``replicas/{model}/{version}/{id}``   ReplicaStatus  (leased with its node; every replica, whatever its state)
+- ``pipelines/{app}/{id}``              PipelineInstance (leased; a ready pipeline runtime of a multi-stage app)
+- ``pipeline-replicas/{app}/{id}``      PipelineReplicaStatus (leased with its node; every pipeline replica)
 """
 
 from __future__ import annotations
@@ -320,13 +322,25 @@ class Stage(BaseModel):
     shadows: list[ShadowVariant] = Field(default_factory=list)
 
 
+#: Most pipeline runtime replicas an application may ask for.
+MAX_PIPELINE_REPLICAS = 16
+
+
 class Application(Record):
     """``applications/{name}``: an addressable endpoint made of stages of weighted model versions."""
 
     name: str
     stages: list[Stage] = Field(min_length=1)
+    #: Pipeline runtimes that serve it when it needs one (``needs_pipeline``); ignored otherwise.
+    pipeline_replicas: int = Field(default=1, ge=1, le=MAX_PIPELINE_REPLICAS)
     created_at: str = Field(default_factory=now_iso)
     updated_at: str = Field(default_factory=now_iso)
+
+    @property
+    def needs_pipeline(self) -> bool:
+        """Whether a pipeline runtime serves it: several stages, or any shadow. Otherwise the ingress routes
+        straight to the one stage's variants."""
+        return len(self.stages) > 1 or any(stage.shadows for stage in self.stages)
 
 
 class Instance(Record):
@@ -368,6 +382,38 @@ class ReplicaStatus(Record):
     #: Why it last crashed: exit code or signal and the last lines of its log; kept across restarts.
     last_error: str | None = Field(default=None, max_length=LAST_ERROR_MAX_CHARS)
     #: While crash-looping: when the deployer starts it again (ISO-8601 UTC).
+    next_restart_at: str | None = None
+
+
+class PipelineInstance(Record):
+    """``pipelines/{app}/{id}`` (leased): a ready pipeline runtime of an application, reachable through its sidecar.
+
+    ``spec_digest`` names the stages, variants and shadows it was started with (weights excluded: Envoy owns them).
+    """
+
+    app: str
+    id: str
+    node: str
+    address: str
+    port: int
+    spec_digest: str
+    state: Literal["ready", "draining"] = "ready"
+
+
+class PipelineReplicaStatus(Record):
+    """``pipeline-replicas/{app}/{id}`` (leased with its node): one pipeline replica as its deployer sees it; the
+    fields mean what they mean in ReplicaStatus."""
+
+    app: str
+    id: str
+    node: str
+    state: ReplicaState
+    address: str
+    port: int = Field(default=0, ge=0, le=65535)
+    spec_digest: str
+    restarts: int = Field(default=0, ge=0)
+    since: str = Field(default_factory=now_iso)
+    last_error: str | None = Field(default=None, max_length=LAST_ERROR_MAX_CHARS)
     next_restart_at: str | None = None
 
 
@@ -457,6 +503,18 @@ class Keys:
 
     def replica_status(self, model: str, version: int, replica_id: str) -> str:
         return f"{self.prefix}replicas/{model}/{version}/{replica_id}"
+
+    def pipelines(self, app: str | None = None) -> str:
+        return f"{self.prefix}pipelines/" + (f"{app}/" if app is not None else "")
+
+    def pipeline(self, app: str, instance_id: str) -> str:
+        return f"{self.prefix}pipelines/{app}/{instance_id}"
+
+    def pipeline_statuses(self, app: str | None = None) -> str:
+        return f"{self.prefix}pipeline-replicas/" + (f"{app}/" if app is not None else "")
+
+    def pipeline_status(self, app: str, replica_id: str) -> str:
+        return f"{self.prefix}pipeline-replicas/{app}/{replica_id}"
 
     def kind_of(self, key: str) -> str | None:
         """The first path segment after the prefix (``models``, ``instances``...), or None if foreign."""

@@ -109,15 +109,20 @@ def pipeline_envoy(
     host: str = "127.0.0.1",
     xds_host: str = "127.0.0.1",
     ads_api_type: str = "GRPC",
+    inbound_address: str | None = None,
 ) -> ChildProcess:
-    """A pipeline runtime's sidecar Envoy (not started yet): inbound to the runtime, outbound to the stages."""
+    """A pipeline runtime's sidecar Envoy (not started yet): inbound to the runtime, outbound to the stages.
+
+    ``host`` is where the runtime listens; ``inbound_address`` (default: ``host``) where the ingress reaches the
+    sidecar, a host's advertise address under `hydro agent`. The outbound listener is always on loopback.
+    """
     node_id = f"pipeline~{app}~{instance}"
     bootstrap = render_bootstrap(
         "pipeline",
         node_id=node_id,
         app=app,
         instance=instance,
-        inbound_address=host,
+        inbound_address=inbound_address or host,
         inbound_port=inbound_port,
         outbound_address="127.0.0.1",
         outbound_port=outbound_port,

@@ -11,7 +11,7 @@ from envoy.config.route.v3 import route_components_pb2
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from protos.topology import Policies, RetryPolicy, Stage
+from protos.topology import Application, Policies, RetryPolicy, Stage
 from xds_control import resources as r
 from xds_control.build_cache import BuildCache
 from xds_control.snapshot import Snapshot, serialize
@@ -43,6 +43,18 @@ NO_ROUTE_GRPC = (
 def cluster_name(model: str, version: int) -> str:
     """The Envoy cluster of one model version's sidecars."""
     return f"model|{model}|{version}"
+
+
+def pipeline_cluster_name(app: str) -> str:
+    """The Envoy cluster of an application's pipeline runtimes' sidecars."""
+    return f"pipeline|{app}"
+
+
+#: The ingress retries a call to a pipeline only when it certainly never reached one: a pipeline that answered
+#: has already called its stages, and a stage's error (503 for a stage that is down) is final, named by the pipeline.
+PIPELINE_RETRIES = RetryPolicy(attempts=2, retry_on=["connect-failure", "refused-stream", "reset-before-request"])
+#: Time the ingress gives a pipeline on top of its stages' own deadlines (its hops through two sidecars).
+PIPELINE_SLACK_MS = 1000
 
 
 @dataclass(frozen=True)
@@ -155,6 +167,9 @@ def ingress_snapshot(
         served.update((v.model, v.version) for stage in app.stages for v in stage.variants)
 
     clusters, endpoints = model_clusters(topology, served, cache)
+    pipeline_clusters, pipeline_endpoints = _pipeline_clusters(topology, cache)
+    clusters.extend(pipeline_clusters)
+    endpoints.extend(pipeline_endpoints)
     model_cluster_names = [name for name, _ in clusters]
     # Server-level gRPC calls go to whichever deployed model version has a healthy replica. Only deployments
     # count (the other clusters have no replicas), so that application changes never touch this cluster.
@@ -173,7 +188,8 @@ def ingress_snapshot(
         routes.extend(cache.get(key, (deployment,), _model_version_routes, model, version, deployment.policies))
     for name in sorted(topology.applications):
         app = topology.applications[name]
-        variants = app.stages[0].variants
+        # A pipeline's route depends on every stage's deployments (its deadline), a direct one on the first's.
+        variants = [v for stage in app.stages for v in stage.variants] if app.needs_pipeline else app.stages[0].variants
         inputs = (app, *(topology.deployments.get((v.model, v.version)) for v in variants))
         routes.extend(cache.get(("app-routes", name), inputs, _application_routes, topology, name))
     cache.sweep()
@@ -231,9 +247,37 @@ def stage_targets(topology: Topology, stage: Stage) -> tuple[list[r.WeightedTarg
     return targets, route_policies(live_policies)
 
 
+def pipeline_timeout_ms(topology: Topology, app: Application) -> int:
+    """The deadline of a whole pipeline: the sum of its stages' deadlines (each its live variants' longest)."""
+    return sum(stage_targets(topology, stage)[1].timeout_ms for stage in app.stages)
+
+
 def _application_routes(topology: Topology, name: str) -> list[route_components_pb2.Route]:
-    targets, policies = stage_targets(topology, topology.applications[name].stages[0])
+    app = topology.applications[name]
+    if app.needs_pipeline:
+        # Every stage is called by the pipeline runtime through its own sidecar, with each stage's policies there.
+        target = r.WeightedTarget(pipeline_cluster_name(name), 100)
+        policies = r.RoutePolicies(
+            timeout_ms=pipeline_timeout_ms(topology, app) + PIPELINE_SLACK_MS, retries=PIPELINE_RETRIES
+        )
+        return list(r.application_routes(name, [target], policies))
+    targets, policies = stage_targets(topology, app.stages[0])
     return list(r.application_routes(name, targets, policies))
+
+
+def _pipeline_clusters(topology: Topology, cache: BuildCache) -> tuple[Named, Named]:
+    """The EDS cluster and endpoints of each application that needs a pipeline runtime (its ready replicas)."""
+    clusters: Named = []
+    endpoints: Named = []
+    for name in sorted(topology.applications):
+        if not topology.applications[name].needs_pipeline:
+            continue
+        cluster = pipeline_cluster_name(name)
+        clusters.append((cluster, cache.get(("cluster", cluster), (), _cluster_bytes, cluster, Policies())))
+        pipelines = topology.pipelines.get(name, ())
+        ready = topology.ready_pipelines(name)
+        endpoints.append((cluster, cache.get(("endpoints", cluster), pipelines, _endpoints_bytes, cluster, ready)))
+    return clusters, endpoints
 
 
 def _inbound(node: NodeInfo, served_by: str, max_request_bytes: int) -> tuple[Named, listener_pb2.Listener]:

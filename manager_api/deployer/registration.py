@@ -17,7 +17,10 @@ import logging
 
 import aetcd
 
-from protos.topology import Instance, Keys, Node, ReplicaStatus
+from protos.topology import Instance, Keys, Node, PipelineInstance, PipelineReplicaStatus, ReplicaStatus
+
+AnyInstance = Instance | PipelineInstance
+AnyStatus = ReplicaStatus | PipelineReplicaStatus
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +36,8 @@ class LeasedInstanceRegistry:
         #: Written under the lease from start() on, so placement counts this node; None: instances only.
         self._announce = announce
         self._lease: aetcd.Lease | None = None
-        self._live: dict[str, Instance] = {}
-        self._statuses: dict[str, ReplicaStatus] = {}
+        self._live: dict[str, AnyInstance] = {}
+        self._statuses: dict[str, AnyStatus] = {}
         #: Status keys whose delete failed: the lease outlives them, so the keep-alive loop deletes them later.
         self._uncleared: set[bytes] = set()
         self._keepalive: asyncio.Task[None] | None = None
@@ -42,7 +45,13 @@ class LeasedInstanceRegistry:
 
     async def start(self) -> None:
         """Remove what a previous life of this node left behind, then keep a lease alive."""
-        for prefix, kind in ((self._keys.instances(), Instance), (self._keys.replica_statuses(), ReplicaStatus)):
+        kinds: tuple[tuple[str, type[AnyInstance] | type[AnyStatus]], ...] = (
+            (self._keys.instances(), Instance),
+            (self._keys.replica_statuses(), ReplicaStatus),
+            (self._keys.pipelines(), PipelineInstance),
+            (self._keys.pipeline_statuses(), PipelineReplicaStatus),
+        )
+        for prefix, kind in kinds:
             result = await self._client.get_prefix(prefix.encode())
             for kv in result.kvs:
                 with contextlib.suppress(ValueError):
@@ -66,25 +75,25 @@ class LeasedInstanceRegistry:
         self._statuses.clear()
         self._uncleared.clear()
 
-    async def register_instance(self, instance: Instance) -> None:
+    async def register_instance(self, instance: AnyInstance) -> None:
         async with self._lock:
             lease = await self._current_lease()
             await self._put(instance, lease)
             self._live[instance.id] = instance
 
-    async def deregister_instance(self, instance: Instance) -> None:
+    async def deregister_instance(self, instance: AnyInstance) -> None:
         async with self._lock:
             self._live.pop(instance.id, None)
             await self._client.delete(self._key(instance).encode())
 
-    async def report_status(self, status: ReplicaStatus) -> None:
+    async def report_status(self, status: AnyStatus) -> None:
         """Write (or replace) a replica's status under the lease."""
         async with self._lock:
             lease = await self._current_lease()
             await self._put_status(status, lease)
             self._statuses[status.id] = status
 
-    async def clear_status(self, status: ReplicaStatus) -> None:
+    async def clear_status(self, status: AnyStatus) -> None:
         """Remove a stopped replica's status (retried by the keep-alive loop if etcd refuses now)."""
         key = self._status_key(status)
         async with self._lock:
@@ -93,19 +102,23 @@ class LeasedInstanceRegistry:
             await self._client.delete(key)
             self._uncleared.discard(key)
 
-    def _status_key(self, status: ReplicaStatus) -> bytes:
+    def _status_key(self, status: AnyStatus) -> bytes:
+        if isinstance(status, PipelineReplicaStatus):
+            return self._keys.pipeline_status(status.app, status.id).encode()
         return self._keys.replica_status(status.model, status.version, status.id).encode()
 
-    async def _put_status(self, status: ReplicaStatus, lease: aetcd.Lease) -> None:
+    async def _put_status(self, status: AnyStatus, lease: aetcd.Lease) -> None:
         key = self._status_key(status)
         # A newer status of the same replica wins over an older failed delete.
         self._uncleared.discard(key)
         await self._client.put(key, status.model_dump_json().encode(), lease=lease)
 
-    def _key(self, instance: Instance) -> str:
+    def _key(self, instance: AnyInstance) -> str:
+        if isinstance(instance, PipelineInstance):
+            return self._keys.pipeline(instance.app, instance.id)
         return self._keys.instance(instance.model, instance.version, instance.id)
 
-    async def _put(self, instance: Instance, lease: aetcd.Lease) -> None:
+    async def _put(self, instance: AnyInstance, lease: aetcd.Lease) -> None:
         await self._client.put(self._key(instance).encode(), instance.model_dump_json().encode(), lease=lease)
 
     async def _put_node(self, lease: aetcd.Lease) -> None:

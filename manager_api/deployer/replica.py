@@ -20,10 +20,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Generic, Literal, Protocol, TypeVar
 
 from manager_api.processes import ChildProcess, ProcessExited, ReadinessTimeout, free_port, http_ok
-from protos.topology import LAST_ERROR_MAX_CHARS, BatchingPolicy, Instance, ReplicaStatus, now_iso
+from protos.topology import (
+    LAST_ERROR_MAX_CHARS,
+    BatchingPolicy,
+    Instance,
+    PipelineInstance,
+    PipelineReplicaStatus,
+    ReplicaStatus,
+    now_iso,
+)
 from protos.topology import ReplicaState as ReportedState
 from xds_control.bootstrap import envoy_process, envoy_ready, render_bootstrap
 from xds_control.resources import DEFAULT_MAX_REQUEST_BYTES
@@ -50,22 +58,19 @@ LOG_TAIL_LINES = 20
 class InstanceRegistry(Protocol):
     """Where ready instances and every replica's status are announced (etcd, under the node's lease)."""
 
-    async def register_instance(self, instance: Instance) -> None: ...
+    async def register_instance(self, instance: Instance | PipelineInstance) -> None: ...
 
-    async def deregister_instance(self, instance: Instance) -> None: ...
+    async def deregister_instance(self, instance: Instance | PipelineInstance) -> None: ...
 
-    async def report_status(self, status: ReplicaStatus) -> None: ...
+    async def report_status(self, status: ReplicaStatus | PipelineReplicaStatus) -> None: ...
 
-    async def clear_status(self, status: ReplicaStatus) -> None: ...
+    async def clear_status(self, status: ReplicaStatus | PipelineReplicaStatus) -> None: ...
 
 
-@dataclass(frozen=True)
-class ReplicaConfig:
-    """Everything a replica needs to start, fixed for its lifetime."""
+@dataclass(frozen=True, kw_only=True)
+class PairConfig:
+    """What every runtime + sidecar pair needs to start (model replicas and pipeline replicas), fixed for its life."""
 
-    model: str
-    version: int
-    model_dir: Path
     node: str
     xds_host: str
     xds_port: int
@@ -77,9 +82,18 @@ class ReplicaConfig:
     ready_timeout: float = 60.0
     drain_seconds: float = 1.0
     ads_api_type: str = "GRPC"
-    batching: BatchingPolicy | None = None
     #: The runtime's largest message: at least the mesh's request limit, which the ingress enforces first.
     max_message_mb: int = DEFAULT_MAX_REQUEST_BYTES // 2**20
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReplicaConfig(PairConfig):
+    """Everything a model replica needs to start, fixed for its lifetime."""
+
+    model: str
+    version: int
+    model_dir: Path
+    batching: BatchingPolicy | None = None
     #: The registered folder digest the runtime must find before loading; None (older records): not checked.
     expect_digest: str | None = None
     #: The registered manifest (path -> sha256), so that a mismatch names the file; optional.
@@ -134,10 +148,17 @@ def crash_report(processes: list[ChildProcess]) -> str:
     return bounded("\n".join(parts))
 
 
-class Replica:
-    """A runtime + sidecar pair; restartable after a crash with new processes (same instance id)."""
+ConfigT = TypeVar("ConfigT", bound=PairConfig)
 
-    def __init__(self, config: ReplicaConfig, registry: InstanceRegistry) -> None:
+
+class ProcessPair(Generic[ConfigT]):
+    """A runtime + sidecar pair; restartable after a crash with new processes (same instance id).
+
+    Subclasses say which processes to run (``_spawn``), what to register once ready (``instance``) and how to
+    report their status (``_status_record``); the lifecycle is the same for model and pipeline replicas.
+    """
+
+    def __init__(self, config: ConfigT, registry: InstanceRegistry) -> None:
         self.config = config
         self.registry = registry
         self.id = f"{config.node}-{uuid.uuid4().hex[:8]}"
@@ -147,7 +168,7 @@ class Replica:
         self.crashed_at = 0.0
         #: Set by stop(): from then on no start, crash or readiness may announce anything.
         self.retired = False
-        self.status: ReplicaStatus | None = None
+        self.status: ReplicaStatus | PipelineReplicaStatus | None = None
         self.runtime: ChildProcess | None = None
         self.sidecar: ChildProcess | None = None
         self.inbound_port = 0
@@ -155,34 +176,30 @@ class Replica:
         self.http_port = 0
 
     @property
-    def instance(self) -> Instance:
-        return Instance(
-            model=self.config.model,
-            version=self.config.version,
-            id=self.id,
-            node=self.config.node,
-            address=self.config.advertise_address,
-            port=self.inbound_port,
-            state="ready" if self.state == "ready" else "draining",
-        )
+    def instance(self) -> Instance | PipelineInstance:
+        """The record registered while the pair is ready."""
+        raise NotImplementedError
+
+    @property
+    def served(self) -> str:
+        """What the pair serves, for logs: ``iris:1``."""
+        raise NotImplementedError
+
+    def _spawn(self, workdir: Path, admin_port: int) -> tuple[ChildProcess, ChildProcess]:
+        """The runtime and the sidecar (not started) on this pair's ports."""
+        raise NotImplementedError
+
+    def _status_record(
+        self, state: ReportedState, since: str, next_restart_at: str | None
+    ) -> ReplicaStatus | PipelineReplicaStatus:
+        raise NotImplementedError
 
     async def _report(self, next_restart_at: str | None = None) -> None:
         """Write the replica's status; a failure is logged, never fatal (the status is for people, not traffic)."""
         state = REPORTED[self.state]
         previous = self.status
-        self.status = ReplicaStatus(
-            model=self.config.model,
-            version=self.config.version,
-            id=self.id,
-            node=self.config.node,
-            state=state,
-            address=self.config.advertise_address,
-            port=self.inbound_port,
-            restarts=self.restarts,
-            since=previous.since if previous is not None and previous.state == state else now_iso(),
-            last_error=self.last_error,
-            next_restart_at=next_restart_at,
-        )
+        since = previous.since if previous is not None and previous.state == state else now_iso()
+        self.status = self._status_record(state, since, next_restart_at)
         try:
             await self.registry.report_status(self.status)
         except Exception as exc:
@@ -196,55 +213,16 @@ class Replica:
         self.state = "starting"
         cfg = self.config
         host = cfg.host
-        self.grpc_port, self.http_port = grpc_port, http_port = free_port(host), free_port(host)
+        self.grpc_port, self.http_port = free_port(host), free_port(host)
         self.inbound_port, admin_port = free_port(cfg.advertise_address), free_port(host)
         workdir = cfg.workdir / self.id
         await self._report()
         if self.retired:
             # stop() ran during the report: it found no processes to kill, so none may be started.
             return
-        self.runtime = ChildProcess(
-            f"runtime-{self.id}",
-            [
-                sys.executable,
-                "-m",
-                "runtimes",
-                "--model-dir",
-                str(cfg.model_dir),
-                "--name",
-                cfg.model,
-                "--version",
-                str(cfg.version),
-                "--host",
-                host,
-                "--grpc-port",
-                str(grpc_port),
-                "--http-port",
-                str(http_port),
-                "--max-message-mb",
-                str(cfg.max_message_mb),
-                *_batching_flags(cfg.batching),
-                *_digest_flags(cfg, workdir),
-            ],
-            log_path=workdir / "runtime.log",
-        ).start()
-        bootstrap = render_bootstrap(
-            "sidecar",
-            node_id=f"sidecar~{cfg.model}~{cfg.version}~{self.id}",
-            model=cfg.model,
-            version=cfg.version,
-            instance=self.id,
-            inbound_address=cfg.advertise_address,
-            inbound_port=self.inbound_port,
-            runtime_address=host,
-            runtime_grpc_port=grpc_port,
-            runtime_http_port=http_port,
-            admin_port=admin_port,
-            xds_host=cfg.xds_host,
-            xds_port=cfg.xds_port,
-            ads_api_type=cfg.ads_api_type,
-        )
-        self.sidecar = envoy_process("sidecar", bootstrap, workdir, admin_port).start()
+        self.runtime, self.sidecar = self._spawn(workdir, admin_port)
+        self.runtime.start()
+        self.sidecar.start()
         # Through the sidecar at the advertised address: ready means reachable the way the ingress will call it.
         ready_url = f"http://{cfg.advertise_address}:{self.inbound_port}/v2/health/ready"
         started = time.monotonic()
@@ -273,7 +251,7 @@ class Replica:
         await self.registry.register_instance(self.instance)
         await self._report()
         where = f"{cfg.advertise_address}:{self.inbound_port}"
-        log.info("replica %s of %s:%d ready on %s", self.id, cfg.model, cfg.version, where)
+        log.info("replica %s of %s ready on %s", self.id, self.served, where)
 
     async def stop(self, drain: bool = True) -> None:
         """Deregister, let in-flight requests finish while proxies drop the endpoint, then stop both processes."""
@@ -318,3 +296,83 @@ class Replica:
         for process in (self.runtime, self.sidecar):
             if process is not None:
                 await asyncio.to_thread(process.stop, 5.0)
+
+
+class Replica(ProcessPair[ReplicaConfig]):
+    """One replica of a model version's deployment: ``python -m runtimes`` and its sidecar."""
+
+    @property
+    def instance(self) -> Instance:
+        return Instance(
+            model=self.config.model,
+            version=self.config.version,
+            id=self.id,
+            node=self.config.node,
+            address=self.config.advertise_address,
+            port=self.inbound_port,
+            state="ready" if self.state == "ready" else "draining",
+        )
+
+    @property
+    def served(self) -> str:
+        return f"{self.config.model}:{self.config.version}"
+
+    def _status_record(self, state: ReportedState, since: str, next_restart_at: str | None) -> ReplicaStatus:
+        return ReplicaStatus(
+            model=self.config.model,
+            version=self.config.version,
+            id=self.id,
+            node=self.config.node,
+            state=state,
+            address=self.config.advertise_address,
+            port=self.inbound_port,
+            restarts=self.restarts,
+            since=since,
+            last_error=self.last_error,
+            next_restart_at=next_restart_at,
+        )
+
+    def _spawn(self, workdir: Path, admin_port: int) -> tuple[ChildProcess, ChildProcess]:
+        cfg = self.config
+        runtime = ChildProcess(
+            f"runtime-{self.id}",
+            [
+                sys.executable,
+                "-m",
+                "runtimes",
+                "--model-dir",
+                str(cfg.model_dir),
+                "--name",
+                cfg.model,
+                "--version",
+                str(cfg.version),
+                "--host",
+                cfg.host,
+                "--grpc-port",
+                str(self.grpc_port),
+                "--http-port",
+                str(self.http_port),
+                "--max-message-mb",
+                str(cfg.max_message_mb),
+                *_batching_flags(cfg.batching),
+                *_digest_flags(cfg, workdir),
+            ],
+            log_path=workdir / "runtime.log",
+        )
+        bootstrap = render_bootstrap(
+            "sidecar",
+            node_id=f"sidecar~{cfg.model}~{cfg.version}~{self.id}",
+            model=cfg.model,
+            version=cfg.version,
+            instance=self.id,
+            inbound_address=cfg.advertise_address,
+            inbound_port=self.inbound_port,
+            runtime_address=cfg.host,
+            runtime_grpc_port=self.grpc_port,
+            runtime_http_port=self.http_port,
+            admin_port=admin_port,
+            xds_host=cfg.xds_host,
+            xds_port=cfg.xds_port,
+            ads_api_type=cfg.ads_api_type,
+        )
+        return runtime, envoy_process("sidecar", bootstrap, workdir, admin_port)

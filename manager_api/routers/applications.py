@@ -20,14 +20,14 @@ from protos.topology import Application, ShadowVariant, Signature, Variant
 
 router = APIRouter(prefix="/applications", tags=["applications"])
 
-#: Pipelines (several stages) come with the applications issue; one stage is served today.
-MAX_STAGES = 1
+#: Most stages of one application: each is a hop through the pipeline's sidecar and a share of its deadline.
+MAX_STAGES = 16
 
 
 async def _check(store: TopologyStore, name: str, spec: ApplicationSpec) -> Application:
     """The application record, once its weights, references and contract between stages are right."""
     if len(spec.stages) > MAX_STAGES:
-        raise ApiProblem(400, f"stages: {len(spec.stages)} given, only {MAX_STAGES} stage is supported")
+        raise ApiProblem(400, f"stages: {len(spec.stages)} given, at most {MAX_STAGES} stages are supported")
     signatures: dict[str, Signature] = {}
     for index, stage in enumerate(spec.stages):
         where = f"stages[{index}]"
@@ -41,13 +41,21 @@ async def _check(store: TopologyStore, name: str, spec: ApplicationSpec) -> Appl
             if key in seen:
                 raise ApiProblem(400, f"{where}: model version {variant.model}:{variant.version} is listed twice")
             seen.add(key)
+        for shadow in stage.shadows:
+            key = (shadow.model, shadow.version)
+            if key in seen:
+                # A shadow compared with itself (or listed twice) says nothing and doubles the load.
+                raise ApiProblem(
+                    400, f"{where}: model version {shadow.model}:{shadow.version} is listed twice (variant or shadow)"
+                )
+            seen.add(key)
         members: list[Variant | ShadowVariant] = [*stage.variants, *stage.shadows]
         for member in members:
             registered = await store.get_model_version(member.model, member.version)
             if registered is None:
                 raise ApiProblem(400, f"{where}: model version {member.model}:{member.version} is not registered")
             signatures[version_key(member.model, member.version)] = registered.signature
-    application = Application(name=name, stages=spec.stages)
+    application = Application(name=name, stages=spec.stages, pipeline_replicas=spec.pipeline_replicas)
     try:
         check_application(application, signatures)
     except ContractError as exc:
@@ -55,21 +63,29 @@ async def _check(store: TopologyStore, name: str, spec: ApplicationSpec) -> Appl
     return application
 
 
-async def _ready_replicas(store: TopologyStore) -> dict[tuple[str, int], int]:
-    """Ready instances per model version (one read for any number of applications)."""
-    ready: dict[tuple[str, int], int] = {}
+#: Ready endpoints: per model version (``(model, version)``) and per application's pipeline (``app``).
+Ready = dict[tuple[str, int] | str, int]
+
+
+async def _ready_replicas(store: TopologyStore) -> Ready:
+    """Ready instances per model version and ready pipeline runtimes per application (two reads for any number
+    of applications)."""
+    ready: Ready = {}
     for instance in await store.list_instances():
         if instance.state == "ready":
             key = (instance.model, instance.version)
             ready[key] = ready.get(key, 0) + 1
+    for pipeline in await store.list_pipelines():
+        if pipeline.state == "ready":
+            ready[pipeline.app] = ready.get(pipeline.app, 0) + 1
     return ready
 
 
-def _view(stored: Stored[Application], ready: dict[tuple[str, int], int]) -> ApplicationView:
+def _view(stored: Stored[Application], ready: Ready) -> ApplicationView:
     return ApplicationView(**stored.record.model_dump(), revision=stored.revision, status=_status(stored.record, ready))
 
 
-def _status(application: Application, ready: dict[tuple[str, int], int]) -> ApplicationStatus:
+def _status(application: Application, ready: Ready) -> ApplicationStatus:
     variants: list[VariantStatus] = []
     reason: str | None = None
     for index, stage in enumerate(application.stages, start=1):
@@ -84,7 +100,12 @@ def _status(application: Application, ready: dict[tuple[str, int], int]) -> Appl
             # Envoy sends a weighted variant's share to it whatever its health: those requests fail.
             names = ", ".join(f"{v.model}:{v.version} (weight {v.weight})" for v in starved)
             reason = f"stage {index}: no ready replica of {names}"
-    return ApplicationStatus(ready=reason is None, reason=reason, variants=variants)
+    pipelines: int | None = None
+    if application.needs_pipeline:
+        pipelines = ready.get(application.name, 0)
+        if not pipelines and reason is None:
+            reason = "pipeline: no ready replica of its pipeline runtime"
+    return ApplicationStatus(ready=reason is None, reason=reason, variants=variants, pipeline_ready_replicas=pipelines)
 
 
 @router.put("/{name}", response_model=ApplicationView, responses=CONDITIONAL_WRITE_RESPONSES)

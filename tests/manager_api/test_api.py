@@ -23,7 +23,7 @@ from manager_api.client import ManagerClient, pack_model_folder
 from manager_api.etcd_server import EtcdServer
 from manager_api.processes import ChildProcess, free_port, http_ok
 from manager_api.schemas import ModelVersionView
-from protos.topology import Instance, Keys, ProxyStatus
+from protos.topology import Instance, Keys, PipelineInstance, ProxyStatus
 
 SERVING_YAML = """\
 runtime: python
@@ -287,7 +287,29 @@ def test_applications(manager: Manager, tmp_path: Path) -> None:
             {"stage": 1, "model": "split", "version": 1, "weight": 100, "ready_replicas": 1},
             {"stage": 1, "model": "split", "version": 2, "weight": 0, "ready_replicas": 0},
         ],
+        "pipeline_ready_replicas": None,
     }
+    # A shadow makes it a pipeline: not ready until a pipeline runtime is registered.
+    shadowed = [
+        {"variants": [{"model": "split", "version": 1, "weight": 100}], "shadows": [{"model": "split", "version": 2}]}
+    ]
+    assert_error(
+        manager.http.put("/applications/shop", json={"stages": shadowed, "pipeline_replicas": 0}),
+        422,
+        "pipeline_replicas",
+    )
+    twice = [{**shadowed[0], "shadows": [{"model": "split", "version": 1}]}]
+    assert_error(manager.http.put("/applications/shop", json={"stages": twice}), 400, "split:1 is listed twice")
+    piped = client.put_application_stages("shop", shadowed)
+    assert piped["pipeline_replicas"] == 1
+    assert piped["status"]["reason"] == "pipeline: no ready replica of its pipeline runtime"
+    assert piped["status"]["pipeline_ready_replicas"] == 0
+    # A shadow is a user of its model version like a variant.
+    assert_error(manager.http.delete("/models/split/versions/2"), 409, "in use by application shop")
+    pipeline = PipelineInstance(app="shop", id="p1", node="n", address="127.0.0.1", port=2, spec_digest="sha256:x")
+    manager.put_record(Keys(manager.prefix).pipeline("shop", "p1"), pipeline)
+    status = manager.http.get("/applications/shop").json()["status"]
+    assert (status["ready"], status["pipeline_ready_replicas"]) == (True, 1)
     assert "shop" in [a["name"] for a in manager.http.get("/applications").json()]
     assert manager.http.delete("/applications/shop").status_code == 204
     assert_error(manager.http.get("/applications/shop"), 404, "shop")
@@ -311,7 +333,7 @@ def test_bad_applications_are_refused(manager: Manager, tmp_path: Path) -> None:
     assert_error(put("/applications/app", json=variants(("weighted", 1, 101))), 422, "weight")
     assert_error(put("/applications/app", json={"stages": []}), 422, "stages")
     two = {"stages": [variants(("weighted", 1, 100))["stages"][0]] * 2}  # type: ignore[index]
-    assert_error(put("/applications/app", json=two), 400, "only 1 stage")
+    assert_error(put("/applications/app", json={"stages": two["stages"] * 9}), 400, "at most 16 stages")
     # An A/B split between versions that do not take the same inputs: traffic could not move between them.
     split = variants(("weighted", 1, 50), ("weighted", 2, 50))
     assert_error(
