@@ -33,6 +33,8 @@ KINDS = {
     "proxies": "proxy",
     "nodes": "node",
     "replicas": "replica",
+    "pipelines": "pipeline",
+    "pipeline-replicas": "pipeline-replica",
 }
 
 
