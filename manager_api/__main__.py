@@ -10,6 +10,7 @@ from pathlib import Path
 import uvicorn
 
 from manager_api.app import create_app
+from manager_api.artifacts import ArtifactStoreUnavailable, open_blob_store
 from manager_api.settings import Settings
 from protos.topology import DEFAULT_PREFIX
 from tracing.provider import setup_tracing
@@ -44,6 +45,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--max-upload-mb", type=int, default=2048)
     parser.add_argument(
+        "--artifact-store",
+        default=None,
+        help="s3://BUCKET/PREFIX (credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) or a directory; "
+        "default: DATA_DIR/artifacts",
+    )
+    parser.add_argument(
+        "--s3-endpoint", default=None, help="URL of an S3-compatible server such as MinIO (default: AWS_ENDPOINT_URL)"
+    )
+    parser.add_argument(
         "--tokens", type=Path, default=None, help="bearer tokens file (required unless --host is a loopback address)"
     )
     parser.add_argument("--log-level", default="info")
@@ -75,7 +85,14 @@ def main(argv: list[str] | None = None) -> None:
         ads_api_type=ADS_API_TYPE[args.xds_api],
         max_upload_bytes=args.max_upload_mb * 1024 * 1024,
         tokens_file=args.tokens,
+        artifact_store=args.artifact_store,
+        s3_endpoint=args.s3_endpoint,
     )
+    # A missing bucket or refused credentials is a one-line error here, not a traceback from the lifespan.
+    try:
+        open_blob_store(settings.artifact_store, settings.data_dir / "artifacts", settings.s3_endpoint)
+    except ArtifactStoreUnavailable as exc:
+        raise SystemExit(f"manager_api: {exc}") from None
     try:
         # The OTEL_* variables reach the replicas it starts too (children inherit the environment).
         tracing = setup_tracing("manager_api")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -10,7 +11,7 @@ import aetcd
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from manager_api.artifacts import ArtifactStore
+from manager_api.artifacts import ArtifactStore, ArtifactStoreUnavailable, open_blob_store
 from manager_api.auth import TokenStore, authorize
 from manager_api.dependencies import Store
 from manager_api.deployer.process import ProcessDeployer
@@ -40,7 +41,8 @@ async def healthz(store: Store) -> Health:
 
 
 def _install_store_error_handlers(app: FastAPI) -> None:
-    """Answers for the store's conditional-write and watch failures, with the revision a client needs next."""
+    """Answers for the store's conditional-write and watch failures (with the revision a client needs next), and
+    503 when the artifact store (an S3 endpoint) fails."""
 
     @app.exception_handler(RevisionMismatch)
     async def _mismatch(_: Request, exc: RevisionMismatch) -> JSONResponse:
@@ -51,6 +53,10 @@ def _install_store_error_handlers(app: FastAPI) -> None:
         # An unconditional write lost its compare-and-swap too often (many writers on one key): nothing was
         # written and a retry may well succeed, so 503 + Retry-After rather than a 409 without a revision.
         return JSONResponse(status_code=503, content={"error": str(exc)}, headers={"Retry-After": "1"})
+
+    @app.exception_handler(ArtifactStoreUnavailable)
+    async def _artifacts_down(_: Request, exc: ArtifactStoreUnavailable) -> JSONResponse:
+        return JSONResponse(status_code=503, content={"error": str(exc)})
 
     @app.exception_handler(HistoryCompacted)
     async def _compacted(_: Request, exc: HistoryCompacted) -> JSONResponse:
@@ -66,7 +72,9 @@ def create_app(settings: Settings) -> FastAPI:
         await client.connect()
         keys = Keys(settings.prefix)
         store = TopologyStore(client, keys)
-        artifacts = ArtifactStore(settings.data_dir / "artifacts", settings.max_upload_bytes)
+        root = settings.data_dir / "artifacts"
+        blobs = await asyncio.to_thread(open_blob_store, settings.artifact_store, root, settings.s3_endpoint)
+        artifacts = ArtifactStore(root, settings.max_upload_bytes, blobs=blobs)
         app.state.store = store
         app.state.artifacts = artifacts
         registry: LeasedInstanceRegistry | None = None
@@ -89,7 +97,10 @@ def create_app(settings: Settings) -> FastAPI:
             )
             await deployer.start()
         app.state.deployer = deployer
-        log.info("manager_api ready: etcd %s:%d prefix %s", settings.etcd_host, settings.etcd_port, settings.prefix)
+        log.info(
+            "manager_api ready: etcd %s:%d prefix %s, artifacts in %s",
+            *(settings.etcd_host, settings.etcd_port, settings.prefix, blobs.location),
+        )
         try:
             yield
         finally:

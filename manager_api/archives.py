@@ -11,6 +11,7 @@ import tarfile
 import zipfile
 from pathlib import Path, PurePosixPath
 
+from runtimes.model_digest import folder_manifest
 from runtimes.serving_config import SERVING_FILE
 
 #: Default ceiling on the unpacked size of one model folder.
@@ -38,6 +39,15 @@ def unpack_archive(archive: Path, target: Path, max_bytes: int = MAX_UNPACKED_BY
     else:
         raise ArchiveError("the upload is not a .tar, .tar.gz or .zip archive")
     return model_root(target)
+
+
+def archive_manifest(archive: Path, scratch: Path, max_bytes: int = MAX_UNPACKED_BYTES) -> dict[str, str]:
+    """The manifest (path -> sha256, runtimes/model_digest.py) of the model folder ``archive`` unpacks to.
+
+    Unpacked afresh in ``scratch``: what a deployer unpacks from the same bytes, untouched by any check that ran
+    the model (and wrote bytecode next to it).
+    """
+    return folder_manifest(unpack_archive(archive, scratch, max_bytes))
 
 
 def model_root(folder: Path) -> Path:

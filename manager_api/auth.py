@@ -86,7 +86,7 @@ def write_token_file(path: Path, tokens: dict[str, tuple[Role, str]]) -> None:
     path.chmod(0o600)
 
 
-def authorize(request: Request) -> None:
+async def authorize(request: Request) -> None:
     """FastAPI dependency of every /api/v1 route: 401 without a known token, 403 for a viewer that writes."""
     store: TokenStore | None = request.app.state.tokens
     if store is None:

@@ -32,6 +32,9 @@ KINDS = {
     "instances": "instance",
     "proxies": "proxy",
     "nodes": "node",
+    "replicas": "replica",
+    "pipelines": "pipeline",
+    "pipeline-replicas": "pipeline-replica",
 }
 
 

@@ -7,7 +7,16 @@ from typing import Annotated
 from fastapi import Query
 from pydantic import BaseModel, ConfigDict, Field
 
-from protos.topology import Application, Deployment, Instance, ModelVersion, Policies, Stage
+from protos.topology import (
+    LAST_ERROR_MAX_CHARS,
+    MAX_PIPELINE_REPLICAS,
+    Application,
+    Deployment,
+    ModelVersion,
+    Policies,
+    ReplicaState,
+    Stage,
+)
 
 #: The etcd mod_revision a client read a record at; strict, so "12" or 12.5 are refused rather than coerced.
 Revision = Annotated[
@@ -74,6 +83,12 @@ class ApplicationSpec(BaseModel):
         },
     )
     stages: list[Stage] = Field(min_length=1)
+    pipeline_replicas: int = Field(
+        default=1,
+        ge=1,
+        le=MAX_PIPELINE_REPLICAS,
+        description="pipeline runtimes serving it when it has several stages or a shadow; ignored otherwise",
+    )
     revision: Revision | None = None
 
 
@@ -90,18 +105,140 @@ class ModelView(BaseModel):
     versions: list[ModelVersionView]
 
 
+class InstanceView(BaseModel):
+    """One replica of a deployment as the deployer running it reports it (``replicas/`` in etcd)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "local-3f9c2a1b",
+                    "node": "local",
+                    "state": "ready",
+                    "address": "127.0.0.1",
+                    "port": 41234,
+                    "restarts": 0,
+                    "since": "2026-11-25T18:40:02.120+00:00",
+                    "last_error": None,
+                    "next_restart_at": None,
+                },
+                {
+                    "id": "h1-0d4e5f6a",
+                    "node": "h1",
+                    "state": "crash-looping",
+                    "address": "10.77.0.11",
+                    "port": 40111,
+                    "restarts": 3,
+                    "since": "2026-11-25T18:41:10.500+00:00",
+                    "last_error": "runtime-h1-0d4e5f6a exited with code 1\n--- runtime-h1-0d4e5f6a log ---\n"
+                    "... ERROR runtimes: cannot load model 'iris' version 2 from ...: No module named 'sklearn'",
+                    "next_restart_at": "2026-11-25T18:41:14.500+00:00",
+                },
+            ]
+        }
+    )
+    id: str
+    node: str = Field(description="the node (`hydro up`'s is local, or a `hydro agent --node`) that runs it")
+    state: ReplicaState = Field(
+        description="starting: processes launched, not ready yet; ready: registered, receiving traffic; "
+        "crash-looping: a process exited or never got ready, waiting until next_restart_at to start again; "
+        "draining: deregistered, stopping (scale down or delete)"
+    )
+    address: str = Field(description="where its sidecar listens (other hosts call it there)")
+    port: int = Field(description="its sidecar's port; 0 before the first start")
+    restarts: int = Field(description="starts after a crash so far")
+    since: str = Field(description="when it entered this state (ISO-8601 UTC)")
+    last_error: str | None = Field(
+        default=None,
+        description=f"the last crash: exit code or signal and the tail of the log, at most {LAST_ERROR_MAX_CHARS} "
+        "characters; kept across restarts",
+    )
+    next_restart_at: str | None = Field(
+        default=None, description="while crash-looping: when it starts again (ISO-8601 UTC)"
+    )
+
+
 class DeploymentView(Deployment):
-    """A deployment with the instances that are ready now."""
+    """A deployment with the state of each of its replicas."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "schema_version": 1,
+                    "model": "iris",
+                    "version": 1,
+                    "replicas": 2,
+                    "policies": {"timeout_ms": 60000},
+                    "created_at": "2026-11-25T18:39:58.002+00:00",
+                    "updated_at": "2026-11-25T18:39:58.002+00:00",
+                    "revision": 12,
+                    "ready_replicas": 1,
+                    "instances": [
+                        {
+                            "id": "local-3f9c2a1b",
+                            "node": "local",
+                            "state": "ready",
+                            "address": "127.0.0.1",
+                            "port": 41234,
+                            "restarts": 0,
+                            "since": "2026-11-25T18:40:02.120+00:00",
+                            "last_error": None,
+                            "next_restart_at": None,
+                        },
+                        {
+                            "id": "local-9a8b7c6d",
+                            "node": "local",
+                            "state": "starting",
+                            "address": "127.0.0.1",
+                            "port": 41240,
+                            "restarts": 0,
+                            "since": "2026-11-25T18:40:03.510+00:00",
+                            "last_error": None,
+                            "next_restart_at": None,
+                        },
+                    ],
+                }
+            ]
+        }
+    )
 
     revision: int = Field(description=_REVISION_DOC, examples=[12])
-    ready_replicas: int
-    instances: list[Instance]
+    ready_replicas: int = Field(description="replicas registered as ready endpoints (what the mesh routes to)")
+    instances: list[InstanceView] = Field(
+        description="every replica that a live node runs, whatever its state; a node that dies takes its "
+        "replicas' entries with it when its lease expires"
+    )
+
+
+class VariantStatus(BaseModel):
+    """One variant or shadow of a stage, and how many of its replicas can take traffic now."""
+
+    stage: int = Field(description="the stage, counted from 1", examples=[1])
+    model: str = Field(examples=["iris"])
+    version: int = Field(examples=[2])
+    weight: int | None = Field(description="its share of the stage's traffic; null for a shadow", examples=[10])
+    ready_replicas: int = Field(examples=[2])
+
+
+class ApplicationStatus(BaseModel):
+    """Whether the application can answer: every stage has a weighted variant with a ready replica, and its
+    pipeline runtime (when it needs one: several stages or a shadow) a ready replica."""
+
+    ready: bool
+    #: Why not, when not: the first stage that has no ready replica where its traffic goes, else the pipeline.
+    reason: str | None = Field(default=None, examples=["stage 1: no ready replica of iris:2 (weight 100)"])
+    variants: list[VariantStatus]
+    pipeline_ready_replicas: int | None = Field(
+        default=None, description="ready pipeline runtimes; null when the ingress calls the one stage directly"
+    )
 
 
 class ApplicationView(Application):
-    """An application and the revision it was stored at."""
+    """An application, the revision it was stored at, and whether its model versions can serve it now."""
 
     revision: int = Field(description=_REVISION_DOC, examples=[21])
+    status: ApplicationStatus
 
 
 class RevisionConflictBody(BaseModel):

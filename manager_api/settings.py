@@ -29,6 +29,10 @@ class Settings:
     #: Where the sidecars of this node's replicas listen and are registered (other hosts call them there).
     advertise_address: str = "127.0.0.1"
     max_upload_bytes: int = 2 * 1024**3
+    #: Where archives are kept: None for ``{data_dir}/artifacts``, else ``s3://BUCKET/PREFIX`` or a directory.
+    artifact_store: str | None = None
+    #: Endpoint of an S3-compatible server (MinIO, ...); None for AWS S3 or AWS_ENDPOINT_URL.
+    s3_endpoint: str | None = None
     drain_seconds: float = 1.0
     #: Bearer tokens (see manager_api/auth.py); None disables auth, allowed only on a loopback address.
     tokens_file: Path | None = None

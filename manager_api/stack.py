@@ -55,6 +55,9 @@ class StackConfig:
     otlp_endpoint: str | None = None
     #: Share of requests the ingress traces; sidecars and runtimes follow its decision.
     trace_sampling_percent: float = 100.0
+    #: The manager's --artifact-store (s3://BUCKET/PREFIX or a directory); None keeps archives in data_dir.
+    artifact_store: str | None = None
+    s3_endpoint: str | None = None
 
 
 @dataclass
@@ -160,6 +163,7 @@ class Stack:
                 self.config.xds_api,
                 "--tokens",
                 str(self.tokens_file),
+                *_artifact_store_args(self.config),
             ],
             env=self.env,
             log_path=self.logs / "manager_api.log",
@@ -213,6 +217,11 @@ class Stack:
             self._discovery.api.close()
         for child in reversed(self._children):
             child.process.stop(grace=30.0 if child.process.name == "manager_api" else 10.0)
+
+
+def _artifact_store_args(config: StackConfig) -> list[str]:
+    args = [] if config.artifact_store is None else ["--artifact-store", config.artifact_store]
+    return args + ([] if config.s3_endpoint is None else ["--s3-endpoint", config.s3_endpoint])
 
 
 def _reachable(host: str) -> str:

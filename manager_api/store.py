@@ -12,7 +12,9 @@ partial updates (scale vs. policies) never undo each other.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import zlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar
@@ -32,8 +34,11 @@ from protos.topology import (
     Keys,
     ModelVersion,
     Node,
+    PipelineInstance,
+    PipelineReplicaStatus,
     Policies,
     ProxyStatus,
+    ReplicaStatus,
     Signature,
     now_iso,
 )
@@ -42,6 +47,8 @@ RecordT = TypeVar("RecordT", bound=BaseModel)
 
 #: Attempts at numbering a new model version before giving up (each loses only to a concurrent upload).
 _VERSION_ATTEMPTS = 20
+#: Locks shared by the keys of one record kind; few, since writes are short.
+_WRITE_LOCK_STRIPES = 64
 
 
 #: Deadline of one etcd transaction (seconds).
@@ -121,6 +128,16 @@ class TopologyStore:
     def __init__(self, client: aetcd.Client, keys: Keys) -> None:
         self.client = client
         self.keys = keys
+        self._write_locks = [asyncio.Lock() for _ in range(_WRITE_LOCK_STRIPES)]
+
+    def _writer(self, key: bytes) -> asyncio.Lock:
+        """The lock this process's writers of ``key`` take turns on (one of a few stripes).
+
+        Compare-and-swap alone keeps writes correct across processes, but 50 clients writing one record made most
+        attempts lose the race and retry until they gave up (503); queueing them here first makes each write one
+        transaction. Other manager processes still meet only the compare-and-swap.
+        """
+        return self._write_locks[zlib.crc32(key) % _WRITE_LOCK_STRIPES]
 
     # --- models ---------------------------------------------------------------------------------------------
 
@@ -197,7 +214,9 @@ class TopologyStore:
             for kv in apps:
                 with contextlib.suppress(ValidationError):
                     app = Application.model_validate_json(kv.value)
-                    if any((v.model, v.version) == (name, version) for s in app.stages for v in s.variants):
+                    named = {(v.model, v.version) for s in app.stages for v in s.variants}
+                    named |= {(m.model, m.version) for s in app.stages for m in s.shadows}
+                    if (name, version) in named:
                         users.append(f"application {app.name}")
             if users:
                 return users
@@ -241,31 +260,34 @@ class TopologyStore:
         what = f"deployment {model}/{version}"
         key = self.keys.deployment(model, version).encode()
         model_key = self.keys.model_version(model, version).encode()
-        for _ in range(_VERSION_ATTEMPTS):
-            current = await self._get(self.keys.deployment(model, version), Deployment)
-            current_revision = current.revision if current is not None else 0
-            if expected_revision is not None and expected_revision != current_revision:
-                raise RevisionMismatch(what, expected_revision, current_revision)
-            if current is None:
-                record = Deployment(model=model, version=version, replicas=replicas, policies=policies or Policies())
-            else:
-                update: dict[str, object] = {"replicas": replicas, "updated_at": now_iso()}
-                if policies is not None:
-                    update["policies"] = policies
-                record = current.record.model_copy(update=update)
-            tx = self.client.transactions
-            response = await self._txn(
-                compare=[tx.mod(key) == current_revision, tx.version(model_key) > 0],
-                success=[_put(key, record.model_dump_json().encode())],
-                failure=[_read(key), _read(model_key)],
-            )
-            if response.succeeded:
-                return Stored(record, response.header.revision)
-            if _mod_revision(response, 1) == 0:
-                raise KeyError(f"model version {model}:{version}")
-            if expected_revision is not None:
-                raise RevisionMismatch(what, expected_revision, _mod_revision(response, 0))
-        raise ConflictError(f"{what}: too many concurrent writes, try again")
+        async with self._writer(key):
+            for _ in range(_VERSION_ATTEMPTS):
+                current = await self._get(self.keys.deployment(model, version), Deployment)
+                current_revision = current.revision if current is not None else 0
+                if expected_revision is not None and expected_revision != current_revision:
+                    raise RevisionMismatch(what, expected_revision, current_revision)
+                if current is None:
+                    record = Deployment(
+                        model=model, version=version, replicas=replicas, policies=policies or Policies()
+                    )
+                else:
+                    update: dict[str, object] = {"replicas": replicas, "updated_at": now_iso()}
+                    if policies is not None:
+                        update["policies"] = policies
+                    record = current.record.model_copy(update=update)
+                tx = self.client.transactions
+                response = await self._txn(
+                    compare=[tx.mod(key) == current_revision, tx.version(model_key) > 0],
+                    success=[_put(key, record.model_dump_json().encode())],
+                    failure=[_read(key), _read(model_key)],
+                )
+                if response.succeeded:
+                    return Stored(record, response.header.revision)
+                if _mod_revision(response, 1) == 0:
+                    raise KeyError(f"model version {model}:{version}")
+                if expected_revision is not None:
+                    raise RevisionMismatch(what, expected_revision, _mod_revision(response, 0))
+            raise ConflictError(f"{what}: too many concurrent writes, try again")
 
     async def get_deployment(self, model: str, version: int) -> Deployment | None:
         stored = await self.read_deployment(model, version)
@@ -313,30 +335,35 @@ class TopologyStore:
         """
         what = f"application {application.name}"
         key = self.keys.application(application.name).encode()
-        named = sorted({(v.model, v.version) for stage in application.stages for v in stage.variants})
+        # Shadows too: a shadow whose version is deleted meanwhile would leave the pipeline unable to start.
+        named = sorted(
+            {(v.model, v.version) for stage in application.stages for v in stage.variants}
+            | {(s.model, s.version) for stage in application.stages for s in stage.shadows}
+        )
         version_keys = [self.keys.model_version(m, v).encode() for m, v in named]
-        for _ in range(_VERSION_ATTEMPTS):
-            current = await self._get(self.keys.application(application.name), Application)
-            current_revision = current.revision if current is not None else 0
-            if expected_revision is not None and expected_revision != current_revision:
-                raise RevisionMismatch(what, expected_revision, current_revision)
-            record = application
-            if current is not None:
-                kept = {"created_at": current.record.created_at, "updated_at": now_iso()}
-                record = application.model_copy(update=kept)
-            tx = self.client.transactions
-            response = await self._txn(
-                compare=[tx.mod(key) == current_revision, *(tx.version(k) > 0 for k in version_keys)],
-                success=[_put(key, record.model_dump_json().encode())],
-                failure=[_read(key), *(_read(k) for k in version_keys)],
-            )
-            if response.succeeded:
-                return Stored(record, response.header.revision)
-            if any(_mod_revision(response, i + 1) == 0 for i in range(len(version_keys))):
-                raise ConflictError(f"{what}: a model version it names was deleted meanwhile")
-            if expected_revision is not None:
-                raise RevisionMismatch(what, expected_revision, _mod_revision(response, 0))
-        raise ConflictError(f"{what}: too many concurrent writes, try again")
+        async with self._writer(key):
+            for _ in range(_VERSION_ATTEMPTS):
+                current = await self._get(self.keys.application(application.name), Application)
+                current_revision = current.revision if current is not None else 0
+                if expected_revision is not None and expected_revision != current_revision:
+                    raise RevisionMismatch(what, expected_revision, current_revision)
+                record = application
+                if current is not None:
+                    kept = {"created_at": current.record.created_at, "updated_at": now_iso()}
+                    record = application.model_copy(update=kept)
+                tx = self.client.transactions
+                response = await self._txn(
+                    compare=[tx.mod(key) == current_revision, *(tx.version(k) > 0 for k in version_keys)],
+                    success=[_put(key, record.model_dump_json().encode())],
+                    failure=[_read(key), *(_read(k) for k in version_keys)],
+                )
+                if response.succeeded:
+                    return Stored(record, response.header.revision)
+                if any(_mod_revision(response, i + 1) == 0 for i in range(len(version_keys))):
+                    raise ConflictError(f"{what}: a model version it names was deleted meanwhile")
+                if expected_revision is not None:
+                    raise RevisionMismatch(what, expected_revision, _mod_revision(response, 0))
+            raise ConflictError(f"{what}: too many concurrent writes, try again")
 
     async def get_application(self, name: str) -> Application | None:
         stored = await self.read_application(name)
@@ -352,6 +379,11 @@ class TopologyStore:
         records = await self._list(self.keys.applications(), Application)
         return sorted(records, key=lambda s: s.record.name)
 
+    async def watch_applications(self) -> AsyncIterator[None]:
+        """Yields once per change under applications/ (the deployer runs pipelines for some of them)."""
+        async for _ in self._watch(self.keys.applications()):
+            yield None
+
     async def delete_application(self, name: str, expected_revision: int | None = None) -> bool:
         """Delete an application; False if there was none, RevisionMismatch if not at ``expected_revision``."""
         return await self._delete_record(f"application {name}", self.keys.application(name), expected_revision)
@@ -361,6 +393,21 @@ class TopologyStore:
     async def list_instances(self, model: str | None = None, version: int | None = None) -> list[Instance]:
         records = await self._list(self.keys.instances(model, version), Instance)
         return sorted((s.record for s in records), key=lambda i: (i.model, i.version, i.id))
+
+    async def list_pipelines(self, app: str | None = None) -> list[PipelineInstance]:
+        """Registered pipeline runtimes (leased, ready or draining), by application and id."""
+        records = await self._list(self.keys.pipelines(app), PipelineInstance)
+        return sorted((s.record for s in records), key=lambda p: (p.app, p.id))
+
+    async def list_pipeline_statuses(self, app: str | None = None) -> list[PipelineReplicaStatus]:
+        """Every pipeline replica's status, by application and id."""
+        records = await self._list(self.keys.pipeline_statuses(app), PipelineReplicaStatus)
+        return sorted((s.record for s in records), key=lambda r: (r.app, r.id))
+
+    async def list_replica_statuses(self, model: str | None = None, version: int | None = None) -> list[ReplicaStatus]:
+        """Every replica's status (leased, written by the deployer running it), by model, version and id."""
+        records = await self._list(self.keys.replica_statuses(model, version), ReplicaStatus)
+        return sorted((s.record for s in records), key=lambda r: (r.model, r.version, r.id))
 
     # --- nodes (leased, written by each deployer's registry; read by every deployer for placement) ----------------
 

@@ -9,6 +9,9 @@ migrate it. Keys live under a configurable prefix (default ``/hydro/``):
 - ``instances/{model}/{version}/{id}``  Instance       (leased; written only once the instance is ready)
 - ``proxies/{node_id}``                 ProxyStatus    (leased; written by xds_control)
 - ``nodes/{name}``                      Node           (leased; written by the deployer running on that node)
+- ``replicas/{model}/{version}/{id}``   ReplicaStatus  (leased with its node; every replica, whatever its state)
+- ``pipelines/{app}/{id}``              PipelineInstance (leased; a ready pipeline runtime of a multi-stage app)
+- ``pipeline-replicas/{app}/{id}``      PipelineReplicaStatus (leased with its node; every pipeline replica)
 """
 
 from __future__ import annotations
@@ -107,9 +110,19 @@ class Artifact(BaseModel):
     """Where a model version's files are: a content-addressed archive of the model folder."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    digest: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
+    digest: str = Field(pattern=r"^sha256:[0-9a-f]{64}$", description="sha256 of the archive as uploaded")
     uri: str
     size: int = Field(ge=0)
+    # Records registered before runtimes verified their folders have neither: they deploy unverified.
+    folder_digest: str | None = Field(
+        default=None,
+        pattern=r"^sha256:[0-9a-f]{64}$",
+        description="sha256 of the unpacked model folder's manifest (runtimes/model_digest.py); runtimes check it",
+    )
+    files: dict[str, str] | None = Field(
+        default=None,
+        description="the folder's manifest: relative path -> sha256 hex; lets a runtime name the file that differs",
+    )
 
 
 class ModelVersion(Record):
@@ -292,11 +305,25 @@ class Variant(BaseModel):
     weight: int = Field(ge=0, le=100)
 
 
+class ShadowVariant(BaseModel):
+    """A model version that gets a copy of a stage's input; its answer is only compared, never returned."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    model: str
+    version: int = Field(ge=1)
+
+
 class Stage(BaseModel):
-    """One step of an application; its variants' weights sum to 100."""
+    """One step of an application; its variants' weights sum to 100. Shadows see its traffic, answer nobody."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     variants: list[Variant] = Field(min_length=1)
+    # Records written before shadows existed have none.
+    shadows: list[ShadowVariant] = Field(default_factory=list)
+
+
+#: Most pipeline runtime replicas an application may ask for.
+MAX_PIPELINE_REPLICAS = 16
 
 
 class Application(Record):
@@ -304,8 +331,16 @@ class Application(Record):
 
     name: str
     stages: list[Stage] = Field(min_length=1)
+    #: Pipeline runtimes that serve it when it needs one (``needs_pipeline``); ignored otherwise.
+    pipeline_replicas: int = Field(default=1, ge=1, le=MAX_PIPELINE_REPLICAS)
     created_at: str = Field(default_factory=now_iso)
     updated_at: str = Field(default_factory=now_iso)
+
+    @property
+    def needs_pipeline(self) -> bool:
+        """Whether a pipeline runtime serves it: several stages, or any shadow. Otherwise the ingress routes
+        straight to the one stage's variants."""
+        return len(self.stages) > 1 or any(stage.shadows for stage in self.stages)
 
 
 class Instance(Record):
@@ -318,6 +353,68 @@ class Instance(Record):
     address: str
     port: int
     state: Literal["ready", "draining"] = "ready"
+
+
+#: Longest ``ReplicaStatus.last_error`` (characters): the exit status and the tail of the runtime's log.
+LAST_ERROR_MAX_CHARS = 2048
+
+ReplicaState = Literal["starting", "ready", "crash-looping", "draining"]
+
+
+class ReplicaStatus(Record):
+    """``replicas/{model}/{version}/{id}`` (leased with its node's instances): one replica as its deployer sees it.
+
+    Unlike ``instances/`` (ready endpoints only, what EDS serves), every replica has one from its first start until
+    it is stopped, so a crash loop is visible. A node that dies takes its statuses with it when its lease expires.
+    """
+
+    model: str
+    version: int = Field(ge=1)
+    id: str
+    node: str
+    state: ReplicaState
+    #: Where its sidecar listens (port 0 before the first start).
+    address: str
+    port: int = Field(default=0, ge=0, le=65535)
+    restarts: int = Field(default=0, ge=0)
+    #: When the replica entered ``state`` (ISO-8601 UTC).
+    since: str = Field(default_factory=now_iso)
+    #: Why it last crashed: exit code or signal and the last lines of its log; kept across restarts.
+    last_error: str | None = Field(default=None, max_length=LAST_ERROR_MAX_CHARS)
+    #: While crash-looping: when the deployer starts it again (ISO-8601 UTC).
+    next_restart_at: str | None = None
+
+
+class PipelineInstance(Record):
+    """``pipelines/{app}/{id}`` (leased): a ready pipeline runtime of an application, reachable through its sidecar.
+
+    ``spec_digest`` names the stages, variants and shadows it was started with (weights excluded: Envoy owns them).
+    """
+
+    app: str
+    id: str
+    node: str
+    address: str
+    port: int
+    spec_digest: str
+    state: Literal["ready", "draining"] = "ready"
+
+
+class PipelineReplicaStatus(Record):
+    """``pipeline-replicas/{app}/{id}`` (leased with its node): one pipeline replica as its deployer sees it; the
+    fields mean what they mean in ReplicaStatus."""
+
+    app: str
+    id: str
+    node: str
+    state: ReplicaState
+    address: str
+    port: int = Field(default=0, ge=0, le=65535)
+    spec_digest: str
+    restarts: int = Field(default=0, ge=0)
+    since: str = Field(default_factory=now_iso)
+    last_error: str | None = Field(default=None, max_length=LAST_ERROR_MAX_CHARS)
+    next_restart_at: str | None = None
 
 
 class ProxyStatus(Record):
@@ -395,6 +492,29 @@ class Keys:
 
     def node(self, name: str) -> str:
         return f"{self.prefix}nodes/{name}"
+
+    def replica_statuses(self, model: str | None = None, version: int | None = None) -> str:
+        key = f"{self.prefix}replicas/"
+        if model is not None:
+            key += f"{model}/"
+            if version is not None:
+                key += f"{version}/"
+        return key
+
+    def replica_status(self, model: str, version: int, replica_id: str) -> str:
+        return f"{self.prefix}replicas/{model}/{version}/{replica_id}"
+
+    def pipelines(self, app: str | None = None) -> str:
+        return f"{self.prefix}pipelines/" + (f"{app}/" if app is not None else "")
+
+    def pipeline(self, app: str, instance_id: str) -> str:
+        return f"{self.prefix}pipelines/{app}/{instance_id}"
+
+    def pipeline_statuses(self, app: str | None = None) -> str:
+        return f"{self.prefix}pipeline-replicas/" + (f"{app}/" if app is not None else "")
+
+    def pipeline_status(self, app: str, replica_id: str) -> str:
+        return f"{self.prefix}pipeline-replicas/{app}/{replica_id}"
 
     def kind_of(self, key: str) -> str | None:
         """The first path segment after the prefix (``models``, ``instances``...), or None if foreign."""

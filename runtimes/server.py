@@ -1,7 +1,9 @@
 """The runtime process: one model version served over gRPC and HTTP from one asyncio event loop.
 
 Order of events: read serving.yaml, bind both ports (so a port clash fails fast), start serving (live, not ready),
-load the model and warm it up on worker threads, report ready. SIGTERM or SIGINT: report not ready, stop
+load the model and warm it up on worker threads, report ready. With ``--expect-digest`` the model folder is first
+checked against the digest registered at upload (runtimes/model_digest.py): a folder that differs exits 1 naming
+the first differing, missing or extra file, before any of its code runs. SIGTERM or SIGINT: report not ready, stop
 accepting, let in-flight requests finish for a few seconds, exit 0. A load failure exits 1 with the reason on
 stderr; a second SIGINT exits at once.
 """
@@ -13,8 +15,11 @@ import asyncio
 import contextlib
 import gc
 import importlib.metadata
+import json
 import logging
 import os
+import re
+import shutil
 import signal
 import socket
 import sys
@@ -34,6 +39,7 @@ from runtimes.batching import BatchingOptions
 from runtimes.dataplane import DataPlane, default_predict_threads
 from runtimes.errors import ModelLoadError
 from runtimes.grpc_service import HealthReporter, create_grpc_server
+from runtimes.model_digest import PYCACHE, FolderMismatch, verify_folder
 from runtimes.rest import create_app
 from runtimes.rest_fast import with_fast_infer
 from runtimes.serving_config import ServingConfigError, load_serving_config
@@ -43,6 +49,7 @@ from tracing.settings import InvalidEndpoint
 log = logging.getLogger("runtimes")
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,8 @@ class Options:
     predict_threads: int = 0
     max_batch_size: int = 0
     max_batch_delay_ms: float = 2.0
+    expect_digest: str | None = None
+    expect_files: Path | None = None
 
     @property
     def max_message_bytes(self) -> int:
@@ -105,7 +114,20 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         default=2.0,
         help="adaptive batching: longest a request waits for others to join its batch (default: 2)",
     )
+    parser.add_argument(
+        "--expect-digest",
+        help="refuse to load unless the model folder has this digest (sha256:<hex>, runtimes/model_digest.py)",
+    )
+    parser.add_argument(
+        "--expect-files",
+        type=Path,
+        help="JSON {path: sha256 hex} registered with --expect-digest, to name the file that differs",
+    )
     args = parser.parse_args(argv)
+    if args.expect_digest is not None and not _DIGEST_RE.match(args.expect_digest):
+        parser.error(f"--expect-digest must be sha256:<64 lower-case hex digits>, got {args.expect_digest!r}")
+    if args.expect_files is not None and args.expect_digest is None:
+        parser.error("--expect-files needs --expect-digest")
     if args.max_batch_size < 0:
         parser.error("--max-batch-size must be >= 0")
     if not 0 <= args.max_batch_delay_ms <= 10_000:
@@ -127,6 +149,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         predict_threads=args.predict_threads,
         max_batch_size=args.max_batch_size,
         max_batch_delay_ms=args.max_batch_delay_ms,
+        expect_digest=args.expect_digest,
+        expect_files=args.expect_files,
     )
 
 
@@ -208,6 +232,30 @@ def _fail(message: str) -> int:
     return 1
 
 
+def verify_model_dir(options: Options) -> None:
+    """Raise FolderMismatch (or OSError/ValueError for an unreadable --expect-files) unless the folder is the
+    registered one; then keep Python from reading or writing bytecode caches in it (they are not in the digest)."""
+    if options.expect_digest is None:
+        return
+    expected = None
+    if options.expect_files is not None:
+        loaded = json.loads(options.expect_files.read_text())
+        if not isinstance(loaded, dict) or not all(isinstance(v, str) for v in loaded.values()):
+            raise ValueError(f"{options.expect_files} is not a JSON object of path -> sha256 hex")
+        expected = loaded
+    verify_folder(options.model_dir, options.expect_digest, expected)
+    # __pycache__ is not in the digest, so bytecode found in the folder is not trusted: removed before the model's
+    # modules are imported, and none written (replicas share the folder). Other caches (site-packages) still serve.
+    sys.dont_write_bytecode = True
+    for cache in sorted(options.model_dir.rglob(PYCACHE)):
+        if not os.path.lexists(cache):  # inside one removed before it
+            continue
+        if cache.is_dir() and not cache.is_symlink():
+            shutil.rmtree(cache)
+        else:
+            cache.unlink()
+
+
 async def serve(options: Options) -> int:
     """Run the runtime until a signal or a failure; the process exit code."""
     loop = asyncio.get_running_loop()
@@ -231,6 +279,12 @@ async def serve(options: Options) -> int:
         loop.add_signal_handler(sig, on_signal, sig)
 
     where = f"model {options.name!r} version {options.version} from {options.model_dir}"
+    try:
+        await asyncio.to_thread(verify_model_dir, options)
+    except FolderMismatch as exc:
+        return _fail(f"refusing to load {where}: {exc}")
+    except (OSError, ValueError) as exc:
+        return _fail(f"cannot check {where} against {options.expect_digest}: {exc}")
     try:
         config = load_serving_config(options.model_dir)
         runtime = create_runtime(options.model_dir, config)

@@ -9,7 +9,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -69,11 +69,15 @@ def descendants(root: int) -> set[int]:
 
 
 @contextmanager
-def running_mesh(data_dir: Path, xds_api: str = "sotw", extra_args: Sequence[str] = ()) -> Iterator[Mesh]:
-    """`hydro up` on free ports (plus ``extra_args``), ready (the ingress answers); stopped with SIGTERM on exit,
-    and nothing it started may outlive it (survivors are killed and fail the caller)."""
+def running_mesh(
+    data_dir: Path, xds_api: str = "sotw", extra_args: Sequence[str] = (), env: Mapping[str, str] | None = None
+) -> Iterator[Mesh]:
+    """`hydro up` on free ports, ready (the ingress answers); stopped with SIGTERM on exit, and nothing it started
+    may outlive it (survivors are killed and fail the caller). ``extra_args`` go to `hydro up`, ``env`` replaces
+    the environment it inherits."""
     ports = {name: free_port() for name in ("ingress", "api", "xds", "metrics", "etcd")}
     argv = [sys.executable, "-m", "manager_api.cli", "up", "--data-dir", str(data_dir), "--xds-api", xds_api]
+    argv += extra_args
     for name, option in (
         ("ingress", "--ingress-port"),
         ("api", "--api-port"),
@@ -82,9 +86,11 @@ def running_mesh(data_dir: Path, xds_api: str = "sotw", extra_args: Sequence[str
         ("metrics", "--xds-metrics-port"),
     ):
         argv += [option, str(ports[name])]
-    argv += extra_args
     process = ChildProcess(
-        "hydro-up", argv, env={**os.environ, "PYTHONUNBUFFERED": "1"}, log_path=data_dir / "hydro-up.log"
+        "hydro-up",
+        argv,
+        env={**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"},
+        log_path=data_dir / "hydro-up.log",
     ).start()
     mesh: Mesh | None = None
     try:

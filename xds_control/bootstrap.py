@@ -32,7 +32,7 @@ ADS_API_TYPES = ("GRPC", "DELTA_GRPC")
 
 
 def render_bootstrap(role: str, **values: object) -> str:
-    """The bootstrap YAML for ``role`` (ingress or sidecar); every placeholder must be given.
+    """The bootstrap YAML for ``role`` (ingress, sidecar or pipeline); every placeholder must be given.
 
     ``ads_api_type`` is optional: ``GRPC`` (state of the world, the default) or ``DELTA_GRPC``. Either way CDS and
     LDS come over the ADS stream (``{ads: {}}`` config sources), which then speaks the chosen flavour.
@@ -93,3 +93,45 @@ def ingress_envoy(
         ads_api_type=ads_api_type,
     )
     return envoy_process(node_id, bootstrap, workdir, admin_port)
+
+
+def pipeline_envoy(
+    workdir: Path,
+    *,
+    app: str,
+    instance: str,
+    xds_port: int,
+    admin_port: int,
+    inbound_port: int,
+    outbound_port: int,
+    runtime_grpc_port: int,
+    runtime_http_port: int,
+    host: str = "127.0.0.1",
+    xds_host: str = "127.0.0.1",
+    ads_api_type: str = "GRPC",
+    inbound_address: str | None = None,
+) -> ChildProcess:
+    """A pipeline runtime's sidecar Envoy (not started yet): inbound to the runtime, outbound to the stages.
+
+    ``host`` is where the runtime listens; ``inbound_address`` (default: ``host``) where the ingress reaches the
+    sidecar, a host's advertise address under `hydro agent`. The outbound listener is always on loopback.
+    """
+    node_id = f"pipeline~{app}~{instance}"
+    bootstrap = render_bootstrap(
+        "pipeline",
+        node_id=node_id,
+        app=app,
+        instance=instance,
+        inbound_address=inbound_address or host,
+        inbound_port=inbound_port,
+        outbound_address="127.0.0.1",
+        outbound_port=outbound_port,
+        runtime_address=host,
+        runtime_grpc_port=runtime_grpc_port,
+        runtime_http_port=runtime_http_port,
+        admin_port=admin_port,
+        xds_host=xds_host,
+        xds_port=xds_port,
+        ads_api_type=ads_api_type,
+    )
+    return envoy_process(f"pipeline-sidecar-{instance}", bootstrap, workdir, admin_port)

@@ -839,6 +839,25 @@ def application_routes(
     return routes
 
 
+def header_route(
+    name: str,
+    header: str,
+    value: str,
+    targets: Sequence[WeightedTarget],
+    policies: RoutePolicies = _DEFAULT_ROUTE_POLICIES,
+    request_headers: Mapping[str, str] | None = None,
+) -> route_components_pb2.Route:
+    """A route chosen by one request header's exact value (a pipeline sidecar's outbound routes), REST and gRPC."""
+    match = route_components_pb2.RouteMatch(
+        prefix="/",
+        headers=[route_components_pb2.HeaderMatcher(name=header, string_match=string_pb2.StringMatcher(exact=value))],
+    )
+    route = _route(name, match, targets, policies)
+    for key, header_value in sorted((request_headers or {}).items()):
+        route.request_headers_to_add.append(_set_header(key, header_value))
+    return route
+
+
 def model_version_route(
     model: str,
     version: int,

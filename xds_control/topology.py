@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from pydantic import ValidationError
 
-from protos.topology import Application, Deployment, Instance, Keys, ModelVersion
+from protos.topology import Application, Deployment, Instance, Keys, ModelVersion, PipelineInstance
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,8 @@ class Topology:
     deployments: Mapping[ModelKey, Deployment] = field(default_factory=dict)
     applications: Mapping[str, Application] = field(default_factory=dict)
     instances: Mapping[ModelKey, tuple[Instance, ...]] = field(default_factory=dict)
+    #: Pipeline runtimes by application (``pipelines/``), sorted by id.
+    pipelines: Mapping[str, tuple[PipelineInstance, ...]] = field(default_factory=dict)
     #: time.monotonic() when the first etcd event of this revision's burst arrived (0: not from an event).
     observed_at: float = field(default=0.0, compare=False)
 
@@ -39,6 +42,10 @@ class Topology:
         """Addresses of the sidecars of the ready instances of one model version."""
         return [(i.address, i.port) for i in self.instances.get((model, version), ()) if i.state == "ready"]
 
+    def ready_pipelines(self, app: str) -> list[tuple[str, int]]:
+        """Addresses of the sidecars of an application's ready pipeline runtimes."""
+        return [(p.address, p.port) for p in self.pipelines.get(app, ()) if p.state == "ready"]
+
 
 class TopologyRecords:
     """Parsed records by etcd key, updated one event at a time.
@@ -53,9 +60,13 @@ class TopologyRecords:
         self._deployments: dict[str, Deployment] = {}
         self._applications: dict[str, Application] = {}
         self._instances: dict[str, Instance] = {}
+        self._pipelines: dict[str, PipelineInstance] = {}
+
+    def _all(self) -> tuple[dict[str, Any], ...]:
+        return (self._models, self._deployments, self._applications, self._instances, self._pipelines)
 
     def clear(self) -> None:
-        for records in (self._models, self._deployments, self._applications, self._instances):
+        for records in self._all():
             records.clear()
 
     def put(self, key: str, value: bytes) -> None:
@@ -71,11 +82,13 @@ class TopologyRecords:
                 self._applications[key] = Application.model_validate_json(value)
             elif kind == "instances":
                 self._instances[key] = Instance.model_validate_json(value)
+            elif kind == "pipelines":
+                self._pipelines[key] = PipelineInstance.model_validate_json(value)
         except ValidationError as exc:
             log.error("ignoring %s: not a valid record: %s", key, exc.errors()[:1])
 
     def delete(self, key: str) -> None:
-        for records in (self._models, self._deployments, self._applications, self._instances):
+        for records in self._all():
             records.pop(key, None)
 
     def topology(self, revision: int, observed_at: float = 0.0) -> Topology:
@@ -83,11 +96,15 @@ class TopologyRecords:
         instances: dict[ModelKey, list[Instance]] = {}
         for instance in self._instances.values():
             instances.setdefault((instance.model, instance.version), []).append(instance)
+        pipelines: dict[str, list[PipelineInstance]] = {}
+        for pipeline in self._pipelines.values():
+            pipelines.setdefault(pipeline.app, []).append(pipeline)
         return Topology(
             revision=revision,
             models={(m.name, m.version): m for m in self._models.values()},
             deployments={(d.model, d.version): d for d in self._deployments.values()},
             applications={a.name: a for a in self._applications.values()},
             instances={k: tuple(sorted(v, key=lambda i: i.id)) for k, v in instances.items()},
+            pipelines={k: tuple(sorted(v, key=lambda p: p.id)) for k, v in pipelines.items()},
             observed_at=observed_at,
         )

@@ -1,16 +1,17 @@
-"""Translation of the desired topology into per-node snapshots: ingress and sidecar roles."""
+"""Translation of the desired topology into per-node snapshots: ingress, sidecar and pipeline roles."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from envoy.config.core.v3 import base_pb2
+from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_components_pb2
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from protos.topology import Policies, RetryPolicy
+from protos.topology import Application, Policies, RetryPolicy, Stage
 from xds_control import resources as r
 from xds_control.build_cache import BuildCache
 from xds_control.snapshot import Snapshot, serialize
@@ -20,6 +21,14 @@ from xds_control.tracing_config import INGRESS_SERVICE, EnvoyTracing, collector_
 INGRESS_LISTENER = "ingress"
 INGRESS_ROUTES = "ingress"
 SIDECAR_LISTENER = "inbound"
+OUTBOUND_LISTENER = "outbound"
+#: Headers of a pipeline runtime's outbound calls: ``{app}/{stage index}``, or ``{model}/{version}`` (shadows).
+STAGE_HEADER = "x-hydro-stage"
+MODEL_VERSION_HEADER = "x-hydro-model-version"
+NO_STAGE = (
+    "no stage of application {app} is named by the x-hydro-stage header, nor a model version of it by "
+    "x-hydro-model-version"
+)
 LOCAL_GRPC = "local|grpc"
 LOCAL_HTTP = "local|http"
 
@@ -35,6 +44,18 @@ NO_ROUTE_GRPC = (
 def cluster_name(model: str, version: int) -> str:
     """The Envoy cluster of one model version's sidecars."""
     return f"model|{model}|{version}"
+
+
+def pipeline_cluster_name(app: str) -> str:
+    """The Envoy cluster of an application's pipeline runtimes' sidecars."""
+    return f"pipeline|{app}"
+
+
+#: The ingress retries a call to a pipeline only when it certainly never reached one: a pipeline that answered
+#: has already called its stages, and a stage's error (503 for a stage that is down) is final, named by the pipeline.
+PIPELINE_RETRIES = RetryPolicy(attempts=2, retry_on=["connect-failure", "refused-stream", "reset-before-request"])
+#: Time the ingress gives a pipeline on top of its stages' own deadlines (its hops through two sidecars).
+PIPELINE_SLACK_MS = 1000
 
 
 @dataclass(frozen=True)
@@ -110,6 +131,26 @@ def route_policies(policies: Sequence[Policies]) -> r.RoutePolicies:
     return r.RoutePolicies(timeout_ms=timeout, retries=merged)
 
 
+Named = list[tuple[str, Message | bytes]]
+
+
+def model_clusters(topology: Topology, served: Iterable[tuple[str, int]], cache: BuildCache) -> tuple[Named, Named]:
+    """The EDS cluster (with its deployment's policies) and the endpoints of each model version in ``served``."""
+    clusters: Named = []
+    endpoints: Named = []
+    for model, version in sorted(served):
+        name = cluster_name(model, version)
+        deployment = topology.deployments.get((model, version))
+        policies = policies_of(topology, model, version)
+        cluster = cache.get(("cluster", name), (deployment,), _cluster_bytes, name, policies)
+        clusters.append((name, cluster))
+        instances = topology.instances.get((model, version), ())
+        ready = topology.ready_endpoints(model, version)
+        assignment = cache.get(("endpoints", name), instances, _endpoints_bytes, name, ready)
+        endpoints.append((name, assignment))
+    return clusters, endpoints
+
+
 def ingress_snapshot(
     topology: Topology,
     node: NodeInfo,
@@ -127,19 +168,11 @@ def ingress_snapshot(
     for app in topology.applications.values():
         served.update((v.model, v.version) for stage in app.stages for v in stage.variants)
 
-    clusters: list[tuple[str, Message | bytes]] = []
-    endpoints: list[tuple[str, Message | bytes]] = []
-    for model, version in sorted(served):
-        name = cluster_name(model, version)
-        deployment = topology.deployments.get((model, version))
-        policies = policies_of(topology, model, version)
-        cluster = cache.get(("cluster", name), (deployment,), _cluster_bytes, name, policies)
-        clusters.append((name, cluster))
-        instances = topology.instances.get((model, version), ())
-        ready = topology.ready_endpoints(model, version)
-        assignment = cache.get(("endpoints", name), instances, _endpoints_bytes, name, ready)
-        endpoints.append((name, assignment))
-    model_clusters = [name for name, _ in clusters]
+    clusters, endpoints = model_clusters(topology, served, cache)
+    pipeline_clusters, pipeline_endpoints = _pipeline_clusters(topology, cache)
+    clusters.extend(pipeline_clusters)
+    endpoints.extend(pipeline_endpoints)
+    model_cluster_names = [name for name, _ in clusters]
     # Server-level gRPC calls go to whichever deployed model version has a healthy replica. Only deployments
     # count (the other clusters have no replicas), so that application changes never touch this cluster.
     deployed = [cluster_name(model, version) for model, version in sorted(topology.deployments)]
@@ -158,7 +191,8 @@ def ingress_snapshot(
         routes.extend(cache.get(key, (deployment,), _model_version_routes, model, version, deployment.policies))
     for name in sorted(topology.applications):
         app = topology.applications[name]
-        variants = app.stages[0].variants
+        # A pipeline's route depends on every stage's deployments (its deadline), a direct one on the first's.
+        variants = [v for stage in app.stages for v in stage.variants] if app.needs_pipeline else app.stages[0].variants
         inputs = (app, *(topology.deployments.get((v.model, v.version)) for v in variants))
         routes.extend(cache.get(("app-routes", name), inputs, _application_routes, topology, name))
     cache.sweep()
@@ -183,7 +217,7 @@ def ingress_snapshot(
             r.LISTENER: [(INGRESS_LISTENER, listener)],
             r.ROUTE: [(INGRESS_ROUTES, route_config)],
         },
-        eds_clusters=model_clusters,
+        eds_clusters=model_cluster_names,
         route_clusters=r.clusters_named_by(route_config),
         rds_names=[INGRESS_ROUTES],
     )
@@ -203,26 +237,59 @@ def _model_version_routes(model: str, version: int, policies: Policies) -> list[
     return [r.model_version_route(*args, limits), *r.model_version_grpc_routes(*args, limits)]
 
 
-def _application_routes(topology: Topology, name: str) -> list[route_components_pb2.Route]:
-    first_stage = topology.applications[name].stages[0]
+def stage_targets(topology: Topology, stage: Stage) -> tuple[list[r.WeightedTarget], r.RoutePolicies]:
+    """The weighted clusters of a stage's variants, and the route policies merged from its live variants."""
     targets = []
     live_policies = []
-    for v in first_stage.variants:
+    for v in stage.variants:
         policies = policies_of(topology, v.model, v.version)
         targets.append(
             r.WeightedTarget(cluster_name(v.model, v.version), v.weight, request_limits(v.model, v.version, policies))
         )
         if v.weight > 0:
             live_policies.append(policies)
-    return list(r.application_routes(name, targets, route_policies(live_policies)))
+    return targets, route_policies(live_policies)
 
 
-def sidecar_snapshot(
-    node: NodeInfo, max_request_bytes: int = r.DEFAULT_MAX_REQUEST_BYTES, tracing: EnvoyTracing | None = None
-) -> Snapshot:
-    """One inbound listener that hands gRPC to the runtime's gRPC port and the rest to its HTTP port."""
+def pipeline_timeout_ms(topology: Topology, app: Application) -> int:
+    """The deadline of a whole pipeline: the sum of its stages' deadlines (each its live variants' longest)."""
+    return sum(stage_targets(topology, stage)[1].timeout_ms for stage in app.stages)
+
+
+def _application_routes(topology: Topology, name: str) -> list[route_components_pb2.Route]:
+    app = topology.applications[name]
+    if app.needs_pipeline:
+        # Every stage is called by the pipeline runtime through its own sidecar, with each stage's policies there.
+        target = r.WeightedTarget(pipeline_cluster_name(name), 100)
+        policies = r.RoutePolicies(
+            timeout_ms=pipeline_timeout_ms(topology, app) + PIPELINE_SLACK_MS, retries=PIPELINE_RETRIES
+        )
+        return list(r.application_routes(name, [target], policies))
+    targets, policies = stage_targets(topology, app.stages[0])
+    return list(r.application_routes(name, targets, policies))
+
+
+def _pipeline_clusters(topology: Topology, cache: BuildCache) -> tuple[Named, Named]:
+    """The EDS cluster and endpoints of each application that needs a pipeline runtime (its ready replicas)."""
+    clusters: Named = []
+    endpoints: Named = []
+    for name in sorted(topology.applications):
+        if not topology.applications[name].needs_pipeline:
+            continue
+        cluster = pipeline_cluster_name(name)
+        clusters.append((cluster, cache.get(("cluster", cluster), (), _cluster_bytes, cluster, Policies())))
+        pipelines = topology.pipelines.get(name, ())
+        ready = topology.ready_pipelines(name)
+        endpoints.append((cluster, cache.get(("endpoints", cluster), pipelines, _endpoints_bytes, cluster, ready)))
+    return clusters, endpoints
+
+
+def _inbound(
+    node: NodeInfo, served_by: str, max_request_bytes: int, tracing: EnvoyTracing | None, service: str
+) -> tuple[Named, listener_pb2.Listener]:
+    """The local runtime's clusters, and the inbound listener that hands gRPC to its gRPC port, the rest to HTTP
+    (traced as ``service`` with a collector)."""
     runtime_host = node.text("runtime_address", "127.0.0.1")
-    served_by = f"{node.text('model')}:{node.text('version')}/{node.text('instance')}"
     route_config = r.route_configuration(
         "inbound",
         # No deadline of its own: the caller (the ingress route, from the deployment's timeout_ms) owns it, and a
@@ -236,24 +303,112 @@ def sidecar_snapshot(
         node.port("inbound_port"),
         route_config=route_config,
         buffer_limit_bytes=max_request_bytes,
-        configure=tracing_hook(tracing, sidecar_service(node.text("model"), node.text("version")), ingress=False),
+        configure=tracing_hook(tracing, service, ingress=False),
+    )
+    clusters: Named = [
+        (LOCAL_GRPC, r.static_cluster(LOCAL_GRPC, runtime_host, node.port("runtime_grpc_port"), http2=True)),
+        (LOCAL_HTTP, r.static_cluster(LOCAL_HTTP, runtime_host, node.port("runtime_http_port"), http2=False)),
+        *collector_clusters(tracing),
+    ]
+    return clusters, listener
+
+
+def sidecar_snapshot(
+    node: NodeInfo, max_request_bytes: int = r.DEFAULT_MAX_REQUEST_BYTES, tracing: EnvoyTracing | None = None
+) -> Snapshot:
+    """One inbound listener that hands gRPC to the runtime's gRPC port and the rest to its HTTP port."""
+    served_by = f"{node.text('model')}:{node.text('version')}/{node.text('instance')}"
+    service = sidecar_service(node.text("model"), node.text("version"))
+    clusters, listener = _inbound(node, served_by, max_request_bytes, tracing, service)
+    return Snapshot.build(
+        {r.CLUSTER: clusters, r.LISTENER: [(SIDECAR_LISTENER, listener)]},
+        listener_clusters=[LOCAL_GRPC, LOCAL_HTTP],
+    )
+
+
+def outbound_routes_name(app: str) -> str:
+    """The RDS name of a pipeline sidecar's outbound routes."""
+    return f"outbound|{app}"
+
+
+def pipeline_snapshot(
+    topology: Topology,
+    node: NodeInfo,
+    cache: BuildCache | None = None,
+    max_request_bytes: int = r.DEFAULT_MAX_REQUEST_BYTES,
+    tracing: EnvoyTracing | None = None,
+) -> Snapshot:
+    """A pipeline runtime's sidecar: the inbound listener of a model sidecar, plus an outbound listener on
+    loopback through which the runtime calls its stages.
+
+    Outbound routes: ``x-hydro-stage: {app}/{i}`` goes to stage i's variants by weight (the ingress's clusters,
+    EDS and policies: timeout, retries, circuit breaking), ``x-hydro-model-version: {model}/{version}`` to that
+    exact version (shadows). The routes come over RDS, so a weight change never touches the listener and the
+    runtime's open connection. An application not (or no longer) in etcd gets only a 404 route.
+    """
+    cache = cache if cache is not None else BuildCache()
+    app_name = node.text("app")
+    if not app_name:
+        raise ValueError(f"pipeline node {node.node_id} has no app in its metadata")
+    app = topology.applications.get(app_name)
+    stages = app.stages if app is not None else []
+    served = {(v.model, v.version) for stage in stages for v in stage.variants}
+    served.update((s.model, s.version) for stage in stages for s in stage.shadows)
+    clusters, endpoints = model_clusters(topology, served, cache)
+    model_cluster_names = [name for name, _ in clusters]
+    cache.sweep()
+
+    routes = []
+    for index, stage in enumerate(stages, start=1):
+        targets, policies = stage_targets(topology, stage)
+        routes.append(
+            r.header_route(
+                f"stage|{app_name}|{index}",
+                STAGE_HEADER,
+                f"{app_name}/{index}",
+                targets,
+                policies,
+                # As the ingress does: the variant's runtime then takes the application's name as its own.
+                {r.APPLICATION_HEADER: app_name},
+            )
+        )
+    for model, version in sorted(served):
+        target = r.WeightedTarget(cluster_name(model, version), 100)
+        policies = route_policies([policies_of(topology, model, version)])
+        routes.append(
+            r.header_route(f"model|{model}|{version}", MODEL_VERSION_HEADER, f"{model}/{version}", [target], policies)
+        )
+    routes.append(r.direct_route("no-stage", "/", 404, NO_STAGE.format(app=app_name)))
+    outbound_name = outbound_routes_name(app_name)
+    outbound_config = r.route_configuration(outbound_name, routes)
+    outbound = r.http_listener(
+        OUTBOUND_LISTENER,
+        node.text("outbound_address", "127.0.0.1"),
+        node.port("outbound_port"),
+        rds_name=outbound_name,
+        buffer_limit_bytes=max_request_bytes,
+    )
+
+    # Only the inbound side is traced: the pipeline runtime does not pass trace context on to its stage calls yet,
+    # so outbound spans would start traces of their own.
+    local_clusters, inbound = _inbound(
+        node,
+        f"{app_name}:pipeline/{node.text('instance')}",
+        max_request_bytes,
+        tracing,
+        sidecar_service(app_name, "pipeline"),
     )
     return Snapshot.build(
         {
-            r.CLUSTER: [
-                (
-                    LOCAL_GRPC,
-                    r.static_cluster(LOCAL_GRPC, runtime_host, node.port("runtime_grpc_port"), http2=True),
-                ),
-                (
-                    LOCAL_HTTP,
-                    r.static_cluster(LOCAL_HTTP, runtime_host, node.port("runtime_http_port"), http2=False),
-                ),
-                *collector_clusters(tracing),
-            ],
-            r.LISTENER: [(SIDECAR_LISTENER, listener)],
+            r.CLUSTER: [*local_clusters, *clusters],
+            r.ENDPOINT: endpoints,
+            r.LISTENER: [(SIDECAR_LISTENER, inbound), (OUTBOUND_LISTENER, outbound)],
+            r.ROUTE: [(outbound_name, outbound_config)],
         },
-        listener_clusters=r.clusters_named_by(route_config),
+        eds_clusters=model_cluster_names,
+        listener_clusters=[LOCAL_GRPC, LOCAL_HTTP],
+        route_clusters=r.clusters_named_by(outbound_config),
+        rds_names=[outbound_name],
     )
 
 
@@ -272,4 +427,6 @@ def snapshot_for(
         return ingress_snapshot(topology, node, cache, max_request_bytes, tracing)
     if node.role == "sidecar":
         return sidecar_snapshot(node, max_request_bytes, tracing)
-    raise ValueError(f"node {node.node_id} has unknown role {node.role!r} (expected ingress or sidecar)")
+    if node.role == "pipeline":
+        return pipeline_snapshot(topology, node, cache, max_request_bytes, tracing)
+    raise ValueError(f"node {node.node_id} has unknown role {node.role!r} (expected ingress, sidecar or pipeline)")

@@ -61,12 +61,21 @@ def model_rows(models: list[dict[str, Any]]) -> list[list[object]]:
     ]
 
 
+def instance_states(deployment: dict[str, Any]) -> str:
+    """``2 ready, 1 crash-looping``: how many of a deployment's replicas are in each state."""
+    counts: dict[str, int] = {}
+    for instance in deployment.get("instances", []):
+        counts[instance["state"]] = counts.get(instance["state"], 0) + 1
+    return ", ".join(f"{n} {state}" for state, n in sorted(counts.items())) or "-"
+
+
 def deployment_rows(deployments: list[dict[str, Any]]) -> list[list[object]]:
     return [
         [
             d["model"],
             d["version"],
             f"{d['ready_replicas']}/{d['replicas']}",
+            instance_states(d),
             d["policies"]["timeout_ms"],
             when(d.get("updated_at")),
         ]
@@ -106,7 +115,7 @@ def proxy_rows(proxies: list[dict[str, Any]]) -> list[list[object]]:
 
 COLUMNS = {
     "models": ("MODEL", "VERSION", "RUNTIME", "DIGEST", "SIZE", "CREATED"),
-    "deployments": ("MODEL", "VERSION", "READY", "TIMEOUT_MS", "UPDATED"),
+    "deployments": ("MODEL", "VERSION", "READY", "INSTANCES", "TIMEOUT_MS", "UPDATED"),
     "applications": ("NAME", "VARIANTS", "UPDATED"),
     "proxies": ("NODE", "ROLE", "ACKED", "STATUS", "CONNECTED"),
 }
@@ -230,8 +239,18 @@ def render_description(kind: str, record: dict[str, Any]) -> None:
             ]
         )
         _block("Policies", record["policies"])
-        rows = [[i["id"], i["node"], f"{i['address']}:{i['port']}", i["state"]] for i in record["instances"]]
-        out.print(table("Instances", ("ID", "NODE", "ADDRESS", "STATE"), rows) if rows else "Instances: none ready")
+        instances = record["instances"]
+        rows = [
+            [i["id"], i["node"], f"{i['address']}:{i['port']}", i["state"], i["restarts"], when(i.get("since"))]
+            for i in instances
+        ]
+        columns = ("ID", "NODE", "ADDRESS", "STATE", "RESTARTS", "SINCE")
+        out.print(table("Instances", columns, rows) if rows else "Instances: none")
+        for i in instances:
+            if i.get("last_error"):
+                restart = f", next start {when(i['next_restart_at'])}" if i.get("next_restart_at") else ""
+                out.print(f"[bold]Last error of {escape(i['id'])}{escape(restart)}:[/]")
+                out.print(escape(i["last_error"]), soft_wrap=True)
     elif kind == "applications":
         _fields(
             [

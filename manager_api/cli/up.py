@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from manager_api.artifacts import ArtifactStoreUnavailable, open_blob_store
 from manager_api.cli.root import app
 from manager_api.credentials import CREDENTIALS_FILE
 from manager_api.stack import Stack, StackConfig, run_until_signalled
@@ -56,6 +57,16 @@ def up(
     trace_sampling_percent: Annotated[
         float, typer.Option(min=0, max=100, help="Share of requests the ingress traces (with a collector).")
     ] = 100.0,
+    artifact_store: Annotated[
+        str | None,
+        typer.Option(
+            help="Keep model archives in s3://BUCKET/PREFIX (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) or a "
+            "directory instead of DATA_DIR/artifacts."
+        ),
+    ] = None,
+    s3_endpoint: Annotated[
+        str | None, typer.Option(help="URL of an S3-compatible server such as MinIO (default: AWS_ENDPOINT_URL).")
+    ] = None,
 ) -> None:
     """Start etcd, xds_control, manager_api and the ingress Envoy on this machine; Ctrl-C stops them all."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -64,6 +75,13 @@ def up(
             parse_endpoint(otlp_endpoint)
         except InvalidEndpoint as exc:
             raise typer.BadParameter(str(exc), param_hint="--otlp-endpoint") from None
+    if artifact_store is not None:
+        # Checked before anything starts: a wrong bucket or key is one line, not a manager that keeps restarting.
+        try:
+            open_blob_store(artifact_store, data_dir / "artifacts", s3_endpoint)
+        except ArtifactStoreUnavailable as exc:
+            console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            raise typer.Exit(2) from None
     stack = Stack(
         StackConfig(
             data_dir=data_dir,
@@ -79,6 +97,8 @@ def up(
             models_dir=models_dir,
             otlp_endpoint=otlp_endpoint,
             trace_sampling_percent=trace_sampling_percent,
+            artifact_store=artifact_store,
+            s3_endpoint=s3_endpoint,
         )
     )
 

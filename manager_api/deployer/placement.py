@@ -31,3 +31,9 @@ def replica_indices(replicas: int, nodes: Iterable[str], me: str, offset: int = 
 def share(model: str, version: int, replicas: int, nodes: Iterable[str], me: str) -> int:
     """How many of the ``replicas`` of deployment ``model:version`` node ``me`` runs."""
     return len(replica_indices(replicas, nodes, me, deployment_offset(model, version)))
+
+
+def pipeline_share(app: str, replicas: int, nodes: Iterable[str], me: str) -> int:
+    """How many of application ``app``'s ``replicas`` pipeline runtimes node ``me`` runs."""
+    digest = hashlib.sha256(f"pipeline/{app}".encode()).digest()
+    return len(replica_indices(replicas, nodes, me, int.from_bytes(digest[:4], "big")))

@@ -4,7 +4,8 @@ It reconciles ``deployments/`` in etcd against the replicas it runs: starts miss
 extra ones, and restarts crashed ones with back-off. Its share of each deployment comes from the live nodes
 (``nodes/``, see placement.py), so the same code runs in `hydro up` (node "local") and in every `hydro agent`.
 Instances are registered only once ready, under the node's lease, so a deployer that dies takes its endpoints
-out of EDS, and its replicas to the other nodes, when the lease expires.
+out of EDS, and its replicas to the other nodes, when the lease expires. Every replica's status (starting, ready,
+crash-looping, draining) is reported under the same lease (replica.py).
 """
 
 from __future__ import annotations
@@ -17,9 +18,29 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol, TypeVar
 
-from manager_api.deployer.placement import share
-from manager_api.deployer.replica import InstanceRegistry, Replica, ReplicaConfig
-from protos.topology import BatchingPolicy, Deployment, Instance, ModelVersion, Node
+from manager_api.deployer.pipeline_replica import (
+    PipelineReplica,
+    PipelineReplicaConfig,
+    members,
+    spec_digest,
+    write_spec,
+)
+from manager_api.deployer.placement import pipeline_share, share
+from manager_api.deployer.replica import InstanceRegistry, ProcessPair, Replica, ReplicaConfig
+from protos.contracts import version_key
+from protos.topology import (
+    Application,
+    Artifact,
+    BatchingPolicy,
+    Deployment,
+    Instance,
+    ModelVersion,
+    Node,
+    PipelineInstance,
+    Signature,
+)
+from xds_control.topology import Topology
+from xds_control.translate import pipeline_timeout_ms
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +57,13 @@ class DesiredState(Protocol):
     async def list_instances(self) -> list[Instance]: ...
 
     async def get_model_version(self, name: str, version: int) -> ModelVersion | None: ...
+
+    async def list_applications(self) -> list[Application]: ...
+
+    async def list_pipelines(self) -> list[PipelineInstance]: ...
+
+    def watch_applications(self) -> Any:
+        """An async iterator that yields whenever something under applications/ changed."""
 
     def watch_deployments(self) -> Any:
         """An async iterator that yields whenever something under deployments/ changed."""
@@ -111,6 +139,8 @@ class ProcessDeployer:
         self._ads_api_type = ads_api_type
         self._batching: dict[ModelKey, BatchingPolicy | None] = {}
         self.replicas: dict[ModelKey, list[Replica]] = {}
+        #: Pipeline runtimes by application, of every spec they were started with (see _reconcile_pipelines).
+        self.pipelines: dict[str, list[PipelineReplica]] = {}
         self._starting: set[asyncio.Task[None]] = set()
         self._stopping: set[asyncio.Task[None]] = set()
         self._wakeup = asyncio.Event()
@@ -123,6 +153,7 @@ class ProcessDeployer:
             asyncio.create_task(self._loop()),
             asyncio.create_task(self._watch(self._desired.watch_deployments)),
             asyncio.create_task(self._watch(self._desired.watch_nodes)),
+            asyncio.create_task(self._watch(self._desired.watch_applications)),
         ]
 
     async def stop(self) -> None:
@@ -134,9 +165,11 @@ class ProcessDeployer:
                 await task
         # Replicas already being drained are not cancelled: their stop kills the processes, and they are no
         # longer in self.replicas, so nothing else would.
-        everything = [r for replicas in self.replicas.values() for r in replicas]
+        everything: list[ProcessPair[Any]] = [r for replicas in self.replicas.values() for r in replicas]
+        everything += [p for pipelines in self.pipelines.values() for p in pipelines]
         await asyncio.gather(*self._stopping, *(r.stop(drain=False) for r in everything), return_exceptions=True)
         self.replicas.clear()
+        self.pipelines.clear()
 
     def status(self, model: str, version: int) -> list[Replica]:
         return list(self.replicas.get((model, version), []))
@@ -210,11 +243,102 @@ class ProcessDeployer:
                     continue
                 folder = await asyncio.to_thread(self._folders.materialize, model.artifact.digest)
                 for _ in range(want - have):
-                    replica = Replica(self._config(key, folder), self._registry)
+                    replica = Replica(self._config(key, folder, model.artifact), self._registry)
                     self.replicas.setdefault(key, []).append(replica)
                     self._launch(replica)
+        await self._reconcile_pipelines(deployments, None if self._held else nodes)
 
-    def _config(self, key: ModelKey, folder: Any) -> ReplicaConfig:
+    async def _reconcile_pipelines(self, deployments: list[Deployment], nodes: list[str] | None) -> None:
+        """Pipeline runtimes of the applications that need one (several stages or a shadow), this node's share.
+
+        A replica runs the spec it started with. When an application's stages, variants or shadows change (its
+        ``spec_digest``), replicas of the new spec start beside the old ones, and the old ones are drained once the
+        mesh has ``pipeline_replicas`` ready replicas of the new spec (make before break). ``nodes`` None: this
+        node does not see itself (see reconcile), so it starts nothing and keeps what runs.
+        """
+        apps = {a.name: a for a in await self._desired.list_applications() if a.needs_pipeline}
+        for pipelines in self.pipelines.values():
+            for pipeline in pipelines:
+                if pipeline.state == "ready" and not pipeline.alive():
+                    await pipeline.handle_crash()
+        ready = Counter((p.app, p.spec_digest) for p in await self._desired.list_pipelines() if p.state == "ready")
+        wanted: dict[str, int] = {}
+        for name, app in apps.items():
+            running = len([p for p in self.pipelines.get(name, []) if p.config.spec_digest == spec_digest(app)])
+            share_here = pipeline_share(name, app.pipeline_replicas, nodes, self._node) if nodes is not None else None
+            wanted[name] = share_here if share_here is not None else min(app.pipeline_replicas, running)
+        for name, pipelines in list(self.pipelines.items()):
+            needed = apps.get(name)
+            alive = [p for p in pipelines if p.state != "stopped"]
+            if needed is None:
+                self._stop_pipelines(name, alive)
+                continue
+            app = needed
+            digest = spec_digest(app)
+            current = [p for p in alive if p.config.spec_digest == digest]
+            outdated = [p for p in alive if p.config.spec_digest != digest]
+            doomed = surplus(current, wanted[name], ready[(name, digest)], app.pipeline_replicas)
+            if ready[(name, digest)] >= app.pipeline_replicas:
+                doomed += outdated
+            else:
+                doomed += [p for p in outdated if p.state != "ready"]
+            if doomed:
+                self._stop_pipelines(name, doomed)
+            now = time.monotonic()
+            for pipeline in self.pipelines.get(name, []):
+                if pipeline.state == "crashed" and now - pipeline.crashed_at >= pipeline.restart_delay():
+                    pipeline.restarts += 1
+                    self._launch(pipeline)
+        for name, app in apps.items():
+            digest = spec_digest(app)
+            have = len([p for p in self.pipelines.get(name, []) if p.config.spec_digest == digest])
+            if have >= wanted[name]:
+                continue
+            config = await self._pipeline_config(app, digest, deployments)
+            if config is None:
+                continue
+            for _ in range(wanted[name] - have):
+                pipeline = PipelineReplica(config, self._registry)
+                self.pipelines.setdefault(name, []).append(pipeline)
+                self._launch(pipeline)
+
+    async def _pipeline_config(
+        self, app: Application, digest: str, deployments: list[Deployment]
+    ) -> PipelineReplicaConfig | None:
+        """The config of new pipeline replicas of ``app``, its spec file written; None if a version is missing."""
+        signatures: dict[str, Signature] = {}
+        for model, version in members(app):
+            record = await self._desired.get_model_version(model, version)
+            if record is None:
+                log.error("application %s names model version %s:%d, which is not registered", app.name, model, version)
+                return None
+            signatures[version_key(model, version)] = record.signature
+        folder = self._workdir / "pipelines" / app.name / digest.removeprefix("sha256:")[:16]
+        spec_path = await asyncio.to_thread(write_spec, folder, app, signatures)
+        topology = Topology(deployments={(d.model, d.version): d for d in deployments})
+        return PipelineReplicaConfig(
+            app=app.name,
+            spec_path=spec_path,
+            spec_digest=digest,
+            timeout_s=pipeline_timeout_ms(topology, app) / 1000,
+            node=self._node,
+            advertise_address=self._advertise_address,
+            xds_host=self._xds[0],
+            xds_port=self._xds[1],
+            workdir=self._workdir,
+            drain_seconds=self._drain_seconds,
+            ads_api_type=self._ads_api_type,
+        )
+
+    def _stop_pipelines(self, app: str, doomed: list[PipelineReplica]) -> None:
+        remaining = [p for p in self.pipelines.get(app, []) if p not in doomed]
+        if remaining:
+            self.pipelines[app] = remaining
+        else:
+            self.pipelines.pop(app, None)
+        self._retire(doomed)
+
+    def _config(self, key: ModelKey, folder: Any, artifact: Artifact) -> ReplicaConfig:
         return ReplicaConfig(
             model=key[0],
             version=key[1],
@@ -227,9 +351,11 @@ class ProcessDeployer:
             drain_seconds=self._drain_seconds,
             ads_api_type=self._ads_api_type,
             batching=self._batching.get(key),
+            expect_digest=artifact.folder_digest,
+            expected_files=artifact.files,
         )
 
-    def _launch(self, replica: Replica) -> None:
+    def _launch(self, replica: ProcessPair[Any]) -> None:
         async def run() -> None:
             try:
                 await replica.start()
@@ -247,6 +373,10 @@ class ProcessDeployer:
             self.replicas[key] = remaining
         else:
             self.replicas.pop(key, None)
+        self._retire(doomed)
+
+    def _retire(self, doomed: Sequence[ProcessPair[Any]]) -> None:
+        """Drain and stop ``doomed`` in the background (already out of this deployer's books)."""
 
         async def run() -> None:
             await asyncio.gather(*(r.stop() for r in doomed), return_exceptions=True)

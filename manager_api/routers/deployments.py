@@ -1,4 +1,4 @@
-"""``/api/v1/deployments``: how many replicas of each model version run; scaling is a PUT."""
+"""``/api/v1/deployments``: how many replicas of each model version run, and how each is doing; scaling is a PUT."""
 
 from __future__ import annotations
 
@@ -6,19 +6,32 @@ from fastapi import APIRouter, Response
 
 from manager_api.dependencies import ModelName, Store
 from manager_api.errors import not_found
-from manager_api.schemas import CONDITIONAL_WRITE_RESPONSES, DeploymentSpec, DeploymentView, RevisionQuery
+from manager_api.schemas import (
+    CONDITIONAL_WRITE_RESPONSES,
+    DeploymentSpec,
+    DeploymentView,
+    InstanceView,
+    RevisionQuery,
+)
 from manager_api.store import Stored, TopologyStore
 from protos.topology import Deployment
 
 router = APIRouter(prefix="/deployments", tags=["deployments"])
 
+#: Fields of a ReplicaStatus that its deployment's view already says.
+_NOT_IN_VIEW = {"schema_version", "model", "version"}
+
 
 async def _view(store: TopologyStore, stored: Stored[Deployment]) -> DeploymentView:
     deployment = stored.record
-    instances = await store.list_instances(deployment.model, deployment.version)
-    ready = [i for i in instances if i.state == "ready"]
+    endpoints = await store.list_instances(deployment.model, deployment.version)
+    statuses = await store.list_replica_statuses(deployment.model, deployment.version)
+    instances = [InstanceView.model_validate(s.model_dump(exclude=_NOT_IN_VIEW)) for s in statuses]
     return DeploymentView(
-        **deployment.model_dump(), revision=stored.revision, ready_replicas=len(ready), instances=instances
+        **deployment.model_dump(),
+        revision=stored.revision,
+        ready_replicas=sum(1 for i in endpoints if i.state == "ready"),
+        instances=instances,
     )
 
 

@@ -8,13 +8,14 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Response, UploadFile
 
-from manager_api.archives import ArchiveError
+from manager_api.archives import ArchiveError, archive_manifest
 from manager_api.artifacts import UploadTooLarge
 from manager_api.dependencies import Artifacts, ModelName, Store
 from manager_api.errors import ApiProblem, not_found
 from manager_api.schemas import CONDITIONAL_WRITE_RESPONSES, ModelVersionView, ModelView, RevisionQuery
-from manager_api.store import ConflictError, Stored
+from manager_api.store import Stored
 from protos.topology import ModelVersion
+from runtimes.model_digest import manifest_digest
 from runtimes.serving_config import ServingConfigError
 
 router = APIRouter(prefix="/models", tags=["models"])
@@ -45,7 +46,10 @@ async def register_model_version(
             if upload.size == 0:
                 raise ApiProblem(400, "the archive is empty")
             config = await asyncio.to_thread(artifacts.check, upload)
+            # Before keep(), which may move the archive away. Runtimes check their folder against it before loading.
+            files = await asyncio.to_thread(archive_manifest, upload.archive, upload.workdir / "manifest")
             artifact = await asyncio.to_thread(artifacts.keep, upload)
+            artifact = artifact.model_copy(update={"folder_digest": manifest_digest(files), "files": files})
     except UploadTooLarge as exc:
         raise ApiProblem(413, str(exc)) from exc
     except (ArchiveError, ServingConfigError) as exc:
@@ -87,8 +91,6 @@ async def delete_model_version(
         users = await store.delete_model_version(model, version, revision)
     except KeyError as exc:
         raise not_found(f"model version {model}:{version}") from exc
-    except ConflictError as exc:
-        raise ApiProblem(409, str(exc)) from exc
     if users:
         raise ApiProblem(409, f"model version {model}:{version} is in use by {', '.join(users)}; remove those first")
     return Response(status_code=204)

@@ -92,7 +92,8 @@ class Load:
 
 
 def _instances(mesh: Mesh, version: int) -> int:
-    return len(mesh.api.get_deployment("iris", version)["instances"])
+    """Ready instances (the deployment view lists starting and draining ones too)."""
+    return int(mesh.api.get_deployment("iris", version)["ready_replicas"])
 
 
 def _ingress_routes(mesh: Mesh) -> str:

@@ -64,7 +64,7 @@ def test_walking_skeleton(mesh: Mesh, model_dir: Path) -> None:
         client.close()
 
     # Both replicas serve.
-    wait_until(lambda: len(mesh.api.get_deployment("iris", 1)["instances"]) == 2, 60, "two ready instances")
+    wait_until(lambda: mesh.api.get_deployment("iris", 1)["ready_replicas"] == 2, 60, "two ready instances")
     wait_until(lambda: len(_served_by(mesh, 20)) == 2, 30, "traffic on both replicas")
     replicas_v1 = set(_served_by(mesh, 20))
 
@@ -78,7 +78,7 @@ def test_walking_skeleton(mesh: Mesh, model_dir: Path) -> None:
 
     # Weights move between versions without restarting anything.
     mesh.api.deploy("iris", 2, replicas=1)
-    wait_until(lambda: len(mesh.api.get_deployment("iris", 2)["instances"]) == 1, 60, "version 2 ready")
+    wait_until(lambda: mesh.api.get_deployment("iris", 2)["ready_replicas"] == 1, 60, "version 2 ready")
     mesh.api.put_application("iris", [("iris", 1, 50), ("iris", 2, 50)])
 
     def versions_seen(n: int) -> collections.Counter[str]:

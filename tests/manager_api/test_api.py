@@ -17,12 +17,13 @@ from pathlib import Path
 import aetcd
 import httpx
 import pytest
+from pydantic import BaseModel
 
 from manager_api.client import ManagerClient, pack_model_folder
 from manager_api.etcd_server import EtcdServer
 from manager_api.processes import ChildProcess, free_port, http_ok
 from manager_api.schemas import ModelVersionView
-from protos.topology import Keys, ProxyStatus
+from protos.topology import Instance, Keys, PipelineInstance, ProxyStatus
 
 SERVING_YAML = """\
 runtime: python
@@ -53,6 +54,16 @@ class Manager:
                 return [kv.key.decode() for kv in await client.get_prefix(self.prefix.encode())]
 
         return asyncio.run(read())
+
+    def put_record(self, key: str, record: BaseModel) -> None:
+        """Write a record to etcd as another process would (xds_control, a deployer)."""
+
+        async def write() -> None:
+            host, port = self.etcd.endpoint.rsplit(":", 1)
+            async with aetcd.Client(host=host, port=int(port)) as client:
+                await client.put(key.encode(), record.model_dump_json().encode())
+
+        asyncio.run(write())
 
     def stored_blobs(self) -> list[Path]:
         return sorted((self.data_dir / "artifacts" / "blobs" / "sha256").iterdir())
@@ -258,6 +269,47 @@ def test_applications(manager: Manager, tmp_path: Path) -> None:
     assert [v["weight"] for v in updated["stages"][0]["variants"]] == [30, 70]
     stored = manager.http.get("/applications/shop").json()
     assert stored["stages"] == updated["stages"]
+    # Nothing runs yet (this manager has no deployer): the status says which variant would fail its share.
+    assert stored["status"]["ready"] is False
+    assert stored["status"]["reason"] == "stage 1: no ready replica of split:1 (weight 30), split:2 (weight 70)"
+    manager.put_record(
+        Keys(manager.prefix).instance("split", 1, "r1"),
+        Instance(model="split", version=1, id="r1", node="n", address="127.0.0.1", port=1),
+    )
+    half = manager.http.get("/applications/shop").json()["status"]
+    assert half["reason"] == "stage 1: no ready replica of split:2 (weight 70)"
+    assert [(v["version"], v["weight"], v["ready_replicas"]) for v in half["variants"]] == [(1, 30, 1), (2, 70, 0)]
+    client.put_application("shop", [("split", 1, 100), ("split", 2, 0)])
+    assert manager.http.get("/applications").json()[0]["status"] == {
+        "ready": True,
+        "reason": None,
+        "variants": [
+            {"stage": 1, "model": "split", "version": 1, "weight": 100, "ready_replicas": 1},
+            {"stage": 1, "model": "split", "version": 2, "weight": 0, "ready_replicas": 0},
+        ],
+        "pipeline_ready_replicas": None,
+    }
+    # A shadow makes it a pipeline: not ready until a pipeline runtime is registered.
+    shadowed = [
+        {"variants": [{"model": "split", "version": 1, "weight": 100}], "shadows": [{"model": "split", "version": 2}]}
+    ]
+    assert_error(
+        manager.http.put("/applications/shop", json={"stages": shadowed, "pipeline_replicas": 0}),
+        422,
+        "pipeline_replicas",
+    )
+    twice = [{**shadowed[0], "shadows": [{"model": "split", "version": 1}]}]
+    assert_error(manager.http.put("/applications/shop", json={"stages": twice}), 400, "split:1 is listed twice")
+    piped = client.put_application_stages("shop", shadowed)
+    assert piped["pipeline_replicas"] == 1
+    assert piped["status"]["reason"] == "pipeline: no ready replica of its pipeline runtime"
+    assert piped["status"]["pipeline_ready_replicas"] == 0
+    # A shadow is a user of its model version like a variant.
+    assert_error(manager.http.delete("/models/split/versions/2"), 409, "in use by application shop")
+    pipeline = PipelineInstance(app="shop", id="p1", node="n", address="127.0.0.1", port=2, spec_digest="sha256:x")
+    manager.put_record(Keys(manager.prefix).pipeline("shop", "p1"), pipeline)
+    status = manager.http.get("/applications/shop").json()["status"]
+    assert (status["ready"], status["pipeline_ready_replicas"]) == (True, 1)
     assert "shop" in [a["name"] for a in manager.http.get("/applications").json()]
     assert manager.http.delete("/applications/shop").status_code == 204
     assert_error(manager.http.get("/applications/shop"), 404, "shop")
@@ -281,15 +333,13 @@ def test_bad_applications_are_refused(manager: Manager, tmp_path: Path) -> None:
     assert_error(put("/applications/app", json=variants(("weighted", 1, 101))), 422, "weight")
     assert_error(put("/applications/app", json={"stages": []}), 422, "stages")
     two = {"stages": [variants(("weighted", 1, 100))["stages"][0]] * 2}  # type: ignore[index]
-    assert_error(put("/applications/app", json=two), 400, "only 1 stage")
+    assert_error(put("/applications/app", json={"stages": two["stages"] * 9}), 400, "at most 16 stages")
     # An A/B split between versions that do not take the same inputs: traffic could not move between them.
     split = variants(("weighted", 1, 50), ("weighted", 2, 50))
     assert_error(
         put("/applications/app", json=split),
         400,
-        "stages[0].variants[1] (weighted:2)",
-        "x (FP64 [-1])",
-        "x (FP32 [-1])",
+        "stage 1: weighted:2 takes x (FP64 [-1]) but weighted:1 takes x (FP32 [-1])",
     )
     assert_error(put("/applications/UPPER", json=variants(("weighted", 1, 100))), 400, "invalid application name")
     assert_error(put("/applications/app", content=b"nope", headers={"content-type": "application/json"}), 400, "JSON")
@@ -303,13 +353,7 @@ def test_unknown_endpoints_answer_json(manager: Manager) -> None:
 
 def test_proxies_show_what_xds_control_recorded(manager: Manager) -> None:
     status = ProxyStatus(node_id="ingress", role="ingress", acked={"Cluster": "abc"}, last_nack="Cluster v2: bad")
-
-    async def write() -> None:
-        host, port = manager.etcd.endpoint.rsplit(":", 1)
-        async with aetcd.Client(host=host, port=int(port)) as client:
-            await client.put(Keys(manager.prefix).proxy("ingress").encode(), status.model_dump_json().encode())
-
-    asyncio.run(write())
+    manager.put_record(Keys(manager.prefix).proxy("ingress"), status)
     listed = manager.http.get("/proxies").json()
     assert [p["node_id"] for p in listed] == ["ingress"]
     one = manager.http.get("/proxies/ingress").json()

@@ -154,7 +154,7 @@ def test_apply_creates_configures_and_leaves_unchanged(manager: Manager, tmp_pat
     records = manager.etcd_records()
     assert records["deployments/cli-apply/1"]["replicas"] == 1
     assert records["applications/cli-app"]["stages"] == [
-        {"variants": [{"model": "cli-apply", "version": 1, "weight": 100}]}
+        {"variants": [{"model": "cli-apply", "version": 1, "weight": 100}], "shadows": []}
     ]
 
     # Archives are reproducible: touching the files does not make a new version.

@@ -14,7 +14,7 @@ from xds_control import resources as r
 from xds_control.snapshot import Snapshot
 from xds_control.topology import Topology
 from xds_control.tracing_config import COLLECTOR_CLUSTER, TRACE_ID_FILTER, EnvoyTracing
-from xds_control.translate import INGRESS_LISTENER, SIDECAR_LISTENER, NodeInfo, snapshot_for
+from xds_control.translate import INGRESS_LISTENER, OUTBOUND_LISTENER, SIDECAR_LISTENER, NodeInfo, snapshot_for
 
 INGRESS = NodeInfo("ingress", "ingress", {"listen_port": 8080})
 SIDECAR = NodeInfo(
@@ -73,3 +73,27 @@ def test_no_collector_no_tracing() -> None:
         snapshot = snapshot_for(Topology(), node)
         assert not _manager(snapshot, listener).HasField("tracing")
         assert COLLECTOR_CLUSTER not in snapshot.by_type[r.CLUSTER]
+
+
+def test_a_pipeline_sidecar_traces_its_inbound_side_only() -> None:
+    node = NodeInfo(
+        "pipeline~app~a",
+        "pipeline",
+        {
+            "app": "app",
+            "instance": "a",
+            "inbound_port": 1,
+            "outbound_port": 4,
+            "runtime_grpc_port": 2,
+            "runtime_http_port": 3,
+        },
+    )
+    tracing = EnvoyTracing.from_endpoint("127.0.0.1:4317")
+    snapshot = snapshot_for(Topology(), node, tracing=tracing)
+    inbound = _manager(snapshot, SIDECAR_LISTENER)
+    config = opentelemetry_pb2.OpenTelemetryConfig()
+    inbound.tracing.provider.typed_config.Unpack(config)
+    assert config.service_name == "sidecar app:pipeline"
+    # Stage calls would start traces of their own until the pipeline runtime passes trace context on.
+    assert not _manager(snapshot, OUTBOUND_LISTENER).HasField("tracing")
+    assert COLLECTOR_CLUSTER in snapshot.by_type[r.CLUSTER]

@@ -1,9 +1,11 @@
-"""Content-addressed store of model archives on the manager's disk.
+"""Model archives by sha256: uploads checked before they are kept, and unpacked folders for the runtimes.
 
-``{root}/blobs/sha256/{hex}`` is the archive as uploaded; ``{root}/folders/sha256/{hex}/`` is it unpacked, which
-is what runtimes load. An upload is staged in ``{root}/staging/`` and checked (safe to unpack, a valid
-serving.yaml, every listed file present) before anything is kept, so a bad upload leaves nothing behind.
-The same bytes uploaded twice are stored once.
+The archives as uploaded live in a BlobStore (the manager's disk by default, or an S3 bucket); what runtimes
+load is a local cache of unpacked folders, ``{root}/folders/sha256/{hex}/``, refilled from the blob store (and
+checked against the digest) when a folder is missing, e.g. on a manager replica that did not take the upload.
+An upload is staged in ``{root}/staging/`` and checked (safe to unpack, a valid serving.yaml, every listed file
+present) before anything is kept, so a bad upload leaves nothing behind. The same bytes uploaded twice are
+stored once.
 """
 
 from __future__ import annotations
@@ -17,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from manager_api.archives import MAX_UNPACKED_BYTES, model_root, unpack_archive
+from manager_api.artifacts.blobs import CHUNK, Blob, BlobStore, hex_of, verified
+from manager_api.artifacts.local import LocalBlobs
 from protos.topology import Artifact
 from runtimes.serving_config import ServingConfig, load_serving_config
 from runtimes.signatures import DEFAULT_TIMEOUT, verify_signature
-
-_CHUNK = 1024 * 1024
 
 
 class UploadTooLarge(ValueError):
@@ -39,18 +41,22 @@ class StagedUpload:
 
 
 class ArtifactStore:
-    """Keeps model archives by sha256 and hands out their unpacked folders."""
+    """Keeps model archives by sha256 in ``blobs`` (default: a directory under ``root``) and unpacks them."""
 
     def __init__(
-        self, root: Path, max_upload_bytes: int = 2 * 1024**3, signature_timeout: float = DEFAULT_TIMEOUT
+        self,
+        root: Path,
+        max_upload_bytes: int = 2 * 1024**3,
+        signature_timeout: float = DEFAULT_TIMEOUT,
+        blobs: BlobStore | None = None,
     ) -> None:
         self.root = root
         self.max_upload_bytes = max_upload_bytes
         self.signature_timeout = signature_timeout
+        self.blobs: BlobStore = LocalBlobs(root) if blobs is None else blobs
         self._staging = root / "staging"
-        self._blobs = root / "blobs" / "sha256"
         self._folders = root / "folders" / "sha256"
-        for folder in (self._staging, self._blobs, self._folders):
+        for folder in (self._staging, self._folders):
             folder.mkdir(parents=True, exist_ok=True)
 
     @contextlib.asynccontextmanager
@@ -84,32 +90,36 @@ class ArtifactStore:
         return config
 
     def keep(self, upload: StagedUpload) -> Artifact:
-        """Move a checked upload into the store (no-op if the same bytes are already there)."""
-        hexdigest = upload.digest.split(":", 1)[1]
-        blob = self._blobs / hexdigest
-        if not blob.exists():
-            upload.archive.replace(blob)
-        folder = self._folders / hexdigest
+        """Put a checked upload into the blob store (no-op if the same bytes are already there) and cache its folder.
+
+        Blocking (it may upload to S3): call it off the event loop.
+        """
+        uri = self.blobs.put(upload.digest, _read_file(upload.archive))
+        folder = self._folders / hex_of(upload.digest)
         if not folder.exists():
             with contextlib.suppress(OSError):
                 (upload.workdir / "unpacked").replace(folder)
-        return Artifact(digest=upload.digest, uri=blob.as_uri(), size=upload.size)
+        return Artifact(digest=upload.digest, uri=uri, size=upload.size)
 
-    def blob(self, digest: str) -> Path | None:
-        """The archive of an artifact as uploaded (what agents on other hosts download), None if not stored."""
-        blob = self._blobs / digest.split(":", 1)[1]
-        return blob if blob.is_file() else None
+    def open(self, digest: str) -> Blob:
+        """The archive of an artifact as uploaded (what agents on other hosts download); BlobNotFound if absent."""
+        return self.blobs.open(digest)
 
     def materialize(self, digest: str) -> Path:
-        """The unpacked model folder of an artifact, unpacking the blob again if the folder is gone."""
-        hexdigest = digest.split(":", 1)[1]
-        folder = self._folders / hexdigest
+        """The unpacked model folder of an artifact, fetched from the blob store and unpacked if it is not cached.
+
+        The archive is hashed as it is read: DigestMismatch if the stored bytes changed (nothing is unpacked then),
+        BlobNotFound if it is not stored. Blocking: call it off the event loop.
+        """
+        folder = self._folders / hex_of(digest)
         if not folder.exists():
-            blob = self._blobs / hexdigest
-            if not blob.exists():
-                raise FileNotFoundError(f"artifact {digest} is not in the store at {self.root}")
-            with self._scratch() as scratch:
-                unpack_archive(blob, scratch / "unpacked")
+            with self._scratch() as scratch, self.blobs.open(digest) as blob:
+                archive = scratch / "archive"
+                with archive.open("wb") as out:
+                    for chunk in verified(blob, digest, self.blobs.location):
+                        out.write(chunk)
+                unpack_archive(archive, scratch / "unpacked", MAX_UNPACKED_BYTES)
+                # A concurrent materialize of the same digest may have won the race: theirs is as good as ours.
                 with contextlib.suppress(OSError):
                     (scratch / "unpacked").replace(folder)
         return model_root(folder)
@@ -121,3 +131,9 @@ class ArtifactStore:
             yield scratch
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _read_file(path: Path) -> Iterator[bytes]:
+    with path.open("rb") as handle:
+        while chunk := handle.read(CHUNK):
+            yield chunk

@@ -1,0 +1,1 @@
+"""The pipeline runtime: serves one application by calling its stages through the sidecar's outbound listener."""

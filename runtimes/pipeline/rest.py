@@ -1,0 +1,100 @@
+"""The Open Inference Protocol over HTTP/JSON for a pipeline, plus its Prometheus metrics at /metrics."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from runtimes import json_codec
+from runtimes.errors import InferenceError, PayloadTooLarge
+from runtimes.pipeline.executor import STAGES_HEADER
+from runtimes.pipeline.service import PipelineService
+from runtimes.rest import EXTENSIONS, SERVER_NAME, error_response
+
+log = logging.getLogger(__name__)
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the request body ({declared} bytes) is larger than the {limit // 2**20} MiB limit")
+    body = await request.body()
+    if len(body) > limit:
+        raise PayloadTooLarge(f"the request body is larger than the {limit // 2**20} MiB limit")
+    return body
+
+
+def create_app(service: PipelineService, *, server_version: str, max_body_bytes: int = 64 * 2**20) -> FastAPI:
+    """The REST app of one pipeline."""
+    app = FastAPI(title="Hydro Serving pipeline", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.get("/v2/health/live")
+    async def live() -> dict[str, bool]:
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    async def ready() -> Response:
+        service.check_ready()
+        return JSONResponse({"ready": True})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(service.metrics), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v2")
+    async def server_metadata() -> dict[str, Any]:
+        return {"name": SERVER_NAME, "version": server_version, "extensions": EXTENSIONS}
+
+    @app.get("/v2/models/{model}")
+    async def metadata(model: str) -> Response:
+        return JSONResponse(json_codec.encode_metadata(service.metadata(model)))
+
+    @app.get("/v2/models/{model}/ready")
+    async def model_ready(model: str) -> Response:
+        service.resolve(model)
+        service.check_ready()
+        return JSONResponse({"name": service.name, "ready": True})
+
+    @app.post("/v2/models/{model}/infer")
+    async def infer(request: Request, model: str) -> Response:
+        service.resolve(model)
+        body = await _body(request, max_body_bytes)
+        header_length = request.headers.get(json_codec.HEADER_LENGTH)
+        infer_request = json_codec.parse_infer_request(body, model, "", header_length)
+        result = await service.infer(infer_request)
+        encoded = json_codec.encode_infer_response(service.response(result, infer_request), infer_request)
+        headers = {**encoded.headers, STAGES_HEADER: result.stages_header}
+        return Response(encoded.body, media_type=encoded.media_type, headers=headers)
+
+    @app.api_route("/v2/models/{model}/versions/{version}{rest:path}", methods=["GET", "POST"])
+    async def versioned(model: str, version: str, rest: str) -> Response:
+        service.resolve(model, version)
+        raise AssertionError("resolve accepts no version")
+
+    async def on_inference_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, InferenceError)
+        if exc.http_status >= 500:
+            log.warning("%s %s: %s", request.method, request.url.path, exc)
+        return error_response(exc.http_status, str(exc))
+
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 404:
+            return error_response(404, f"no route for {request.method} {request.url.path}")
+        if exc.status_code == 405:
+            return error_response(405, f"method {request.method} is not allowed for {request.url.path}")
+        return error_response(exc.status_code, str(exc.detail))
+
+    async def on_unexpected_error(request: Request, exc: Exception) -> Response:
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
+
+    app.add_exception_handler(InferenceError, on_inference_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_unexpected_error)
+    return app

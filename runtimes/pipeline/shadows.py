@@ -1,0 +1,128 @@
+"""Shadow calls: a copy of a stage's input sent to other model versions, whose answers are only compared.
+
+The caller never waits for a shadow: each call is a background task, and when a shadow already has
+``max_in_flight`` calls running the copy is dropped (and counted) rather than queued, so a slow or dead shadow
+costs the caller nothing but the copy. Outcomes are Prometheus metrics per (app, stage, shadow).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from protos import inference_pb2 as pb
+from runtimes.errors import InferenceError
+from runtimes.pipeline.wire import WireTensor, agree, response_outputs
+
+log = logging.getLogger(__name__)
+
+#: Outbound requests to one exact model version carry ``{model}/{version}`` in this header (shadow routes).
+MODEL_VERSION_HEADER = "x-hydro-model-version"
+
+InferCall = Callable[..., Awaitable[pb.ModelInferResponse]]
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class ShadowMetrics:
+    """The shadow metrics of one pipeline runtime, in its own registry (served at /metrics)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        labels = ["app", "stage", "shadow"]
+        self.calls = Counter(
+            "hydro_shadow_calls",
+            "Shadow calls answered or failed, by outcome: agree, disagree (outputs differ from the primary's), error",
+            [*labels, "outcome"],
+            registry=registry,
+        )
+        self.dropped = Counter(
+            "hydro_shadow_dropped", "Shadow calls not sent: too many already in flight", labels, registry=registry
+        )
+        self.latency = Histogram(
+            "hydro_shadow_latency_seconds",
+            "Time from sending a shadow call to its answer or error",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.agreement = Gauge(
+            "hydro_shadow_agreement_ratio",
+            "Share of answered shadow calls whose outputs matched the primary's (allclose for floats)",
+            labels,
+            registry=registry,
+        )
+        self.in_flight = Gauge("hydro_shadow_in_flight", "Shadow calls running now", labels, registry=registry)
+
+
+class ShadowRunner:
+    """Sends shadow copies in the background. Used from one event loop only (no locks)."""
+
+    def __init__(
+        self, app: str, call: InferCall, metrics: ShadowMetrics, *, max_in_flight: int = 32, timeout: float = 10.0
+    ) -> None:
+        self._app = app
+        self._call = call
+        self._metrics = metrics
+        self._max_in_flight = max_in_flight
+        self._timeout = timeout
+        self._in_flight: dict[tuple[int, str], int] = {}
+        self._agreed: dict[tuple[int, str], tuple[int, int]] = {}  # (agreeing, answered)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def submit(self, stage: int, shadow: str, request: pb.ModelInferRequest, primary: Mapping[str, WireTensor]) -> None:
+        """Send ``request`` (the stage's primary request, not modified) to ``shadow`` ("model:version") later."""
+        key = (stage, shadow)
+        labels = (self._app, str(stage), shadow)
+        if self._in_flight.get(key, 0) >= self._max_in_flight:
+            self._metrics.dropped.labels(*labels).inc()
+            return
+        self._in_flight[key] = self._in_flight.get(key, 0) + 1
+        self._metrics.in_flight.labels(*labels).inc()
+        task = asyncio.create_task(self._shadow(key, labels, request, primary))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _shadow(
+        self,
+        key: tuple[int, str],
+        labels: tuple[str, str, str],
+        request: pb.ModelInferRequest,
+        primary: Mapping[str, WireTensor],
+    ) -> None:
+        model, _, version = key[1].rpartition(":")
+        copy = pb.ModelInferRequest()
+        copy.CopyFrom(request)
+        copy.model_name, copy.model_version = model, version
+        started = time.perf_counter()
+        try:
+            response = await self._call(
+                copy,
+                timeout=self._timeout,
+                metadata=((MODEL_VERSION_HEADER, f"{model}/{version}"),),
+            )
+            outputs = response_outputs(response)
+            matched = all(agree(tensor, outputs.get(name)) for name, tensor in primary.items())
+        except (grpc.aio.AioRpcError, InferenceError) as exc:
+            log.debug("shadow %s of %s stage %d failed: %s", key[1], self._app, key[0], exc)
+            self._metrics.calls.labels(*labels, "error").inc()
+            return
+        finally:
+            self._metrics.latency.labels(*labels).observe(time.perf_counter() - started)
+            self._in_flight[key] -= 1
+            self._metrics.in_flight.labels(*labels).dec()
+        self._metrics.calls.labels(*labels, "agree" if matched else "disagree").inc()
+        agreeing, answered = self._agreed.get(key, (0, 0))
+        agreeing, answered = agreeing + matched, answered + 1
+        self._agreed[key] = (agreeing, answered)
+        self._metrics.agreement.labels(*labels).set(agreeing / answered)
+
+    async def close(self) -> None:
+        """Cancel the shadow calls still running (shutdown: nobody waits for them)."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

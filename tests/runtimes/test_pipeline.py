@@ -1,0 +1,398 @@
+"""A three-stage pipeline through real Envoys: etcd, xds_control, seven model replicas (runtime + sidecar, registered
+in etcd by the deployer's Replica), and the pipeline runtime behind its own sidecar, called on that sidecar's
+inbound port over REST and gRPC.
+
+Stages: millimetres to centimetres (python) -> iris classifier (scikit-learn) -> species name and confidence
+(python, two variants at 50/50). Stage 1 has three shadows, copies of its model told to fail, to sleep 2 s, or
+to disagree on every 4th call (tests/runtimes/pipeline_models/scale).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shutil
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Coroutine, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aetcd
+import grpc
+import httpx
+import joblib
+import numpy as np
+import pytest
+from framework_models import ROWS, sklearn_classifier
+from prometheus_client.parser import text_string_to_metric_families
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from manager_api.deployer.registration import LeasedInstanceRegistry
+from manager_api.deployer.replica import Replica, ReplicaConfig
+from manager_api.etcd_server import EtcdServer
+from manager_api.processes import ChildProcess, free_port, http_ok, wait_until
+from protos.topology import Application, Keys, ShadowVariant, Stage, Variant
+from runtimes.serving_config import load_serving_config
+from xds_control.bootstrap import envoy_ready, pipeline_envoy
+
+T = TypeVar("T")
+MODELS = Path(__file__).resolve().parent / "pipeline_models"
+APP = "iris-pipe"
+#: Model versions: (model, version) -> (folder under MODELS, mode of the scale model).
+SCALE_MODES = {1: "ok", 2: "fail", 3: "sleep", 4: "skew"}
+SHADOWS = {2: "scale:2", 3: "scale:3", 4: "scale:4"}
+STAGES_HEADER = "x-hydro-stages"
+#: The stages header: stage 3 has two variants (post:1 and post:2, the same model), half the traffic each.
+SERVED = re.compile(r"1=scale:1;2=clf:1;3=post:[12]")
+SPECIES = ["setosa", "versicolor", "virginica"]
+
+
+@dataclass
+class PipelineStack:
+    loop: asyncio.AbstractEventLoop
+    client: aetcd.Client
+    keys: Keys
+    app: Application
+    inbound_port: int
+    http_port: int
+    expected_labels: list[int]
+    replicas: list[Replica] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.inbound_port}"
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(60)
+
+    def rest(self, raw: np.ndarray, model: str = APP, name: str = "raw") -> httpx.Response:
+        body = {"inputs": [{"name": name, "datatype": "FP32", "shape": list(raw.shape), "data": raw.ravel().tolist()}]}
+        # json.dumps writes NaN as Python's json (which the runtimes use) reads it; httpx's json= refuses NaN.
+        content = json.dumps(body).encode()
+        headers = {"content-type": "application/json"}
+        return httpx.post(f"{self.url}/v2/models/{model}/infer", content=content, headers=headers, timeout=10)
+
+    def grpc_infer(self, raw: np.ndarray, timeout: float = 10) -> tuple[service_pb2.ModelInferResponse, dict[str, str]]:
+        request = service_pb2.ModelInferRequest(model_name=APP)
+        request.inputs.add(name="raw", datatype="FP32", shape=list(raw.shape))
+        request.raw_input_contents.append(raw.astype("<f4").tobytes())
+        with grpc.insecure_channel(f"127.0.0.1:{self.inbound_port}") as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            response, call = stub.ModelInfer.with_call(request, timeout=timeout)
+        return response, {key: value for key, value in call.initial_metadata()}
+
+    def put_application(self, app: Application) -> None:
+        self.run(self.client.put(self.keys.application(APP).encode(), app.model_dump_json().encode()))
+
+    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """The pipeline runtime's metrics by (sample name, sorted labels)."""
+        text = httpx.get(f"http://127.0.0.1:{self.http_port}/metrics", timeout=5).text
+        return {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
+
+
+def metric(values: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+    return values.get((name, tuple(sorted({"app": APP, "stage": "1", **labels}.items()))), 0.0)
+
+
+def _spec(app: Application, folders: dict[tuple[str, int], Path]) -> dict[str, Any]:
+    signatures = {
+        f"{model}:{version}": load_serving_config(folder).signature.model_dump(mode="json")
+        for (model, version), folder in folders.items()
+    }
+    return {"application": app.model_dump(mode="json"), "signatures": signatures}
+
+
+@pytest.fixture(scope="module")
+def stack(etcd_server: EtcdServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PipelineStack]:
+    work = tmp_path_factory.mktemp("pipeline")
+    keys = Keys(f"/hydro-pipeline-{uuid.uuid4().hex[:8]}/")
+    folders: dict[tuple[str, int], Path] = {}
+    for version, mode in SCALE_MODES.items():
+        folder = work / f"scale-{version}"
+        shutil.copytree(MODELS / "scale", folder, ignore=shutil.ignore_patterns("__pycache__"))
+        (folder / "mode").write_text(mode)
+        folders[("scale", version)] = folder
+    folders[("clf", 1)] = sklearn_classifier(work / "clf")
+    folders[("post", 1)] = folders[("post", 2)] = MODELS / "post"
+    expected = joblib.load(folders[("clf", 1)] / "model.joblib").predict(ROWS).tolist()
+
+    app = Application(
+        name=APP,
+        stages=[
+            Stage(
+                variants=[Variant(model="scale", version=1, weight=100)],
+                shadows=[ShadowVariant(model="scale", version=v) for v in SHADOWS],
+            ),
+            Stage(variants=[Variant(model="clf", version=1, weight=100)]),
+            Stage(variants=[Variant(model="post", version=1, weight=50), Variant(model="post", version=2, weight=50)]),
+        ],
+    )
+    spec_path = work / "spec.json"
+    spec_path.write_text(json.dumps(_spec(app, folders)))
+
+    xds_port = free_port()
+    xds = ChildProcess(
+        "xds_control",
+        [
+            *(sys.executable, "-m", "xds_control", "--etcd", etcd_server.endpoint),
+            *("--prefix", keys.prefix, "--port", str(xds_port)),
+        ],
+        log_path=work / "xds.log",
+    )
+    ports = {name: free_port() for name in ("grpc", "http", "inbound", "outbound", "admin")}
+    pipeline = ChildProcess(
+        "pipeline",
+        [
+            *(sys.executable, "-m", "runtimes.pipeline", "--spec", str(spec_path)),
+            *("--outbound", f"127.0.0.1:{ports['outbound']}", "--grpc-port", str(ports["grpc"])),
+            *("--http-port", str(ports["http"]), "--shadow-timeout", "3", "--max-shadows-in-flight", "4"),
+            # Split over three stages: 1 s for the first, which the slow-stage test exceeds.
+            *("--timeout", "3"),
+        ],
+        log_path=work / "pipeline.log",
+    )
+    sidecar = pipeline_envoy(
+        work / "pipeline-sidecar",
+        app=APP,
+        instance="p1",
+        xds_port=xds_port,
+        admin_port=ports["admin"],
+        inbound_port=ports["inbound"],
+        outbound_port=ports["outbound"],
+        runtime_grpc_port=ports["grpc"],
+        runtime_http_port=ports["http"],
+    )
+    # The registry's lease keep-alive must run while the tests block on calls: the loop gets a thread.
+    loop = asyncio.new_event_loop()
+    loop_thread = threading.Thread(target=loop.run_forever, name="pipeline-loop", daemon=True)
+    loop_thread.start()
+    client = aetcd.Client(host="127.0.0.1", port=etcd_server.client_port)
+    registry = LeasedInstanceRegistry(client, keys, node="pipeline-test")
+    stack = PipelineStack(loop, client, keys, app, ports["inbound"], ports["http"], expected)
+    try:
+        xds.start()
+        pipeline.start()
+        stack.run(client.connect())
+        stack.put_application(app)
+        stack.run(registry.start())
+        for (model, version), folder in folders.items():
+            config = ReplicaConfig(
+                model=model,
+                version=version,
+                model_dir=folder,
+                node="pipeline-test",
+                xds_host="127.0.0.1",
+                xds_port=xds_port,
+                workdir=work / f"{model}-{version}",
+                drain_seconds=0,
+            )
+            stack.replicas.append(Replica(config, registry))
+        stack.run(_gather(*(replica.start() for replica in stack.replicas)))
+        sidecar.start()
+        sidecar.wait_ready(lambda: envoy_ready(ports["admin"]), 30)
+        pipeline.wait_ready(lambda: http_ok(f"{stack.url}/v2/health/ready"), 30)
+        # Every stage's endpoints reach the outbound listener by EDS: wait for a whole answer, not for time.
+        wait_until(lambda: stack.rest(ROWS * 10).status_code == 200, 30, "a first answer through every stage")
+        yield stack
+    finally:
+        for step in [*(replica.stop(drain=False) for replica in stack.replicas), registry.stop(), client.close()]:
+            try:
+                stack.run(step)
+            except Exception as exc:
+                print(f"teardown step failed: {exc!r}")
+        loop.call_soon_threadsafe(loop.stop)
+        loop_thread.join(10)
+        loop.close()
+        sidecar.stop()
+        pipeline.stop()
+        xds.stop()
+        print(pipeline.log_tail(30))
+
+
+async def _gather(*coroutines: Coroutine[Any, Any, None]) -> None:
+    await asyncio.gather(*coroutines)
+
+
+def _check_answer(stack: PipelineStack, outputs: dict[str, list[Any]]) -> None:
+    assert outputs["species"] == [SPECIES[label] for label in stack.expected_labels]
+    assert all(0.3 < c <= 1.0 for c in outputs["confidence"])
+
+
+def test_rest_and_grpc_answer_with_the_last_stage_and_name_every_stage(stack: PipelineStack) -> None:
+    response = stack.rest(ROWS * 10)
+    assert response.status_code == 200, response.text
+    assert SERVED.fullmatch(response.headers[STAGES_HEADER])
+    body = response.json()
+    assert body["model_name"] == APP
+    assert [o["name"] for o in body["outputs"]] == ["species", "confidence"]
+    assert body["outputs"][0]["datatype"] == "BYTES"
+    _check_answer(stack, {o["name"]: o["data"] for o in body["outputs"]})
+
+    message, metadata = stack.grpc_infer(ROWS * 10)
+    assert SERVED.fullmatch(metadata[STAGES_HEADER])
+    assert [o.name for o in message.outputs] == ["species", "confidence"]
+    # Raw in, raw out: the last stage's bytes (BYTES: 4-byte little-endian length prefixes).
+    species_raw = message.raw_output_contents[0]
+    names, offset = [], 0
+    while offset < len(species_raw):
+        length = int.from_bytes(species_raw[offset : offset + 4], "little")
+        names.append(species_raw[offset + 4 : offset + 4 + length].decode())
+        offset += 4 + length
+    confidence = np.frombuffer(message.raw_output_contents[1], dtype="<f4").tolist()
+    _check_answer(stack, {"species": names, "confidence": confidence})
+
+    # Typed contents in, typed contents out.
+    typed = service_pb2.ModelInferRequest(model_name=APP)
+    tensor = typed.inputs.add(name="raw", datatype="FP32", shape=list(ROWS.shape))
+    tensor.contents.fp32_contents.extend((ROWS * 10).ravel().tolist())
+    with grpc.insecure_channel(f"127.0.0.1:{stack.inbound_port}") as channel:
+        answer = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(typed, timeout=10)
+    assert not answer.raw_output_contents
+    species = [b.decode() for b in answer.outputs[0].contents.bytes_contents]
+    _check_answer(stack, {"species": species, "confidence": list(answer.outputs[1].contents.fp32_contents)})
+
+    metadata_response = httpx.get(f"{stack.url}/v2/models/{APP}", timeout=5).json()
+    assert [t["name"] for t in metadata_response["inputs"]] == ["raw"]
+    assert [t["name"] for t in metadata_response["outputs"]] == ["species", "confidence"]
+
+
+def test_a_failing_stage_is_named_and_keeps_its_status(stack: PipelineStack) -> None:
+    # The python model raises on negative lengths: stage 1, a model error (500).
+    failed = stack.rest(-ROWS)
+    assert failed.status_code == 500
+    assert "stage 1 (scale:1) of application 'iris-pipe' failed" in failed.json()["error"]
+    assert "negative length" in failed.json()["error"]
+    # NaN passes stage 1 (NaN / 10) and the scikit-learn runtime refuses it: stage 2, the client's mistake (400).
+    nan = ROWS.copy()
+    nan[0, 0] = np.nan
+    refused = stack.rest(nan)
+    assert refused.status_code == 400
+    assert "stage 2 (clf:1) of application 'iris-pipe' failed: INVALID_ARGUMENT" in refused.json()["error"]
+    with pytest.raises(grpc.RpcError) as raised:
+        stack.grpc_infer(nan)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "stage 2 (clf:1)" in (raised.value.details() or "")
+
+
+def test_bad_requests_are_refused_before_any_stage(stack: PipelineStack) -> None:
+    wrong_input = stack.rest(ROWS, name="input")
+    assert wrong_input.status_code == 400
+    assert "unknown input 'input'; application 'iris-pipe' expects: raw (FP32 [-1, 4])" in wrong_input.json()["error"]
+    wrong_model = stack.rest(ROWS, model="other")
+    assert wrong_model.status_code == 404
+    assert "this pipeline serves application 'iris-pipe'" in wrong_model.json()["error"]
+    versioned = httpx.post(f"{stack.url}/v2/models/{APP}/versions/1/infer", json={}, timeout=5)
+    assert versioned.status_code == 404
+    assert "has no versions" in versioned.json()["error"]
+
+
+def test_shadows_never_reach_the_caller_and_are_measured(stack: PipelineStack) -> None:
+    requests = 40
+
+    def settled() -> bool:
+        now = stack.metrics()
+        return all(metric(now, "hydro_shadow_in_flight", shadow=s) == 0 for s in SHADOWS.values())
+
+    # Sleeping copies of the earlier tests' calls may still be running (they would count against the cap).
+    wait_until(settled, 20, "no shadow call left from earlier tests")
+    before = stack.metrics()
+    latencies = []
+    for index in range(requests):
+        started = time.perf_counter()
+        if index % 2:
+            _, metadata = stack.grpc_infer(ROWS * 10)
+            assert SERVED.fullmatch(metadata[STAGES_HEADER])
+        else:
+            response = stack.rest(ROWS * 10)
+            assert response.status_code == 200, response.text
+            _check_answer(stack, {o["name"]: o["data"] for o in response.json()["outputs"]})
+        latencies.append(time.perf_counter() - started)
+    # The sleeping shadow takes 2 s a call: the caller must not wait for any of it.
+    assert sorted(latencies)[int(0.99 * requests) - 1] < 0.5, f"p99 {sorted(latencies)[-2]:.3f} s"
+
+    # Sleeping copies over the in-flight cap were dropped; the others finish or time out (3 s) in the background.
+    wait_until(settled, 20, "every shadow call finished")
+    after = stack.metrics()
+
+    def delta(name: str, **labels: str) -> float:
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    calls = "hydro_shadow_calls_total"
+    for shadow in SHADOWS.values():
+        outcomes = sum(delta(calls, shadow=shadow, outcome=o) for o in ("agree", "disagree", "error"))
+        assert outcomes + delta("hydro_shadow_dropped_total", shadow=shadow) == requests, shadow
+
+    failing = SHADOWS[2]
+    assert delta(calls, shadow=failing, outcome="error") > 0
+    assert delta(calls, shadow=failing, outcome="agree") == delta(calls, shadow=failing, outcome="disagree") == 0
+
+    sleeping = SHADOWS[3]
+    assert delta("hydro_shadow_dropped_total", shadow=sleeping) > 0, "more than 4 sleeping copies at once"
+    slow = delta("hydro_shadow_latency_seconds_count", shadow=sleeping) - delta(
+        "hydro_shadow_latency_seconds_bucket", shadow=sleeping, le="1.0"
+    )
+    assert slow > 0, "the sleeping shadow's 2 s calls are in its latency histogram"
+
+    # Every 4th call to the skewed shadow (counted by the model since it started) disagrees.
+    skewed = SHADOWS[4]
+    assert delta("hydro_shadow_dropped_total", shadow=skewed) == 0
+    agreed = metric(after, calls, shadow=skewed, outcome="agree")
+    disagreed = metric(after, calls, shadow=skewed, outcome="disagree")
+    assert disagreed == (agreed + disagreed) // 4
+    ratio = metric(after, "hydro_shadow_agreement_ratio", shadow=skewed)
+    assert ratio == pytest.approx(agreed / (agreed + disagreed))
+    assert 0.7 <= ratio <= 0.8
+
+
+def test_stage_variants_share_traffic_by_weight_and_a_weight_change_fails_nothing(stack: PipelineStack) -> None:
+    def last_stage() -> str:
+        response = stack.rest(ROWS * 10)
+        assert response.status_code == 200, response.text
+        return response.headers[STAGES_HEADER].rsplit("=", 1)[1]
+
+    shares = Counter(last_stage() for _ in range(60))
+    assert set(shares) == {"post:1", "post:2"}
+    assert min(shares.values()) >= 12, shares  # 50/50: fewer than 12 of 60 happens once in ~10^6 runs
+
+    stages = list(stack.app.stages)
+    variants = [Variant(model="post", version=1, weight=0), Variant(model="post", version=2, weight=100)]
+    stages[2] = Stage(variants=variants)
+    stack.put_application(stack.app.model_copy(update={"stages": stages}))
+    # Requests keep flowing while the new weights reach the outbound routes (RDS): none may fail.
+    streak = 0
+    deadline = time.monotonic() + 20
+    while streak < 20:
+        assert time.monotonic() < deadline, "the new weights did not reach the pipeline's sidecar"
+        streak = streak + 1 if last_stage() == "post:2" else 0
+    stack.put_application(stack.app)
+
+
+# Last: the slow calls hold the first stage's worker threads for 2 s.
+def test_the_time_budget_is_split_across_stages(stack: PipelineStack) -> None:
+    slow = ROWS * 10
+    slow[0, 0] = 9999
+    # --timeout 3 over three stages: the first gets 1 s, and its 2 s answer is cut off there.
+    started = time.perf_counter()
+    response = stack.rest(slow)
+    elapsed = time.perf_counter() - started
+    assert response.status_code == 504, response.text
+    assert "stage 1 (scale:1) of application 'iris-pipe' failed: DEADLINE_EXCEEDED" in response.json()["error"]
+    assert 0.9 < elapsed < 1.8
+    # The caller's own deadline, when shorter, is the budget: 0.6 s gives the first stage 0.2 s.
+    started = time.perf_counter()
+    with pytest.raises(grpc.RpcError) as raised:
+        stack.grpc_infer(slow, timeout=0.6)
+    elapsed = time.perf_counter() - started
+    assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "stage 1 (scale:1)" in (raised.value.details() or ""), raised.value.details()
+    assert elapsed < 0.55
