@@ -4,8 +4,8 @@ Each HTTP connection manager gets a ``tracing`` block: the ``envoy.tracers.opent
 over gRPC to the collector cluster and a service name saying which proxy it is. On the ingress
 ``spawn_upstream_span`` makes every upstream attempt (each retry included) a span of its own under its server span;
 a sidecar's server span is the runtime span's parent. The ingress decides sampling (a random percentage);
-sidecars sample 100 % and so follow the decision the ``traceparent`` header carries. The ingress also answers
-with the trace id (``x-hydro-trace-id``) next to ``x-request-id``.
+sidecars sample nothing themselves and follow the decision carried by ``x-request-id`` and ``traceparent``. The
+ingress also answers with the trace id (``x-hydro-trace-id``) next to ``x-request-id``.
 """
 
 from __future__ import annotations
@@ -57,9 +57,10 @@ class EnvoyTracing:
         return cls(parse_endpoint(endpoint), sampling_percent)
 
     def connection_manager_tracing(self, service_name: str, *, ingress: bool) -> hcm_pb2.HttpConnectionManager.Tracing:
-        """The HCM ``tracing`` block. The ingress samples and makes a span per upstream attempt; a sidecar samples
-        everything (the parent's flag then decides) and its server span is the runtime's parent: its one upstream,
-        on loopback, would only add a span per request."""
+        """The HCM ``tracing`` block. The ingress samples and makes a span per upstream attempt. A sidecar samples
+        nothing of its own: it traces what its caller traced (the sampling state Envoy keeps in ``x-request-id``,
+        then the ``traceparent`` flag), so health checks and calls without trace context make no traces; its
+        server span is the runtime's parent (its one upstream, on loopback, would only add a span per request)."""
         provider = opentelemetry_pb2.OpenTelemetryConfig(
             grpc_service=grpc_service_pb2.GrpcService(
                 envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=COLLECTOR_CLUSTER),
@@ -67,7 +68,7 @@ class EnvoyTracing:
             ),
             service_name=service_name,
         )
-        percent = self.sampling_percent if ingress else 100.0
+        percent = self.sampling_percent if ingress else 0.0
         return hcm_pb2.HttpConnectionManager.Tracing(
             provider=http_tracer_pb2.Tracing.Http(name="envoy.tracers.opentelemetry", typed_config=r.pack(provider)),
             random_sampling=percent_pb2.Percent(value=percent),

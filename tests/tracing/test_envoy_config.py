@@ -57,7 +57,7 @@ def test_ingress_and_sidecar_trace_to_the_collector() -> None:
     manager = _manager(sidecar, SIDECAR_LISTENER)
     manager.tracing.provider.typed_config.Unpack(config)
     assert config.service_name == "sidecar m:2"
-    assert manager.tracing.random_sampling.value == 100, "sidecars follow the ingress's decision"
+    assert manager.tracing.random_sampling.value == 0, "sidecars only follow the ingress's decision"
     assert not manager.tracing.spawn_upstream_span.value
     assert TRACE_ID_FILTER not in [f.name for f in manager.http_filters]
     assert COLLECTOR_CLUSTER in sidecar.by_type[r.CLUSTER]
