@@ -14,6 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from protos.topology import DEFAULT_PREFIX, Keys
+from tracing.collector_watch import CollectorWatch
 from tracing.provider import setup_tracing
 from tracing.settings import InvalidEndpoint, TracingSettings
 from xds_control.controller import Controller
@@ -94,6 +95,16 @@ async def serve(args: argparse.Namespace) -> None:
         cache, metrics, convergence, max_request_bytes=args.max_request_mb * 2**20, tracing=args.tracing
     )
     nodes = ObservedNodes(controller, metrics, status)
+    loop = asyncio.get_running_loop()
+    collector_watch: CollectorWatch | None = None
+    if args.tracing is not None:
+        configured = args.tracing
+
+        def collector_answers(reachable: bool) -> None:
+            # From the watch's thread: the controller lives on the loop.
+            loop.call_soon_threadsafe(controller.set_tracing, configured if reachable else None)
+
+        collector_watch = CollectorWatch(configured.collector, collector_answers).start()
     callbacks = FanOutCallbacks([MetricsCallbacks(metrics), convergence, status])
     if args.metrics_port:
         metrics.serve(args.metrics_host, args.metrics_port)
@@ -117,11 +128,12 @@ async def serve(args: argparse.Namespace) -> None:
         log.info("Envoys trace %g%% of requests to %s", args.tracing.sampling_percent, args.tracing.collector)
 
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("xds_control stopping")
+    if collector_watch is not None:
+        collector_watch.stop()
     watch_task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await watch_task

@@ -82,6 +82,20 @@ class Controller:
         if self._convergence is not None:
             self._convergence.expect(topology.revision, topology.observed_at, changed)
 
+    def set_tracing(self, tracing: EnvoyTracing | None) -> None:
+        """Turn every proxy's tracing on (to ``tracing``'s collector) or off, and push it.
+
+        xds_control turns it off while the collector does not answer: spans nobody receives would cost every
+        request in every proxy.
+        """
+        if tracing == self.tracing:
+            return
+        self.tracing = tracing
+        log.info("proxies' tracing %s", f"on, to {tracing.collector}" if tracing else "off")
+        if self.topology_loaded:
+            for info in list(self._nodes.values()):
+                self._rebuild(info)
+
     def _rebuild(self, info: NodeInfo) -> Snapshot | None:
         try:
             build_cache = self._build_caches.setdefault(info.node_id, BuildCache())

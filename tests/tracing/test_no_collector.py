@@ -1,39 +1,61 @@
-"""With a collector configured but not listening, requests still succeed at their usual pace and the runtime's log
-holds at most a few tracing lines (tests/tracing/traced_stack.py runs the stack)."""
+"""With a collector configured but not listening, requests still succeed, the proxies and the runtime stop making
+spans, and the runtime's log holds at most a few tracing lines; once a collector listens there, tracing resumes
+everywhere (tests/tracing/traced_stack.py runs the stack)."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
+from otlp_receiver import OtlpReceiver, ReceivedSpan
 from traced_stack import traced_stack
 
 from manager_api.etcd_server import EtcdServer
-from manager_api.processes import free_port
+from manager_api.processes import free_port, wait_until
+
+TRACE_HEADER = "x-hydro-trace-id"
 
 
-def test_a_dead_collector_slows_nothing_and_floods_no_log(etcd_server: EtcdServer, tmp_path: Path) -> None:
-    dead = f"127.0.0.1:{free_port()}"  # nothing listens there
+def test_a_dead_collector_slows_nothing_floods_no_log_and_tracing_resumes_with_it(
+    etcd_server: EtcdServer, tmp_path: Path
+) -> None:
+    port = free_port()  # nothing listens there yet
+    address = f"127.0.0.1:{port}"
     runtime_env = {
-        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{dead}",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{address}",
         # Export attempts as often as possible, and give up on each quickly: many failures in a short test.
         "OTEL_BSP_SCHEDULE_DELAY": "100",
         "OTEL_EXPORTER_OTLP_TIMEOUT": "1",
     }
-    with traced_stack(etcd_server.endpoint, tmp_path, otlp_endpoint=dead, runtime_env=runtime_env) as stack:
+    with traced_stack(
+        etcd_server.endpoint, tmp_path, otlp_endpoint=f"127.0.0.1:{port}", runtime_env=runtime_env
+    ) as stack:
+        # xds_control finds nobody at the collector's address and takes tracing out of the proxies' config.
+        wait_until(lambda: TRACE_HEADER not in stack.rest().headers, 15, "the ingress to stop tracing")
         started = time.monotonic()
-        deadline = started + 8
         answered = 0
-        # Requests for several seconds: several export batches fail meanwhile.
-        while time.monotonic() < deadline:
+        while time.monotonic() < started + 5:
             response = stack.rest(x=float(answered))
             assert response.status_code == 200, response.text
-            assert response.headers.get("x-hydro-trace-id"), "Envoy still traces (and drops what it cannot send)"
             answered += 1
+        assert answered > 30, f"only {answered} requests in 5 s"
+
+        collector = OtlpReceiver().start(port)
+        try:
+            # Both the proxies' config and the runtime's tracer come back within a probe interval or two.
+            wait_until(lambda: TRACE_HEADER in stack.rest().headers, 20, "the ingress to trace again")
+
+            def traced_again(spans: list[ReceivedSpan]) -> bool:
+                response = stack.rest()
+                trace_id = response.headers.get(TRACE_HEADER)
+                return any(s.service.startswith("runtime") for s in spans) and trace_id is not None
+
+            collector.wait_for(traced_again, 20, "runtime spans at the new collector")
+        finally:
+            collector.stop()
         log = stack.runtime_log()
-    assert answered > 50, f"only {answered} requests in 8 s"
-    # Tracing pauses (one line says so) instead of making spans nobody receives: no export, no export errors.
+    # Tracing paused (one line says so) instead of making spans nobody receives, and resumed (one more line).
     tracing_lines = [line for line in log.splitlines() if "opentelemetry" in line or "tracing" in line]
     assert any("tracing paused" in line for line in tracing_lines), log
-    assert len(tracing_lines) <= 3, "\n".join(tracing_lines)
+    assert len(tracing_lines) <= 4, "\n".join(tracing_lines)
     assert "Traceback" not in log
