@@ -185,6 +185,11 @@ def main() -> None:
             wait_until(functools.partial(answers, url), 30, f"the {name} ingress route")
             check_grpc(f"127.0.0.1:{mesh.ingress_port}", {"x-hydro-model": APP})
             check_rest(url, {})
+        # Whether each ingress traces when the load starts (with no collector, xds_control has taken tracing out).
+        for name, mesh in meshes.items():
+            url = f"http://127.0.0.1:{mesh.ingress_port}/v2/models/{APP}/infer"
+            response = httpx.post(url, content=rest_body(), headers={"content-type": "application/json"})
+            results[f"{name}_ingress_traces"] = "x-hydro-trace-id" in response.headers
         frame = work / "request.grpc"
         frame.write_bytes(grpc_frame())
         rounds: dict[str, list[float]] = {}
