@@ -5,8 +5,8 @@ A real manager process on the session etcd; the folders are this test's temporar
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
+from hashlib import sha256
 from pathlib import Path
 
 import httpx
@@ -38,7 +38,9 @@ def roots(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def api(etcd_server: EtcdServer, roots: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
+def api(
+    etcd_server: EtcdServer, roots: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[httpx.Client]:
     data_dir = tmp_path_factory.mktemp("manager")
     extra = ("--allow-register-from", str(roots[0]))
     with ManagerUnderTest(etcd_server.endpoint, "/hydro-from-path/", data_dir, extra_args=extra) as manager:
@@ -53,8 +55,9 @@ def test_a_folder_under_an_allowed_root_becomes_the_next_version(api: httpx.Clie
     assert first.json()["version"] == 1 and first.json()["runtime"] == "python"
     # Packed the way `hydro model push` packs: the same folder has the same digest either way.
     packed = pack_model_to_file(folder, roots[0].parent / "pushed.tar.gz")
-    assert first.json()["artifact"]["digest"] == f"sha256:{packed.digest}"
-    assert hashlib.sha256(packed.path.read_bytes()).hexdigest() == packed.digest
+    assert (
+        first.json()["artifact"]["digest"] == packed.digest == f"sha256:{sha256(packed.path.read_bytes()).hexdigest()}"
+    )
     assert api.post("/models/doubler/versions/from-path", json={"path": str(folder)}).json()["version"] == 2
     signature = api.get("/models/doubler/versions/2/signature")
     assert signature.json() == {
