@@ -56,6 +56,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--tokens", type=Path, default=None, help="bearer tokens file (required unless --host is a loopback address)"
     )
+    parser.add_argument(
+        "--allow-register-from",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="let admins register model folders under DIR by server path (repeatable; default: nowhere)",
+    )
     parser.add_argument("--log-level", default="info")
     return parser.parse_args(argv)
 
@@ -87,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         tokens_file=args.tokens,
         artifact_store=args.artifact_store,
         s3_endpoint=args.s3_endpoint,
+        register_roots=tuple(root.resolve() for root in args.allow_register_from),
     )
     # A missing bucket or refused credentials is a one-line error here, not a traceback from the lifespan.
     try:

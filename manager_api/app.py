@@ -119,6 +119,7 @@ def create_app(settings: Settings) -> FastAPI:
     install_error_handlers(app)
     _install_store_error_handlers(app)
     app.state.events_heartbeat = HEARTBEAT_SECONDS
+    app.state.settings = settings
     app.state.tokens = TokenStore.load(settings.tokens_file) if settings.tokens_file is not None else None
     api = APIRouter(prefix="/api/v1", dependencies=[Depends(authorize)], responses=ERROR_RESPONSES)
     for module in (models, artifacts, deployments, applications, instances, proxies, events):

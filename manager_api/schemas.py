@@ -266,3 +266,12 @@ CONDITIONAL_WRITE_RESPONSES: dict[int | str, dict[str, object]] = {
 class Health(BaseModel):
     status: str
     etcd: str
+
+
+class ServerPath(BaseModel):
+    """Body of ``POST /api/v1/models/{model}/versions/from-path``: a model folder on the manager's machine."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"path": "/srv/models/iris"}]})
+    path: str = Field(
+        min_length=1, max_length=4096, description="absolute, or relative to the manager's working directory"
+    )

@@ -34,5 +34,7 @@ class Settings:
     #: Endpoint of an S3-compatible server (MinIO, ...); None for AWS S3 or AWS_ENDPOINT_URL.
     s3_endpoint: str | None = None
     drain_seconds: float = 1.0
+    #: Folders under which POST /models/{model}/versions/from-path may read model folders; empty: refused.
+    register_roots: tuple[Path, ...] = ()
     #: Bearer tokens (see manager_api/auth.py); None disables auth, allowed only on a loopback address.
     tokens_file: Path | None = None

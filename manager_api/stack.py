@@ -58,6 +58,8 @@ class StackConfig:
     #: The manager's --artifact-store (s3://BUCKET/PREFIX or a directory); None keeps archives in data_dir.
     artifact_store: str | None = None
     s3_endpoint: str | None = None
+    #: The manager's --allow-register-from folders (registration by server path); empty: off.
+    register_roots: tuple[Path, ...] = ()
 
 
 @dataclass
@@ -164,6 +166,7 @@ class Stack:
                 "--tokens",
                 str(self.tokens_file),
                 *_artifact_store_args(self.config),
+                *(arg for root in self.config.register_roots for arg in ("--allow-register-from", str(root))),
             ],
             env=self.env,
             log_path=self.logs / "manager_api.log",

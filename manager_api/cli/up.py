@@ -67,6 +67,10 @@ def up(
     s3_endpoint: Annotated[
         str | None, typer.Option(help="URL of an S3-compatible server such as MinIO (default: AWS_ENDPOINT_URL).")
     ] = None,
+    allow_register_from: Annotated[
+        list[Path] | None,
+        typer.Option(help="Let admins register model folders under this folder by server path (repeatable)."),
+    ] = None,
 ) -> None:
     """Start etcd, xds_control, manager_api and the ingress Envoy on this machine; Ctrl-C stops them all."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -97,6 +101,7 @@ def up(
             models_dir=models_dir,
             otlp_endpoint=otlp_endpoint,
             trace_sampling_percent=trace_sampling_percent,
+            register_roots=tuple(root.resolve() for root in allow_register_from or ()),
             artifact_store=artifact_store,
             s3_endpoint=s3_endpoint,
         )

@@ -1,22 +1,27 @@
-"""``/api/v1/models``: register model versions (upload a model folder archive) and read them back."""
+"""``/api/v1/models``: register model versions (upload a model folder archive, or name a folder on the manager's
+machine) and read them back."""
 
 from __future__ import annotations
 
 import asyncio
+import tempfile
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, File, Response, UploadFile
+from fastapi import APIRouter, File, Request, Response, UploadFile
 
 from manager_api.archives import ArchiveError, archive_manifest
-from manager_api.artifacts import UploadTooLarge
+from manager_api.artifacts import ArtifactStore, UploadTooLarge
+from manager_api.client import pack_model_to_file
 from manager_api.dependencies import Artifacts, ModelName, Store
 from manager_api.errors import ApiProblem, not_found
-from manager_api.schemas import CONDITIONAL_WRITE_RESPONSES, ModelVersionView, ModelView, RevisionQuery
-from manager_api.store import Stored
-from protos.topology import ModelVersion
+from manager_api.schemas import CONDITIONAL_WRITE_RESPONSES, ModelVersionView, ModelView, RevisionQuery, ServerPath
+from manager_api.settings import Settings
+from manager_api.store import Stored, TopologyStore
+from protos.topology import ModelVersion, Signature
 from runtimes.model_digest import manifest_digest
-from runtimes.serving_config import ServingConfigError
+from runtimes.serving_config import SERVING_FILE, ServingConfigError
 
 router = APIRouter(prefix="/models", tags=["models"])
 
@@ -30,19 +35,12 @@ async def _chunks(upload: UploadFile) -> AsyncIterator[bytes]:
         yield chunk
 
 
-@router.post("/{model}/versions", status_code=201, response_model=ModelVersionView)
-async def register_model_version(
-    model: ModelName,
-    store: Store,
-    artifacts: Artifacts,
-    archive: Annotated[
-        UploadFile,
-        File(description="a .tar.gz, .tar or .zip of the model folder", examples=["(bytes of tar czf - -C iris .)"]),
-    ],
+async def _register(
+    model: str, chunks: AsyncIterator[bytes], store: TopologyStore, artifacts: ArtifactStore
 ) -> ModelVersionView:
-    """Upload a model folder (with serving.yaml at its root) as the next version of ``model``."""
+    """Check a model folder archive, keep it in the artifact store and record the model's next version."""
     try:
-        async with artifacts.staged(_chunks(archive)) as upload:
+        async with artifacts.staged(chunks) as upload:
             if upload.size == 0:
                 raise ApiProblem(400, "the archive is empty")
             config = await asyncio.to_thread(artifacts.check, upload)
@@ -55,6 +53,58 @@ async def register_model_version(
     except (ArchiveError, ServingConfigError) as exc:
         raise ApiProblem(400, str(exc)) from exc
     return _view(await store.register_model_version(model, config.runtime, artifact, config.signature, config.labels))
+
+
+@router.post("/{model}/versions", status_code=201, response_model=ModelVersionView)
+async def register_model_version(
+    model: ModelName,
+    store: Store,
+    artifacts: Artifacts,
+    archive: Annotated[
+        UploadFile,
+        File(description="a .tar.gz, .tar or .zip of the model folder", examples=["(bytes of tar czf - -C iris .)"]),
+    ],
+) -> ModelVersionView:
+    """Upload a model folder (with serving.yaml at its root) as the next version of ``model``."""
+    return await _register(model, _chunks(archive), store, artifacts)
+
+
+@router.post("/{model}/versions/from-path", status_code=201, response_model=ModelVersionView)
+async def register_model_version_from_path(
+    model: ModelName, body: ServerPath, request: Request, store: Store, artifacts: Artifacts
+) -> ModelVersionView:
+    """Register a model folder that is already on the manager's machine, as the next version of ``model``.
+
+    Only folders under the manager's ``--allow-register-from`` folders (none by default): anything else is 403.
+    """
+    settings: Settings = request.app.state.settings
+    folder = await asyncio.to_thread(_allowed_folder, body.path, settings.register_roots)
+    with tempfile.TemporaryDirectory(prefix="hydro-register-") as work:
+        archive = Path(work) / "model.tar.gz"
+        # Packed like `hydro model push` packs it, so the same folder gives the same digest either way.
+        await asyncio.to_thread(pack_model_to_file, folder, archive)
+        return await _register(model, _file_chunks(archive), store, artifacts)
+
+
+def _allowed_folder(path: str, roots: tuple[Path, ...]) -> Path:
+    if not roots:
+        raise ApiProblem(403, "registering from a server path is off: start the manager with --allow-register-from DIR")
+    # resolve() follows links: a link inside an allowed folder that points outside it is outside.
+    folder = Path(path).resolve()
+    if not any(folder.is_relative_to(root) for root in roots):
+        allowed = ", ".join(str(root) for root in roots)
+        raise ApiProblem(403, f"path {path!r} is outside the folders the manager may read models from: {allowed}")
+    if not folder.is_dir():
+        raise ApiProblem(400, f"path {path!r} is not a folder on the manager's machine")
+    if not (folder / SERVING_FILE).is_file():
+        raise ApiProblem(400, f"path {path!r} has no {SERVING_FILE}: it is not a model folder")
+    return folder
+
+
+async def _file_chunks(path: Path) -> AsyncIterator[bytes]:
+    with path.open("rb") as archive:
+        while chunk := await asyncio.to_thread(archive.read, 1024 * 1024):
+            yield chunk
 
 
 @router.get("", response_model=list[ModelView])
@@ -80,6 +130,15 @@ async def get_model_version(model: ModelName, version: int, store: Store) -> Mod
     if stored is None:
         raise not_found(f"model version {model}:{version}")
     return _view(stored)
+
+
+@router.get("/{model}/versions/{version}/signature", response_model=Signature)
+async def get_model_version_signature(model: ModelName, version: int, store: Store) -> Signature:
+    """The inputs and outputs the model version takes and gives (what its requests are checked against)."""
+    stored = await store.read_model_version(model, version)
+    if stored is None:
+        raise not_found(f"model version {model}:{version}")
+    return stored.record.signature
 
 
 @router.delete("/{model}/versions/{version}", status_code=204, responses=CONDITIONAL_WRITE_RESPONSES)

@@ -45,9 +45,16 @@ class ManagerUnderTest:
     """One manager on a fixed port; ``kill`` + ``start`` is a crash and restart with the same data dir."""
 
     def __init__(
-        self, etcd_endpoint: str, prefix: str, data_dir: Path, tokens_file: Path | None = None, port: int = 0
+        self,
+        etcd_endpoint: str,
+        prefix: str,
+        data_dir: Path,
+        tokens_file: Path | None = None,
+        port: int = 0,
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         self.etcd_endpoint = etcd_endpoint
+        self.extra_args = extra_args
         self.prefix = prefix
         self.data_dir = data_dir
         self.tokens_file = tokens_file
@@ -66,6 +73,7 @@ class ManagerUnderTest:
         ]
         if self.tokens_file is not None:
             argv += ["--tokens", str(self.tokens_file)]
+        argv += self.extra_args
         self._process = ChildProcess(f"manager_api#{self.starts}", argv, log_path=self.data_dir / "manager.log")
         self._process.start()
         self._process.wait_ready(lambda: http_ok(f"{self.url}/healthz"), timeout)
