@@ -1,4 +1,8 @@
-"""`hydro up --demo`: push the iris example, deploy it, route an application to it, show how to call it."""
+"""`hydro up --demo`: push the iris examples, deploy them, route applications to them, show how to call them.
+
+Two applications: ``iris`` (one scikit-learn model, two replicas) and ``iris-pipeline`` (examples/iris-pipeline:
+python features -> scikit-learn classifier -> ONNX network, served by a pipeline runtime).
+"""
 
 from __future__ import annotations
 
@@ -17,11 +21,19 @@ DEMO_MODEL = "iris"
 #: One setosa and one virginica flower from the iris data set: the answer is [0, 2].
 DEMO_ROWS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]
 DEMO_LABELS = [0, 2]
+PIPELINE_APP = "iris-pipeline"
+#: The pipeline's model names by stage folder under examples/iris-pipeline, in stage order.
+PIPELINE_MODELS = {"features": "iris-features", "classifier": "iris-classifier", "scorer": "iris-scorer"}
 
 
 def demo_request() -> dict[str, object]:
     """The Open Inference Protocol JSON body of the demo request."""
     return {"inputs": [{"name": "input", "shape": [2, 4], "datatype": "FP64", "data": DEMO_ROWS}]}
+
+
+def pipeline_request() -> dict[str, object]:
+    """The body of the pipeline demo request: the same two flowers, as the pipeline's ``measurements``."""
+    return {"inputs": [{"name": "measurements", "shape": [2, 4], "datatype": "FP64", "data": DEMO_ROWS}]}
 
 
 def ensure_trained(folder: Path) -> None:
@@ -31,47 +43,82 @@ def ensure_trained(folder: Path) -> None:
         train(folder)
 
 
-def push_demo(
-    api_url: str, ingress_url: str, token: str | None = None, replicas: int = 2, timeout: float = 120.0
-) -> list[int]:
-    """Register (once), deploy and route the iris example; return the labels it answered through the ingress."""
-    folder = EXAMPLES / "iris"
-    ensure_trained(folder)
-    with ManagerClient(api_url, token) as api:
-        try:
-            versions = api.get_model(DEMO_MODEL).get("versions", [])
-        except ApiError as exc:
-            if exc.status != 404:
-                raise
-            versions = []
-        if versions:
-            version = max(int(v["version"]) for v in versions)
-        else:
-            version = int(api.push_model(DEMO_MODEL, folder)["version"])
-        api.deploy(DEMO_MODEL, version, replicas)
-        api.put_application(DEMO_APP, [(DEMO_MODEL, version, 100)])
+def ensure_pipeline_trained(folder: Path) -> None:
+    """Train the three models of the pipeline example if any of their files is missing."""
+    module = runpy.run_path(str(folder / "train_pipeline.py"))
+    if not module["is_trained"](folder):
+        module["train"](folder)
 
-    labels: list[int] = []
+
+def _latest_or_push(api: ManagerClient, model: str, folder: Path) -> int:
+    """The model's newest version, pushing ``folder`` as version 1 when the model is not registered yet."""
+    try:
+        versions = api.get_model(model).get("versions", [])
+    except ApiError as exc:
+        if exc.status != 404:
+            raise
+        versions = []
+    if versions:
+        return max(int(v["version"]) for v in versions)
+    return int(api.push_model(model, folder)["version"])
+
+
+def _answer(ingress_url: str, app: str, body: dict[str, object], output: str, timeout: float) -> list[int]:
+    """Poll the application through the ingress until it answers 200; return ``output`` of that answer."""
+    found: list[int] = []
 
     def answers() -> bool:
-        response = httpx.post(f"{ingress_url}/v2/models/{DEMO_APP}/infer", json=demo_request(), timeout=5.0)
+        response = httpx.post(f"{ingress_url}/v2/models/{app}/infer", json=body, timeout=5.0)
         if response.status_code != 200:
             return False
         outputs = {o["name"]: o["data"] for o in response.json()["outputs"]}
-        labels[:] = [int(x) for x in outputs["label"]]
+        found[:] = [int(x) for x in outputs[output]]
         return True
 
-    wait_until(answers, timeout, "the demo application", interval=0.25)
-    return labels
+    wait_until(answers, timeout, f"the demo application {app!r}", interval=0.25)
+    return found
+
+
+def push_demo(
+    api_url: str, ingress_url: str, token: str | None = None, replicas: int = 2, timeout: float = 180.0
+) -> dict[str, list[int]]:
+    """Register (once), deploy and route both demo applications.
+
+    Returns what each answered through the ingress: ``{"iris": labels, "iris-pipeline": species}``.
+    """
+    folder = EXAMPLES / "iris"
+    ensure_trained(folder)
+    pipeline_folder = EXAMPLES / "iris-pipeline"
+    ensure_pipeline_trained(pipeline_folder)
+    with ManagerClient(api_url, token) as api:
+        version = _latest_or_push(api, DEMO_MODEL, folder)
+        api.deploy(DEMO_MODEL, version, replicas)
+        api.put_application(DEMO_APP, [(DEMO_MODEL, version, 100)])
+        stages: list[dict[str, object]] = []
+        for stage, model in PIPELINE_MODELS.items():
+            stage_version = _latest_or_push(api, model, pipeline_folder / stage)
+            api.deploy(model, stage_version, 1)
+            stages.append({"variants": [{"model": model, "version": stage_version, "weight": 100}]})
+        api.put_application_stages(PIPELINE_APP, stages)
+    return {
+        DEMO_APP: _answer(ingress_url, DEMO_APP, demo_request(), "label", timeout),
+        PIPELINE_APP: _answer(ingress_url, PIPELINE_APP, pipeline_request(), "species", timeout),
+    }
 
 
 def usage(ingress_url: str) -> str:
-    """The curl line and tritonclient snippet printed by `hydro up --demo`."""
+    """The curl lines and tritonclient snippet printed by `hydro up --demo`."""
     body = json.dumps(demo_request(), separators=(",", ":"))
+    pipeline_body = json.dumps(pipeline_request(), separators=(",", ":"))
     host = ingress_url.removeprefix("http://")
     return f"""Try it (expect label [0, 2]):
 
   curl -s -X POST {ingress_url}/v2/models/{DEMO_APP}/infer -H 'content-type: application/json' -d '{body}'
+
+The three-stage pipeline (python features -> scikit-learn -> ONNX network; expect species [0, 2], and the
+header x-hydro-stages naming the model version of each stage):
+
+  curl -si -X POST {ingress_url}/v2/models/{PIPELINE_APP}/infer -H 'content-type: application/json' -d '{pipeline_body}'
 
 or with tritonclient over gRPC (the model name in the request picks the application):
 

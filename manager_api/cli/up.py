@@ -26,7 +26,9 @@ class XdsApi(enum.StrEnum):
 
 @app.command()
 def up(
-    demo: Annotated[bool, typer.Option(help="Also push the iris example as application 'iris'.")] = False,
+    demo: Annotated[
+        bool, typer.Option(help="Also push the iris examples as applications 'iris' and 'iris-pipeline'.")
+    ] = False,
     data_dir: Annotated[Path, typer.Option(help="Where etcd data, artifacts and logs live.")] = Path(".hydro"),
     host: Annotated[str, typer.Option(help="Address the ingress listens on.")] = "127.0.0.1",
     ingress_port: Annotated[int, typer.Option(help="Ingress port (REST and gRPC); 0 = any free port.")] = 8080,
@@ -124,9 +126,10 @@ def up(
         if demo:
             from manager_api.demo import push_demo, usage
 
-            console.print("Pushing the iris demo...")
-            labels = push_demo(stack.api_url, stack.ingress_url, stack.credentials.token)
-            console.print(f"The demo application answered through the ingress: label {labels}")
+            console.print("Pushing the iris demos...")
+            answers = push_demo(stack.api_url, stack.ingress_url, stack.credentials.token)
+            console.print(f"The demo application 'iris' answered through the ingress: label {answers['iris']}")
+            console.print(f"The demo application 'iris-pipeline' answered: species {answers['iris-pipeline']}")
             console.print(usage(stack.ingress_url), highlight=False, markup=False, soft_wrap=True)
         console.print("Press Ctrl-C to stop everything.", highlight=False)
 

@@ -1,7 +1,7 @@
 """The three-framework iris pipeline (examples/iris-pipeline) through the whole mesh, from nothing (`hydro up`).
 
-python feature extractor -> scikit-learn classifier -> XGBoost scorer: the deployer starts the pipeline runtime and
-its sidecar for the application, the ingress routes the application's name to it over REST and gRPC (stock
+python feature extractor -> scikit-learn classifier -> ONNX network scorer: the deployer starts the pipeline runtime
+and its sidecar for the application, the ingress routes the application's name to it over REST and gRPC (stock
 tritonclient, no header), each stage is named in x-hydro-stages, a change of stages restarts the pipeline with a
 new spec while requests keep succeeding, and a stage that is down gives an error naming it.
 """

@@ -1,0 +1,255 @@
+"""What a pipeline hop costs: a 3-stage pipeline of identity models vs the sum of three direct calls to them.
+
+A real `hydro up` stack on free ports (etcd, xds_control, manager API, ingress Envoy, the deployer). Three
+identity models (python runtime, one FP32 [1, 4] tensor ``x`` in and out) get one replica each. Through the
+ingress, in the same run and at the same concurrency:
+
+- ``pipeline``: the application ``bench-pipe`` whose three stages are the three models (ingress -> pipeline
+  sidecar -> pipeline runtime -> outbound listener -> each stage's sidecar -> runtime);
+- ``direct_1..3``: one-stage applications ``bench-direct-{i}``, each routed by the ingress straight to one model
+  (no pipeline hop).
+
+Load is gRPC from h2load with a pre-encoded ModelInferRequest (raw contents), per-request log for percentiles.
+Rounds interleave the four targets; figures are medians of rounds. Added latency per stage =
+(pipeline - (direct_1 + direct_2 + direct_3)) / 3, for p50 and p99.
+
+    python benchmarks/pipeline_overhead.py [--quick] [--concurrency 16] [--seconds 10] [--rounds 3]
+
+The last line printed is a JSON object of the figures (keys include per_stage_p50_ms and per_stage_p99_ms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+from functools import partial
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
+if Path(sys.prefix).resolve() != VENV_PYTHON.parent.parent.resolve() and VENV_PYTHON.exists():
+    # `python benchmarks/pipeline_overhead.py` with the system Python: run again inside the project's venv.
+    os.execv(str(VENV_PYTHON), [str(VENV_PYTHON), *sys.argv])
+sys.path.insert(0, str(ROOT))
+
+import grpc  # noqa: E402
+import numpy as np  # noqa: E402
+
+from manager_api.client import ManagerClient  # noqa: E402
+from manager_api.credentials import load_credentials  # noqa: E402
+from manager_api.processes import ChildProcess, free_port, http_ok, wait_until  # noqa: E402
+from protos import inference_pb2, inference_pb2_grpc  # noqa: E402
+
+STAGES = 3
+PIPELINE = "bench-pipe"
+ROW = [5.1, 3.5, 1.4, 0.2]
+
+IDENTITY_YAML = """\
+runtime: python
+files: [model.py]
+entrypoint: model:Identity
+signature:
+  inputs:
+    - {name: x, datatype: FP32, shape: [-1, 4]}
+  outputs:
+    - {name: x, datatype: FP32, shape: [-1, 4]}
+"""
+
+IDENTITY_PY = '''\
+"""An identity model: x in, x out."""
+
+
+class Identity:
+    def load(self):
+        pass
+
+    def predict(self, inputs):
+        return {"x": inputs["x"]}
+'''
+
+
+def model_name(stage: int) -> str:
+    return f"bench-identity-{stage}"
+
+
+def direct_app(stage: int) -> str:
+    return f"bench-direct-{stage}"
+
+
+def request(app: str) -> inference_pb2.ModelInferRequest:
+    message = inference_pb2.ModelInferRequest(model_name=app)
+    message.inputs.add(name="x", datatype="FP32", shape=[1, 4])
+    message.raw_input_contents.append(np.asarray([ROW], dtype="<f4").tobytes())
+    return message
+
+
+def grpc_frame(app: str) -> bytes:
+    """One length-prefixed gRPC message naming ``app`` (the ingress routes on the model name)."""
+    body = request(app).SerializeToString()
+    return b"\x00" + struct.pack(">I", len(body)) + bytes(body)
+
+
+def check_grpc(target: str, app: str) -> None:
+    """One request before the load: h2load counts HTTP 200s, and a gRPC error is an HTTP 200 too."""
+    with grpc.insecure_channel(target) as channel:
+        stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
+        response = stub.ModelInfer(request(app), timeout=10)
+    names = [o.name for o in response.outputs]
+    x = np.frombuffer(response.raw_output_contents[names.index("x")], dtype="<f4")
+    if not np.allclose(x, ROW):
+        sys.exit(f"{app} answered x={x.tolist()}, expected {ROW}")
+
+
+def answers(target: str, app: str) -> bool:
+    try:
+        check_grpc(target, app)
+    except grpc.RpcError:
+        return False
+    return True
+
+
+def need(tool: str) -> str:
+    found = shutil.which(tool)
+    if not found:
+        sys.exit(f"{tool} is not installed: run `make bench-deps` first")
+    return found
+
+
+def run_h2load(target: str, frame: Path, concurrency: int, seconds: float) -> dict[str, float]:
+    """gRPC load with h2load; percentiles from its per-request log."""
+    log = Path(tempfile.mkstemp(suffix=".log")[1])
+    cmd = [
+        need("h2load"),
+        "-c",
+        str(concurrency),
+        "-m",
+        "1",
+        "-t",
+        "1",
+        "-D",
+        f"{max(1, round(seconds))}s",
+        "--warm-up-time=1",
+        "-d",
+        str(frame),
+        "-H",
+        "content-type: application/grpc",
+        "-H",
+        "te: trailers",
+        f"--log-file={log}",
+        f"http://{target}/inference.GRPCInferenceService/ModelInfer",
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    durations, statuses = [], []
+    for line in log.read_text().splitlines():
+        _, status, micros = line.split("\t")[:3]
+        statuses.append(int(status))
+        durations.append(int(micros) / 1000)
+    log.unlink()
+    ok = sum(1 for s in statuses if s == 200)
+    match = re.search(r"finished in ([\d.]+)(m?s), ([\d.]+) req/s", out)
+    ordered = sorted(durations) or [0.0]
+    return {
+        "rps": float(match.group(3)) if match else ok / seconds,
+        "p50_ms": statistics.median(ordered),
+        "p99_ms": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))],
+        "errors": float(len(statuses) - ok),
+    }
+
+
+def write_models(work: Path) -> dict[int, Path]:
+    folders = {}
+    for stage in range(1, STAGES + 1):
+        folder = work / "models" / model_name(stage)
+        folder.mkdir(parents=True)
+        (folder / "serving.yaml").write_text(IDENTITY_YAML)
+        (folder / "model.py").write_text(IDENTITY_PY)
+        folders[stage] = folder
+    return folders
+
+
+def setup(api: ManagerClient, folders: dict[int, Path]) -> None:
+    """Push and deploy the three identity models; the pipeline and one one-stage application per model."""
+    stages: list[dict[str, object]] = []
+    for stage, folder in folders.items():
+        version = int(api.push_model(model_name(stage), folder)["version"])
+        api.deploy(model_name(stage), version, 1)
+        api.put_application(direct_app(stage), [(model_name(stage), version, 100)])
+        stages.append({"variants": [{"model": model_name(stage), "version": version, "weight": 100}]})
+    api.put_application_stages(PIPELINE, stages)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="short runs (finishes well within 3 minutes)")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=10.0, help="measurement time per target and round")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; figures are their medians")
+    args = parser.parse_args()
+    seconds = 4.0 if args.quick else args.seconds
+    need("h2load")
+
+    work = Path(tempfile.mkdtemp(prefix="hydro-bench-pipe-"))
+    folders = write_models(work)
+    ports = {name: free_port() for name in ("ingress", "api", "xds", "metrics", "etcd")}
+    argv = [sys.executable, "-m", "manager_api.cli", "up", "--data-dir", str(work / "hydro")]
+    for name, option in (
+        ("ingress", "--ingress-port"),
+        ("api", "--api-port"),
+        ("xds", "--xds-port"),
+        ("etcd", "--etcd-port"),
+        ("metrics", "--xds-metrics-port"),
+    ):
+        argv += [option, str(ports[name])]
+    stack = ChildProcess("hydro-up", argv, log_path=work / "hydro-up.log").start()
+    ingress = f"127.0.0.1:{ports['ingress']}"
+    targets = {"pipeline": PIPELINE, **{f"direct_{i}": direct_app(i) for i in range(1, STAGES + 1)}}
+    results: dict[str, float] = {}
+    try:
+        stack.wait_ready(lambda: http_ok(f"http://{ingress}/v2/health/ready"), 120)
+        credentials = load_credentials(work / "hydro")
+        if credentials is None:
+            sys.exit("hydro up wrote no credentials")
+        with ManagerClient(f"http://127.0.0.1:{ports['api']}", credentials.token) as api:
+            setup(api, folders)
+        frames = {}
+        for name, app in targets.items():
+            wait_until(partial(answers, ingress, app), 180, f"{app} through the ingress", interval=0.25)
+            frames[name] = work / f"{name}.grpc"
+            frames[name].write_bytes(grpc_frame(app))
+        # Rounds interleave the targets so that a noisy moment hits all of them; figures are medians of rounds.
+        rounds: dict[str, list[float]] = {}
+        for round_number in range(1, args.rounds + 1):
+            for name in targets:
+                result = run_h2load(ingress, frames[name], args.concurrency, seconds)
+                for key, value in result.items():
+                    rounds.setdefault(f"{name}_{key}", []).append(value)
+                print(
+                    f"round {round_number} {name:9s} rps={result['rps']:8.1f} p50={result['p50_ms']:7.2f} ms "
+                    f"p99={result['p99_ms']:7.2f} ms errors={int(result['errors'])}",
+                    flush=True,
+                )
+        for key, values in rounds.items():
+            results[key] = round(sum(values) if key.endswith("errors") else statistics.median(values), 3)
+        for pct in ("p50", "p99"):
+            direct_sum = sum(results[f"direct_{i}_{pct}_ms"] for i in range(1, STAGES + 1))
+            results[f"direct_sum_{pct}_ms"] = round(direct_sum, 3)
+            results[f"per_stage_{pct}_ms"] = round((results[f"pipeline_{pct}_ms"] - direct_sum) / STAGES, 3)
+        results["concurrency"] = args.concurrency
+        results["seconds_per_target"] = seconds
+        results["rounds"] = args.rounds
+    finally:
+        stack.stop(grace=60)
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps({"protocol": "grpc", **results}, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()
