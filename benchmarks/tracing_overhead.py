@@ -228,6 +228,8 @@ def main() -> None:
             if mesh.replica is not None:
                 try:
                     run(mesh.replica.stop(drain=False))
+                    # Its lease keep-alive task must end before the loop closes (else asyncio warns after the JSON).
+                    run(mesh.replica.registry.stop())
                 except Exception as exc:
                     print(f"stopping a replica failed: {exc!r}", file=sys.stderr)
             mesh.ingress.stop()
