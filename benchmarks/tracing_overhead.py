@@ -93,6 +93,7 @@ class Mesh:
     ingress: ChildProcess
     ingress_port: int
     replica: Replica | None = None
+    registry: LeasedInstanceRegistry | None = None
 
 
 def start_mesh(
@@ -118,7 +119,9 @@ def start_mesh(
     return Mesh(xds, ingress, ingress_port), config, env
 
 
-async def start_replica(client: aetcd.Client, keys: Keys, config: ReplicaConfig, env: dict[str, str]) -> Replica:
+async def start_replica(
+    client: aetcd.Client, keys: Keys, config: ReplicaConfig, env: dict[str, str]
+) -> tuple[Replica, LeasedInstanceRegistry]:
     """Start the replica with the configuration's environment (Replica starts its runtime with ours)."""
     registry = LeasedInstanceRegistry(client, keys, node=config.node)
     await registry.start()
@@ -133,7 +136,7 @@ async def start_replica(client: aetcd.Client, keys: Keys, config: ReplicaConfig,
     finally:
         os.environ.clear()
         os.environ.update(saved)
-    return replica
+    return replica, registry
 
 
 def answers(url: str) -> bool:
@@ -180,7 +183,7 @@ def main() -> None:
             keys = Keys(f"/bench-{name}/")
             mesh, config, env = start_mesh(name, etcd, keys, work, model_dir, endpoints[name])
             meshes[name] = mesh
-            mesh.replica = run(start_replica(client, keys, config, env))
+            mesh.replica, mesh.registry = run(start_replica(client, keys, config, env))
             url = f"http://127.0.0.1:{mesh.ingress_port}/v2/models/{APP}/infer"
             wait_until(functools.partial(answers, url), 30, f"the {name} ingress route")
             check_grpc(f"127.0.0.1:{mesh.ingress_port}", {"x-hydro-model": APP})
@@ -229,7 +232,8 @@ def main() -> None:
                 try:
                     run(mesh.replica.stop(drain=False))
                     # Its lease keep-alive task must end before the loop closes (else asyncio warns after the JSON).
-                    run(mesh.replica.registry.stop())
+                    if mesh.registry is not None:
+                        run(mesh.registry.stop())
                 except Exception as exc:
                     print(f"stopping a replica failed: {exc!r}", file=sys.stderr)
             mesh.ingress.stop()

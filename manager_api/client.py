@@ -226,11 +226,21 @@ class ManagerClient:
 
     # Deployments
 
-    def deploy(self, model: str, version: int, replicas: int, policies: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Create or scale a deployment; ``policies`` (docs/traffic_policies.md) replace the current ones if given."""
+    def deploy(
+        self,
+        model: str,
+        version: int,
+        replicas: int,
+        policies: dict[str, Any] | None = None,
+        revision: int | None = None,
+    ) -> dict[str, Any]:
+        """Create or scale a deployment; ``policies`` (docs/traffic_policies.md) replace the current ones if given.
+        With ``revision`` (0: must not exist yet) the write is refused with a 409 if the deployment changed since."""
         body: dict[str, Any] = {"replicas": replicas}
         if policies is not None:
             body["policies"] = policies
+        if revision is not None:
+            body["revision"] = revision
         result: dict[str, Any] = self._call("PUT", f"/deployments/{model}/{version}", json=body)
         return result
 
@@ -252,9 +262,21 @@ class ManagerClient:
         stages = [{"variants": [{"model": m, "version": v, "weight": w} for m, v, w in variants]}]
         return self.put_application_stages(name, stages)
 
-    def put_application_stages(self, name: str, stages: list[dict[str, Any]]) -> dict[str, Any]:
-        """Create or replace an application from its stages, as ``PUT /applications/{name}`` takes them."""
-        result: dict[str, Any] = self._call("PUT", f"/applications/{name}", json={"stages": stages})
+    def put_application_stages(
+        self,
+        name: str,
+        stages: list[dict[str, Any]],
+        pipeline_replicas: int | None = None,
+        revision: int | None = None,
+    ) -> dict[str, Any]:
+        """Create or replace an application from its stages, as ``PUT /applications/{name}`` takes them; with
+        ``revision`` (0: must not exist yet) a 409 if it changed since."""
+        body: dict[str, Any] = {"stages": stages}
+        if pipeline_replicas is not None:
+            body["pipeline_replicas"] = pipeline_replicas
+        if revision is not None:
+            body["revision"] = revision
+        result: dict[str, Any] = self._call("PUT", f"/applications/{name}", json=body)
         return result
 
     def list_applications(self) -> list[dict[str, Any]]:

@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError
 
 from manager_api.schemas import DeploymentSpec
-from protos.topology import Policies, ResourceName
+from protos.topology import MAX_PIPELINE_REPLICAS, Policies, ResourceName
 
 API_VERSION = "hydro.serving/v1"
 #: Kinds in the order apply handles them: what a later kind names must exist first.
@@ -93,14 +93,21 @@ class VariantRef(_Strict):
     weight: int = Field(ge=0, le=100)
 
 
+class ShadowRef(_Strict):
+    model: ResourceName
+    version: VersionRef
+
+
 class StageRef(_Strict):
     variants: list[VariantRef] = Field(min_length=1)
+    shadows: list[ShadowRef] = Field(default_factory=list)
 
 
 class ApplicationManifestSpec(_Strict):
-    """``PUT /applications/{name}``'s body, with ``latest`` allowed as a variant's version."""
+    """``PUT /applications/{name}``'s body, with ``latest`` allowed as a variant's or shadow's version."""
 
     stages: list[StageRef] = Field(min_length=1)
+    pipeline_replicas: int = Field(default=1, ge=1, le=MAX_PIPELINE_REPLICAS)
 
 
 @dataclass(frozen=True)
@@ -129,6 +136,7 @@ class ApplicationObject:
     source: Source
     name: str
     stages: tuple[StageRef, ...]
+    pipeline_replicas: int = 1
 
     kind = "Application"
 
@@ -211,7 +219,9 @@ def parse_document(source: Source, raw: object) -> tuple[ManifestObject | None, 
             )
         application = ApplicationManifestSpec.model_validate(envelope.spec)
         problems = _weights(source, application)
-        return (None, problems) if problems else (ApplicationObject(source, name, tuple(application.stages)), [])
+        if problems:
+            return None, problems
+        return ApplicationObject(source, name, tuple(application.stages), application.pipeline_replicas), []
     except ValidationError as exc:
         return None, _field_errors(source, "spec", exc)
 

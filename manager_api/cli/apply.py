@@ -83,11 +83,14 @@ class Applier:
             if isinstance(obj, DeploymentObject):
                 refs.append(("spec", obj.model, obj.version))
             elif isinstance(obj, ApplicationObject):
-                refs.extend(
-                    (f"spec.stages.{s}.variants.{v}", variant.model, variant.version)
-                    for s, stage in enumerate(obj.stages)
-                    for v, variant in enumerate(stage.variants)
-                )
+                for s, stage in enumerate(obj.stages):
+                    refs.extend(
+                        (f"spec.stages.{s}.variants.{v}", ref.model, ref.version)
+                        for v, ref in enumerate(stage.variants)
+                    )
+                    refs.extend(
+                        (f"spec.stages.{s}.shadows.{v}", ref.model, ref.version) for v, ref in enumerate(stage.shadows)
+                    )
             for field, model, version in refs:
                 known = {int(v["version"]) for v in self.versions(model)}
                 if version == "latest" and (known or model in pushed):
@@ -134,19 +137,22 @@ class Applier:
         ):
             return Outcome("Deployment", obj.name, "unchanged", detail)
         policies = obj.policies.model_dump(mode="json") if obj.policies is not None else None
-        self._client.deploy(obj.model, version, obj.replicas, policies)
+        # With the revision just read: a change someone made since is a 409, not silently overwritten.
+        revision = int(current["revision"]) if current is not None else 0
+        self._client.deploy(obj.model, version, obj.replicas, policies, revision=revision)
         return Outcome("Deployment", obj.name, "created" if current is None else "configured", detail)
 
     def apply_application(self, obj: ApplicationObject) -> Outcome:
-        stages = [
-            {
+        stages: list[dict[str, Any]] = []
+        for stage in obj.stages:
+            resolved: dict[str, Any] = {
                 "variants": [
                     {"model": v.model, "version": self.resolve(v.model, v.version), "weight": v.weight}
                     for v in stage.variants
-                ]
+                ],
+                "shadows": [{"model": v.model, "version": self.resolve(v.model, v.version)} for v in stage.shadows],
             }
-            for stage in obj.stages
-        ]
+            stages.append(resolved)
         detail = " -> ".join(
             ", ".join(f"{v['model']}:{v['version']} {v['weight']}%" for v in stage["variants"]) for stage in stages
         )
@@ -156,16 +162,28 @@ class Applier:
             if exc.status != 404:
                 raise
             current = None
-        if current is not None and _stages_of(current) == stages:
+        if (
+            current is not None
+            and _stages_of(current) == stages
+            and current.get("pipeline_replicas", 1) == obj.pipeline_replicas
+        ):
             return Outcome("Application", obj.name, "unchanged", detail)
-        self._client.put_application_stages(obj.name, stages)
+        revision = int(current["revision"]) if current is not None else 0
+        self._client.put_application_stages(
+            obj.name, stages, pipeline_replicas=obj.pipeline_replicas, revision=revision
+        )
         return Outcome("Application", obj.name, "created" if current is None else "configured", detail)
 
 
 def _stages_of(application: dict[str, Any]) -> list[dict[str, Any]]:
     """The part of a stored application a manifest sets (records may carry more, e.g. timestamps)."""
     return [
-        {"variants": [{"model": v["model"], "version": v["version"], "weight": v["weight"]} for v in stage["variants"]]}
+        {
+            "variants": [
+                {"model": v["model"], "version": v["version"], "weight": v["weight"]} for v in stage["variants"]
+            ],
+            "shadows": [{"model": v["model"], "version": v["version"]} for v in stage.get("shadows", [])],
+        }
         for stage in application["stages"]
     ]
 

@@ -192,6 +192,37 @@ def test_apply_creates_configures_and_leaves_unchanged(manager: Manager, tmp_pat
     assert records["applications/cli-app"]["stages"][0]["variants"][0]["version"] == 2  # type: ignore[index]
 
 
+def test_apply_sets_shadows_and_pipeline_replicas(manager: Manager, tmp_path: Path) -> None:
+    model_folder(tmp_path)
+    manifests = tmp_path / "manifests"
+    manifests.mkdir()
+    write_manifests(
+        manifests / "models.yaml",
+        doc("Model", "cli-shadowed", {"path": "../model"}),
+        doc("Model", "cli-shadow", {"path": "../model"}),
+    )
+    stage = {
+        "variants": [{"model": "cli-shadowed", "version": "latest", "weight": 100}],
+        "shadows": [{"model": "cli-shadow", "version": "latest"}],
+    }
+    app = doc("Application", "cli-shadow-app", {"stages": [stage], "pipeline_replicas": 2})
+    write_manifests(manifests / "z-app.yaml", app)
+    assert "application/cli-shadow-app created" in ok(hydro(manager, "apply", "-f", str(manifests)))
+    record = manager.etcd_records()["applications/cli-shadow-app"]
+    assert record["pipeline_replicas"] == 2
+    assert record["stages"] == [
+        {
+            "variants": [{"model": "cli-shadowed", "version": 1, "weight": 100}],
+            "shadows": [{"model": "cli-shadow", "version": 1}],
+        }
+    ]
+    # Shadows and the pipeline count are part of what "unchanged" compares.
+    assert "application/cli-shadow-app unchanged" in ok(hydro(manager, "apply", "-f", str(manifests)))
+    write_manifests(manifests / "z-app.yaml", doc("Application", "cli-shadow-app", {"stages": [stage]}))
+    assert "application/cli-shadow-app configured" in ok(hydro(manager, "apply", "-f", str(manifests)))
+    assert manager.etcd_records()["applications/cli-shadow-app"]["pipeline_replicas"] == 1
+
+
 BAD_CASES = {
     "unknown kind": (
         "apiVersion: hydro.serving/v1\nkind: Gadget\nmetadata: {name: g}\nspec: {}\n",
