@@ -11,16 +11,24 @@ KSERVE_STAMP := $(KSERVE_VENV)/.installed
 
 .PHONY: install install-dev kserve-venv run test lint typecheck protos bench-deps bench clean
 
+## xds-protos ships its own, older copy of opentelemetry/proto/* (for Envoy's tracer config): whichever package
+## pip installs last owns those files. opentelemetry-proto's (a superset) must win, or the OTLP exporter cannot
+## import (InstrumentationScope); reinstalling it, same version, last makes that so whatever pip's order was.
+OTEL_PROTO_LAST = $(PY) -m pip install --quiet --force-reinstall --no-deps \
+	"opentelemetry-proto==$$($(PY) -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')"
+
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e .
+	$(OTEL_PROTO_LAST)
 	touch $@
 
 $(DEV_STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
+	$(OTEL_PROTO_LAST)
 	touch $(STAMP) $@
 
 ## KServe's Python client in a virtualenv of its own: `kserve` pins another protobuf major than ours and defines its
