@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-import random
 import signal
 import socket
 import subprocess
@@ -32,33 +31,9 @@ def _die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
-#: Listening ports are chosen below the kernel's ephemeral range (32768 up on Linux). A port from that range can
-#: be taken, before its server binds it, by any outgoing connection's source port; worse, a client retrying to
-#: connect to it while nothing listens can connect to itself (TCP simultaneous open, source port = destination
-#: port) and hold it: seen as a pipeline sidecar's "cannot bind 127.0.0.1:55183: Address already in use" while
-#: the pipeline runtime was dialling that very port.
-_LISTEN_PORTS = range(20000, 32768)
-
-
-def _ephemeral_low() -> int:
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago on ``host``, outside the ephemeral range when one can be found."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    candidates = [port for port in _LISTEN_PORTS if port < _ephemeral_low()]
-    for port in random.sample(candidates, min(64, len(candidates))):
-        with socket.socket(family, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind((host, port))
-            except OSError:
-                continue
-            return port
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
+    """A TCP port that was free a moment ago on ``host`` (the kernel picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
