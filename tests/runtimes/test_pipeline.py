@@ -181,7 +181,6 @@ def stack(etcd_server: EtcdServer, tmp_path_factory: pytest.TempPathFactory) -> 
     stack = PipelineStack(loop, client, keys, app, ports["inbound"], ports["http"], expected)
     try:
         xds.start()
-        pipeline.start()
         stack.run(client.connect())
         stack.put_application(app)
         stack.run(registry.start())
@@ -200,6 +199,9 @@ def stack(etcd_server: EtcdServer, tmp_path_factory: pytest.TempPathFactory) -> 
         stack.run(_gather(*(replica.start() for replica in stack.replicas)))
         sidecar.start()
         sidecar.wait_ready(lambda: envoy_ready(ports["admin"]), 30)
+        # Only now: a client dialling a port nobody listens on yet can, rarely, connect to itself (TCP simultaneous
+        # open) and hold the port, and then the sidecar cannot bind its outbound listener there.
+        pipeline.start()
         pipeline.wait_ready(lambda: http_ok(f"{stack.url}/v2/health/ready"), 30)
         # Every stage's endpoints reach the outbound listener by EDS: wait for a whole answer, not for time.
         wait_until(lambda: stack.rest(ROWS * 10).status_code == 200, 30, "a first answer through every stage")
