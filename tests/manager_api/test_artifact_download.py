@@ -7,28 +7,18 @@ with a (viewer) token, checks it against the digest and unpacks it into its own 
 from __future__ import annotations
 
 import hashlib
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from manager_under_test import MODEL_PY, SERVING_YAML, ManagerUnderTest
 
 from manager_api.auth import write_token_file
 from manager_api.client import ManagerClient
 from manager_api.deployer.fetch import ArtifactFetchError, FetchedArtifacts
 from manager_api.etcd_server import EtcdServer
-from manager_api.processes import ChildProcess, free_port, http_ok
 
-SERVING_YAML = """\
-runtime: python
-files: [model.py]
-entrypoint: model:predict
-signature:
-  inputs: [{name: x, datatype: FP32, shape: [-1]}]
-  outputs: [{name: y, datatype: FP32, shape: [-1]}]
-"""
-MODEL_PY = "def predict(inputs):\n    return {'y': inputs['x'] * 2}\n"
 ADMIN, VIEWER = "hydro_admin_token_for_tests", "hydro_viewer_token_for_tests"
 
 
@@ -37,39 +27,15 @@ def manager_url(etcd_server: EtcdServer, tmp_path_factory: pytest.TempPathFactor
     data_dir = tmp_path_factory.mktemp("manager")
     tokens = data_dir / "tokens.json"
     write_token_file(tokens, {"admin": ("admin", ADMIN), "viewer": ("viewer", VIEWER)})
-    port = free_port()
-    process = ChildProcess(
-        "manager_api",
-        [
-            sys.executable,
-            "-m",
-            "manager_api",
-            "--etcd",
-            etcd_server.endpoint,
-            "--prefix",
-            "/hydro-artifact-download-test/",
-            "--data-dir",
-            str(data_dir),
-            "--port",
-            str(port),
-            "--tokens",
-            str(tokens),
-        ],
-        log_path=data_dir / "manager.log",
-    ).start()
-    try:
-        url = f"http://127.0.0.1:{port}"
-        process.wait_ready(lambda: http_ok(f"{url}/healthz"), 60)
-        yield url
-    finally:
-        process.stop()
+    with ManagerUnderTest(etcd_server.endpoint, "/hydro-artifact-download-test/", data_dir, tokens) as manager:
+        yield manager.url
 
 
 @pytest.fixture(scope="module")
 def digest(manager_url: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     folder = tmp_path_factory.mktemp("model")
-    (folder / "serving.yaml").write_text(SERVING_YAML)
-    (folder / "model.py").write_text(MODEL_PY)
+    (folder / "serving.yaml").write_bytes(SERVING_YAML)
+    (folder / "model.py").write_bytes(MODEL_PY)
     with ManagerClient(manager_url, ADMIN) as api:
         return str(api.push_model("double", folder)["artifact"]["digest"])
 
@@ -111,8 +77,8 @@ def test_the_agent_cache_fetches_once_and_unpacks_the_model_folder(
 ) -> None:
     cache = FetchedArtifacts(tmp_path, manager_url, VIEWER)
     folder = cache.materialize(digest)
-    assert (folder / "serving.yaml").read_text() == SERVING_YAML
-    assert (folder / "model.py").read_text() == MODEL_PY
+    assert (folder / "serving.yaml").read_bytes() == SERVING_YAML
+    assert (folder / "model.py").read_bytes() == MODEL_PY
     # Cached: a second call needs no manager (a bad URL would fail the download).
     assert FetchedArtifacts(tmp_path, "http://127.0.0.1:9", VIEWER).materialize(digest) == folder
     assert not list((tmp_path / "scratch").iterdir()), "the download's scratch folder was left behind"
