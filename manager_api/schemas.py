@@ -106,7 +106,8 @@ class ModelView(BaseModel):
 
 
 class InstanceView(BaseModel):
-    """One replica of a deployment as the deployer running it reports it (``replicas/`` in etcd)."""
+    """One replica as the deployer running it reports it: of a deployment (``replicas/`` in etcd) or of an
+    application's pipeline runtime (``pipeline-replicas/``)."""
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -231,6 +232,11 @@ class ApplicationStatus(BaseModel):
     variants: list[VariantStatus]
     pipeline_ready_replicas: int | None = Field(
         default=None, description="ready pipeline runtimes; null when the ingress calls the one stage directly"
+    )
+    pipeline_replicas: list[InstanceView] | None = Field(
+        default=None,
+        description="every replica of its pipeline runtime as its deployer reports it (a crash loop shows its last "
+        "error here); null when the ingress calls the one stage directly",
     )
 
 

@@ -28,7 +28,10 @@ def collect(client: ManagerClient, api_url: str) -> dict[str, Any]:
             {"model": d["model"], "version": d["version"], "replicas": d["replicas"], "ready": d["ready_replicas"]}
             for d in deployments
         ],
-        "applications": [{"name": a["name"], "stages": a["stages"]} for a in applications],
+        "applications": [
+            {"name": a["name"], "stages": a["stages"], "ready": a["status"]["ready"], "reason": a["status"]["reason"]}
+            for a in applications
+        ],
         "proxies": [
             {"node_id": p["node_id"], "role": p["role"], "acked": p.get("acked", {}), "last_nack": p.get("last_nack")}
             for p in proxies
@@ -50,7 +53,11 @@ def render(summary: dict[str, Any]) -> None:
             ("MODEL", "VERSION", "READY"),
             [[d["model"], d["version"], f"{d['ready']}/{d['replicas']}"] for d in summary["deployments"]],
         ),
-        ("Applications", ("NAME", "VARIANTS"), [[a["name"], variants_text(a)] for a in summary["applications"]]),
+        (
+            "Applications",
+            ("NAME", "VARIANTS", "READY"),
+            [[a["name"], variants_text(a), "yes" if a["ready"] else a["reason"]] for a in summary["applications"]],
+        ),
         (
             "Proxies",
             ("NODE", "ROLE", "ACKED", "STATUS"),
@@ -72,7 +79,8 @@ def status(
     token: TokenOption = None,
     data_dir: DataDirOption = Path(".hydro"),
 ) -> None:
-    """A summary of the stack: reachable, models, deployments (ready/desired), applications, proxies (NACKs)."""
+    """A summary of the stack: reachable, models, deployments (ready/desired), applications (ready, or why not),
+    proxies (NACKs)."""
     api_url = resolve(api, token, data_dir).api_url
     with manager(api, token, data_dir) as client:
         summary = collect(client, api_url)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from fastapi import APIRouter, Response
 
 from manager_api.dependencies import ApplicationName, Store
@@ -11,17 +13,20 @@ from manager_api.schemas import (
     ApplicationSpec,
     ApplicationStatus,
     ApplicationView,
+    InstanceView,
     RevisionQuery,
     VariantStatus,
 )
 from manager_api.store import Stored, TopologyStore
 from protos.contracts import ContractError, check_application, version_key
-from protos.topology import Application, ShadowVariant, Signature, Variant
+from protos.topology import Application, PipelineReplicaStatus, ShadowVariant, Signature, Variant
 
 router = APIRouter(prefix="/applications", tags=["applications"])
 
 #: Most stages of one application: each is a hop through the pipeline's sidecar and a share of its deadline.
 MAX_STAGES = 16
+#: Fields of a PipelineReplicaStatus that its application's view already says (or that only the deployer needs).
+_NOT_IN_VIEW = {"schema_version", "app", "spec_digest"}
 
 
 async def _check(store: TopologyStore, name: str, spec: ApplicationSpec) -> Application:
@@ -63,14 +68,18 @@ async def _check(store: TopologyStore, name: str, spec: ApplicationSpec) -> Appl
     return application
 
 
-#: Ready endpoints: per model version (``(model, version)``) and per application's pipeline (``app``).
-Ready = dict[tuple[str, int] | str, int]
+@dataclass
+class Serving:
+    """What runs now: ready endpoints per model version and per application's pipeline, and the pipeline
+    replicas' statuses per application (three reads for any number of applications)."""
+
+    ready: dict[tuple[str, int] | str, int] = field(default_factory=dict)
+    pipeline_replicas: dict[str, list[PipelineReplicaStatus]] = field(default_factory=dict)
 
 
-async def _ready_replicas(store: TopologyStore) -> Ready:
-    """Ready instances per model version and ready pipeline runtimes per application (two reads for any number
-    of applications)."""
-    ready: Ready = {}
+async def _serving(store: TopologyStore) -> Serving:
+    serving = Serving()
+    ready = serving.ready
     for instance in await store.list_instances():
         if instance.state == "ready":
             key = (instance.model, instance.version)
@@ -78,14 +87,19 @@ async def _ready_replicas(store: TopologyStore) -> Ready:
     for pipeline in await store.list_pipelines():
         if pipeline.state == "ready":
             ready[pipeline.app] = ready.get(pipeline.app, 0) + 1
-    return ready
+    for status in await store.list_pipeline_statuses():
+        serving.pipeline_replicas.setdefault(status.app, []).append(status)
+    return serving
 
 
-def _view(stored: Stored[Application], ready: Ready) -> ApplicationView:
-    return ApplicationView(**stored.record.model_dump(), revision=stored.revision, status=_status(stored.record, ready))
+def _view(stored: Stored[Application], serving: Serving) -> ApplicationView:
+    return ApplicationView(
+        **stored.record.model_dump(), revision=stored.revision, status=_status(stored.record, serving)
+    )
 
 
-def _status(application: Application, ready: Ready) -> ApplicationStatus:
+def _status(application: Application, serving: Serving) -> ApplicationStatus:
+    ready = serving.ready
     variants: list[VariantStatus] = []
     reason: str | None = None
     for index, stage in enumerate(application.stages, start=1):
@@ -100,12 +114,27 @@ def _status(application: Application, ready: Ready) -> ApplicationStatus:
             # Envoy sends a weighted variant's share to it whatever its health: those requests fail.
             names = ", ".join(f"{v.model}:{v.version} (weight {v.weight})" for v in starved)
             reason = f"stage {index}: no ready replica of {names}"
-    pipelines: int | None = None
-    if application.needs_pipeline:
-        pipelines = ready.get(application.name, 0)
-        if not pipelines and reason is None:
-            reason = "pipeline: no ready replica of its pipeline runtime"
-    return ApplicationStatus(ready=reason is None, reason=reason, variants=variants, pipeline_ready_replicas=pipelines)
+    if not application.needs_pipeline:
+        return ApplicationStatus(ready=reason is None, reason=reason, variants=variants)
+    pipelines = ready.get(application.name, 0)
+    replicas = serving.pipeline_replicas.get(application.name, [])
+    if not pipelines and reason is None:
+        reason = "pipeline: no ready replica of its pipeline runtime" + _last_crash(replicas)
+    return ApplicationStatus(
+        ready=reason is None,
+        reason=reason,
+        variants=variants,
+        pipeline_ready_replicas=pipelines,
+        pipeline_replicas=[InstanceView.model_validate(r.model_dump(exclude=_NOT_IN_VIEW)) for r in replicas],
+    )
+
+
+def _last_crash(replicas: list[PipelineReplicaStatus]) -> str:
+    """`` (replica p1 crash-looping: exited with code 1)``: the first line of a replica's last error, if any."""
+    for replica in replicas:
+        if replica.last_error:
+            return f" (replica {replica.id} {replica.state}: {replica.last_error.splitlines()[0]})"
+    return ""
 
 
 @router.put("/{name}", response_model=ApplicationView, responses=CONDITIONAL_WRITE_RESPONSES)
@@ -117,14 +146,14 @@ async def put_application(name: ApplicationName, spec: ApplicationSpec, store: S
     application = await _check(store, name, spec)
     # A lost race (RevisionMismatch -> 409, ConflictError -> 503 + Retry-After) is answered by app.py's handlers.
     stored = await store.put_application(application, spec.revision)
-    return _view(stored, await _ready_replicas(store))
+    return _view(stored, await _serving(store))
 
 
 @router.get("", response_model=list[ApplicationView])
 async def list_applications(store: Store) -> list[ApplicationView]:
     stored = await store.read_applications()
-    ready = await _ready_replicas(store)
-    return [_view(one, ready) for one in stored]
+    serving = await _serving(store)
+    return [_view(one, serving) for one in stored]
 
 
 @router.get("/{name}", response_model=ApplicationView)
@@ -132,7 +161,7 @@ async def get_application(name: ApplicationName, store: Store) -> ApplicationVie
     stored = await store.read_application(name)
     if stored is None:
         raise not_found(f"application {name!r}")
-    return _view(stored, await _ready_replicas(store))
+    return _view(stored, await _serving(store))
 
 
 @router.delete("/{name}", status_code=204, responses=CONDITIONAL_WRITE_RESPONSES)

@@ -23,7 +23,7 @@ from manager_api.client import ManagerClient, pack_model_folder
 from manager_api.etcd_server import EtcdServer
 from manager_api.processes import ChildProcess, free_port, http_ok
 from manager_api.schemas import ModelVersionView
-from protos.topology import Instance, Keys, PipelineInstance, ProxyStatus
+from protos.topology import Instance, Keys, PipelineInstance, PipelineReplicaStatus, ProxyStatus
 
 SERVING_YAML = """\
 runtime: python
@@ -288,6 +288,7 @@ def test_applications(manager: Manager, tmp_path: Path) -> None:
             {"stage": 1, "model": "split", "version": 2, "weight": 0, "ready_replicas": 0},
         ],
         "pipeline_ready_replicas": None,
+        "pipeline_replicas": None,
     }
     # A shadow makes it a pipeline: not ready until a pipeline runtime is registered.
     shadowed = [
@@ -304,6 +305,20 @@ def test_applications(manager: Manager, tmp_path: Path) -> None:
     assert piped["pipeline_replicas"] == 1
     assert piped["status"]["reason"] == "pipeline: no ready replica of its pipeline runtime"
     assert piped["status"]["pipeline_ready_replicas"] == 0
+    assert piped["status"]["pipeline_replicas"] == []
+    # A crash-looping pipeline runtime: the reason quotes its last error, the replica shows in the status.
+    crashed = PipelineReplicaStatus(
+        app="shop", id="p0", node="n", state="crash-looping", address="127.0.0.1", spec_digest="sha256:x",
+        restarts=2, last_error="pipeline-shop-p0 exited with code 1\n--- log ---\nstage 1 has no signature",
+    )  # fmt: skip
+    manager.put_record(Keys(manager.prefix).pipeline_status("shop", "p0"), crashed)
+    looping = manager.http.get("/applications/shop").json()["status"]
+    assert looping["reason"] == (
+        "pipeline: no ready replica of its pipeline runtime (replica p0 crash-looping: pipeline-shop-p0 exited with "
+        "code 1)"
+    )
+    assert [(r["id"], r["state"], r["restarts"]) for r in looping["pipeline_replicas"]] == [("p0", "crash-looping", 2)]
+    assert "stage 1 has no signature" in looping["pipeline_replicas"][0]["last_error"]
     # A shadow is a user of its model version like a variant.
     assert_error(manager.http.delete("/models/split/versions/2"), 409, "in use by application shop")
     pipeline = PipelineInstance(app="shop", id="p1", node="n", address="127.0.0.1", port=2, spec_digest="sha256:x")

@@ -360,7 +360,11 @@ def test_status_and_proxies_show_acks_and_nacks(manager: Manager, tmp_path: Path
     with manager.client() as client:
         client.push_model("cli-status", model_folder(tmp_path))
         client.deploy("cli-status", 1, 2)
+        client.put_application("cli-status-app", [("cli-status", 1, 100)])
     summary = json.loads(ok(hydro(manager, "status", "-o", "json")))
+    app = next(a for a in summary["applications"] if a["name"] == "cli-status-app")
+    # No deployer runs here: the application cannot answer, and the status says why.
+    assert (app["ready"], app["reason"]) == (False, "stage 1: no ready replica of cli-status:1 (weight 100)")
     assert summary["api"] == {"url": manager.url, "status": "ok", "etcd": "ok"}
     assert {"name": "cli-status", "versions": [1]} in summary["models"]
     assert {"model": "cli-status", "version": 1, "replicas": 2, "ready": 0} in summary["deployments"]
@@ -369,6 +373,7 @@ def test_status_and_proxies_show_acks_and_nacks(manager: Manager, tmp_path: Path
     text = ok(hydro(manager, "status"))
     assert f"Manager API {manager.url}: ok (etcd ok)" in text
     assert "NACK: Listener v4: bad" in text and "0/2" in text
+    assert "stage 1: no ready replica of cli-status:1" in text.replace("\n", "")
     proxies = json.loads(ok(hydro(manager, "get", "proxies", "cli-ingress", "-o", "json")))
     assert proxies[0]["acked"] == {"Cluster": "v3", "Listener": "v3"}
     assert "CDS LDS" in ok(hydro(manager, "get", "proxies"))
