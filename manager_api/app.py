@@ -22,6 +22,7 @@ from manager_api.routers import applications, artifacts, deployments, events, in
 from manager_api.schemas import Health
 from manager_api.settings import Settings
 from manager_api.store import ConflictError, HistoryCompacted, RevisionMismatch, TopologyStore
+from manager_api.write_spans import WriteSpans
 from protos.topology import Keys, Node
 from xds_control.etcd_watch import ETCD_CLIENT_OPTIONS
 
@@ -118,6 +119,8 @@ def create_app(settings: Settings) -> FastAPI:
     )
     install_error_handlers(app)
     _install_store_error_handlers(app)
+    # Inside the server-error middleware, outside the exception handlers: the span sees every answer's status.
+    app.add_middleware(WriteSpans)
     app.state.events_heartbeat = HEARTBEAT_SECONDS
     app.state.settings = settings
     app.state.tokens = TokenStore.load(settings.tokens_file) if settings.tokens_file is not None else None

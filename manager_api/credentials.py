@@ -6,6 +6,7 @@ only its hash, for the manager. The token is kept across restarts so scripts kee
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,3 +44,26 @@ def ensure_admin_credentials(data_dir: Path, api_url: str) -> tuple[Credentials,
     tokens = data_dir / TOKENS_FILE
     write_token_file(tokens, {"hydro-up-admin": ("admin", credentials.token)})
     return credentials, tokens
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line of ``python -m manager_api.credentials``."""
+    parser = argparse.ArgumentParser(prog="python -m manager_api.credentials", description=main.__doc__)
+    parser.add_argument("data_dir", type=Path, help="where credentials.json and tokens.json go")
+    parser.add_argument("api_url", help="the manager's URL as clients reach it, e.g. http://localhost:8081")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m manager_api.credentials DATA_DIR API_URL``: create (or keep) the admin token in DATA_DIR.
+
+    For a manager started without `hydro up` (compose/): it then takes ``--tokens DATA_DIR/tokens.json``, and the
+    CLI reads DATA_DIR/credentials.json (``--data-dir DATA_DIR``).
+    """
+    args = parse_args(argv)
+    _, tokens = ensure_admin_credentials(args.data_dir, args.api_url)
+    print(f"admin token in {args.data_dir / CREDENTIALS_FILE}; the manager takes --tokens {tokens}")
+
+
+if __name__ == "__main__":
+    main()

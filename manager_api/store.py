@@ -26,6 +26,7 @@ from aetcd.exceptions import RevisionCompactedError
 from aetcd.utils import prefix_range_end
 from pydantic import BaseModel, ValidationError
 
+from manager_api.write_spans import note_revision, write_trace_context
 from protos.topology import (
     Application,
     Artifact,
@@ -168,6 +169,7 @@ class TopologyStore:
                 success=[_put(key, record.model_dump_json().encode()), _put(counter_key, str(number).encode())],
             )
             if response.succeeded:
+                note_revision(response.header.revision)
                 return Stored(record, response.header.revision)
         raise ConflictError(f"could not number a new version of {name!r}: too many concurrent uploads")
 
@@ -232,6 +234,7 @@ class TopologyStore:
                 failure=[_read(key)],
             )
             if response.succeeded:
+                note_revision(response.header.revision)
                 return []
             now = _mod_revision(response, 0)
             if now == 0:
@@ -260,6 +263,8 @@ class TopologyStore:
         what = f"deployment {model}/{version}"
         key = self.keys.deployment(model, version).encode()
         model_key = self.keys.model_version(model, version).encode()
+        # Set on every write, also to None: a write made untraced must not keep the previous write's context.
+        trace_context = write_trace_context()
         async with self._writer(key):
             for _ in range(_VERSION_ATTEMPTS):
                 current = await self._get(self.keys.deployment(model, version), Deployment)
@@ -268,10 +273,18 @@ class TopologyStore:
                     raise RevisionMismatch(what, expected_revision, current_revision)
                 if current is None:
                     record = Deployment(
-                        model=model, version=version, replicas=replicas, policies=policies or Policies()
+                        model=model,
+                        version=version,
+                        replicas=replicas,
+                        policies=policies or Policies(),
+                        trace_context=trace_context,
                     )
                 else:
-                    update: dict[str, object] = {"replicas": replicas, "updated_at": now_iso()}
+                    update: dict[str, object] = {
+                        "replicas": replicas,
+                        "updated_at": now_iso(),
+                        "trace_context": trace_context,
+                    }
                     if policies is not None:
                         update["policies"] = policies
                     record = current.record.model_copy(update=update)
@@ -282,6 +295,7 @@ class TopologyStore:
                     failure=[_read(key), _read(model_key)],
                 )
                 if response.succeeded:
+                    note_revision(response.header.revision)
                     return Stored(record, response.header.revision)
                 if _mod_revision(response, 1) == 0:
                     raise KeyError(f"model version {model}:{version}")
@@ -341,16 +355,17 @@ class TopologyStore:
             | {(s.model, s.version) for stage in application.stages for s in stage.shadows}
         )
         version_keys = [self.keys.model_version(m, v).encode() for m, v in named]
+        trace_context = write_trace_context()
         async with self._writer(key):
             for _ in range(_VERSION_ATTEMPTS):
                 current = await self._get(self.keys.application(application.name), Application)
                 current_revision = current.revision if current is not None else 0
                 if expected_revision is not None and expected_revision != current_revision:
                     raise RevisionMismatch(what, expected_revision, current_revision)
-                record = application
+                record = application.model_copy(update={"trace_context": trace_context})
                 if current is not None:
                     kept = {"created_at": current.record.created_at, "updated_at": now_iso()}
-                    record = application.model_copy(update=kept)
+                    record = record.model_copy(update=kept)
                 tx = self.client.transactions
                 response = await self._txn(
                     compare=[tx.mod(key) == current_revision, *(tx.version(k) > 0 for k in version_keys)],
@@ -358,6 +373,7 @@ class TopologyStore:
                     failure=[_read(key), *(_read(k) for k in version_keys)],
                 )
                 if response.succeeded:
+                    note_revision(response.header.revision)
                     return Stored(record, response.header.revision)
                 if any(_mod_revision(response, i + 1) == 0 for i in range(len(version_keys))):
                     raise ConflictError(f"{what}: a model version it names was deleted meanwhile")
@@ -507,6 +523,7 @@ class TopologyStore:
             compare.append(tx.mod(raw) == expected_revision)
         response = await self._txn(compare, success=[_delete(raw)], failure=[_read(raw)])
         if response.succeeded:
+            note_revision(response.header.revision)
             return True
         current = _mod_revision(response, 0)
         if current == 0:

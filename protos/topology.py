@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -70,6 +70,22 @@ class Record(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     schema_version: int = SCHEMA_VERSION
+
+
+#: Longest ``trace_context`` kept (a W3C traceparent is 55 characters; room for a future version of it).
+TRACE_CONTEXT_MAX_CHARS = 256
+
+
+def _trace_context_field() -> Any:
+    # Left out of the JSON when unset: a write made with tracing off stores exactly what it stored before the
+    # field existed, so readers older than it (extra="forbid") keep reading such records.
+    return Field(
+        default=None,
+        max_length=TRACE_CONTEXT_MAX_CHARS,
+        exclude_if=lambda value: value is None,
+        description="W3C traceparent of the manager write that stored this record (unset: that write was not "
+        "traced); xds_control links its push to it (docs/tracing.md)",
+    )
 
 
 class TensorSpec(BaseModel):
@@ -294,6 +310,7 @@ class Deployment(Record):
     policies: Policies = Field(default_factory=Policies)
     created_at: str = Field(default_factory=now_iso)
     updated_at: str = Field(default_factory=now_iso)
+    trace_context: str | None = _trace_context_field()
 
 
 class Variant(BaseModel):
@@ -335,6 +352,7 @@ class Application(Record):
     pipeline_replicas: int = Field(default=1, ge=1, le=MAX_PIPELINE_REPLICAS)
     created_at: str = Field(default_factory=now_iso)
     updated_at: str = Field(default_factory=now_iso)
+    trace_context: str | None = _trace_context_field()
 
     @property
     def needs_pipeline(self) -> bool:

@@ -22,8 +22,9 @@ from xds_control.convergence import ConvergenceTracker
 from xds_control.etcd_watch import ETCD_CLIENT_OPTIONS, EtcdTopologyWatch
 from xds_control.metrics import MetricsCallbacks, XdsMetrics
 from xds_control.observers import FanOutCallbacks, ObservedNodes
+from xds_control.push_spans import PushSpans
 from xds_control.resources import DEFAULT_MAX_REQUEST_BYTES
-from xds_control.server import AdsServer
+from xds_control.server import AdsServer, StreamCallbacks
 from xds_control.snapshot import SnapshotCache
 from xds_control.status import ProxyStatusWriter
 from xds_control.tracing_config import EnvoyTracing
@@ -80,8 +81,8 @@ def envoy_tracing(endpoint: str | None, sampling_percent: float) -> EnvoyTracing
     return EnvoyTracing(collector, sampling_percent) if collector is not None else None
 
 
-async def serve(args: argparse.Namespace) -> None:
-    """Run the ADS server and the etcd watch until SIGTERM or SIGINT."""
+async def serve(args: argparse.Namespace, push_spans: PushSpans | None = None) -> None:
+    """Run the ADS server and the etcd watch until SIGTERM or SIGINT; ``push_spans`` traces the pushes."""
     host, _, port = args.etcd.rpartition(":")
     client = aetcd.Client(host=host or "127.0.0.1", port=int(port), options=ETCD_CLIENT_OPTIONS)
     await client.connect()
@@ -92,7 +93,12 @@ async def serve(args: argparse.Namespace) -> None:
     status = ProxyStatusWriter(client, keys)
     await status.start()
     controller = Controller(
-        cache, metrics, convergence, max_request_bytes=args.max_request_mb * 2**20, tracing=args.tracing
+        cache,
+        metrics,
+        convergence,
+        max_request_bytes=args.max_request_mb * 2**20,
+        tracing=args.tracing,
+        push_spans=push_spans,
     )
     nodes = ObservedNodes(controller, metrics, status)
     loop = asyncio.get_running_loop()
@@ -105,7 +111,10 @@ async def serve(args: argparse.Namespace) -> None:
             loop.call_soon_threadsafe(controller.set_tracing, configured if reachable else None)
 
         collector_watch = CollectorWatch(configured.collector, collector_answers).start()
-    callbacks = FanOutCallbacks([MetricsCallbacks(metrics), convergence, status])
+    observers: list[StreamCallbacks] = [MetricsCallbacks(metrics), convergence, status]
+    if push_spans is not None:
+        observers.append(push_spans)
+    callbacks = FanOutCallbacks(observers)
     if args.metrics_port:
         metrics.serve(args.metrics_host, args.metrics_port)
     server = grpc.aio.server(options=[("grpc.max_send_message_length", 256 * 1024 * 1024)])
@@ -138,6 +147,8 @@ async def serve(args: argparse.Namespace) -> None:
     with contextlib.suppress(asyncio.CancelledError):
         await watch_task
     await server.stop(grace=1.0)
+    if push_spans is not None:
+        push_spans.close()
     await status.stop()
     await client.close()
 
@@ -149,8 +160,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.tracing is not None:
         environ.setdefault("OTEL_EXPORTER_OTLP_ENDPOINT", args.tracing.collector.url)
     tracing = setup_tracing("xds_control", environ=environ)
+    # Built only when spans can be exported: with tracing off a push costs no tracing work at all.
+    push_spans = PushSpans() if tracing.configured else None
     try:
-        asyncio.run(serve(args))
+        asyncio.run(serve(args, push_spans))
     finally:
         tracing.shutdown()
 

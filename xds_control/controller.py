@@ -14,6 +14,7 @@ from envoy.config.core.v3 import base_pb2
 from xds_control.build_cache import BuildCache
 from xds_control.convergence import ConvergenceTracker
 from xds_control.metrics import XdsMetrics
+from xds_control.push_spans import PushSpans
 from xds_control.resources import DEFAULT_MAX_REQUEST_BYTES
 from xds_control.snapshot import InconsistentSnapshot, Snapshot, SnapshotCache
 from xds_control.topology import Topology
@@ -33,8 +34,10 @@ class Controller:
         convergence: ConvergenceTracker | None = None,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
         tracing: EnvoyTracing | None = None,
+        push_spans: PushSpans | None = None,
     ) -> None:
         self.cache = cache
+        self._push_spans = push_spans
         self.max_request_bytes = max_request_bytes
         self.tracing = tracing
         self._metrics = metrics
@@ -71,7 +74,7 @@ class Controller:
         changed: dict[str, set[str]] = {}
         for info in list(self._nodes.values()):
             before = self.cache.get(info.node_id)
-            after = self._rebuild(info)
+            after = self._rebuild(info, topology.writes)
             if before is not None and after is not None:
                 types = {t for t, version in after.versions.items() if before.versions.get(t) != version}
                 if types:
@@ -96,7 +99,10 @@ class Controller:
             for info in list(self._nodes.values()):
                 self._rebuild(info)
 
-    def _rebuild(self, info: NodeInfo) -> Snapshot | None:
+    def _rebuild(self, info: NodeInfo, writes: tuple[str, ...] = ()) -> Snapshot | None:
+        """Build and publish ``info``'s snapshot; ``writes`` are the manager writes the topology brings in."""
+        started_ns = time.time_ns() if self._push_spans is not None else 0
+        before = self.cache.get(info.node_id)
         try:
             build_cache = self._build_caches.setdefault(info.node_id, BuildCache())
             snapshot = snapshot_for(self.topology, info, build_cache, self.max_request_bytes, self.tracing)
@@ -105,4 +111,6 @@ class Controller:
             log.error("not updating %s at revision %d: %s", info.node_id, self.topology.revision, exc)
             return None
         self.cache.set(info.node_id, snapshot)
+        if self._push_spans is not None and (before is None or before.versions != snapshot.versions):
+            self._push_spans.published(info, self.topology.revision, before, snapshot, writes, started_ns)
         return snapshot

@@ -80,10 +80,13 @@ class EtcdTopologyWatch:
                 break
             start = response.kvs[-1].key + b"\0"
         self._revision = revision
+        # A full read is no change: the writes behind the records it found were published before (or are lost
+        # to the watch failure that made it read again).
+        self._records.take_writes()
         self._publish()
 
     def _publish(self, observed_at: float = 0.0) -> None:
-        self._consumer(self._records.topology(self._revision, observed_at))
+        self._consumer(self._records.topology(self._revision, observed_at, self._records.take_writes()))
 
     async def _follow(self) -> None:
         events: asyncio.Queue[aetcd.Event] = asyncio.Queue()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,9 @@ class Topology:
     pipelines: Mapping[str, tuple[PipelineInstance, ...]] = field(default_factory=dict)
     #: time.monotonic() when the first etcd event of this revision's burst arrived (0: not from an event).
     observed_at: float = field(default=0.0, compare=False)
+    #: W3C traceparents of the manager writes this revision publishes, oldest first (the ``trace_context`` of
+    #: the records changed since the previous topology; xds_control.push_spans links its pushes to them).
+    writes: tuple[str, ...] = field(default=(), compare=False)
 
     @classmethod
     def from_kvs(cls, keys: Keys, kvs: Mapping[str, bytes], revision: int, observed_at: float = 0.0) -> Topology:
@@ -47,6 +51,10 @@ class Topology:
         return [(p.address, p.port) for p in self.pipelines.get(app, ()) if p.state == "ready"]
 
 
+#: Most write trace contexts kept between two topologies (the newest): links beyond these say nothing more.
+MAX_WRITES = 64
+
+
 class TopologyRecords:
     """Parsed records by etcd key, updated one event at a time.
 
@@ -61,6 +69,7 @@ class TopologyRecords:
         self._applications: dict[str, Application] = {}
         self._instances: dict[str, Instance] = {}
         self._pipelines: dict[str, PipelineInstance] = {}
+        self._writes: deque[str] = deque(maxlen=MAX_WRITES)
 
     def _all(self) -> tuple[dict[str, Any], ...]:
         return (self._models, self._deployments, self._applications, self._instances, self._pipelines)
@@ -77,9 +86,13 @@ class TopologyRecords:
             if kind == "models":
                 self._models[key] = ModelVersion.model_validate_json(value)
             elif kind == "deployments":
-                self._deployments[key] = Deployment.model_validate_json(value)
+                deployment = self._deployments[key] = Deployment.model_validate_json(value)
+                if deployment.trace_context:
+                    self._writes.append(deployment.trace_context)
             elif kind == "applications":
-                self._applications[key] = Application.model_validate_json(value)
+                application = self._applications[key] = Application.model_validate_json(value)
+                if application.trace_context:
+                    self._writes.append(application.trace_context)
             elif kind == "instances":
                 self._instances[key] = Instance.model_validate_json(value)
             elif kind == "pipelines":
@@ -87,12 +100,18 @@ class TopologyRecords:
         except ValidationError as exc:
             log.error("ignoring %s: not a valid record: %s", key, exc.errors()[:1])
 
+    def take_writes(self) -> tuple[str, ...]:
+        """The trace contexts of the records put since the last call, oldest first; forgets them."""
+        writes = tuple(self._writes)
+        self._writes.clear()
+        return writes
+
     def delete(self, key: str) -> None:
         for records in self._all():
             records.pop(key, None)
 
-    def topology(self, revision: int, observed_at: float = 0.0) -> Topology:
-        """The records as one Topology (no parsing: only the indexes are built)."""
+    def topology(self, revision: int, observed_at: float = 0.0, writes: tuple[str, ...] = ()) -> Topology:
+        """The records as one Topology (no parsing: only the indexes are built); ``writes`` as given."""
         instances: dict[ModelKey, list[Instance]] = {}
         for instance in self._instances.values():
             instances.setdefault((instance.model, instance.version), []).append(instance)
@@ -107,4 +126,5 @@ class TopologyRecords:
             instances={k: tuple(sorted(v, key=lambda i: i.id)) for k, v in instances.items()},
             pipelines={k: tuple(sorted(v, key=lambda p: p.id)) for k, v in pipelines.items()},
             observed_at=observed_at,
+            writes=writes,
         )
