@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +12,8 @@ import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
+
+from manager_api.processes import ReadinessTimeout, wait_until
 
 
 def _value(value: common_pb2.AnyValue) -> Any:
@@ -101,14 +102,12 @@ class OtlpReceiver:
 
     def wait_for(self, done: Callable[[list[ReceivedSpan]], bool], timeout: float, what: str) -> list[ReceivedSpan]:
         """Poll until ``done(spans)`` holds (Envoy and the SDK export in batches, every few seconds)."""
-        deadline = time.monotonic() + timeout
-        while True:
+        try:
+            wait_until(lambda: done(self.spans()), timeout, what, interval=0.1)
+        except ReadinessTimeout:
             spans = self.spans()
-            if done(spans):
-                return spans
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}; received {len(spans)} spans: {spans}")
-            time.sleep(0.1)
+            raise AssertionError(f"timed out waiting for {what}; received {len(spans)} spans: {spans}") from None
+        return self.spans()
 
     def start(self, port: int = 0) -> OtlpReceiver:
         self._thread.start()
