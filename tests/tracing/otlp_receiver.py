@@ -33,6 +33,8 @@ class ReceivedSpan:
     kind: int
     attributes: dict[str, Any] = field(hash=False)
     error: bool = False
+    #: The names of the span's events ("exception" for a recorded error).
+    events: tuple[str, ...] = ()
 
     @property
     def is_server(self) -> bool:
@@ -66,6 +68,7 @@ class _Collector(trace_service_pb2_grpc.TraceServiceServicer):
                             kind=span.kind,
                             attributes={a.key: _value(a.value) for a in span.attributes},
                             error=span.status.code == trace_pb2.Status.STATUS_CODE_ERROR,
+                            events=tuple(event.name for event in span.events),
                         )
                     )
         self.receiver.add(spans)

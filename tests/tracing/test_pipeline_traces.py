@@ -178,3 +178,40 @@ def test_a_grpc_request_to_a_pipeline_is_one_trace(mesh: Mesh, receiver: OtlpRec
     spans = receiver.wait_for(_whole(trace_id), 30, "every span of the gRPC request, the shadow's included")
     _check_trace([s for s in spans if s.trace_id == trace_id], "grpc")
     assert _request_traces(spans, headers["x-request-id"]) == {trace_id}, "one request, one trace"
+
+
+def test_a_refused_request_is_recorded_on_the_pipeline_span(mesh: Mesh, receiver: OtlpReceiver) -> None:
+    receiver.clear()
+    body = {"inputs": [{"name": "petals", "shape": [1, 4], "datatype": "FP64", "data": [1.0, 2.0, 3.0, 4.0]}]}
+    response = httpx.post(f"{mesh.ingress}/v2/models/{APP}/infer", json=body, timeout=30)
+    assert response.status_code == 400 and "petals" in response.json()["error"], response.text
+    trace_id = response.headers["x-hydro-trace-id"]
+
+    def recorded(spans: list[ReceivedSpan]) -> bool:
+        return any(s.trace_id == trace_id and s.service == PIPELINE for s in spans)
+
+    spans = [s for s in receiver.wait_for(recorded, 30, "the refused request's span") if s.trace_id == trace_id]
+    pipeline = _one(spans, "pipeline span", lambda s: s.service == PIPELINE)
+    assert pipeline.attributes["hydro.error_status"] == 400 and "exception" in pipeline.events
+    assert not pipeline.error, "a client's bad request is not the server's error"
+
+
+def test_a_failed_stage_is_recorded_on_its_span(mesh: Mesh, receiver: OtlpReceiver) -> None:
+    # Last in the module: stage 2 loses its only replica.
+    mesh.api.delete_deployment("iris-classifier", 1)
+    wait_until(lambda: _rest(mesh).status_code == 503, 120, "stage 2 to fail")
+    receiver.clear()
+    response = _rest(mesh)
+    assert response.status_code == 503 and "stage 2 (iris-classifier:1)" in response.json()["error"], response.text
+    trace_id = response.headers["x-hydro-trace-id"]
+
+    def recorded(spans: list[ReceivedSpan]) -> bool:
+        mine = [s for s in spans if s.trace_id == trace_id and s.service == PIPELINE]
+        return {s.name for s in mine} == {f"pipeline {APP}", "stage 1", "stage 2"}
+
+    spans = [s for s in receiver.wait_for(recorded, 30, "the failed request's spans") if s.trace_id == trace_id]
+    stage = _one(spans, "stage 2 span", lambda s: s.name == "stage 2")
+    assert stage.error and "exception" in stage.events and stage.attributes["hydro.error_status"] == 503
+    pipeline = _one(spans, "pipeline span", lambda s: s.service == PIPELINE and s.is_server)
+    assert pipeline.error and pipeline.attributes["hydro.error_status"] == 503
+    assert not [s for s in spans if s.name.startswith("shadow")], "no shadow for a request that failed before it"
