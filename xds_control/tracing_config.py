@@ -120,6 +120,20 @@ def tracing_hook(tracing: EnvoyTracing | None, service_name: str, *, ingress: bo
     return lambda manager: add_tracing(manager, tracing, service_name, ingress=ingress)
 
 
+def outbound_tracing_hook(tracing: EnvoyTracing | None, service_name: str) -> ManagerHook | None:
+    """A pipeline sidecar's outbound listener (the pipeline runtime's stage and shadow calls): no sampling of its
+    own, as any sidecar; a span per upstream attempt, as the ingress, since the stage routes retry here."""
+    if tracing is None:
+        return None
+
+    def configure(manager: hcm_pb2.HttpConnectionManager) -> None:
+        add_tracing(manager, tracing, service_name, ingress=False)
+        manager.tracing.spawn_upstream_span.value = True
+        manager.tracing.operation = f"{service_name} outbound %REQ(:PATH)%"
+
+    return configure
+
+
 def collector_clusters(tracing: EnvoyTracing | None) -> list[tuple[str, Message]]:
     """The snapshot's collector cluster, none when tracing is off."""
     return [] if tracing is None else [(COLLECTOR_CLUSTER, tracing.collector_cluster())]

@@ -16,7 +16,14 @@ from xds_control import resources as r
 from xds_control.build_cache import BuildCache
 from xds_control.snapshot import Snapshot, serialize
 from xds_control.topology import Topology
-from xds_control.tracing_config import INGRESS_SERVICE, EnvoyTracing, collector_clusters, sidecar_service, tracing_hook
+from xds_control.tracing_config import (
+    INGRESS_SERVICE,
+    EnvoyTracing,
+    collector_clusters,
+    outbound_tracing_hook,
+    sidecar_service,
+    tracing_hook,
+)
 
 INGRESS_LISTENER = "ingress"
 INGRESS_ROUTES = "ingress"
@@ -387,10 +394,9 @@ def pipeline_snapshot(
         node.port("outbound_port"),
         rds_name=outbound_name,
         buffer_limit_bytes=max_request_bytes,
+        # The pipeline runtime passes its stage span's traceparent on: the outbound side joins the request's trace.
+        configure=outbound_tracing_hook(tracing, sidecar_service(app_name, "pipeline")),
     )
-
-    # Only the inbound side is traced: the pipeline runtime does not pass trace context on to its stage calls yet,
-    # so outbound spans would start traces of their own.
     local_clusters, inbound = _inbound(
         node,
         f"{app_name}:pipeline/{node.text('instance')}",

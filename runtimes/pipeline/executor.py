@@ -21,8 +21,10 @@ from protos import inference_pb2 as pb
 from runtimes.dataplane import APPLICATION_HEADER
 from runtimes.errors import InferenceError, InvalidInput
 from runtimes.pipeline.shadows import InferCall, ShadowRunner
+from runtimes.pipeline.spans import Metadata, stage_span, trace_metadata
 from runtimes.pipeline.spec import PipelineSpec, StagePlan
 from runtimes.pipeline.wire import WireTensor, response_outputs
+from tracing.provider import active_tracer
 
 #: Outbound requests name their stage with ``{app}/{index}`` (1-based) in this header.
 STAGE_HEADER = "x-hydro-stage"
@@ -181,10 +183,22 @@ class PipelineExecutor:
     async def _call_stage(
         self, plan: StagePlan, request: pb.ModelInferRequest, budget: float
     ) -> tuple[dict[str, WireTensor], str]:
+        tracer = active_tracer()
+        if tracer is None:
+            return await self._send_stage(plan, request, budget, ())
+        with stage_span(tracer, self.spec.name, plan.index) as span:
+            outputs, answered_by = await self._send_stage(plan, request, budget, trace_metadata(span))
+            span.set_attribute("hydro.variant", answered_by)
+            return outputs, answered_by
+
+    async def _send_stage(
+        self, plan: StagePlan, request: pb.ModelInferRequest, budget: float, trace_context: Metadata
+    ) -> tuple[dict[str, WireTensor], str]:
         metadata = (
             (STAGE_HEADER, f"{self.spec.name}/{plan.index}"),
             (APPLICATION_HEADER, self.spec.name),
             (ENVOY_TIMEOUT_HEADER, str(max(1, int(budget * 1000)))),
+            *trace_context,
         )
         try:
             response = await self.call(request, timeout=budget, metadata=metadata)

@@ -16,7 +16,10 @@ from runtimes.grpc_codec import build_model_infer_response, parse_model_infer_re
 from runtimes.grpc_service import HealthReporter
 from runtimes.pipeline.executor import STAGES_HEADER
 from runtimes.pipeline.service import PipelineService
+from runtimes.pipeline.spans import invocation_headers, request_span
 from runtimes.rest import EXTENSIONS, SERVER_NAME
+from runtimes.spans import describe_request
+from tracing.provider import active_tracer
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +76,16 @@ class PipelineServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[mi
         try:
             remaining = context.time_remaining()
             deadline = time.monotonic() + remaining if remaining is not None else None
-            infer_request = parse_model_infer_request(request)
-            result = await self.service.infer(infer_request, deadline)
+            tracer = active_tracer()
+            if tracer is None:
+                infer_request = parse_model_infer_request(request)
+                result = await self.service.infer(infer_request, deadline)
+            else:
+                with request_span(tracer, "grpc", invocation_headers(context), self.service.name) as span:
+                    infer_request = parse_model_infer_request(request)
+                    describe_request(span, infer_request)
+                    result = await self.service.infer(infer_request, deadline)
+                    span.set_attribute("hydro.stages", result.stages_header)
             await context.send_initial_metadata(((STAGES_HEADER, result.stages_header),))
             if uses_raw_inputs(request):
                 # Raw in, raw out: the last stage's bytes go back as they came.

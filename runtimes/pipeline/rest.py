@@ -12,9 +12,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from runtimes import json_codec
 from runtimes.errors import InferenceError, PayloadTooLarge
-from runtimes.pipeline.executor import STAGES_HEADER
+from runtimes.messages import InferRequest
+from runtimes.pipeline.executor import STAGES_HEADER, PipelineResult
 from runtimes.pipeline.service import PipelineService
+from runtimes.pipeline.spans import request_span
 from runtimes.rest import EXTENSIONS, SERVER_NAME, error_response
+from runtimes.spans import describe_request
+from tracing.provider import active_tracer
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +64,23 @@ def create_app(service: PipelineService, *, server_version: str, max_body_bytes:
         service.check_ready()
         return JSONResponse({"name": service.name, "ready": True})
 
-    @app.post("/v2/models/{model}/infer")
-    async def infer(request: Request, model: str) -> Response:
-        service.resolve(model)
+    async def run(request: Request, model: str) -> tuple[InferRequest, PipelineResult]:
         body = await _body(request, max_body_bytes)
         header_length = request.headers.get(json_codec.HEADER_LENGTH)
         infer_request = json_codec.parse_infer_request(body, model, "", header_length)
-        result = await service.infer(infer_request)
+        return infer_request, await service.infer(infer_request)
+
+    @app.post("/v2/models/{model}/infer")
+    async def infer(request: Request, model: str) -> Response:
+        service.resolve(model)
+        tracer = active_tracer()
+        if tracer is None:
+            infer_request, result = await run(request, model)
+        else:
+            with request_span(tracer, "rest", request.headers, service.name) as span:
+                infer_request, result = await run(request, model)
+                describe_request(span, infer_request)
+                span.set_attribute("hydro.stages", result.stages_header)
         encoded = json_codec.encode_infer_response(service.response(result, infer_request), infer_request)
         headers = {**encoded.headers, STAGES_HEADER: result.stages_header}
         return Response(encoded.body, media_type=encoded.media_type, headers=headers)

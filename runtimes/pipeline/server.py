@@ -27,8 +27,10 @@ from runtimes.pipeline.grpc_service import create_grpc_server
 from runtimes.pipeline.rest import create_app
 from runtimes.pipeline.service import PipelineService
 from runtimes.pipeline.shadows import ShadowMetrics, ShadowRunner
-from runtimes.pipeline.spec import PipelineSpecError, load_spec
+from runtimes.pipeline.spec import PipelineSpec, PipelineSpecError, load_spec
 from runtimes.server import LOG_LEVELS, configure_logging, server_version
+from tracing.provider import setup_tracing
+from tracing.settings import InvalidEndpoint
 
 log = logging.getLogger("runtimes.pipeline")
 
@@ -107,13 +109,8 @@ class _HttpServer(uvicorn.Server):
         yield
 
 
-async def serve(options: Options) -> int:
+async def serve(options: Options, spec: PipelineSpec) -> int:
     """Run the pipeline until a signal; the process exit code."""
-    try:
-        spec = load_spec(options.spec)
-    except PipelineSpecError as exc:
-        log.error("%s", exc)
-        return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -178,4 +175,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m runtimes.pipeline``."""
     options = parse_args(argv)
     configure_logging(options.log_level)
-    return uvloop.run(serve(options))
+    try:
+        spec = load_spec(options.spec)
+    except PipelineSpecError as exc:
+        log.error("%s", exc)
+        return 1
+    try:
+        tracing = setup_tracing(f"pipeline {spec.name}", attributes={"hydro.application": spec.name})
+    except InvalidEndpoint as exc:
+        log.error("tracing: %s", exc)
+        return 1
+    try:
+        return uvloop.run(serve(options, spec))
+    finally:
+        tracing.shutdown()

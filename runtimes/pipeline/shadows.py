@@ -17,7 +17,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from protos import inference_pb2 as pb
 from runtimes.errors import InferenceError
+from runtimes.pipeline.spans import Metadata, record_outcome, shadow_span, trace_metadata
 from runtimes.pipeline.wire import WireTensor, agree, response_outputs
+from tracing.provider import active_tracer
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +96,22 @@ class ShadowRunner:
         request: pb.ModelInferRequest,
         primary: Mapping[str, WireTensor],
     ) -> None:
+        tracer = active_tracer()
+        if tracer is None:
+            await self._send(key, labels, request, primary, ())
+            return
+        with shadow_span(tracer, self._app, key[0], key[1]) as span:
+            record_outcome(span, await self._send(key, labels, request, primary, trace_metadata(span)))
+
+    async def _send(
+        self,
+        key: tuple[int, str],
+        labels: tuple[str, str, str],
+        request: pb.ModelInferRequest,
+        primary: Mapping[str, WireTensor],
+        trace_context: Metadata,
+    ) -> str:
+        """Send one shadow copy and count its outcome: agree, disagree or error."""
         model, _, version = key[1].rpartition(":")
         copy = pb.ModelInferRequest()
         copy.CopyFrom(request)
@@ -103,23 +121,25 @@ class ShadowRunner:
             response = await self._call(
                 copy,
                 timeout=self._timeout,
-                metadata=((MODEL_VERSION_HEADER, f"{model}/{version}"),),
+                metadata=((MODEL_VERSION_HEADER, f"{model}/{version}"), *trace_context),
             )
             outputs = response_outputs(response)
             matched = all(agree(tensor, outputs.get(name)) for name, tensor in primary.items())
         except (grpc.aio.AioRpcError, InferenceError) as exc:
             log.debug("shadow %s of %s stage %d failed: %s", key[1], self._app, key[0], exc)
             self._metrics.calls.labels(*labels, "error").inc()
-            return
+            return "error"
         finally:
             self._metrics.latency.labels(*labels).observe(time.perf_counter() - started)
             self._in_flight[key] -= 1
             self._metrics.in_flight.labels(*labels).dec()
-        self._metrics.calls.labels(*labels, "agree" if matched else "disagree").inc()
+        outcome = "agree" if matched else "disagree"
+        self._metrics.calls.labels(*labels, outcome).inc()
         agreeing, answered = self._agreed.get(key, (0, 0))
         agreeing, answered = agreeing + matched, answered + 1
         self._agreed[key] = (agreeing, answered)
         self._metrics.agreement.labels(*labels).set(agreeing / answered)
+        return outcome
 
     async def close(self) -> None:
         """Cancel the shadow calls still running (shutdown: nobody waits for them)."""

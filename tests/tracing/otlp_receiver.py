@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +12,8 @@ import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
+
+from manager_api.processes import ReadinessTimeout, wait_until
 
 
 def _value(value: common_pb2.AnyValue) -> Any:
@@ -32,6 +33,8 @@ class ReceivedSpan:
     kind: int
     attributes: dict[str, Any] = field(hash=False)
     error: bool = False
+    #: The names of the span's events ("exception" for a recorded error).
+    events: tuple[str, ...] = ()
 
     @property
     def is_server(self) -> bool:
@@ -65,6 +68,7 @@ class _Collector(trace_service_pb2_grpc.TraceServiceServicer):
                             kind=span.kind,
                             attributes={a.key: _value(a.value) for a in span.attributes},
                             error=span.status.code == trace_pb2.Status.STATUS_CODE_ERROR,
+                            events=tuple(event.name for event in span.events),
                         )
                     )
         self.receiver.add(spans)
@@ -101,14 +105,12 @@ class OtlpReceiver:
 
     def wait_for(self, done: Callable[[list[ReceivedSpan]], bool], timeout: float, what: str) -> list[ReceivedSpan]:
         """Poll until ``done(spans)`` holds (Envoy and the SDK export in batches, every few seconds)."""
-        deadline = time.monotonic() + timeout
-        while True:
+        try:
+            wait_until(lambda: done(self.spans()), timeout, what, interval=0.1)
+        except ReadinessTimeout:
             spans = self.spans()
-            if done(spans):
-                return spans
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}; received {len(spans)} spans: {spans}")
-            time.sleep(0.1)
+            raise AssertionError(f"timed out waiting for {what}; received {len(spans)} spans: {spans}") from None
+        return self.spans()
 
     def start(self, port: int = 0) -> OtlpReceiver:
         self._thread.start()

@@ -75,7 +75,7 @@ def test_no_collector_no_tracing() -> None:
         assert COLLECTOR_CLUSTER not in snapshot.by_type[r.CLUSTER]
 
 
-def test_a_pipeline_sidecar_traces_its_inbound_side_only() -> None:
+def test_a_pipeline_sidecar_traces_both_its_sides() -> None:
     node = NodeInfo(
         "pipeline~app~a",
         "pipeline",
@@ -94,6 +94,10 @@ def test_a_pipeline_sidecar_traces_its_inbound_side_only() -> None:
     config = opentelemetry_pb2.OpenTelemetryConfig()
     inbound.tracing.provider.typed_config.Unpack(config)
     assert config.service_name == "sidecar app:pipeline"
-    # Stage calls would start traces of their own until the pipeline runtime passes trace context on.
-    assert not _manager(snapshot, OUTBOUND_LISTENER).HasField("tracing")
+    # Stage and shadow calls: the pipeline runtime's traceparent decides; each attempt (retries) is a span.
+    outbound = _manager(snapshot, OUTBOUND_LISTENER).tracing
+    assert outbound.random_sampling.value == 0
+    assert outbound.spawn_upstream_span.value is True
+    outbound.provider.typed_config.Unpack(config)
+    assert config.service_name == "sidecar app:pipeline"
     assert COLLECTOR_CLUSTER in snapshot.by_type[r.CLUSTER]

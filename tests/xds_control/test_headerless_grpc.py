@@ -12,33 +12,24 @@ tritonclient's messages are the only OIP messages in this process: protos.infere
 
 from __future__ import annotations
 
-import asyncio
-import sys
-import threading
-import uuid
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
-import aetcd
 import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
 from envoy.config.route.v3 import route_pb2
 from google.protobuf import any_pb2
+from ingress_stack import IngressStack, ingress_stack
 from tritonclient.utils import InferenceServerException
 
-from manager_api.deployer.registration import LeasedInstanceRegistry
-from manager_api.deployer.replica import Replica, ReplicaConfig
 from manager_api.etcd_server import EtcdServer
-from manager_api.processes import ChildProcess, free_port, wait_until
+from manager_api.processes import wait_until
 from protos.topology import (
     Application,
-    Artifact,
     Deployment,
-    Keys,
-    ModelVersion,
     Policies,
     Signature,
     Stage,
@@ -46,12 +37,10 @@ from protos.topology import (
     Variant,
 )
 from xds_control import resources as r
-from xds_control.bootstrap import envoy_ready, ingress_envoy
 from xds_control.snapshot import Snapshot
 from xds_control.topology import Topology
 from xds_control.translate import INGRESS_ROUTES, NodeInfo, ingress_snapshot
 
-T = TypeVar("T")
 MODEL = "echo"
 APP = "alias"
 LIMIT_MB = 260
@@ -70,17 +59,16 @@ signature:
 class Stack:
     """The running stack: the ingress's address and admin port, and a way to rewrite the deployment."""
 
-    listen_port: int
-    admin_port: int
-    keys: Keys
-    etcd: aetcd.Client
-    loop: asyncio.AbstractEventLoop
+    mesh: IngressStack
+
+    @property
+    def admin_port(self) -> int:
+        return self.mesh.admin_port
 
     def deploy(self, policies: Policies) -> None:
         """Store the deployment with ``policies`` and wait until Envoy routes by name with them."""
         record = Deployment(model=MODEL, version=1, replicas=1, policies=policies)
-        key = self.keys.deployment(MODEL, 1).encode()
-        _run(self.loop, self.etcd.put(key, record.model_dump_json().encode()))
+        self.mesh.put({self.mesh.keys.deployment(MODEL, 1): record})
         expected = policies.max_request_bytes
 
         def loaded() -> bool:
@@ -98,14 +86,10 @@ class Stack:
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.listen_port}"
+        return f"127.0.0.1:{self.mesh.listen_port}"
 
     def client(self) -> triton.InferenceServerClient:
         return triton.InferenceServerClient(self.address)
-
-
-def _run(loop: asyncio.AbstractEventLoop, coroutine: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run_coroutine_threadsafe(coroutine, loop).result(90)
 
 
 @pytest.fixture(scope="module")
@@ -115,75 +99,16 @@ def stack(etcd_server: EtcdServer, tmp_path_factory: pytest.TempPathFactory) -> 
     model_dir.mkdir()
     (model_dir / "model.py").write_text(MODEL_PY)
     (model_dir / "serving.yaml").write_text(SERVING_YAML)
-    keys = Keys(f"/hydro-headerless-{uuid.uuid4().hex[:8]}/")
-    xds_port, listen_port, admin_port = free_port(), free_port(), free_port()
-    xds = ChildProcess(
-        "xds_control",
-        [
-            *(sys.executable, "-m", "xds_control", "--etcd", etcd_server.endpoint, "--prefix", keys.prefix),
-            *("--port", str(xds_port), "--max-request-mb", str(LIMIT_MB)),
-        ],
-        log_path=work / "xds.log",
+    signature = Signature(
+        inputs=[TensorSpec(name="x", datatype="FP32", shape=[-1])],
+        outputs=[TensorSpec(name="y", datatype="FP32", shape=[-1])],
     )
-    ingress = ingress_envoy(work, admin_port=admin_port, xds_port=xds_port, listen_port=listen_port)
-    # The registry's lease keep-alive must run while the tests block on calls: the loop gets a thread.
-    loop = asyncio.new_event_loop()
-    loop_thread = threading.Thread(target=loop.run_forever, name="headerless-loop", daemon=True)
-    loop_thread.start()
-    client = aetcd.Client(host="127.0.0.1", port=etcd_server.client_port)
-    registry = LeasedInstanceRegistry(client, keys, node="headerless")
-    replica: Replica | None = None
-    try:
-        xds.start()
-        ingress.start()
-        _run(loop, client.connect())
-        artifact = Artifact(digest="sha256:" + "0" * 64, uri="file:///nowhere", size=0)
-        signature = Signature(
-            inputs=[TensorSpec(name="x", datatype="FP32", shape=[-1])],
-            outputs=[TensorSpec(name="y", datatype="FP32", shape=[-1])],
-        )
-        records = {
-            keys.model_version(MODEL, 1): ModelVersion(
-                name=MODEL, version=1, runtime="python", artifact=artifact, signature=signature
-            ),
-            keys.deployment(MODEL, 1): Deployment(model=MODEL, version=1, replicas=1),
-            keys.application(APP): Application(
-                name=APP, stages=[Stage(variants=[Variant(model=MODEL, version=1, weight=100)])]
-            ),
-        }
-        for key, record in records.items():
-            _run(loop, client.put(key.encode(), record.model_dump_json().encode()))
-        _run(loop, registry.start())
-        ingress.wait_ready(lambda: envoy_ready(admin_port), 30)
-        config = ReplicaConfig(
-            model=MODEL,
-            version=1,
-            model_dir=model_dir,
-            node="headerless",
-            xds_host="127.0.0.1",
-            xds_port=xds_port,
-            workdir=work / "replica",
-            drain_seconds=0,
-        )
-        replica = Replica(config, registry)
-        _run(loop, replica.start())
-        running = Stack(listen_port, admin_port, keys, client, loop)
+    with ingress_stack(etcd_server.endpoint, work, xds_args=["--max-request-mb", str(LIMIT_MB)]) as mesh:
+        mesh.put_model(MODEL, 1, signature, app=APP, deployment=Deployment(model=MODEL, version=1, replicas=1))
+        mesh.start_replicas(MODEL, 1, [model_dir])
+        running = Stack(mesh)
         wait_until(lambda: _ready_through_ingress(running), 30, "the application to answer through the ingress")
         yield running
-    finally:
-        # Each step on its own: one failing must not leave the processes of the next ones running.
-        steps = [replica.stop(drain=False)] if replica is not None else []
-        for step in [*steps, registry.stop(), client.close()]:
-            try:
-                _run(loop, step)
-            except Exception as exc:
-                print(f"teardown step failed: {exc!r}")
-        loop.call_soon_threadsafe(loop.stop)
-        loop_thread.join(10)
-        loop.close()
-        ingress.stop()
-        xds.stop()
-        print(xds.log_tail(30))
 
 
 def _ready_through_ingress(stack: Stack) -> bool:

@@ -13,10 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import sys
-import threading
 import time
-import uuid
 from collections.abc import Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,12 +26,12 @@ import httpx
 import pytest
 from google.protobuf import json_format
 from google.protobuf.message import Message
+from ingress_stack import ingress_stack
 from tritonclient.grpc import service_pb2
 
-from manager_api.deployer.registration import LeasedInstanceRegistry
-from manager_api.deployer.replica import Replica, ReplicaConfig
+from manager_api.deployer.replica import Replica
 from manager_api.etcd_server import EtcdServer
-from manager_api.processes import ChildProcess, free_port, wait_until
+from manager_api.processes import wait_until
 from protos.topology import (
     Application,
     Artifact,
@@ -48,7 +45,6 @@ from protos.topology import (
     Variant,
 )
 from xds_control import resources as r
-from xds_control.bootstrap import envoy_ready, ingress_envoy
 from xds_control.translate import cluster_name, cluster_policies, request_limits, route_policies
 
 T = TypeVar("T")
@@ -217,87 +213,16 @@ class PolicyStack:
 @pytest.fixture(scope="module")
 def stack(etcd_server: EtcdServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PolicyStack]:
     work = tmp_path_factory.mktemp("policies")
-    keys = Keys(f"/hydro-policies-{uuid.uuid4().hex[:8]}/")
-    xds_port, listen_port, admin_port = free_port(), free_port(), free_port()
-    xds = ChildProcess(
-        "xds_control",
-        [
-            sys.executable,
-            "-m",
-            "xds_control",
-            "--etcd",
-            etcd_server.endpoint,
-            "--prefix",
-            keys.prefix,
-            "--port",
-            str(xds_port),
-            "--log-level",
-            "INFO",
-        ],
-        log_path=work / "xds.log",
-    )
-    ingress = ingress_envoy(work, admin_port=admin_port, xds_port=xds_port, listen_port=listen_port)
     # Each replica gets its own copy of the model folder, hence its own mode file.
     model_dirs = []
     for index in range(2):
         folder = work / f"model-{index}"
         shutil.copytree(MODEL_FOLDER, folder, ignore=shutil.ignore_patterns("__pycache__"))
         model_dirs.append(folder)
-    # The registry's lease keep-alive must run while the tests block on HTTP calls: the loop gets a thread.
-    loop = asyncio.new_event_loop()
-    loop_thread = threading.Thread(target=loop.run_forever, name="policies-loop", daemon=True)
-    loop_thread.start()
-    client = aetcd.Client(host="127.0.0.1", port=etcd_server.client_port)
-    registry = LeasedInstanceRegistry(client, keys, node="policies")
-    policy_stack = PolicyStack(keys, client, loop, listen_port, admin_port, model_dirs)
-    try:
-        xds.start()
-        ingress.start()
-        policy_stack.run(client.connect())
-        artifact = Artifact(digest="sha256:" + "0" * 64, uri="file:///nowhere", size=0)
-        model = ModelVersion(name=MODEL, version=VERSION, runtime="python", artifact=artifact, signature=SIGNATURE)
-        app = Application(name=MODEL, stages=[Stage(variants=[Variant(model=MODEL, version=VERSION, weight=100)])])
-        for key, record in ((keys.model_version(MODEL, VERSION), model), (keys.application(MODEL), app)):
-            policy_stack.run(client.put(key.encode(), record.model_dump_json().encode()))
-        policy_stack.run(registry.start())
-        ingress.wait_ready(lambda: envoy_ready(admin_port), 30)
-        for index, folder in enumerate(model_dirs):
-            config = ReplicaConfig(
-                model=MODEL,
-                version=VERSION,
-                model_dir=folder,
-                node="policies",
-                xds_host="127.0.0.1",
-                xds_port=xds_port,
-                workdir=work / f"replica-{index}",
-                drain_seconds=0,
-            )
-            replica = Replica(config, registry)
-            policy_stack.replicas.append(replica)
-        # Both replicas start at once: most of their start-up is Python imports and Envoy's first config.
-        policy_stack.run(_gather(*(replica.start() for replica in policy_stack.replicas)))
-        yield policy_stack
-    finally:
-        # Each step on its own: one failing must not leave the processes of the next ones running.
-        for step in [
-            *(replica.stop(drain=False) for replica in policy_stack.replicas),
-            registry.stop(),
-            client.close(),
-        ]:
-            try:
-                policy_stack.run(step)
-            except Exception as exc:
-                print(f"teardown step failed: {exc!r}")
-        loop.call_soon_threadsafe(loop.stop)
-        loop_thread.join(10)
-        loop.close()
-        ingress.stop()
-        xds.stop()
-        print(xds.log_tail(30))
-
-
-async def _gather(*coroutines: Coroutine[Any, Any, None]) -> None:
-    await asyncio.gather(*coroutines)
+    with ingress_stack(etcd_server.endpoint, work, xds_args=["--log-level", "INFO"]) as mesh:
+        mesh.put_model(MODEL, VERSION, SIGNATURE, app=MODEL)
+        replicas = mesh.start_replicas(MODEL, VERSION, model_dirs)
+        yield PolicyStack(mesh.keys, mesh.etcd, mesh.loop, mesh.listen_port, mesh.admin_port, model_dirs, replicas)
 
 
 @pytest.fixture(autouse=True)

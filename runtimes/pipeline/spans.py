@@ -1,0 +1,112 @@
+"""The pipeline runtime's spans: one server span per request, a client span per stage call and per shadow call.
+
+The request span is the child of the ``traceparent`` the pipeline's sidecar sends and is made current, so the
+stage and shadow spans started under it (the shadow's in its own task, which copies the context when it is
+submitted) become its children. Every stage and shadow call carries its own span's ``traceparent`` and the
+request's ``x-request-id`` in its metadata: the sidecar's outbound listener and the stage's sidecar and runtime
+then join the same trace, and Envoy keeps the ingress's sampling decision (which it holds in the request id).
+
+Callers fetch ``tracing.provider.active_tracer()`` first and skip all of this when it is None.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
+from contextvars import ContextVar
+
+import grpc
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from runtimes.errors import InferenceError
+from runtimes.spans import REQUEST_ID_HEADER
+
+Metadata = tuple[tuple[str, str], ...]
+
+_W3C = TraceContextTextMapPropagator()
+#: The x-request-id of the request being served, passed on to its stage and shadow calls.
+_request_id: ContextVar[str | None] = ContextVar("hydro_pipeline_request_id", default=None)
+
+
+def invocation_headers(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    """A gRPC call's text metadata, as the propagator reads headers."""
+    return {key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)}
+
+
+def _record_error(span: trace.Span, exc: BaseException) -> None:
+    # As runtimes.spans: a caller's bad request is the caller's error, only server faults set the status.
+    span.record_exception(exc)
+    if isinstance(exc, InferenceError):
+        span.set_attribute("hydro.error_status", exc.http_status)
+        if exc.http_status < 500:
+            return
+        span.set_status(Status(StatusCode.ERROR, str(exc)))
+    else:
+        span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+
+
+@contextmanager
+def request_span(
+    tracer: trace.Tracer, protocol: str, headers: Mapping[str, str], application: str
+) -> Iterator[trace.Span]:
+    """The server span of one pipeline request, current while the block runs; errors are recorded on it."""
+    attributes: dict[str, str] = {"hydro.protocol": protocol, "hydro.application": application}
+    request_id = headers.get(REQUEST_ID_HEADER)
+    if request_id:
+        attributes["hydro.request_id"] = request_id
+    span = tracer.start_span(
+        f"pipeline {application}", context=_W3C.extract(headers), kind=SpanKind.SERVER, attributes=attributes
+    )
+    token = _request_id.set(request_id)
+    try:
+        with trace.use_span(span, end_on_exit=False, record_exception=False, set_status_on_exception=False):
+            yield span
+    except BaseException as exc:
+        _record_error(span, exc)
+        raise
+    finally:
+        _request_id.reset(token)
+        span.end()
+
+
+@contextmanager
+def call_span(tracer: trace.Tracer, name: str, attributes: Mapping[str, str | int]) -> Iterator[trace.Span]:
+    """A client span for one outbound call (a stage or a shadow), child of the current request span."""
+    span = tracer.start_span(name, kind=SpanKind.CLIENT, attributes=attributes)
+    try:
+        yield span
+    except BaseException as exc:
+        _record_error(span, exc)
+        raise
+    finally:
+        span.end()
+
+
+def stage_span(tracer: trace.Tracer, application: str, stage: int) -> AbstractContextManager[trace.Span]:
+    """The span of calling stage ``stage`` (1-based); the caller adds ``hydro.variant`` once it is known."""
+    return call_span(tracer, f"stage {stage}", {"hydro.application": application, "hydro.stage": stage})
+
+
+def shadow_span(tracer: trace.Tracer, application: str, stage: int, shadow: str) -> AbstractContextManager[trace.Span]:
+    """The span of one shadow call of stage ``stage`` to ``shadow`` ("model:version")."""
+    attributes: dict[str, str | int] = {"hydro.application": application, "hydro.stage": stage, "hydro.shadow": shadow}
+    return call_span(tracer, f"shadow {stage} {shadow}", attributes)
+
+
+def record_outcome(span: trace.Span, outcome: str) -> None:
+    """A shadow call's outcome (agree, disagree, error); an error is a fault of the shadow variant."""
+    span.set_attribute("hydro.shadow_outcome", outcome)
+    if outcome == "error":
+        span.set_status(Status(StatusCode.ERROR, "the shadow call failed"))
+
+
+def trace_metadata(span: trace.Span) -> Metadata:
+    """gRPC metadata that makes ``span`` the parent of whatever serves the call, plus the request's id."""
+    carrier: dict[str, str] = {}
+    _W3C.inject(carrier, context=trace.set_span_in_context(span))
+    request_id = _request_id.get()
+    if request_id:
+        carrier[REQUEST_ID_HEADER] = request_id
+    return tuple(carrier.items())
