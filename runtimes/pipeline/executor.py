@@ -11,6 +11,7 @@ the call and by Envoy (``x-envoy-upstream-rq-timeout-ms``).
 
 from __future__ import annotations
 
+import contextvars
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import grpc
 from protos import inference_pb2 as pb
 from runtimes.dataplane import APPLICATION_HEADER
 from runtimes.errors import InferenceError, InvalidInput
-from runtimes.pipeline.shadows import InferCall, ShadowRunner
+from runtimes.pipeline.shadows import InferCall, StageShadows
 from runtimes.pipeline.spec import PipelineSpec, StagePlan
 from runtimes.pipeline.wire import WireTensor, response_outputs
 
@@ -61,10 +62,12 @@ class StageError(InferenceError):
 
 @dataclass(frozen=True)
 class PipelineResult:
-    """The last stage's outputs and the model version that answered each stage."""
+    """The last stage's outputs, the model version that answered each stage, and the shadow calls still to make."""
 
     outputs: list[WireTensor]
     served: list[str]  # "model:version", one per stage
+    #: For the front-end to hand to ShadowRunner.submit once the caller has its answer.
+    shadows: tuple[StageShadows, ...] = ()
 
     @property
     def stages_header(self) -> str:
@@ -89,11 +92,9 @@ class PipelineExecutor:
         *,
         timeout: float = 30.0,
         max_message_bytes: int = 64 * 2**20,
-        shadows: ShadowRunner | None = None,
     ) -> None:
         self.spec = spec
         self.timeout = timeout
-        self.shadows = shadows
         self._channel = grpc.aio.insecure_channel(
             outbound,
             options=[
@@ -135,6 +136,7 @@ class PipelineExecutor:
             end = min(end, deadline)
         current: Mapping[str, WireTensor] = {t.name: t for t in inputs}
         served: list[str] = []
+        shadowed: list[StageShadows] = []
         stages = self.spec.stages
         for position, plan in enumerate(stages):
             if position + 1 < len(stages):
@@ -159,10 +161,10 @@ class PipelineExecutor:
                     grpc.StatusCode.INTERNAL,
                 )
             served.append(answered_by)
-            if self.shadows is not None:
-                for shadow in plan.shadows:
-                    self.shadows.submit(plan.index, shadow, request, current)
-        return PipelineResult(list(current.values()), served)
+            if plan.shadows:
+                # Only references: the copies are made by the shadow calls, after the caller has its answer.
+                shadowed.append(StageShadows(plan.index, plan.shadows, request, current, contextvars.copy_context()))
+        return PipelineResult(list(current.values()), served, tuple(shadowed))
 
     def _stage_request(
         self, plan: StagePlan, current: Mapping[str, WireTensor], wanted: Sequence[str], request_id: str

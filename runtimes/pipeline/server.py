@@ -129,8 +129,7 @@ async def serve(options: Options) -> int:
         max_in_flight=options.max_shadows_in_flight,
         timeout=options.shadow_timeout,
     )
-    executor.shadows = shadows
-    service = PipelineService(spec, executor, registry)
+    service = PipelineService(spec, executor, registry, shadows)
     version = server_version()
     grpc_server, health = create_grpc_server(service, server_version=version, max_message_bytes=max_bytes)
     try:
