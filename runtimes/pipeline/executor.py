@@ -21,7 +21,8 @@ import grpc
 from protos import inference_pb2 as pb
 from runtimes.dataplane import APPLICATION_HEADER
 from runtimes.errors import InferenceError, InvalidInput
-from runtimes.pipeline.shadows import InferCall, StageShadows
+from runtimes.pipeline.outbound import OutboundChannel
+from runtimes.pipeline.shadows import StageShadows
 from runtimes.pipeline.spec import PipelineSpec, StagePlan
 from runtimes.pipeline.wire import WireTensor, response_outputs
 
@@ -32,7 +33,6 @@ STAGES_HEADER = "x-hydro-stages"
 #: The sidecar adds ``model:version/instance`` to every answer of a model runtime.
 SERVED_BY_HEADER = "x-hydro-served-by"
 ENVOY_TIMEOUT_HEADER = "x-envoy-upstream-rq-timeout-ms"
-MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 #: HTTP status of each gRPC status a stage may end with (the OIP's own mapping, as the runtimes use it).
 _HTTP_STATUS = {
@@ -83,7 +83,7 @@ def _served_by(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None
 
 
 class PipelineExecutor:
-    """Calls the stages of one pipeline through one long-lived HTTP/2 channel to the outbound listener."""
+    """Calls the stages of one pipeline through one long-lived HTTP/2 connection to the outbound listener."""
 
     def __init__(
         self,
@@ -95,23 +95,13 @@ class PipelineExecutor:
     ) -> None:
         self.spec = spec
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(
-            outbound,
-            options=[
-                ("grpc.max_send_message_length", max_message_bytes),
-                ("grpc.max_receive_message_length", max_message_bytes),
-            ],
-        )
-        self.call: InferCall = self._channel.unary_unary(
-            MODEL_INFER,
-            request_serializer=pb.ModelInferRequest.SerializeToString,
-            response_deserializer=pb.ModelInferResponse.FromString,
-        )
+        self._outbound = OutboundChannel(outbound, max_message_bytes)
+        self.call = self._outbound.call
         self._last_names = {t.name for t in spec.stages[-1].outputs}
 
     async def close(self) -> None:
         """Close the channel (calls still running fail with CANCELLED)."""
-        await self._channel.close()
+        await self._outbound.close()
 
     def check_outputs(self, requested: Sequence[str]) -> None:
         """InvalidInput unless every requested output is one of the pipeline's outputs."""

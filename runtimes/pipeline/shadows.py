@@ -14,7 +14,7 @@ import asyncio
 import contextvars
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import grpc
@@ -22,14 +22,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from protos import inference_pb2 as pb
 from runtimes.errors import InferenceError
+from runtimes.pipeline.outbound import InferCall
 from runtimes.pipeline.wire import WireTensor, agree, response_outputs
 
 log = logging.getLogger(__name__)
 
 #: Outbound requests to one exact model version carry ``{model}/{version}`` in this header (shadow routes).
 MODEL_VERSION_HEADER = "x-hydro-model-version"
-
-InferCall = Callable[..., Awaitable[pb.ModelInferResponse]]
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
