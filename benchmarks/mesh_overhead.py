@@ -19,7 +19,6 @@ import re
 import runpy
 import shutil
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,9 @@ import grpc  # noqa: E402
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks import h2load  # noqa: E402
+from benchmarks.h2load import need as need  # noqa: E402  (re-exported: tracing_overhead.py imports it from here)
+from benchmarks.h2load import run_h2load as run_h2load  # noqa: E402  (re-exported, likewise)
 from manager_api.deployer.registration import LeasedInstanceRegistry  # noqa: E402
 from manager_api.deployer.replica import Replica, ReplicaConfig  # noqa: E402
 from manager_api.etcd_server import EtcdServer  # noqa: E402
@@ -60,8 +62,7 @@ def grpc_frame() -> bytes:
     request = inference_pb2.ModelInferRequest(model_name=APP)
     request.inputs.add(name="input", datatype="FP64", shape=[1, 4])
     request.raw_input_contents.append(np.asarray([ROW], dtype="<f8").tobytes())
-    body = request.SerializeToString()
-    return b"\x00" + struct.pack(">I", len(body)) + bytes(body)
+    return h2load.grpc_frame(request)
 
 
 def check_grpc(target: str, headers: dict[str, str]) -> None:
@@ -85,52 +86,6 @@ def check_rest(url: str, headers: dict[str, str]) -> None:
 
 def rest_body() -> str:
     return json.dumps({"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP64", "data": [ROW]}]})
-
-
-def need(tool: str) -> str:
-    found = shutil.which(tool)
-    if not found:
-        sys.exit(f"{tool} is not installed: run `make bench-deps` first")
-    return found
-
-
-def run_h2load(target: str, frame: Path, concurrency: int, seconds: float, headers: dict[str, str]) -> dict[str, float]:
-    """gRPC load with h2load; percentiles from its per-request log."""
-    log = Path(tempfile.mkstemp(suffix=".log")[1])
-    cmd = [
-        need("h2load"),
-        "-c",
-        str(concurrency),
-        "-m",
-        "1",
-        "-t",
-        "1",
-        "-D",
-        f"{max(1, round(seconds))}s",
-        "--warm-up-time=1",
-        "-d",
-        str(frame),
-        "-H",
-        "content-type: application/grpc",
-        "-H",
-        "te: trailers",
-        f"--log-file={log}",
-    ]
-    for key, value in headers.items():
-        cmd += ["-H", f"{key}: {value}"]
-    cmd.append(f"http://{target}/inference.GRPCInferenceService/ModelInfer")
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    durations = []
-    statuses = []
-    for line in log.read_text().splitlines():
-        _, status, micros = line.split("\t")[:3]
-        statuses.append(int(status))
-        durations.append(int(micros) / 1000)
-    log.unlink()
-    ok = sum(1 for s in statuses if s == 200)
-    match = re.search(r"finished in ([\d.]+)(m?s), ([\d.]+) req/s", out)
-    rps = float(match.group(3)) if match else ok / seconds
-    return _summary(rps, durations, len(statuses) - ok)
 
 
 def run_wrk(url: str, concurrency: int, seconds: float, headers: dict[str, str]) -> dict[str, float]:
@@ -169,16 +124,6 @@ def run_wrk(url: str, concurrency: int, seconds: float, headers: dict[str, str])
 
 def _ms(value: str, unit: str) -> float:
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
-
-
-def _summary(rps: float, durations: list[float], errors: int) -> dict[str, float]:
-    ordered = sorted(durations) or [0.0]
-    return {
-        "rps": rps,
-        "p50_ms": statistics.median(ordered),
-        "p99_ms": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))],
-        "errors": float(errors),
-    }
 
 
 async def _start_replica(

@@ -11,7 +11,12 @@ ingress, in the same run and at the same concurrency:
 
 Load is gRPC from h2load with a pre-encoded ModelInferRequest (raw contents), per-request log for percentiles.
 Rounds interleave the four targets; figures are medians of rounds. Added latency per stage =
-(pipeline - (direct_1 + direct_2 + direct_3)) / 3, for p50 and p99.
+(pipeline - (direct_1 + direct_2 + direct_3)) / 3, for p50 and p99. On a shared machine these latencies at a
+fixed concurrency mostly measure how much CPU is left; so after the rounds a fixed number of pipeline requests
+is sent and the CPU time the pipeline runtime and its sidecar spent on them is reported per request
+(``pipeline_runtime_cpu_us_per_request``, ``pipeline_sidecar_cpu_us_per_request``). That moves less with load
+elsewhere than latency does, but still with throughput (fewer requests per wake-up cost more each: measured here
+1,170 us at 170 rps, 2,400 us at 50 rps): compare figures of runs at similar throughput.
 
     python benchmarks/pipeline_overhead.py [--quick] [--concurrency 16] [--seconds 10] [--rounds 3]
 
@@ -23,10 +28,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -43,6 +46,8 @@ sys.path.insert(0, str(ROOT))
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks import h2load  # noqa: E402
+from benchmarks.h2load import need, run_h2load  # noqa: E402
 from manager_api.client import ManagerClient  # noqa: E402
 from manager_api.credentials import load_credentials  # noqa: E402
 from manager_api.processes import ChildProcess, free_port, http_ok, wait_until  # noqa: E402
@@ -93,8 +98,7 @@ def request(app: str) -> inference_pb2.ModelInferRequest:
 
 def grpc_frame(app: str) -> bytes:
     """One length-prefixed gRPC message naming ``app`` (the ingress routes on the model name)."""
-    body = request(app).SerializeToString()
-    return b"\x00" + struct.pack(">I", len(body)) + bytes(body)
+    return h2load.grpc_frame(request(app))
 
 
 def check_grpc(target: str, app: str) -> None:
@@ -116,52 +120,41 @@ def answers(target: str, app: str) -> bool:
     return True
 
 
-def need(tool: str) -> str:
-    found = shutil.which(tool)
-    if not found:
-        sys.exit(f"{tool} is not installed: run `make bench-deps` first")
-    return found
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads) so far."""
+    # Fields 14 and 15 of /proc/PID/stat; split after the command name, which may contain spaces.
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run_h2load(target: str, frame: Path, concurrency: int, seconds: float) -> dict[str, float]:
-    """gRPC load with h2load; percentiles from its per-request log."""
-    log = Path(tempfile.mkstemp(suffix=".log")[1])
-    cmd = [
-        need("h2load"),
-        "-c",
-        str(concurrency),
-        "-m",
-        "1",
-        "-t",
-        "1",
-        "-D",
-        f"{max(1, round(seconds))}s",
-        "--warm-up-time=1",
-        "-d",
-        str(frame),
-        "-H",
-        "content-type: application/grpc",
-        "-H",
-        "te: trailers",
-        f"--log-file={log}",
-        f"http://{target}/inference.GRPCInferenceService/ModelInfer",
-    ]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    durations, statuses = [], []
-    for line in log.read_text().splitlines():
-        _, status, micros = line.split("\t")[:3]
-        statuses.append(int(status))
-        durations.append(int(micros) / 1000)
-    log.unlink()
-    ok = sum(1 for s in statuses if s == 200)
-    match = re.search(r"finished in ([\d.]+)(m?s), ([\d.]+) req/s", out)
-    ordered = sorted(durations) or [0.0]
-    return {
-        "rps": float(match.group(3)) if match else ok / seconds,
-        "p50_ms": statistics.median(ordered),
-        "p99_ms": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))],
-        "errors": float(len(statuses) - ok),
+def pipeline_processes(data_dir: Path) -> dict[str, int]:
+    """The pids of the pipeline runtime and of its sidecar Envoy (the benchmark's only pipeline)."""
+    patterns = {
+        "pipeline_runtime": rf"[-]m runtimes\.pipeline --spec {data_dir}/\S*/pipelines/{PIPELINE}/",
+        "pipeline_sidecar": rf"envoy -c {data_dir}/\S*/pipeline-sidecar-\S*\.yaml",
     }
+    pids = {}
+    for name, pattern in patterns.items():
+        found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+        if len(found) != 1:
+            sys.exit(f"expected one {name} process, found {found}")
+        pids[name] = int(found[0])
+    return pids
+
+
+def cpu_per_request(
+    ingress: str, frame: Path, concurrency: int, requests: int, pids: dict[str, int]
+) -> dict[str, float]:
+    """CPU microseconds per pipeline request of each process in ``pids``, over exactly ``requests`` calls.
+
+    It moves less than latency with what else the machine runs, but grows as the throughput falls.
+    """
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    result = run_h2load(ingress, frame, concurrency, 0, requests=requests)
+    used = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
+    if result["errors"]:
+        sys.exit(f"{int(result['errors'])} of the {requests} requests of the CPU measurement failed")
+    return {f"{name}_cpu_us_per_request": round(seconds * 1e6 / requests, 1) for name, seconds in used.items()}
 
 
 def write_models(work: Path) -> dict[int, Path]:
@@ -245,6 +238,12 @@ def main() -> None:
         results["concurrency"] = args.concurrency
         results["seconds_per_target"] = seconds
         results["rounds"] = args.rounds
+        cpu_requests = 1000 if args.quick else 5000
+        pids = pipeline_processes(work / "hydro")
+        results.update(cpu_per_request(ingress, frames["pipeline"], args.concurrency, cpu_requests, pids))
+        results["cpu_requests"] = cpu_requests
+        cpu = [f"{name} {value:.0f} us" for name, value in results.items() if name.endswith("_cpu_us_per_request")]
+        print(f"CPU per pipeline request over {cpu_requests} requests: {', '.join(cpu)}", flush=True)
     finally:
         stack.stop(grace=60)
         shutil.rmtree(work, ignore_errors=True)

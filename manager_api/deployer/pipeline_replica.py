@@ -67,6 +67,10 @@ class PipelineReplica(ProcessPair[PipelineReplicaConfig]):
     """A pipeline runtime + sidecar pair serving one application."""
 
     outbound_port = 0
+    # The runtime dials the sidecar's outbound listener. Envoy is ready only once its listeners are bound, so the
+    # runtime never dials that loopback port before it listens (a client dialling a port nobody listens on can,
+    # rarely, connect to itself and hold the port, and the sidecar then cannot bind its outbound listener).
+    sidecar_first = True
 
     @property
     def instance(self) -> PipelineInstance:

@@ -158,6 +158,9 @@ class ProcessPair(Generic[ConfigT]):
     report their status (``_status_record``); the lifecycle is the same for model and pipeline replicas.
     """
 
+    #: Start the runtime only once the sidecar is ready (all its listeners bound), not both at once.
+    sidecar_first = False
+
     def __init__(self, config: ConfigT, registry: InstanceRegistry) -> None:
         self.config = config
         self.registry = registry
@@ -221,7 +224,8 @@ class ProcessPair(Generic[ConfigT]):
             # stop() ran during the report: it found no processes to kill, so none may be started.
             return
         self.runtime, self.sidecar = self._spawn(workdir, admin_port)
-        self.runtime.start()
+        if not self.sidecar_first:
+            self.runtime.start()
         self.sidecar.start()
         # Through the sidecar at the advertised address: ready means reachable the way the ingress will call it.
         ready_url = f"http://{cfg.advertise_address}:{self.inbound_port}/v2/health/ready"
@@ -231,6 +235,8 @@ class ProcessPair(Generic[ConfigT]):
                 (self.sidecar, lambda: envoy_ready(admin_port)),
                 (self.runtime, lambda: http_ok(ready_url)),
             ):
+                if process is self.runtime and self.sidecar_first:
+                    process.start()
                 remaining = max(1.0, cfg.ready_timeout - (time.monotonic() - started))
                 await asyncio.to_thread(process.wait_ready, check, remaining)
         except ReadinessTimeout as exc:

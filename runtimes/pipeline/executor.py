@@ -11,6 +11,7 @@ the call and by Envoy (``x-envoy-upstream-rq-timeout-ms``).
 
 from __future__ import annotations
 
+import contextvars
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -20,7 +21,8 @@ import grpc
 from protos import inference_pb2 as pb
 from runtimes.dataplane import APPLICATION_HEADER
 from runtimes.errors import InferenceError, InvalidInput
-from runtimes.pipeline.shadows import InferCall, ShadowRunner
+from runtimes.pipeline.outbound import OutboundChannel
+from runtimes.pipeline.shadows import StageShadows
 from runtimes.pipeline.spans import Metadata, stage_span, trace_metadata
 from runtimes.pipeline.spec import PipelineSpec, StagePlan
 from runtimes.pipeline.wire import WireTensor, response_outputs
@@ -33,7 +35,6 @@ STAGES_HEADER = "x-hydro-stages"
 #: The sidecar adds ``model:version/instance`` to every answer of a model runtime.
 SERVED_BY_HEADER = "x-hydro-served-by"
 ENVOY_TIMEOUT_HEADER = "x-envoy-upstream-rq-timeout-ms"
-MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 #: HTTP status of each gRPC status a stage may end with (the OIP's own mapping, as the runtimes use it).
 _HTTP_STATUS = {
@@ -63,10 +64,12 @@ class StageError(InferenceError):
 
 @dataclass(frozen=True)
 class PipelineResult:
-    """The last stage's outputs and the model version that answered each stage."""
+    """The last stage's outputs, the model version that answered each stage, and the shadow calls still to make."""
 
     outputs: list[WireTensor]
     served: list[str]  # "model:version", one per stage
+    #: For the front-end to hand to ShadowRunner.submit once the caller has its answer.
+    shadows: tuple[StageShadows, ...] = ()
 
     @property
     def stages_header(self) -> str:
@@ -82,7 +85,7 @@ def _served_by(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None
 
 
 class PipelineExecutor:
-    """Calls the stages of one pipeline through one long-lived HTTP/2 channel to the outbound listener."""
+    """Calls the stages of one pipeline through one long-lived HTTP/2 connection to the outbound listener."""
 
     def __init__(
         self,
@@ -91,28 +94,16 @@ class PipelineExecutor:
         *,
         timeout: float = 30.0,
         max_message_bytes: int = 64 * 2**20,
-        shadows: ShadowRunner | None = None,
     ) -> None:
         self.spec = spec
         self.timeout = timeout
-        self.shadows = shadows
-        self._channel = grpc.aio.insecure_channel(
-            outbound,
-            options=[
-                ("grpc.max_send_message_length", max_message_bytes),
-                ("grpc.max_receive_message_length", max_message_bytes),
-            ],
-        )
-        self.call: InferCall = self._channel.unary_unary(
-            MODEL_INFER,
-            request_serializer=pb.ModelInferRequest.SerializeToString,
-            response_deserializer=pb.ModelInferResponse.FromString,
-        )
+        self._outbound = OutboundChannel(outbound, max_message_bytes)
+        self.call = self._outbound.call
         self._last_names = {t.name for t in spec.stages[-1].outputs}
 
     async def close(self) -> None:
         """Close the channel (calls still running fail with CANCELLED)."""
-        await self._channel.close()
+        await self._outbound.close()
 
     def check_outputs(self, requested: Sequence[str]) -> None:
         """InvalidInput unless every requested output is one of the pipeline's outputs."""
@@ -137,6 +128,7 @@ class PipelineExecutor:
             end = min(end, deadline)
         current: Mapping[str, WireTensor] = {t.name: t for t in inputs}
         served: list[str] = []
+        shadowed: list[StageShadows] = []
         stages = self.spec.stages
         for position, plan in enumerate(stages):
             if position + 1 < len(stages):
@@ -161,10 +153,10 @@ class PipelineExecutor:
                     grpc.StatusCode.INTERNAL,
                 )
             served.append(answered_by)
-            if self.shadows is not None:
-                for shadow in plan.shadows:
-                    self.shadows.submit(plan.index, shadow, request, current)
-        return PipelineResult(list(current.values()), served)
+            if plan.shadows:
+                # Only references: the copies are made by the shadow calls, after the caller has its answer.
+                shadowed.append(StageShadows(plan.index, plan.shadows, request, current, contextvars.copy_context()))
+        return PipelineResult(list(current.values()), served, tuple(shadowed))
 
     def _stage_request(
         self, plan: StagePlan, current: Mapping[str, WireTensor], wanted: Sequence[str], request_id: str

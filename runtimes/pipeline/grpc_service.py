@@ -86,6 +86,9 @@ class PipelineServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[mi
                     describe_request(span, infer_request)
                     result = await self.service.infer(infer_request, deadline)
                     span.set_attribute("hydro.stages", result.stages_header)
+            if result.shadows:
+                # Shadows start once the RPC is done (answer and status sent), never before the caller's answer.
+                context.add_done_callback(lambda _: self.service.send_shadows(result))
             await context.send_initial_metadata(((STAGES_HEADER, result.stages_header),))
             if uses_raw_inputs(request):
                 # Raw in, raw out: the last stage's bytes go back as they came.

@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from runtimes import json_codec
@@ -64,6 +65,10 @@ def create_app(service: PipelineService, *, server_version: str, max_body_bytes:
         service.check_ready()
         return JSONResponse({"name": service.name, "ready": True})
 
+    async def _send_shadows(result: PipelineResult) -> None:
+        # A coroutine function: Starlette would run a plain function on a worker thread.
+        service.send_shadows(result)
+
     async def run(request: Request, model: str) -> tuple[InferRequest, PipelineResult]:
         body = await _body(request, max_body_bytes)
         header_length = request.headers.get(json_codec.HEADER_LENGTH)
@@ -83,7 +88,9 @@ def create_app(service: PipelineService, *, server_version: str, max_body_bytes:
                 span.set_attribute("hydro.stages", result.stages_header)
         encoded = json_codec.encode_infer_response(service.response(result, infer_request), infer_request)
         headers = {**encoded.headers, STAGES_HEADER: result.stages_header}
-        return Response(encoded.body, media_type=encoded.media_type, headers=headers)
+        # Starlette runs a background task after the whole body is sent: the shadows start only then.
+        background = BackgroundTask(_send_shadows, result) if result.shadows else None
+        return Response(encoded.body, media_type=encoded.media_type, headers=headers, background=background)
 
     @app.api_route("/v2/models/{model}/versions/{version}{rest:path}", methods=["GET", "POST"])
     async def versioned(model: str, version: str, rest: str) -> Response:

@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from runtimes.pipeline.executor import PipelineExecutor
 from runtimes.pipeline.grpc_service import create_grpc_server
+from runtimes.pipeline.outbound import OutboundChannel
 from runtimes.pipeline.rest import create_app
 from runtimes.pipeline.service import PipelineService
 from runtimes.pipeline.shadows import ShadowMetrics, ShadowRunner
@@ -119,15 +120,16 @@ async def serve(options: Options, spec: PipelineSpec) -> int:
     max_bytes = options.max_message_mb * 2**20
     registry = CollectorRegistry()
     executor = PipelineExecutor(spec, options.outbound, timeout=options.timeout, max_message_bytes=max_bytes)
+    # The shadows' own connection: their calls never queue with the caller's stage calls.
+    shadow_channel = OutboundChannel(options.outbound, max_bytes)
     shadows = ShadowRunner(
         spec.name,
-        executor.call,
+        shadow_channel.call,
         ShadowMetrics(registry),
         max_in_flight=options.max_shadows_in_flight,
         timeout=options.shadow_timeout,
     )
-    executor.shadows = shadows
-    service = PipelineService(spec, executor, registry)
+    service = PipelineService(spec, executor, registry, shadows)
     version = server_version()
     grpc_server, health = create_grpc_server(service, server_version=version, max_message_bytes=max_bytes)
     try:
@@ -166,6 +168,7 @@ async def serve(options: Options, spec: PipelineSpec) -> int:
     http.should_exit = True
     await asyncio.gather(grpc_server.stop(options.shutdown_grace), http_task, return_exceptions=True)
     await shadows.close()
+    await shadow_channel.close()
     await executor.close()
     log.info("stopped")
     return code

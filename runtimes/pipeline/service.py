@@ -7,6 +7,7 @@ from prometheus_client import CollectorRegistry
 from runtimes.errors import ModelNotFound, ModelNotReady
 from runtimes.messages import InferRequest, InferResponse, ModelMetadata, TensorMetadata
 from runtimes.pipeline.executor import PipelineExecutor, PipelineResult
+from runtimes.pipeline.shadows import ShadowRunner
 from runtimes.pipeline.spec import PipelineSpec
 from runtimes.pipeline.wire import output_tensors, pipeline_inputs
 
@@ -16,10 +17,17 @@ PLATFORM = "pipeline"
 class PipelineService:
     """One application's pipeline; answers requests naming the application (no version)."""
 
-    def __init__(self, spec: PipelineSpec, executor: PipelineExecutor, metrics: CollectorRegistry) -> None:
+    def __init__(
+        self,
+        spec: PipelineSpec,
+        executor: PipelineExecutor,
+        metrics: CollectorRegistry,
+        shadows: ShadowRunner | None = None,
+    ) -> None:
         self.spec = spec
         self.executor = executor
         self.metrics = metrics
+        self.shadows = shadows
         self.ready = False
 
     @property
@@ -57,6 +65,11 @@ class PipelineService:
         inputs = pipeline_inputs(request.inputs, self.spec.signature.inputs, self.name)
         requested = [o.name for o in request.outputs]
         return await self.executor.run(inputs, requested, deadline, request.id)
+
+    def send_shadows(self, result: PipelineResult) -> None:
+        """Start the result's shadow calls; the front-ends call it once the caller's answer is on its way."""
+        if self.shadows is not None and result.shadows:
+            self.shadows.submit(result.shadows)
 
     def response(self, result: PipelineResult, request: InferRequest) -> InferResponse:
         """The decoded answer, for the REST and typed gRPC encoders."""

@@ -1,22 +1,28 @@
 """Shadow calls: a copy of a stage's input sent to other model versions, whose answers are only compared.
 
-The caller never waits for a shadow: each call is a background task, and when a shadow already has
-``max_in_flight`` calls running the copy is dropped (and counted) rather than queued, so a slow or dead shadow
-costs the caller nothing but the copy. Outcomes are Prometheus metrics per (app, stage, shadow).
+The caller never waits for a shadow, and does not even share its event loop turn with one: the executor only
+records which stage requests are to be shadowed (:class:`StageShadows`, a reference, no copy) and the front-end
+hands them to :meth:`ShadowRunner.submit` once the caller's answer has been given to the transport (gRPC: the RPC's
+done callback; REST: a background task after the body is sent). Each shadow call is then a background task that
+builds its own copy of the request; when a shadow already has ``max_in_flight`` calls running the copy is dropped
+(and counted) rather than queued. Outcomes are Prometheus metrics per (app, stage, shadow).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from protos import inference_pb2 as pb
 from runtimes.errors import InferenceError
+from runtimes.pipeline.outbound import InferCall
 from runtimes.pipeline.spans import Metadata, record_outcome, shadow_span, trace_metadata
 from runtimes.pipeline.wire import WireTensor, agree, response_outputs
 from tracing.provider import active_tracer
@@ -26,9 +32,21 @@ log = logging.getLogger(__name__)
 #: Outbound requests to one exact model version carry ``{model}/{version}`` in this header (shadow routes).
 MODEL_VERSION_HEADER = "x-hydro-model-version"
 
-InferCall = Callable[..., Awaitable[pb.ModelInferResponse]]
-
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+@dataclass(frozen=True, slots=True)
+class StageShadows:
+    """One stage's request, still to be copied to each of its shadows once the caller has its answer."""
+
+    stage: int
+    shadows: tuple[str, ...]  # "model:version"
+    #: The primary's request to the stage; nobody modifies it after the primary call.
+    request: pb.ModelInferRequest
+    #: The primary's outputs, which the shadows' are compared with.
+    primary: Mapping[str, WireTensor]
+    #: The request's context: each shadow call runs in a copy of it (so what the request set there, it sees).
+    context: contextvars.Context
 
 
 class ShadowMetrics:
@@ -76,18 +94,22 @@ class ShadowRunner:
         self._agreed: dict[tuple[int, str], tuple[int, int]] = {}  # (agreeing, answered)
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def submit(self, stage: int, shadow: str, request: pb.ModelInferRequest, primary: Mapping[str, WireTensor]) -> None:
-        """Send ``request`` (the stage's primary request, not modified) to ``shadow`` ("model:version") later."""
-        key = (stage, shadow)
-        labels = (self._app, str(stage), shadow)
-        if self._in_flight.get(key, 0) >= self._max_in_flight:
-            self._metrics.dropped.labels(*labels).inc()
-            return
-        self._in_flight[key] = self._in_flight.get(key, 0) + 1
-        self._metrics.in_flight.labels(*labels).inc()
-        task = asyncio.create_task(self._shadow(key, labels, request, primary))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def submit(self, pending: Iterable[StageShadows]) -> None:
+        """Start one background call per shadow of each stage in ``pending`` (call it after the caller's answer)."""
+        for stage in pending:
+            for shadow in stage.shadows:
+                key = (stage.stage, shadow)
+                labels = (self._app, str(stage.stage), shadow)
+                if self._in_flight.get(key, 0) >= self._max_in_flight:
+                    self._metrics.dropped.labels(*labels).inc()
+                    continue
+                self._in_flight[key] = self._in_flight.get(key, 0) + 1
+                self._metrics.in_flight.labels(*labels).inc()
+                task = asyncio.create_task(
+                    self._shadow(key, labels, stage.request, stage.primary), context=stage.context.copy()
+                )
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
 
     async def _shadow(
         self,

@@ -279,9 +279,13 @@ def test_shadows_change_neither_success_rate_nor_p99(experiments: Experiments) -
     slow_fast = _metric(metrics, "hydro_shadow_latency_seconds_bucket", shadow="back:3", le="1.0", **labels)
     assert slow_agreed > 0 and slow_fast <= slow_errors, metrics
 
-    # Issue 6's target. On the shared 2-core machine the shadowed caller measured 5-9 % more p99 (and ~5 % more
-    # median): the pipeline runtime starts the shadow calls on its event loop before the caller's answer is
-    # written, and the failing shadow's answers come back on it while the next call is served.
+    # Issue 6's target. Shadow calls start only once the caller's answer is sent, on a connection of their own, yet
+    # on the shared 2-core machine (load average 7-12) four runs of 2,500 calls each measured the shadowed p99 at
+    # -5 %, -3.5 %, +9 % and +16 % of the baseline's (and -3.4 % in a run before that change): a p99 of 20-50 ms
+    # there is the 25th-worst call, set by the scheduler, and swings more than 5 % either way from run to run.
+    # The median stays 5-8 % higher, before and after the change: the shadowed pipeline runtime still sends and
+    # answers its shadow calls on its one event loop, where the next call may arrive meanwhile. So the 5 % bound
+    # is reported, not asserted, until it holds on a quiet machine.
     if shadowed > baseline * 1.05:
         pytest.xfail(f"p99 with shadows {shadowed * 1000:.2f} ms > 1.05 x {baseline * 1000:.2f} ms without")
 

@@ -1,0 +1,81 @@
+"""Unary gRPC load from h2load (nghttp2): one pre-encoded request sent over and over, percentiles from its log.
+
+Shared by the benchmarks that load a gRPC endpoint (mesh_overhead.py, pipeline_overhead.py, tracing_overhead.py
+through mesh_overhead). h2load counts HTTP 200s, and a gRPC error is an HTTP 200 too: check one request with a
+real gRPC client before the load.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from google.protobuf.message import Message
+
+
+def need(tool: str) -> str:
+    """The path of a load generator, or exit saying how to install it."""
+    found = shutil.which(tool)
+    if not found:
+        sys.exit(f"{tool} is not installed: run `make bench-deps` first")
+    return found
+
+
+def grpc_frame(message: Message) -> bytes:
+    """``message`` as one length-prefixed, uncompressed gRPC message (what h2load sends as the request body)."""
+    body = message.SerializeToString()
+    return b"\x00" + struct.pack(">I", len(body)) + body
+
+
+def summary(rps: float, durations: Sequence[float], errors: int) -> dict[str, float]:
+    """rps, p50_ms, p99_ms and errors of a run from its per-request durations (ms)."""
+    ordered = sorted(durations) or [0.0]
+    return {
+        "rps": rps,
+        "p50_ms": statistics.median(ordered),
+        "p99_ms": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))],
+        "errors": float(errors),
+    }
+
+
+def run_h2load(
+    target: str,
+    frame: Path,
+    concurrency: int,
+    seconds: float,
+    headers: Mapping[str, str] | None = None,
+    *,
+    requests: int | None = None,
+) -> dict[str, float]:
+    """ModelInfer calls to ``target`` (HOST:PORT) with the body in ``frame``, ``concurrency`` connections of one
+    stream each: for ``seconds`` after a one-second warm-up, or exactly ``requests`` calls when given."""
+    log = Path(tempfile.mkstemp(suffix=".log")[1])
+    cmd = [need("h2load"), "-c", str(concurrency), "-m", "1", "-t", "1"]
+    if requests is None:
+        cmd += ["-D", f"{max(1, round(seconds))}s", "--warm-up-time=1"]
+    else:
+        cmd += ["-n", str(requests)]
+    cmd += ["-d", str(frame), "-H", "content-type: application/grpc", "-H", "te: trailers", f"--log-file={log}"]
+    for key, value in (headers or {}).items():
+        cmd += ["-H", f"{key}: {value}"]
+    cmd.append(f"http://{target}/inference.GRPCInferenceService/ModelInfer")
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        durations, statuses = [], []
+        for line in log.read_text().splitlines():
+            _, status, micros = line.split("\t")[:3]
+            statuses.append(int(status))
+            durations.append(int(micros) / 1000)
+    finally:
+        log.unlink(missing_ok=True)
+    ok = sum(1 for s in statuses if s == 200)
+    match = re.search(r"finished in ([\d.]+)(m?s), ([\d.]+) req/s", out)
+    rps = float(match.group(3)) if match else ok / seconds
+    return summary(rps, durations, len(statuses) - ok)
