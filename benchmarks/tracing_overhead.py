@@ -4,13 +4,21 @@ listening, and with every request traced (100 % sampling) to a live OTLP receive
 Three copies of the mesh run side by side on one etcd, each with its own xds_control (the same flags but
 ``--otlp-endpoint``), ingress Envoy and one iris replica (runtime + sidecar, started by the deployer's Replica);
 their runtimes get OTEL_EXPORTER_OTLP_ENDPOINT like `hydro up --otlp-endpoint` gives it. The live receiver is
-a grpc.aio OTLP TraceService in this process that counts the spans it gets. Load: wrk (REST) and h2load (gRPC)
-through each ingress, rounds interleaved so that a noisy moment hits every configuration; figures are medians.
+a grpc.aio OTLP TraceService in this process that takes each export as bytes and counts its spans without
+decoding them (a collector's own cost is not what is measured). Load: wrk (REST) and h2load (gRPC) through each
+ingress, in rounds: every round runs each configuration once, back to back, in a rotated order.
+
+The machine this runs on is shared, so its speed drifts between rounds by more than the effect measured. A drop
+is therefore taken within each round (a configuration against tracing off of the same round, seconds apart) and
+the median over rounds is reported. Next to throughput, the CPU time each process of the mesh (ingress Envoy,
+sidecar Envoy, runtime; this process, which hosts the receiver) spent per request is read from /proc/PID/stat:
+what tracing costs each process, and steadier than throughput while other work competes for the cores.
 
     python benchmarks/tracing_overhead.py [--quick] [--concurrency 16] [--seconds 10] [--rounds 5]
 
 The last line printed is a JSON object of the figures; ``no_collector_drop_pct`` and ``full_sampling_drop_pct``
-are the larger of the REST and gRPC throughput drops against tracing off (negative: no drop).
+are the larger of the REST and gRPC throughput drops against tracing off (negative: no drop);
+``*_cpu_overhead_pct`` is the extra CPU per request of the mesh's own processes.
 """
 
 from __future__ import annotations
@@ -26,7 +34,8 @@ import statistics
 import sys
 import tempfile
 import threading
-from collections.abc import Coroutine
+import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -41,7 +50,6 @@ sys.path.insert(0, str(ROOT))
 import aetcd  # noqa: E402
 import grpc  # noqa: E402
 import httpx  # noqa: E402
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc  # noqa: E402
 
 from benchmarks.mesh_overhead import (  # noqa: E402
     check_grpc,
@@ -64,25 +72,90 @@ APP = "iris"
 CONFIGS = ("off", "no_collector", "full_sampling")
 
 
-class CountingReceiver(trace_service_pb2_grpc.TraceServiceServicer):
-    """An OTLP trace collector that only counts spans (a live, cheap Jaeger stand-in)."""
+EXPORT_SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
+#: Wire types of protobuf fields: varint, 64-bit, length-delimited, 32-bit.
+VARINT, I64, LEN, I32 = 0, 1, 2, 5
+
+
+def _varint(data: bytes, at: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, at
+        shift += 7
+
+
+def _fields(data: bytes, start: int, end: int) -> list[tuple[int, int, int]]:
+    """(field number, start, end) of each length-delimited field of the message in data[start:end]."""
+    found = []
+    at = start
+    while at < end:
+        key, at = _varint(data, at)
+        wire = key & 7
+        if wire == VARINT:
+            _, at = _varint(data, at)
+        elif wire == I64:
+            at += 8
+        elif wire == I32:
+            at += 4
+        elif wire == LEN:
+            size, at = _varint(data, at)
+            found.append((key >> 3, at, at + size))
+            at += size
+        else:
+            raise ValueError(f"unexpected protobuf wire type {wire}")
+    return found
+
+
+def count_spans(request: bytes) -> int:
+    """Spans in a serialized ExportTraceServiceRequest, found by walking resource_spans (1) -> scope_spans (2) ->
+    spans (2) without decoding the spans themselves."""
+    count = 0
+    for number, start, end in _fields(request, 0, len(request)):
+        if number != 1:
+            continue
+        for scope_number, scope_start, scope_end in _fields(request, start, end):
+            if scope_number == 2:
+                count += sum(1 for span_number, _, _ in _fields(request, scope_start, scope_end) if span_number == 2)
+    return count
+
+
+class CountingReceiver:
+    """An OTLP trace collector that counts spans and bytes (a live, cheap Jaeger stand-in)."""
 
     def __init__(self) -> None:
         self.spans = 0
+        self.bytes = 0
+        self.exports = 0
 
-    async def Export(
-        self, request: trace_service_pb2.ExportTraceServiceRequest, context: Any
-    ) -> trace_service_pb2.ExportTraceServiceResponse:
-        self.spans += sum(len(scope.spans) for rs in request.resource_spans for scope in rs.scope_spans)
-        return trace_service_pb2.ExportTraceServiceResponse()
+    async def export(self, request: bytes, context: Any) -> bytes:
+        self.exports += 1
+        self.spans += count_spans(request)
+        self.bytes += len(request)
+        return b""  # an empty ExportTraceServiceResponse: everything accepted
 
 
 async def _serve_receiver(receiver: CountingReceiver) -> tuple[grpc.aio.Server, int]:
     server = grpc.aio.server()
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)  # type: ignore[no-untyped-call]
+    # No (de)serializers: the request arrives as bytes, and the answer goes as bytes.
+    handler = grpc.unary_unary_rpc_method_handler(receiver.export)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(EXPORT_SERVICE, {"Export": handler}),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     return server, port
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (/proc/PID/stat; its children are not included)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PROCESSES = ("ingress", "sidecar", "runtime", "benchmark")
 
 
 @dataclass
@@ -94,6 +167,12 @@ class Mesh:
     ingress_port: int
     replica: Replica | None = None
     registry: LeasedInstanceRegistry | None = None
+
+    def pids(self) -> dict[str, int]:
+        """The processes whose CPU time is measured (the benchmark process hosts the receiver)."""
+        assert self.replica is not None and self.replica.runtime is not None and self.replica.sidecar is not None
+        pids = {"ingress": self.ingress.pid, "sidecar": self.replica.sidecar.pid, "runtime": self.replica.runtime.pid}
+        return {name: pid for name, pid in pids.items() if pid is not None} | {"benchmark": os.getpid()}
 
 
 def start_mesh(
@@ -143,16 +222,44 @@ def answers(url: str) -> bool:
     return httpx.post(url, content=rest_body(), headers={"content-type": "application/json"}).is_success
 
 
+def measured(mesh: Mesh, load: Callable[[], dict[str, float]]) -> tuple[dict[str, float], dict[str, float]]:
+    """Run ``load`` against ``mesh``: its figures, and each process's CPU microseconds per request. Requests are
+    the load's rate times its wall time (h2load's warm-up second is not in its count)."""
+    pids = mesh.pids()
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    started = time.monotonic()
+    result = load()
+    elapsed = time.monotonic() - started
+    after = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    requests = max(1.0, result["rps"] * elapsed)
+    return result, {name: 1e6 * (after[name] - before[name]) / requests for name in pids}
+
+
+def paired_drops(rounds: dict[str, list[float]], name: str, proto: str) -> list[float]:
+    """Per round, the throughput drop of ``name`` against tracing off in the same round (percent)."""
+    base, other = rounds[f"off_{proto}_rps"], rounds[f"{name}_{proto}_rps"]
+    return [100 * (b - o) / b for b, o in zip(base, other, strict=True) if b > 0]
+
+
+def paired_cpu_overheads(cpu: dict[str, list[float]], name: str, proto: str) -> list[float]:
+    """Per round, the extra CPU per request of the mesh's own processes against tracing off (percent)."""
+    own = ("ingress", "sidecar", "runtime")
+    base = [sum(values) for values in zip(*(cpu[f"off_{proto}_{p}"] for p in own), strict=True)]
+    other = [sum(values) for values in zip(*(cpu[f"{name}_{proto}_{p}"] for p in own), strict=True)]
+    return [100 * (o - b) / b for b, o in zip(base, other, strict=True) if b > 0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short runs (finishes well within 3 minutes)")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=10.0, help="measurement time per target and round")
-    parser.add_argument("--rounds", type=int, default=0, help="interleaved rounds (default 5, --quick 7)")
+    parser.add_argument("--rounds", type=int, default=0, help="interleaved rounds (default 5, --quick 11)")
     args = parser.parse_args()
-    # Quick runs are more, shorter rounds: on a shared machine the median of many short rounds is steadier.
-    seconds = 2.0 if args.quick else args.seconds
-    args.rounds = args.rounds or (7 if args.quick else 5)
+    # Quick runs are more, shorter rounds: on a shared machine the median of many short rounds is steadier, and
+    # the configurations of one round run closer together.
+    seconds = 1.0 if args.quick else args.seconds
+    args.rounds = args.rounds or (11 if args.quick else 5)
     need("h2load")
     need("wrk")
 
@@ -196,32 +303,52 @@ def main() -> None:
         frame = work / "request.grpc"
         frame.write_bytes(grpc_frame())
         rounds: dict[str, list[float]] = {}
+        cpu: dict[str, list[float]] = {}
         for round_number in range(1, args.rounds + 1):
             # Each round starts with another configuration, so that none always runs right after another.
             shift = (round_number - 1) % len(CONFIGS)
             for name in CONFIGS[shift:] + CONFIGS[:shift]:
-                port = meshes[name].ingress_port
-                grpc_result = run_h2load(f"127.0.0.1:{port}", frame, args.concurrency, seconds, {"x-hydro-model": APP})
-                rest_result = run_wrk(f"http://127.0.0.1:{port}/v2/models/{APP}/infer", args.concurrency, seconds, {})
-                for proto, result in (("grpc", grpc_result), ("rest", rest_result)):
+                mesh = meshes[name]
+                port = mesh.ingress_port
+                loads = {
+                    "grpc": functools.partial(
+                        run_h2load, f"127.0.0.1:{port}", frame, args.concurrency, seconds, {"x-hydro-model": APP}
+                    ),
+                    "rest": functools.partial(
+                        run_wrk, f"http://127.0.0.1:{port}/v2/models/{APP}/infer", args.concurrency, seconds, {}
+                    ),
+                }
+                for proto, load in loads.items():
+                    result, cpu_per_request = measured(mesh, load)
                     for key, value in result.items():
                         rounds.setdefault(f"{name}_{proto}_{key}", []).append(value)
+                    for process, micros in cpu_per_request.items():
+                        cpu.setdefault(f"{name}_{proto}_{process}", []).append(micros)
                     print(
                         f"round {round_number} {name:13s} {proto:4s} rps={result['rps']:9.1f} "
-                        f"p50={result['p50_ms']:7.2f} ms p99={result['p99_ms']:7.2f} ms errors={int(result['errors'])}",
+                        f"p50={result['p50_ms']:7.2f} ms p99={result['p99_ms']:7.2f} ms errors={int(result['errors'])} "
+                        "cpu us/request "
+                        + " ".join(f"{process}={micros:.0f}" for process, micros in cpu_per_request.items()),
                         flush=True,
                     )
         for key, values in rounds.items():
             results[key] = round(sum(values) if key.endswith("errors") else statistics.median(values), 3)
+        for key, values in cpu.items():
+            results[f"{key}_cpu_us_per_request"] = round(statistics.median(values), 1)
         for name in ("no_collector", "full_sampling"):
-            drops = []
+            drops, overheads = [], []
             for proto in ("grpc", "rest"):
-                base = results[f"off_{proto}_rps"]
-                drop = round(100 * (base - results[f"{name}_{proto}_rps"]) / base, 2)
+                drop = round(statistics.median(paired_drops(rounds, name, proto)), 2)
                 results[f"{name}_{proto}_drop_pct"] = drop
                 drops.append(drop)
+                overhead = round(statistics.median(paired_cpu_overheads(cpu, name, proto)), 2)
+                results[f"{name}_{proto}_cpu_overhead_pct"] = overhead
+                overheads.append(overhead)
             results[f"{name}_drop_pct"] = max(drops)
+            results[f"{name}_cpu_overhead_pct"] = max(overheads)
         results["spans_received"] = receiver.spans
+        results["span_bytes_received"] = receiver.bytes
+        results["exports_received"] = receiver.exports
         results["concurrency"] = args.concurrency
         results["seconds_per_target"] = seconds
         results["rounds"] = args.rounds

@@ -1,7 +1,9 @@
 """The span of one inference, child of the caller's W3C trace context (the sidecar Envoy's span).
 
 Callers fetch ``tracing.active_tracer()`` first and skip all of this when it is None: with tracing off an
-inference costs one global lookup and nothing else.
+inference costs one global lookup and nothing else. With tracing on, the span comes from
+tracing.server_span when it can make it (a ``traceparent`` from the sidecar, the default sampler): a few
+microseconds of the event loop instead of the SDK tracer's ~35.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ from contextlib import contextmanager
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.util.types import AnyValue
 
 from runtimes.errors import InferenceError
 from runtimes.messages import InferRequest
+from tracing.provider import active_server_spans
 
 REQUEST_ID_HEADER = "x-request-id"
 #: Envoy's OpenTelemetry tracer speaks W3C trace context (traceparent); nothing else needs extracting.
@@ -32,8 +36,7 @@ def inference_span(
 ) -> Iterator[trace.Span]:
     """A server span around one inference; errors are recorded on it (status ERROR only for the server's own
     failures: a client's bad request is the client's error, as HTTP semantic conventions have it)."""
-    parent = _W3C.extract(headers)
-    attributes = {"hydro.protocol": protocol, "hydro.model": model}
+    attributes: dict[str, AnyValue] = {"hydro.protocol": protocol, "hydro.model": model}
     if version:
         attributes["hydro.version"] = version
     if application:
@@ -41,9 +44,13 @@ def inference_span(
     request_id = headers.get(REQUEST_ID_HEADER)
     if request_id:
         attributes["hydro.request_id"] = request_id
-    # start_span, not start_as_current_span: nothing below makes child spans, and attaching the span to the
-    # context (and detaching it) would cost every request for nothing.
-    span = tracer.start_span(f"infer {model}", context=parent, kind=SpanKind.SERVER, attributes=attributes)
+    name = f"infer {model}"
+    server_spans = active_server_spans()
+    span = server_spans.start(name, headers, attributes) if server_spans is not None else None
+    if span is None:
+        # start_span, not start_as_current_span: nothing below makes child spans, and attaching the span to the
+        # context (and detaching it) would cost every request for nothing.
+        span = tracer.start_span(name, context=_W3C.extract(headers), kind=SpanKind.SERVER, attributes=attributes)
     try:
         yield span
     except InferenceError as exc:

@@ -16,12 +16,14 @@ from dataclasses import dataclass, field
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import SpanLimits, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from tracing.collector_watch import CollectorWatch, WatchedExporter
 from tracing.encoding import FastOTLPSpanExporter
 from tracing.quiet_export import quiet_export_logging
+from tracing.server_span import ServerSpans, applies
 from tracing.settings import TracingSettings
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,8 @@ class Tracing:
     exporter: OTLPSpanExporter | None = field(default=None, repr=False)
     #: Hands the tracer out only while the collector answers (tracing.collector_watch).
     watch: CollectorWatch | None = field(default=None, repr=False)
+    #: The cheap maker of server spans under a remote parent, when the sampler and limits allow it.
+    server_spans: ServerSpans | None = field(default=None, repr=False)
 
     @property
     def enabled(self) -> bool:
@@ -60,6 +64,7 @@ class Tracing:
         """
         global _active
         self.tracer = None
+        self.server_spans = None
         if _active is self:
             _active = None
         provider, exporter, self.provider, self.exporter = self.provider, self.exporter, None, None
@@ -81,6 +86,12 @@ _active: Tracing | None = None
 def active_tracer() -> trace.Tracer | None:
     """The tracer of this process, None when tracing is off or paused (the one check on hot paths)."""
     return _active.tracer if _active is not None else None
+
+
+def active_server_spans() -> ServerSpans | None:
+    """The maker of server spans under a W3C parent (tracing.server_span), None when spans must come from the
+    tracer. Only meaningful while ``active_tracer()`` is not None."""
+    return _active.server_spans if _active is not None else None
 
 
 def setup_tracing(
@@ -118,7 +129,10 @@ def setup_tracing(
         state.tracer = tracer if reachable and state.provider is not None else None
 
     watch = CollectorWatch(settings.collector, armed)
-    provider.add_span_processor(BatchSpanProcessor(WatchedExporter(exporter, watch)))
+    processor = BatchSpanProcessor(WatchedExporter(exporter, watch))
+    provider.add_span_processor(processor)
+    if applies(provider.sampler, SpanLimits()):
+        state.server_spans = ServerSpans(resource, InstrumentationScope(INSTRUMENTATION_NAME), processor)
     state.provider = provider
     state.exporter = exporter
     # Armed until the first probe (milliseconds on a LAN) says the collector does not answer.

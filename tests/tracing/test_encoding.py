@@ -36,7 +36,7 @@ def _spans() -> list[ReadableSpan]:
     tracer = provider.get_tracer("a")
     remote = SpanContext(0xABC, 0xDEF, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED))
     parent = set_span_in_context(NonRecordingSpan(remote))
-    attributes = {"s": "x", "i": 7, "f": 0.5, "b": True, "b0": False}
+    attributes = {"s": "x", "u": "é→", "i": 7, "n": -3, "big": 2**62, "f": 0.5, "b": True, "b0": False}
     tracer.start_span("plain", context=parent, kind=SpanKind.SERVER, attributes=attributes).end()
     tracer.start_span("root").end()
     failed = tracer.start_span("failed", context=parent, kind=SpanKind.CLIENT)
