@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 import grpc
@@ -46,6 +47,9 @@ class CollectorWatch:
         #: None until the first probe or export says (the first answer is logged either way); the tracer is armed
         #: meanwhile, so that the first requests of a process are traced when the collector is there.
         self._up: bool | None = None
+        #: time.monotonic() of the last transition to up: an export that started before it and failed (it was
+        #: retrying through the outage) says nothing about the collector now.
+        self._up_since = float("-inf")
         self._down = threading.Event()
         self._down.set()
         self._stopped = threading.Event()
@@ -68,13 +72,17 @@ class CollectorWatch:
         self._stopped.set()
         self._down.set()
 
-    def report(self, reachable: bool) -> None:
-        """Record what an export or a probe found out."""
+    def report(self, reachable: bool, started_at: float | None = None) -> None:
+        """Record what an export or a probe found out; ``started_at`` (time.monotonic()) is when the attempt
+        began, if it may have outlived a transition."""
         with self._lock:
             if reachable == self._up:
                 return
+            if not reachable and started_at is not None and started_at < self._up_since:
+                return
             self._up = reachable
             if reachable:
+                self._up_since = time.monotonic()
                 self._down.clear()
             else:
                 self._down.set()
@@ -134,8 +142,9 @@ class WatchedExporter(SpanExporter):
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         """Export through the inner exporter; a failure pauses tracing until the collector answers again."""
+        started_at = time.monotonic()
         result = self.inner.export(spans)
-        self.watch.report(result == SpanExportResult.SUCCESS)
+        self.watch.report(result == SpanExportResult.SUCCESS, started_at)
         return result
 
     def shutdown(self) -> None:
