@@ -14,6 +14,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -76,6 +77,10 @@ def run_h2load(
     finally:
         log.unlink(missing_ok=True)
     ok = sum(1 for s in statuses if s == 200)
+    if ok < len(statuses):
+        # Which statuses, so that an error count can be told apart from a cut-off stream (status -1).
+        failed = Counter(s for s in statuses if s != 200)
+        print(f"  {target}: non-200 statuses {dict(failed)}", file=sys.stderr)
     match = re.search(r"finished in ([\d.]+)(m?s), ([\d.]+) req/s", out)
     rps = float(match.group(3)) if match else ok / seconds
     return summary(rps, durations, len(statuses) - ok)
