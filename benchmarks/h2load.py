@@ -7,6 +7,7 @@ real gRPC client before the load.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import statistics
@@ -57,7 +58,9 @@ def run_h2load(
 ) -> dict[str, float]:
     """ModelInfer calls to ``target`` (HOST:PORT) with the body in ``frame``, ``concurrency`` connections of one
     stream each: for ``seconds`` after a one-second warm-up, or exactly ``requests`` calls when given."""
-    log = Path(tempfile.mkstemp(suffix=".log")[1])
+    descriptor, name = tempfile.mkstemp(suffix=".log")
+    os.close(descriptor)  # h2load writes the file by its name
+    log = Path(name)
     cmd = [need("h2load"), "-c", str(concurrency), "-m", "1", "-t", "1"]
     if requests is None:
         cmd += ["-D", f"{max(1, round(seconds))}s", "--warm-up-time=1"]

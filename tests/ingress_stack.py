@@ -158,9 +158,10 @@ def ingress_stack(
                 stack.run(step)
             except Exception as exc:
                 print(f"teardown step failed: {exc!r}")
+        # The processes first: a loop thread that does not stop in time must not leave them running.
+        ingress.stop()
+        xds.stop()
         loop.call_soon_threadsafe(loop.stop)
         loop_thread.join(10)
         loop.close()
-        ingress.stop()
-        xds.stop()
         print(xds.log_tail(30))

@@ -145,7 +145,8 @@ class PushSpans(StreamCallbacks):
 
     def on_nack(self, node_id: str, type_url: str, version: str, error: str) -> None:
         push = self._open.get(node_id)
-        if push is None or type_url not in push.waiting:
+        # A NACK of an older version (sent before this push) says nothing about this one.
+        if push is None or type_url not in push.waiting or push.sent.get(type_url) != version:
             return
         del self._open[node_id]
         push.span.add_event("nack", {"xds.type": short_type(type_url), "xds.version": version, "xds.error": error})

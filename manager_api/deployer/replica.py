@@ -241,7 +241,8 @@ class ProcessPair(Generic[ConfigT]):
                 await asyncio.to_thread(process.wait_ready, check, remaining)
         except ReadinessTimeout as exc:
             if isinstance(exc, ProcessExited):
-                dead = [p for p in (self.runtime, self.sidecar) if p is not None and not p.running]
+                # Started and exited: a runtime still waiting for its sidecar (sidecar_first) is not to blame.
+                dead = [p for p in (self.runtime, self.sidecar) if p is not None and p.returncode is not None]
                 self.last_error = crash_report(dead)
             else:
                 self.last_error = bounded(str(exc))
@@ -278,7 +279,7 @@ class ProcessPair(Generic[ConfigT]):
 
     async def handle_crash(self) -> None:
         """One of the processes died: deregister at once and stop the survivor."""
-        dead = [p for p in (self.runtime, self.sidecar) if p is not None and not p.running]
+        dead = [p for p in (self.runtime, self.sidecar) if p is not None and p.returncode is not None]
         self.last_error = crash_report(dead)
         log.warning("replica %s crashed: %s", self.id, self.last_error)
         with contextlib.suppress(Exception):

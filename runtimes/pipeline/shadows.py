@@ -93,9 +93,13 @@ class ShadowRunner:
         self._in_flight: dict[tuple[int, str], int] = {}
         self._agreed: dict[tuple[int, str], tuple[int, int]] = {}  # (agreeing, answered)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
 
     def submit(self, pending: Iterable[StageShadows]) -> None:
         """Start one background call per shadow of each stage in ``pending`` (call it after the caller's answer)."""
+        if self._closed:
+            # A call's done callback can come after shutdown began: its shadows are not sent.
+            return
         for stage in pending:
             for shadow in stage.shadows:
                 key = (stage.stage, shadow)
@@ -164,7 +168,8 @@ class ShadowRunner:
         return outcome
 
     async def close(self) -> None:
-        """Cancel the shadow calls still running (shutdown: nobody waits for them)."""
+        """Cancel the shadow calls still running (shutdown: nobody waits for them); later submits send nothing."""
+        self._closed = True
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -291,6 +291,8 @@ def test_a_nacked_push_is_an_error_span_naming_the_rejection(receiver: OtlpRecei
         second = _snapshot("b")
         spans.published(node, 8, first, second, [], time.time_ns())
         spans.on_response(node.node_id, resources.CLUSTER, second.versions[resources.CLUSTER], 100, 1)
+        # A NACK of the first version arriving late says nothing about the second push.
+        spans.on_nack(node.node_id, resources.CLUSTER, version, "late rejection of a")
         spans.on_ack(node.node_id, resources.CLUSTER, second.versions[resources.CLUSTER])
     finally:
         tracing.shutdown()
