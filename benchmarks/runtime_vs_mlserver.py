@@ -31,7 +31,6 @@ import re
 import runpy
 import shutil
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -51,6 +50,8 @@ import httpx  # noqa: E402
 import joblib  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks import h2load  # noqa: E402
+from benchmarks.h2load import need  # noqa: E402
 from manager_api.processes import ChildProcess, free_port, http_ok  # noqa: E402
 from protos import inference_pb2, inference_pb2_grpc  # noqa: E402
 
@@ -102,7 +103,7 @@ class Server:
 
     def __post_init__(self) -> None:
         self.frame = self.work / f"{self.name}.grpc"
-        self.frame.write_bytes(grpc_frame(self.grpc_request()))
+        self.frame.write_bytes(h2load.grpc_frame(self.grpc_request()))
 
     @property
     def infer_url(self) -> str:
@@ -122,12 +123,6 @@ class Server:
     def rest_body(self) -> str:
         tensor = {"name": self.input_name, "shape": [1, 4], "datatype": self.datatype, "data": [ROW]}
         return json.dumps({"inputs": [tensor], "outputs": [{"name": n} for n in self.outputs]})
-
-
-def grpc_frame(request: inference_pb2.ModelInferRequest) -> bytes:
-    """One length-prefixed gRPC message (what h2load sends as the request body)."""
-    body = request.SerializeToString()
-    return b"\x00" + struct.pack(">I", len(body)) + body
 
 
 def check(server: Server, expected: dict[str, np.ndarray]) -> None:
@@ -150,41 +145,9 @@ def check(server: Server, expected: dict[str, np.ndarray]) -> None:
                 sys.exit(f"{server.name}: {protocol} output {name} = {outputs.get(name)}, expected {want}")
 
 
-def need(tool: str) -> str:
-    found = shutil.which(tool)
-    if not found:
-        sys.exit(f"{tool} is not installed: run `make bench-deps` first")
-    return found
-
-
 def run_h2load(server: Server, concurrency: int, seconds: float) -> dict[str, float]:
     """gRPC load with h2load (one connection per client, one stream at a time); percentiles from its log."""
-    log = Path(tempfile.mkstemp(suffix=".log")[1])
-    cmd = [
-        need("h2load"),
-        *("-c", str(concurrency), "-m", "1", "-t", "1"),
-        *("-D", f"{max(1, round(seconds))}s", "--warm-up-time=1"),
-        *("-d", str(server.frame), "-H", "content-type: application/grpc", "-H", "te: trailers"),
-        f"--log-file={log}",
-        f"http://127.0.0.1:{server.grpc_port}/inference.GRPCInferenceService/ModelInfer",
-    ]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    durations: list[float] = []
-    errors = 0
-    for line in log.read_text().splitlines():
-        _, status, micros = line.split("\t")[:3]
-        errors += int(status) != 200
-        durations.append(int(micros) / 1000)
-    log.unlink()
-    match = re.search(r"finished in [\d.]+m?s, ([\d.]+) req/s", out)
-    rps = float(match.group(1)) if match else len(durations) / seconds
-    ordered = sorted(durations) or [0.0]
-    return {
-        "rps": rps,
-        "p50_ms": statistics.median(ordered),
-        "p99_ms": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))],
-        "errors": float(errors),
-    }
+    return h2load.run_h2load(f"127.0.0.1:{server.grpc_port}", server.frame, concurrency, seconds)
 
 
 def run_wrk(server: Server, concurrency: int, seconds: float) -> dict[str, float]:
