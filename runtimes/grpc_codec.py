@@ -13,7 +13,15 @@ import numpy as np
 
 from protos import inference_pb2 as pb
 from runtimes.errors import InvalidInput
-from runtimes.messages import InferRequest, InferResponse, Parameters, RequestedOutput, RequestInput, TensorData
+from runtimes.messages import (
+    InferRequest,
+    InferResponse,
+    ModelMetadata,
+    Parameters,
+    RequestedOutput,
+    RequestInput,
+    TensorData,
+)
 from runtimes.tensors import RawData, as_bytes_array, encode_raw, numpy_dtype
 
 #: The typed field of InferTensorContents for each datatype; FP16 has none (raw only).
@@ -104,6 +112,18 @@ def parse_model_infer_request(message: pb.ModelInferRequest) -> InferRequest:
 def uses_raw_inputs(message: pb.ModelInferRequest) -> bool:
     """Whether the request sent its data in raw_input_contents (the response then does the same)."""
     return len(message.raw_input_contents) > 0
+
+
+def build_model_metadata_response(meta: ModelMetadata) -> pb.ModelMetadataResponse:
+    """The gRPC ModelMetadataResponse of a model's (or a pipeline's) metadata."""
+    tensor = pb.ModelMetadataResponse.TensorMetadata
+    return pb.ModelMetadataResponse(
+        name=meta.name,
+        versions=meta.versions,
+        platform=meta.platform,
+        inputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in meta.inputs],
+        outputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in meta.outputs],
+    )
 
 
 def build_model_infer_response(response: InferResponse, raw: bool) -> pb.ModelInferResponse:

@@ -19,7 +19,12 @@ from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
 from runtimes.dataplane import APPLICATION_HEADER, DataPlane
 from runtimes.errors import InferenceError
-from runtimes.grpc_codec import build_model_infer_response, parse_model_infer_request, uses_raw_inputs
+from runtimes.grpc_codec import (
+    build_model_infer_response,
+    build_model_metadata_response,
+    parse_model_infer_request,
+    uses_raw_inputs,
+)
 from runtimes.json_codec import CONFIG_DATATYPES
 from runtimes.rest import EXTENSIONS, SERVER_NAME
 from runtimes.spans import describe_request, inference_span
@@ -79,14 +84,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
         """The model's versions, platform and signature."""
         try:
-            meta = self.dataplane.model_metadata(request.name, request.version, application_of(context))
-            tensor = pb.ModelMetadataResponse.TensorMetadata
-            return pb.ModelMetadataResponse(
-                name=meta.name,
-                versions=meta.versions,
-                platform=meta.platform,
-                inputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in meta.inputs],
-                outputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in meta.outputs],
+            return build_model_metadata_response(
+                self.dataplane.model_metadata(request.name, request.version, application_of(context))
             )
         except Exception as exc:
             await self._abort(context, "ModelMetadata", exc)

@@ -12,7 +12,12 @@ from grpc_health.v1 import health_pb2_grpc
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
 from runtimes.errors import InferenceError
-from runtimes.grpc_codec import build_model_infer_response, parse_model_infer_request, uses_raw_inputs
+from runtimes.grpc_codec import (
+    build_model_infer_response,
+    build_model_metadata_response,
+    parse_model_infer_request,
+    uses_raw_inputs,
+)
 from runtimes.grpc_service import HealthReporter
 from runtimes.pipeline.executor import STAGES_HEADER
 from runtimes.pipeline.service import PipelineService
@@ -59,15 +64,7 @@ class PipelineServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[mi
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
         try:
-            meta = self.service.metadata(request.name, request.version)
-            tensor = pb.ModelMetadataResponse.TensorMetadata
-            return pb.ModelMetadataResponse(
-                name=meta.name,
-                versions=meta.versions,
-                platform=meta.platform,
-                inputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in meta.inputs],
-                outputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in meta.outputs],
-            )
+            return build_model_metadata_response(self.service.metadata(request.name, request.version))
         except Exception as exc:
             await _abort(context, "ModelMetadata", exc)
 
