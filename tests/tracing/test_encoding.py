@@ -5,7 +5,8 @@ from __future__ import annotations
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans as sdk_encode_spans
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import (
     Link,
     NonRecordingSpan,
@@ -20,17 +21,8 @@ from opentelemetry.trace import (
 from tracing.encoding import encode_spans
 
 
-class _Keep(SpanExporter):
-    def __init__(self) -> None:
-        self.spans: list[ReadableSpan] = []
-
-    def export(self, spans: object) -> SpanExportResult:
-        self.spans.extend(spans)  # type: ignore[call-overload]
-        return SpanExportResult.SUCCESS
-
-
 def _spans() -> list[ReadableSpan]:
-    kept = _Keep()
+    kept = InMemorySpanExporter()
     provider = TracerProvider(resource=Resource.create({"service.name": "enc", "hydro.version": 3}))
     provider.add_span_processor(SimpleSpanProcessor(kept))
     tracer = provider.get_tracer("a")
@@ -47,7 +39,7 @@ def _spans() -> list[ReadableSpan]:
     recorded.end()
     tracer.start_span("with link and list", links=[Link(remote)], attributes={"l": [1, 2]}).end()
     provider.get_tracer("b").start_span("other scope").end()
-    return kept.spans
+    return list(kept.get_finished_spans())
 
 
 def test_same_request_as_the_sdk() -> None:

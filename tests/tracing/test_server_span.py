@@ -8,7 +8,8 @@ from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, TracerProvider, sampling
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -24,17 +25,8 @@ PARENT = "b7ad6b7169203331"
 SAMPLED = {"traceparent": f"00-{TRACE}-{PARENT}-01", "x-request-id": "r-1"}
 
 
-class _Keep(SpanExporter):
-    def __init__(self) -> None:
-        self.spans: list[ReadableSpan] = []
-
-    def export(self, spans: object) -> SpanExportResult:
-        self.spans.extend(spans)  # type: ignore[call-overload]
-        return SpanExportResult.SUCCESS
-
-
-def _pair() -> tuple[ServerSpans, TracerProvider, _Keep]:
-    kept = _Keep()
+def _pair() -> tuple[ServerSpans, TracerProvider, InMemorySpanExporter]:
+    kept = InMemorySpanExporter()
     resource = Resource.create({"service.name": "server-span"})
     processor = SimpleSpanProcessor(kept)
     provider = TracerProvider(resource=resource)
@@ -77,7 +69,7 @@ def test_same_span_as_the_sdk(failure: Exception | None) -> None:
     parent = TraceContextTextMapPropagator().extract(SAMPLED)
     tracer = provider.get_tracer(INSTRUMENTATION_NAME)
     _exercise(tracer.start_span("infer iris", context=parent, kind=SpanKind.SERVER, attributes=attributes), failure)
-    fast_span, sdk_span = kept.spans
+    fast_span, sdk_span = kept.get_finished_spans()
     assert _normalized([fast_span]) == _normalized([sdk_span])
     assert fast_span.parent is not None and fast_span.parent.is_remote
     assert f"{fast_span.context.trace_id:032x}" == TRACE and f"{fast_span.parent.span_id:016x}" == PARENT
@@ -93,7 +85,7 @@ def test_unsampled_parent_makes_no_span() -> None:
     span = spans.start("infer iris", {"traceparent": f"00-{TRACE}-{PARENT}-00"}, {})
     assert span is INVALID_SPAN and not span.is_recording()
     span.end()
-    assert kept.spans == []
+    assert kept.get_finished_spans() == ()
 
 
 @pytest.mark.parametrize(
