@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from manager_under_test import SERVING_YAML
 from s3_server import ACCESS_KEY, SECRET_KEY, SeaweedS3, aws_env
 
 from manager_api.artifacts import ArtifactStore, DigestMismatch
@@ -27,14 +28,6 @@ from manager_api.etcd_server import EtcdServer
 from manager_api.processes import ChildProcess, free_port, http_ok, wait_until
 
 PREFIX = "team-a"
-SERVING_YAML = b"""\
-runtime: python
-files: [model.py]
-entrypoint: model:predict
-signature:
-  inputs: [{name: x, datatype: FP32, shape: [-1]}]
-  outputs: [{name: y, datatype: FP32, shape: [-1]}]
-"""
 
 
 def archive(factor: int) -> bytes:
