@@ -42,9 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    bootstrap = render_bootstrap(
+def bootstrap_of(args: argparse.Namespace) -> str:
+    """The ingress bootstrap YAML for these parsed arguments."""
+    return render_bootstrap(
         "ingress",
         node_id=args.node_id,
         listen_address=args.listen_address,
@@ -54,6 +54,11 @@ def main(argv: list[str] | None = None) -> None:
         xds_port=args.xds_port,
         ads_api_type=args.ads_api_type,
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    bootstrap = bootstrap_of(args)
     config = args.config or Path(tempfile.mkdtemp(prefix="hydro-ingress-")) / "ingress.yaml"
     config.write_text(bootstrap)
     envoy = find_envoy_binary()

@@ -26,7 +26,7 @@ from manager_api.processes import ChildProcess, free_port, wait_until
 from tracing.settings import TracingSettings
 from xds_control import __main__ as xds_main
 from xds_control import ingress
-from xds_control.bootstrap import envoy_ready, render_bootstrap
+from xds_control.bootstrap import envoy_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "compose" / "docker-compose.yml"
@@ -142,19 +142,7 @@ def test_addresses_and_ports_line_up(compose: dict[str, Any], compose_env: dict[
 def test_the_ingress_bootstrap_rendered_from_the_compose_command_points_at_xds_control(
     compose: dict[str, Any],
 ) -> None:
-    edge = ingress.parse_args(_args(compose, "ingress"))
-    bootstrap = yaml.safe_load(
-        render_bootstrap(
-            "ingress",
-            node_id=edge.node_id,
-            listen_address=edge.listen_address,
-            listen_port=edge.listen_port,
-            admin_port=edge.admin_port,
-            xds_host=edge.xds_host,
-            xds_port=edge.xds_port,
-            ads_api_type=edge.ads_api_type,
-        )
-    )
+    bootstrap = yaml.safe_load(ingress.bootstrap_of(ingress.parse_args(_args(compose, "ingress"))))
     (xds_cluster,) = bootstrap["static_resources"]["clusters"]
     (endpoint,) = xds_cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
     address = endpoint["endpoint"]["address"]["socket_address"]
