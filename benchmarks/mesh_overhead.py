@@ -15,11 +15,9 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import runpy
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -39,7 +37,7 @@ import grpc  # noqa: E402
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks import h2load  # noqa: E402
+from benchmarks import h2load, wrk  # noqa: E402
 from benchmarks.h2load import need as need  # noqa: E402  (re-exported: tracing_overhead.py imports it from here)
 from benchmarks.h2load import run_h2load as run_h2load  # noqa: E402  (re-exported, likewise)
 from manager_api.deployer.registration import LeasedInstanceRegistry  # noqa: E402
@@ -89,41 +87,8 @@ def rest_body() -> str:
 
 
 def run_wrk(url: str, concurrency: int, seconds: float, headers: dict[str, str]) -> dict[str, float]:
-    """REST load with wrk; percentiles from --latency."""
-    script = Path(tempfile.mkstemp(suffix=".lua")[1])
-    header_lines = "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in headers.items())
-    script.write_text(
-        f'wrk.method = "POST"\nwrk.body = [==[{rest_body()}]==]\nwrk.headers["Content-Type"] = "application/json"\n'
-        + header_lines
-    )
-    cmd = [
-        need("wrk"),
-        "-t",
-        "1",
-        "-c",
-        str(concurrency),
-        "-d",
-        f"{int(seconds)}s",
-        "--latency",
-        "-s",
-        str(script),
-        url,
-    ]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    script.unlink()
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    percentiles = {p: _ms(v, u) for p, v, u in re.findall(r"\s+(50|99)%\s+([\d.]+)(us|ms|s)", out)}
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return {
-        "rps": rps,
-        "p50_ms": percentiles.get("50", 0.0),
-        "p99_ms": percentiles.get("99", 0.0),
-        "errors": float(errors.group(1)) if errors else 0.0,
-    }
-
-
-def _ms(value: str, unit: str) -> float:
-    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+    """REST load with wrk on the iris row; percentiles from --latency."""
+    return wrk.run_wrk(url, rest_body(), concurrency, seconds, headers)
 
 
 async def _start_replica(

@@ -27,11 +27,9 @@ import argparse
 import functools
 import json
 import os
-import re
 import runpy
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -50,7 +48,7 @@ import httpx  # noqa: E402
 import joblib  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks import h2load  # noqa: E402
+from benchmarks import h2load, wrk  # noqa: E402
 from benchmarks.h2load import need  # noqa: E402
 from manager_api.processes import ChildProcess, free_port, http_ok  # noqa: E402
 from protos import inference_pb2, inference_pb2_grpc  # noqa: E402
@@ -152,30 +150,7 @@ def run_h2load(server: Server, concurrency: int, seconds: float) -> dict[str, fl
 
 def run_wrk(server: Server, concurrency: int, seconds: float) -> dict[str, float]:
     """REST load with wrk (HTTP/1.1 keep-alive); percentiles from --latency."""
-    script = Path(tempfile.mkstemp(suffix=".lua")[1])
-    script.write_text(
-        f'wrk.method = "POST"\nwrk.body = [==[{server.rest_body()}]==]\n'
-        'wrk.headers["Content-Type"] = "application/json"\n'
-    )
-    cmd = [need("wrk"), "-t", "1", "-c", str(concurrency), "-d", f"{max(1, round(seconds))}s", "--latency"]
-    out = subprocess.run([*cmd, "-s", str(script), server.infer_url], capture_output=True, text=True, check=True)
-    script.unlink()
-    text = out.stdout
-    rps_match = re.search(r"Requests/sec:\s+([\d.]+)", text)
-    if rps_match is None:
-        sys.exit(f"wrk printed no rate:\n{text}\n{out.stderr}")
-    percentiles = {p: _ms(v, u) for p, v, u in re.findall(r"\s+(50|99)%\s+([\d.]+)(us|ms|s)\b", text)}
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
-    return {
-        "rps": float(rps_match.group(1)),
-        "p50_ms": percentiles.get("50", 0.0),
-        "p99_ms": percentiles.get("99", 0.0),
-        "errors": float(errors.group(1)) if errors else 0.0,
-    }
-
-
-def _ms(value: str, unit: str) -> float:
-    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+    return wrk.run_wrk(server.infer_url, server.rest_body(), concurrency, seconds)
 
 
 def start_ours(
