@@ -5,11 +5,16 @@ One SSE event per changed key: ``id`` is the etcd revision of the change, ``even
 stream wakes up (all the keys of one transaction arrive together) are written as one chunk, so a reader never
 sees half a transaction followed by a long pause. A comment line (``: keepalive``) goes out when nothing
 happened for ``heartbeat`` seconds, so idle-timeout proxies keep the stream open.
+
+A reader slower than the changes gets at most ``backlog`` changes queued for it: past that its stream ends after
+the last complete revision, so the client reconnects with Last-Event-ID and the etcd watch replays the rest from
+history. Memory stays bounded and nothing is lost (unless etcd compacts in between: then the reconnect is a 410).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -22,6 +27,8 @@ log = logging.getLogger(__name__)
 
 #: Seconds of silence before a keepalive comment.
 HEARTBEAT_SECONDS = 15.0
+#: Changes queued for one stream before a reader that does not keep up is cut off (it resumes by revision).
+BACKLOG = 10_000
 KEEPALIVE = ": keepalive\n\n"
 
 #: etcd key segment -> the ``kind`` clients see; other keys (e.g. version counters) are internal and not sent.
@@ -65,37 +72,53 @@ def format_event(change: Change, data: dict[str, Any]) -> str:
 
 
 async def event_stream(
-    changes: AsyncIterator[Change], keys: Keys, heartbeat: float = HEARTBEAT_SECONDS
+    changes: AsyncIterator[Change], keys: Keys, heartbeat: float = HEARTBEAT_SECONDS, backlog: int = BACKLOG
 ) -> AsyncGenerator[str, None]:
-    """SSE text for ``changes`` until they end (the watch broke: the client reconnects with Last-Event-ID)."""
-    queue: asyncio.Queue[Change | None] = asyncio.Queue()
+    """SSE text for ``changes`` until they end (the watch broke, or the reader fell ``backlog`` changes behind:
+    either way the client reconnects with Last-Event-ID)."""
+    queue: collections.deque[Change] = collections.deque()
+    arrived = asyncio.Event()
+    ended = False
 
     async def pump() -> None:
+        nonlocal ended
         try:
             async for change in changes:
-                queue.put_nowait(change)
+                if len(queue) >= backlog:
+                    # The change that does not fit may share its revision with the last queued ones (one
+                    # transaction): drop them too, so the stream ends on a whole revision and the resume point
+                    # (the last id sent) replays this one entirely.
+                    while queue and queue[-1].revision == change.revision:
+                        queue.pop()
+                    log.warning(
+                        "event stream: reader fell %d changes behind at revision %d; ending it, it resumes from there",
+                        backlog,
+                        change.revision,
+                    )
+                    return
+                queue.append(change)
+                arrived.set()
         except Exception as exc:
             log.warning("event stream: etcd watch ended: %s", exc)
         finally:
-            queue.put_nowait(None)
+            ended = True
+            arrived.set()
 
     pump_task = asyncio.create_task(pump())
     try:
         while True:
-            try:
-                first = await asyncio.wait_for(queue.get(), heartbeat)
-            except TimeoutError:
-                yield KEEPALIVE
-                continue
-            batch = [first]
-            while not queue.empty():
-                batch.append(queue.get_nowait())
+            if not queue and not ended:
+                arrived.clear()
+                try:
+                    await asyncio.wait_for(arrived.wait(), heartbeat)
+                except TimeoutError:
+                    yield KEEPALIVE
+                    continue
+            if not queue:  # ended and drained
+                return
             chunk: list[str] = []
-            for change in batch:
-                if change is None:
-                    if chunk:
-                        yield "".join(chunk)
-                    return
+            while queue:
+                change = queue.popleft()
                 data = describe(change, keys)
                 if data is not None:
                     chunk.append(format_event(change, data))

@@ -221,3 +221,33 @@ async def test_silence_is_filled_with_keepalives(tmp_path: Path) -> None:
     quiet.set()
     assert (await anext(stream)).startswith("id: 9\nevent: put\ndata: ")
     await stream.aclose()
+
+
+async def test_a_reader_that_falls_behind_is_cut_off_at_a_whole_revision() -> None:
+    """Past ``backlog`` queued changes the stream ends after the last complete revision, so resuming from the last
+    id sent (Last-Event-ID) loses nothing and one slow reader cannot grow the manager's memory without bound."""
+
+    async def transactions() -> AsyncIterator[Change]:
+        for revision in range(1, 100):  # two keys per transaction, all arriving before the reader reads
+            for name in ("a", "b"):
+                yield Change(type="put", key=f"{PREFIX}applications/{name}", revision=revision, value=b"{}")
+
+    stream = event_stream(transactions(), Keys(PREFIX), heartbeat=5, backlog=5)
+    text = "".join([chunk async for chunk in stream])
+    ids = [line.removeprefix("id: ") for line in text.splitlines() if line.startswith("id: ")]
+    # r1 a, r1 b, r2 a, r2 b, r3 a fit; r3 b does not: r3 a goes too, and the stream ends.
+    assert ids == ["1", "1", "2", "2"], text
+
+
+async def test_a_reader_that_keeps_up_gets_every_change() -> None:
+    """The backlog bounds what waits for the reader, not what it gets over time."""
+    many = 50
+
+    async def paced() -> AsyncIterator[Change]:
+        for revision in range(1, many + 1):
+            await asyncio.sleep(0)  # give the reader its turn, as a network watch does
+            yield Change(type="put", key=f"{PREFIX}applications/a", revision=revision, value=b"{}")
+
+    stream = event_stream(paced(), Keys(PREFIX), heartbeat=5, backlog=3)
+    text = "".join([chunk async for chunk in stream])
+    assert text.count("id: ") == many
