@@ -3,7 +3,8 @@
 Start-up: read and check the spec (exit 1 naming the problem), bind both ports, serve, report ready. Stage calls
 go through the sidecar's outbound listener (``--outbound``), which the sidecar may only get from xds_control a
 moment later: calls made before then fail as that stage being unavailable, nothing worse. SIGTERM or SIGINT:
-report not ready, let in-flight requests finish for ``--shutdown-grace`` seconds, cancel shadow calls, exit 0.
+report not ready, let in-flight requests finish for ``--shutdown-grace`` seconds, stop the shadow worker (which
+cancels its calls), exit 0.
 """
 
 from __future__ import annotations
@@ -24,10 +25,9 @@ from prometheus_client import CollectorRegistry
 
 from runtimes.pipeline.executor import PipelineExecutor
 from runtimes.pipeline.grpc_service import create_grpc_server
-from runtimes.pipeline.outbound import OutboundChannel
 from runtimes.pipeline.rest import create_app
 from runtimes.pipeline.service import PipelineService
-from runtimes.pipeline.shadows import ShadowMetrics, ShadowRunner
+from runtimes.pipeline.shadows import ShadowMetrics, ShadowRunner, WorkerCommand
 from runtimes.pipeline.spec import PipelineSpec, PipelineSpecError, load_spec
 from runtimes.server import LOG_LEVELS, configure_logging, server_version
 from tracing.provider import setup_tracing
@@ -120,15 +120,12 @@ async def serve(options: Options, spec: PipelineSpec) -> int:
     max_bytes = options.max_message_mb * 2**20
     registry = CollectorRegistry()
     executor = PipelineExecutor(spec, options.outbound, timeout=options.timeout, max_message_bytes=max_bytes)
-    # The shadows' own connection: their calls never queue with the caller's stage calls.
-    shadow_channel = OutboundChannel(options.outbound, max_bytes)
-    shadows = ShadowRunner(
-        spec.name,
-        shadow_channel.call,
-        ShadowMetrics(registry),
-        max_in_flight=options.max_shadows_in_flight,
-        timeout=options.shadow_timeout,
-    )
+    shadows: ShadowRunner | None = None
+    if any(plan.shadows for plan in spec.stages):
+        # A process of its own makes the shadow calls: this event loop only hands them over (runtimes/pipeline/
+        # shadows.py), and an application without shadows pays for no worker.
+        command = WorkerCommand(spec.name, options.outbound, options.shadow_timeout, max_bytes, options.log_level)
+        shadows = ShadowRunner(command, ShadowMetrics(registry), max_in_flight=options.max_shadows_in_flight)
     service = PipelineService(spec, executor, registry, shadows)
     version = server_version()
     grpc_server, health = create_grpc_server(service, server_version=version, max_message_bytes=max_bytes)
@@ -150,6 +147,8 @@ async def serve(options: Options, spec: PipelineSpec) -> int:
             timeout_graceful_shutdown=max(1, round(options.shutdown_grace)),
         )
     )
+    if shadows is not None:
+        await shadows.start()
     await grpc_server.start()
     http_task = asyncio.create_task(http.serve(sockets=[http_socket]), name="http")
     service.ready = True
@@ -167,8 +166,8 @@ async def serve(options: Options, spec: PipelineSpec) -> int:
     await health.shutdown()
     http.should_exit = True
     await asyncio.gather(grpc_server.stop(options.shutdown_grace), http_task, return_exceptions=True)
-    await shadows.close()
-    await shadow_channel.close()
+    if shadows is not None:
+        await shadows.close()
     await executor.close()
     log.info("stopped")
     return code
