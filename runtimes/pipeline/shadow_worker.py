@@ -164,6 +164,11 @@ class ShadowCaller:
         except (grpc.aio.AioRpcError, InferenceError) as exc:
             log.debug("shadow %s of %s stage %d failed: %s", shadow, self._app, job.stage, exc)
             return "error", time.perf_counter() - started
+        except Exception as exc:
+            # Unexpected (an unreadable request, say), but still reported: an unreported copy would hold its place
+            # under the runtime's in-flight cap for good.
+            log.warning("shadow %s of %s stage %d failed: %r", shadow, self._app, job.stage, exc)
+            return "error", time.perf_counter() - started
         return ("agree" if matched else "disagree"), time.perf_counter() - started
 
     async def close(self) -> None:

@@ -30,6 +30,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from protos import inference_pb2 as pb
 from runtimes.pipeline.shadow_frames import (
+    OUTCOMES,
     FrameError,
     ShadowJob,
     ShadowReport,
@@ -106,6 +107,45 @@ class ShadowMetrics:
         )
 
 
+class _Series:
+    """One (stage, shadow)'s state and its metric children, bound once: label lookups cost a lock and a hash each."""
+
+    def __init__(self, metrics: ShadowMetrics, app: str, stage: int, shadow: str) -> None:
+        labels = (app, str(stage), shadow)
+        self.dropped = metrics.dropped.labels(*labels)
+        self.latency = metrics.latency.labels(*labels)
+        self.agreement = metrics.agreement.labels(*labels)
+        self.in_flight_gauge = metrics.in_flight.labels(*labels)
+        self.shadow = shadow
+        self.outcomes = {outcome: metrics.calls.labels(*labels, outcome) for outcome in OUTCOMES}
+        #: Copies handed to the worker and not yet reported.
+        self.in_flight = 0
+        self.agreeing = 0
+        self.answered = 0
+
+    def sent(self) -> None:
+        self.in_flight += 1
+        self.in_flight_gauge.inc()
+
+    def reported(self, report: ShadowReport) -> None:
+        if self.in_flight > 0:
+            self.in_flight -= 1
+            self.in_flight_gauge.dec()
+        self.latency.observe(report.latency)
+        self.outcomes[report.outcome].inc()
+        if report.outcome != "error":
+            self.agreeing += report.outcome == "agree"
+            self.answered += 1
+            self.agreement.set(self.agreeing / self.answered)
+
+    def drop_unreported(self) -> None:
+        """The copies handed over count as dropped (their worker exited without reporting them)."""
+        if self.in_flight:
+            self.dropped.inc(self.in_flight)
+            self.in_flight_gauge.dec(self.in_flight)
+            self.in_flight = 0
+
+
 def _primary_message(outputs: Mapping[str, WireTensor]) -> bytes:
     """The primary's outputs as the worker reads them: a ModelInferResponse with raw contents."""
     message = pb.ModelInferResponse()
@@ -154,18 +194,12 @@ class ShadowRunner:
         self._metrics = metrics
         self._max_in_flight = max_in_flight
         self._max_buffered = max_buffered_bytes
-        self._in_flight: dict[tuple[int, str], int] = {}
-        self._agreed: dict[tuple[int, str], tuple[int, int]] = {}  # (agreeing, answered)
+        self._series: dict[tuple[int, str], _Series] = {}
         self._writer: asyncio.StreamWriter | None = None
         self._process: asyncio.subprocess.Process | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._started = asyncio.Event()
         self._closed = False
-
-    @property
-    def worker_pid(self) -> int | None:
-        """The running worker's process id (None while there is none)."""
-        return self._process.pid if self._process is not None and self._process.returncode is None else None
 
     async def start(self) -> None:
         """Start the worker (and a task that starts it again if it exits); returns once it is spawned."""
@@ -185,53 +219,31 @@ class ShadowRunner:
         ):
             writer = None
         for stage in pending:
-            sendable: list[str] = []
+            sendable: list[_Series] = []
             for shadow in stage.shadows:
-                key = (stage.stage, shadow)
-                if writer is None or self._in_flight.get(key, 0) >= self._max_in_flight:
-                    self._metrics.dropped.labels(self._app, str(stage.stage), shadow).inc()
+                series = self._series_of(stage.stage, shadow)
+                if writer is None or series.in_flight >= self._max_in_flight:
+                    series.dropped.inc()
                 else:
-                    sendable.append(shadow)
+                    sendable.append(series)
             if not sendable or writer is None:
                 continue
             headers = stage.context.run(propagation_headers) if active_tracer() is not None else {}
-            job = ShadowJob(
-                stage.stage,
-                tuple(sendable),
-                headers,
-                stage.request.SerializeToString(),
-                _primary_message(stage.primary),
-            )
-            writer.write(encode_job(job))
-            for shadow in sendable:
-                key = (stage.stage, shadow)
-                self._in_flight[key] = self._in_flight.get(key, 0) + 1
-                self._metrics.in_flight.labels(self._app, str(stage.stage), shadow).inc()
+            shadows = stage.shadows if len(sendable) == len(stage.shadows) else tuple(s.shadow for s in sendable)
+            request, primary = stage.request.SerializeToString(), _primary_message(stage.primary)
+            writer.write(encode_job(ShadowJob(stage.stage, shadows, headers, request, primary)))
+            for series in sendable:
+                series.sent()
+
+    def _series_of(self, stage: int, shadow: str) -> _Series:
+        series = self._series.get((stage, shadow))
+        if series is None:
+            series = self._series[(stage, shadow)] = _Series(self._metrics, self._app, stage, shadow)
+        return series
 
     def _record(self, reports: Sequence[ShadowReport]) -> None:
         for report in reports:
-            key = (report.stage, report.shadow)
-            labels = (self._app, str(report.stage), report.shadow)
-            if self._in_flight.get(key, 0) > 0:
-                self._in_flight[key] -= 1
-                self._metrics.in_flight.labels(*labels).dec()
-            self._metrics.latency.labels(*labels).observe(report.latency)
-            self._metrics.calls.labels(*labels, report.outcome).inc()
-            if report.outcome == "error":
-                continue
-            agreeing, answered = self._agreed.get(key, (0, 0))
-            agreeing, answered = agreeing + (report.outcome == "agree"), answered + 1
-            self._agreed[key] = (agreeing, answered)
-            self._metrics.agreement.labels(*labels).set(agreeing / answered)
-
-    def _drop_unreported(self) -> None:
-        """The calls a worker took and never reported count as dropped (it exited)."""
-        for (stage, shadow), count in self._in_flight.items():
-            if count:
-                labels = (self._app, str(stage), shadow)
-                self._metrics.dropped.labels(*labels).inc(count)
-                self._metrics.in_flight.labels(*labels).dec(count)
-        self._in_flight.clear()
+            self._series_of(report.stage, report.shadow).reported(report)
 
     async def _supervise(self) -> None:
         delay = _FIRST_RESTART_DELAY
@@ -275,16 +287,20 @@ class ShadowRunner:
         try:
             while (body := await read_frame(reader, _REPORT_LIMIT)) is not None:
                 self._record(decode_reports(body))
-        except (FrameError, ConnectionError) as exc:
+        except FrameError as exc:
             log.error("the shadow worker's reports are unreadable (%s): stopping it", exc)
             process.kill()
+        except ConnectionError as exc:
+            # A worker that died with jobs unread resets the socket: the same as its end.
+            log.debug("the shadow worker's socket failed: %s", exc)
         finally:
             self._writer = None
             writer.close()
             # On close() this is the worker finishing; close() kills it if it takes too long.
             code = await process.wait()
             if not self._closed:
-                self._drop_unreported()
+                for series in self._series.values():
+                    series.drop_unreported()
         return code
 
     async def close(self) -> None:

@@ -18,7 +18,6 @@ from collections.abc import Iterator
 import pytest
 
 from manager_api.processes import free_port
-from protos import inference_pb2 as pb
 from runtimes.pipeline.shadow_frames import (
     FrameError,
     ShadowJob,
@@ -34,8 +33,9 @@ JOB = ShadowJob(
     stage=2,
     shadows=("back:2", "back:3"),
     headers={"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", "x-request-id": "r1"},
-    request=pb.ModelInferRequest(model_name="app", id="r1").SerializeToString(),
-    primary=pb.ModelInferResponse(model_name="back").SerializeToString(),
+    # Empty protobuf messages (this module cannot import protos.inference_pb2 beside tritonclient's service_pb2).
+    request=b"",
+    primary=b"",
 )
 
 
@@ -105,14 +105,14 @@ class Worker:
         self.process = subprocess.Popen(argv, stdin=theirs, stderr=subprocess.PIPE, text=True)
         theirs.close()
         self.socket.settimeout(30)
+        self.stream = self.socket.makefile("rb")
 
     def reports(self, count: int) -> list[ShadowReport]:
         """Read report batches until ``count`` reports came."""
         reports: list[ShadowReport] = []
-        stream = self.socket.makefile("rb")
         while len(reports) < count:
-            (size,) = struct.unpack("!I", stream.read(4))
-            reports += decode_reports(stream.read(size))
+            (size,) = struct.unpack("!I", self.stream.read(4))
+            reports += decode_reports(self.stream.read(size))
         return reports
 
     def exit_code(self) -> tuple[int, str]:
@@ -120,6 +120,7 @@ class Worker:
         return self.process.returncode, stderr
 
     def stop(self) -> None:
+        self.stream.close()
         self.socket.close()
         if self.process.poll() is None:
             self.process.kill()
@@ -145,6 +146,16 @@ def test_each_shadow_of_a_job_is_reported_and_the_end_of_stdin_ends_the_worker(w
     worker.socket.shutdown(socket.SHUT_WR)
     code, _ = worker.exit_code()
     assert code == 0
+
+
+def test_an_unreadable_request_or_primary_is_reported_as_an_error_not_lost(worker: Worker) -> None:
+    worker.socket.sendall(encode_job(ShadowJob(1, ("a:1",), {}, b"\xff\xff", b"")))
+    worker.socket.sendall(encode_job(ShadowJob(1, ("a:2",), {}, b"", b"\xff\xff")))
+    reports = worker.reports(2)
+    assert sorted((r.shadow, r.outcome) for r in reports) == [("a:1", "error"), ("a:2", "error")]
+    # Neither ended the worker: it still answers.
+    worker.socket.sendall(encode_job(JOB))
+    assert len(worker.reports(2)) == 2
 
 
 def test_a_bad_frame_ends_the_worker_with_an_error_naming_it(worker: Worker) -> None:
