@@ -9,7 +9,8 @@ second, reads a batch of reports into its metrics.
 
 The end of stdin ends the worker (the runtime closed it, stopped or died): calls still running are cancelled.
 SIGTERM and SIGINT are ignored, so a signal to the runtime's whole process group lets the runtime shut its worker
-down itself. A bad frame is a bug on one side: the worker logs it and exits 1 (the runtime starts another).
+down itself. The worker runs at a nice value 10 above the runtime's. A bad frame is a bug on one side: the
+worker logs it and exits 1 (the runtime starts another).
 Tracing is set up from the same OTEL_* environment as the runtime's, under the runtime's service name: each
 shadow span is the child of the caller's request span, whose ``traceparent`` comes with the job.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import socket
 import sys
@@ -51,6 +53,8 @@ log = logging.getLogger("runtimes.pipeline.shadow_worker")
 
 #: Outbound requests to one exact model version carry ``{model}/{version}`` in this header (shadow routes).
 MODEL_VERSION_HEADER = "x-hydro-model-version"
+#: Added to the worker's nice value: on a busy machine its CPU goes to the processes answering callers first.
+NICENESS = 10
 #: Reports wait this long to go back in one frame with the others that finish meanwhile.
 REPORT_INTERVAL = 0.05
 
@@ -208,6 +212,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(options.log_level)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
+    # Shadows are best effort: when the CPU is short, the caller's stage calls should get it, not the copies.
+    os.nice(NICENESS)
     try:
         stdin = socket.socket(fileno=sys.stdin.fileno())
     except OSError as exc:
