@@ -68,6 +68,7 @@ class WorkerOptions:
     timeout: float = 10.0
     max_message_bytes: int = 64 * 2**20
     log_level: str = "info"
+    delay: float = 0.0
 
 
 def parse_args(argv: Sequence[str] | None = None) -> WorkerOptions:
@@ -81,12 +82,17 @@ def parse_args(argv: Sequence[str] | None = None) -> WorkerOptions:
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per shadow call (default 10)")
     parser.add_argument("--max-message-bytes", type=int, default=64 * 2**20, help="largest message in bytes")
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    parser.add_argument(
+        "--delay", type=float, default=0.0, help="seconds between a job's arrival and its calls (default 0)"
+    )
     args = parser.parse_args(argv)
     if args.timeout <= 0:
         parser.error("--timeout must be positive")
+    if args.delay < 0:
+        parser.error("--delay must not be negative")
     if args.max_message_bytes < 1:
         parser.error("--max-message-bytes must be positive")
-    return WorkerOptions(args.app, args.outbound, args.timeout, args.max_message_bytes, args.log_level)
+    return WorkerOptions(args.app, args.outbound, args.timeout, args.max_message_bytes, args.log_level, args.delay)
 
 
 class _Reporter:
@@ -115,8 +121,11 @@ class _Reporter:
 class ShadowCaller:
     """Makes the shadow calls of the jobs it is given, each in a task of its own, and reports how they ended."""
 
-    def __init__(self, app: str, channel: OutboundChannel, reporter: _Reporter, timeout: float) -> None:
+    def __init__(
+        self, app: str, channel: OutboundChannel, reporter: _Reporter, timeout: float, delay: float = 0.0
+    ) -> None:
         self._app = app
+        self._delay = delay
         self._channel = channel
         self._reporter = reporter
         self._timeout = timeout
@@ -137,6 +146,10 @@ class ShadowCaller:
             task.add_done_callback(self._tasks.discard)
 
     async def _shadow(self, job: ShadowJob, shadow: str, primary: Mapping[str, WireTensor]) -> None:
+        if self._delay:
+            # The caller's answer is still on its way out through the same sidecar (and the ingress): the copies
+            # start once it has gone, instead of competing with it for the sidecar and the CPU.
+            await asyncio.sleep(self._delay)
         tracer = active_tracer()
         parent = remote_parent(job.headers) if tracer is not None else None
         if tracer is None or parent is None:
@@ -187,7 +200,7 @@ async def work(options: WorkerOptions, stdin: socket.socket) -> int:
     reader, writer = await asyncio.open_connection(sock=stdin)
     channel = OutboundChannel(options.outbound, options.max_message_bytes)
     reporter = _Reporter(writer)
-    caller = ShadowCaller(options.app, channel, reporter, options.timeout)
+    caller = ShadowCaller(options.app, channel, reporter, options.timeout, options.delay)
     # A job holds a stage request and the primary's outputs, each at most one message.
     limit = 2 * options.max_message_bytes + 2**20
     code = 0

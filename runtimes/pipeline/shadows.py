@@ -164,6 +164,8 @@ class WorkerCommand:
     timeout: float = 10.0
     max_message_bytes: int = 64 * 2**20
     log_level: str = "info"
+    #: Seconds the worker waits before a job's calls (see shadow_worker.ShadowCaller).
+    delay: float = 0.005
 
     def argv(self) -> list[str]:
         """The worker's command line."""
@@ -171,6 +173,7 @@ class WorkerCommand:
             *(sys.executable, "-m", "runtimes.pipeline.shadow_worker", "--app", self.app),
             *("--outbound", self.outbound, "--timeout", str(self.timeout)),
             *("--max-message-bytes", str(self.max_message_bytes), "--log-level", self.log_level),
+            *("--delay", str(self.delay)),
         ]
 
 
