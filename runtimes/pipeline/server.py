@@ -48,6 +48,7 @@ class Options:
     timeout: float = 30.0
     shadow_timeout: float = 10.0
     max_shadows_in_flight: int = 32
+    shadow_delay: float = 0.005
     max_message_mb: int = 64
     log_level: str = "info"
     shutdown_grace: float = 5.0
@@ -74,6 +75,13 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         default=32,
         help="shadow calls running at once per shadow; copies beyond are dropped and counted (default 32)",
     )
+    parser.add_argument(
+        "--shadow-delay",
+        type=float,
+        default=0.005,
+        help="seconds from the caller's answer to its shadow calls, so they do not compete with it on its way out "
+        "through the sidecar (default 0.005)",
+    )
     parser.add_argument("--max-message-mb", type=int, default=64, help="largest message in MiB (default 64)")
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="info")
     parser.add_argument("--shutdown-grace", type=float, default=5.0, help="seconds for in-flight requests (default 5)")
@@ -82,6 +90,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         parser.error("--timeout and --shadow-timeout must be positive")
     if args.max_shadows_in_flight < 1:
         parser.error("--max-shadows-in-flight must be at least 1")
+    if not 0 <= args.shadow_delay <= 10:
+        parser.error("--shadow-delay must be between 0 and 10 seconds")
     if args.max_message_mb < 1:
         parser.error("--max-message-mb must be at least 1")
     host, _, port = args.outbound.rpartition(":")
@@ -96,6 +106,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         timeout=args.timeout,
         shadow_timeout=args.shadow_timeout,
         max_shadows_in_flight=args.max_shadows_in_flight,
+        shadow_delay=args.shadow_delay,
         max_message_mb=args.max_message_mb,
         log_level=args.log_level,
         shutdown_grace=args.shutdown_grace,
@@ -124,7 +135,9 @@ async def serve(options: Options, spec: PipelineSpec) -> int:
     if any(plan.shadows for plan in spec.stages):
         # A process of its own makes the shadow calls: this event loop only hands them over (runtimes/pipeline/
         # shadows.py), and an application without shadows pays for no worker.
-        command = WorkerCommand(spec.name, options.outbound, options.shadow_timeout, max_bytes, options.log_level)
+        command = WorkerCommand(
+            spec.name, options.outbound, options.shadow_timeout, max_bytes, options.log_level, options.shadow_delay
+        )
         shadows = ShadowRunner(command, ShadowMetrics(registry), max_in_flight=options.max_shadows_in_flight)
     service = PipelineService(spec, executor, registry, shadows)
     version = server_version()

@@ -164,7 +164,7 @@ class WorkerCommand:
     timeout: float = 10.0
     max_message_bytes: int = 64 * 2**20
     log_level: str = "info"
-    #: Seconds the worker waits before a job's calls (see shadow_worker.ShadowCaller).
+    #: Seconds the worker waits before a job's calls (``--shadow-delay``; see shadow_worker.ShadowCaller).
     delay: float = 0.005
 
     def argv(self) -> list[str]:

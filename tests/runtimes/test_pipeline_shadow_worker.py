@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -184,3 +185,11 @@ def test_bad_worker_arguments_are_refused_naming_them(args: list[str], message: 
     done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert message in done.stderr
+
+
+def test_the_pipeline_runtime_refuses_a_bad_shadow_delay(tmp_path: Path) -> None:
+    argv = [sys.executable, "-m", "runtimes.pipeline", "--spec", str(tmp_path / "spec.json")]
+    argv += ["--outbound", "127.0.0.1:1", "--grpc-port", "1", "--http-port", "2", "--shadow-delay", "-1"]
+    done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "--shadow-delay must be between 0 and 10 seconds" in done.stderr
