@@ -201,15 +201,15 @@ class ShadowRunner:
         self._writer: asyncio.StreamWriter | None = None
         self._process: asyncio.subprocess.Process | None = None
         self._supervisor: asyncio.Task[None] | None = None
-        self._started = asyncio.Event()
+        #: Set once the first worker was spawned, or could not be.
+        self._first_attempt = asyncio.Event()
         self._closed = False
 
     async def start(self) -> None:
-        """Start the worker (and a task that starts it again if it exits); returns once it is spawned."""
+        """Start the worker (and a task that starts it again if it exits); returns once it is spawned, or failed to
+        be (the runtime serves without shadows meanwhile: they are dropped and counted)."""
         self._supervisor = asyncio.create_task(self._supervise(), name="shadow-worker")
-        started = asyncio.create_task(self._started.wait())
-        await asyncio.wait({started, self._supervisor}, return_when=asyncio.FIRST_COMPLETED)
-        started.cancel()
+        await self._first_attempt.wait()
 
     def submit(self, pending: Iterable[StageShadows]) -> None:
         """Hand each stage in ``pending`` to the worker (call it after the caller's answer); drop what cannot go."""
@@ -258,6 +258,7 @@ class ShadowRunner:
                 # Cannot even start it (no fork, a bad interpreter): shadows stay dropped, the caller never knows.
                 log.error("cannot run the shadow worker: %s", exc)
                 code = None
+                self._first_attempt.set()
             if self._closed:
                 return
             if time.monotonic() - began >= _STABLE_SECONDS:
@@ -283,9 +284,15 @@ class ShadowRunner:
         finally:
             theirs.close()
         self._process = process
-        reader, writer = await asyncio.open_connection(sock=ours)
+        try:
+            reader, writer = await asyncio.open_connection(sock=ours)
+        except BaseException:
+            ours.close()
+            process.kill()
+            await process.wait()
+            raise
         self._writer = writer
-        self._started.set()
+        self._first_attempt.set()
         log.info("shadow worker started (pid %d)", process.pid)
         try:
             while (body := await read_frame(reader, _REPORT_LIMIT)) is not None:
