@@ -3,7 +3,8 @@
 Start-up: read and check the spec (exit 1 naming the problem), bind both ports, serve, report ready. Stage calls
 go through the sidecar's outbound listener (``--outbound``), which the sidecar may only get from xds_control a
 moment later: calls made before then fail as that stage being unavailable, nothing worse. SIGTERM or SIGINT:
-report not ready, let in-flight requests finish for ``--shutdown-grace`` seconds, cancel shadow calls, exit 0.
+report not ready, let in-flight requests finish for ``--shutdown-grace`` seconds, stop the shadow worker (which
+cancels its calls), exit 0.
 """
 
 from __future__ import annotations
@@ -24,10 +25,9 @@ from prometheus_client import CollectorRegistry
 
 from runtimes.pipeline.executor import PipelineExecutor
 from runtimes.pipeline.grpc_service import create_grpc_server
-from runtimes.pipeline.outbound import OutboundChannel
 from runtimes.pipeline.rest import create_app
 from runtimes.pipeline.service import PipelineService
-from runtimes.pipeline.shadows import ShadowMetrics, ShadowRunner
+from runtimes.pipeline.shadows import ShadowMetrics, ShadowRunner, WorkerCommand
 from runtimes.pipeline.spec import PipelineSpec, PipelineSpecError, load_spec
 from runtimes.server import LOG_LEVELS, configure_logging, server_version
 from tracing.provider import setup_tracing
@@ -48,6 +48,7 @@ class Options:
     timeout: float = 30.0
     shadow_timeout: float = 10.0
     max_shadows_in_flight: int = 32
+    shadow_delay: float = 0.005
     max_message_mb: int = 64
     log_level: str = "info"
     shutdown_grace: float = 5.0
@@ -74,6 +75,13 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         default=32,
         help="shadow calls running at once per shadow; copies beyond are dropped and counted (default 32)",
     )
+    parser.add_argument(
+        "--shadow-delay",
+        type=float,
+        default=0.005,
+        help="seconds from the caller's answer to its shadow calls, so they do not compete with it on its way out "
+        "through the sidecar (default 0.005)",
+    )
     parser.add_argument("--max-message-mb", type=int, default=64, help="largest message in MiB (default 64)")
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="info")
     parser.add_argument("--shutdown-grace", type=float, default=5.0, help="seconds for in-flight requests (default 5)")
@@ -82,6 +90,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         parser.error("--timeout and --shadow-timeout must be positive")
     if args.max_shadows_in_flight < 1:
         parser.error("--max-shadows-in-flight must be at least 1")
+    if not 0 <= args.shadow_delay <= 10:
+        parser.error("--shadow-delay must be between 0 and 10 seconds")
     if args.max_message_mb < 1:
         parser.error("--max-message-mb must be at least 1")
     host, _, port = args.outbound.rpartition(":")
@@ -96,6 +106,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         timeout=args.timeout,
         shadow_timeout=args.shadow_timeout,
         max_shadows_in_flight=args.max_shadows_in_flight,
+        shadow_delay=args.shadow_delay,
         max_message_mb=args.max_message_mb,
         log_level=args.log_level,
         shutdown_grace=args.shutdown_grace,
@@ -120,15 +131,14 @@ async def serve(options: Options, spec: PipelineSpec) -> int:
     max_bytes = options.max_message_mb * 2**20
     registry = CollectorRegistry()
     executor = PipelineExecutor(spec, options.outbound, timeout=options.timeout, max_message_bytes=max_bytes)
-    # The shadows' own connection: their calls never queue with the caller's stage calls.
-    shadow_channel = OutboundChannel(options.outbound, max_bytes)
-    shadows = ShadowRunner(
-        spec.name,
-        shadow_channel.call,
-        ShadowMetrics(registry),
-        max_in_flight=options.max_shadows_in_flight,
-        timeout=options.shadow_timeout,
-    )
+    shadows: ShadowRunner | None = None
+    if any(plan.shadows for plan in spec.stages):
+        # A process of its own makes the shadow calls: this event loop only hands them over (runtimes/pipeline/
+        # shadows.py), and an application without shadows pays for no worker.
+        command = WorkerCommand(
+            spec.name, options.outbound, options.shadow_timeout, max_bytes, options.log_level, options.shadow_delay
+        )
+        shadows = ShadowRunner(command, ShadowMetrics(registry), max_in_flight=options.max_shadows_in_flight)
     service = PipelineService(spec, executor, registry, shadows)
     version = server_version()
     grpc_server, health = create_grpc_server(service, server_version=version, max_message_bytes=max_bytes)
@@ -150,6 +160,8 @@ async def serve(options: Options, spec: PipelineSpec) -> int:
             timeout_graceful_shutdown=max(1, round(options.shutdown_grace)),
         )
     )
+    if shadows is not None:
+        await shadows.start()
     await grpc_server.start()
     http_task = asyncio.create_task(http.serve(sockets=[http_socket]), name="http")
     service.ready = True
@@ -167,8 +179,8 @@ async def serve(options: Options, spec: PipelineSpec) -> int:
     await health.shutdown()
     http.should_exit = True
     await asyncio.gather(grpc_server.stop(options.shutdown_grace), http_task, return_exceptions=True)
-    await shadows.close()
-    await shadow_channel.close()
+    if shadows is not None:
+        await shadows.close()
     await executor.close()
     log.info("stopped")
     return code

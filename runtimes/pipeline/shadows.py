@@ -1,11 +1,18 @@
 """Shadow calls: a copy of a stage's input sent to other model versions, whose answers are only compared.
 
-The caller never waits for a shadow, and does not even share its event loop turn with one: the executor only
-records which stage requests are to be shadowed (:class:`StageShadows`, a reference, no copy) and the front-end
-hands them to :meth:`ShadowRunner.submit` once the caller's answer has been given to the transport (gRPC: the RPC's
-done callback; REST: a background task after the body is sent). Each shadow call is then a background task that
-builds its own copy of the request; when a shadow already has ``max_in_flight`` calls running the copy is dropped
-(and counted) rather than queued. Outcomes are Prometheus metrics per (app, stage, shadow).
+The caller never waits for a shadow, and the pipeline runtime's event loop does not make shadow calls at all: the
+executor only records which stage requests are to be shadowed (:class:`StageShadows`, a reference, no copy), the
+front-end hands them to :meth:`ShadowRunner.submit` once the caller's answer has been given to the transport (gRPC:
+the RPC's done callback; REST: a background task after the body is sent), and submit writes one frame per shadowed
+stage to the shadow worker, a process of the runtime's own (runtimes.pipeline.shadow_worker), which makes the calls,
+compares the answers and reports the outcomes back in batches. The runtime counts them in Prometheus metrics per
+(app, stage, shadow), served at its /metrics.
+
+Nothing shadowed queues without bound or waits: a copy is dropped (and counted) when its shadow already has
+``max_in_flight`` calls unreported, when the worker does not read its socket fast enough, or while there is no
+worker. A worker that exits is logged once and started again after a back-off (0.5 s doubling to 30 s, back to
+0.5 s once one has run for a minute); its unreported calls are counted as dropped. The worker ends when its socket
+does, so it never outlives the runtime.
 """
 
 from __future__ import annotations
@@ -13,26 +20,39 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import socket
+import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from protos import inference_pb2 as pb
-from runtimes.errors import InferenceError
-from runtimes.pipeline.outbound import InferCall
-from runtimes.pipeline.spans import Metadata, record_outcome, shadow_span, trace_metadata
-from runtimes.pipeline.wire import WireTensor, agree, response_outputs
+from runtimes.pipeline.shadow_frames import (
+    OUTCOMES,
+    FrameError,
+    ShadowJob,
+    ShadowReport,
+    decode_reports,
+    encode_job,
+    read_frame,
+)
+from runtimes.pipeline.spans import propagation_headers
+from runtimes.pipeline.wire import WireTensor
 from tracing.provider import active_tracer
 
 log = logging.getLogger(__name__)
 
-#: Outbound requests to one exact model version carry ``{model}/{version}`` in this header (shadow routes).
-MODEL_VERSION_HEADER = "x-hydro-model-version"
-
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+#: Report batches are small JSON lists; a bigger frame is a broken worker.
+_REPORT_LIMIT = 16 * 2**20
+_FIRST_RESTART_DELAY = 0.5
+_LAST_RESTART_DELAY = 30.0
+#: A worker that ran this long resets the restart back-off.
+_STABLE_SECONDS = 60.0
+#: Seconds a worker gets to finish after its socket is closed, before it is killed.
+_STOP_GRACE = 3.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +65,7 @@ class StageShadows:
     request: pb.ModelInferRequest
     #: The primary's outputs, which the shadows' are compared with.
     primary: Mapping[str, WireTensor]
-    #: The request's context: each shadow call runs in a copy of it (so what the request set there, it sees).
+    #: The request's context, whose current span and request id the shadow calls' trace headers are made from.
     context: contextvars.Context
 
 
@@ -61,7 +81,10 @@ class ShadowMetrics:
             registry=registry,
         )
         self.dropped = Counter(
-            "hydro_shadow_dropped", "Shadow calls not sent: too many already in flight", labels, registry=registry
+            "hydro_shadow_dropped",
+            "Shadow calls not made: too many already in flight, or the shadow worker behind or down",
+            labels,
+            registry=registry,
         )
         self.latency = Histogram(
             "hydro_shadow_latency_seconds",
@@ -76,100 +99,236 @@ class ShadowMetrics:
             labels,
             registry=registry,
         )
-        self.in_flight = Gauge("hydro_shadow_in_flight", "Shadow calls running now", labels, registry=registry)
+        self.in_flight = Gauge(
+            "hydro_shadow_in_flight",
+            "Shadow calls handed to the worker and not yet reported",
+            labels,
+            registry=registry,
+        )
+
+
+class _Series:
+    """One (stage, shadow)'s state and its metric children, bound once: label lookups cost a lock and a hash each."""
+
+    def __init__(self, metrics: ShadowMetrics, app: str, stage: int, shadow: str) -> None:
+        labels = (app, str(stage), shadow)
+        self.dropped = metrics.dropped.labels(*labels)
+        self.latency = metrics.latency.labels(*labels)
+        self.agreement = metrics.agreement.labels(*labels)
+        self.in_flight_gauge = metrics.in_flight.labels(*labels)
+        self.shadow = shadow
+        self.outcomes = {outcome: metrics.calls.labels(*labels, outcome) for outcome in OUTCOMES}
+        #: Copies handed to the worker and not yet reported.
+        self.in_flight = 0
+        self.agreeing = 0
+        self.answered = 0
+
+    def sent(self) -> None:
+        self.in_flight += 1
+        self.in_flight_gauge.inc()
+
+    def reported(self, report: ShadowReport) -> None:
+        if self.in_flight > 0:
+            self.in_flight -= 1
+            self.in_flight_gauge.dec()
+        self.latency.observe(report.latency)
+        self.outcomes[report.outcome].inc()
+        if report.outcome != "error":
+            self.agreeing += report.outcome == "agree"
+            self.answered += 1
+            self.agreement.set(self.agreeing / self.answered)
+
+    def drop_unreported(self) -> None:
+        """The copies handed over count as dropped (their worker exited without reporting them)."""
+        if self.in_flight:
+            self.dropped.inc(self.in_flight)
+            self.in_flight_gauge.dec(self.in_flight)
+            self.in_flight = 0
+
+
+def _primary_message(outputs: Mapping[str, WireTensor]) -> bytes:
+    """The primary's outputs as the worker reads them: a ModelInferResponse with raw contents."""
+    message = pb.ModelInferResponse()
+    for tensor in outputs.values():
+        message.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
+        message.raw_output_contents.append(tensor.raw)
+    return message.SerializeToString()
+
+
+@dataclass(frozen=True)
+class WorkerCommand:
+    """How to start the shadow worker: the settings it shares with the runtime."""
+
+    app: str
+    outbound: str
+    timeout: float = 10.0
+    max_message_bytes: int = 64 * 2**20
+    log_level: str = "info"
+    #: Seconds the worker waits before a job's calls (``--shadow-delay``; see shadow_worker.ShadowCaller).
+    delay: float = 0.005
+
+    def argv(self) -> list[str]:
+        """The worker's command line."""
+        return [
+            *(sys.executable, "-m", "runtimes.pipeline.shadow_worker", "--app", self.app),
+            *("--outbound", self.outbound, "--timeout", str(self.timeout)),
+            *("--max-message-bytes", str(self.max_message_bytes), "--log-level", self.log_level),
+            *("--delay", str(self.delay)),
+        ]
 
 
 class ShadowRunner:
-    """Sends shadow copies in the background. Used from one event loop only (no locks)."""
+    """Hands shadow copies to the shadow worker and counts what it reports. Used from one event loop only (no locks).
+
+    ``start`` starts the worker (and keeps one running), ``close`` stops it; ``submit`` never blocks and never
+    fails: what cannot be handed over now is dropped and counted.
+    """
 
     def __init__(
-        self, app: str, call: InferCall, metrics: ShadowMetrics, *, max_in_flight: int = 32, timeout: float = 10.0
+        self,
+        command: WorkerCommand,
+        metrics: ShadowMetrics,
+        *,
+        max_in_flight: int = 32,
+        max_buffered_bytes: int = 8 * 2**20,
     ) -> None:
-        self._app = app
-        self._call = call
+        self._command = command
+        self._app = command.app
         self._metrics = metrics
         self._max_in_flight = max_in_flight
-        self._timeout = timeout
-        self._in_flight: dict[tuple[int, str], int] = {}
-        self._agreed: dict[tuple[int, str], tuple[int, int]] = {}  # (agreeing, answered)
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._max_buffered = max_buffered_bytes
+        self._series: dict[tuple[int, str], _Series] = {}
+        self._writer: asyncio.StreamWriter | None = None
+        self._process: asyncio.subprocess.Process | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        #: Set once the first worker was spawned, or could not be.
+        self._first_attempt = asyncio.Event()
         self._closed = False
 
+    async def start(self) -> None:
+        """Start the worker (and a task that starts it again if it exits); returns once it is spawned, or failed to
+        be (the runtime serves without shadows meanwhile: they are dropped and counted)."""
+        self._supervisor = asyncio.create_task(self._supervise(), name="shadow-worker")
+        await self._first_attempt.wait()
+
     def submit(self, pending: Iterable[StageShadows]) -> None:
-        """Start one background call per shadow of each stage in ``pending`` (call it after the caller's answer)."""
+        """Hand each stage in ``pending`` to the worker (call it after the caller's answer); drop what cannot go."""
         if self._closed:
             # A call's done callback can come after shutdown began: its shadows are not sent.
             return
+        writer = self._writer
+        if writer is not None and (
+            writer.is_closing() or writer.transport.get_write_buffer_size() > self._max_buffered
+        ):
+            writer = None
         for stage in pending:
+            sendable: list[_Series] = []
             for shadow in stage.shadows:
-                key = (stage.stage, shadow)
-                labels = (self._app, str(stage.stage), shadow)
-                if self._in_flight.get(key, 0) >= self._max_in_flight:
-                    self._metrics.dropped.labels(*labels).inc()
-                    continue
-                self._in_flight[key] = self._in_flight.get(key, 0) + 1
-                self._metrics.in_flight.labels(*labels).inc()
-                task = asyncio.create_task(
-                    self._shadow(key, labels, stage.request, stage.primary), context=stage.context.copy()
-                )
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                series = self._series_of(stage.stage, shadow)
+                if writer is None or series.in_flight >= self._max_in_flight:
+                    series.dropped.inc()
+                else:
+                    sendable.append(series)
+            if not sendable or writer is None:
+                continue
+            headers = stage.context.run(propagation_headers) if active_tracer() is not None else {}
+            shadows = stage.shadows if len(sendable) == len(stage.shadows) else tuple(s.shadow for s in sendable)
+            request, primary = stage.request.SerializeToString(), _primary_message(stage.primary)
+            writer.write(encode_job(ShadowJob(stage.stage, shadows, headers, request, primary)))
+            for series in sendable:
+                series.sent()
 
-    async def _shadow(
-        self,
-        key: tuple[int, str],
-        labels: tuple[str, str, str],
-        request: pb.ModelInferRequest,
-        primary: Mapping[str, WireTensor],
-    ) -> None:
-        tracer = active_tracer()
-        if tracer is None:
-            await self._send(key, labels, request, primary, ())
-            return
-        with shadow_span(tracer, self._app, key[0], key[1]) as span:
-            record_outcome(span, await self._send(key, labels, request, primary, trace_metadata(span)))
+    def _series_of(self, stage: int, shadow: str) -> _Series:
+        series = self._series.get((stage, shadow))
+        if series is None:
+            series = self._series[(stage, shadow)] = _Series(self._metrics, self._app, stage, shadow)
+        return series
 
-    async def _send(
-        self,
-        key: tuple[int, str],
-        labels: tuple[str, str, str],
-        request: pb.ModelInferRequest,
-        primary: Mapping[str, WireTensor],
-        trace_context: Metadata,
-    ) -> str:
-        """Send one shadow copy and count its outcome: agree, disagree or error."""
-        model, _, version = key[1].rpartition(":")
-        copy = pb.ModelInferRequest()
-        copy.CopyFrom(request)
-        copy.model_name, copy.model_version = model, version
-        started = time.perf_counter()
-        try:
-            response = await self._call(
-                copy,
-                timeout=self._timeout,
-                metadata=((MODEL_VERSION_HEADER, f"{model}/{version}"), *trace_context),
+    def _record(self, reports: Sequence[ShadowReport]) -> None:
+        for report in reports:
+            self._series_of(report.stage, report.shadow).reported(report)
+
+    async def _supervise(self) -> None:
+        delay = _FIRST_RESTART_DELAY
+        while not self._closed:
+            began = time.monotonic()
+            try:
+                code = await self._run_worker()
+            except Exception as exc:
+                # Cannot even start it (no fork, a bad interpreter): shadows stay dropped, the caller never knows.
+                log.error("cannot run the shadow worker: %s", exc)
+                code = None
+                self._first_attempt.set()
+            if self._closed:
+                return
+            if time.monotonic() - began >= _STABLE_SECONDS:
+                delay = _FIRST_RESTART_DELAY
+            log.warning(
+                "the shadow worker of %r exited (code %s); shadow copies are dropped until it is started again in "
+                "%.1f s",
+                self._app,
+                code,
+                delay,
             )
-            outputs = response_outputs(response)
-            matched = all(agree(tensor, outputs.get(name)) for name, tensor in primary.items())
-        except (grpc.aio.AioRpcError, InferenceError) as exc:
-            log.debug("shadow %s of %s stage %d failed: %s", key[1], self._app, key[0], exc)
-            self._metrics.calls.labels(*labels, "error").inc()
-            return "error"
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _LAST_RESTART_DELAY)
+
+    async def _run_worker(self) -> int:
+        """Run one worker until it exits: its exit code."""
+        ours, theirs = socket.socketpair()
+        try:
+            process = await asyncio.create_subprocess_exec(*self._command.argv(), stdin=theirs.fileno())
+        except BaseException:
+            ours.close()
+            raise
         finally:
-            self._metrics.latency.labels(*labels).observe(time.perf_counter() - started)
-            self._in_flight[key] -= 1
-            self._metrics.in_flight.labels(*labels).dec()
-        outcome = "agree" if matched else "disagree"
-        self._metrics.calls.labels(*labels, outcome).inc()
-        agreeing, answered = self._agreed.get(key, (0, 0))
-        agreeing, answered = agreeing + matched, answered + 1
-        self._agreed[key] = (agreeing, answered)
-        self._metrics.agreement.labels(*labels).set(agreeing / answered)
-        return outcome
+            theirs.close()
+        self._process = process
+        try:
+            reader, writer = await asyncio.open_connection(sock=ours)
+        except BaseException:
+            ours.close()
+            process.kill()
+            await process.wait()
+            raise
+        self._writer = writer
+        self._first_attempt.set()
+        log.info("shadow worker started (pid %d)", process.pid)
+        try:
+            while (body := await read_frame(reader, _REPORT_LIMIT)) is not None:
+                self._record(decode_reports(body))
+        except FrameError as exc:
+            log.error("the shadow worker's reports are unreadable (%s): stopping it", exc)
+            process.kill()
+        except ConnectionError as exc:
+            # A worker that died with jobs unread resets the socket: the same as its end.
+            log.debug("the shadow worker's socket failed: %s", exc)
+        finally:
+            self._writer = None
+            writer.close()
+            # On close() this is the worker finishing; close() kills it if it takes too long.
+            code = await process.wait()
+            if not self._closed:
+                for series in self._series.values():
+                    series.drop_unreported()
+        return code
 
     async def close(self) -> None:
-        """Cancel the shadow calls still running (shutdown: nobody waits for them); later submits send nothing."""
+        """Stop the worker: its socket ends, it cancels its calls and exits (killed after a few seconds if not).
+
+        Later submits send nothing.
+        """
         self._closed = True
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        writer, process, supervisor = self._writer, self._process, self._supervisor
+        if writer is not None and not writer.is_closing():
+            writer.close()
+        if process is not None and process.returncode is None:
+            try:
+                await asyncio.wait_for(process.wait(), _STOP_GRACE)
+            except TimeoutError:
+                log.warning("the shadow worker did not stop within %.0f s: killing it", _STOP_GRACE)
+                process.kill()
+                await process.wait()
+        if supervisor is not None:
+            supervisor.cancel()
+            await asyncio.gather(supervisor, return_exceptions=True)

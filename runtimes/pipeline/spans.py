@@ -1,10 +1,12 @@
 """The pipeline runtime's spans: one server span per request, a client span per stage call and per shadow call.
 
 The request span is the child of the ``traceparent`` the pipeline's sidecar sends and is made current, so the
-stage and shadow spans started under it (the shadow's in its own task, which copies the context when it is
-submitted) become its children. Every stage and shadow call carries its own span's ``traceparent`` and the
-request's ``x-request-id`` in its metadata: the sidecar's outbound listener and the stage's sidecar and runtime
-then join the same trace, and Envoy keeps the ingress's sampling decision (which it holds in the request id).
+stage spans started under it become its children. Shadow calls are made by the shadow worker process: the runtime
+hands it the request's trace headers (:func:`propagation_headers`) and the worker starts each shadow span under
+them (:func:`remote_parent`), so those are the request span's children too. Every stage and shadow call carries its
+own span's ``traceparent`` and the request's ``x-request-id`` in its metadata: the sidecar's outbound listener and
+the stage's sidecar and runtime then join the same trace, and Envoy keeps the ingress's sampling decision (which
+it holds in the request id).
 
 Callers fetch ``tracing.provider.active_tracer()`` first and skip all of this when it is None.
 """
@@ -17,6 +19,7 @@ from contextvars import ContextVar
 
 import grpc
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -72,9 +75,11 @@ def request_span(
 
 
 @contextmanager
-def call_span(tracer: trace.Tracer, name: str, attributes: Mapping[str, str | int]) -> Iterator[trace.Span]:
-    """A client span for one outbound call (a stage or a shadow), child of the current request span."""
-    span = tracer.start_span(name, kind=SpanKind.CLIENT, attributes=attributes)
+def call_span(
+    tracer: trace.Tracer, name: str, attributes: Mapping[str, str | int], parent: Context | None = None
+) -> Iterator[trace.Span]:
+    """A client span for one outbound call (a stage or a shadow), child of ``parent`` or of the current span."""
+    span = tracer.start_span(name, context=parent, kind=SpanKind.CLIENT, attributes=attributes)
     try:
         yield span
     except BaseException as exc:
@@ -89,10 +94,12 @@ def stage_span(tracer: trace.Tracer, application: str, stage: int) -> AbstractCo
     return call_span(tracer, f"stage {stage}", {"hydro.application": application, "hydro.stage": stage})
 
 
-def shadow_span(tracer: trace.Tracer, application: str, stage: int, shadow: str) -> AbstractContextManager[trace.Span]:
-    """The span of one shadow call of stage ``stage`` to ``shadow`` ("model:version")."""
+def shadow_span(
+    tracer: trace.Tracer, application: str, stage: int, shadow: str, parent: Context
+) -> AbstractContextManager[trace.Span]:
+    """The span of one shadow call of stage ``stage`` to ``shadow`` ("model:version"), under the request's span."""
     attributes: dict[str, str | int] = {"hydro.application": application, "hydro.stage": stage, "hydro.shadow": shadow}
-    return call_span(tracer, f"shadow {stage} {shadow}", attributes)
+    return call_span(tracer, f"shadow {stage} {shadow}", attributes, parent)
 
 
 def record_outcome(span: trace.Span, outcome: str) -> None:
@@ -102,11 +109,30 @@ def record_outcome(span: trace.Span, outcome: str) -> None:
         span.set_status(Status(StatusCode.ERROR, "the shadow call failed"))
 
 
-def trace_metadata(span: trace.Span) -> Metadata:
-    """gRPC metadata that makes ``span`` the parent of whatever serves the call, plus the request's id."""
+def trace_metadata(span: trace.Span, request_id: str | None = None) -> Metadata:
+    """gRPC metadata that makes ``span`` the parent of whatever serves the call, plus the request's id (by default
+    the one of the request being served)."""
     carrier: dict[str, str] = {}
     _W3C.inject(carrier, context=trace.set_span_in_context(span))
-    request_id = _request_id.get()
+    request_id = request_id or _request_id.get()
     if request_id:
         carrier[REQUEST_ID_HEADER] = request_id
     return tuple(carrier.items())
+
+
+def propagation_headers() -> dict[str, str]:
+    """The current span's W3C headers and the request's id: what the shadow worker needs to join the trace."""
+    carrier: dict[str, str] = {}
+    _W3C.inject(carrier)
+    request_id = _request_id.get()
+    if request_id:
+        carrier[REQUEST_ID_HEADER] = request_id
+    return carrier
+
+
+def remote_parent(headers: Mapping[str, str]) -> Context | None:
+    """The parent context ``propagation_headers`` describes; None without a valid ``traceparent``."""
+    context = _W3C.extract(headers)
+    if not trace.get_current_span(context).get_span_context().is_valid:
+        return None
+    return context

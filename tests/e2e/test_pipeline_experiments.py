@@ -279,13 +279,16 @@ def test_shadows_change_neither_success_rate_nor_p99(experiments: Experiments) -
     slow_fast = _metric(metrics, "hydro_shadow_latency_seconds_bucket", shadow="back:3", le="1.0", **labels)
     assert slow_agreed > 0 and slow_fast <= slow_errors, metrics
 
-    # Issue 6's target. Shadow calls start only once the caller's answer is sent, on a connection of their own, yet
-    # on the shared 2-core machine (load average 7-12) four runs of 2,500 calls each measured the shadowed p99 at
-    # -5 %, -3.5 %, +9 % and +16 % of the baseline's (and -3.4 % in a run before that change): a p99 of 20-50 ms
-    # there is the 25th-worst call, set by the scheduler, and swings more than 5 % either way from run to run.
-    # The median stays 5-8 % higher, before and after the change: the shadowed pipeline runtime still sends and
-    # answers its shadow calls on its one event loop, where the next call may arrive meanwhile. So the 5 % bound
-    # is reported, not asserted, until it holds on a quiet machine.
+    # Issue 6's target. The shadow calls are made by the pipeline runtime's shadow worker process (not on the loop
+    # that serves callers), 5 ms after the caller's answer (--shadow-delay: not while that answer still passes the
+    # pipeline sidecar and the ingress). Measured on the shared 2-core machine (load 8-12), 2,500 calls each, p99
+    # change: before the worker -20 % to +32 % over five runs (one of them over even the 25 % above), the shadowed
+    # median 0-6 % higher; with the worker but no delay -23 % to +9 % over ten runs, the median still 3-10 % higher
+    # (the copies competed with the caller's answer in the sidecar); with both, -14.8 %, -6.2 %, -3.7 %, -2.8 %,
+    # +3.7 % and +5.0 % over six runs, the shadowed median from 2.5 % lower to 1.3 % higher. The medians no longer
+    # differ, but a p99 of 20-35 ms here is the 25th-worst call, which load from elsewhere moves by 5 % or more from
+    # run to run: one run in six was 0.005 ms over the bound. So the 5 % bound is reported, not asserted, until it
+    # holds on a quiet machine.
     if shadowed > baseline * 1.05:
         pytest.xfail(f"p99 with shadows {shadowed * 1000:.2f} ms > 1.05 x {baseline * 1000:.2f} ms without")
 

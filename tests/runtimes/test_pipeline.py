@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import shutil
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -63,6 +66,7 @@ class PipelineStack:
     http_port: int
     expected_labels: list[int]
     replicas: list[Replica] = field(default_factory=list)
+    pipeline: ChildProcess | None = None
 
     @property
     def url(self) -> str:
@@ -86,6 +90,14 @@ class PipelineStack:
             stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
             response, call = stub.ModelInfer.with_call(request, timeout=timeout)
         return response, {key: value for key, value in call.initial_metadata()}
+
+    def shadow_worker_pid(self) -> int | None:
+        """The pipeline runtime's shadow worker: its one child process."""
+        assert self.pipeline is not None and self.pipeline.pid is not None
+        children = subprocess.run(["pgrep", "-P", str(self.pipeline.pid)], capture_output=True, text=True).stdout
+        pids = [int(pid) for pid in children.split()]
+        assert len(pids) <= 1, pids
+        return pids[0] if pids else None
 
     def put_application(self, app: Application) -> None:
         self.run(self.client.put(self.keys.application(APP).encode(), app.model_dump_json().encode()))
@@ -178,7 +190,7 @@ def stack(etcd_server: EtcdServer, tmp_path_factory: pytest.TempPathFactory) -> 
     loop_thread.start()
     client = aetcd.Client(host="127.0.0.1", port=etcd_server.client_port)
     registry = LeasedInstanceRegistry(client, keys, node="pipeline-test")
-    stack = PipelineStack(loop, client, keys, app, ports["inbound"], ports["http"], expected)
+    stack = PipelineStack(loop, client, keys, app, ports["inbound"], ports["http"], expected, pipeline=pipeline)
     try:
         xds.start()
         stack.run(client.connect())
@@ -354,6 +366,60 @@ def test_shadows_never_reach_the_caller_and_are_measured(stack: PipelineStack) -
     ratio = metric(after, "hydro_shadow_agreement_ratio", shadow=skewed)
     assert ratio == pytest.approx(agreed / (agreed + disagreed))
     assert 0.7 <= ratio <= 0.8
+
+
+def test_a_killed_shadow_worker_never_reaches_the_caller_and_is_started_again(stack: PipelineStack) -> None:
+    def settled() -> bool:
+        now = stack.metrics()
+        return all(metric(now, "hydro_shadow_in_flight", shadow=s) == 0 for s in SHADOWS.values())
+
+    wait_until(settled, 20, "no shadow call left from earlier tests")
+    killed = stack.shadow_worker_pid()
+    assert killed is not None, "the pipeline runtime runs a shadow worker"
+    before = stack.metrics()
+    os.kill(killed, signal.SIGKILL)
+    # Callers keep their answers (both protocols) and /metrics is served, while the worker is down and after.
+    requests = 20
+    for index in range(requests):
+        if index % 2:
+            _, metadata = stack.grpc_infer(ROWS * 10)
+            assert SERVED.fullmatch(metadata[STAGES_HEADER])
+        else:
+            response = stack.rest(ROWS * 10)
+            assert response.status_code == 200, response.text
+            _check_answer(stack, {o["name"]: o["data"] for o in response.json()["outputs"]})
+        if index == 0:
+            assert stack.metrics()
+    wait_until(lambda: stack.shadow_worker_pid() not in (None, killed), 20, "a new shadow worker")
+
+    def delta(after: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    # The copies the dead worker had and those made while it was down are dropped, and counted.
+    skewed = SHADOWS[4]
+    wait_until(settled, 20, "every shadow call finished")
+    assert delta(stack.metrics(), "hydro_shadow_dropped_total", shadow=skewed) > 0
+    # The new worker makes the shadow calls again: every copy is either reported or counted as dropped.
+    for _ in range(4):
+        assert stack.rest(ROWS * 10).status_code == 200
+    requests += 4
+
+    def accounted() -> bool:
+        after = stack.metrics()
+        reported = sum(
+            delta(after, "hydro_shadow_calls_total", shadow=skewed, outcome=o) for o in ("agree", "disagree")
+        )
+        dropped = delta(after, "hydro_shadow_dropped_total", shadow=skewed)
+        return reported > 0 and reported + dropped == requests
+
+    wait_until(accounted, 20, "the new worker's reports")
+    wait_until(settled, 20, "the sleeping shadow's calls finished")
+    after = stack.metrics()
+    for shadow in SHADOWS.values():
+        outcomes = sum(
+            delta(after, "hydro_shadow_calls_total", shadow=shadow, outcome=o) for o in ("agree", "disagree", "error")
+        )
+        assert outcomes + delta(after, "hydro_shadow_dropped_total", shadow=shadow) == requests, shadow
 
 
 def test_stage_variants_share_traffic_by_weight_and_a_weight_change_fails_nothing(stack: PipelineStack) -> None:
