@@ -88,9 +88,8 @@ def ingress_response_headers(tracing: EnvoyTracing | None) -> dict[str, str]:
     """Headers the ingress's route configuration adds to every response: ``x-hydro-trace-id`` (Envoy's
     ``%TRACE_ID%``, empty when the request is not traced) while tracing is on.
 
-    A route configuration header rather than a header mutation filter: Envoy's router adds it to upstream answers,
-    its own local replies and direct responses alike, and the connection manager runs one filter fewer per
-    request.
+    A route configuration header rather than a header mutation filter: the connection manager runs one filter
+    fewer per request.
     """
     return {TRACE_ID_HEADER: "%TRACE_ID%"} if tracing is not None else {}
 
