@@ -19,7 +19,9 @@ from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExport
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.trace.v1 import trace_pb2
 from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.trace import Status, StatusCode
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from tracing.server_span import RecordingServerSpan
 
 #: SDK SpanKind values are 0-4 (INTERNAL first); OTLP's are 1-5 (0 is UNSPECIFIED).
 _KIND_OFFSET = 1
@@ -70,16 +72,37 @@ _STATUS_MESSAGE, _STATUS_CODE = b"\x12", b"\x18"  # Status.message, Status.code
 _FLAGS_LOCAL = _FLAGS + struct.pack("<I", _HAS_IS_REMOTE)
 _FLAGS_REMOTE_PARENT = _FLAGS + struct.pack("<I", _HAS_IS_REMOTE | _IS_REMOTE)
 _PACK_TIME = struct.Struct("<Q").pack
+#: An unset status with no message: present, empty (as the SDK sends it).
+_STATUS_UNSET = _STATUS_FIELD + b"\x00"
+_SERVER_KIND = _KIND + _SMALL[SpanKind.SERVER.value + _KIND_OFFSET]
 _PACK_DOUBLE = struct.Struct("<d").pack
 
 #: Encoded names and attributes: the same few (model, version, protocol...) recur on every span.
 _cache: dict[tuple[object, ...], bytes] = {}
 _CACHE_LIMIT = 4096
+#: Longer strings are encoded every time, not cached: what is that long is a request id, unique per span, which
+#: would only fill the cache and empty it (forcing everything else to be encoded again) every few thousand spans.
+_CACHED_STRING_LENGTH = 32
+#: Attribute keys as the start of a KeyValue (the key field and the value field's tag).
+_keys: dict[str, bytes] = {}
 
 
 def _attribute(key: str, value: object) -> bytes:
     # type(), not isinstance: a bool is an int to isinstance.
     kind = type(value)
+    if kind is str and len(value) > _CACHED_STRING_LENGTH:  # type: ignore[arg-type]
+        prefix = _keys.get(key)
+        if prefix is None:
+            prefix = _keys[key] = _field(_KEY, key.encode()) + _VALUE
+            if len(_keys) >= _CACHE_LIMIT:
+                _keys.clear()
+        any_value = _field(_STRING_VALUE, value.encode())  # type: ignore[attr-defined]
+        return _field(
+            _ATTRIBUTE,
+            prefix + _SMALL[len(any_value)] + any_value
+            if len(any_value) < 0x80
+            else prefix + _varint(len(any_value)) + any_value,
+        )
     cache_key = (key, kind, value)
     encoded = _cache.get(cache_key)
     if encoded is None:
@@ -107,6 +130,8 @@ def _name(name: str) -> bytes:
 
 
 def _status(status: Status) -> bytes:
+    if status.status_code is StatusCode.UNSET and not status.description:
+        return _STATUS_UNSET
     payload = b""
     if status.description:
         payload += _field(_STATUS_MESSAGE, status.description.encode())
@@ -116,10 +141,36 @@ def _status(status: Status) -> bytes:
     return _field(_STATUS_FIELD, payload)
 
 
+def _server_span_bytes(span: RecordingServerSpan) -> bytes | None:
+    """_span_bytes for the runtime's own server spans, from the integer ids they keep (no SpanContext made)."""
+    attributes = span._attributes
+    if span._events or not all(type(value) in _SCALARS for value in attributes.values()):
+        return None
+    parts = [
+        _TRACE_ID,
+        span.trace_id.to_bytes(16, "big"),
+        _SPAN_ID,
+        span.span_id.to_bytes(8, "big"),
+        _PARENT_ID,
+        span.parent_span_id.to_bytes(8, "big"),
+        _name(span._name),
+        _SERVER_KIND,
+        _START,
+        _PACK_TIME(span._start_time),
+        _END,
+        _PACK_TIME(span._end_time or 0),
+    ]
+    parts += [_attribute(key, value) for key, value in attributes.items()]
+    parts += (_status(span._status), _FLAGS_REMOTE_PARENT)
+    return _field(_SPAN_IN_SCOPE, b"".join(parts))
+
+
 def _span_bytes(span: ReadableSpan) -> bytes | None:
     """A simple span as a ScopeSpans.spans field in protobuf's wire format (the upb message setters cost ~16 us
     a span, these byte joins a few); None for a span that is not simple (links, events, dropped attributes, a
     trace state, attribute values that are not scalars)."""
+    if type(span) is RecordingServerSpan:
+        return _server_span_bytes(span)
     context = span.get_span_context()
     attributes = span.attributes or {}
     if (

@@ -17,13 +17,12 @@ from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import SpanLimits, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from tracing.collector_watch import CollectorWatch, WatchedExporter
 from tracing.encoding import FastOTLPSpanExporter
 from tracing.quiet_export import quiet_export_logging
-from tracing.server_span import ServerSpans, applies
+from tracing.server_span import BatchServerSpanProcessor, ServerSpans, applies
 from tracing.settings import TracingSettings
 
 log = logging.getLogger(__name__)
@@ -129,7 +128,7 @@ def setup_tracing(
         state.tracer = tracer if reachable and state.provider is not None else None
 
     watch = CollectorWatch(settings.collector, armed)
-    processor = BatchSpanProcessor(WatchedExporter(exporter, watch))
+    processor = BatchServerSpanProcessor(WatchedExporter(exporter, watch))
     provider.add_span_processor(processor)
     if applies(provider.sampler, SpanLimits()):
         state.server_spans = ServerSpans(resource, InstrumentationScope(INSTRUMENTATION_NAME), processor)

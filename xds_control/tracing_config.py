@@ -15,10 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.common.mutation_rules.v3 import mutation_rules_pb2
-from envoy.config.core.v3 import base_pb2, grpc_service_pb2
+from envoy.config.core.v3 import grpc_service_pb2
 from envoy.config.trace.v3 import http_tracer_pb2, opentelemetry_pb2
-from envoy.extensions.filters.http.header_mutation.v3 import header_mutation_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.type.v3 import percent_pb2
 from google.protobuf import duration_pb2
@@ -29,7 +27,6 @@ from xds_control import resources as r
 
 COLLECTOR_CLUSTER = "otel|collector"
 TRACE_ID_HEADER = "x-hydro-trace-id"
-TRACE_ID_FILTER = "hydro.trace_id"
 INGRESS_SERVICE = "ingress"
 #: Most an export to the collector may take before Envoy drops that batch of spans.
 EXPORT_TIMEOUT_SECONDS = 0.5
@@ -87,27 +84,25 @@ class EnvoyTracing:
         return cluster
 
 
-def trace_id_filter() -> hcm_pb2.HttpFilter:
-    """Sets ``x-hydro-trace-id`` on every response to the trace id (nothing when the request is not traced)."""
-    header = base_pb2.HeaderValueOption(
-        header=base_pb2.HeaderValue(key=TRACE_ID_HEADER, value="%TRACE_ID%"),
-        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
-    )
-    mutation = header_mutation_pb2.HeaderMutation(
-        mutations=header_mutation_pb2.Mutations(response_mutations=[mutation_rules_pb2.HeaderMutation(append=header)])
-    )
-    return hcm_pb2.HttpFilter(name=TRACE_ID_FILTER, typed_config=r.pack(mutation))
+def ingress_response_headers(tracing: EnvoyTracing | None) -> dict[str, str]:
+    """Headers the ingress's route configuration adds to every response: ``x-hydro-trace-id`` (Envoy's
+    ``%TRACE_ID%``, empty when the request is not traced) while tracing is on.
+
+    A route configuration header rather than a header mutation filter: the connection manager runs one filter
+    fewer per request.
+    """
+    return {TRACE_ID_HEADER: "%TRACE_ID%"} if tracing is not None else {}
 
 
 def add_tracing(
     manager: hcm_pb2.HttpConnectionManager, tracing: EnvoyTracing, service_name: str, *, ingress: bool
 ) -> None:
-    """Turn tracing on in ``manager``: the ingress samples and reports the trace id, sidecars follow the parent."""
+    """Turn tracing on in ``manager``: the ingress samples and reports the request id (the trace id is added by its
+    route configuration, ``ingress_response_headers``), sidecars follow the parent."""
     manager.tracing.CopyFrom(tracing.connection_manager_tracing(service_name, ingress=ingress))
     if ingress:
         # x-request-id too, so both ids a user may hold are in the response.
         manager.always_set_request_id_in_response = True
-        manager.http_filters.insert(len(manager.http_filters) - 1, trace_id_filter())
 
 
 ManagerHook = Callable[[hcm_pb2.HttpConnectionManager], None]

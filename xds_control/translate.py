@@ -20,6 +20,7 @@ from xds_control.tracing_config import (
     INGRESS_SERVICE,
     EnvoyTracing,
     collector_clusters,
+    ingress_response_headers,
     outbound_tracing_hook,
     sidecar_service,
     tracing_hook,
@@ -205,7 +206,7 @@ def ingress_snapshot(
     cache.sweep()
     routes.extend(r.grpc_fallback_routes(NO_ROUTE_GRPC, max_request_bytes))
     routes.append(r.direct_route("no-route", "/", 404, NO_ROUTE_REST))
-    route_config = r.route_configuration(INGRESS_ROUTES, routes)
+    route_config = r.route_configuration(INGRESS_ROUTES, routes, ingress_response_headers(tracing))
 
     listener = r.http_listener(
         INGRESS_LISTENER,

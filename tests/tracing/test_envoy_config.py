@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import route_pb2
 from envoy.config.trace.v3 import opentelemetry_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from google.protobuf import any_pb2
@@ -13,8 +14,15 @@ from google.protobuf.message import Message
 from xds_control import resources as r
 from xds_control.snapshot import Snapshot
 from xds_control.topology import Topology
-from xds_control.tracing_config import COLLECTOR_CLUSTER, TRACE_ID_FILTER, EnvoyTracing
-from xds_control.translate import INGRESS_LISTENER, OUTBOUND_LISTENER, SIDECAR_LISTENER, NodeInfo, snapshot_for
+from xds_control.tracing_config import COLLECTOR_CLUSTER, TRACE_ID_HEADER, EnvoyTracing
+from xds_control.translate import (
+    INGRESS_LISTENER,
+    INGRESS_ROUTES,
+    OUTBOUND_LISTENER,
+    SIDECAR_LISTENER,
+    NodeInfo,
+    snapshot_for,
+)
 
 INGRESS = NodeInfo("ingress", "ingress", {"listen_port": 8080})
 SIDECAR = NodeInfo(
@@ -37,6 +45,13 @@ def _manager(snapshot: Snapshot, listener_name: str) -> hcm_pb2.HttpConnectionMa
     return manager
 
 
+def _response_headers(snapshot: Snapshot) -> dict[str, str]:
+    """What the ingress's route configuration adds to every response."""
+    routes = route_pb2.RouteConfiguration()
+    _unpack(snapshot.by_type[r.ROUTE][INGRESS_ROUTES], routes)
+    return {option.header.key: option.header.value for option in routes.response_headers_to_add}
+
+
 def test_ingress_and_sidecar_trace_to_the_collector() -> None:
     tracing = EnvoyTracing.from_endpoint("http://10.1.2.3:4317", sampling_percent=12.5)
     ingress = snapshot_for(Topology(), INGRESS, tracing=tracing)
@@ -47,8 +62,7 @@ def test_ingress_and_sidecar_trace_to_the_collector() -> None:
     manager.tracing.provider.typed_config.Unpack(config)
     assert config.service_name == "ingress" and config.grpc_service.envoy_grpc.cluster_name == COLLECTOR_CLUSTER
     assert manager.always_set_request_id_in_response
-    names = [f.name for f in manager.http_filters]
-    assert names.index(TRACE_ID_FILTER) == len(names) - 2, "the trace id filter runs just before the router"
+    assert _response_headers(ingress)[TRACE_ID_HEADER] == "%TRACE_ID%", "every answer carries the trace id"
     cluster = cluster_pb2.Cluster()
     _unpack(ingress.by_type[r.CLUSTER][COLLECTOR_CLUSTER], cluster)
     assert cluster.type == cluster_pb2.Cluster.STATIC
@@ -59,7 +73,6 @@ def test_ingress_and_sidecar_trace_to_the_collector() -> None:
     assert config.service_name == "sidecar m:2"
     assert manager.tracing.random_sampling.value == 0, "sidecars only follow the ingress's decision"
     assert not manager.tracing.spawn_upstream_span.value
-    assert TRACE_ID_FILTER not in [f.name for f in manager.http_filters]
     assert COLLECTOR_CLUSTER in sidecar.by_type[r.CLUSTER]
 
 
@@ -73,6 +86,7 @@ def test_no_collector_no_tracing() -> None:
         snapshot = snapshot_for(Topology(), node)
         assert not _manager(snapshot, listener).HasField("tracing")
         assert COLLECTOR_CLUSTER not in snapshot.by_type[r.CLUSTER]
+    assert TRACE_ID_HEADER not in _response_headers(snapshot_for(Topology(), INGRESS))
 
 
 def test_a_pipeline_sidecar_traces_both_its_sides() -> None:
