@@ -123,6 +123,7 @@ class DataPlane:
         self.runtime = runtime
         self.name = name
         self.version = version
+        self._version_string = str(version)
         self.signature: Signature = runtime.config.signature
         self.platform = runtime.kind
         self._executor = executor or ThreadPoolExecutor(default_predict_threads(), thread_name_prefix="predict")
@@ -163,7 +164,7 @@ class DataPlane:
     @property
     def version_string(self) -> str:
         """The served version as it appears on the wire."""
-        return str(self.version)
+        return self._version_string
 
     async def load(self) -> None:
         """Load the model, then run one prediction on zeros; ready only if both pass (else ModelLoadError)."""
