@@ -285,6 +285,11 @@ def main() -> None:
                 results[f"{protocol}_p99_ratio_c{concurrency}"] = round(
                     results[f"ours{base}p99_ms"] / max(results[f"mlserver{base}p99_ms"], 1e-9), 3
                 )
+                # Each round's own ratio: how far apart rounds are says how much to trust the median.
+                results[f"{protocol}_rps_ratio_c{concurrency}_rounds"] = [
+                    round(ours / theirs, 3)
+                    for ours, theirs in zip(samples[f"ours{base}rps"], samples[f"mlserver{base}rps"], strict=True)
+                ]
             results[f"{protocol}_batching_speedup_c{top}"] = round(
                 results[f"fixed_batched_{protocol}_c{top}_rps"] / results[f"fixed_{protocol}_c{top}_rps"], 3
             )

@@ -82,13 +82,15 @@ def _parameters(parameters: Mapping[str, pb.InferParameter]) -> Parameters:
 
 def parse_model_infer_request(message: pb.ModelInferRequest) -> InferRequest:
     """The data plane's request for a gRPC ModelInferRequest."""
-    raw = message.raw_input_contents
-    if raw and len(raw) != len(message.inputs):
+    # Repeated fields are sliced into lists first: upb builds a slice several times faster than it iterates.
+    raw = message.raw_input_contents[:]
+    tensors = message.inputs[:]
+    if raw and len(raw) != len(tensors):
         raise InvalidInput(
-            f"raw_input_contents has {len(raw)} entries for {len(message.inputs)} inputs; send one entry per input"
+            f"raw_input_contents has {len(raw)} entries for {len(tensors)} inputs; send one entry per input"
         )
     inputs: list[RequestInput] = []
-    for index, tensor in enumerate(message.inputs):
+    for index, tensor in enumerate(tensors):
         data: TensorData
         if raw:
             if tensor.HasField("contents") and tensor.contents.ListFields():
@@ -96,9 +98,9 @@ def parse_model_infer_request(message: pb.ModelInferRequest) -> InferRequest:
             data = RawData(raw[index])
         else:
             data = ContentsData(tensor.contents)
-        shape = tuple(tensor.shape)
+        shape = tuple(tensor.shape[:])
         inputs.append(RequestInput(tensor.name, tensor.datatype, shape, data, _parameters(tensor.parameters)))
-    outputs = [RequestedOutput(o.name, _parameters(o.parameters)) for o in message.outputs]
+    outputs = [RequestedOutput(o.name, _parameters(o.parameters)) for o in message.outputs[:]]
     return InferRequest(
         model_name=message.model_name,
         model_version=message.model_version,
@@ -128,16 +130,20 @@ def build_model_metadata_response(meta: ModelMetadata) -> pb.ModelMetadataRespon
 
 def build_model_infer_response(response: InferResponse, raw: bool) -> pb.ModelInferResponse:
     """The gRPC ModelInferResponse for a data-plane response; ``raw`` puts outputs in raw_output_contents."""
+    outputs = response.outputs
     # The spec forbids mixing: if one output must be raw (FP16), all are.
-    use_raw = raw or any(t.datatype not in CONTENTS_FIELD for t in response.outputs)
+    use_raw = raw or any(t.datatype not in CONTENTS_FIELD for t in outputs)
     message = pb.ModelInferResponse(
-        model_name=response.model_name, model_version=response.model_version, id=response.id
+        model_name=response.model_name,
+        model_version=response.model_version,
+        id=response.id,
+        raw_output_contents=[encode_raw(t.data, t.datatype) for t in outputs] if use_raw else (),
     )
-    for tensor in response.outputs:
-        output = message.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
-        if use_raw:
-            message.raw_output_contents.append(encode_raw(tensor.data, tensor.datatype))
-        else:
+    add = message.outputs.add
+    for tensor in outputs:
+        # The shape as numpy's tuple: upb takes a tuple several times faster than a list.
+        output = add(name=tensor.name, datatype=tensor.datatype, shape=tensor.data.shape)
+        if not use_raw:
             flat = tensor.data.reshape(-1)
             values = list(flat) if tensor.datatype == "BYTES" else flat.tolist()
             getattr(output.contents, CONTENTS_FIELD[tensor.datatype]).extend(values)

@@ -95,7 +95,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         tracer = active_tracer()
         try:
             if tracer is None:
-                response = await self.dataplane.infer(parse_model_infer_request(request), application_of(context))
+                # The application header only matters to a request that does not name this model (see
+                # DataPlane.resolve); reading the metadata costs every other request a few microseconds.
+                application = None if request.model_name == self.dataplane.name else application_of(context)
+                response = await self.dataplane.infer(parse_model_infer_request(request), application)
                 return build_model_infer_response(response, raw=uses_raw_inputs(request))
             return await self._traced_infer(tracer, request, context)
         except Exception as exc:

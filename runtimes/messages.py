@@ -2,6 +2,10 @@
 
 The REST and gRPC codecs translate their wire formats to and from these, so validation and prediction are written
 once for both protocols.
+
+The types made for every request (inputs, outputs, request, response) are treated as immutable but not frozen: a
+frozen dataclass sets each field through object.__setattr__, which cost ~6 us of every gRPC request (of ~160 us
+in-process for a one-row sklearn model).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ class ArrayData:
         return self.array.reshape(-1)
 
 
-@dataclass(frozen=True)
+@dataclass
 class RequestInput:
     """One input tensor as the client declared it."""
 
@@ -46,7 +50,7 @@ class RequestInput:
     parameters: Parameters = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass
 class RequestedOutput:
     """An output the client asked for, with its per-output parameters (e.g. ``binary_data``)."""
 
@@ -54,7 +58,7 @@ class RequestedOutput:
     parameters: Parameters = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass
 class InferRequest:
     """An inference request addressed to ``model_name`` (and ``model_version``, empty for any)."""
 
@@ -66,7 +70,7 @@ class InferRequest:
     parameters: Parameters = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass
 class OutputTensor:
     """One output tensor, already cast to its signature datatype and shaped."""
 
@@ -80,7 +84,7 @@ class OutputTensor:
         return [int(d) for d in self.data.shape]
 
 
-@dataclass(frozen=True)
+@dataclass
 class InferResponse:
     """The answer: always names the model and version that really served the request."""
 

@@ -36,7 +36,8 @@ class Duration:
     def add(self, ns: int, count: int = 1) -> None:
         """Count ``count`` more occurrences that took ``ns`` altogether."""
         self.count += count
-        self.ns += max(0, ns)
+        if ns > 0:
+            self.ns += ns
 
 
 @dataclass
@@ -65,22 +66,42 @@ class Statistics:
     def record_execution(self, batch_size: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
         """One model execution over ``batch_size`` inferences (1 per request unless requests are batched)."""
         with self._lock:
-            self._execution_count += 1
-            batch = self._batches.setdefault(batch_size, {stage: Duration() for stage in BATCH_STAGES})
-            batch["compute_input"].add(input_ns)
-            batch["compute_infer"].add(infer_ns)
-            batch["compute_output"].add(output_ns)
+            self._record_execution(batch_size, input_ns, infer_ns, output_ns)
+
+    def _record_execution(self, batch_size: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
+        self._execution_count += 1
+        batch = self._batches.get(batch_size)
+        if batch is None:
+            batch = self._batches[batch_size] = {stage: Duration() for stage in BATCH_STAGES}
+        batch["compute_input"].add(input_ns)
+        batch["compute_infer"].add(infer_ns)
+        batch["compute_output"].add(output_ns)
 
     def record_success(self, total_ns: int, queue_ns: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
         """One successful inference request and how long each stage of it took."""
+        now_ms = time.time_ns() // 1_000_000
         with self._lock:
-            self._last_inference_ms = time.time_ns() // 1_000_000
-            self._inference_count += 1
-            self._stages["success"].add(total_ns)
-            self._stages["queue"].add(queue_ns)
-            self._stages["compute_input"].add(input_ns)
-            self._stages["compute_infer"].add(infer_ns)
-            self._stages["compute_output"].add(output_ns)
+            self._record_success(now_ms, total_ns, queue_ns, input_ns, infer_ns, output_ns)
+
+    def record_request(self, total_ns: int, queue_ns: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
+        """One successful unbatched request: its stages and its own execution (batch size 1, Triton's terms for a
+        model with max_batch_size 0). The same as record_success plus record_execution, under one lock."""
+        now_ms = time.time_ns() // 1_000_000
+        with self._lock:
+            self._record_success(now_ms, total_ns, queue_ns, input_ns, infer_ns, output_ns)
+            self._record_execution(1, input_ns, infer_ns, output_ns)
+
+    def _record_success(
+        self, now_ms: int, total_ns: int, queue_ns: int, input_ns: int, infer_ns: int, output_ns: int
+    ) -> None:
+        self._last_inference_ms = now_ms
+        self._inference_count += 1
+        stages = self._stages
+        stages["success"].add(total_ns)
+        stages["queue"].add(queue_ns)
+        stages["compute_input"].add(input_ns)
+        stages["compute_infer"].add(infer_ns)
+        stages["compute_output"].add(output_ns)
 
     def record_failure(self, total_ns: int) -> None:
         """One inference request that failed (bad input, model error, not ready)."""

@@ -34,6 +34,9 @@ _DTYPES: dict[str, np.dtype[Any]] = {
 
 DATATYPES: tuple[str, ...] = tuple(_DTYPES)
 
+#: The little-endian dtype of each fixed-size datatype: the raw wire layout (made once, not per tensor).
+_WIRE: dict[str, np.dtype[Any]] = {name: dtype.newbyteorder("<") for name, dtype in _DTYPES.items() if name != "BYTES"}
+
 _LENGTH = struct.Struct("<I")
 
 
@@ -162,7 +165,7 @@ def decode_raw(name: str, datatype: str, raw: bytes | memoryview) -> np.ndarray:
     dtype = numpy_dtype(datatype)
     if datatype == "BYTES":
         return as_bytes_array(_split_bytes(name, bytes(raw)))
-    wire = dtype.newbyteorder("<")
+    wire = _WIRE[datatype]
     if len(raw) % wire.itemsize:
         raise InvalidInput(
             f"input {name!r}: {len(raw)} bytes of raw data is not a whole number of {datatype} elements "
@@ -195,7 +198,9 @@ def encode_raw(array: np.ndarray, datatype: str) -> bytes:
     """A tensor's raw little-endian bytes (BYTES elements length-prefixed)."""
     if datatype == "BYTES":
         return b"".join(_LENGTH.pack(len(b)) + b for b in (_to_bytes(v) for v in array.reshape(-1)))
-    wire = numpy_dtype(datatype).newbyteorder("<")
+    wire = _WIRE.get(datatype)
+    if wire is None:
+        wire = numpy_dtype(datatype).newbyteorder("<")
     return np.ascontiguousarray(array, dtype=wire).tobytes()
 
 
@@ -205,6 +210,9 @@ def cast(array: object, datatype: str) -> np.ndarray:
     if datatype == "BYTES":
         values = np.asarray(array, dtype=np.object_)
         return as_bytes_array(values.reshape(-1)).reshape(values.shape)
+    if type(array) is np.ndarray and array.dtype == dtype:
+        # What astype(copy=False) would return, without its argument parsing (every output of every request).
+        return array
     return np.asarray(array).astype(dtype, copy=False)
 
 

@@ -130,6 +130,31 @@ async def test_not_ready() -> None:
         await plane.infer(_request())
 
 
+class InlineRuntime(FakeRuntime):
+    """A cheap model predicted on the event loop (FakeRuntime's kind runs on worker threads)."""
+
+    inline_rows: ClassVar[int] = 16
+
+
+@pytest.mark.parametrize("runtime", [FakeRuntime, InlineRuntime])
+async def test_statistics_count_requests_and_executions(runtime: type[FakeRuntime]) -> None:
+    # Unbatched, on a worker thread or inline: a request is one inference and one execution of batch size 1.
+    plane = DataPlane(runtime(), name="m", version=2)
+    await plane.load()
+    for _ in range(3):
+        await plane.infer(_request())
+    with pytest.raises(InvalidInput):
+        await plane.infer(InferRequest("m", "", _inputs()[:1]))
+    with pytest.raises(ModelNotFound):
+        await plane.infer(_request("other"))
+    snapshot = plane.statistics.snapshot()
+    assert (snapshot.inference_count, snapshot.execution_count) == (3, 3)
+    assert (snapshot.stages["success"].count, snapshot.stages["fail"].count) == (3, 1)
+    assert snapshot.stages["compute_infer"].count == 3 and snapshot.stages["compute_infer"].ns > 0
+    assert list(snapshot.batches) == [1] and snapshot.batches[1]["compute_infer"].count == 3
+    assert snapshot.last_inference_ms > 0
+
+
 def _inputs(**overrides: RequestInput) -> list[RequestInput]:
     base = {
         "a": RequestInput("a", "FP32", (1, 2), ArrayData(np.array([1, 2], dtype=np.float32))),

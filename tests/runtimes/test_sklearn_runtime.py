@@ -7,10 +7,13 @@ from pathlib import Path
 import joblib
 import numpy as np
 import pytest
+import sklearn
 from framework_models import CLASSES, FEATURES, ROWS, TABULAR_YAML, serve_in_process, sklearn_classifier
 from sklearn.ensemble import HistGradientBoostingClassifier
 
+from runtimes.base import create_runtime
 from runtimes.errors import InvalidInput
+from runtimes.serving_config import load_serving_config
 
 
 async def test_answers_equal_the_estimators_own(tmp_path: Path) -> None:
@@ -40,3 +43,15 @@ async def test_estimators_that_take_missing_values_get_them(tmp_path: Path) -> N
     rows[0, 0] = np.nan
     outputs = await serve_in_process(folder, {"input": rows})
     np.testing.assert_array_equal(outputs["label"], model.predict(rows))
+
+
+@pytest.mark.parametrize("assumed", [False, True])
+def test_predict_leaves_sklearn_settings_as_they_were(tmp_path: Path, assumed: bool) -> None:
+    # predict skips sklearn's own finiteness check (numpy made it) only for its own call.
+    folder = sklearn_classifier(tmp_path / "m")
+    runtime = create_runtime(folder, load_serving_config(folder))
+    runtime.load()
+    with sklearn.config_context(assume_finite=assumed):
+        outputs = runtime.predict({"input": ROWS})
+        assert sklearn.get_config()["assume_finite"] is assumed
+    np.testing.assert_array_equal(outputs["label"], joblib.load(folder / "model.joblib").predict(ROWS))
