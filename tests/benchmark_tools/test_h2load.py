@@ -17,8 +17,7 @@ from typing import Any
 
 import grpc
 import pytest
-
-from protos import inference_pb2
+from google.protobuf import wrappers_pb2
 
 # benchmarks/ is not an installed package: the benchmarks themselves run from the repository root.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -32,7 +31,8 @@ pytestmark = pytest.mark.skipif(shutil.which("h2load") is None, reason="h2load i
 def _headers_then_answer(request: bytes, context: grpc.ServicerContext) -> bytes:
     context.send_initial_metadata((("x-hydro-stages", "a"),))
     time.sleep(HEADERS_AHEAD_S)
-    return inference_pb2.ModelInferResponse(model_name="slow").SerializeToString()
+    # The server neither parses the request nor needs a real ModelInferResponse: h2load only reads the frames.
+    return wrappers_pb2.StringValue(value="slow").SerializeToString()
 
 
 @pytest.fixture
@@ -56,7 +56,7 @@ def test_a_call_whose_headers_came_during_the_warm_up_is_no_error(
     slow_server: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     frame = tmp_path / "request.grpc"
-    frame.write_bytes(grpc_frame(inference_pb2.ModelInferRequest(model_name="slow")))
+    frame.write_bytes(grpc_frame(wrappers_pb2.StringValue(value="request")))
 
     # One connection: calls end at ~1.5 s (headers in the warm-up, logged as status 0) and ~3 s (status 200).
     result = run_h2load(slow_server, frame, 1, 3.0)
