@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import runpy
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -17,6 +18,7 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+import yaml
 from hydro_mesh import EXPECTED, ROWS, Mesh
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
@@ -28,6 +30,10 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "iris-pipeline"
 APP = "iris-pipeline"
 MODELS = {"features": "iris-features", "classifier": "iris-classifier", "scorer": "iris-scorer"}
 STAGES = re.compile(r"1=iris-features:1;2=iris-classifier:1;3=iris-scorer:1")
+CONCURRENCY = 16
+CALLS = 800
+#: Envoy counters of streams reset or cut off, by either side of any hop.
+RESET_COUNTER = re.compile(r"rx_reset|tx_reset|destroy_with_active_rq|destroy_active_rq")
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +53,46 @@ def _species(response: httpx.Response) -> list[int]:
     outputs = {o["name"]: o for o in response.json()["outputs"]}
     assert set(outputs) == {"species", "species_proba"}
     return [int(x) for x in np.asarray(outputs["species"]["data"]).ravel()]
+
+
+def _envoy_admin_ports(mesh: Mesh) -> dict[str, int]:
+    """The admin port of every Envoy of the stack, by its bootstrap file (ingress, sidecars, pipeline sidecar)."""
+    ports = {}
+    for bootstrap in mesh.data_dir.rglob("*.yaml"):
+        document = yaml.safe_load(bootstrap.read_text())
+        if isinstance(document, dict) and "admin" in document:
+            ports[bootstrap.name] = int(document["admin"]["address"]["socket_address"]["port_value"])
+    return ports
+
+
+def _resets(mesh: Mesh) -> dict[str, int]:
+    """The non-zero reset counters of every Envoy of the stack."""
+    found = {}
+    for envoy, port in _envoy_admin_ports(mesh).items():
+        stats = httpx.get(f"http://127.0.0.1:{port}/stats", timeout=10).text
+        for line in stats.splitlines():
+            name, _, value = line.partition(": ")
+            if RESET_COUNTER.search(name) and value.isdigit() and int(value):
+                found[f"{envoy} {name}"] = int(value)
+    return found
+
+
+def _concurrent_grpc_calls(mesh: Mesh, request: service_pb2.ModelInferRequest) -> list[list[int]]:
+    """CALLS ModelInfer calls through the ingress from CONCURRENCY connections at once: each call's species."""
+    # One channel per worker: each is an HTTP/2 connection of its own, as from many clients.
+    channels = [grpc.insecure_channel(mesh.grpc_target) for _ in range(CONCURRENCY)]
+    try:
+        stubs = [service_pb2_grpc.GRPCInferenceServiceStub(channel) for channel in channels]
+
+        def call(index: int) -> list[int]:
+            answer = stubs[index % CONCURRENCY].ModelInfer(request, timeout=60)
+            return list(answer.outputs[0].contents.int64_contents)
+
+        with ThreadPoolExecutor(CONCURRENCY) as pool:
+            return list(pool.map(call, range(CALLS)))
+    finally:
+        for channel in channels:
+            channel.close()
 
 
 def _stage(model: str, version: int = 1, shadows: list[dict[str, object]] | None = None) -> dict[str, object]:
@@ -86,6 +132,14 @@ def test_three_framework_pipeline_through_the_ingress(mesh: Mesh, pipeline_dir: 
     metadata = dict(call.initial_metadata())
     assert STAGES.fullmatch(str(metadata["x-hydro-stages"])), metadata
     assert list(answer.outputs[0].contents.int64_contents) == EXPECTED
+
+    # Concurrent calls: all answered, and no Envoy on the way (ingress, pipeline sidecar, stage sidecars) saw a
+    # stream reset by either side.
+    envoys = _envoy_admin_ports(mesh)
+    assert "ingress.yaml" in envoys and any(name.startswith("pipeline-sidecar") for name in envoys), envoys
+    resets_before = _resets(mesh)
+    assert _concurrent_grpc_calls(mesh, request) == [EXPECTED] * CALLS
+    assert _resets(mesh) == resets_before
 
     status = mesh.api.get_application(APP)["status"]
     assert status["ready"] is True, status
