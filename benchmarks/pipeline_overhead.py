@@ -42,6 +42,8 @@ if Path(sys.prefix).resolve() != VENV_PYTHON.parent.parent.resolve() and VENV_PY
     # `python benchmarks/pipeline_overhead.py` with the system Python: run again inside the project's venv.
     os.execv(str(VENV_PYTHON), [str(VENV_PYTHON), *sys.argv])
 sys.path.insert(0, str(ROOT))
+# Before gRPC is imported: this process forks children while gRPC runs (see manager_api/__init__.py).
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402

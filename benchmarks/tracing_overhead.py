@@ -46,11 +46,8 @@ if Path(sys.prefix).resolve() != VENV_PYTHON.parent.parent.resolve() and VENV_PY
     # `python benchmarks/tracing_overhead.py` with the system Python: run again inside the project's venv.
     os.execv(str(VENV_PYTHON), [str(VENV_PYTHON), *sys.argv])
 sys.path.insert(0, str(ROOT))
-# This process starts Envoys and runtimes (fork + exec) while the receiver's gRPC threads run; gRPC's fork handlers
-# then ran in a child before its exec and killed it now and then (SIGSEGV/SIGABRT, "epoll_wait error: Bad file
-# descriptor" in the ingress log). No process here forks to keep using gRPC, so the handlers are not needed; the
-# children inherit the setting, the same in every configuration.
-os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+# Before gRPC is imported: this process forks children while gRPC runs (see manager_api/__init__.py).
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
 import aetcd  # noqa: E402
 import grpc  # noqa: E402
