@@ -6,9 +6,13 @@ stream wakes up (all the keys of one transaction arrive together) are written as
 sees half a transaction followed by a long pause. A comment line (``: keepalive``) goes out when nothing
 happened for ``heartbeat`` seconds, so idle-timeout proxies keep the stream open.
 
-A reader slower than the changes gets at most ``backlog`` changes queued for it: past that its stream ends after
-the last complete revision, so the client reconnects with Last-Event-ID and the etcd watch replays the rest from
-history. Memory stays bounded and nothing is lost (unless etcd compacts in between: then the reconnect is a 410).
+A reader slower than the changes gets at most ``backlog`` changes queued for it: past that its stream is cut off,
+what was queued is dropped and the etcd watch cancelled at once, so memory stays bounded even for a client that
+holds its connection open and reads nothing. Nothing is lost: the client reconnects with Last-Event-ID (the last
+id it did receive, always a whole revision) and etcd replays the rest from history (unless etcd compacted it in
+between: then the reconnect is a 410). A stream is only cut once its queue spans two revisions, so one huge
+transaction never loops a client through reconnects; a client that opened the stream without ``since`` and had
+received no event yet resumes from "now".
 """
 
 from __future__ import annotations
@@ -84,18 +88,14 @@ async def event_stream(
         nonlocal ended
         try:
             async for change in changes:
-                if len(queue) >= backlog:
-                    # The change that does not fit may share its revision with the last queued ones (one
-                    # transaction): drop them too, so the stream ends on a whole revision and the resume point
-                    # (the last id sent) replays this one entirely.
-                    while queue and queue[-1].revision == change.revision:
-                        queue.pop()
+                if len(queue) >= backlog and queue[0].revision != change.revision:
                     log.warning(
-                        "event stream: reader fell %d changes behind at revision %d; ending it, it resumes from there",
-                        backlog,
-                        change.revision,
+                        "event stream: reader fell %d changes behind at revision %d; cut off, it resumes from there",
+                        len(queue),
+                        queue[0].revision,
                     )
-                    return
+                    queue.clear()
+                    break
                 queue.append(change)
                 arrived.set()
         except Exception as exc:
@@ -103,6 +103,9 @@ async def event_stream(
         finally:
             ended = True
             arrived.set()
+            close = getattr(changes, "aclose", None)
+            if close is not None:
+                await close()
 
     pump_task = asyncio.create_task(pump())
     try:

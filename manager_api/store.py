@@ -123,6 +123,38 @@ def _mod_revision(response: Any, index: int) -> int:
     return int(kvs[0].mod_revision) if kvs else 0
 
 
+class WatchedChanges:
+    """The changes an etcd watch reports, as an async iterator; ``aclose`` cancels the watch at once.
+
+    A reader that stops following early (manager_api/events.py cuts off a reader that fell too far behind) thus ends
+    the watch before it leaves ``TopologyStore.changes``: the watch's own queue would otherwise keep growing.
+    """
+
+    def __init__(self, watch: Any) -> None:
+        self._watch = watch
+        self._events = watch.__aiter__()
+
+    def __aiter__(self) -> WatchedChanges:
+        return self
+
+    async def __anext__(self) -> Change:
+        event = await self._events.__anext__()
+        put = event.kind == aetcd.EventKind.PUT
+        return Change(
+            type="put" if put else "delete",
+            key=event.kv.key.decode(),
+            revision=event.kv.mod_revision,
+            value=event.kv.value if put else None,
+        )
+
+    async def aclose(self) -> None:
+        """Cancel the watch (again on exit from ``changes``: harmless)."""
+        # Shielded: a disconnected client cancels the request's task, and the cancel request must still reach
+        # etcd or the watch would live as long as the manager.
+        with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+            await self._watch.cancel()
+
+
 class TopologyStore:
     """Typed access to the desired state under one prefix."""
 
@@ -449,7 +481,7 @@ class TopologyStore:
     # --- changes --------------------------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def changes(self, after_revision: int | None = None) -> AsyncIterator[AsyncIterator[Change]]:
+    async def changes(self, after_revision: int | None = None) -> AsyncIterator[WatchedChanges]:
         """Watch everything under the prefix: changes made after ``after_revision`` (None: from now on).
 
         The watch exists once this is entered (changes made afterwards are never missed) and is cancelled on
@@ -464,23 +496,11 @@ class TopologyStore:
         except RevisionCompactedError as exc:
             raise HistoryCompacted(start or 0) from exc
 
-        async def follow() -> AsyncIterator[Change]:
-            async for event in watch:
-                put = event.kind == aetcd.EventKind.PUT
-                yield Change(
-                    type="put" if put else "delete",
-                    key=event.kv.key.decode(),
-                    revision=event.kv.mod_revision,
-                    value=event.kv.value if put else None,
-                )
-
+        changes = WatchedChanges(watch)
         try:
-            yield follow()
+            yield changes
         finally:
-            # Shielded: a disconnected client cancels the request's task, and the cancel request must still
-            # reach etcd or the watch would live as long as the manager.
-            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
-                await watch.cancel()
+            await changes.aclose()
 
     # --- plumbing -------------------------------------------------------------------------------------------
 

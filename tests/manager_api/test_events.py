@@ -22,7 +22,7 @@ from manager_api.auth import write_token_file
 from manager_api.etcd_server import EtcdServer
 from manager_api.events import KEEPALIVE, event_stream
 from manager_api.processes import wait_until
-from manager_api.store import Change
+from manager_api.store import Change, TopologyStore
 from protos.topology import Keys
 
 ADMIN = "events-admin-token"
@@ -223,20 +223,57 @@ async def test_silence_is_filled_with_keepalives(tmp_path: Path) -> None:
     await stream.aclose()
 
 
-async def test_a_reader_that_falls_behind_is_cut_off_at_a_whole_revision() -> None:
-    """Past ``backlog`` queued changes the stream ends after the last complete revision, so resuming from the last
-    id sent (Last-Event-ID) loses nothing and one slow reader cannot grow the manager's memory without bound."""
+async def test_a_reader_that_stops_reading_is_cut_off_and_its_watch_closed() -> None:
+    """Past ``backlog`` queued changes the stream drops its queue, closes the watch and ends: memory stays bounded
+    even for a client that holds the connection and reads nothing, and resuming from the last id it did get
+    (Last-Event-ID, a whole revision) loses nothing."""
+    feed: asyncio.Queue[Change] = asyncio.Queue()
+    watch_closed = asyncio.Event()
 
-    async def transactions() -> AsyncIterator[Change]:
-        for revision in range(1, 100):  # two keys per transaction, all arriving before the reader reads
-            for name in ("a", "b"):
-                yield Change(type="put", key=f"{PREFIX}applications/{name}", revision=revision, value=b"{}")
+    async def watch() -> AsyncIterator[Change]:
+        try:
+            while True:
+                yield await feed.get()
+        finally:
+            watch_closed.set()
 
-    stream = event_stream(transactions(), Keys(PREFIX), heartbeat=5, backlog=5)
+    def transaction(revision: int) -> None:
+        for name in ("a", "b"):
+            feed.put_nowait(Change(type="put", key=f"{PREFIX}applications/{name}", revision=revision, value=b"{}"))
+
+    stream = event_stream(watch(), Keys(PREFIX), heartbeat=5, backlog=5)
+    transaction(1)
+    first = await anext(stream)
+    assert [line for line in first.splitlines() if line.startswith("id: ")] == ["id: 1", "id: 1"]
+    for revision in range(2, 10):  # the reader reads nothing meanwhile
+        transaction(revision)
+    await asyncio.wait_for(watch_closed.wait(), 10)
+    with pytest.raises(StopAsyncIteration):
+        await anext(stream)
+
+
+async def test_one_transaction_larger_than_the_backlog_is_sent_whole() -> None:
+    """Cutting inside one revision would make the client resume before it and be cut again, for ever."""
+
+    async def one_big_transaction() -> AsyncIterator[Change]:
+        for index in range(20):
+            yield Change(type="put", key=f"{PREFIX}applications/app-{index}", revision=7, value=b"{}")
+
+    stream = event_stream(one_big_transaction(), Keys(PREFIX), heartbeat=5, backlog=5)
     text = "".join([chunk async for chunk in stream])
-    ids = [line.removeprefix("id: ") for line in text.splitlines() if line.startswith("id: ")]
-    # r1 a, r1 b, r2 a, r2 b, r3 a fit; r3 b does not: r3 a goes too, and the stream ends.
-    assert ids == ["1", "1", "2", "2"], text
+    assert text.count("id: 7\n") == 20
+
+
+async def test_closing_the_changes_cancels_the_etcd_watch_at_once(etcd: EtcdServer) -> None:
+    """What the cut-off relies on: the store's watch ends when its iterator is closed, before the context exits."""
+    before = _etcd_watchers(etcd)
+    host, port = etcd.endpoint.rsplit(":", 1)
+    async with aetcd.Client(host=host, port=int(port)) as client:
+        store = TopologyStore(client, Keys(PREFIX))
+        async with store.changes() as changes:
+            await asyncio.to_thread(wait_until, lambda: _etcd_watchers(etcd) == before + 1, 10, "a watch")
+            await changes.aclose()
+            await asyncio.to_thread(wait_until, lambda: _etcd_watchers(etcd) == before, 10, "the watch cancelled")
 
 
 async def test_a_reader_that_keeps_up_gets_every_change() -> None:
