@@ -289,7 +289,7 @@ def main() -> None:
                 )
                 # Each round's own ratio: how far apart rounds are says how much to trust the median.
                 results[f"{protocol}_rps_ratio_c{concurrency}_rounds"] = [
-                    round(ours / theirs, 3)
+                    round(ours / max(theirs, 1e-9), 3)
                     for ours, theirs in zip(samples[f"ours{base}rps"], samples[f"mlserver{base}rps"], strict=True)
                 ]
             results[f"{protocol}_batching_speedup_c{top}"] = round(

@@ -94,7 +94,8 @@ class Statistics:
     def _record_success(
         self, now_ms: int, total_ns: int, queue_ns: int, input_ns: int, infer_ns: int, output_ns: int
     ) -> None:
-        self._last_inference_ms = now_ms
+        # max: threads take now_ms before the lock, so a later recording can carry an earlier time.
+        self._last_inference_ms = max(self._last_inference_ms, now_ms)
         self._inference_count += 1
         stages = self._stages
         stages["success"].add(total_ns)

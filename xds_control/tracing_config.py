@@ -86,7 +86,7 @@ class EnvoyTracing:
 
 def ingress_response_headers(tracing: EnvoyTracing | None) -> dict[str, str]:
     """Headers the ingress's route configuration adds to every response: ``x-hydro-trace-id`` (Envoy's
-    ``%TRACE_ID%``, empty when the request is not traced) while tracing is on.
+    ``%TRACE_ID%``: unsampled requests get an id too, which is just not in Jaeger) while tracing is on.
 
     A route configuration header rather than a header mutation filter: the connection manager runs one filter
     fewer per request.

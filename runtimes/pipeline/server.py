@@ -73,7 +73,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         "--max-shadows-in-flight",
         type=int,
         default=32,
-        help="shadow calls running at once per shadow; copies beyond are dropped and counted (default 32)",
+        help="copies per shadow handed to the shadow worker and not yet reported; more are dropped and counted "
+        "(default 32)",
     )
     parser.add_argument(
         "--shadow-delay",

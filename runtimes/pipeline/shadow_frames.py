@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -90,7 +91,7 @@ def decode_job(body: bytes) -> ShadowJob:
         stage_index = int(stage)
         parsed = json.loads(headers)
         names = tuple(shadow.decode() for shadow in shadows)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise FrameError(f"an unreadable job: {exc}") from None
     if not isinstance(parsed, dict) or not all(isinstance(v, str) for v in parsed.values()):
         raise FrameError("a job's trace headers are not a JSON object of strings")
@@ -106,12 +107,16 @@ def decode_reports(body: bytes) -> list[ShadowReport]:
     """The reports in a frame's body; FrameError if it is not a batch of them."""
     try:
         rows = json.loads(body)
+        if not isinstance(rows, list):
+            raise TypeError(f"a list of reports expected, got {type(rows).__name__}")
         reports = [
             ShadowReport(int(stage), str(shadow), str(outcome), float(latency))
             for stage, shadow, outcome, latency in rows
         ]
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, RecursionError) as exc:  # RecursionError: JSON nested beyond Python's stack
         raise FrameError(f"an unreadable report batch: {exc}") from None
+    if not all(math.isfinite(r.latency) and r.latency >= 0 for r in reports):
+        raise FrameError("a shadow latency that is not a finite number of seconds >= 0")
     unknown = {r.outcome for r in reports} - OUTCOMES
     if unknown:
         raise FrameError(f"unknown shadow outcome {sorted(unknown)}")

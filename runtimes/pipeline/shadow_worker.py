@@ -57,6 +57,8 @@ MODEL_VERSION_HEADER = "x-hydro-model-version"
 NICENESS = 10
 #: Reports wait this long to go back in one frame with the others that finish meanwhile.
 REPORT_INTERVAL = 0.05
+#: ... or as soon as this many are waiting.
+REPORT_BATCH = 16
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,10 @@ class _Reporter:
 
     def add(self, report: ShadowReport) -> None:
         self._pending.append(report)
-        if self._scheduled is None:
+        if len(self._pending) >= REPORT_BATCH:
+            # A copy holds its place under the runtime's in-flight cap until reported: do not sit on many.
+            self.flush()
+        elif self._scheduled is None:
             self._scheduled = asyncio.get_running_loop().call_later(REPORT_INTERVAL, self.flush)
 
     def flush(self) -> None:
@@ -150,16 +155,25 @@ class ShadowCaller:
             # The caller's answer is still on its way out through the same sidecar (and the ingress): the copies
             # start once it has gone, instead of competing with it for the sidecar and the CPU.
             await asyncio.sleep(self._delay)
-        tracer = active_tracer()
-        parent = remote_parent(job.headers) if tracer is not None else None
-        if tracer is None or parent is None:
-            outcome, latency = await self._send(job, shadow, primary, ())
-        else:
-            with shadow_span(tracer, self._app, job.stage, shadow, parent) as span:
-                metadata = trace_metadata(span, job.headers.get(REQUEST_ID_HEADER))
-                outcome, latency = await self._send(job, shadow, primary, metadata)
-                record_outcome(span, outcome)
-        self._reporter.add(ShadowReport(job.stage, shadow, outcome, latency))
+        outcome, latency = "error", 0.0
+        try:
+            tracer = active_tracer()
+            parent = remote_parent(job.headers) if tracer is not None else None
+            if tracer is None or parent is None:
+                # Not tracing here (the runtime may be: each process watches its collector on its own): the
+                # caller's trace context and request id still go with the copy, as they came.
+                outcome, latency = await self._send(job, shadow, primary, tuple(job.headers.items()))
+            else:
+                with shadow_span(tracer, self._app, job.stage, shadow, parent) as span:
+                    metadata = trace_metadata(span, job.headers.get(REQUEST_ID_HEADER))
+                    outcome, latency = await self._send(job, shadow, primary, metadata)
+                    record_outcome(span, outcome)
+        except Exception as exc:
+            log.warning("shadow %s of %s stage %d failed: %r", shadow, self._app, job.stage, exc)
+        finally:
+            # Always reported (cancelled on the way out included): an unreported copy would hold its place under
+            # the runtime's in-flight cap for as long as this worker lives.
+            self._reporter.add(ShadowReport(job.stage, shadow, outcome, latency))
 
     async def _send(
         self, job: ShadowJob, shadow: str, primary: Mapping[str, WireTensor], trace_context: Metadata

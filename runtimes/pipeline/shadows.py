@@ -292,22 +292,33 @@ class ShadowRunner:
             await process.wait()
             raise
         self._writer = writer
+        if self._closed:  # close() came while this was spawning: the worker's end of input is due now
+            writer.close()
         self._first_attempt.set()
         log.info("shadow worker started (pid %d)", process.pid)
         try:
             while (body := await read_frame(reader, _REPORT_LIMIT)) is not None:
                 self._record(decode_reports(body))
         except FrameError as exc:
-            log.error("the shadow worker's reports are unreadable (%s): stopping it", exc)
-            process.kill()
+            if self._closed:  # close() shut the socket inside a frame: the worker is stopping anyway
+                log.debug("the shadow worker's last reports are cut off: %s", exc)
+            else:
+                log.error("the shadow worker's reports are unreadable (%s): stopping it", exc)
+                process.kill()
         except ConnectionError as exc:
             # A worker that died with jobs unread resets the socket: the same as its end.
             log.debug("the shadow worker's socket failed: %s", exc)
         finally:
             self._writer = None
             writer.close()
-            # On close() this is the worker finishing; close() kills it if it takes too long.
-            code = await process.wait()
+            # The worker exits at the end of its input (close() kills it if it takes too long); one that does not
+            # is wedged, and is killed here so that it is started again.
+            try:
+                code = await asyncio.wait_for(asyncio.shield(process.wait()), _STOP_GRACE)
+            except TimeoutError:
+                log.warning("the shadow worker did not exit within %.0f s of its input's end: killing it", _STOP_GRACE)
+                process.kill()
+                code = await process.wait()
             if not self._closed:
                 for series in self._series.values():
                     series.drop_unreported()

@@ -59,6 +59,7 @@ def test_a_job_and_a_report_batch_come_back_as_they_were_sent() -> None:
         (_body(encode_job(JOB)) + b"\x00\x00", "length is cut off"),
         (_body(encode_job(ShadowJob(1, (), {}, b"", b""))), "at least 5 expected"),
         (_body(encode_job(ShadowJob(1, ("a:1",), {"traceparent": 1}, b"", b""))), "not a JSON object of strings"),  # type: ignore[dict-item]
+        (b"".join(struct.pack("!I", len(f)) + f for f in (b"2", b"[" * 100_000, b"", b"", b"a:1")), "unreadable job"),
     ],
 )
 def test_a_broken_job_is_refused_naming_what_is_wrong(body: bytes, message: str) -> None:
@@ -72,6 +73,11 @@ def test_a_broken_job_is_refused_naming_what_is_wrong(body: bytes, message: str)
         (b"[[2, 'back:2']]", "unreadable report batch"),
         (json.dumps([[2, "back:2", "maybe", 0.1]]).encode(), "unknown shadow outcome"),
         (json.dumps([[2, "back:2"]]).encode(), "unreadable report batch"),
+        (b"[" * 100_000, "unreadable report batch"),  # nested past Python's recursion limit
+        (json.dumps({"2": "back:2"}).encode(), "a list of reports expected"),
+        (b'[[2, "back:2", "agree", NaN]]', "not a finite number"),
+        (b'[[2, "back:2", "agree", 1e999]]', "not a finite number"),
+        (json.dumps([[2, "back:2", "agree", -1.0]]).encode(), "not a finite number"),
     ],
 )
 def test_a_broken_report_batch_is_refused_naming_what_is_wrong(body: bytes, message: str) -> None:
@@ -112,7 +118,9 @@ class Worker:
         """Read report batches until ``count`` reports came."""
         reports: list[ShadowReport] = []
         while len(reports) < count:
-            (size,) = struct.unpack("!I", self.stream.read(4))
+            header = self.stream.read(4)
+            assert len(header) == 4, f"the worker ended its reports after {len(reports)} of {count}"
+            (size,) = struct.unpack("!I", header)
             reports += decode_reports(self.stream.read(size))
         return reports
 
