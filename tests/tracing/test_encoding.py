@@ -7,6 +7,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import (
     Link,
     NonRecordingSpan,
@@ -19,6 +20,7 @@ from opentelemetry.trace import (
 )
 
 from tracing.encoding import encode_spans
+from tracing.server_span import RecordingServerSpan, ServerSpans
 
 
 def _spans() -> list[ReadableSpan]:
@@ -42,6 +44,35 @@ def _spans() -> list[ReadableSpan]:
     return list(kept.get_finished_spans())
 
 
+def _server_spans() -> list[ReadableSpan]:
+    """Spans of tracing.server_span (the runtime's own span class, which the encoder writes from its ints), with
+    request ids longer than the encoder's string cache takes, an error status and an event."""
+    kept = InMemorySpanExporter()
+    spans = ServerSpans(Resource.create({"service.name": "enc"}), InstrumentationScope("s"), SimpleSpanProcessor(kept))
+    headers = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+    for request_id in ("r" * 36, "q" * 180, "short"):
+        span = spans.start("infer", headers, {"hydro.request_id": request_id, "hydro.batch_size": 1})
+        assert isinstance(span, RecordingServerSpan)
+        span.end()
+    failed = spans.start("infer", headers, {"hydro.request_id": "f" * 40})
+    assert failed is not None
+    failed.set_status(Status(StatusCode.ERROR, "bad input"))
+    failed.end()
+    with_event = spans.start("infer", headers, {})
+    assert with_event is not None
+    with_event.record_exception(ValueError("bad"))
+    with_event.end()
+    return list(kept.get_finished_spans())
+
+
 def test_same_request_as_the_sdk() -> None:
     spans = _spans()
+    assert encode_spans(spans) == sdk_encode_spans(spans)
+
+
+def test_same_request_as_the_sdk_for_server_spans() -> None:
+    spans = _server_spans()
+    assert len(spans) == 5
+    assert encode_spans(spans) == sdk_encode_spans(spans)
+    # Twice: the second time the encoder's caches are warm.
     assert encode_spans(spans) == sdk_encode_spans(spans)
