@@ -27,7 +27,8 @@ from runtimes.pipeline.executor import PipelineExecutor
 from runtimes.pipeline.grpc_service import create_grpc_server
 from runtimes.pipeline.rest import create_app
 from runtimes.pipeline.service import PipelineService
-from runtimes.pipeline.shadows import ShadowMetrics, ShadowRunner, WorkerCommand
+from runtimes.pipeline.shadow_worker import WorkerOptions
+from runtimes.pipeline.shadows import ShadowMetrics, ShadowRunner
 from runtimes.pipeline.spec import PipelineSpec, PipelineSpecError, load_spec
 from runtimes.server import LOG_LEVELS, configure_logging, server_version
 from tracing.provider import setup_tracing
@@ -48,7 +49,7 @@ class Options:
     timeout: float = 30.0
     shadow_timeout: float = 10.0
     max_shadows_in_flight: int = 32
-    shadow_delay: float = 0.005
+    shadow_delay: float = WorkerOptions.delay
     max_message_mb: int = 64
     log_level: str = "info"
     shutdown_grace: float = 5.0
@@ -79,9 +80,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     parser.add_argument(
         "--shadow-delay",
         type=float,
-        default=0.005,
+        default=WorkerOptions.delay,
         help="seconds from the caller's answer to its shadow calls, so they do not compete with it on its way out "
-        "through the sidecar (default 0.005)",
+        f"through the sidecar (default {WorkerOptions.delay})",
     )
     parser.add_argument("--max-message-mb", type=int, default=64, help="largest message in MiB (default 64)")
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="info")
@@ -136,7 +137,7 @@ async def serve(options: Options, spec: PipelineSpec) -> int:
     if any(plan.shadows for plan in spec.stages):
         # A process of its own makes the shadow calls: this event loop only hands them over (runtimes/pipeline/
         # shadows.py), and an application without shadows pays for no worker.
-        command = WorkerCommand(
+        command = WorkerOptions(
             spec.name, options.outbound, options.shadow_timeout, max_bytes, options.log_level, options.shadow_delay
         )
         shadows = ShadowRunner(command, ShadowMetrics(registry), max_in_flight=options.max_shadows_in_flight)

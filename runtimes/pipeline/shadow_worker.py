@@ -63,14 +63,25 @@ REPORT_BATCH = 16
 
 @dataclass(frozen=True)
 class WorkerOptions:
-    """Command-line options of ``python -m runtimes.pipeline.shadow_worker``."""
+    """Command-line options of ``python -m runtimes.pipeline.shadow_worker``: the settings it shares with the
+    pipeline runtime, which starts it with ``argv()``."""
 
     app: str
     outbound: str
     timeout: float = 10.0
     max_message_bytes: int = 64 * 2**20
     log_level: str = "info"
-    delay: float = 0.0
+    #: Seconds between a job's arrival and its calls (the runtime's ``--shadow-delay``; see ShadowCaller).
+    delay: float = 0.005
+
+    def argv(self) -> list[str]:
+        """The worker's command line."""
+        return [
+            *(sys.executable, "-m", "runtimes.pipeline.shadow_worker", "--app", self.app),
+            *("--outbound", self.outbound, "--timeout", str(self.timeout)),
+            *("--max-message-bytes", str(self.max_message_bytes), "--log-level", self.log_level),
+            *("--delay", str(self.delay)),
+        ]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> WorkerOptions:
@@ -85,7 +96,10 @@ def parse_args(argv: Sequence[str] | None = None) -> WorkerOptions:
     parser.add_argument("--max-message-bytes", type=int, default=64 * 2**20, help="largest message in bytes")
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="info")
     parser.add_argument(
-        "--delay", type=float, default=0.0, help="seconds between a job's arrival and its calls (default 0)"
+        "--delay",
+        type=float,
+        default=WorkerOptions.delay,
+        help=f"seconds between a job's arrival and its calls (default {WorkerOptions.delay})",
     )
     args = parser.parse_args(argv)
     if args.timeout <= 0:

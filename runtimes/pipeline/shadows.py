@@ -21,7 +21,6 @@ import asyncio
 import contextvars
 import logging
 import socket
-import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from runtimes.pipeline.shadow_frames import (
     encode_job,
     read_frame,
 )
+from runtimes.pipeline.shadow_worker import WorkerOptions
 from runtimes.pipeline.spans import propagation_headers
 from runtimes.pipeline.wire import WireTensor
 from tracing.provider import active_tracer
@@ -155,28 +155,6 @@ def _primary_message(outputs: Mapping[str, WireTensor]) -> bytes:
     return message.SerializeToString()
 
 
-@dataclass(frozen=True)
-class WorkerCommand:
-    """How to start the shadow worker: the settings it shares with the runtime."""
-
-    app: str
-    outbound: str
-    timeout: float = 10.0
-    max_message_bytes: int = 64 * 2**20
-    log_level: str = "info"
-    #: Seconds the worker waits before a job's calls (``--shadow-delay``; see shadow_worker.ShadowCaller).
-    delay: float = 0.005
-
-    def argv(self) -> list[str]:
-        """The worker's command line."""
-        return [
-            *(sys.executable, "-m", "runtimes.pipeline.shadow_worker", "--app", self.app),
-            *("--outbound", self.outbound, "--timeout", str(self.timeout)),
-            *("--max-message-bytes", str(self.max_message_bytes), "--log-level", self.log_level),
-            *("--delay", str(self.delay)),
-        ]
-
-
 class ShadowRunner:
     """Hands shadow copies to the shadow worker and counts what it reports. Used from one event loop only (no locks).
 
@@ -186,7 +164,7 @@ class ShadowRunner:
 
     def __init__(
         self,
-        command: WorkerCommand,
+        command: WorkerOptions,
         metrics: ShadowMetrics,
         *,
         max_in_flight: int = 32,

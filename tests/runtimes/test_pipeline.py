@@ -242,6 +242,17 @@ def _check_answer(stack: PipelineStack, outputs: dict[str, list[Any]]) -> None:
     assert all(0.3 < c <= 1.0 for c in outputs["confidence"])
 
 
+def _infer_by_turns(stack: PipelineStack, index: int) -> None:
+    """One request of the 10-row batch, gRPC on odd ``index``, REST on even, checked to be answered right."""
+    if index % 2:
+        _, metadata = stack.grpc_infer(ROWS * 10)
+        assert SERVED.fullmatch(metadata[STAGES_HEADER])
+    else:
+        response = stack.rest(ROWS * 10)
+        assert response.status_code == 200, response.text
+        _check_answer(stack, {o["name"]: o["data"] for o in response.json()["outputs"]})
+
+
 def test_rest_and_grpc_answer_with_the_last_stage_and_name_every_stage(stack: PipelineStack) -> None:
     response = stack.rest(ROWS * 10)
     assert response.status_code == 200, response.text
@@ -323,13 +334,7 @@ def test_shadows_never_reach_the_caller_and_are_measured(stack: PipelineStack) -
     latencies = []
     for index in range(requests):
         started = time.perf_counter()
-        if index % 2:
-            _, metadata = stack.grpc_infer(ROWS * 10)
-            assert SERVED.fullmatch(metadata[STAGES_HEADER])
-        else:
-            response = stack.rest(ROWS * 10)
-            assert response.status_code == 200, response.text
-            _check_answer(stack, {o["name"]: o["data"] for o in response.json()["outputs"]})
+        _infer_by_turns(stack, index)
         latencies.append(time.perf_counter() - started)
     # The sleeping shadow takes 2 s a call: the caller must not wait for any of it.
     assert sorted(latencies)[int(0.99 * requests) - 1] < 0.5, f"p99 {sorted(latencies)[-2]:.3f} s"
@@ -381,13 +386,7 @@ def test_a_killed_shadow_worker_never_reaches_the_caller_and_is_started_again(st
     # Callers keep their answers (both protocols) and /metrics is served, while the worker is down and after.
     requests = 20
     for index in range(requests):
-        if index % 2:
-            _, metadata = stack.grpc_infer(ROWS * 10)
-            assert SERVED.fullmatch(metadata[STAGES_HEADER])
-        else:
-            response = stack.rest(ROWS * 10)
-            assert response.status_code == 200, response.text
-            _check_answer(stack, {o["name"]: o["data"] for o in response.json()["outputs"]})
+        _infer_by_turns(stack, index)
         if index == 0:
             assert stack.metrics()
     wait_until(lambda: stack.shadow_worker_pid() not in (None, killed), 20, "a new shadow worker")
