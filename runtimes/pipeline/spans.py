@@ -122,12 +122,7 @@ def trace_metadata(span: trace.Span, request_id: str | None = None) -> Metadata:
 
 def propagation_headers() -> dict[str, str]:
     """The current span's W3C headers and the request's id: what the shadow worker needs to join the trace."""
-    carrier: dict[str, str] = {}
-    _W3C.inject(carrier)
-    request_id = _request_id.get()
-    if request_id:
-        carrier[REQUEST_ID_HEADER] = request_id
-    return carrier
+    return dict(trace_metadata(trace.get_current_span()))
 
 
 def remote_parent(headers: Mapping[str, str]) -> Context | None:
