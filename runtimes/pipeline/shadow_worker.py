@@ -228,6 +228,8 @@ async def work(options: WorkerOptions, stdin: socket.socket) -> int:
     reader, writer = await asyncio.open_connection(sock=stdin)
     channel = OutboundChannel(options.outbound, options.max_message_bytes)
     reporter = _Reporter(writer)
+    # An empty report batch says "serving": the runtime reports ready only after it (ShadowRunner.start).
+    writer.write(encode_reports([]))
     caller = ShadowCaller(options.app, channel, reporter, options.timeout, options.delay)
     # A job holds a stage request and the primary's outputs, each at most one message.
     limit = 2 * options.max_message_bytes + 2**20

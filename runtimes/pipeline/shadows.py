@@ -53,6 +53,8 @@ _LAST_RESTART_DELAY = 30.0
 _STABLE_SECONDS = 60.0
 #: Seconds a worker gets to finish after its socket is closed, before it is killed.
 _STOP_GRACE = 3.0
+#: Seconds start() waits for the worker to serve (imports take ~1 s) before the runtime serves without it.
+_START_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,10 +186,16 @@ class ShadowRunner:
         self._closed = False
 
     async def start(self) -> None:
-        """Start the worker (and a task that starts it again if it exits); returns once it is spawned, or failed to
-        be (the runtime serves without shadows meanwhile: they are dropped and counted)."""
+        """Start the worker (and a task that starts it again if it exits); returns once it serves (its first, empty
+        report batch came: until then copies would pile up unreported and be dropped), or failed to start (the
+        runtime serves without shadows meanwhile: they are dropped and counted)."""
         self._supervisor = asyncio.create_task(self._supervise(), name="shadow-worker")
-        await self._first_attempt.wait()
+        try:
+            await asyncio.wait_for(self._first_attempt.wait(), _START_TIMEOUT)
+        except TimeoutError:
+            log.warning(
+                "the shadow worker did not start within %.0f s: serving, shadows dropped meanwhile", _START_TIMEOUT
+            )
 
     def submit(self, pending: Iterable[StageShadows]) -> None:
         """Hand each stage in ``pending`` to the worker (call it after the caller's answer); drop what cannot go."""
@@ -236,7 +244,7 @@ class ShadowRunner:
                 # Cannot even start it (no fork, a bad interpreter): shadows stay dropped, the caller never knows.
                 log.error("cannot run the shadow worker: %s", exc)
                 code = None
-                self._first_attempt.set()
+            self._first_attempt.set()
             if self._closed:
                 return
             if time.monotonic() - began >= _STABLE_SECONDS:
@@ -272,11 +280,11 @@ class ShadowRunner:
         self._writer = writer
         if self._closed:  # close() came while this was spawning: the worker's end of input is due now
             writer.close()
-        self._first_attempt.set()
         log.info("shadow worker started (pid %d)", process.pid)
         try:
             while (body := await read_frame(reader, _REPORT_LIMIT)) is not None:
                 self._record(decode_reports(body))
+                self._first_attempt.set()
         except FrameError as exc:
             if self._closed:  # close() shut the socket inside a frame: the worker is stopping anyway
                 log.debug("the shadow worker's last reports are cut off: %s", exc)

@@ -306,9 +306,15 @@ def test_agreement_ratio_of_a_shadow_that_disagrees_on_every_4th_call(experiment
             _metric(metrics, "hydro_shadow_calls_total", outcome="disagree", **labels),
         )
 
+    def all_reported() -> bool:
+        metrics = _pipeline_metrics(mesh, "agree")
+        return _metric(metrics, "hydro_shadow_in_flight", **labels) == 0
+
     with httpx.Client(timeout=30) as client:
         for _ in range(40):
             assert _infer(mesh, "agree", client).status_code == 200
+        # The worker reports in batches, a little after each call: count only once every copy sent is reported.
+        wait_until(all_reported, 30, "every shadow copy reported")
         agree, disagree = answered()
         # The shadow has answered every call it got (the probes' too); more calls until that is a multiple of 4.
         for _ in range(-int(agree + disagree) % 4):
