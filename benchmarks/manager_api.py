@@ -49,7 +49,8 @@ from manager_api.auth import write_token_file  # noqa: E402
 from manager_api.client import ManagerClient  # noqa: E402
 from manager_api.demo import DEMO_LABELS, demo_request  # noqa: E402
 from manager_api.etcd_server import EtcdServer  # noqa: E402
-from manager_api.processes import ChildProcess, free_port, http_ok, wait_until  # noqa: E402
+from manager_api.ports import free_port  # noqa: E402
+from manager_api.processes import ChildProcess, http_ok, wait_until  # noqa: E402
 from manager_api.stack import Stack, StackConfig  # noqa: E402
 
 TOKEN = "bench-admin-token"

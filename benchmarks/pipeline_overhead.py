@@ -52,7 +52,8 @@ from benchmarks import h2load  # noqa: E402
 from benchmarks.h2load import need, run_h2load  # noqa: E402
 from manager_api.client import ManagerClient  # noqa: E402
 from manager_api.credentials import load_credentials  # noqa: E402
-from manager_api.processes import ChildProcess, free_port, http_ok, wait_until  # noqa: E402
+from manager_api.ports import free_port  # noqa: E402
+from manager_api.processes import ChildProcess, http_ok, wait_until  # noqa: E402
 from protos import inference_pb2, inference_pb2_grpc  # noqa: E402
 
 STAGES = 3

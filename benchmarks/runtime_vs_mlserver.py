@@ -52,7 +52,8 @@ import numpy as np  # noqa: E402
 
 from benchmarks import h2load, wrk  # noqa: E402
 from benchmarks.h2load import need  # noqa: E402
-from manager_api.processes import ChildProcess, free_port, http_ok  # noqa: E402
+from manager_api.ports import free_port  # noqa: E402
+from manager_api.processes import ChildProcess, http_ok  # noqa: E402
 from protos import inference_pb2, inference_pb2_grpc  # noqa: E402
 
 MLSERVER = ROOT / ".venv-mlserver" / "bin" / "mlserver"

@@ -65,7 +65,8 @@ from benchmarks.mesh_overhead import (  # noqa: E402
 from manager_api.deployer.registration import LeasedInstanceRegistry  # noqa: E402
 from manager_api.deployer.replica import Replica, ReplicaConfig  # noqa: E402
 from manager_api.etcd_server import EtcdServer  # noqa: E402
-from manager_api.processes import ChildProcess, free_port, wait_until  # noqa: E402
+from manager_api.ports import free_port  # noqa: E402
+from manager_api.processes import ChildProcess, wait_until  # noqa: E402
 from protos.topology import Application, Keys, Stage, Variant  # noqa: E402
 from xds_control.bootstrap import envoy_ready, ingress_envoy  # noqa: E402
 

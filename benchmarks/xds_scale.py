@@ -40,7 +40,8 @@ import httpx  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from manager_api.etcd_server import EtcdServer  # noqa: E402
-from manager_api.processes import ChildProcess, free_port, wait_until  # noqa: E402
+from manager_api.ports import free_port  # noqa: E402
+from manager_api.processes import ChildProcess, wait_until  # noqa: E402
 from protos.topology import (  # noqa: E402
     Application,
     Artifact,

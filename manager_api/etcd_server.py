@@ -10,7 +10,8 @@ import os
 import shutil
 from pathlib import Path
 
-from manager_api.processes import ChildProcess, free_port, http_ok
+from manager_api.ports import free_port
+from manager_api.processes import ChildProcess, http_ok
 
 
 def find_etcd_binary() -> str:

@@ -22,7 +22,8 @@ from manager_api.client import ManagerClient
 from manager_api.credentials import ensure_admin_credentials
 from manager_api.etcd_server import EtcdServer
 from manager_api.model_discovery import ModelDiscovery
-from manager_api.processes import ChildProcess, free_port, http_ok
+from manager_api.ports import free_port
+from manager_api.processes import ChildProcess, http_ok
 from tracing.settings import parse_endpoint
 from xds_control.bootstrap import envoy_ready, ingress_envoy
 

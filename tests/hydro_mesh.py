@@ -18,7 +18,8 @@ from sklearn.datasets import load_iris
 
 from manager_api.client import ManagerClient
 from manager_api.credentials import load_credentials
-from manager_api.processes import ChildProcess, free_port, http_ok
+from manager_api.ports import free_port
+from manager_api.processes import ChildProcess, http_ok
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "iris"
 ROWS = load_iris().data[[0, 50, 100, 120]]

@@ -24,7 +24,8 @@ from pydantic import BaseModel
 
 from manager_api.deployer.registration import LeasedInstanceRegistry
 from manager_api.deployer.replica import Replica, ReplicaConfig
-from manager_api.processes import ChildProcess, free_port
+from manager_api.ports import free_port
+from manager_api.processes import ChildProcess
 from protos.topology import Application, Artifact, Deployment, Keys, ModelVersion, Signature, Stage, Variant
 from xds_control.bootstrap import envoy_ready, ingress_envoy
 

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING
 import boto3
 from botocore.config import Config
 
-from manager_api.processes import ChildProcess, free_port
+from manager_api.ports import free_port
+from manager_api.processes import ChildProcess
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client

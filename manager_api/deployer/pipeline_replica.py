@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from manager_api.deployer.replica import PairConfig, ProcessPair
-from manager_api.processes import ChildProcess, free_port
+from manager_api.ports import free_port
+from manager_api.processes import ChildProcess
 from protos.contracts import version_key
 from protos.topology import Application, PipelineInstance, PipelineReplicaStatus, Signature
 from protos.topology import ReplicaState as ReportedState

@@ -22,7 +22,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Generic, Literal, Protocol, TypeVar
 
-from manager_api.processes import ChildProcess, ProcessExited, ReadinessTimeout, free_port, http_ok
+from manager_api.ports import free_port
+from manager_api.processes import ChildProcess, ProcessExited, ReadinessTimeout, http_ok
 from protos.topology import (
     LAST_ERROR_MAX_CHARS,
     BatchingPolicy,

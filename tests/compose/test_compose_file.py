@@ -22,7 +22,8 @@ from manager_api import __main__ as manager_main
 from manager_api import credentials
 from manager_api.auth import TokenStore
 from manager_api.etcd_server import EtcdServer
-from manager_api.processes import ChildProcess, free_port, wait_until
+from manager_api.ports import free_port
+from manager_api.processes import ChildProcess, wait_until
 from tracing.settings import TracingSettings
 from xds_control import __main__ as xds_main
 from xds_control import ingress

@@ -17,7 +17,8 @@ from typing import Any
 import aetcd
 import httpx
 
-from manager_api.processes import ChildProcess, free_port, http_ok
+from manager_api.ports import free_port
+from manager_api.processes import ChildProcess, http_ok
 
 SERVING_YAML = b"""\
 runtime: python

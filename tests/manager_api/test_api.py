@@ -21,7 +21,8 @@ from pydantic import BaseModel
 
 from manager_api.client import ManagerClient, pack_model_folder
 from manager_api.etcd_server import EtcdServer
-from manager_api.processes import ChildProcess, free_port, http_ok
+from manager_api.ports import free_port
+from manager_api.processes import ChildProcess, http_ok
 from manager_api.schemas import ModelVersionView
 from protos.topology import Instance, Keys, PipelineInstance, PipelineReplicaStatus, ProxyStatus
 

@@ -14,7 +14,8 @@ import pytest
 from manager_api.auth import TokenStore, hash_token, write_token_file
 from manager_api.credentials import ensure_admin_credentials, load_credentials
 from manager_api.etcd_server import EtcdServer
-from manager_api.processes import ChildProcess, free_port, http_ok
+from manager_api.ports import free_port
+from manager_api.processes import ChildProcess, http_ok
 
 ADMIN = "admin-token-for-tests"
 VIEWER = "viewer-token-for-tests"

@@ -27,7 +27,8 @@ from manager_api.cli import app
 from manager_api.client import ManagerClient, pack_model_to_file
 from manager_api.credentials import ensure_admin_credentials
 from manager_api.etcd_server import EtcdServer
-from manager_api.processes import ChildProcess, free_port, http_ok
+from manager_api.ports import free_port
+from manager_api.processes import ChildProcess, http_ok
 from protos.topology import Keys, ProxyStatus
 
 VIEWER = "viewer-token-for-cli-tests"

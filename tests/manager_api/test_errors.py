@@ -23,7 +23,8 @@ from manager_under_test import ManagerUnderTest, register_model
 
 from manager_api.errors import install_error_handlers
 from manager_api.etcd_server import EtcdServer
-from manager_api.processes import free_port, wait_until
+from manager_api.ports import free_port
+from manager_api.processes import wait_until
 
 WRITERS = 50
 WRITES_EACH = 8

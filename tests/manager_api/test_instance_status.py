@@ -29,7 +29,8 @@ from typer.testing import CliRunner
 from manager_api.cli import app
 from manager_api.client import ManagerClient
 from manager_api.etcd_server import EtcdServer
-from manager_api.processes import ChildProcess, free_port, http_ok, wait_until
+from manager_api.ports import free_port
+from manager_api.processes import ChildProcess, http_ok, wait_until
 from protos.topology import ReplicaStatus
 
 LEASE_TTL = 2

@@ -22,7 +22,8 @@ from manager_api.client import ApiError, ManagerClient, pack_model_folder
 from manager_api.demo import EXAMPLES, ensure_trained
 from manager_api.etcd_server import EtcdServer
 from manager_api.model_discovery import Action, ModelDiscovery
-from manager_api.processes import ChildProcess, free_port, http_ok, wait_until
+from manager_api.ports import free_port
+from manager_api.processes import ChildProcess, http_ok, wait_until
 
 ADMIN = "discovery-admin-token"
 #: Registration loads the model in a child process to check its signature: seconds, not milliseconds.

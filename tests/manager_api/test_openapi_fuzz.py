@@ -28,7 +28,8 @@ from manager_api.app import create_app
 from manager_api.auth import write_token_file
 from manager_api.client import ManagerClient
 from manager_api.etcd_server import EtcdServer
-from manager_api.processes import ChildProcess, free_port, http_ok
+from manager_api.ports import free_port
+from manager_api.processes import ChildProcess, http_ok
 from manager_api.settings import Settings
 
 ADMIN = "fuzz-admin-token"

@@ -18,7 +18,8 @@ import pytest
 
 from manager_api.client import pack_model_folder
 from manager_api.etcd_server import EtcdServer
-from manager_api.processes import ChildProcess, free_port, http_ok
+from manager_api.ports import free_port
+from manager_api.processes import ChildProcess, http_ok
 from protos.topology import DEFAULT_RETRY_ON, Deployment, Keys, Policies
 from xds_control.topology import Topology
 

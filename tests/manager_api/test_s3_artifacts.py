@@ -25,7 +25,8 @@ from manager_api.artifacts import ArtifactStore, DigestMismatch
 from manager_api.artifacts.s3 import S3Blobs
 from manager_api.deployer.fetch import ArtifactFetchError, FetchedArtifacts
 from manager_api.etcd_server import EtcdServer
-from manager_api.processes import ChildProcess, free_port, http_ok, wait_until
+from manager_api.ports import free_port
+from manager_api.processes import ChildProcess, http_ok, wait_until
 
 PREFIX = "team-a"
 

@@ -24,7 +24,8 @@ from framework_models import (
 
 from manager_api.client import pack_model_folder
 from manager_api.etcd_server import EtcdServer
-from manager_api.processes import ChildProcess, free_port, http_ok
+from manager_api.ports import free_port
+from manager_api.processes import ChildProcess, http_ok
 
 
 @pytest.fixture(scope="module")

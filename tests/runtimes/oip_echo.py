@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from manager_api.processes import ChildProcess, free_port
+from manager_api.ports import free_port
+from manager_api.processes import ChildProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 

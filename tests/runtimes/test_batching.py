@@ -18,7 +18,8 @@ import pytest
 from pydantic import ValidationError
 
 from manager_api.deployer.replica import _batching_flags
-from manager_api.processes import ChildProcess, free_port, http_ok, wait_until
+from manager_api.ports import free_port
+from manager_api.processes import ChildProcess, http_ok, wait_until
 from protos.topology import BatchingPolicy, Policies
 from runtimes.base import ModelRuntime
 from runtimes.batching import BatchingOptions, request_rows, unbatchable_reason

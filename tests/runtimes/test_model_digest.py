@@ -15,7 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from manager_api.processes import ChildProcess, free_port, http_ok, wait_until
+from manager_api.ports import free_port
+from manager_api.processes import ChildProcess, http_ok, wait_until
 from runtimes.model_digest import (
     NOT_A_FILE,
     FolderMismatch,

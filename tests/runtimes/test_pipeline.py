@@ -39,7 +39,8 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from manager_api.deployer.registration import LeasedInstanceRegistry
 from manager_api.deployer.replica import Replica, ReplicaConfig
 from manager_api.etcd_server import EtcdServer
-from manager_api.processes import ChildProcess, free_port, http_ok, wait_until
+from manager_api.ports import free_port
+from manager_api.processes import ChildProcess, http_ok, wait_until
 from protos.topology import Application, Keys, ShadowVariant, Stage, Variant
 from runtimes.serving_config import load_serving_config
 from xds_control.bootstrap import envoy_ready, pipeline_envoy

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from manager_api.processes import free_port
+from manager_api.ports import free_port
 from runtimes.pipeline.shadow_frames import (
     FrameError,
     ShadowJob,

@@ -36,7 +36,8 @@ from sklearn.datasets import load_iris
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from manager_api.processes import ChildProcess, free_port, http_ok, wait_until
+from manager_api.ports import free_port
+from manager_api.processes import ChildProcess, http_ok, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 IRIS_EXAMPLE = ROOT / "examples" / "iris"

@@ -27,7 +27,8 @@ from envoy.config.core.v3 import base_pb2
 from otlp_receiver import OtlpReceiver, ReceivedSpan
 
 from manager_api.etcd_server import EtcdServer
-from manager_api.processes import ChildProcess, free_port, http_ok
+from manager_api.ports import free_port
+from manager_api.processes import ChildProcess, http_ok
 from protos.topology import Artifact, Keys, ModelVersion, Signature, TensorSpec
 from tracing.provider import setup_tracing
 from xds_control import resources

@@ -11,7 +11,8 @@ from otlp_receiver import OtlpReceiver, ReceivedSpan
 from traced_stack import traced_stack
 
 from manager_api.etcd_server import EtcdServer
-from manager_api.processes import free_port, wait_until
+from manager_api.ports import free_port
+from manager_api.processes import wait_until
 
 TRACE_HEADER = "x-hydro-trace-id"
 

@@ -15,7 +15,8 @@ from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from otlp_receiver import OtlpReceiver
 
-from manager_api.processes import free_port, wait_until
+from manager_api.ports import free_port
+from manager_api.processes import wait_until
 from tracing.encoding import encode_spans
 from tracing.provider import INSTRUMENTATION_NAME, active_tracer, setup_tracing
 from tracing.server_span import ServerSpans, applies

@@ -10,7 +10,8 @@ import time
 import pytest
 from otlp_receiver import OtlpReceiver
 
-from manager_api.processes import free_port, wait_until
+from manager_api.ports import free_port
+from manager_api.processes import wait_until
 from tracing.provider import active_tracer, setup_tracing
 from tracing.quiet_export import RateLimitFilter
 from tracing.settings import InvalidEndpoint, TracingSettings, parse_endpoint

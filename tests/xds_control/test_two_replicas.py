@@ -16,7 +16,8 @@ import httpx
 import pytest
 
 from manager_api.etcd_server import EtcdServer
-from manager_api.processes import ChildProcess, free_port, wait_until
+from manager_api.ports import free_port
+from manager_api.processes import ChildProcess, wait_until
 from protos.topology import (
     Application,
     Artifact,
