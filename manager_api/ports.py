@@ -5,24 +5,33 @@ one (binding port 0) hands out a port of the ephemeral range, the same range eve
 machine takes its local port from: under load (a test suite, a busy node) a connection could take the port before
 the child bound it, and the child failed with "Address already in use". So ports come from below the ephemeral
 range, which connections never use, at random, checked free by binding them, and never handed out twice by one
-process while there are others left.
+process while there are others left. Two processes picking at once are not coordinated: each checks that the port
+is free, which a port picked by the other but not yet bound still is (a 1 in 10,000 chance per pair of picks).
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import random
 import socket
 import threading
 from pathlib import Path
 
+log = logging.getLogger(__name__)
+
 #: Where picks come from: below the kernel's ephemeral range (32768-60999 by default), above the well-known and
 #: registered ports most services use (etcd 2379, Jaeger 4317/16686, ...).
 PICK_LOW, PICK_HIGH = 20000, 30000
+#: Fewer ports than this below the ephemeral range: picks come from the kernel, as before.
+_MIN_WINDOW = 1000
+_ATTEMPTS = 200
 _EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 
 _lock = threading.Lock()
 _handed_out: set[int] = set()
 _random = random.SystemRandom()
+_warned = False
 
 
 def _ephemeral_low() -> int:
@@ -32,39 +41,54 @@ def _ephemeral_low() -> int:
         return 32768
 
 
-def _bindable(host: str, port: int) -> bool:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+def _address(host: str) -> tuple[socket.AddressFamily, tuple[object, ...]]:
+    """The family and socket address ``host`` resolves to first, as the servers we start bind it."""
+    family, _, _, _, sockaddr = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0]
+    return family, sockaddr
+
+
+def _bindable(family: socket.AddressFamily, sockaddr: tuple[object, ...], port: int) -> bool:
+    # No SO_REUSEADDR: a port in TIME_WAIT, or bound by a server that does not listen yet, counts as taken.
     with socket.socket(family, socket.SOCK_STREAM) as sock:
-        # As the servers we start bind: a port whose last connection is in TIME_WAIT is usable.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.bind((host, port))
-        except OSError:
-            return False
+            sock.bind((sockaddr[0], port, *sockaddr[2:]))
+        except OSError as exc:
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                return False
+            raise
     return True
 
 
-def _kernel_port(host: str) -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+def _kernel_port(family: socket.AddressFamily, sockaddr: tuple[object, ...], why: str) -> int:
+    global _warned
+    if not _warned:
+        _warned = True
+        log.warning(
+            "ports come from the kernel's ephemeral range (%s): an outgoing connection may take one before its "
+            "server binds it",
+            why,
+        )
     with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
+        sock.bind((sockaddr[0], 0, *sockaddr[2:]))
         return int(sock.getsockname()[1])
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on ``host`` a moment ago, outside the ephemeral range (see the module's docstring).
+    """A TCP port free on ``host`` a moment ago, from 20000-29999 (see the module's docstring).
 
-    Falls back to a kernel-chosen port when the machine's ephemeral range leaves no room below it.
+    Falls back to a port the kernel picks when the machine's ephemeral range leaves fewer than 1,000 ports below it,
+    or when 200 random picks were all taken (a warning says so once).
     """
+    family, sockaddr = _address(host)
     high = min(PICK_HIGH, _ephemeral_low())
-    if high - PICK_LOW < 1000:
-        return _kernel_port(host)
+    if high - PICK_LOW < _MIN_WINDOW:
+        return _kernel_port(family, sockaddr, f"it starts at {high}, leaving too few ports below it")
     with _lock:
         if len(_handed_out) > (high - PICK_LOW) // 2:
             _handed_out.clear()
-        for _ in range(200):
+        for _ in range(_ATTEMPTS):
             port = _random.randrange(PICK_LOW, high)
-            if port not in _handed_out and _bindable(host, port):
+            if port not in _handed_out and _bindable(family, sockaddr, port):
                 _handed_out.add(port)
                 return port
-    return _kernel_port(host)
+    return _kernel_port(family, sockaddr, f"{_ATTEMPTS} random picks in {PICK_LOW}-{high - 1} were all taken")

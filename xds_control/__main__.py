@@ -117,7 +117,10 @@ async def serve(args: argparse.Namespace, push_spans: PushSpans | None = None) -
     callbacks = FanOutCallbacks(observers)
     if args.metrics_port:
         metrics.serve(args.metrics_host, args.metrics_port)
-    server = grpc.aio.server(options=[("grpc.max_send_message_length", 256 * 1024 * 1024)])
+    server = grpc.aio.server(
+        # No SO_REUSEPORT: a port another process bound already must fail here, not split connections with it.
+        options=[("grpc.max_send_message_length", 256 * 1024 * 1024), ("grpc.so_reuseport", 0)]
+    )
     server.add_generic_rpc_handlers((AdsServer(cache, nodes, callbacks).rpc_handler(),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -118,7 +118,7 @@ class OtlpReceiver:
         return self
 
     async def _start(self, port: int) -> int:
-        self._server = grpc.aio.server()
+        self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_Collector(self), self._server)
         bound = self._server.add_insecure_port(f"{self.host}:{port}")
         await self._server.start()
