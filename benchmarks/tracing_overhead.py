@@ -16,10 +16,11 @@ what tracing costs each process, and steadier than throughput while other work c
 
     python benchmarks/tracing_overhead.py [--quick] [--concurrency 16] [--seconds 10] [--rounds 5]
 
-The fourth mesh, ``control``, is a second one with tracing off. Two identical meshes are not equally fast: their
-processes differ (memory layout, hash seeds, which Envoy worker gets which connection), by up to ~7 % of CPU per
-request in one run measured here. ``control_drop_pct`` and ``control_cpu_overhead_pct`` are that difference in this
-run: read the other figures against them.
+The fourth mesh, ``control``, is a second one with tracing off. Two identical meshes are not equally fast: in
+four runs on the 2-core development VM the control mesh's processes spent from 15 % less to 7 % more CPU per
+request than the first mesh's, in every process alike (ingress, sidecar and runtime), and its gRPC throughput was
+up to 34 % higher, more than tracing costs. ``control_drop_pct`` and ``control_cpu_overhead_pct`` are that
+difference in this run: read the other figures against them.
 
 The last line printed is a JSON object of the figures; ``no_collector_drop_pct`` and ``full_sampling_drop_pct``
 are the larger of the REST and gRPC throughput drops against tracing off (negative: no drop);
