@@ -17,7 +17,7 @@ what tracing costs each process, and steadier than throughput while other work c
     python benchmarks/tracing_overhead.py [--quick] [--concurrency 16] [--seconds 10] [--rounds 5]
 
 The fourth mesh, ``control``, is a second one with tracing off. Two identical meshes are not equally fast: in
-four runs on the 2-core development VM the control mesh's processes spent from 15 % less to 7 % more CPU per
+four runs on the 2-core development VM the control mesh's processes spent from 20 % less to 6 % more CPU per
 request than the first mesh's, in every process alike (ingress, sidecar and runtime), and its gRPC throughput was
 up to 34 % higher, more than tracing costs. ``control_drop_pct`` and ``control_cpu_overhead_pct`` are that
 difference in this run: read the other figures against them.
