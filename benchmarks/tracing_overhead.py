@@ -350,7 +350,7 @@ def main() -> None:
             results[key] = round(sum(values) if key.endswith("errors") else statistics.median(values), 3)
         for key, values in cpu.items():
             results[f"{key}_cpu_us_per_request"] = round(statistics.median(values), 1)
-        for name in ("control", "no_collector", "full_sampling"):
+        for name in CONFIGS[1:]:  # each against the first, tracing off
             drops, overheads = [], []
             for proto in ("grpc", "rest"):
                 drop = round(statistics.median(paired_drops(rounds, name, proto)), 2)

@@ -217,9 +217,9 @@ def _pipeline_metrics_url(mesh: Mesh, app: str) -> str:
     return f"http://{host}:{port}/metrics"
 
 
-def _pipeline_metrics(mesh: Mesh, app: str, url: str | None = None) -> str:
-    """The /metrics of the application's pipeline runtime."""
-    response = httpx.get(url or _pipeline_metrics_url(mesh, app), timeout=10)
+def _pipeline_metrics(url: str) -> str:
+    """The /metrics of a pipeline runtime (its URL from _pipeline_metrics_url)."""
+    response = httpx.get(url, timeout=10)
     assert response.status_code == 200
     return response.text
 
@@ -265,7 +265,7 @@ def test_shadows_change_neither_success_rate_nor_p99(experiments: Experiments) -
     def copies() -> tuple[int, int]:
         """Copies accounted for (every copy sent ends as a reported call, whatever its outcome, or as a drop) and
         copies still in flight."""
-        metrics = _pipeline_metrics(mesh, shadowed, url)
+        metrics = _pipeline_metrics(url)
         done = _metric(metrics, "hydro_shadow_calls_total", **labels)
         done += _metric(metrics, "hydro_shadow_dropped_total", **labels)
         return int(done), int(_metric(metrics, "hydro_shadow_in_flight", **labels))
@@ -311,7 +311,7 @@ def test_shadows_change_neither_success_rate_nor_p99(experiments: Experiments) -
     assert pair_ratio <= 1.25, pair_ratios
 
     # The shadows really were called: every call to back:2 failed, back:3's answered after 2 s.
-    metrics = _pipeline_metrics(mesh, shadowed, url)
+    metrics = _pipeline_metrics(url)
     assert _metric(metrics, "hydro_shadow_calls_total", shadow="back:2", outcome="error", **labels) > 0
     assert _metric(metrics, "hydro_shadow_calls_total", shadow="back:2", outcome="agree", **labels) == 0
     slow_agreed = _metric(metrics, "hydro_shadow_calls_total", shadow="back:3", outcome="agree", **labels)
@@ -336,9 +336,10 @@ def test_shadows_change_neither_success_rate_nor_p99(experiments: Experiments) -
 def test_agreement_ratio_of_a_shadow_that_disagrees_on_every_4th_call(experiments: Experiments) -> None:
     mesh = experiments.mesh
     labels = {"app": "agree", "stage": "1", "shadow": "front:3"}
+    url = _pipeline_metrics_url(mesh, "agree")
 
     def answered() -> tuple[float, float]:
-        metrics = _pipeline_metrics(mesh, "agree")
+        metrics = _pipeline_metrics(url)
         assert _metric(metrics, "hydro_shadow_calls_total", outcome="error", **labels) == 0
         assert _metric(metrics, "hydro_shadow_dropped_total", **labels) == 0
         return (
@@ -347,7 +348,7 @@ def test_agreement_ratio_of_a_shadow_that_disagrees_on_every_4th_call(experiment
         )
 
     def all_reported() -> bool:
-        metrics = _pipeline_metrics(mesh, "agree")
+        metrics = _pipeline_metrics(url)
         return _metric(metrics, "hydro_shadow_in_flight", **labels) == 0
 
     with httpx.Client(timeout=30) as client:
@@ -368,7 +369,7 @@ def test_agreement_ratio_of_a_shadow_that_disagrees_on_every_4th_call(experiment
     wait_until(settled, 30, "every shadow call answered")
     agree, disagree = answered()
     assert disagree == expected_total / 4, (agree, disagree)
-    ratio = _metric(_pipeline_metrics(mesh, "agree"), "hydro_shadow_agreement_ratio", **labels)
+    ratio = _metric(_pipeline_metrics(url), "hydro_shadow_agreement_ratio", **labels)
     assert ratio == pytest.approx(0.75, abs=1e-9), ratio
 
 
