@@ -11,8 +11,10 @@ compares the answers and reports the outcomes back in batches. The runtime count
 Nothing shadowed queues without bound or waits: a copy is dropped (and counted) when its shadow already has
 ``max_in_flight`` calls unreported, when the worker does not read its socket fast enough, or while there is no
 worker. A worker that exits is logged once and started again after a back-off (0.5 s doubling to 30 s, back to
-0.5 s once one has run for a minute); its unreported calls are counted as dropped. The worker ends when its socket
-does, so it never outlives the runtime.
+0.5 s once one has run for a minute); its unreported calls are counted as dropped. A worker that is alive but
+silent (stopped, deadlocked, stuck before it serves) is killed, and so started again, once it has reported nothing
+for longer than a call may take while copies are in flight: every call has a deadline, so a working worker is never
+that quiet. The worker ends when its socket does, so it never outlives the runtime.
 """
 
 from __future__ import annotations
@@ -55,6 +57,11 @@ _STABLE_SECONDS = 60.0
 _STOP_GRACE = 3.0
 #: Seconds start() waits for the worker to serve (imports take ~1 s) before the runtime serves without it.
 _START_TIMEOUT = 30.0
+#: Seconds of silence, beyond a shadow call's deadline and delay, after which a worker with copies in flight is
+#: taken for wedged: room for a report batch's interval and a loaded machine's scheduling.
+_SILENCE_GRACE = 5.0
+#: How often the watchdog looks.
+_WATCH_INTERVAL = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +191,10 @@ class ShadowRunner:
         #: Set once the first worker was spawned, or could not be.
         self._first_attempt = asyncio.Event()
         self._closed = False
+        #: time.monotonic() of the running worker's last report batch (or of its start).
+        self._last_report = 0.0
+        #: Seconds of silence after which a worker with copies in flight is killed (see _watch).
+        self.silence_limit = command.timeout + command.delay + _SILENCE_GRACE
 
     async def start(self) -> None:
         """Start the worker (and a task that starts it again if it exits); returns once it serves (its first, empty
@@ -281,8 +292,11 @@ class ShadowRunner:
         if self._closed:  # close() came while this was spawning: the worker's end of input is due now
             writer.close()
         log.info("shadow worker started (pid %d)", process.pid)
+        self._last_report = time.monotonic()
+        watchdog = asyncio.create_task(self._watch(process), name="shadow-worker-watchdog")
         try:
             while (body := await read_frame(reader, _REPORT_LIMIT)) is not None:
+                self._last_report = time.monotonic()
                 self._record(decode_reports(body))
                 self._first_attempt.set()
         except FrameError as exc:
@@ -295,6 +309,7 @@ class ShadowRunner:
             # A worker that died with jobs unread resets the socket: the same as its end.
             log.debug("the shadow worker's socket failed: %s", exc)
         finally:
+            watchdog.cancel()
             self._writer = None
             writer.close()
             # The worker exits at the end of its input (close() kills it if it takes too long); one that does not
@@ -309,6 +324,33 @@ class ShadowRunner:
                 for series in self._series.values():
                     series.drop_unreported()
         return code
+
+    async def _watch(self, process: asyncio.subprocess.Process) -> None:
+        """Kill ``process`` once it has copies in flight and has reported nothing for ``silence_limit`` seconds.
+
+        A silent worker would otherwise hold every shadow at its in-flight cap for good, every later copy dropped,
+        and nothing would start another: it has not exited. Silence counts from its last report, or from the last
+        look that found no copy in flight, whichever is later (an idle worker has nothing to report).
+        """
+        idle_until = time.monotonic()
+        while process.returncode is None:
+            await asyncio.sleep(_WATCH_INTERVAL)
+            now = time.monotonic()
+            in_flight = sum(series.in_flight for series in self._series.values())
+            if in_flight == 0:
+                idle_until = now
+                continue
+            silent = now - max(idle_until, self._last_report)
+            if silent > self.silence_limit:
+                log.warning(
+                    "the shadow worker of %r (pid %d) reported nothing for %.0f s with %d copies in flight: killing it",
+                    self._app,
+                    process.pid,
+                    silent,
+                    in_flight,
+                )
+                process.kill()
+                return
 
     async def close(self) -> None:
         """Stop the worker: its socket ends, it cancels its calls and exits (killed after a few seconds if not).

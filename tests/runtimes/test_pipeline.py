@@ -422,6 +422,65 @@ def test_a_killed_shadow_worker_never_reaches_the_caller_and_is_started_again(st
         assert outcomes + delta(after, "hydro_shadow_dropped_total", shadow=shadow) == requests, shadow
 
 
+def test_a_silent_shadow_worker_is_killed_and_started_again(stack: PipelineStack) -> None:
+    """A worker that lives but reports nothing (here: stopped) would hold every shadow at its in-flight cap for
+    good; the runtime's watchdog kills it once it has been silent longer than a shadow call may take."""
+
+    def settled() -> bool:
+        now = stack.metrics()
+        return all(metric(now, "hydro_shadow_in_flight", shadow=s) == 0 for s in SHADOWS.values())
+
+    wait_until(settled, 20, "no shadow call left from earlier tests")
+    silent = stack.shadow_worker_pid()
+    assert silent is not None, "the pipeline runtime runs a shadow worker"
+    before = stack.metrics()
+    assert stack.pipeline is not None and stack.pipeline.log_path is not None
+    log_before = stack.pipeline.log_path.read_text()
+    os.kill(silent, signal.SIGSTOP)
+    try:
+        # More calls than --max-shadows-in-flight (4): the stopped worker is handed 4 copies per shadow, the rest
+        # are dropped at once. The callers never wait for it.
+        requests = 6
+        for index in range(requests):
+            _infer_by_turns(stack, index)
+        # --shadow-timeout 3 + 5 s of grace, then the restart back-off (doubled by the previous test's kill).
+        wait_until(lambda: stack.shadow_worker_pid() not in (None, silent), 40, "the silent worker replaced")
+        assert not Path(f"/proc/{silent}").exists(), "the silent worker was killed, not left stopped"
+    finally:
+        try:
+            os.kill(silent, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def delta(after: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    # It reported nothing, so every copy of those calls counts as dropped: none is lost or left in flight.
+    wait_until(settled, 20, "the silent worker's copies counted")
+    after = stack.metrics()
+    for shadow in SHADOWS.values():
+        reported = sum(
+            delta(after, "hydro_shadow_calls_total", shadow=shadow, outcome=o) for o in ("agree", "disagree", "error")
+        )
+        assert (reported, delta(after, "hydro_shadow_dropped_total", shadow=shadow)) == (0, requests), shadow
+    log = stack.pipeline.log_path.read_text()[len(log_before) :]
+    assert f"(pid {silent}) reported nothing for" in log, log
+
+    # Its successor makes the calls again.
+    for _ in range(2):
+        assert stack.rest(ROWS * 10).status_code == 200
+
+    def reported_again() -> bool:
+        now = stack.metrics()
+        return all(
+            sum(delta(now, "hydro_shadow_calls_total", shadow=s, outcome=o) for o in ("agree", "disagree", "error"))
+            == 2
+            for s in SHADOWS.values()
+        )
+
+    wait_until(reported_again, 20, "the new worker's reports")
+
+
 def test_stage_variants_share_traffic_by_weight_and_a_weight_change_fails_nothing(stack: PipelineStack) -> None:
     def last_stage() -> str:
         response = stack.rest(ROWS * 10)
