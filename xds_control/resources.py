@@ -623,6 +623,13 @@ def http_listener(
         name=name,
         address=_socket_address(host, port),
         per_connection_buffer_limit_bytes={"value": buffer_limit_bytes},
+        # Envoy binds a connection to the worker that accepted it, and the kernel picks that worker at random.
+        # Our listeners take few long-lived HTTP/2 connections (a sidecar one per ingress worker): left to
+        # chance, half the time both land on one worker, which then carries all the load while the other idles,
+        # for as long as the connections live. Exact balance hands each new connection to the least-loaded worker.
+        connection_balance_config=listener_pb2.Listener.ConnectionBalanceConfig(
+            exact_balance=listener_pb2.Listener.ConnectionBalanceConfig.ExactBalance()
+        ),
         filter_chains=[
             listener_components_pb2.FilterChain(
                 filters=[

@@ -178,6 +178,8 @@ class ProcessPair(Generic[ConfigT]):
         self.inbound_port = 0
         self.grpc_port = 0
         self.http_port = 0
+        #: The sidecar's admin port (loopback), for tests and benchmarks that read its stats.
+        self.admin_port = 0
 
     @property
     def instance(self) -> Instance | PipelineInstance:
@@ -218,7 +220,8 @@ class ProcessPair(Generic[ConfigT]):
         cfg = self.config
         host = cfg.host
         self.grpc_port, self.http_port = free_port(host), free_port(host)
-        self.inbound_port, admin_port = free_port(cfg.advertise_address), free_port(host)
+        self.inbound_port, self.admin_port = free_port(cfg.advertise_address), free_port(host)
+        admin_port = self.admin_port
         workdir = cfg.workdir / self.id
         await self._report()
         if self.retired:
