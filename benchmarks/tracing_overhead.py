@@ -34,6 +34,7 @@ import asyncio
 import functools
 import json
 import os
+import re
 import runpy
 import shutil
 import statistics
@@ -232,6 +233,20 @@ def answers(url: str) -> bool:
     return httpx.post(url, content=rest_body(), headers={"content-type": "application/json"}).is_success
 
 
+def sidecar_connections_per_worker(mesh: Mesh) -> list[int]:
+    """Open connections (the ingress workers') on each worker of the mesh's sidecar inbound listener: how the
+    mesh's connections fell over the workers, which sets its CPU per request for as long as they live."""
+    assert mesh.replica is not None
+    port = mesh.replica.inbound_port
+    text = httpx.get(f"http://127.0.0.1:{mesh.replica.admin_port}/stats?filter=downstream_cx_active", timeout=5).text
+    found = {}
+    for line in text.splitlines():
+        match = re.match(rf"^listener\.[\d.]+_{port}\.worker_(\d+)\.downstream_cx_active: (\d+)$", line)
+        if match:
+            found[int(match.group(1))] = int(match.group(2))
+    return [found[worker] for worker in sorted(found)]
+
+
 def measured(mesh: Mesh, load: Callable[[], dict[str, float]]) -> tuple[dict[str, float], dict[str, float]]:
     """Run ``load`` against ``mesh``: its figures, and each process's CPU microseconds per request. Requests are
     the load's rate times its wall time (h2load's warm-up second is not in its count)."""
@@ -361,6 +376,8 @@ def main() -> None:
                 overheads.append(overhead)
             results[f"{name}_drop_pct"] = max(drops)
             results[f"{name}_cpu_overhead_pct"] = max(overheads)
+        for name, mesh in meshes.items():
+            results[f"{name}_sidecar_connections_per_worker"] = sidecar_connections_per_worker(mesh)
         results["spans_received"] = receiver.spans
         results["span_bytes_received"] = receiver.bytes
         results["exports_received"] = receiver.exports
