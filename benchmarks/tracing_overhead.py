@@ -16,11 +16,14 @@ what tracing costs each process, and steadier than throughput while other work c
 
     python benchmarks/tracing_overhead.py [--quick] [--concurrency 16] [--seconds 10] [--rounds 5]
 
-The fourth mesh, ``control``, is a second one with tracing off. Two identical meshes are not equally fast: in
-four runs on the 2-core development VM the control mesh's processes spent from 20 % less to 6 % more CPU per
-request than the first mesh's, in every process alike (ingress, sidecar and runtime), and its gRPC throughput was
-up to 34 % higher, more than tracing costs. ``control_drop_pct`` and ``control_cpu_overhead_pct`` are that
-difference in this run: read the other figures against them.
+The fourth mesh, ``control``, is a second one with tracing off: ``control_drop_pct`` and
+``control_cpu_overhead_pct`` are what two identical meshes differ by in this run, the floor the other figures
+are read against. It was up to 20 % of CPU per request and 34 % of gRPC throughput until the listeners balanced
+connections exactly over Envoy's workers: each ingress worker keeps one HTTP/2 connection to the sidecar, the
+kernel gave each a random sidecar worker, and a mesh whose two landed on one worker ran its sidecar on one
+thread and spent ~16 % more CPU per gRPC request in every process, for the whole run (docs/tracing.md, Cost).
+``{name}_sidecar_connections_per_worker`` shows how each mesh's connections fell: one per worker in every mesh
+now.
 
 The last line printed is a JSON object of the figures; ``no_collector_drop_pct`` and ``full_sampling_drop_pct``
 are the larger of the REST and gRPC throughput drops against tracing off (negative: no drop);
