@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import string
 import sys
 from pathlib import Path
+
+import httpx
 
 from manager_api.processes import ChildProcess, http_ok
 
@@ -68,6 +71,24 @@ def envoy_process(name: str, bootstrap: str, workdir: Path, admin_port: int, log
 def envoy_ready(admin_port: int) -> bool:
     """Whether the Envoy with this admin port finished initializing (listeners and clusters warm)."""
     return http_ok(f"http://127.0.0.1:{admin_port}/ready")
+
+
+#: listener.<address>_<port>.worker_<n>.downstream_cx_active (an IPv6 address shows as [__1] in stat names).
+_WORKER_CONNECTIONS = re.compile(r"^listener\.(?:\[[^\]]*\]|[\d.]+)_(\d+)\.worker_(\d+)\.downstream_cx_active: (\d+)$")
+
+
+def connections_per_worker(admin_port: int, listen_port: int) -> list[int]:
+    """Open downstream connections each worker of the Envoy with this admin port holds on its listener bound to
+    ``listen_port``, by worker number (how the proxy's connections fell over its threads)."""
+    text = httpx.get(f"http://127.0.0.1:{admin_port}/stats?filter=downstream_cx_active", timeout=5).text
+    found: dict[int, int] = {}
+    for line in text.splitlines():
+        match = _WORKER_CONNECTIONS.match(line)
+        if match and int(match.group(1)) == listen_port:
+            found[int(match.group(2))] = int(match.group(3))
+    if not found:
+        raise ValueError(f"no per-worker connection gauges for port {listen_port} in the stats of :{admin_port}")
+    return [found[worker] for worker in sorted(found)]
 
 
 def ingress_envoy(

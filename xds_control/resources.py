@@ -601,6 +601,7 @@ def http_listener(
     model_routing: bool = False,
     buffer_limit_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     configure: Callable[[hcm_pb2.HttpConnectionManager], None] | None = None,
+    exact_balance: bool = False,
 ) -> listener_pb2.Listener:
     """An HTTP listener (HTTP/1.1 and HTTP/2, so REST and gRPC on one port) with RDS or inline routes.
 
@@ -608,7 +609,8 @@ def http_listener(
     the filters that route gRPC calls by the model their request names (both for the ingress).
     ``buffer_limit_bytes`` is the most a filter may buffer of one request (413 beyond it): the field extraction
     holds a whole ModelInferRequest before the call is routed. ``configure`` may amend the HTTP connection
-    manager last (xds_control.tracing_config adds tracing with it).
+    manager last (xds_control.tracing_config adds tracing with it). ``exact_balance`` spreads accepted
+    connections evenly over Envoy's workers, for listeners that take few long-lived connections (the mesh's own).
     """
     manager = _http_connection_manager(
         name,
@@ -619,17 +621,23 @@ def http_listener(
         buffer_limit_bytes=buffer_limit_bytes,
         configure=configure,
     )
+    # Envoy binds a connection to the worker that accepted it, and the kernel picks that worker at random. A
+    # listener inside the mesh takes few long-lived HTTP/2 connections (a sidecar: one per ingress worker): left
+    # to chance, half the time both land on one worker, which then carries all the load while the other idles, for
+    # as long as the connections live. Exact balance hands each new connection to the least-loaded worker, at the
+    # price of a lock per accept: not for the ingress, whose clients may open a connection per request.
+    balance = (
+        listener_pb2.Listener.ConnectionBalanceConfig(
+            exact_balance=listener_pb2.Listener.ConnectionBalanceConfig.ExactBalance()
+        )
+        if exact_balance
+        else None
+    )
     return listener_pb2.Listener(
         name=name,
         address=_socket_address(host, port),
         per_connection_buffer_limit_bytes={"value": buffer_limit_bytes},
-        # Envoy binds a connection to the worker that accepted it, and the kernel picks that worker at random.
-        # Our listeners take few long-lived HTTP/2 connections (a sidecar one per ingress worker): left to
-        # chance, half the time both land on one worker, which then carries all the load while the other idles,
-        # for as long as the connections live. Exact balance hands each new connection to the least-loaded worker.
-        connection_balance_config=listener_pb2.Listener.ConnectionBalanceConfig(
-            exact_balance=listener_pb2.Listener.ConnectionBalanceConfig.ExactBalance()
-        ),
+        connection_balance_config=balance,
         filter_chains=[
             listener_components_pb2.FilterChain(
                 filters=[

@@ -312,6 +312,7 @@ def _inbound(
         route_config=route_config,
         buffer_limit_bytes=max_request_bytes,
         configure=tracing_hook(tracing, service, ingress=False),
+        exact_balance=True,
     )
     clusters: Named = [
         (LOCAL_GRPC, r.static_cluster(LOCAL_GRPC, runtime_host, node.port("runtime_grpc_port"), http2=True)),
@@ -397,6 +398,7 @@ def pipeline_snapshot(
         buffer_limit_bytes=max_request_bytes,
         # The pipeline runtime passes its stage span's traceparent on: the outbound side joins the request's trace.
         configure=outbound_tracing_hook(tracing, sidecar_service(app_name, "pipeline")),
+        exact_balance=True,
     )
     local_clusters, inbound = _inbound(
         node,

@@ -9,17 +9,19 @@ compares the answers and reports the outcomes back in batches. The runtime count
 (app, stage, shadow), served at its /metrics.
 
 Nothing shadowed queues without bound or waits: a copy is dropped (and counted) when its shadow already has
-``max_in_flight`` calls unreported, when the worker does not read its socket fast enough, or while there is no
-worker. A worker that exits is logged once and started again after a back-off (0.5 s doubling to 30 s, back to
-0.5 s once one has run for a minute); its unreported calls are counted as dropped. A worker that is alive but
-silent (stopped, deadlocked, stuck before it serves) is killed, and so started again, once it has reported nothing
-for longer than a call may take while copies are in flight: every call has a deadline, so a working worker is never
-that quiet. The worker ends when its socket does, so it never outlives the runtime.
+``max_in_flight`` calls unreported, when the worker does not read its socket fast enough, or while no worker
+serves (a new one serves once its first, empty report batch comes). A worker that exits is logged once and started
+again after a back-off (0.5 s doubling to 30 s, back to 0.5 s once one has run for a minute); its unreported calls
+are counted as dropped. A worker that is alive but useless is killed, and so started again: one that serves but has
+reported nothing for longer than a call may take while copies are in flight (stopped, deadlocked: every call has a
+deadline, so a working worker is never that quiet), or one that has not started serving within 30 s. The worker
+ends when its socket does, so it never outlives the runtime.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import socket
@@ -191,10 +193,13 @@ class ShadowRunner:
         #: Set once the first worker was spawned, or could not be.
         self._first_attempt = asyncio.Event()
         self._closed = False
+        #: Whether the running worker has sent its first report batch: copies go to it only from then on, so a
+        #: worker still importing is never charged with them.
+        self._serving = False
         #: time.monotonic() of the running worker's last report batch (or of its start).
         self._last_report = 0.0
-        #: Seconds of silence after which a worker with copies in flight is killed (see _watch).
-        self.silence_limit = command.timeout + command.delay + _SILENCE_GRACE
+        #: Seconds of silence after which a serving worker with copies in flight is killed (see _watch).
+        self._silence_limit = command.timeout + command.delay + _SILENCE_GRACE
 
     async def start(self) -> None:
         """Start the worker (and a task that starts it again if it exits); returns once it serves (its first, empty
@@ -213,7 +218,7 @@ class ShadowRunner:
         if self._closed:
             # A call's done callback can come after shutdown began: its shadows are not sent.
             return
-        writer = self._writer
+        writer = self._writer if self._serving else None
         if writer is not None and (
             writer.is_closing() or writer.transport.get_write_buffer_size() > self._max_buffered
         ):
@@ -297,6 +302,7 @@ class ShadowRunner:
         try:
             while (body := await read_frame(reader, _REPORT_LIMIT)) is not None:
                 self._last_report = time.monotonic()
+                self._serving = True
                 self._record(decode_reports(body))
                 self._first_attempt.set()
         except FrameError as exc:
@@ -310,6 +316,8 @@ class ShadowRunner:
             log.debug("the shadow worker's socket failed: %s", exc)
         finally:
             watchdog.cancel()
+            await asyncio.gather(watchdog, return_exceptions=True)
+            self._serving = False
             self._writer = None
             writer.close()
             # The worker exits at the end of its input (close() kills it if it takes too long); one that does not
@@ -326,31 +334,38 @@ class ShadowRunner:
         return code
 
     async def _watch(self, process: asyncio.subprocess.Process) -> None:
-        """Kill ``process`` once it has copies in flight and has reported nothing for ``silence_limit`` seconds.
+        """Kill ``process`` when it is alive but useless, so that it is started again: it has not sent its first
+        report within _START_TIMEOUT, or it serves, has copies in flight and has reported nothing for
+        ``_silence_limit`` seconds (every call has a deadline, so a working worker is never that quiet).
 
-        A silent worker would otherwise hold every shadow at its in-flight cap for good, every later copy dropped,
-        and nothing would start another: it has not exited. Silence counts from its last report, or from the last
-        look that found no copy in flight, whichever is later (an idle worker has nothing to report).
+        Either would otherwise hold every shadow at its in-flight cap, or keep shadows dropped, for good, with
+        nothing to restart it. Silence counts from its last report, or from the last look that found no copy in
+        flight, whichever is later (an idle worker has nothing to report).
         """
-        idle_until = time.monotonic()
-        while process.returncode is None:
+        spawned = idle_until = time.monotonic()
+        while True:
             await asyncio.sleep(_WATCH_INTERVAL)
-            now = time.monotonic()
-            in_flight = sum(series.in_flight for series in self._series.values())
-            if in_flight == 0:
-                idle_until = now
-                continue
-            silent = now - max(idle_until, self._last_report)
-            if silent > self.silence_limit:
-                log.warning(
-                    "the shadow worker of %r (pid %d) reported nothing for %.0f s with %d copies in flight: killing it",
-                    self._app,
-                    process.pid,
-                    silent,
-                    in_flight,
-                )
-                process.kill()
+            if process.returncode is not None:
                 return
+            now = time.monotonic()
+            if not self._serving:
+                if now - spawned <= _START_TIMEOUT:
+                    continue
+                reason = f"has not started serving within {_START_TIMEOUT:.0f} s"
+            else:
+                in_flight = sum(series.in_flight for series in self._series.values())
+                if in_flight == 0:
+                    idle_until = now
+                    continue
+                silent = now - max(idle_until, self._last_report)
+                if silent <= self._silence_limit:
+                    continue
+                reason = f"reported nothing for {silent:.0f} s with {in_flight} copies in flight"
+            log.warning("the shadow worker of %r (pid %d) %s: killing it", self._app, process.pid, reason)
+            # It may have exited since the look above.
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            return
 
     async def close(self) -> None:
         """Stop the worker: its socket ends, it cancels its calls and exits (killed after a few seconds if not).

@@ -399,20 +399,26 @@ def test_a_killed_shadow_worker_never_reaches_the_caller_and_is_started_again(st
     skewed = SHADOWS[4]
     wait_until(settled, 20, "every shadow call finished")
     assert delta(stack.metrics(), "hydro_shadow_dropped_total", shadow=skewed) > 0
-    # The new worker makes the shadow calls again: every copy is either reported or counted as dropped.
-    for _ in range(4):
+
+    # The new worker makes the shadow calls again once it serves (its first report: copies before it are
+    # dropped): every copy is either reported or counted as dropped.
+    def new_worker_reports() -> bool:
+        nonlocal requests
         assert stack.rest(ROWS * 10).status_code == 200
-    requests += 4
+        requests += 1
+        after = stack.metrics()
+        return any(delta(after, "hydro_shadow_calls_total", shadow=skewed, outcome=o) for o in ("agree", "disagree"))
+
+    wait_until(new_worker_reports, 30, "the new worker's reports", interval=0.5)
 
     def accounted() -> bool:
         after = stack.metrics()
         reported = sum(
             delta(after, "hydro_shadow_calls_total", shadow=skewed, outcome=o) for o in ("agree", "disagree")
         )
-        dropped = delta(after, "hydro_shadow_dropped_total", shadow=skewed)
-        return reported > 0 and reported + dropped == requests
+        return reported + delta(after, "hydro_shadow_dropped_total", shadow=skewed) == requests
 
-    wait_until(accounted, 20, "the new worker's reports")
+    wait_until(accounted, 20, "every copy reported or dropped")
     wait_until(settled, 20, "the sleeping shadow's calls finished")
     after = stack.metrics()
     for shadow in SHADOWS.values():
@@ -445,6 +451,7 @@ def test_a_silent_shadow_worker_is_killed_and_started_again(stack: PipelineStack
             _infer_by_turns(stack, index)
         # --shadow-timeout 3 + 5 s of grace, then the restart back-off (doubled by the previous test's kill).
         wait_until(lambda: stack.shadow_worker_pid() not in (None, silent), 40, "the silent worker replaced")
+        successor = stack.shadow_worker_pid()
         assert not Path(f"/proc/{silent}").exists(), "the silent worker was killed, not left stopped"
     finally:
         try:
@@ -455,30 +462,34 @@ def test_a_silent_shadow_worker_is_killed_and_started_again(stack: PipelineStack
     def delta(after: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
         return metric(after, name, **labels) - metric(before, name, **labels)
 
-    # It reported nothing, so every copy of those calls counts as dropped: none is lost or left in flight.
+    def reported(after: dict[tuple[str, tuple[tuple[str, str], ...]], float], shadow: str) -> float:
+        outcomes = ("agree", "disagree", "error")
+        return sum(delta(after, "hydro_shadow_calls_total", shadow=shadow, outcome=o) for o in outcomes)
+
+    # It reported nothing: the copies it held (4 per shadow) count as dropped, with those over the cap; none is
+    # lost or left in flight. (Copies made after it was killed are dropped too, until its successor serves.)
     wait_until(settled, 20, "the silent worker's copies counted")
     after = stack.metrics()
     for shadow in SHADOWS.values():
-        reported = sum(
-            delta(after, "hydro_shadow_calls_total", shadow=shadow, outcome=o) for o in ("agree", "disagree", "error")
-        )
-        assert (reported, delta(after, "hydro_shadow_dropped_total", shadow=shadow)) == (0, requests), shadow
+        assert reported(after, shadow) == 0, shadow
+        assert delta(after, "hydro_shadow_dropped_total", shadow=shadow) == requests, shadow
     log = stack.pipeline.log_path.read_text()[len(log_before) :]
     assert f"(pid {silent}) reported nothing for" in log, log
 
-    # Its successor makes the calls again.
-    for _ in range(2):
+    # Its successor makes the calls again once it serves (copies sent before that are dropped and counted).
+    def successor_reports() -> bool:
+        nonlocal requests
         assert stack.rest(ROWS * 10).status_code == 200
+        requests += 1
+        return reported(stack.metrics(), SHADOWS[4]) > 0
 
-    def reported_again() -> bool:
-        now = stack.metrics()
-        return all(
-            sum(delta(now, "hydro_shadow_calls_total", shadow=s, outcome=o) for o in ("agree", "disagree", "error"))
-            == 2
-            for s in SHADOWS.values()
-        )
-
-    wait_until(reported_again, 20, "the new worker's reports")
+    wait_until(successor_reports, 30, "the new worker's reports", interval=0.5)
+    wait_until(settled, 20, "the new worker's calls finished")
+    after = stack.metrics()
+    for shadow in SHADOWS.values():
+        assert reported(after, shadow) + delta(after, "hydro_shadow_dropped_total", shadow=shadow) == requests, shadow
+    # The watchdog leaves a working worker alone (the sleeping shadow's calls took 2 s each).
+    assert stack.shadow_worker_pid() == successor
 
 
 def test_stage_variants_share_traffic_by_weight_and_a_weight_change_fails_nothing(stack: PipelineStack) -> None:

@@ -118,6 +118,9 @@ def test_listeners_inbound_to_the_runtime_and_outbound_over_rds_on_loopback() ->
     inbound = _unpack(snapshot, r.LISTENER, "inbound", listener_pb2.Listener())
     assert isinstance(inbound, listener_pb2.Listener)
     assert inbound.address.socket_address.port_value == 15000
+    # Both take few long-lived connections (the ingress workers', the runtime's): spread over Envoy's workers.
+    for listener in (inbound, outbound):
+        assert listener.connection_balance_config.HasField("exact_balance"), listener.name
 
 
 def test_weight_change_touches_routes_only() -> None:

@@ -1,8 +1,9 @@
-"""Envoy's workers share the mesh's connections evenly: every listener xds_control builds balances accepted
-connections exactly over the workers instead of leaving the choice to the kernel.
+"""Envoy's workers share the mesh's connections evenly: the sidecar's listener balances accepted connections
+exactly over its workers instead of leaving the choice to the kernel; the ingress, whose clients may open a
+connection per request, leaves it to the kernel.
 
-The mesh's proxies hold few long-lived connections (an ingress worker keeps one HTTP/2 connection to each sidecar
-it calls), so the kernel's random pick leaves one worker of two with all of them half of the time, for as long as
+A sidecar holds few long-lived connections (an ingress worker keeps one HTTP/2 connection to each sidecar it
+calls), so the kernel's random pick leaves one worker of two with all of them half of the time, for as long as
 the connections live. The tests read what Envoy loaded (/config_dump) and its per-worker connection gauges.
 
 One stack for the module: etcd, xds_control, the ingress Envoy and one replica (runtime + sidecar) of a python
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +28,7 @@ from manager_api.deployer.replica import Replica
 from manager_api.etcd_server import EtcdServer
 from manager_api.processes import wait_until
 from protos.topology import Signature, TensorSpec
+from xds_control.bootstrap import connections_per_worker
 
 MODEL_FOLDER = Path(__file__).resolve().parent / "controllable_model"
 MODEL = "ctl"
@@ -36,12 +37,12 @@ SIGNATURE = Signature(
     outputs=[TensorSpec(name="y", datatype="FP32", shape=[-1, 1])],
 )
 BODY = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 1], "data": [2.0]}]})
-#: listener.<address>_<port>.worker_<n>.downstream_cx_active: the connections one worker holds on one listener.
-WORKER_GAUGE = re.compile(r"^listener\.[\d.]+_(\d+)\.worker_(\d+)\.downstream_cx_active: (\d+)$")
 
 
 @dataclass
 class Mesh:
+    """The module's stack: the ingress's listen and admin ports, and the one replica behind it."""
+
     listen_port: int
     ingress_admin_port: int
     replica: Replica
@@ -70,20 +71,9 @@ def loaded_listener(admin_port: int, name: str) -> dict[str, Any]:
     raise AssertionError(f"no active listener {name!r} in {dump}")
 
 
-def connections_per_worker(admin_port: int, listen_port: int) -> list[int]:
-    """Open downstream connections of each worker on the listener bound to ``listen_port``, by worker number."""
-    text = httpx.get(f"http://127.0.0.1:{admin_port}/stats?filter=downstream_cx_active", timeout=5).text
-    found = {}
-    for line in text.splitlines():
-        match = WORKER_GAUGE.match(line)
-        if match and int(match.group(1)) == listen_port:
-            found[int(match.group(2))] = int(match.group(3))
-    return [found[worker] for worker in sorted(found)]
-
-
-def test_ingress_and_sidecar_listeners_balance_exactly(mesh: Mesh) -> None:
-    for admin_port, name in ((mesh.ingress_admin_port, "ingress"), (mesh.replica.admin_port, "inbound")):
-        assert loaded_listener(admin_port, name)["connection_balance_config"] == {"exact_balance": {}}
+def test_the_sidecar_balances_exactly_and_the_ingress_leaves_it_to_the_kernel(mesh: Mesh) -> None:
+    assert loaded_listener(mesh.replica.admin_port, "inbound")["connection_balance_config"] == {"exact_balance": {}}
+    assert "connection_balance_config" not in loaded_listener(mesh.ingress_admin_port, "ingress")
 
 
 def test_connections_spread_evenly_over_the_workers(mesh: Mesh) -> None:
@@ -91,21 +81,22 @@ def test_connections_spread_evenly_over_the_workers(mesh: Mesh) -> None:
     # Earlier clients' connections must be gone: the balancer counts them while they are open.
     wait_until(lambda: sum(connections_per_worker(*ingress)) == 0, 10, "earlier client connections to close")
     workers = len(connections_per_worker(*ingress))
-    assert workers >= 1
-    clients = [http.client.HTTPConnection("127.0.0.1", mesh.listen_port, timeout=10) for _ in range(2 * workers)]
+    assert workers >= 1, "the ingress listener's per-worker gauges"
+    clients = [http.client.HTTPConnection("127.0.0.1", mesh.listen_port, timeout=10) for _ in range(4 * workers)]
     try:
-        # One request on each kept-alive connection: every ingress worker then serves two clients, and calls the
-        # sidecar over one HTTP/2 connection of its own.
+        # One request on each kept-alive connection: every ingress worker that got a client calls the sidecar over
+        # one HTTP/2 connection of its own (the kernel spreads the clients; with 8 over 2 workers, all on one
+        # happens in <1 % of runs, and the check below still holds then).
         for client in clients:
             client.request("POST", f"/v2/models/{MODEL}/infer", BODY, {"content-type": "application/json"})
             response = client.getresponse()
             assert response.status == 200, response.read()
             response.read()
-        assert connections_per_worker(*ingress) == [2] * workers
+        busy = sum(1 for held in connections_per_worker(*ingress) if held)
         sidecar = mesh.replica.admin_port, mesh.replica.inbound_port
-        # The sidecar runs as many workers as the ingress (same machine, Envoy's default): one connection each.
-        wait_until(lambda: sum(connections_per_worker(*sidecar)) == workers, 10, "the ingress workers' connections")
-        assert connections_per_worker(*sidecar) == [1] * workers
+        wait_until(lambda: sum(connections_per_worker(*sidecar)) == busy, 10, "the ingress workers' connections")
+        # The sidecar runs as many workers as the ingress (same machine, Envoy's default): at most one each.
+        assert max(connections_per_worker(*sidecar)) == 1, connections_per_worker(*sidecar)
     finally:
         for client in clients:
             client.close()
