@@ -51,6 +51,7 @@ APP = "iris-pipe"
 #: Model versions: (model, version) -> (folder under MODELS, mode of the scale model).
 SCALE_MODES = {1: "ok", 2: "fail", 3: "sleep", 4: "skew"}
 SHADOWS = {2: "scale:2", 3: "scale:3", 4: "scale:4"}
+OUTCOMES = ("agree", "disagree", "error")
 STAGES_HEADER = "x-hydro-stages"
 #: The stages header: stage 3 has two variants (post:1 and post:2, the same model), half the traffic each.
 SERVED = re.compile(r"1=scale:1;2=clf:1;3=post:[12]")
@@ -115,6 +116,44 @@ class PipelineStack:
 
 def metric(values: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
     return values.get((name, tuple(sorted({"app": APP, "stage": "1", **labels}.items()))), 0.0)
+
+
+Metrics = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def delta(before: Metrics, after: Metrics, name: str, **labels: str) -> float:
+    """How much a stage-1 sample grew from ``before`` to ``after``."""
+    return metric(after, name, **labels) - metric(before, name, **labels)
+
+
+def shadow_calls(before: Metrics, after: Metrics, shadow: str, outcomes: tuple[str, ...] = OUTCOMES) -> float:
+    """Calls of ``shadow`` reported with one of ``outcomes`` since ``before``."""
+    return sum(delta(before, after, "hydro_shadow_calls_total", shadow=shadow, outcome=o) for o in outcomes)
+
+
+def wait_shadows_settled(stack: PipelineStack, what: str) -> None:
+    """Until no shadow has a copy in flight."""
+
+    def settled() -> bool:
+        now = stack.metrics()
+        return all(metric(now, "hydro_shadow_in_flight", shadow=s) == 0 for s in SHADOWS.values())
+
+    wait_until(settled, 20, what)
+
+
+def send_until_a_new_worker_reports(stack: PipelineStack, before: Metrics) -> int:
+    """Calls, one per poll, until the skewing shadow's calls are reported again (a new worker gets copies only
+    once it serves; those before are dropped and counted): how many calls were sent."""
+    sent = 0
+
+    def reported_again() -> bool:
+        nonlocal sent
+        assert stack.rest(ROWS * 10).status_code == 200
+        sent += 1
+        return shadow_calls(before, stack.metrics(), SHADOWS[4], ("agree", "disagree")) > 0
+
+    wait_until(reported_again, 30, "the new worker's reports", interval=0.5)
+    return sent
 
 
 def _spec(app: Application, folders: dict[tuple[str, int], Path]) -> dict[str, Any]:
@@ -324,13 +363,8 @@ def test_bad_requests_are_refused_before_any_stage(stack: PipelineStack) -> None
 
 def test_shadows_never_reach_the_caller_and_are_measured(stack: PipelineStack) -> None:
     requests = 40
-
-    def settled() -> bool:
-        now = stack.metrics()
-        return all(metric(now, "hydro_shadow_in_flight", shadow=s) == 0 for s in SHADOWS.values())
-
     # Sleeping copies of the earlier tests' calls may still be running (they would count against the cap).
-    wait_until(settled, 20, "no shadow call left from earlier tests")
+    wait_shadows_settled(stack, "no shadow call left from earlier tests")
     before = stack.metrics()
     latencies = []
     for index in range(requests):
@@ -341,31 +375,31 @@ def test_shadows_never_reach_the_caller_and_are_measured(stack: PipelineStack) -
     assert sorted(latencies)[int(0.99 * requests) - 1] < 0.5, f"p99 {sorted(latencies)[-2]:.3f} s"
 
     # Sleeping copies over the in-flight cap were dropped; the others finish or time out (3 s) in the background.
-    wait_until(settled, 20, "every shadow call finished")
+    wait_shadows_settled(stack, "every shadow call finished")
     after = stack.metrics()
 
-    def delta(name: str, **labels: str) -> float:
-        return metric(after, name, **labels) - metric(before, name, **labels)
+    def grown(name: str, **labels: str) -> float:
+        return delta(before, after, name, **labels)
 
     calls = "hydro_shadow_calls_total"
     for shadow in SHADOWS.values():
-        outcomes = sum(delta(calls, shadow=shadow, outcome=o) for o in ("agree", "disagree", "error"))
-        assert outcomes + delta("hydro_shadow_dropped_total", shadow=shadow) == requests, shadow
+        dropped = grown("hydro_shadow_dropped_total", shadow=shadow)
+        assert shadow_calls(before, after, shadow) + dropped == requests, shadow
 
     failing = SHADOWS[2]
-    assert delta(calls, shadow=failing, outcome="error") > 0
-    assert delta(calls, shadow=failing, outcome="agree") == delta(calls, shadow=failing, outcome="disagree") == 0
+    assert grown(calls, shadow=failing, outcome="error") > 0
+    assert grown(calls, shadow=failing, outcome="agree") == grown(calls, shadow=failing, outcome="disagree") == 0
 
     sleeping = SHADOWS[3]
-    assert delta("hydro_shadow_dropped_total", shadow=sleeping) > 0, "more than 4 sleeping copies at once"
-    slow = delta("hydro_shadow_latency_seconds_count", shadow=sleeping) - delta(
+    assert grown("hydro_shadow_dropped_total", shadow=sleeping) > 0, "more than 4 sleeping copies at once"
+    slow = grown("hydro_shadow_latency_seconds_count", shadow=sleeping) - grown(
         "hydro_shadow_latency_seconds_bucket", shadow=sleeping, le="1.0"
     )
     assert slow > 0, "the sleeping shadow's 2 s calls are in its latency histogram"
 
     # Every 4th call to the skewed shadow (counted by the model since it started) disagrees.
     skewed = SHADOWS[4]
-    assert delta("hydro_shadow_dropped_total", shadow=skewed) == 0
+    assert grown("hydro_shadow_dropped_total", shadow=skewed) == 0
     agreed = metric(after, calls, shadow=skewed, outcome="agree")
     disagreed = metric(after, calls, shadow=skewed, outcome="disagree")
     assert disagreed == (agreed + disagreed) // 4
@@ -375,11 +409,7 @@ def test_shadows_never_reach_the_caller_and_are_measured(stack: PipelineStack) -
 
 
 def test_a_killed_shadow_worker_never_reaches_the_caller_and_is_started_again(stack: PipelineStack) -> None:
-    def settled() -> bool:
-        now = stack.metrics()
-        return all(metric(now, "hydro_shadow_in_flight", shadow=s) == 0 for s in SHADOWS.values())
-
-    wait_until(settled, 20, "no shadow call left from earlier tests")
+    wait_shadows_settled(stack, "no shadow call left from earlier tests")
     killed = stack.shadow_worker_pid()
     assert killed is not None, "the pipeline runtime runs a shadow worker"
     before = stack.metrics()
@@ -392,51 +422,31 @@ def test_a_killed_shadow_worker_never_reaches_the_caller_and_is_started_again(st
             assert stack.metrics()
     wait_until(lambda: stack.shadow_worker_pid() not in (None, killed), 20, "a new shadow worker")
 
-    def delta(after: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
-        return metric(after, name, **labels) - metric(before, name, **labels)
-
     # The copies the dead worker had and those made while it was down are dropped, and counted.
     skewed = SHADOWS[4]
-    wait_until(settled, 20, "every shadow call finished")
-    assert delta(stack.metrics(), "hydro_shadow_dropped_total", shadow=skewed) > 0
+    wait_shadows_settled(stack, "every shadow call finished")
+    assert delta(before, stack.metrics(), "hydro_shadow_dropped_total", shadow=skewed) > 0
 
-    # The new worker makes the shadow calls again once it serves (its first report: copies before it are
-    # dropped): every copy is either reported or counted as dropped.
-    def new_worker_reports() -> bool:
-        nonlocal requests
-        assert stack.rest(ROWS * 10).status_code == 200
-        requests += 1
-        after = stack.metrics()
-        return any(delta(after, "hydro_shadow_calls_total", shadow=skewed, outcome=o) for o in ("agree", "disagree"))
-
-    wait_until(new_worker_reports, 30, "the new worker's reports", interval=0.5)
+    # The new worker makes the shadow calls again once it serves: every copy is either reported or dropped.
+    requests += send_until_a_new_worker_reports(stack, before)
 
     def accounted() -> bool:
         after = stack.metrics()
-        reported = sum(
-            delta(after, "hydro_shadow_calls_total", shadow=skewed, outcome=o) for o in ("agree", "disagree")
-        )
-        return reported + delta(after, "hydro_shadow_dropped_total", shadow=skewed) == requests
+        reported = shadow_calls(before, after, skewed, ("agree", "disagree"))
+        return reported + delta(before, after, "hydro_shadow_dropped_total", shadow=skewed) == requests
 
     wait_until(accounted, 20, "every copy reported or dropped")
-    wait_until(settled, 20, "the sleeping shadow's calls finished")
+    wait_shadows_settled(stack, "the sleeping shadow's calls finished")
     after = stack.metrics()
     for shadow in SHADOWS.values():
-        outcomes = sum(
-            delta(after, "hydro_shadow_calls_total", shadow=shadow, outcome=o) for o in ("agree", "disagree", "error")
-        )
-        assert outcomes + delta(after, "hydro_shadow_dropped_total", shadow=shadow) == requests, shadow
+        dropped = delta(before, after, "hydro_shadow_dropped_total", shadow=shadow)
+        assert shadow_calls(before, after, shadow) + dropped == requests, shadow
 
 
 def test_a_silent_shadow_worker_is_killed_and_started_again(stack: PipelineStack) -> None:
     """A worker that lives but reports nothing (here: stopped) would hold every shadow at its in-flight cap for
     good; the runtime's watchdog kills it once it has been silent longer than a shadow call may take."""
-
-    def settled() -> bool:
-        now = stack.metrics()
-        return all(metric(now, "hydro_shadow_in_flight", shadow=s) == 0 for s in SHADOWS.values())
-
-    wait_until(settled, 20, "no shadow call left from earlier tests")
+    wait_shadows_settled(stack, "no shadow call left from earlier tests")
     silent = stack.shadow_worker_pid()
     assert silent is not None, "the pipeline runtime runs a shadow worker"
     before = stack.metrics()
@@ -459,35 +469,23 @@ def test_a_silent_shadow_worker_is_killed_and_started_again(stack: PipelineStack
         except ProcessLookupError:
             pass
 
-    def delta(after: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
-        return metric(after, name, **labels) - metric(before, name, **labels)
-
-    def reported(after: dict[tuple[str, tuple[tuple[str, str], ...]], float], shadow: str) -> float:
-        outcomes = ("agree", "disagree", "error")
-        return sum(delta(after, "hydro_shadow_calls_total", shadow=shadow, outcome=o) for o in outcomes)
-
     # It reported nothing: the copies it held (4 per shadow) count as dropped, with those over the cap; none is
     # lost or left in flight. (Copies made after it was killed are dropped too, until its successor serves.)
-    wait_until(settled, 20, "the silent worker's copies counted")
+    wait_shadows_settled(stack, "the silent worker's copies counted")
     after = stack.metrics()
     for shadow in SHADOWS.values():
-        assert reported(after, shadow) == 0, shadow
-        assert delta(after, "hydro_shadow_dropped_total", shadow=shadow) == requests, shadow
+        assert shadow_calls(before, after, shadow) == 0, shadow
+        assert delta(before, after, "hydro_shadow_dropped_total", shadow=shadow) == requests, shadow
     log = stack.pipeline.log_path.read_text()[len(log_before) :]
     assert f"(pid {silent}) reported nothing for" in log, log
 
     # Its successor makes the calls again once it serves (copies sent before that are dropped and counted).
-    def successor_reports() -> bool:
-        nonlocal requests
-        assert stack.rest(ROWS * 10).status_code == 200
-        requests += 1
-        return reported(stack.metrics(), SHADOWS[4]) > 0
-
-    wait_until(successor_reports, 30, "the new worker's reports", interval=0.5)
-    wait_until(settled, 20, "the new worker's calls finished")
+    requests += send_until_a_new_worker_reports(stack, before)
+    wait_shadows_settled(stack, "the new worker's calls finished")
     after = stack.metrics()
     for shadow in SHADOWS.values():
-        assert reported(after, shadow) + delta(after, "hydro_shadow_dropped_total", shadow=shadow) == requests, shadow
+        dropped = delta(before, after, "hydro_shadow_dropped_total", shadow=shadow)
+        assert shadow_calls(before, after, shadow) + dropped == requests, shadow
     # The watchdog leaves a working worker alone (the sleeping shadow's calls took 2 s each).
     assert stack.shadow_worker_pid() == successor
 
