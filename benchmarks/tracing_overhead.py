@@ -151,7 +151,7 @@ class CountingReceiver:
         return b""  # an empty ExportTraceServiceResponse: everything accepted
 
 
-async def _serve_receiver(receiver: CountingReceiver) -> tuple[grpc.aio.Server, int]:
+async def serve_receiver(receiver: CountingReceiver) -> tuple[grpc.aio.Server, int]:
     server = grpc.aio.server()
     # No (de)serializers: the request arrives as bytes, and the answer goes as bytes.
     handler = grpc.unary_unary_rpc_method_handler(receiver.export)
@@ -303,7 +303,7 @@ def main() -> None:
         return asyncio.run_coroutine_threadsafe(coroutine, loop).result()
 
     receiver = CountingReceiver()
-    server, receiver_port = run(_serve_receiver(receiver))
+    server, receiver_port = run(serve_receiver(receiver))
     endpoints = {
         "off": None,
         "control": None,
