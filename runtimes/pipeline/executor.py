@@ -203,10 +203,12 @@ class PipelineExecutor:
             ) from None
         except Exception as exc:
             # grpc raises its own errors, not AioRpcError, for a call it refuses to start (bad metadata, a closed
-            # channel): still this stage's failure, and the caller must learn which stage.
+            # channel): still this stage's failure, and the caller must learn which stage. (Their text lists grpc's
+            # batch operations with their addresses: cut short.)
+            detail = str(exc)
             raise StageError(
                 f"stage {plan.index} ({plan.variants}) of application {self.spec.name!r} could not be called: "
-                f"{type(exc).__name__}: {exc}",
+                f"{type(exc).__name__}: {detail[:200]}{'...' if len(detail) > 200 else ''}",
                 grpc.StatusCode.INTERNAL,
             ) from exc
         try:

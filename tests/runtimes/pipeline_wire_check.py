@@ -5,6 +5,7 @@ Run by test_pipeline_stage_faults.py: protos.inference_pb2 cannot share a proces
 
 - ``sizes``: for every datatype and a few shapes, whether ``response_outputs`` accepts a stage answer of exactly the
   right size (``exact``) and the error it gives with one byte less (``short``) and one byte more (``long``);
+- ``bytes_overrun``: the error for a BYTES element longer than the bytes left;
 - ``refused_call``: what ``PipelineExecutor.run`` raises when grpc refuses to start a stage call (metadata gRPC
   does not take, added on the way out): the exception's type, status and message.
 
@@ -88,7 +89,12 @@ async def refused_call(spec_path: Path) -> dict[str, Any]:
 
 def main() -> int:
     """Print the findings as one JSON object."""
-    print(json.dumps({"sizes": sizes(), "refused_call": asyncio.run(refused_call(Path(sys.argv[1])))}))
+    overrun = _outcome("BYTES", [1], (10).to_bytes(4, "little") + b"abc")
+    print(
+        json.dumps(
+            {"sizes": sizes(), "bytes_overrun": overrun, "refused_call": asyncio.run(refused_call(Path(sys.argv[1])))}
+        )
+    )
     return 0
 
 

@@ -361,6 +361,8 @@ def test_stage_answers_of_every_datatype_are_size_checked_and_a_refused_call_nam
         "PredictError: output 'out': raw BYTES data is cut off in a length prefix"
     )
 
+    assert found["bytes_overrun"] == "PredictError: output 'out': raw BYTES data is cut off in its last element"
+
     # grpc refuses a call with metadata it does not take by raising its own ExecuteBatchError (no AioRpcError).
     refused = found["refused_call"]
     assert refused["type"] == "StageError", refused
