@@ -65,6 +65,7 @@ class Call:
     target: str
     request_id: str  # the OIP request id (the body's "id")
     x_request_id: str | None  # the x-request-id metadata
+    traced: bool  # whether it came with a traceparent
 
 
 @dataclass
@@ -114,7 +115,9 @@ class _Stages(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[mi
         metadata = {key: value for key, value in context.invocation_metadata() or ()}
         target = metadata.get("x-hydro-stage") or metadata.get("x-hydro-model-version", "?")
         with self.outbound.lock:
-            self.outbound.calls.append(Call(target, request.id, metadata.get("x-request-id")))
+            self.outbound.calls.append(
+                Call(target, request.id, metadata.get("x-request-id"), "traceparent" in metadata)
+            )
         values = np.frombuffer(request.raw_input_contents[0], dtype="<f4")
         fault = FAULTS.get(float(values[0]), "") if values.size else ""
         if target in (f"{APP}/1", "first/2"):
@@ -168,22 +171,30 @@ def _spec() -> dict[str, Any]:
 @dataclass
 class Pipeline:
     url: str
+    grpc_port: int
     outbound: StandInOutbound
-    process: ChildProcess
 
     def infer(self, x: list[float], request_id: str = "", headers: dict[str, Any] | None = None) -> httpx.Response:
         body = {"id": request_id, "inputs": [{"name": "x", "datatype": "FP32", "shape": [len(x)], "data": x}]}
         return httpx.post(f"{self.url}/v2/models/{APP}/infer", json=body, headers=headers, timeout=10)
 
-    def shadow_calls(self, outcome: str) -> float:
+    def shadow_metric(self, name: str, **labels: str) -> float:
+        """A sample of the shadow's series in the runtime's /metrics (0 before it has one)."""
         text = httpx.get(f"{self.url}/metrics", timeout=5).text
-        labels = {"app": APP, "stage": "1", "shadow": SHADOW, "outcome": outcome}
+        wanted = {"app": APP, "stage": "1", "shadow": SHADOW, **labels}
         return sum(
             sample.value
             for family in text_string_to_metric_families(text)
             for sample in family.samples
-            if sample.name == "hydro_shadow_calls_total" and sample.labels == labels
+            if sample.name == name and sample.labels == wanted
         )
+
+    def shadow_calls(self, outcome: str) -> float:
+        return self.shadow_metric("hydro_shadow_calls_total", outcome=outcome)
+
+    def wait_shadow_settled(self) -> None:
+        """Until no copy is in flight: the counts then move only with the next request."""
+        wait_until(lambda: self.shadow_metric("hydro_shadow_in_flight") == 0, 20, "no shadow copy in flight")
 
 
 @pytest.fixture(scope="module")
@@ -193,34 +204,45 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
     spec.write_text(json.dumps(_spec()))
     receiver = OtlpReceiver()
     outbound = StandInOutbound()
-    http_port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-    process = ChildProcess(
-        "pipeline",
-        [
-            *(sys.executable, "-m", "runtimes.pipeline", "--spec", str(spec)),
-            *("--grpc-port", str(free_port()), "--http-port", str(http_port)),
-            # 1 MiB: the body limit the oversized-body tests go over.
-            *("--max-message-mb", "1", "--timeout", "5", "--shadow-timeout", "5"),
-        ],
-        env=env,
-        log_path=work / "pipeline.log",
-    )
+    process: ChildProcess | None = None
     try:
         receiver.start()
         outbound.start()
-        process.argv += ["--outbound", f"127.0.0.1:{outbound.port}"]
-        process.env["OTEL_EXPORTER_OTLP_ENDPOINT"] = receiver.endpoint
-        process.env["OTEL_BSP_SCHEDULE_DELAY"] = "200"
-        process.start()
+        # Traced (the request id goes into stage calls only then), to the receiver only; export every 200 ms.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+        env.update(OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint, OTEL_BSP_SCHEDULE_DELAY="200")
+        http_port, grpc_port = free_port(), free_port()
+        process = ChildProcess(
+            "pipeline",
+            [
+                *(sys.executable, "-m", "runtimes.pipeline", "--spec", str(spec)),
+                *("--outbound", f"127.0.0.1:{outbound.port}"),
+                *("--grpc-port", str(grpc_port), "--http-port", str(http_port)),
+                # 1 MiB: the body limit the oversized-body tests go over.
+                *("--max-message-mb", "1", "--timeout", "5", "--shadow-timeout", "5"),
+            ],
+            env=env,
+            log_path=work / "pipeline.log",
+        ).start()
         url = f"http://127.0.0.1:{http_port}"
         process.wait_ready(lambda: http_ok(f"{url}/v2/health/ready"), 60)
-        yield Pipeline(url, outbound, process)
+        started = Pipeline(url, grpc_port, outbound)
+
+        # Ready means the shadow worker served or exited: a first worker can die at its start (a SIGSEGV in the
+        # child, seen with tracing on: grpc's threads were running at the fork) and the next one starts 0.5 s later.
+        def shadow_serves() -> bool:
+            assert started.infer([1.0], "warm-up").status_code == 200
+            return started.shadow_calls("agree") > 0
+
+        wait_until(shadow_serves, 30, "a shadow copy reported", interval=0.5)
+        started.wait_shadow_settled()
+        yield started
     finally:
-        process.stop()
+        if process is not None:
+            process.stop()
+            print(process.log_tail(40))
         outbound.stop()
         receiver.stop()
-        print(process.log_tail(40))
 
 
 def _wait_for_calls(pipeline: Pipeline, request_id: str, count: int) -> list[Call]:
@@ -229,6 +251,7 @@ def _wait_for_calls(pipeline: Pipeline, request_id: str, count: int) -> list[Cal
 
 
 def test_a_right_answer_passes_its_request_id_to_every_stage_and_shadow(pipeline: Pipeline) -> None:
+    pipeline.wait_shadow_settled()
     before = pipeline.shadow_calls("agree")
     response = pipeline.infer([1.0, 2.0, 3.0], "plain", headers={"x-request-id": "req-1.a_b"})
     assert response.status_code == 200, response.text
@@ -247,6 +270,7 @@ def test_a_right_answer_passes_its_request_id_to_every_stage_and_shadow(pipeline
 )
 def test_a_request_id_that_is_no_grpc_metadata_value_is_not_passed_on(pipeline: Pipeline, request_id: bytes) -> None:
     """Starlette decodes header bytes as latin-1; gRPC takes printable ASCII only, and refused the call outright."""
+    pipeline.wait_shadow_settled()
     before = pipeline.shadow_calls("agree"), pipeline.shadow_calls("error")
     oip_id = f"bad-{request_id.hex()}"
     response = pipeline.infer([1.0, 2.0], oip_id, headers={"x-request-id": request_id})
@@ -254,8 +278,9 @@ def test_a_request_id_that_is_no_grpc_metadata_value_is_not_passed_on(pipeline: 
     assert {o["name"]: o["data"] for o in response.json()["outputs"]}["y"] == [2.0, 4.0]
     calls = _wait_for_calls(pipeline, oip_id, 3)
     assert sorted(c.target for c in calls) == [f"{APP}/1", f"{APP}/2", "first/2"]
-    # Dropped, not mangled: the sidecar gives the stage calls an id of its own.
+    # Dropped, not mangled (the sidecar gives the stage calls an id of its own); still traced.
     assert {c.x_request_id for c in calls} == {None}
+    assert all(c.traced for c in calls), calls
     # The shadow's copy is made and agrees: the request id is no fault of the shadow variant.
     wait_until(lambda: pipeline.shadow_calls("agree") == before[0] + 1, 20, "the shadow's agreement reported")
     assert pipeline.shadow_calls("error") == before[1]
@@ -286,8 +311,7 @@ def test_a_stage_answer_whose_data_does_not_fit_its_shape_is_that_stages_fault(
     request = service_pb2.ModelInferRequest(model_name=APP)
     request.inputs.add(name="x", datatype="FP32", shape=[3])
     request.raw_input_contents.append(np.array([first, 2.0, 3.0], dtype="<f4").tobytes())
-    grpc_port = int(pipeline.process.argv[pipeline.process.argv.index("--grpc-port") + 1])
-    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+    with grpc.insecure_channel(f"127.0.0.1:{pipeline.grpc_port}") as channel:
         with pytest.raises(grpc.RpcError) as raised:
             service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
     assert raised.value.code() == grpc.StatusCode.INTERNAL
