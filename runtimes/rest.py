@@ -56,7 +56,9 @@ def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
     return data
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, decompressed (gzip, deflate); PayloadTooLarge as soon as it, or what it inflates to,
+    goes over ``limit`` bytes."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"the request body ({declared} bytes) is larger than the {limit // 2**20} MiB limit")
@@ -97,7 +99,7 @@ async def _infer(
 ) -> Response:
     # Refuse wrong addresses before reading a possibly large body.
     dataplane.resolve(model, version, app_name)
-    body = await _read_body(request, max_body_bytes)
+    body = await read_body(request, max_body_bytes)
     infer_request = json_codec.parse_infer_request(body, model, version, request.headers.get(json_codec.HEADER_LENGTH))
     if span is not None:
         describe_request(span, infer_request)

@@ -201,12 +201,24 @@ class PipelineExecutor:
                 f"{exc.code().name}: {exc.details()}",
                 exc.code(),
             ) from None
+        except Exception as exc:
+            # grpc raises its own errors, not AioRpcError, for a call it refuses to start (bad metadata, a closed
+            # channel): still this stage's failure, and the caller must learn which stage. (Their text lists grpc's
+            # batch operations with their addresses: cut short.)
+            detail = str(exc)
+            raise StageError(
+                f"stage {plan.index} ({plan.variants}) of application {self.spec.name!r} could not be called: "
+                f"{type(exc).__name__}: {detail[:200]}{'...' if len(detail) > 200 else ''}",
+                grpc.StatusCode.INTERNAL,
+            ) from exc
         try:
             outputs = response_outputs(response)
-        except InferenceError as exc:
+        except Exception as exc:
+            # Whatever is wrong in the answer is the stage's fault, never the caller's (InvalidInput would say 400).
+            reason = str(exc) if isinstance(exc, InferenceError) else f"{type(exc).__name__}: {exc}"
             raise StageError(
                 f"stage {plan.index} ({response.model_name}:{response.model_version}) of application "
-                f"{self.spec.name!r} answered an unreadable response: {exc}",
+                f"{self.spec.name!r} answered an unreadable response: {reason}",
                 grpc.StatusCode.INTERNAL,
             ) from None
         return outputs, f"{response.model_name}:{response.model_version}"

@@ -12,26 +12,16 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from runtimes import json_codec
-from runtimes.errors import InferenceError, PayloadTooLarge
+from runtimes.errors import InferenceError
 from runtimes.messages import InferRequest
 from runtimes.pipeline.executor import STAGES_HEADER, PipelineResult
 from runtimes.pipeline.service import PipelineService
 from runtimes.pipeline.spans import request_span
-from runtimes.rest import EXTENSIONS, SERVER_NAME, error_response
+from runtimes.rest import EXTENSIONS, SERVER_NAME, error_response, read_body
 from runtimes.spans import describe_request
 from tracing.provider import active_tracer
 
 log = logging.getLogger(__name__)
-
-
-async def _body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"the request body ({declared} bytes) is larger than the {limit // 2**20} MiB limit")
-    body = await request.body()
-    if len(body) > limit:
-        raise PayloadTooLarge(f"the request body is larger than the {limit // 2**20} MiB limit")
-    return body
 
 
 def create_app(service: PipelineService, *, server_version: str, max_body_bytes: int = 64 * 2**20) -> FastAPI:
@@ -70,7 +60,7 @@ def create_app(service: PipelineService, *, server_version: str, max_body_bytes:
         service.send_shadows(result)
 
     async def run(request: Request, model: str) -> tuple[InferRequest, PipelineResult]:
-        body = await _body(request, max_body_bytes)
+        body = await read_body(request, max_body_bytes)
         header_length = request.headers.get(json_codec.HEADER_LENGTH)
         infer_request = json_codec.parse_infer_request(body, model, "", header_length)
         return infer_request, await service.infer(infer_request)

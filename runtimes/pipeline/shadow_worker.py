@@ -42,7 +42,14 @@ from runtimes.pipeline.shadow_frames import (
     encode_reports,
     read_frame,
 )
-from runtimes.pipeline.spans import Metadata, record_outcome, remote_parent, shadow_span, trace_metadata
+from runtimes.pipeline.spans import (
+    Metadata,
+    grpc_metadata,
+    record_outcome,
+    remote_parent,
+    shadow_span,
+    trace_metadata,
+)
 from runtimes.pipeline.wire import WireTensor, agree, response_outputs
 from runtimes.server import LOG_LEVELS, configure_logging
 from runtimes.spans import REQUEST_ID_HEADER
@@ -175,8 +182,8 @@ class ShadowCaller:
             parent = remote_parent(job.headers) if tracer is not None else None
             if tracer is None or parent is None:
                 # Not tracing here (the runtime may be: each process watches its collector on its own): the
-                # caller's trace context and request id still go with the copy, as they came.
-                outcome, latency = await self._send(job, shadow, primary, tuple(job.headers.items()))
+                # caller's trace context and request id still go with the copy, as they came (those gRPC takes).
+                outcome, latency = await self._send(job, shadow, primary, grpc_metadata(job.headers))
             else:
                 with shadow_span(tracer, self._app, job.stage, shadow, parent) as span:
                     metadata = trace_metadata(span, job.headers.get(REQUEST_ID_HEADER))

@@ -4,9 +4,9 @@ The request span is the child of the ``traceparent`` the pipeline's sidecar send
 stage spans started under it become its children. Shadow calls are made by the shadow worker process: the runtime
 hands it the request's trace headers (:func:`propagation_headers`) and the worker starts each shadow span under
 them (:func:`remote_parent`), so those are the request span's children too. Every stage and shadow call carries its
-own span's ``traceparent`` and the request's ``x-request-id`` in its metadata: the sidecar's outbound listener and
-the stage's sidecar and runtime then join the same trace, and Envoy keeps the ingress's sampling decision (which
-it holds in the request id).
+own span's ``traceparent`` and the request's ``x-request-id`` (when gRPC takes it: :func:`grpc_metadata`) in its
+metadata: the sidecar's outbound listener and the stage's sidecar and runtime then join the same trace, and Envoy
+keeps the ingress's sampling decision (which it holds in the request id).
 
 Callers fetch ``tracing.provider.active_tracer()`` first and skip all of this when it is None.
 """
@@ -109,15 +109,25 @@ def record_outcome(span: trace.Span, outcome: str) -> None:
         span.set_status(Status(StatusCode.ERROR, "the shadow call failed"))
 
 
+def grpc_metadata(headers: Mapping[str, str]) -> Metadata:
+    """``headers`` as gRPC metadata, leaving out the values gRPC would refuse: it takes printable ASCII only.
+
+    gRPC refuses a whole call with any other value, and not with a status but with an exception of its own
+    (ExecuteBatchError). Starlette decodes header bytes as latin-1, so a caller's ``x-request-id`` can hold
+    anything; such an id is dropped rather than mangled (the sidecar then gives the call an id of its own).
+    """
+    return tuple((key, value) for key, value in headers.items() if value.isascii() and value.isprintable())
+
+
 def trace_metadata(span: trace.Span, request_id: str | None = None) -> Metadata:
     """gRPC metadata that makes ``span`` the parent of whatever serves the call, plus the request's id (by default
-    the one of the request being served)."""
+    the one of the request being served) when gRPC takes it as a metadata value."""
     carrier: dict[str, str] = {}
     _W3C.inject(carrier, context=trace.set_span_in_context(span))
     request_id = request_id or _request_id.get()
     if request_id:
         carrier[REQUEST_ID_HEADER] = request_id
-    return tuple(carrier.items())
+    return grpc_metadata(carrier)
 
 
 def propagation_headers() -> dict[str, str]:

@@ -1,11 +1,14 @@
 """Tensors as they travel between stages: name, datatype, shape and raw little-endian bytes.
 
 A stage's raw outputs become the next stage's raw inputs unchanged, so the pipeline never decodes what it only
-passes along; only the client's inputs and the final outputs are converted, by the runtimes' own codecs.
+passes along; only the client's inputs and the final outputs are converted, by the runtimes' own codecs. Each
+stage's answer is checked on arrival (its bytes must fit its datatype and shape), so that a stage's bad answer is
+blamed on that stage, not on the next stage's caller or on the pipeline's own decoding.
 """
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,7 +20,18 @@ from runtimes.dataplane import shape_matches
 from runtimes.errors import InvalidInput, PredictError
 from runtimes.grpc_codec import ContentsData
 from runtimes.messages import OutputTensor, RequestInput
-from runtimes.tensors import RawData, decode_raw, element_count, encode_raw, format_shape
+from runtimes.tensors import (
+    DATATYPES,
+    RawData,
+    decode_raw,
+    element_count,
+    encode_raw,
+    format_shape,
+    numpy_dtype,
+)
+
+#: The 4-byte little-endian length before each element of a raw BYTES tensor.
+_LENGTH = struct.Struct("<I")
 
 
 @dataclass(frozen=True)
@@ -73,8 +87,46 @@ def pipeline_inputs(inputs: Sequence[RequestInput], expected: Sequence[TensorSpe
     return list(tensors.values())
 
 
+def _bytes_elements(name: str, raw: bytes) -> int:
+    # Walks the length prefixes without copying an element (the pipeline passes BYTES tensors on undecoded); the
+    # loop is kept minimal because it runs on the event loop for every BYTES tensor of every stage.
+    unpack = _LENGTH.unpack_from
+    count, offset, end = 0, 0, len(raw)
+    while offset + 4 <= end:
+        offset += 4 + unpack(raw, offset)[0]
+        count += 1
+    if offset < end:
+        raise PredictError(f"output {name!r}: raw BYTES data is cut off in a length prefix")
+    if offset > end:
+        raise PredictError(f"output {name!r}: raw BYTES data is cut off in its last element")
+    return count
+
+
+def check_size(tensor: WireTensor) -> None:
+    """PredictError unless ``tensor``'s bytes are exactly what its datatype and shape need (one element per
+    length-prefixed item for BYTES): a stage's answer checked where the stage can still be named."""
+    shape = format_shape(tensor.shape)
+    if any(d < 0 for d in tensor.shape):
+        raise PredictError(f"output {tensor.name!r} has shape {shape}, with a negative dimension")
+    if tensor.datatype not in DATATYPES:
+        raise PredictError(f"output {tensor.name!r} has unknown datatype {tensor.datatype!r}")
+    count = element_count(tensor.shape)
+    if tensor.datatype == "BYTES":
+        elements = _bytes_elements(tensor.name, tensor.raw)
+        if elements != count:
+            raise PredictError(f"output {tensor.name!r} has {elements} BYTES elements, but shape {shape} needs {count}")
+        return
+    size = count * numpy_dtype(tensor.datatype).itemsize
+    if len(tensor.raw) != size:
+        raise PredictError(
+            f"output {tensor.name!r} has {len(tensor.raw)} bytes of raw data, but {tensor.datatype} {shape} "
+            f"needs {size}"
+        )
+
+
 def response_outputs(response: pb.ModelInferResponse) -> dict[str, WireTensor]:
-    """A stage's outputs by name, raw whichever way the stage sent them."""
+    """A stage's outputs by name, raw whichever way the stage sent them; PredictError if any does not fit its
+    datatype and shape."""
     raw = response.raw_output_contents
     if raw and len(raw) != len(response.outputs):
         raise PredictError(f"{len(raw)} raw_output_contents for {len(response.outputs)} outputs")
@@ -84,7 +136,9 @@ def response_outputs(response: pb.ModelInferResponse) -> dict[str, WireTensor]:
             data = bytes(raw[index])
         else:
             data = encode_raw(ContentsData(tensor.contents).decode(tensor.name, tensor.datatype), tensor.datatype)
-        outputs[tensor.name] = WireTensor(tensor.name, tensor.datatype, tuple(tensor.shape), data)
+        wire = WireTensor(tensor.name, tensor.datatype, tuple(tensor.shape), data)
+        check_size(wire)
+        outputs[tensor.name] = wire
     return outputs
 
 
