@@ -66,6 +66,12 @@ _SILENCE_GRACE = 5.0
 _WATCH_INTERVAL = 0.5
 
 
+def _kill(process: asyncio.subprocess.Process) -> None:
+    """SIGKILL the worker; one that exited meanwhile (uvloop then raises ProcessLookupError) is left as it is."""
+    with contextlib.suppress(ProcessLookupError):
+        process.kill()
+
+
 @dataclass(frozen=True, slots=True)
 class StageShadows:
     """One stage's request, still to be copied to each of its shadows once the caller has its answer."""
@@ -290,7 +296,7 @@ class ShadowRunner:
             reader, writer = await asyncio.open_connection(sock=ours)
         except BaseException:
             ours.close()
-            process.kill()
+            _kill(process)
             await process.wait()
             raise
         self._writer = writer
@@ -310,7 +316,7 @@ class ShadowRunner:
                 log.debug("the shadow worker's last reports are cut off: %s", exc)
             else:
                 log.error("the shadow worker's reports are unreadable (%s): stopping it", exc)
-                process.kill()
+                _kill(process)
         except ConnectionError as exc:
             # A worker that died with jobs unread resets the socket: the same as its end.
             log.debug("the shadow worker's socket failed: %s", exc)
@@ -326,7 +332,7 @@ class ShadowRunner:
                 code = await asyncio.wait_for(asyncio.shield(process.wait()), _STOP_GRACE)
             except TimeoutError:
                 log.warning("the shadow worker did not exit within %.0f s of its input's end: killing it", _STOP_GRACE)
-                process.kill()
+                _kill(process)
                 code = await process.wait()
             if not self._closed:
                 for series in self._series.values():
@@ -363,8 +369,7 @@ class ShadowRunner:
                 reason = f"reported nothing for {silent:.0f} s with {in_flight} copies in flight"
             log.warning("the shadow worker of %r (pid %d) %s: killing it", self._app, process.pid, reason)
             # It may have exited since the look above.
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
+            _kill(process)
             return
 
     async def close(self) -> None:
@@ -381,7 +386,7 @@ class ShadowRunner:
                 await asyncio.wait_for(process.wait(), _STOP_GRACE)
             except TimeoutError:
                 log.warning("the shadow worker did not stop within %.0f s: killing it", _STOP_GRACE)
-                process.kill()
+                _kill(process)
                 await process.wait()
         if supervisor is not None:
             supervisor.cancel()
