@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import logging
+import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from otlp_receiver import OtlpReceiver
 
 from manager_api.ports import free_port
 from manager_api.processes import wait_until
+from tracing.collector_watch import PROBE_INTERVAL_SECONDS
 from tracing.provider import active_tracer, setup_tracing
 from tracing.quiet_export import RateLimitFilter
 from tracing.settings import InvalidEndpoint, TracingSettings, parse_endpoint
@@ -25,11 +28,66 @@ from xds_control.tracing_config import EnvoyTracing
         ("http://127.0.0.1:9999", "127.0.0.1", 9999, False),
         ("https://otel.example.com", "otel.example.com", 4317, True),
         ("localhost", "localhost", 4317, False),
+        ("http://[fd00::5]:4317", "fd00::5", 4317, False),
+        ("[::1]", "::1", 4317, False),
     ],
 )
 def test_endpoints(text: str, host: str, port: int, secure: bool) -> None:
     address = parse_endpoint(text)
     assert (address.host, address.port, address.secure) == (host, port, secure)
+
+
+@pytest.mark.parametrize(
+    ("text", "url", "target"),
+    [
+        ("http://[fd00::5]:4317", "http://[fd00::5]:4317", "[fd00::5]:4317"),
+        ("https://[::1]", "https://[::1]:4317", "[::1]:4317"),
+        ("collector:4317", "http://collector:4317", "collector:4317"),
+    ],
+)
+def test_an_ipv6_collector_keeps_its_brackets(text: str, url: str, target: str) -> None:
+    address = parse_endpoint(text)
+    assert (address.url, address.target, str(address)) == (url, target, target)
+
+
+def test_spans_reach_a_collector_on_ipv6_loopback() -> None:
+    if not socket.has_ipv6 or not Path("/proc/net/if_inet6").read_text().strip():
+        pytest.skip("no IPv6 loopback here")
+    collector = OtlpReceiver(host="[::1]").start()
+    tracing = setup_tracing("unit", environ={"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://[::1]:{collector.port}"})
+    try:
+        assert tracing.watch is not None
+        wait_until(lambda: tracing.watch is not None and tracing.watch.up, 10, "the probe to reach [::1]")
+        tracer = active_tracer()
+        assert tracer is not None
+        tracer.start_span("over-ipv6").end()
+        tracing.shutdown()
+        collector.wait_for(lambda spans: any(s.name == "over-ipv6" for s in spans), 10, "the span over IPv6")
+    finally:
+        tracing.shutdown()
+        collector.stop()
+
+
+def test_the_exporter_channel_reconnects_within_a_probe_interval() -> None:
+    """After an outage the exporter's channel must be as quick to reconnect as the probe that resumes tracing."""
+    tracing = setup_tracing("unit", environ={"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}"})
+    try:
+        assert tracing.exporter is not None
+        # What the SDK hands to grpc.insecure_channel each time it (re)creates the channel.
+        options = dict(tracing.exporter._channel_options)
+        assert options["grpc.max_reconnect_backoff_ms"] == PROBE_INTERVAL_SECONDS * 1000
+    finally:
+        tracing.shutdown()
+
+
+def test_a_ca_file_for_the_collector_is_read_and_checked(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not checked here, only found")
+    endpoint = {"OTEL_EXPORTER_OTLP_ENDPOINT": "https://otel.example.com"}
+    settings = TracingSettings.from_environ({**endpoint, "OTEL_EXPORTER_OTLP_CERTIFICATE": str(ca)})
+    assert settings.collector is not None and settings.collector.ca_file == str(ca)
+    with pytest.raises(InvalidEndpoint, match="does not exist"):
+        TracingSettings.from_environ({**endpoint, "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE": str(tmp_path / "none")})
 
 
 @pytest.mark.parametrize(
