@@ -30,6 +30,9 @@ log.addFilter(RateLimitFilter(min_level=logging.WARNING))
 
 PROBE_INTERVAL_SECONDS = 5.0
 PROBE_TIMEOUT_SECONDS = 2.0
+#: Probes in a row without an answer before a collector that was up counts as down (probing while up only).
+DOWN_AFTER_MISSES = 2
+CONFIRM_SECONDS = 1.0
 
 
 class CollectorWatch:
@@ -41,7 +44,8 @@ class CollectorWatch:
     ``call_soon_threadsafe``) and must not call back into the watch.
 
     ``probe_while_up``: probe every ``interval`` while the collector is up too, for an owner whose own exports do
-    not tell (or that makes none).
+    not tell (or that makes none); then the collector counts as down after ``DOWN_AFTER_MISSES`` probes in a row
+    without an answer, the next one ``CONFIRM_SECONDS`` after the first.
     """
 
     def __init__(
@@ -113,6 +117,7 @@ class CollectorWatch:
             )
 
     def _probe_loop(self) -> None:
+        misses = 0
         while not self._stopped.is_set():
             if not self.probe_while_up:
                 # Sleeps while the collector is up: exports are the health signal then.
@@ -120,6 +125,12 @@ class CollectorWatch:
                 if self._stopped.is_set():
                     return
             reachable = self._reachable()
+            misses = 0 if reachable else misses + 1
+            if not reachable and self.up and misses < DOWN_AFTER_MISSES:
+                # One probe without an answer may be a slow one on a loaded host; asked again soon, since taking
+                # tracing out (and putting it back) costs every proxy a listener update.
+                self._stopped.wait(min(CONFIRM_SECONDS, self.interval))
+                continue
             self.report(reachable)
             if not reachable or self.probe_while_up:
                 self._stopped.wait(self.interval)
