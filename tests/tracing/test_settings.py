@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -199,3 +200,10 @@ def test_tracing_resumes_when_the_collector_comes_back() -> None:
     finally:
         tracing.shutdown()
         collector.stop()
+
+
+def test_xds_control_refuses_a_missing_ca_file(tmp_path: Path) -> None:
+    env = {**os.environ, "OTEL_EXPORTER_OTLP_CERTIFICATE": str(tmp_path / "missing.pem")}
+    argv = [sys.executable, "-m", "xds_control", "--otlp-endpoint", "https://otel.example.com"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 2 and "missing.pem" in done.stderr and "does not exist" in done.stderr, done.stderr
