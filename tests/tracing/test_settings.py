@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -69,16 +72,38 @@ def test_spans_reach_a_collector_on_ipv6_loopback() -> None:
         collector.stop()
 
 
-def test_the_exporter_channel_reconnects_within_a_probe_interval() -> None:
-    """After an outage the exporter's channel must be as quick to reconnect as the probe that resumes tracing."""
-    tracing = setup_tracing("unit", environ={"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}"})
+def test_the_exporter_channel_retries_a_failing_collector_at_least_every_probe_interval() -> None:
+    """gRPC's own back-off between connection attempts grows 1.6x from 1 s (+-20 % jitter) up to 120 s; the
+    exporter's channel keeps trying at least every probe interval (+ jitter), so after an outage it is connected
+    about when the probe resumes tracing."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    attempts: list[float] = []
+
+    def refuse_http2() -> None:
+        # Accepts and hangs up: a connection attempt that fails, and that can be counted.
+        with contextlib.suppress(OSError):
+            while True:
+                connection, _ = listener.accept()
+                attempts.append(time.monotonic())
+                connection.close()
+
+    threading.Thread(target=refuse_http2, name="refuse-http2", daemon=True).start()
+    port = listener.getsockname()[1]
+    tracing = setup_tracing("unit", environ={"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}"})
     try:
-        assert tracing.exporter is not None
-        # What the SDK hands to grpc.insecure_channel each time it (re)creates the channel.
-        options = dict(tracing.exporter._channel_options)
-        assert options["grpc.max_reconnect_backoff_ms"] == PROBE_INTERVAL_SECONDS * 1000
+        assert tracing.exporter is not None and tracing.watch is not None
+        # Only the exporter's channel may connect here (the probe would add its own attempts, one per interval).
+        tracing.watch.stop()
+        channel = tracing.exporter._channel
+        assert channel is not None
+        channel.subscribe(lambda state: None, try_to_connect=True)
+        # About 25 s capped; gRPC's default back-off would take about 45 s.
+        wait_until(lambda: len(attempts) >= 8, 40, "8 connection attempts", interval=0.5)
     finally:
         tracing.shutdown()
+        listener.close()
+    gaps = [later - earlier for earlier, later in itertools.pairwise(attempts)]
+    assert max(gaps) < PROBE_INTERVAL_SECONDS * 1.3, gaps
 
 
 def test_a_ca_file_for_the_collector_is_read_and_checked(tmp_path: Path) -> None:
