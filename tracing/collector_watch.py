@@ -4,6 +4,9 @@ Spans made while nobody can receive them cost CPU twice (making them, then encod
 export retry) and only end up dropped. So the tracer is handed out only while the collector is reachable: an
 export failure pauses it, and a probe thread (a gRPC connection attempt every few seconds, no export, no log
 noise) resumes it once the collector answers again. A paused process does exactly what it does with tracing off.
+
+A watch whose owner exports nothing itself (xds_control: the Envoys export, not it) has no export to report a
+failure, so it keeps probing while the collector is up too (``probe_while_up``).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import grpc
 from opentelemetry.sdk.trace import ReadableSpan
@@ -26,12 +30,22 @@ log.addFilter(RateLimitFilter(min_level=logging.WARNING))
 
 PROBE_INTERVAL_SECONDS = 5.0
 PROBE_TIMEOUT_SECONDS = 2.0
+#: Probes in a row without an answer before a collector that was up counts as down (probing while up only).
+DOWN_AFTER_MISSES = 2
+CONFIRM_SECONDS = 1.0
 
 
 class CollectorWatch:
     """Whether the collector is reachable; calls ``on_change(True/False)`` on every transition.
 
     Thread-safe: exports report from the batch processor's thread, the probe runs on its own daemon thread.
+    ``on_change`` is called under the watch's lock, so transitions are delivered one at a time and in the order
+    they happened (the last call always says the current state): it must be quick (an assignment, a
+    ``call_soon_threadsafe``) and must not call back into the watch.
+
+    ``probe_while_up``: probe every ``interval`` while the collector is up too, for an owner whose own exports do
+    not tell (or that makes none); then the collector counts as down after ``DOWN_AFTER_MISSES`` probes in a row
+    without an answer, the next one ``CONFIRM_SECONDS`` after the first.
     """
 
     def __init__(
@@ -39,9 +53,12 @@ class CollectorWatch:
         collector: CollectorAddress,
         on_change: Callable[[bool], None],
         interval: float = PROBE_INTERVAL_SECONDS,
+        *,
+        probe_while_up: bool = False,
     ) -> None:
         self.collector = collector
         self.interval = interval
+        self.probe_while_up = probe_while_up
         self._on_change = on_change
         self._lock = threading.Lock()
         #: None until the first probe or export says (the first answer is logged either way); the tracer is armed
@@ -86,6 +103,10 @@ class CollectorWatch:
                 self._down.clear()
             else:
                 self._down.set()
+            # Under the lock: delivered outside it, a thread that set the state and was then held up (logging,
+            # scheduling) could deliver its news after a later transition's, leaving the owner in a state the
+            # watch no longer has, with nobody probing to correct it.
+            self._on_change(reachable)
         if reachable:
             log.info("tracing: the collector at %s answers; spans are exported", self.collector)
         else:
@@ -94,28 +115,37 @@ class CollectorWatch:
                 self.collector,
                 self.interval,
             )
-        self._on_change(reachable)
 
     def _probe_loop(self) -> None:
+        misses = 0
         while not self._stopped.is_set():
-            # Sleeps while the collector is up: exports are the health signal then.
-            self._down.wait()
-            if self._stopped.is_set():
-                return
+            if not self.probe_while_up:
+                # Sleeps while the collector is up: exports are the health signal then.
+                self._down.wait()
+                if self._stopped.is_set():
+                    return
             reachable = self._reachable()
+            misses = 0 if reachable else misses + 1
+            if not reachable and self.up and misses < DOWN_AFTER_MISSES:
+                # One probe without an answer may be a slow one on a loaded host; asked again soon, since taking
+                # tracing out (and putting it back) costs every proxy a listener update.
+                self._stopped.wait(min(CONFIRM_SECONDS, self.interval))
+                continue
             self.report(reachable)
-            if not reachable:
+            if not reachable or self.probe_while_up:
                 self._stopped.wait(self.interval)
 
     def _reachable(self) -> bool:
         """Connect to the collector: READY is an answer, and so is TRANSIENT_FAILURE (refused, unreachable), so
         a collector that is down is known as fast as one that is up, not only at the timeout."""
-        target = f"{self.collector.host}:{self.collector.port}"
-        channel = (
-            grpc.secure_channel(target, grpc.ssl_channel_credentials())
-            if self.collector.secure
-            else grpc.insecure_channel(target)
-        )
+        target = self.collector.target
+        if self.collector.secure:
+            credentials = self._credentials()
+            if credentials is None:
+                return False
+            channel = grpc.secure_channel(target, credentials)
+        else:
+            channel = grpc.insecure_channel(target)
         answered = threading.Event()
         states: list[grpc.ChannelConnectivity] = []
 
@@ -131,6 +161,18 @@ class CollectorWatch:
         finally:
             channel.unsubscribe(on_state)
             channel.close()
+
+    def _credentials(self) -> grpc.ChannelCredentials | None:
+        """TLS against the collector's CA file if one is set (as the exporter does), else the system's CAs; None
+        when the CA file cannot be read."""
+        if self.collector.ca_file is None:
+            return grpc.ssl_channel_credentials()
+        try:
+            return grpc.ssl_channel_credentials(Path(self.collector.ca_file).read_bytes())
+        except OSError as exc:
+            # Removed since start-up: the collector counts as not answering, said (rate-limited) like any failure.
+            log.warning("tracing: the collector's CA file cannot be read: %s", exc)
+            return None
 
 
 class WatchedExporter(SpanExporter):

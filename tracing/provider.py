@@ -19,7 +19,7 @@ from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import SpanLimits, TracerProvider
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-from tracing.collector_watch import CollectorWatch, WatchedExporter
+from tracing.collector_watch import PROBE_INTERVAL_SECONDS, CollectorWatch, WatchedExporter
 from tracing.encoding import FastOTLPSpanExporter
 from tracing.quiet_export import quiet_export_logging
 from tracing.server_span import BatchServerSpanProcessor, ServerSpans, applies
@@ -82,6 +82,16 @@ class Tracing:
 _active: Tracing | None = None
 
 
+def exporter_channel_options() -> tuple[tuple[str, int], ...]:
+    """gRPC options of the exporter's channel: reconnect back-off capped at the probe interval.
+
+    gRPC's default cap is 120 s: after a long outage the exporter's channel may wait that long before its next
+    connection attempt while the probe (a fresh channel) already found the collector up and resumed tracing, so
+    the first exports fail, pause tracing again, and the spans made in between are dropped.
+    """
+    return (("grpc.max_reconnect_backoff_ms", int(PROBE_INTERVAL_SECONDS * 1000)),)
+
+
 def active_tracer() -> trace.Tracer | None:
     """The tracer of this process, None when tracing is off or paused (the one check on hot paths)."""
     return _active.tracer if _active is not None else None
@@ -120,7 +130,12 @@ def setup_tracing(
     # The sampler comes from OTEL_TRACES_SAMPLER(_ARG); the SDK's default, parent-based always-on, follows the
     # decision of the caller (the Envoy in front), so Envoy's sampling percentage decides for the whole trace.
     provider = TracerProvider(resource=resource)
-    exporter = FastOTLPSpanExporter(endpoint=settings.collector.url, insecure=not settings.collector.secure)
+    exporter = FastOTLPSpanExporter(
+        endpoint=settings.collector.url,
+        insecure=not settings.collector.secure,
+        # The SDK annotates the values as str; gRPC takes this option as an int (a str one it would ignore).
+        channel_options=exporter_channel_options(),  # type: ignore[arg-type]
+    )
     tracer = provider.get_tracer(INSTRUMENTATION_NAME)
 
     def armed(reachable: bool) -> None:

@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from urllib.parse import urlsplit
 
 ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 INSECURE_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_INSECURE", "OTEL_EXPORTER_OTLP_INSECURE")
+#: The CA bundle (PEM) a TLS collector's certificate is checked against, when not the system's.
+CERTIFICATE_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", "OTEL_EXPORTER_OTLP_CERTIFICATE")
 #: The OTLP gRPC port, when an endpoint names none.
 DEFAULT_OTLP_GRPC_PORT = 4317
 
 
 class InvalidEndpoint(ValueError):
-    """An OTLP endpoint that is neither ``HOST:PORT`` nor ``http(s)://HOST[:PORT]``."""
+    """An OTLP endpoint that is neither ``HOST:PORT`` nor ``http(s)://HOST[:PORT]``, or a CA file that is not
+    there."""
 
 
 @dataclass(frozen=True)
@@ -29,14 +32,23 @@ class CollectorAddress:
     host: str
     port: int
     secure: bool = False
+    #: PEM file of the CAs a TLS collector's certificate is checked against; None: the system's.
+    ca_file: str | None = None
+
+    @property
+    def target(self) -> str:
+        """``HOST:PORT`` as gRPC takes it: an IPv6 address in brackets (``[::1]:4317``), else its colons would be
+        read as the port separator."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
 
     @property
     def url(self) -> str:
         """The endpoint as the OTLP exporter takes it (the scheme says whether TLS is used)."""
-        return f"{'https' if self.secure else 'http'}://{self.host}:{self.port}"
+        return f"{'https' if self.secure else 'http'}://{self.target}"
 
     def __str__(self) -> str:
-        return f"{self.host}:{self.port}"
+        return self.target
 
 
 def parse_endpoint(endpoint: str, *, insecure: bool | None = None) -> CollectorAddress:
@@ -64,6 +76,15 @@ def parse_endpoint(endpoint: str, *, insecure: bool | None = None) -> CollectorA
         raise InvalidEndpoint(f"OTLP endpoint {endpoint!r}: OTLP over gRPC takes no path")
     secure = parts.scheme == "https" if has_scheme else insecure is False
     return CollectorAddress(host, port or DEFAULT_OTLP_GRPC_PORT, secure)
+
+
+def ca_file_from_environ(environ: Mapping[str, str]) -> str | None:
+    """``OTEL_EXPORTER_OTLP_(TRACES_)CERTIFICATE``, checked to be a file: a missing one is said at start-up
+    rather than as a collector that never answers."""
+    path = next((environ[name].strip() for name in CERTIFICATE_VARIABLES if environ.get(name, "").strip()), None)
+    if path is not None and not os.path.isfile(path):
+        raise InvalidEndpoint(f"the collector's CA file {path!r} (OTEL_EXPORTER_OTLP_CERTIFICATE) does not exist")
+    return path
 
 
 def _flag(value: str | None) -> bool | None:
@@ -100,4 +121,5 @@ class TracingSettings:
         if endpoint is None:
             return cls(None, service_name)
         insecure = next((_flag(env.get(name)) for name in INSECURE_VARIABLES if _flag(env.get(name)) is not None), None)
-        return cls(parse_endpoint(endpoint, insecure=insecure), service_name)
+        collector = replace(parse_endpoint(endpoint, insecure=insecure), ca_file=ca_file_from_environ(env))
+        return cls(collector, service_name)

@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import signal
+from dataclasses import replace
 
 import aetcd
 import grpc
@@ -16,7 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from protos.topology import DEFAULT_PREFIX, Keys
 from tracing.collector_watch import CollectorWatch
 from tracing.provider import setup_tracing
-from tracing.settings import InvalidEndpoint, TracingSettings
+from tracing.settings import InvalidEndpoint, TracingSettings, ca_file_from_environ, parse_endpoint
 from xds_control.controller import Controller
 from xds_control.convergence import ConvergenceTracker
 from xds_control.etcd_watch import ETCD_CLIENT_OPTIONS, EtcdTopologyWatch
@@ -74,9 +75,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def envoy_tracing(endpoint: str | None, sampling_percent: float) -> EnvoyTracing | None:
-    """The Envoys' tracing: to ``endpoint``, else to the collector of the OTEL_* variables, else none."""
+    """The Envoys' tracing: to ``endpoint``, else to the collector of the OTEL_* variables, else none. Either way
+    ``OTEL_EXPORTER_OTLP_CERTIFICATE`` names the CAs of a TLS collector (default: the system's)."""
     if endpoint:
-        return EnvoyTracing.from_endpoint(endpoint, sampling_percent)
+        given = replace(parse_endpoint(endpoint), ca_file=ca_file_from_environ(os.environ))
+        return EnvoyTracing(given, sampling_percent)
     collector = TracingSettings.from_environ().collector
     return EnvoyTracing(collector, sampling_percent) if collector is not None else None
 
@@ -107,10 +110,14 @@ async def serve(args: argparse.Namespace, push_spans: PushSpans | None = None) -
         configured = args.tracing
 
         def collector_answers(reachable: bool) -> None:
-            # From the watch's thread: the controller lives on the loop.
-            loop.call_soon_threadsafe(controller.set_tracing, configured if reachable else None)
+            # From the watch's thread: the controller lives on the loop (closed once serve returns, while a last
+            # probe may still be under way).
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(controller.set_tracing, configured if reachable else None)
 
-        collector_watch = CollectorWatch(configured.collector, collector_answers).start()
+        # Probing while the collector is up too: the Envoys export their spans, this process has no export of
+        # theirs to fail, and without it a collector that went away would be traced to until a restart.
+        collector_watch = CollectorWatch(configured.collector, collector_answers, probe_while_up=True).start()
     observers: list[StreamCallbacks] = [MetricsCallbacks(metrics), convergence, status]
     if push_spans is not None:
         observers.append(push_spans)

@@ -15,9 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import base_pb2 as core_base_pb2
 from envoy.config.core.v3 import grpc_service_pb2
 from envoy.config.trace.v3 import http_tracer_pb2, opentelemetry_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
+from envoy.type.matcher.v3 import string_pb2
 from envoy.type.v3 import percent_pb2
 from google.protobuf import duration_pb2
 from google.protobuf.message import Message
@@ -30,6 +33,10 @@ TRACE_ID_HEADER = "x-hydro-trace-id"
 INGRESS_SERVICE = "ingress"
 #: Most an export to the collector may take before Envoy drops that batch of spans.
 EXPORT_TIMEOUT_SECONDS = 0.5
+TLS_TRANSPORT_SOCKET = "envoy.transport_sockets.tls"
+#: Debian's (and the compose image's) bundle of the system's trusted CAs, which Envoy does not find by itself; it
+#: must exist where the Envoys run, or they reject the collector cluster.
+SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 
 
 def sidecar_service(model: str, version: str) -> str:
@@ -75,13 +82,51 @@ class EnvoyTracing:
         )
 
     def collector_cluster(self) -> cluster_pb2.Cluster:
-        """The collector as an HTTP/2 cluster (STRICT_DNS for a host name such as compose's ``jaeger``)."""
+        """The collector as an HTTP/2 cluster (STRICT_DNS for a host name such as compose's ``jaeger``), over TLS
+        for an ``https://`` collector (``collector_tls``)."""
         cluster = r.static_cluster(COLLECTOR_CLUSTER, self.collector.host, self.collector.port, http2=True)
-        try:
-            ipaddress.ip_address(self.collector.host)
-        except ValueError:
+        if not _is_ip(self.collector.host):
             cluster.type = cluster_pb2.Cluster.STRICT_DNS
+        if self.collector.secure:
+            cluster.transport_socket.CopyFrom(
+                core_base_pb2.TransportSocket(
+                    name=TLS_TRANSPORT_SOCKET, typed_config=r.pack(collector_tls(self.collector))
+                )
+            )
         return cluster
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def collector_tls(collector: CollectorAddress) -> tls_pb2.UpstreamTlsContext:
+    """TLS to the collector as the runtimes' exporters speak it: the certificate checked against the collector's
+    CA file (``OTEL_EXPORTER_OTLP_CERTIFICATE``) or the system's CA bundle, and issued to the collector's host
+    (Envoy checks no name unless told which); SNI names the host (an IP address is never sent as SNI); ALPN ``h2``,
+    which gRPC servers may require."""
+    if _is_ip(collector.host):
+        san = common_pb2.SubjectAltNameMatcher(
+            san_type=common_pb2.SubjectAltNameMatcher.IP_ADDRESS, matcher=string_pb2.StringMatcher(exact=collector.host)
+        )
+        sni = ""
+    else:
+        san = common_pb2.SubjectAltNameMatcher(
+            san_type=common_pb2.SubjectAltNameMatcher.DNS, matcher=string_pb2.StringMatcher(exact=collector.host)
+        )
+        sni = collector.host
+    validation = common_pb2.CertificateValidationContext(
+        trusted_ca=core_base_pb2.DataSource(filename=collector.ca_file or SYSTEM_CA_BUNDLE),
+        match_typed_subject_alt_names=[san],
+    )
+    return tls_pb2.UpstreamTlsContext(
+        sni=sni,
+        common_tls_context=tls_pb2.CommonTlsContext(validation_context=validation, alpn_protocols=["h2"]),
+    )
 
 
 def ingress_response_headers(tracing: EnvoyTracing | None) -> dict[str, str]:

@@ -1,20 +1,25 @@
-"""What xds_control's translation adds for tracing: the collector cluster and each proxy's tracing block, and
-nothing at all without a collector."""
+"""What xds_control's translation adds for tracing: the collector cluster (over TLS for an https:// collector)
+and each proxy's tracing block, and nothing at all without a collector. tests/tracing/test_collector_endpoints.py
+has real Envoys take this config."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
 from envoy.config.trace.v3 import opentelemetry_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
+from tracing.settings import CollectorAddress
 from xds_control import resources as r
 from xds_control.snapshot import Snapshot
 from xds_control.topology import Topology
-from xds_control.tracing_config import COLLECTOR_CLUSTER, TRACE_ID_HEADER, EnvoyTracing
+from xds_control.tracing_config import COLLECTOR_CLUSTER, SYSTEM_CA_BUNDLE, TRACE_ID_HEADER, EnvoyTracing
 from xds_control.translate import (
     INGRESS_LISTENER,
     INGRESS_ROUTES,
@@ -115,3 +120,43 @@ def test_a_pipeline_sidecar_traces_both_its_sides() -> None:
     outbound.provider.typed_config.Unpack(config)
     assert config.service_name == "sidecar app:pipeline"
     assert COLLECTOR_CLUSTER in snapshot.by_type[r.CLUSTER]
+
+
+def _tls(cluster: cluster_pb2.Cluster) -> tls_pb2.UpstreamTlsContext:
+    assert cluster.transport_socket.name == "envoy.transport_sockets.tls"
+    context = tls_pb2.UpstreamTlsContext()
+    cluster.transport_socket.typed_config.Unpack(context)
+    return context
+
+
+def test_an_https_collector_is_reached_over_tls_checked_against_the_system_cas() -> None:
+    cluster = EnvoyTracing.from_endpoint("https://otel.example.com").collector_cluster()
+    context = _tls(cluster)
+    assert context.sni == "otel.example.com"
+    validation = context.common_tls_context.validation_context
+    assert validation.trusted_ca.filename == SYSTEM_CA_BUNDLE
+    assert Path(SYSTEM_CA_BUNDLE).is_file(), "the system bundle is where Debian keeps it"
+    (san,) = validation.match_typed_subject_alt_names
+    assert (san.san_type, san.matcher.exact) == (common_pb2.SubjectAltNameMatcher.DNS, "otel.example.com")
+    assert list(context.common_tls_context.alpn_protocols) == ["h2"]
+
+
+def test_an_https_collector_by_ip_with_its_own_ca_file() -> None:
+    collector = CollectorAddress("10.0.0.7", 4317, secure=True, ca_file="/etc/hydro/collector-ca.pem")
+    context = _tls(EnvoyTracing(collector).collector_cluster())
+    assert context.sni == "", "an IP address is not a server name"
+    validation = context.common_tls_context.validation_context
+    assert validation.trusted_ca.filename == "/etc/hydro/collector-ca.pem"
+    (san,) = validation.match_typed_subject_alt_names
+    assert (san.san_type, san.matcher.exact) == (common_pb2.SubjectAltNameMatcher.IP_ADDRESS, "10.0.0.7")
+
+
+def test_a_plain_collector_gets_no_tls() -> None:
+    assert not EnvoyTracing.from_endpoint("http://otel.example.com").collector_cluster().HasField("transport_socket")
+
+
+def test_an_ipv6_collector_is_a_static_address() -> None:
+    cluster = EnvoyTracing.from_endpoint("http://[::1]:4317").collector_cluster()
+    assert cluster.type == cluster_pb2.Cluster.STATIC
+    address = cluster.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address
+    assert (address.address, address.port_value) == ("::1", 4317)

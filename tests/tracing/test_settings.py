@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
+import os
+import socket
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 
 import pytest
 from otlp_receiver import OtlpReceiver
 
 from manager_api.ports import free_port
 from manager_api.processes import wait_until
+from tracing.collector_watch import PROBE_INTERVAL_SECONDS
 from tracing.provider import active_tracer, setup_tracing
 from tracing.quiet_export import RateLimitFilter
 from tracing.settings import InvalidEndpoint, TracingSettings, parse_endpoint
@@ -25,11 +32,88 @@ from xds_control.tracing_config import EnvoyTracing
         ("http://127.0.0.1:9999", "127.0.0.1", 9999, False),
         ("https://otel.example.com", "otel.example.com", 4317, True),
         ("localhost", "localhost", 4317, False),
+        ("http://[fd00::5]:4317", "fd00::5", 4317, False),
+        ("[::1]", "::1", 4317, False),
     ],
 )
 def test_endpoints(text: str, host: str, port: int, secure: bool) -> None:
     address = parse_endpoint(text)
     assert (address.host, address.port, address.secure) == (host, port, secure)
+
+
+@pytest.mark.parametrize(
+    ("text", "url", "target"),
+    [
+        ("http://[fd00::5]:4317", "http://[fd00::5]:4317", "[fd00::5]:4317"),
+        ("https://[::1]", "https://[::1]:4317", "[::1]:4317"),
+        ("collector:4317", "http://collector:4317", "collector:4317"),
+    ],
+)
+def test_an_ipv6_collector_keeps_its_brackets(text: str, url: str, target: str) -> None:
+    address = parse_endpoint(text)
+    assert (address.url, address.target, str(address)) == (url, target, target)
+
+
+def test_spans_reach_a_collector_on_ipv6_loopback() -> None:
+    if not socket.has_ipv6 or not Path("/proc/net/if_inet6").read_text().strip():
+        pytest.skip("no IPv6 loopback here")
+    collector = OtlpReceiver(host="[::1]").start()
+    tracing = setup_tracing("unit", environ={"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://[::1]:{collector.port}"})
+    try:
+        assert tracing.watch is not None
+        wait_until(lambda: tracing.watch is not None and tracing.watch.up, 10, "the probe to reach [::1]")
+        tracer = active_tracer()
+        assert tracer is not None
+        tracer.start_span("over-ipv6").end()
+        tracing.shutdown()
+        collector.wait_for(lambda spans: any(s.name == "over-ipv6" for s in spans), 10, "the span over IPv6")
+    finally:
+        tracing.shutdown()
+        collector.stop()
+
+
+def test_the_exporter_channel_retries_a_failing_collector_at_least_every_probe_interval() -> None:
+    """gRPC's own back-off between connection attempts grows 1.6x from 1 s (+-20 % jitter) up to 120 s; the
+    exporter's channel keeps trying at least every probe interval (+ jitter), so after an outage it is connected
+    about when the probe resumes tracing."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    attempts: list[float] = []
+
+    def refuse_http2() -> None:
+        # Accepts and hangs up: a connection attempt that fails, and that can be counted.
+        with contextlib.suppress(OSError):
+            while True:
+                connection, _ = listener.accept()
+                attempts.append(time.monotonic())
+                connection.close()
+
+    threading.Thread(target=refuse_http2, name="refuse-http2", daemon=True).start()
+    port = listener.getsockname()[1]
+    tracing = setup_tracing("unit", environ={"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}"})
+    try:
+        assert tracing.exporter is not None and tracing.watch is not None
+        # Only the exporter's channel may connect here (the probe would add its own attempts, one per interval).
+        tracing.watch.stop()
+        channel = tracing.exporter._channel
+        assert channel is not None
+        channel.subscribe(lambda state: None, try_to_connect=True)
+        # About 25 s capped; gRPC's default back-off would take about 45 s.
+        wait_until(lambda: len(attempts) >= 8, 40, "8 connection attempts", interval=0.5)
+    finally:
+        tracing.shutdown()
+        listener.close()
+    gaps = [later - earlier for earlier, later in itertools.pairwise(attempts)]
+    assert max(gaps) < PROBE_INTERVAL_SECONDS * 1.3, gaps
+
+
+def test_a_ca_file_for_the_collector_is_read_and_checked(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not checked here, only found")
+    endpoint = {"OTEL_EXPORTER_OTLP_ENDPOINT": "https://otel.example.com"}
+    settings = TracingSettings.from_environ({**endpoint, "OTEL_EXPORTER_OTLP_CERTIFICATE": str(ca)})
+    assert settings.collector is not None and settings.collector.ca_file == str(ca)
+    with pytest.raises(InvalidEndpoint, match="does not exist"):
+        TracingSettings.from_environ({**endpoint, "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE": str(tmp_path / "none")})
 
 
 @pytest.mark.parametrize(
@@ -141,3 +225,10 @@ def test_tracing_resumes_when_the_collector_comes_back() -> None:
     finally:
         tracing.shutdown()
         collector.stop()
+
+
+def test_xds_control_refuses_a_missing_ca_file(tmp_path: Path) -> None:
+    env = {**os.environ, "OTEL_EXPORTER_OTLP_CERTIFICATE": str(tmp_path / "missing.pem")}
+    argv = [sys.executable, "-m", "xds_control", "--otlp-endpoint", "https://otel.example.com"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 2 and "missing.pem" in done.stderr and "does not exist" in done.stderr, done.stderr
