@@ -5,6 +5,11 @@ bytes followed by the raw data of every input whose ``parameters.binary_data_siz
 Outputs go back as raw data when the request asks for it: ``parameters.binary_data`` on a requested output, or
 the request parameter ``binary_data_output`` for outputs without their own setting. tritonclient.http does both
 by default.
+
+Every string of a parsed request is Unicode text and every shape dimension an int64: JSON escapes can spell lone
+surrogates ("\\ud800"), which have no UTF-8 form, and JSON numbers have no size limit, but protobuf (the pipeline's
+stage calls, gRPC, span export) carries neither; such an id, name, datatype, parameter or shape is refused here,
+naming the field, rather than failing later as a server error.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from runtimes.tensors import JsonData, RawData, encode_json_data, encode_raw
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 BINARY_SIZE = "binary_data_size"
+#: Shape dimensions are int64 in the protocol (and in protobuf, which the pipeline's stage calls and gRPC use).
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -45,9 +52,25 @@ def _parse_json(text: bytes | memoryview, what: str) -> Any:
         raise InvalidInput(f"{what} is not UTF-8 text: {exc.reason} at byte {exc.start}") from None
     except json.JSONDecodeError as exc:
         raise InvalidInput(f"{what} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except ValueError as exc:
+        # A number of more digits than Python converts (sys.get_int_max_str_digits(), 4300 by default).
+        raise InvalidInput(f"{what} cannot be read: {exc}") from None
     except RecursionError:
         # The decoder recurses once per nesting level: thousands of "[" exhaust the stack before any tensor does.
         raise InvalidInput(f"{what} is nested too deeply to be an inference request") from None
+
+
+def _text(value: str, what: str) -> str:
+    """``value``, if it is Unicode text (has a UTF-8 form); else InvalidInput naming ``what``."""
+    if not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError as exc:
+            surrogate = f"\\u{ord(value[exc.start]):04x}"
+            raise InvalidInput(
+                f"{what} is not valid Unicode text: it holds the lone surrogate {surrogate} at character {exc.start}"
+            ) from None
+    return value
 
 
 def _parameters(raw: object, where: str) -> Parameters:
@@ -58,6 +81,9 @@ def _parameters(raw: object, where: str) -> Parameters:
     for key, value in raw.items():
         if not isinstance(value, bool | int | float | str):
             raise InvalidInput(f"{where}: parameter {key!r} must be a boolean, number or string")
+        _text(key, f"{where}: a parameter's name")
+        if type(value) is str:
+            _text(value, f"{where}: parameter {key!r}")
     return raw
 
 
@@ -67,7 +93,7 @@ def _string(obj: dict[str, Any], key: str, where: str, required: bool = True) ->
         return ""
     if not isinstance(value, str) or (required and not value):
         raise InvalidInput(f"{where}: {key!r} must be a non-empty string")
-    return value
+    return _text(value, f"{where}: {key!r}")
 
 
 def _shape(obj: dict[str, Any], where: str) -> tuple[int, ...]:
@@ -75,6 +101,9 @@ def _shape(obj: dict[str, Any], where: str) -> tuple[int, ...]:
     # bool is an int in Python, but never a dimension.
     if not isinstance(shape, list) or not all(type(d) is int for d in shape):
         raise InvalidInput(f"{where}: 'shape' must be a list of integers")
+    for dimension in shape:
+        if not _INT64_MIN <= dimension <= _INT64_MAX:
+            raise InvalidInput(f"{where}: 'shape' has a dimension outside the 64-bit integer range: {dimension}")
     return tuple(shape)
 
 
@@ -148,6 +177,7 @@ def parse_infer_request(
     request_id = document.get("id", "")
     if not isinstance(request_id, str):
         raise InvalidInput("'id' must be a string")
+    _text(request_id, "'id'")
     return InferRequest(
         model_name=model_name,
         model_version=model_version,
@@ -246,6 +276,7 @@ def dumps(document: object) -> bytes:
 
     A model may output NaN or infinity; they are written as NaN/Infinity (as Python's json and tritonclient read
     them) rather than failing the request, although strict JSON parsers reject them. A lone surrogate (valid in a
-    JSON escape, e.g. an echoed request id "\\udc80", but not encodable as UTF-8) is written back as its escape.
+    JSON escape, e.g. "\\udc80" in a client's string an error message quotes, but not encodable as UTF-8) is written
+    back as its escape.
     """
     return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "backslashreplace")

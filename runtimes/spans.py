@@ -21,6 +21,7 @@ from runtimes.messages import InferRequest
 from tracing.provider import active_server_spans
 
 REQUEST_ID_HEADER = "x-request-id"
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 #: Envoy's OpenTelemetry tracer speaks W3C trace context (traceparent); nothing else needs extracting.
 _W3C = TraceContextTextMapPropagator()
 
@@ -80,9 +81,15 @@ class inference_span:
 
 
 def describe_request(span: trace.Span, request: InferRequest) -> None:
-    """Attributes known once the request is parsed: batch size (first dimension of the first input), its id."""
+    """Attributes known once the request is parsed: batch size (first dimension of the first input), its id.
+
+    Called before the request is checked against the signature, so the batch size is whatever the client wrote;
+    one that OTLP's int64 cannot carry is left off (the exporter would only drop it).
+    """
     if request.inputs:
         shape = request.inputs[0].shape
-        span.set_attribute("hydro.batch_size", shape[0] if shape else 1)
+        batch_size = shape[0] if shape else 1
+        if _INT64_MIN <= batch_size <= _INT64_MAX:
+            span.set_attribute("hydro.batch_size", batch_size)
     if request.id:
         span.set_attribute("hydro.inference_id", request.id)

@@ -6,13 +6,21 @@ message one by one still costs ~16 us. Our spans are simple (scalar attributes, 
 error is recorded): those are written in protobuf's wire format (names and recurring attributes cached) and
 merged into the request with one parse per scope. Any other span goes through the SDK's own encoder, so the
 output is always what the SDK would send (tests/tracing/test_encoding.py compares the two).
+
+One bad span never costs the batch (up to 512 spans of other requests): an attribute protobuf cannot carry (an int
+outside int64, a string with a lone surrogate, which has no UTF-8 form) is left out, as the SDK's encoder leaves it
+out; a span that still cannot be encoded (such a string as its name or status message, which fail the SDK's whole
+batch) is left out of the request. Either is logged (quiet_export rate-limits this logger). The checks cost the
+usual span nothing: an int's range is checked once per cached value, and a bad string raises where it is encoded.
 """
 
 from __future__ import annotations
 
+import logging
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
+from google.protobuf.message import DecodeError
 from opentelemetry.exporter.otlp.proto.common._internal import _encode_instrumentation_scope, _encode_resource
 from opentelemetry.exporter.otlp.proto.common._internal.trace_encoder import _encode_span
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
@@ -23,11 +31,14 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from tracing.server_span import RecordingServerSpan
 
+log = logging.getLogger(__name__)
+
 #: SDK SpanKind values are 0-4 (INTERNAL first); OTLP's are 1-5 (0 is UNSPECIFIED).
 _KIND_OFFSET = 1
 _HAS_IS_REMOTE = trace_pb2.SpanFlags.SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK
 _IS_REMOTE = trace_pb2.SpanFlags.SPAN_FLAGS_CONTEXT_IS_REMOTE_MASK
 _STATUS = {StatusCode.UNSET: 0, StatusCode.OK: 1, StatusCode.ERROR: 2}
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 def _varint(value: int) -> bytes:
@@ -111,6 +122,9 @@ def _attribute(key: str, value: object) -> bytes:
         elif kind is bool:
             any_value = _BOOL_VALUE + (b"\x01" if value else b"\x00")
         elif kind is int:
+            if not _INT64_MIN <= value <= _INT64_MAX:  # type: ignore[operator]
+                # _varint would write a wrong number, or bytes that fail the whole merge.
+                raise ValueError(f"int value {value} is outside int64")
             any_value = _INT_VALUE + _varint(int(value))  # type: ignore[call-overload]
         else:
             any_value = _DOUBLE_VALUE + _PACK_DOUBLE(float(value))  # type: ignore[arg-type]
@@ -118,6 +132,17 @@ def _attribute(key: str, value: object) -> bytes:
         if len(_cache) >= _CACHE_LIMIT:
             _cache.clear()
         _cache[cache_key] = encoded
+    return encoded
+
+
+def _attributes_leaving_out_bad(span_name: str, attributes: Mapping[str, object]) -> list[bytes]:
+    """The attributes _attribute can encode, each other one left out (logged), as the SDK's encoder does."""
+    encoded = []
+    for key, value in attributes.items():
+        try:
+            encoded.append(_attribute(key, value))
+        except ValueError as error:  # UnicodeEncodeError is one
+            log.warning("tracing: attribute %r of span %r left out of the export: %s", key, span_name, error)
     return encoded
 
 
@@ -160,7 +185,10 @@ def _server_span_bytes(span: RecordingServerSpan) -> bytes | None:
         _END,
         _PACK_TIME(span._end_time or 0),
     ]
-    parts += [_attribute(key, value) for key, value in attributes.items()]
+    try:
+        parts += [_attribute(key, value) for key, value in attributes.items()]
+    except ValueError:
+        parts += _attributes_leaving_out_bad(span._name, attributes)
     parts += (_status(span._status), _FLAGS_REMOTE_PARENT)
     return _field(_SPAN_IN_SCOPE, b"".join(parts))
 
@@ -195,7 +223,10 @@ def _span_bytes(span: ReadableSpan) -> bytes | None:
         _END,
         _PACK_TIME(span.end_time or 0),
     )
-    parts += [_attribute(key, value) for key, value in attributes.items()]
+    try:
+        parts += [_attribute(key, value) for key, value in attributes.items()]
+    except ValueError:
+        parts += _attributes_leaving_out_bad(span.name, attributes)
     parts += (_status(span.status), _FLAGS_REMOTE_PARENT if parent is not None and parent.is_remote else _FLAGS_LOCAL)
     return _field(_SPAN_IN_SCOPE, b"".join(parts))
 
@@ -208,6 +239,13 @@ def encode_spans(spans: Sequence[ReadableSpan]) -> ExportTraceServiceRequest:
     #: Simple spans of each scope written but not yet merged (merged before an unusual span, to keep the order).
     pending: dict[tuple[int, int], list[bytes]] = {}
     for span in spans:
+        try:
+            # Written (never empty) if the span is simple, else the SDK's message.
+            encoded = _span_bytes(span) or _encode_span(span)
+        except Exception as error:
+            # A name or status message with a lone surrogate, so far; whatever it is, it costs this span only.
+            log.warning("tracing: span %r left out of the export: %s: %s", span.name, type(error).__name__, error)
+            continue
         resource, scope = span.resource, span.instrumentation_scope
         key = (id(resource), id(scope))
         scope_spans = scopes.get(key)
@@ -221,21 +259,34 @@ def encode_spans(spans: Sequence[ReadableSpan]) -> ExportTraceServiceRequest:
             if scope is not None:
                 scope_spans.scope.CopyFrom(_encode_instrumentation_scope(scope))
             scopes[key] = scope_spans
-        written = _span_bytes(span)
-        if written is not None:
-            pending.setdefault(key, []).append(written)
+        if isinstance(encoded, bytes):
+            pending.setdefault(key, []).append(encoded)
         else:
             _merge(scope_spans, pending.pop(key, None))
-            scope_spans.spans.append(_encode_span(span))
-    for key, encoded in pending.items():
-        _merge(scopes[key], encoded)
+            scope_spans.spans.append(encoded)
+    for key, written in pending.items():
+        _merge(scopes[key], written)
     return request
 
 
 def _merge(scope_spans: trace_pb2.ScopeSpans, encoded: list[bytes] | None) -> None:
     """Append spans written by _span_bytes: one parse of their concatenation appends them all, in order."""
-    if encoded:
+    if not encoded:
+        return
+    merged = len(scope_spans.spans)
+    try:
         scope_spans.MergeFromString(b"".join(encoded))
+    except DecodeError:
+        # Only a mistake of the writer above gets here; it should cost the span it wrote, not the whole scope.
+        del scope_spans.spans[merged:]
+        for written in encoded:
+            one = trace_pb2.ScopeSpans()
+            try:
+                one.MergeFromString(written)
+            except DecodeError as error:
+                log.warning("tracing: a span written unparseable was left out of the export: %s", error)
+            else:
+                scope_spans.spans.extend(one.spans)
 
 
 class FastOTLPSpanExporter(OTLPSpanExporter):

@@ -3,6 +3,8 @@
 With no collector listening, the OTLP exporter logs a warning for every retry of every batch and an error when it
 gives up (a handful of lines every few seconds, for as long as the process runs), and the batch processor logs a
 warning for every span it drops once its queue is full. The first of these is useful, the thousandth is noise.
+The same holds for spans or attributes the encoders leave out (tracing.encoding's and, for the spans it hands on,
+the SDK's, which logs a traceback per attribute): a client that sends a bad value sends it again.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from collections.abc import Callable
 #: Loggers of the export path: the OTLP gRPC exporter (export thread) and the batch processor.
 EXPORTER_LOGGER = "opentelemetry.exporter.otlp.proto.grpc.exporter"
 PROCESSOR_LOGGER = "opentelemetry.sdk._shared_internal"
+#: Loggers of the span encoders (export thread): ours, and the SDK's attribute encoder.
+ENCODER_LOGGERS = ("tracing.encoding", "opentelemetry.exporter.otlp.proto.common._internal")
 #: One export problem per this many seconds reaches the log.
 DEFAULT_INTERVAL_SECONDS = 60.0
 
@@ -62,7 +66,8 @@ _installed: RateLimitFilter | None = None
 
 
 def quiet_export_logging(interval: float = DEFAULT_INTERVAL_SECONDS) -> RateLimitFilter:
-    """Rate-limit the exporter's messages and silence the processor's per-span drop warnings (idempotent).
+    """Rate-limit the exporter's messages and the encoders' (each their own budget) and silence the processor's
+    per-span drop warnings (idempotent); returns the exporter's filter.
 
     The drop warning is raised to ERROR level rather than filtered because it is logged on the request path, once
     per span, where a filtered record is still built; an export failure is already in the log when spans drop.
@@ -72,4 +77,8 @@ def quiet_export_logging(interval: float = DEFAULT_INTERVAL_SECONDS) -> RateLimi
         _installed = RateLimitFilter(interval)
         logging.getLogger(EXPORTER_LOGGER).addFilter(_installed)
         logging.getLogger(PROCESSOR_LOGGER).setLevel(logging.ERROR)
+        # A budget of their own: a collector that is down must not hide that spans are left out, nor the reverse.
+        encoders = RateLimitFilter(interval)
+        for name in ENCODER_LOGGERS:
+            logging.getLogger(name).addFilter(encoders)
     return _installed
