@@ -22,7 +22,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from tracing.quiet_export import RateLimitFilter
-from tracing.settings import CollectorAddress
+from tracing.settings import CollectorAddress, trusted_ca_file
 
 log = logging.getLogger("tracing.collector")
 # A collector that flaps must not flood the log either; that it answers again is always said.
@@ -33,6 +33,15 @@ PROBE_TIMEOUT_SECONDS = 2.0
 #: Probes in a row without an answer before a collector that was up counts as down (probing while up only).
 DOWN_AFTER_MISSES = 2
 CONFIRM_SECONDS = 1.0
+
+
+def tls_credentials(collector: CollectorAddress) -> grpc.ChannelCredentials:
+    """TLS credentials trusting the CAs the Envoys trust too (tracing.settings.trusted_ca_file): the probe's and
+    the exporter's. OSError when that file cannot be read."""
+    ca_file = trusted_ca_file(collector)
+    if ca_file is None:
+        return grpc.ssl_channel_credentials()
+    return grpc.ssl_channel_credentials(Path(ca_file).read_bytes())
 
 
 class CollectorWatch:
@@ -163,12 +172,9 @@ class CollectorWatch:
             channel.close()
 
     def _credentials(self) -> grpc.ChannelCredentials | None:
-        """TLS against the collector's CA file if one is set (as the exporter does), else the system's CAs; None
-        when the CA file cannot be read."""
-        if self.collector.ca_file is None:
-            return grpc.ssl_channel_credentials()
+        """The probe's TLS credentials; None when the CA file cannot be read."""
         try:
-            return grpc.ssl_channel_credentials(Path(self.collector.ca_file).read_bytes())
+            return tls_credentials(self.collector)
         except OSError as exc:
             # Removed since start-up: the collector counts as not answering, said (rate-limited) like any failure.
             log.warning("tracing: the collector's CA file cannot be read: %s", exc)

@@ -13,17 +13,18 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import grpc
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import SpanLimits, TracerProvider
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-from tracing.collector_watch import PROBE_INTERVAL_SECONDS, CollectorWatch, WatchedExporter
+from tracing.collector_watch import PROBE_INTERVAL_SECONDS, CollectorWatch, WatchedExporter, tls_credentials
 from tracing.encoding import FastOTLPSpanExporter
 from tracing.quiet_export import quiet_export_logging
 from tracing.server_span import BatchServerSpanProcessor, ServerSpans, applies
-from tracing.settings import TracingSettings
+from tracing.settings import CollectorAddress, InvalidEndpoint, TracingSettings
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,15 @@ def active_server_spans() -> ServerSpans | None:
     return _active.server_spans if _active is not None else None
 
 
+def _exporter_credentials(collector: CollectorAddress) -> grpc.ChannelCredentials | None:
+    if not collector.secure:
+        return None
+    try:
+        return tls_credentials(collector)
+    except OSError as exc:
+        raise InvalidEndpoint(f"the collector's CA file cannot be read: {exc}") from exc
+
+
 def setup_tracing(
     service_name: str,
     *,
@@ -133,6 +143,7 @@ def setup_tracing(
     exporter = FastOTLPSpanExporter(
         endpoint=settings.collector.url,
         insecure=not settings.collector.secure,
+        credentials=_exporter_credentials(settings.collector),
         # The SDK annotates the values as str; gRPC takes this option as an int (a str one it would ignore).
         channel_options=exporter_channel_options(),  # type: ignore[arg-type]
     )

@@ -18,6 +18,10 @@ INSECURE_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_INSECURE", "OTEL_EXPORTER_OTLP_
 CERTIFICATE_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", "OTEL_EXPORTER_OTLP_CERTIFICATE")
 #: The OTLP gRPC port, when an endpoint names none.
 DEFAULT_OTLP_GRPC_PORT = 4317
+#: Debian's (and the compose image's) bundle of the system's trusted CAs. A TLS collector's certificate is checked
+#: against it when no CA file is named: gRPC's Python client would otherwise use the roots bundled with grpcio,
+#: and Envoy finds none by itself, so naming this one file makes the Envoys, the probe and the exporters agree.
+SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 
 
 class InvalidEndpoint(ValueError):
@@ -82,9 +86,26 @@ def ca_file_from_environ(environ: Mapping[str, str]) -> str | None:
     """``OTEL_EXPORTER_OTLP_(TRACES_)CERTIFICATE``, checked to be a file: a missing one is said at start-up
     rather than as a collector that never answers."""
     path = next((environ[name].strip() for name in CERTIFICATE_VARIABLES if environ.get(name, "").strip()), None)
-    if path is not None and not os.path.isfile(path):
+    if path is None:
+        return None
+    if not os.path.isfile(path):
         raise InvalidEndpoint(f"the collector's CA file {path!r} (OTEL_EXPORTER_OTLP_CERTIFICATE) does not exist")
-    return path
+    # Absolute: the Envoys read it too, from their own working directory.
+    return os.path.abspath(path)
+
+
+def with_ca_file(collector: CollectorAddress, environ: Mapping[str, str]) -> CollectorAddress:
+    """``collector`` with the CA file of ``environ`` when it speaks TLS; a plain-text collector ignores the
+    variable (it may be set for other exporters, and name a file that is not here)."""
+    return replace(collector, ca_file=ca_file_from_environ(environ)) if collector.secure else collector
+
+
+def trusted_ca_file(collector: CollectorAddress) -> str | None:
+    """The CA file a TLS collector's certificate is checked against: the one named, else the system bundle where
+    it exists, else None (gRPC's own roots)."""
+    if collector.ca_file is not None:
+        return collector.ca_file
+    return SYSTEM_CA_BUNDLE if os.path.isfile(SYSTEM_CA_BUNDLE) else None
 
 
 def _flag(value: str | None) -> bool | None:
@@ -121,5 +142,5 @@ class TracingSettings:
         if endpoint is None:
             return cls(None, service_name)
         insecure = next((_flag(env.get(name)) for name in INSECURE_VARIABLES if _flag(env.get(name)) is not None), None)
-        collector = replace(parse_endpoint(endpoint, insecure=insecure), ca_file=ca_file_from_environ(env))
+        collector = with_ca_file(parse_endpoint(endpoint, insecure=insecure), env)
         return cls(collector, service_name)

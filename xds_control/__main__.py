@@ -8,7 +8,6 @@ import contextlib
 import logging
 import os
 import signal
-from dataclasses import replace
 
 import aetcd
 import grpc
@@ -17,7 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from protos.topology import DEFAULT_PREFIX, Keys
 from tracing.collector_watch import CollectorWatch
 from tracing.provider import setup_tracing
-from tracing.settings import InvalidEndpoint, TracingSettings, ca_file_from_environ, parse_endpoint
+from tracing.settings import InvalidEndpoint, TracingSettings, parse_endpoint, with_ca_file
 from xds_control.controller import Controller
 from xds_control.convergence import ConvergenceTracker
 from xds_control.etcd_watch import ETCD_CLIENT_OPTIONS, EtcdTopologyWatch
@@ -78,7 +77,7 @@ def envoy_tracing(endpoint: str | None, sampling_percent: float) -> EnvoyTracing
     """The Envoys' tracing: to ``endpoint``, else to the collector of the OTEL_* variables, else none. Either way
     ``OTEL_EXPORTER_OTLP_CERTIFICATE`` names the CAs of a TLS collector (default: the system's)."""
     if endpoint:
-        given = replace(parse_endpoint(endpoint), ca_file=ca_file_from_environ(os.environ))
+        given = with_ca_file(parse_endpoint(endpoint), os.environ)
         return EnvoyTracing(given, sampling_percent)
     collector = TracingSettings.from_environ().collector
     return EnvoyTracing(collector, sampling_percent) if collector is not None else None

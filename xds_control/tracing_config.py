@@ -25,7 +25,7 @@ from envoy.type.v3 import percent_pb2
 from google.protobuf import duration_pb2
 from google.protobuf.message import Message
 
-from tracing.settings import CollectorAddress, parse_endpoint
+from tracing.settings import SYSTEM_CA_BUNDLE, CollectorAddress, parse_endpoint
 from xds_control import resources as r
 
 COLLECTOR_CLUSTER = "otel|collector"
@@ -34,9 +34,6 @@ INGRESS_SERVICE = "ingress"
 #: Most an export to the collector may take before Envoy drops that batch of spans.
 EXPORT_TIMEOUT_SECONDS = 0.5
 TLS_TRANSPORT_SOCKET = "envoy.transport_sockets.tls"
-#: Debian's (and the compose image's) bundle of the system's trusted CAs, which Envoy does not find by itself; it
-#: must exist where the Envoys run, or they reject the collector cluster.
-SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 
 
 def sidecar_service(model: str, version: str) -> str:

@@ -105,21 +105,25 @@ def _bytes_elements(name: str, raw: bytes) -> int:
 def check_size(tensor: WireTensor) -> None:
     """PredictError unless ``tensor``'s bytes are exactly what its datatype and shape need (one element per
     length-prefixed item for BYTES): a stage's answer checked where the stage can still be named."""
-    shape = format_shape(tensor.shape)
+    # The shape is formatted only for an error: this runs for every output of every stage call.
     if any(d < 0 for d in tensor.shape):
-        raise PredictError(f"output {tensor.name!r} has shape {shape}, with a negative dimension")
+        raise PredictError(f"output {tensor.name!r} has shape {format_shape(tensor.shape)}, with a negative dimension")
     if tensor.datatype not in DATATYPES:
         raise PredictError(f"output {tensor.name!r} has unknown datatype {tensor.datatype!r}")
     count = element_count(tensor.shape)
     if tensor.datatype == "BYTES":
         elements = _bytes_elements(tensor.name, tensor.raw)
         if elements != count:
-            raise PredictError(f"output {tensor.name!r} has {elements} BYTES elements, but shape {shape} needs {count}")
+            raise PredictError(
+                f"output {tensor.name!r} has {elements} BYTES elements, but shape {format_shape(tensor.shape)} "
+                f"needs {count}"
+            )
         return
     size = count * numpy_dtype(tensor.datatype).itemsize
     if len(tensor.raw) != size:
         raise PredictError(
-            f"output {tensor.name!r} has {len(tensor.raw)} bytes of raw data, but {tensor.datatype} {shape} "
+            f"output {tensor.name!r} has {len(tensor.raw)} bytes of raw data, but {tensor.datatype} "
+            f"{format_shape(tensor.shape)} "
             f"needs {size}"
         )
 

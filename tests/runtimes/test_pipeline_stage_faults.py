@@ -228,8 +228,8 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
         process.wait_ready(lambda: http_ok(f"{url}/v2/health/ready"), 60)
         started = Pipeline(url, grpc_port, outbound)
 
-        # Ready means the shadow worker served or exited: a first worker can die at its start (a SIGSEGV in the
-        # child, seen with tracing on: grpc's threads were running at the fork) and the next one starts 0.5 s later.
+        # Ready means the shadow worker served or exited: the tests start once a copy was reported, so that none
+        # depends on the worker's start (runtimes/__init__ keeps it from dying at the fork, test_shadow_spawn.py).
         def shadow_serves() -> bool:
             assert started.infer([1.0], "warm-up").status_code == 200
             return started.shadow_calls("agree") > 0
