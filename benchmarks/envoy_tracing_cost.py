@@ -50,17 +50,16 @@ if Path(sys.prefix).resolve() != VENV_PYTHON.parent.parent.resolve() and VENV_PY
     os.execv(str(VENV_PYTHON), [str(VENV_PYTHON), *sys.argv])
 sys.path.insert(0, str(ROOT))
 
-import yaml  # noqa: E402
 from envoy.config.route.v3 import route_components_pb2  # noqa: E402
-from google.protobuf.json_format import MessageToDict  # noqa: E402
 from google.protobuf.message import Message  # noqa: E402
 
 from benchmarks.h2load import need  # noqa: E402
+from benchmarks.static_envoy import static_bootstrap  # noqa: E402
 from benchmarks.tracing_overhead import CountingReceiver, cpu_seconds, serve_receiver  # noqa: E402
 from manager_api.ports import free_port  # noqa: E402
 from manager_api.processes import ChildProcess  # noqa: E402
 from xds_control import resources as r  # noqa: E402
-from xds_control.bootstrap import TEMPLATES, envoy_process, envoy_ready  # noqa: E402
+from xds_control.bootstrap import envoy_process, envoy_ready  # noqa: E402
 from xds_control.tracing_config import (  # noqa: E402
     INGRESS_SERVICE,
     EnvoyTracing,
@@ -73,23 +72,6 @@ CONFIGS = ("off", "sampled_out", "server_span", "ingress", "ingress_no_collector
 #: An OIP REST body like the iris row tracing_overhead sends (the upstream ignores it).
 BODY = '{"inputs":[{"name":"input","shape":[1,4],"datatype":"FP64","data":[5.1,3.5,1.4,0.2]}]}'
 CONCURRENCY = 16
-
-
-def _json(message: Message) -> dict[str, Any]:
-    return MessageToDict(message, preserving_proto_field_name=True)
-
-
-def bootstrap(listener: Message, clusters: list[Message], admin_port: int) -> str:
-    """A static bootstrap with one listener; the runtime layer (span batching) is the sidecar template's."""
-    # The template's ${placeholders} are not YAML until filled; the runtime layer has none.
-    template = re.sub(r"\$\{\w+\}", "0", (TEMPLATES / "sidecar.yaml").read_text())
-    runtime = yaml.safe_load(template)["layered_runtime"]
-    config = {
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
-        "static_resources": {"listeners": [_json(listener)], "clusters": [_json(c) for c in clusters]},
-        "layered_runtime": runtime,
-    }
-    return json.dumps(config)
 
 
 def without_attempt_spans(hook: ManagerHook) -> ManagerHook:
@@ -123,7 +105,7 @@ def front_envoy(
     clusters: list[Message] = [r.static_cluster("upstream", "127.0.0.1", upstream_port, http2=True)]
     if tracing is not None:
         clusters.append(tracing.collector_cluster())
-    process = envoy_process(name, bootstrap(listener, clusters, admin_port), work, admin_port, "error")
+    process = envoy_process(name, static_bootstrap(listener, clusters, admin_port), work, admin_port, "error")
     return process.start(), listen_port, admin_port
 
 
@@ -173,12 +155,9 @@ def main() -> None:
     try:
         upstream_port, upstream_admin = free_port(), free_port()
         answer = r.route_configuration("upstream", [r.direct_route("answer", "/", 200, '{"outputs":[]}')])
+        answering = r.http_listener("upstream", "127.0.0.1", upstream_port, route_config=answer)
         upstream = envoy_process(
-            "upstream",
-            bootstrap(r.http_listener("upstream", "127.0.0.1", upstream_port, route_config=answer), [], upstream_admin),
-            work,
-            upstream_admin,
-            "error",
+            "upstream", static_bootstrap(answering, [], upstream_admin), work, upstream_admin, "error"
         ).start()
         processes.append(upstream)
         fronts: dict[str, tuple[ChildProcess, int]] = {}
