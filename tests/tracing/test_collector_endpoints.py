@@ -5,17 +5,13 @@ the OTEL variables name) and an IPv6 one ([::1]) receive the ingress's spans."""
 from __future__ import annotations
 
 import os
-import subprocess
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-import grpc
 import httpx
 import pytest
 from ingress_stack import IngressStack, ingress_stack
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
-from otlp_receiver import OtlpReceiver, ReceivedSpan, _Collector
+from otlp_receiver import OtlpReceiver, ReceivedSpan
+from tls_collector import TestCa, TlsOtlpReceiver, running
 
 from manager_api.etcd_server import EtcdServer
 from manager_api.processes import wait_until
@@ -69,83 +65,11 @@ def test_tracing_leaves_the_proxies_while_the_collector_is_down_and_returns_with
             again.stop()
 
 
-class TlsOtlpReceiver(OtlpReceiver):
-    """The OTLP receiver behind TLS with the given certificate and key."""
-
-    def __init__(self, host: str, certificate: bytes, key: bytes) -> None:
-        super().__init__(host)
-        self._credentials = grpc.ssl_server_credentials([(key, certificate)])
-
-    async def _start(self, port: int) -> int:
-        self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_Collector(self), self._server)
-        bound = self._server.add_secure_port(f"{self.host}:{port}", self._credentials)
-        await self._server.start()
-        return int(bound)
-
-
-def _openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
-
-
-def _certificates(folder: Path, server_name: str) -> tuple[Path, Path, Path]:
-    """A CA of the test's own, and a certificate it issued to ``server_name``: (CA, certificate, key) files."""
-    ca_key, ca, key, request, certificate = (folder / n for n in ("ca.key", "ca.pem", "key.pem", "req.csr", "cert.pem"))
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    _openssl(
-        "req",
-        "-x509",
-        *ec,
-        "-keyout",
-        str(ca_key),
-        "-out",
-        str(ca),
-        "-days",
-        "2",
-        "-subj",
-        "/CN=hydro test CA",
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign",
-    )
-    _openssl("req", *ec, "-keyout", str(key), "-out", str(request), "-subj", f"/CN={server_name}")
-    extensions = folder / "server.ext"
-    extensions.write_text(f"subjectAltName=DNS:{server_name}\nextendedKeyUsage=serverAuth\n")
-    _openssl(
-        "x509",
-        "-req",
-        "-in",
-        str(request),
-        "-CA",
-        str(ca),
-        "-CAkey",
-        str(ca_key),
-        "-CAcreateserial",
-        "-out",
-        str(certificate),
-        "-days",
-        "2",
-        "-extfile",
-        str(extensions),
-    )
-    return ca, certificate, key
-
-
-@contextmanager
-def _running(receiver: OtlpReceiver) -> Iterator[OtlpReceiver]:
-    receiver.start()
-    try:
-        yield receiver
-    finally:
-        receiver.stop()
-
-
 def test_an_https_collector_gets_the_ingress_spans_over_checked_tls(etcd_server: EtcdServer, tmp_path: Path) -> None:
-    ca, certificate, key = _certificates(tmp_path, "localhost")
+    ca = TestCa.create(tmp_path)
     # The CA file the runtimes' exporters would use; xds_control probes with it and gives it to the Envoys.
-    environ = _environ(OTEL_EXPORTER_OTLP_CERTIFICATE=str(ca))
-    with _running(TlsOtlpReceiver("localhost", certificate.read_bytes(), key.read_bytes())) as collector:
+    environ = _environ(OTEL_EXPORTER_OTLP_CERTIFICATE=str(ca.certificate))
+    with running(TlsOtlpReceiver("localhost", *ca.issue("localhost"))) as collector:
         with ingress_stack(
             etcd_server.endpoint,
             tmp_path,
@@ -159,7 +83,7 @@ def test_an_https_collector_gets_the_ingress_spans_over_checked_tls(etcd_server:
 def test_an_ipv6_collector_gets_the_ingress_spans(etcd_server: EtcdServer, tmp_path: Path) -> None:
     if not Path("/proc/net/if_inet6").exists() or not Path("/proc/net/if_inet6").read_text().strip():
         pytest.skip("no IPv6 loopback here")
-    with _running(OtlpReceiver("[::1]")) as collector:
+    with running(OtlpReceiver("[::1]")) as collector:
         with ingress_stack(
             etcd_server.endpoint,
             tmp_path,
