@@ -19,8 +19,13 @@ from dataclasses import dataclass
 _LENGTH = struct.Struct("!I")
 #: Fields of a job before its shadows: stage, trace headers (JSON), request bytes, primary outputs bytes.
 _JOB_FIXED_FIELDS = 4
+#: How a shadow call that was made ends (the runtime counts each in hydro_shadow_calls_total).
+CALL_OUTCOMES = frozenset({"agree", "disagree", "error"})
+#: A copy the worker gave up before it had an outcome (cancelled as the worker stopped): counted as dropped, with
+#: no latency, like the copies a worker that died never reported.
+DROPPED = "dropped"
 #: The outcomes a report may carry; anything else in a frame is a protocol error.
-OUTCOMES = frozenset({"agree", "disagree", "error"})
+OUTCOMES = CALL_OUTCOMES | {DROPPED}
 
 
 class FrameError(ValueError):

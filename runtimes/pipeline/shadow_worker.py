@@ -35,6 +35,7 @@ from protos import inference_pb2 as pb
 from runtimes.errors import InferenceError
 from runtimes.pipeline.outbound import OutboundChannel
 from runtimes.pipeline.shadow_frames import (
+    DROPPED,
     FrameError,
     ShadowJob,
     ShadowReport,
@@ -189,6 +190,10 @@ class ShadowCaller:
                     metadata = trace_metadata(span, job.headers.get(REQUEST_ID_HEADER))
                     outcome, latency = await self._send(job, shadow, primary, metadata)
                     record_outcome(span, outcome)
+        except asyncio.CancelledError:
+            # The worker is stopping: the copy has no outcome, and is reported as dropped (not as a failed call).
+            outcome, latency = DROPPED, 0.0
+            raise
         except Exception as exc:
             log.warning("shadow %s of %s stage %d failed: %r", shadow, self._app, job.stage, exc)
         finally:

@@ -33,7 +33,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from protos import inference_pb2 as pb
 from runtimes.pipeline.shadow_frames import (
-    OUTCOMES,
+    CALL_OUTCOMES,
+    DROPPED,
     FrameError,
     ShadowJob,
     ShadowReport,
@@ -134,7 +135,7 @@ class _Series:
         self.agreement = metrics.agreement.labels(*labels)
         self.in_flight_gauge = metrics.in_flight.labels(*labels)
         self.shadow = shadow
-        self.outcomes = {outcome: metrics.calls.labels(*labels, outcome) for outcome in OUTCOMES}
+        self.outcomes = {outcome: metrics.calls.labels(*labels, outcome) for outcome in CALL_OUTCOMES}
         #: Copies handed to the worker and not yet reported.
         self.in_flight = 0
         self.agreeing = 0
@@ -148,6 +149,9 @@ class _Series:
         if self.in_flight > 0:
             self.in_flight -= 1
             self.in_flight_gauge.dec()
+        if report.outcome == DROPPED:
+            self.dropped.inc()
+            return
         self.latency.observe(report.latency)
         self.outcomes[report.outcome].inc()
         if report.outcome != "error":

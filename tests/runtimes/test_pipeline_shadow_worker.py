@@ -105,10 +105,10 @@ def test_a_frame_over_the_limit_or_cut_off_is_refused() -> None:
 class Worker:
     """A shadow worker process with the test holding the other end of its stdin socket."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, outbound: str | None = None) -> None:
         self.socket, theirs = socket.socketpair()
         argv = [sys.executable, "-m", "runtimes.pipeline.shadow_worker", "--app", "app"]
-        argv += ["--outbound", f"127.0.0.1:{free_port()}", "--timeout", "2", *args]
+        argv += ["--outbound", outbound or f"127.0.0.1:{free_port()}", "--timeout", "2", *args]
         self.process = subprocess.Popen(argv, stdin=theirs, stderr=subprocess.PIPE, text=True)
         theirs.close()
         self.socket.settimeout(30)
@@ -172,6 +172,29 @@ def test_a_bad_frame_ends_the_worker_with_an_error_naming_it(worker: Worker) -> 
     code, stderr = worker.exit_code()
     assert code == 1
     assert "bad frame from the pipeline runtime: a job field of 9 bytes runs past the frame's 5 bytes" in stderr
+
+
+def test_copies_cancelled_as_the_worker_stops_are_reported_as_dropped_not_as_errors() -> None:
+    # An outbound listener that takes the connection and never answers: the calls stay in flight.
+    silent = socket.create_server(("127.0.0.1", 0))
+    silent.settimeout(30)
+    worker = Worker("--timeout", "60", outbound=f"127.0.0.1:{silent.getsockname()[1]}")
+    try:
+        worker.socket.sendall(encode_job(JOB))
+        connection, _ = silent.accept()  # the worker's channel connects for its first call
+        # A bad frame ends the worker while both copies wait for an answer.
+        worker.socket.sendall(struct.pack("!I", 5) + b"\x00\x00\x00\x09x")
+        reports = worker.reports(2)
+        assert sorted((r.shadow, r.outcome, r.latency) for r in reports) == [
+            ("back:2", "dropped", 0.0),
+            ("back:3", "dropped", 0.0),
+        ]
+        code, _ = worker.exit_code()
+        assert code == 1
+        connection.close()
+    finally:
+        worker.stop()
+        silent.close()
 
 
 def test_the_worker_refuses_a_stdin_that_is_not_a_socket() -> None:
