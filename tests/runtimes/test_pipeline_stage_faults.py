@@ -13,7 +13,6 @@ Application ``faults``: stage 1 ``first:1`` (``x`` FP32 [-1] -> ``mid``), shadow
 
 from __future__ import annotations
 
-import asyncio
 import gzip
 import json
 import os
@@ -31,6 +30,7 @@ import grpc
 import httpx
 import numpy as np
 import pytest
+from aio_server_thread import AioServerThread
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
@@ -77,30 +77,18 @@ class StandInOutbound:
     port: int = 0
 
     def __post_init__(self) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="stand-in-outbound", daemon=True)
-        self._server: grpc.aio.Server | None = None
+        self._serving = AioServerThread("stand-in-outbound")
 
     def start(self) -> StandInOutbound:
-        self._thread.start()
-        self.port = asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
+        self.port = self._serving.start(self._bind)
         return self
 
-    async def _start(self) -> int:
-        self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(_Stages(self), self._server)
-        port = self._server.add_insecure_port("127.0.0.1:0")
-        await self._server.start()
-        return int(port)
+    def _bind(self, server: grpc.aio.Server) -> int:
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(_Stages(self), server)
+        return server.add_insecure_port("127.0.0.1:0")
 
     def stop(self) -> None:
-        if not self._thread.is_alive():
-            return
-        if self._server is not None:
-            asyncio.run_coroutine_threadsafe(self._server.stop(0.5), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
+        self._serving.stop()
 
     def calls_of(self, request_id: str) -> list[Call]:
         with self.lock:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from aio_server_thread import AioServerThread
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
@@ -83,9 +83,7 @@ class OtlpReceiver:
         self.port = 0
         self._spans: list[ReceivedSpan] = []
         self._lock = threading.Lock()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="otlp-receiver", daemon=True)
-        self._server: grpc.aio.Server | None = None
+        self._serving = AioServerThread("otlp-receiver")
 
     @property
     def endpoint(self) -> str:
@@ -113,22 +111,12 @@ class OtlpReceiver:
         return self.spans()
 
     def start(self, port: int = 0) -> OtlpReceiver:
-        self._thread.start()
-        self.port = asyncio.run_coroutine_threadsafe(self._start(port), self._loop).result(10)
+        self.port = self._serving.start(lambda server: self._bind(server, port))
         return self
 
-    async def _start(self, port: int) -> int:
-        self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_Collector(self), self._server)
-        bound = self._server.add_insecure_port(f"{self.host}:{port}")
-        await self._server.start()
-        return int(bound)
+    def _bind(self, server: grpc.aio.Server, port: int) -> int:
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_Collector(self), server)
+        return server.add_insecure_port(f"{self.host}:{port}")
 
     def stop(self) -> None:
-        if not self._thread.is_alive():
-            return
-        if self._server is not None:
-            asyncio.run_coroutine_threadsafe(self._server.stop(0.5), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
+        self._serving.stop()

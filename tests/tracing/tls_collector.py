@@ -94,12 +94,9 @@ class TlsOtlpReceiver(OtlpReceiver):
         super().__init__(host)
         self._credentials = grpc.ssl_server_credentials([(key, certificate)])
 
-    async def _start(self, port: int) -> int:
-        self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_Collector(self), self._server)
-        bound = self._server.add_secure_port(f"{self.host}:{port}", self._credentials)
-        await self._server.start()
-        return int(bound)
+    def _bind(self, server: grpc.aio.Server, port: int) -> int:
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_Collector(self), server)
+        return server.add_secure_port(f"{self.host}:{port}", self._credentials)
 
 
 @contextmanager
