@@ -28,12 +28,10 @@ from runtimes.messages import (
     RequestInput,
     TensorData,
 )
-from runtimes.tensors import JsonData, RawData, encode_json_data, encode_raw
+from runtimes.tensors import INT64_MAX, INT64_MIN, JsonData, RawData, encode_json_data, encode_raw
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 BINARY_SIZE = "binary_data_size"
-#: Shape dimensions are int64 in the protocol (and in protobuf, which the pipeline's stage calls and gRPC use).
-_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -102,7 +100,7 @@ def _shape(obj: dict[str, Any], where: str) -> tuple[int, ...]:
     if not isinstance(shape, list) or not all(type(d) is int for d in shape):
         raise InvalidInput(f"{where}: 'shape' must be a list of integers")
     for dimension in shape:
-        if not _INT64_MIN <= dimension <= _INT64_MAX:
+        if not INT64_MIN <= dimension <= INT64_MAX:
             raise InvalidInput(f"{where}: 'shape' has a dimension outside the 64-bit integer range: {dimension}")
     return tuple(shape)
 

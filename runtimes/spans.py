@@ -18,10 +18,10 @@ from opentelemetry.util.types import AnyValue
 
 from runtimes.errors import InferenceError
 from runtimes.messages import InferRequest
+from runtimes.tensors import INT64_MAX, INT64_MIN
 from tracing.provider import active_server_spans
 
 REQUEST_ID_HEADER = "x-request-id"
-_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 #: Envoy's OpenTelemetry tracer speaks W3C trace context (traceparent); nothing else needs extracting.
 _W3C = TraceContextTextMapPropagator()
 
@@ -89,7 +89,7 @@ def describe_request(span: trace.Span, request: InferRequest) -> None:
     if request.inputs:
         shape = request.inputs[0].shape
         batch_size = shape[0] if shape else 1
-        if _INT64_MIN <= batch_size <= _INT64_MAX:
+        if INT64_MIN <= batch_size <= INT64_MAX:
             span.set_attribute("hydro.batch_size", batch_size)
     if request.id:
         span.set_attribute("hydro.inference_id", request.id)

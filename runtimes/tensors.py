@@ -33,6 +33,8 @@ _DTYPES: dict[str, np.dtype[Any]] = {
 }
 
 DATATYPES: tuple[str, ...] = tuple(_DTYPES)
+#: The range of a shape dimension: int64 in the protocol and in protobuf (gRPC, stage calls, span export).
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 #: The little-endian dtype of each fixed-size datatype: the raw wire layout (made once, not per tensor).
 _WIRE: dict[str, np.dtype[Any]] = {name: dtype.newbyteorder("<") for name, dtype in _DTYPES.items() if name != "BYTES"}

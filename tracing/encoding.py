@@ -135,8 +135,13 @@ def _attribute(key: str, value: object) -> bytes:
     return encoded
 
 
-def _attributes_leaving_out_bad(span_name: str, attributes: Mapping[str, object]) -> list[bytes]:
-    """The attributes _attribute can encode, each other one left out (logged), as the SDK's encoder does."""
+def _attributes(span_name: str, attributes: Mapping[str, object]) -> list[bytes]:
+    """The span's attributes encoded; one that _attribute cannot encode is left out (logged), as the SDK's encoder
+    leaves it out."""
+    try:
+        return [_attribute(key, value) for key, value in attributes.items()]
+    except ValueError:  # UnicodeEncodeError is one; rare, so the good ones are simply encoded again (cached)
+        pass
     encoded = []
     for key, value in attributes.items():
         try:
@@ -185,10 +190,7 @@ def _server_span_bytes(span: RecordingServerSpan) -> bytes | None:
         _END,
         _PACK_TIME(span._end_time or 0),
     ]
-    try:
-        parts += [_attribute(key, value) for key, value in attributes.items()]
-    except ValueError:
-        parts += _attributes_leaving_out_bad(span._name, attributes)
+    parts += _attributes(span._name, attributes)
     parts += (_status(span._status), _FLAGS_REMOTE_PARENT)
     return _field(_SPAN_IN_SCOPE, b"".join(parts))
 
@@ -223,10 +225,7 @@ def _span_bytes(span: ReadableSpan) -> bytes | None:
         _END,
         _PACK_TIME(span.end_time or 0),
     )
-    try:
-        parts += [_attribute(key, value) for key, value in attributes.items()]
-    except ValueError:
-        parts += _attributes_leaving_out_bad(span.name, attributes)
+    parts += _attributes(span.name, attributes)
     parts += (_status(span.status), _FLAGS_REMOTE_PARENT if parent is not None and parent.is_remote else _FLAGS_LOCAL)
     return _field(_SPAN_IN_SCOPE, b"".join(parts))
 

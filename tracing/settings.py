@@ -82,7 +82,7 @@ def parse_endpoint(endpoint: str, *, insecure: bool | None = None) -> CollectorA
     return CollectorAddress(host, port or DEFAULT_OTLP_GRPC_PORT, secure)
 
 
-def ca_file_from_environ(environ: Mapping[str, str]) -> str | None:
+def _ca_file_from_environ(environ: Mapping[str, str]) -> str | None:
     """``OTEL_EXPORTER_OTLP_(TRACES_)CERTIFICATE``, checked to be a file: a missing one is said at start-up
     rather than as a collector that never answers."""
     path = next((environ[name].strip() for name in CERTIFICATE_VARIABLES if environ.get(name, "").strip()), None)
@@ -97,7 +97,7 @@ def ca_file_from_environ(environ: Mapping[str, str]) -> str | None:
 def with_ca_file(collector: CollectorAddress, environ: Mapping[str, str]) -> CollectorAddress:
     """``collector`` with the CA file of ``environ`` when it speaks TLS; a plain-text collector ignores the
     variable (it may be set for other exporters, and name a file that is not here)."""
-    return replace(collector, ca_file=ca_file_from_environ(environ)) if collector.secure else collector
+    return replace(collector, ca_file=_ca_file_from_environ(environ)) if collector.secure else collector
 
 
 def trusted_ca_file(collector: CollectorAddress) -> str | None:
