@@ -42,8 +42,11 @@ if Path(sys.prefix).resolve() != VENV_PYTHON.parent.parent.resolve() and VENV_PY
     # `python benchmarks/pipeline_overhead.py` with the system Python: run again inside the project's venv.
     os.execv(str(VENV_PYTHON), [str(VENV_PYTHON), *sys.argv])
 sys.path.insert(0, str(ROOT))
-# Before gRPC is imported: this process forks children while gRPC runs (see manager_api/__init__.py).
-os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
+# Before gRPC is imported: this process forks children while gRPC runs, and its gRPC calls should cost what the
+# mesh's own processes' do (protos/grpc_environment.py).
+from protos.grpc_environment import apply_grpc_defaults  # noqa: E402
+
+apply_grpc_defaults()
 
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402

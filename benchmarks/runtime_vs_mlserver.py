@@ -4,7 +4,9 @@ Servers, all on this machine, started by this run and stopped at its end:
 - ours: `python -m runtimes` on the iris example (examples/iris/train.py), one process, no batching;
 - MLServer 1.7 (`mlserver start`, from .venv-mlserver made by `make bench-deps`) with mlserver-sklearn on the
   same joblib file, `parallel_workers: 0` so that it too predicts in its one server process (equal worker counts;
-  MLServer's default of 1 would add an inference process), metrics off, access log off (`debug: false`);
+  MLServer's default of 1 would add an inference process), metrics off, access log off (`debug: false`), and
+  the same grpcio settings as ours (protos/grpc_environment.py, inherited from this process): the comparison
+  is of the servers, not of grpcio's I/O engines;
 - for batching: a python model with a fixed per-call cost (2 ms of CPU, whatever the batch size: what a framework
   call, feature lookup or Python pre-processing costs), served by our runtime without and with
   `--max-batch-size 64 --max-batch-delay-ms 10`; and the iris model with the same batching, for an honest number on
@@ -42,8 +44,11 @@ if Path(sys.prefix).resolve() != VENV_PYTHON.parent.parent.resolve() and VENV_PY
     # `python benchmarks/runtime_vs_mlserver.py` with the system Python: run again inside the project's venv.
     os.execv(str(VENV_PYTHON), [str(VENV_PYTHON), *sys.argv])
 sys.path.insert(0, str(ROOT))
-# Before gRPC is imported: this process forks children while gRPC runs (see manager_api/__init__.py).
-os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
+# Before gRPC is imported: this process forks children while gRPC runs, and its gRPC calls should cost what the
+# mesh's own processes' do (protos/grpc_environment.py).
+from protos.grpc_environment import apply_grpc_defaults  # noqa: E402
+
+apply_grpc_defaults()
 
 import grpc  # noqa: E402
 import httpx  # noqa: E402
