@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import tarfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -82,3 +83,62 @@ def test_a_deployment_whose_archive_is_gone_does_not_stop_the_others(manager: Ma
         # The deployment that cannot start is named in the log, with why.
         log = (manager.data_dir / "manager.log").read_text()
         assert "aaa-lost:1" in log, log[-2000:]
+
+
+def runtimes_of(model: str) -> list[int]:
+    """The pids of live runtime processes serving ``model``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if b"runtimes" in argv and model.encode() in argv and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.fixture
+def manager_without_envoy(
+    etcd_server: EtcdServer, etcd_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[ManagerUnderTest]:
+    """A manager whose deployer is told of an Envoy binary that is not there (a typo in HYDRO_ENVOY_BIN)."""
+    monkeypatch.setenv("HYDRO_ENVOY_BIN", str(tmp_path / "no-such-envoy"))
+    extra = ("--deployer", "process", "--xds", f"127.0.0.1:{free_port()}")
+    with ManagerUnderTest(etcd_server.endpoint, etcd_prefix, tmp_path, extra_args=extra) as running:
+        yield running
+
+
+def test_a_sidecar_that_cannot_be_started_is_a_crash_loop_with_no_runtime_left(
+    manager_without_envoy: ManagerUnderTest,
+) -> None:
+    manager = manager_without_envoy
+    model = f"solo-{uuid.uuid4().hex[:6]}"
+    with httpx.Client(base_url=manager.api, timeout=30) as http:
+        register(http, model)
+        assert http.put(f"/deployments/{model}/1", json={"replicas": 1}).status_code == 200
+        try:
+
+            def crash_looping() -> bool:
+                found = instances(http, model)
+                return len(found) == 1 and found[0]["state"] == "crash-looping" and found[0]["restarts"] >= 1
+
+            wait_until(crash_looping, 30, "a crash-looping replica that was restarted once")
+            # Seen crash-looping, then no runtime, then the same crash (no restart in between): between its
+            # attempts the replica runs nothing.
+            for _ in range(20):
+                before = instances(http, model)[0]
+                running = runtimes_of(model)
+                after = instances(http, model)[0]
+                if before == after and after["state"] == "crash-looping":
+                    break
+            assert running == [], f"runtime processes left running: {running}"
+            assert "no-such-envoy" in after["last_error"], after
+            assert after["next_restart_at"] is not None, after
+        finally:
+            http.delete(f"/deployments/{model}/1")
+            statuses = manager.prefix + "replicas/"
+            wait_until(lambda: not etcd_prefix_items(manager.etcd_endpoint, statuses), 30, "replicas stopped")
