@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 import aetcd
 from aetcd import rpc
-from aetcd.exceptions import ClientError, ConnectionFailedError, ConnectionTimeoutError
+from aetcd.exceptions import ClientError, ConnectionFailedError, ConnectionTimeoutError, WatchTimeoutError
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 
@@ -67,6 +67,7 @@ def _install_store_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ConnectionFailedError)
     @app.exception_handler(ConnectionTimeoutError)
+    @app.exception_handler(WatchTimeoutError)  # a watch (GET /events) that etcd did not create within the deadline
     async def _etcd_down(_: Request, exc: ClientError) -> JSONResponse:
         return _etcd_unavailable(str(exc))
 
@@ -95,7 +96,14 @@ def create_app(settings: Settings) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = aetcd.Client(host=settings.etcd_host, port=settings.etcd_port, options=ETCD_CLIENT_OPTIONS)
+        # A deadline on every unary call (reads, leases, status): a frozen or cut-off etcd is a 503 (and a lease
+        # refresh that fails and is retried), not calls that wait for ever holding their requests and locks.
+        client = aetcd.Client(
+            host=settings.etcd_host,
+            port=settings.etcd_port,
+            options=ETCD_CLIENT_OPTIONS,
+            timeout=settings.etcd_timeout,  # type: ignore[arg-type]  # aetcd says int; gRPC takes float seconds
+        )
         await client.connect()
         keys = Keys(settings.prefix)
         store = TopologyStore(client, keys)
