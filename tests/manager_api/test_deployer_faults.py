@@ -1,4 +1,5 @@
-"""The process deployer keeps serving every other deployment when one of them cannot be started.
+"""The process deployer when a deployment or a replica cannot be started: the others go on, the failure is a
+crash loop with its reason, and nothing it started is left running.
 
 A real etcd and a real manager (`python -m manager_api --deployer process`) start real runtime + sidecar pairs.
 No xds_control runs: the replicas stay ``starting`` (their sidecars get no configuration), which is enough to see
@@ -8,6 +9,7 @@ that the deployer took each deployment up.
 from __future__ import annotations
 
 import io
+import shutil
 import tarfile
 import uuid
 from collections.abc import Iterator
@@ -65,10 +67,7 @@ def test_a_deployment_whose_archive_is_gone_does_not_stop_the_others(manager: Ma
         # longer be unpacked for a runtime. Its deployment sorts first, so the deployer meets it first.
         hexdigest = broken["artifact"]["digest"].removeprefix("sha256:")
         (manager.data_dir / "artifacts" / "blobs" / "sha256" / hexdigest).unlink()
-        cached = manager.data_dir / "artifacts" / "folders" / "sha256" / hexdigest
-        for path in sorted(cached.rglob("*"), reverse=True):
-            path.unlink() if path.is_file() else path.rmdir()
-        cached.rmdir()
+        shutil.rmtree(manager.data_dir / "artifacts" / "folders" / "sha256" / hexdigest)
         try:
             assert http.put("/deployments/aaa-lost/1", json={"replicas": 1}).status_code == 200
             assert http.put("/deployments/good/1", json={"replicas": 1}).status_code == 200
