@@ -27,9 +27,26 @@ def _host_port(value: str) -> tuple[str, int]:
     return host or "127.0.0.1", int(port)
 
 
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds < 3600:
+        raise argparse.ArgumentTypeError(f"expected seconds (more than 0, less than 3600), got {value!r}")
+    return seconds
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m manager_api", description=__doc__)
     parser.add_argument("--etcd", type=_host_port, default=("127.0.0.1", 2379), help="etcd endpoint HOST:PORT")
+    parser.add_argument(
+        "--etcd-timeout",
+        type=_seconds,
+        default=5.0,
+        metavar="SECONDS",
+        help="deadline of one etcd read; past it the API answers 503 (default 5, etcd's own request timeout)",
+    )
     parser.add_argument("--prefix", default=DEFAULT_PREFIX, help="etcd key prefix of the desired state")
     parser.add_argument("--data-dir", type=Path, default=Path(".hydro"), help="artifact store and replica logs")
     parser.add_argument("--host", default="127.0.0.1")
@@ -83,6 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings(
         etcd_host=args.etcd[0],
         etcd_port=args.etcd[1],
+        etcd_timeout=args.etcd_timeout,
         prefix=args.prefix,
         data_dir=args.data_dir.resolve(),
         deployer=args.deployer,

@@ -8,6 +8,8 @@ import logging
 from collections.abc import AsyncIterator
 
 import aetcd
+from aetcd import rpc
+from aetcd.exceptions import ClientError, ConnectionFailedError, ConnectionTimeoutError, WatchTimeoutError
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 
@@ -16,7 +18,7 @@ from manager_api.auth import TokenStore, authorize
 from manager_api.dependencies import Store
 from manager_api.deployer.process import ProcessDeployer
 from manager_api.deployer.registration import LeasedInstanceRegistry
-from manager_api.errors import ERROR_RESPONSES, ApiProblem, install_error_handlers
+from manager_api.errors import ERROR_RESPONSES, ApiProblem, install_error_handlers, unexpected_error
 from manager_api.events import HEARTBEAT_SECONDS
 from manager_api.routers import applications, artifacts, deployments, events, instances, models, proxies
 from manager_api.schemas import Health
@@ -63,13 +65,45 @@ def _install_store_error_handlers(app: FastAPI) -> None:
     async def _compacted(_: Request, exc: HistoryCompacted) -> JSONResponse:
         return JSONResponse(status_code=410, content={"error": str(exc)})
 
+    @app.exception_handler(ConnectionFailedError)
+    @app.exception_handler(ConnectionTimeoutError)
+    @app.exception_handler(WatchTimeoutError)  # a watch (GET /events) that etcd did not create within the deadline
+    async def _etcd_down(_: Request, exc: ClientError) -> JSONResponse:
+        return _etcd_unavailable(str(exc))
+
+    @app.exception_handler(rpc.AioRpcError)
+    async def _etcd_rpc_failed(request: Request, exc: rpc.AioRpcError) -> JSONResponse:
+        # The store's transactions call etcd's gRPC stub itself, so their failures arrive unwrapped by aetcd.
+        if exc.code() in _ETCD_DOWN_CODES:
+            return _etcd_unavailable(exc.details() or exc.code().name)
+        log.error("etcd failed on %s %s: %s", request.method, request.url.path, exc)
+        return unexpected_error(exc)
+
+
+#: gRPC codes of an etcd call that say etcd is down or too slow, not that the request was wrong.
+_ETCD_DOWN_CODES = frozenset({rpc.StatusCode.UNAVAILABLE, rpc.StatusCode.DEADLINE_EXCEEDED})
+
+
+def _etcd_unavailable(detail: str) -> JSONResponse:
+    # 503 + Retry-After, as docs/manager_api.md says: nothing was written, and a retry may well succeed.
+    return JSONResponse(
+        status_code=503, content={"error": f"etcd is unavailable: {detail}"}, headers={"Retry-After": "1"}
+    )
+
 
 def create_app(settings: Settings) -> FastAPI:
     """Build the app; etcd is connected and the deployer started by the lifespan, not at import."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = aetcd.Client(host=settings.etcd_host, port=settings.etcd_port, options=ETCD_CLIENT_OPTIONS)
+        # A deadline on every unary call (reads, leases, status): a frozen or cut-off etcd is a 503 (and a lease
+        # refresh that fails and is retried), not calls that wait for ever holding their requests and locks.
+        client = aetcd.Client(
+            host=settings.etcd_host,
+            port=settings.etcd_port,
+            options=ETCD_CLIENT_OPTIONS,
+            timeout=settings.etcd_timeout,  # type: ignore[arg-type]  # aetcd says int; gRPC takes float seconds
+        )
         await client.connect()
         keys = Keys(settings.prefix)
         store = TopologyStore(client, keys)

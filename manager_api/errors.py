@@ -79,12 +79,13 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         # Reached only by errors outside _AnswerUnexpected (in other middleware): Starlette re-raises after it.
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return _unexpected_error(exc)
+        return unexpected_error(exc)
 
     app.add_middleware(_AnswerUnexpected)
 
 
-def _unexpected_error(exc: Exception) -> JSONResponse:
+def unexpected_error(exc: Exception) -> JSONResponse:
+    """The JSON 500 of a failure nobody foresaw, naming the exception."""
     return _json_error(500, f"internal error: {type(exc).__name__}: {exc}")
 
 
@@ -116,4 +117,4 @@ class _AnswerUnexpected:
             if started:
                 raise
             log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
-            await _unexpected_error(exc)(scope, receive, send)
+            await unexpected_error(exc)(scope, receive, send)

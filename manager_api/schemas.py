@@ -18,12 +18,16 @@ from protos.topology import (
     Stage,
 )
 
+#: etcd's largest revision (a signed 64-bit integer): a larger number cannot even be sent to etcd.
+MAX_REVISION = 2**63 - 1
+
 #: The etcd mod_revision a client read a record at; strict, so "12" or 12.5 are refused rather than coerced.
 Revision = Annotated[
     int,
     Field(
         strict=True,
         ge=0,
+        le=MAX_REVISION,
         description="write only if the record is still at this revision (from a GET), else 409; "
         "0: only if it does not exist yet; omitted: write unconditionally",
         examples=[12],
@@ -33,7 +37,9 @@ Revision = Annotated[
 #: ``?revision=N`` of a DELETE: delete only if the record is still at revision N (from a GET), else 409.
 RevisionQuery = Annotated[
     int | None,
-    Query(ge=0, description="delete only if the record is still at this revision (from a GET), else 409"),
+    Query(
+        ge=0, le=MAX_REVISION, description="delete only if the record is still at this revision (from a GET), else 409"
+    ),
 ]
 
 _REVISION_DOC = "etcd mod_revision of this record: send it back as `revision` to update it only if unchanged"

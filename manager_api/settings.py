@@ -17,6 +17,8 @@ class Settings:
 
     etcd_host: str = "127.0.0.1"
     etcd_port: int = 2379
+    #: Deadline of one etcd read (seconds): past it the call is a 503, not a request that waits for ever.
+    etcd_timeout: float = 5.0
     prefix: str = DEFAULT_PREFIX
     data_dir: Path = Path(".hydro")
     deployer: DeployerKind = "none"

@@ -113,8 +113,9 @@ class Stack:
     def start(self) -> None:
         """Start every process in dependency order, each one ready before the next starts."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.etcd.start(self.config.ready_timeout)
+        # Supervised before it is started, like every child (see _run): stop() stops it even if it never got ready.
         self._children.append(_Supervised(self.etcd.process, lambda: http_ok(f"http://{self.etcd.endpoint}/health")))
+        self.etcd.start(self.config.ready_timeout)
         python = sys.executable
         xds = ChildProcess(
             "xds_control",
@@ -189,9 +190,10 @@ class Stack:
             self._discovery = ModelDiscovery(self.config.models_dir.resolve(), api).start()
 
     def _run(self, process: ChildProcess, ready: Callable[[], bool]) -> None:
+        # In the books first: a child that does not get ready in time still runs, and stop() must stop it.
+        self._children.append(_Supervised(process, ready))
         process.start()
         process.wait_ready(ready, self.config.ready_timeout)
-        self._children.append(_Supervised(process, ready))
 
     def supervise(self) -> None:
         """Restart children that exit (back-off 1 s doubling to 30 s) until stop() is called."""
@@ -240,7 +242,11 @@ def _tcp_open(host: str, port: int) -> bool:
 
 
 def run_until_signalled(stack: Stack, after_start: Callable[[], None] | None = None) -> int:
-    """Start the stack, run ``after_start`` (the demo), supervise until SIGINT/SIGTERM, then stop everything."""
+    """Start the stack, run ``after_start`` (the demo), supervise until SIGINT/SIGTERM, then stop everything.
+
+    A child that exits or does not get ready while the stack starts is a ReadinessTimeout (its log tail in the
+    message), raised once everything started so far is stopped.
+    """
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt

@@ -9,10 +9,12 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from manager_api.artifacts import ArtifactStoreUnavailable, open_blob_store
 from manager_api.cli.root import app
 from manager_api.credentials import CREDENTIALS_FILE
+from manager_api.processes import ReadinessTimeout
 from manager_api.stack import Stack, StackConfig, run_until_signalled
 from tracing.settings import InvalidEndpoint, parse_endpoint
 
@@ -133,4 +135,10 @@ def up(
             console.print(usage(stack.ingress_url), highlight=False, markup=False, soft_wrap=True)
         console.print("Press Ctrl-C to stop everything.", highlight=False)
 
-    raise typer.Exit(run_until_signalled(stack, announce))
+    try:
+        code = run_until_signalled(stack, announce)
+    except ReadinessTimeout as exc:
+        # Everything started is stopped by now; what failed and its log tail say why, without a traceback.
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    raise typer.Exit(code)

@@ -146,6 +146,8 @@ class ProcessDeployer:
         self._wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._held = False
+        #: Why each deployment or pipeline that could not start last failed, as logged (once per reason).
+        self._cannot_start: dict[str, str] = {}
 
     async def start(self) -> None:
         """Begin reconciling in the background."""
@@ -237,16 +239,34 @@ class ProcessDeployer:
         for key, want in desired.items():
             have = len(self.replicas.get(key, []))
             if have < want:
-                model = await self._desired.get_model_version(*key)
-                if model is None:
-                    log.error("deployment %s:%d names a model version that is not registered", *key)
-                    continue
-                folder = await asyncio.to_thread(self._folders.materialize, model.artifact.digest)
-                for _ in range(want - have):
-                    replica = Replica(self._config(key, folder, model.artifact), self._registry)
-                    self.replicas.setdefault(key, []).append(replica)
-                    self._launch(replica)
+                # One deployment that cannot start (its archive lost, an agent's download refused) must not keep
+                # every other deployment and pipeline of this node from starting: it is logged and retried.
+                what = f"deployment {key[0]}:{key[1]}"
+                try:
+                    await self._add_replicas(key, want - have)
+                except Exception as exc:
+                    self._unstartable(what, exc)
+                else:
+                    self._cannot_start.pop(what, None)
         await self._reconcile_pipelines(deployments, None if self._held else nodes)
+
+    async def _add_replicas(self, key: ModelKey, count: int) -> None:
+        """Start ``count`` more replicas of the deployment ``key``, its model folder unpacked first."""
+        model = await self._desired.get_model_version(*key)
+        if model is None:
+            raise LookupError("it names a model version that is not registered")
+        folder = await asyncio.to_thread(self._folders.materialize, model.artifact.digest)
+        for _ in range(count):
+            replica = Replica(self._config(key, folder, model.artifact), self._registry)
+            self.replicas.setdefault(key, []).append(replica)
+            self._launch(replica)
+
+    def _unstartable(self, what: str, exc: Exception) -> None:
+        """Log why ``what`` cannot start, once per distinct reason (the deployer retries on every pass)."""
+        reason = f"{type(exc).__name__}: {exc}"
+        if self._cannot_start.get(what) != reason:
+            self._cannot_start[what] = reason
+            log.error("%s cannot start (retrying): %s", what, reason)
 
     async def _reconcile_pipelines(self, deployments: list[Deployment], nodes: list[str] | None) -> None:
         """Pipeline runtimes of the applications that need one (several stages or a shadow), this node's share.
@@ -294,7 +314,13 @@ class ProcessDeployer:
             have = len([p for p in self.pipelines.get(name, []) if p.config.spec_digest == digest])
             if have >= wanted[name]:
                 continue
-            config = await self._pipeline_config(app, digest, deployments)
+            what = f"the pipeline of {name}"
+            try:
+                config = await self._pipeline_config(app, digest, deployments)
+            except Exception as exc:
+                self._unstartable(what, exc)
+                continue
+            self._cannot_start.pop(what, None)
             if config is None:
                 continue
             for _ in range(wanted[name] - have):

@@ -227,14 +227,16 @@ class ProcessPair(Generic[ConfigT]):
         if self.retired:
             # stop() ran during the report: it found no processes to kill, so none may be started.
             return
-        self.runtime, self.sidecar = self._spawn(workdir, admin_port)
-        if not self.sidecar_first:
-            self.runtime.start()
-        self.sidecar.start()
         # Through the sidecar at the advertised address: ready means reachable the way the ingress will call it.
         ready_url = f"http://{cfg.advertise_address}:{self.inbound_port}/v2/health/ready"
         started = time.monotonic()
+        # The processes of a previous attempt are gone: only this attempt's may be stopped on a failure below.
+        self.runtime = self.sidecar = None
         try:
+            self.runtime, self.sidecar = self._spawn(workdir, admin_port)
+            if not self.sidecar_first:
+                self.runtime.start()
+            self.sidecar.start()
             for process, check in (
                 (self.sidecar, lambda: envoy_ready(admin_port)),
                 (self.runtime, lambda: http_ok(ready_url)),
@@ -253,16 +255,35 @@ class ProcessPair(Generic[ConfigT]):
             await self._kill()
             await self._crashed()
             raise
+        except Exception as exc:
+            # A process that cannot even be spawned (a missing or unusable binary, no room for its log): a crash
+            # like any other, restarted with back-off, and the process that did start is not left running alone.
+            await self._fail_start(f"cannot start {self.served}: {type(exc).__name__}: {exc}")
+            raise
         if self.retired:
             # Stopped while starting: announce nothing, and make sure the processes are gone (stop() may have run
             # before they existed).
             await self._kill()
             return
         self.state = "ready"
-        await self.registry.register_instance(self.instance)
+        try:
+            await self.registry.register_instance(self.instance)
+        except Exception as exc:
+            # Ready but not announced would never get traffic, nor ever be retried: start again later instead.
+            with contextlib.suppress(Exception):
+                await self.registry.deregister_instance(self.instance)
+            await self._fail_start(f"{self.served} ready but not registered: {type(exc).__name__}: {exc}")
+            raise
         await self._report()
         where = f"{cfg.advertise_address}:{self.inbound_port}"
         log.info("replica %s of %s ready on %s", self.id, self.served, where)
+
+    async def _fail_start(self, reason: str) -> None:
+        """A start that failed outside the processes: say why, stop whatever runs, wait to start again."""
+        self.last_error = bounded(reason)
+        log.warning("replica %s: %s", self.id, self.last_error)
+        await self._kill()
+        await self._crashed()
 
     async def stop(self, drain: bool = True) -> None:
         """Deregister, let in-flight requests finish while proxies drop the endpoint, then stop both processes."""

@@ -14,9 +14,12 @@ from starlette.types import Receive, Scope, Send
 from manager_api.dependencies import Store
 from manager_api.errors import ApiProblem
 from manager_api.events import event_stream
-from manager_api.schemas import ErrorBody
+from manager_api.schemas import MAX_REVISION, ErrorBody
 
 router = APIRouter(prefix="/events", tags=["events"])
+
+#: The largest revision to follow on from: the watch starts at the next one, which must still be an etcd revision.
+_LAST_POSITION = MAX_REVISION - 1
 
 _EXAMPLE = (
     "id: 42\nevent: put\n"
@@ -59,8 +62,9 @@ def _resume_point(since: int | None, last_event_id: str | None) -> int | None:
         revision = int(last_event_id)
     except ValueError:
         revision = -1
-    if revision < 0:
-        raise ApiProblem(400, f"Last-Event-ID must be an etcd revision (an integer >= 0), got {last_event_id!r}")
+    if not 0 <= revision <= _LAST_POSITION:
+        allowed = f"an integer from 0 to {_LAST_POSITION}"
+        raise ApiProblem(400, f"Last-Event-ID must be an etcd revision ({allowed}), got {last_event_id!r}")
     return revision
 
 
@@ -78,7 +82,11 @@ async def events(
     store: Store,
     since: Annotated[
         int | None,
-        Query(ge=0, description="send the changes made after this revision (e.g. the `revision` of a GET) first"),
+        Query(
+            ge=0,
+            le=_LAST_POSITION,
+            description="send the changes made after this revision (e.g. the `revision` of a GET) first",
+        ),
     ] = None,
     last_event_id: Annotated[
         str | None, Header(description="the `id` of the last event seen; takes precedence over `since`")
