@@ -225,3 +225,37 @@ def test_removed_application_leaves_envoy(etcd_server: EtcdServer, etcd_prefix: 
     asyncio.run(delete())
     wait_until(lambda: "model|k|1" not in stack.cluster_names(), 10, "cluster removal")
     assert httpx.post(f"{stack.url}/v2/models/gone/infer", json={}).status_code == 404
+
+
+def test_one_unusable_record_does_not_stop_pushes_for_the_others(
+    etcd_server: EtcdServer, etcd_prefix: str, stack: Ingress
+) -> None:
+    keys = Keys(etcd_prefix)
+
+    def instance(instance_id: str, address: str, port: int) -> str:
+        return Instance(model="m", version=1, id=instance_id, node="n", address=address, port=port).model_dump_json()
+
+    good_port = free_port()
+    asyncio.run(
+        _put(
+            etcd_server.endpoint,
+            {
+                keys.model_version("m", 1): _model("m", 1),
+                keys.application("shop"): _app("shop", [("m", 1, 100)]),
+                keys.instance("m", 1, "good"): instance("good", "127.0.0.1", good_port),
+                # Valid JSON of the schema, yet no endpoint: a host name (EDS takes IP addresses only), no port.
+                keys.instance("m", 1, "named"): instance("named", "node-1.example", 7001),
+                keys.instance("m", 1, "negative"): instance("negative", "127.0.0.1", -1),
+            },
+        )
+    )
+    wait_until(lambda: stack.endpoints("model|m|1") == {f"127.0.0.1:{good_port}"}, 10, "the good endpoint")
+    asyncio.run(_put(etcd_server.endpoint, {keys.application("later"): _app("later", [("m", 1, 100)])}))
+    wait_until(
+        lambda: any(
+            r["name"] == "app|later|rest" for c in stack.dynamic("Routes") for r in c["virtual_hosts"][0]["routes"]
+        ),
+        10,
+        "a later application's route",
+    )
+    assert "rejected" not in stack.xds_log.read_text(), "nothing was sent that Envoy had to reject"
