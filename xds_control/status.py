@@ -115,7 +115,8 @@ class ProxyStatusWriter(StreamCallbacks):
             # One round trip: the keep-alive reply's TTL is 0 when the lease is already gone.
             if (await self._lease.refresh()).TTL > 0:
                 return self._lease
-            # The lease expired (etcd restart, long pause): every live record must be written again.
-            self._dirty |= self._status.keys()
+        # A new lease: the lease expired (etcd restart, long pause), or a write failed and the old one is no longer
+        # kept alive. Records left on the old lease would go with it: every live record is written again.
+        self._dirty |= self._status.keys()
         self._lease = await self._client.lease(self._ttl)
         return self._lease

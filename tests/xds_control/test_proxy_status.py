@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 
 import aetcd
 import pytest
@@ -73,3 +75,60 @@ async def test_a_reconnected_proxy_keeps_its_record_when_its_old_stream_closes(
         await _until(gone, "the record removed once its last stream closed")
     finally:
         await writer.stop()
+
+
+@pytest.fixture
+def own_etcd(tmp_path: Path) -> Iterator[list[EtcdServer]]:
+    """An etcd of this test's own, to stop and start again (the session's is shared); the last one is current."""
+    servers = [EtcdServer(tmp_path).start()]
+    try:
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+
+
+async def test_records_move_to_the_new_lease_after_etcd_was_away(
+    own_etcd: list[EtcdServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    keys = Keys("/hydro/")
+    client = _client(own_etcd[0])
+    await client.connect()
+    writer = ProxyStatusWriter(client, keys, ttl=2, interval=0.02)
+    await writer.start()
+    try:
+        writer.proxy_connected("a", "sidecar")
+        writer.proxy_connected("b", "sidecar")
+
+        async def both_written() -> bool:
+            records = [await _record(client, keys, node) for node in ("a", "b")]
+            return all(status is not None for status, _ in records)
+
+        await _until(both_written, "both records")
+        _, lease_before = await _record(client, keys, "a")
+        stopped = own_etcd[0]
+        stopped.stop()
+        caplog.set_level(logging.WARNING, logger="xds_control.status")
+        writer.on_ack("a", "type.googleapis.com/envoy.config.cluster.v3.Cluster", "v2")  # only a is dirty
+        await _until(_async(lambda: "could not write proxy status" in caplog.text), "a failed write")
+        own_etcd.append(EtcdServer(stopped.data_dir, client_port=stopped.client_port).start())
+
+        async def on_one_new_lease() -> bool:
+            try:
+                (a, lease_a), (b, lease_b) = [await _record(client, keys, node) for node in ("a", "b")]
+            except aetcd.exceptions.ConnectionFailedError:
+                return False  # the client's channel is still backing off from the outage
+            return a is not None and b is not None and lease_a == lease_b != lease_before
+
+        # Without every record moving to the new lease, b stays on the old one, which nobody keeps alive.
+        await _until(on_one_new_lease, "both records on the writer's new lease")
+    finally:
+        await writer.stop()
+        await client.close()
+
+
+def _async(check: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
+    async def wrapped() -> bool:
+        return check()
+
+    return wrapped
