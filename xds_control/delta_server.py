@@ -74,6 +74,9 @@ class _DeltaTypeState:
     #: The snapshot version of this type that the proxy was last found to hold exactly: while neither changes,
     #: there is nothing to compare (a push for one endpoint does not walk every cluster and listener).
     in_sync_with: str | None = None
+    #: EDS only: clusters a CDS response of this stream replaced before EDS was subscribed to. The versions a
+    #: reconnecting proxy then reports for their endpoints were for the clusters being replaced: not held.
+    renew: set[str] = field(default_factory=set)
 
 
 class DeltaAdsStream:
@@ -139,13 +142,14 @@ class DeltaAdsStream:
         self._callbacks.on_ack(self.node_id, request.type_url, in_flight.system_version)
 
     def _subscribe(self, request: discovery_pb2.DeltaDiscoveryRequest, state: _DeltaTypeState) -> None:
-        initial = request.initial_resource_versions
+        initial = {name: v for name, v in request.initial_resource_versions.items() if name not in state.renew}
         if not state.subscribed:
             state.subscribed = True
             # An empty first subscription to CDS or LDS is the legacy spelling of the wildcard.
             state.wildcard = request.type_url in WILDCARD_TYPES and not request.resource_names_subscribe
             state.held = dict(initial)
-            if not initial:
+            state.renew.clear()
+            if not request.initial_resource_versions:
                 # A starting proxy waits (initial_fetch_timeout, 15 s) for a first answer even when there is
                 # nothing to have; a reconnecting one already has its config and needs none.
                 state.unanswered.add(_WILDCARD)
@@ -296,6 +300,8 @@ class DeltaAdsStream:
             if name not in snapshot.eds_clusters:
                 continue
             eds.held.pop(name, None)
+            if not eds.subscribed:
+                eds.renew.add(name)
             if eds.in_flight is not None:
                 # An answer already on its way went to the cluster being replaced; its ACK must not count.
                 eds.in_flight.changes.pop(name, None)

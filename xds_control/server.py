@@ -156,9 +156,10 @@ class AdsStream:
                 continue
             items = self._items(type_url, snapshot)
             version = version_of(items)  # covers the names, so equal versions mean equal name sets
-            if version == state.version and not state.nonce:
+            if version == state.version and not state.nonce and not state.force:
                 # The proxy told us on a new stream that it already holds this version (a control-plane
-                # restart): nothing to send, and it counts as acknowledged.
+                # restart): nothing to send, and it counts as acknowledged. Not when a cluster changed on this
+                # stream (force): its replacement warms until EDS answers, whatever endpoints the proxy holds.
                 state.sent = state.acked = items
                 if type_url in (resources.LISTENER, resources.ROUTE):
                     state.sent_route_clusters = state.acked_route_clusters = snapshot.routed[type_url]

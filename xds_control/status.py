@@ -28,6 +28,8 @@ class ProxyStatusWriter(StreamCallbacks):
         self._ttl = ttl
         self._interval = interval
         self._status: dict[str, ProxyStatus] = {}
+        #: Open streams by node: a reconnecting Envoy opens its new stream before the server sees the old one end.
+        self._streams: dict[str, int] = {}
         self._dirty: set[str] = set()
         self._wake = asyncio.Event()
         self._lease: aetcd.Lease | None = None
@@ -47,6 +49,7 @@ class ProxyStatusWriter(StreamCallbacks):
                 await self._lease.revoke()
 
     def proxy_connected(self, node_id: str, role: str) -> None:
+        self._streams[node_id] = self._streams.get(node_id, 0) + 1
         self._status[node_id] = ProxyStatus(node_id=node_id, role=role)
         self._mark(node_id)
 
@@ -65,6 +68,10 @@ class ProxyStatusWriter(StreamCallbacks):
             self._mark(node_id)
 
     def on_stream_closed(self, node_id: str) -> None:
+        remaining = self._streams.pop(node_id, 1) - 1
+        if remaining > 0:
+            self._streams[node_id] = remaining  # the proxy is still connected on a newer stream
+            return
         if self._status.pop(node_id, None) is not None:
             self._mark(node_id)
 
@@ -108,7 +115,8 @@ class ProxyStatusWriter(StreamCallbacks):
             # One round trip: the keep-alive reply's TTL is 0 when the lease is already gone.
             if (await self._lease.refresh()).TTL > 0:
                 return self._lease
-            # The lease expired (etcd restart, long pause): every live record must be written again.
-            self._dirty |= self._status.keys()
+        # A new lease: the lease expired (etcd restart, long pause), or a write failed and the old one is no longer
+        # kept alive. Records left on the old lease would go with it: every live record is written again.
+        self._dirty |= self._status.keys()
         self._lease = await self._client.lease(self._ttl)
         return self._lease

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections import deque
 from collections.abc import Mapping
@@ -51,6 +52,24 @@ class Topology:
         return [(p.address, p.port) for p in self.pipelines.get(app, ()) if p.state == "ready"]
 
 
+def _usable_endpoint(key: str, address: str, port: int) -> bool:
+    """Whether an endpoint record can go into EDS; logs why not.
+
+    The schema takes any string and integer, but Envoy rejects a whole EDS response for one host name (EDS takes
+    IP addresses only) and protobuf refuses a port outside uint32: one such record would stop the endpoint
+    updates of every model version (or every snapshot) of the proxies that route to it, so it is left out.
+    """
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        log.error("ignoring %s: address %r is not an IP address", key, address)
+        return False
+    if not 0 < port < 65536:
+        log.error("ignoring %s: port %d is not between 1 and 65535", key, port)
+        return False
+    return True
+
+
 #: Most write trace contexts kept between two topologies (the newest): links beyond these say nothing more.
 MAX_WRITES = 64
 
@@ -94,9 +113,13 @@ class TopologyRecords:
                 if application.trace_context:
                     self._writes.append(application.trace_context)
             elif kind == "instances":
-                self._instances[key] = Instance.model_validate_json(value)
+                instance = Instance.model_validate_json(value)
+                if _usable_endpoint(key, instance.address, instance.port):
+                    self._instances[key] = instance
             elif kind == "pipelines":
-                self._pipelines[key] = PipelineInstance.model_validate_json(value)
+                pipeline = PipelineInstance.model_validate_json(value)
+                if _usable_endpoint(key, pipeline.address, pipeline.port):
+                    self._pipelines[key] = pipeline
         except ValidationError as exc:
             log.error("ignoring %s: not a valid record: %s", key, exc.errors()[:1])
 

@@ -9,7 +9,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import struct_pb2
 from google.rpc import status_pb2
 
-from protos.topology import Application, Instance, Stage, Variant
+from protos.topology import Application, CircuitBreakerPolicy, Deployment, Instance, Policies, Stage, Variant
 from xds_control import resources as r
 from xds_control.server import AdsStream, StreamCallbacks
 from xds_control.snapshot import SnapshotCache
@@ -230,3 +230,25 @@ def test_hand_encoded_response_parses_as_protobuf() -> None:
     response = discovery_pb2.DiscoveryResponse.FromString(payload)
     assert (response.version_info, response.type_url, response.nonce) == ("v1", r.CLUSTER, "7")
     assert [cluster_pb2.Cluster.FromString(a.value).name for a in response.resources] == ["x", "x"]
+
+
+def _with_breaker(max_requests: int) -> Topology:
+    """One deployed model version; its circuit breaker is part of its cluster, not of its endpoints or routes."""
+    policies = Policies(circuit_breaker=CircuitBreakerPolicy(max_requests=max_requests))
+    deployment = Deployment(model="a", version=1, replicas=1, policies=policies)
+    instance = Instance(model="a", version=1, id="i1", node="n", address="127.0.0.1", port=7001)
+    return Topology(revision=1, deployments={("a", 1): deployment}, instances={("a", 1): (instance,)})
+
+
+def test_reconnecting_proxy_gets_endpoints_again_for_a_cluster_changed_meanwhile() -> None:
+    cache, proxy, _ = _connected(_with_breaker(100))
+    _warm_up(proxy)
+    held = {t: proxy.last[t].version_info for t in r.PUSH_ORDER}
+    clusters = sorted(proxy.names(r.ENDPOINT))
+    cache.set(NODE, ingress_snapshot(_with_breaker(200), _node_info()))
+
+    fresh = Proxy(AdsStream(NODE, cache, Recorder()))
+    (cds,) = fresh.ask(r.CLUSTER, version=held[r.CLUSTER])
+    assert cds.version_info != held[r.CLUSTER]
+    eds = fresh.ask(r.ENDPOINT, clusters, version=held[r.ENDPOINT])
+    assert [e.type_url for e in eds] == [r.ENDPOINT], "the changed cluster warms until EDS answers for it"

@@ -454,3 +454,19 @@ def test_hand_encoded_delta_response_parses_as_protobuf() -> None:
     (resource,) = response.resources
     assert (resource.name, resource.version) == ("x", "h1")
     assert cluster_pb2.Cluster.FromString(resource.resource.value).name == "x"
+
+
+async def test_reconnect_gets_endpoints_again_for_a_cluster_changed_meanwhile(harness: Harness) -> None:
+    harness.publish(_clusters_only({"x": 1.0, "y": 1.0}))
+    first = await harness.connect()
+    held = await first.warm_up(routes=False)
+    await first.call.done_writing()
+    harness.publish(_clusters_only({"x": 2.0, "y": 1.0}))
+
+    again = await harness.connect()
+    await again.send(r.CLUSTER, initial=held[r.CLUSTER])
+    cds = await again.read()
+    assert [res.name for res in cds.resources] == ["x"]
+    await again.send(r.ENDPOINT, subscribe=sorted(held[r.ENDPOINT]), initial=held[r.ENDPOINT])
+    eds = await again.read()
+    assert [res.name for res in eds.resources] == ["x"], "a changed cluster warms until EDS answers for it"

@@ -198,7 +198,7 @@ def test_delta_envoy_nack_is_not_looped_and_the_fix_is_accepted(
 ) -> None:
     ingress = delta_stack
     keys = Keys(etcd_prefix)
-    first, second = upstreams
+    first = upstreams[0]
     asyncio.run(
         _put(
             etcd_server.endpoint,
@@ -211,22 +211,17 @@ def test_delta_envoy_nack_is_not_looped_and_the_fix_is_accepted(
     )
     wait_until(lambda: _infer(ingress, "shop") == f"served-by:{first.port}", 10, "a call through the ingress")
 
-    # A deployer bug: an instance whose address is not an IP. Envoy rejects the endpoints.
+    # A record written past the manager's checks: a stage whose variants all weigh 0. Envoy rejects the routes.
     mark = len(ingress.xds_log.read_text())
-    bad = Instance(model="m", version=1, id="bad", node="n", address="not-an-ip", port=1)
-    asyncio.run(_put(etcd_server.endpoint, {keys.instance("m", 1, "bad"): bad.model_dump_json()}))
-    wait_until(lambda: "rejected ClusterLoadAssignment" in ingress.xds_log.read_text()[mark:], 10, "the NACK")
+    asyncio.run(_put(etcd_server.endpoint, {keys.application("paused"): _app("paused", [("m", 1, 0)])}))
+    wait_until(lambda: "rejected RouteConfiguration" in ingress.xds_log.read_text()[mark:], 10, "the NACK")
     for _ in range(10):
-        assert _infer(ingress, "shop") == f"served-by:{first.port}", "the last good endpoints keep serving"
+        assert _infer(ingress, "shop") == f"served-by:{first.port}", "the last good routes keep serving"
     log = ingress.xds_log.read_text()[mark:]
-    assert log.count("<- delta ClusterLoadAssignment") == 1, "the rejected version is not sent again"
+    assert log.count("<- delta RouteConfiguration") == 1, "the rejected version is not sent again"
     assert log.count("rejected ") == 1
 
-    # The fix (the instance re-registered with a real address) is the next version: sent and accepted.
-    asyncio.run(_put(etcd_server.endpoint, _instance(keys, "bad", second.port)))
-    wait_until(
-        lambda: ingress.endpoints("model|m|1") == {f"127.0.0.1:{first.port}", f"127.0.0.1:{second.port}"},
-        10,
-        "the fixed endpoints in Envoy",
-    )
+    # The fix (the application written with a weight) is the next version: sent and accepted.
+    asyncio.run(_put(etcd_server.endpoint, {keys.application("paused"): _app("paused", [("m", 1, 100)])}))
+    wait_until(lambda: _infer(ingress, "paused") == f"served-by:{first.port}", 10, "the fixed application in Envoy")
     assert ingress.xds_log.read_text()[mark:].count("rejected ") == 1

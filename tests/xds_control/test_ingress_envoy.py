@@ -7,7 +7,7 @@ import contextlib
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aetcd
 import grpc
@@ -20,16 +20,28 @@ from manager_api.processes import ChildProcess, wait_until
 from protos.topology import (
     Application,
     Artifact,
+    CircuitBreakerPolicy,
     Deployment,
     Instance,
     Keys,
     ModelVersion,
+    Policies,
     Signature,
     Stage,
     TensorSpec,
     Variant,
 )
 from xds_control.bootstrap import envoy_ready, ingress_envoy
+
+
+class Restart(Protocol):
+    """Stops xds_control, calls ``meanwhile`` (if given) while it is away, and starts it again."""
+
+    def __call__(self, meanwhile: Callable[[], None] | None = None) -> None: ...
+
+
+def _no_restart(meanwhile: Callable[[], None] | None = None) -> None:
+    """The Restart of an Ingress not built by ingress_stack."""
 
 
 class Ingress:
@@ -39,7 +51,7 @@ class Ingress:
         self.admin_port = admin_port
         self.api_type = api_type
         self.xds_log = xds_log
-        self.restart_control_plane: Callable[[], None] = lambda: None
+        self.restart_control_plane: Restart = _no_restart
 
     def config_dump(self) -> dict[str, Any]:
         result: dict[str, Any] = httpx.get(f"http://127.0.0.1:{self.admin_port}/config_dump").json()
@@ -92,8 +104,10 @@ def ingress_stack(etcd_server: EtcdServer, etcd_prefix: str, tmp_path: Path, api
         # One log for every run, so that a test can read what happened across a restart.
         control_planes.append(ChildProcess("xds_control", argv, log_path=log).start())
 
-    def restart_control_plane() -> None:
+    def restart_control_plane(meanwhile: Callable[[], None] | None = None) -> None:
         control_planes[-1].stop()
+        if meanwhile is not None:
+            meanwhile()
         start_control_plane()
 
     listen_port, admin_port = free_port(), free_port()
@@ -225,3 +239,76 @@ def test_removed_application_leaves_envoy(etcd_server: EtcdServer, etcd_prefix: 
     asyncio.run(delete())
     wait_until(lambda: "model|k|1" not in stack.cluster_names(), 10, "cluster removal")
     assert httpx.post(f"{stack.url}/v2/models/gone/infer", json={}).status_code == 404
+
+
+def test_one_unusable_record_does_not_stop_pushes_for_the_others(
+    etcd_server: EtcdServer, etcd_prefix: str, stack: Ingress
+) -> None:
+    keys = Keys(etcd_prefix)
+
+    def instance(instance_id: str, address: str, port: int) -> str:
+        return Instance(model="m", version=1, id=instance_id, node="n", address=address, port=port).model_dump_json()
+
+    good_port = free_port()
+    asyncio.run(
+        _put(
+            etcd_server.endpoint,
+            {
+                keys.model_version("m", 1): _model("m", 1),
+                keys.application("shop"): _app("shop", [("m", 1, 100)]),
+                keys.instance("m", 1, "good"): instance("good", "127.0.0.1", good_port),
+                # Valid JSON of the schema, yet no endpoint: a host name (EDS takes IP addresses only), no port.
+                keys.instance("m", 1, "named"): instance("named", "node-1.example", 7001),
+                keys.instance("m", 1, "negative"): instance("negative", "127.0.0.1", -1),
+            },
+        )
+    )
+    wait_until(lambda: stack.endpoints("model|m|1") == {f"127.0.0.1:{good_port}"}, 10, "the good endpoint")
+    asyncio.run(_put(etcd_server.endpoint, {keys.application("later"): _app("later", [("m", 1, 100)])}))
+    wait_until(
+        lambda: any(
+            r["name"] == "app|later|rest" for c in stack.dynamic("Routes") for r in c["virtual_hosts"][0]["routes"]
+        ),
+        10,
+        "a later application's route",
+    )
+    assert "rejected" not in stack.xds_log.read_text(), "nothing was sent that Envoy had to reject"
+
+
+def test_cluster_changed_while_the_control_plane_was_away_warms_and_routes_follow(
+    etcd_server: EtcdServer, etcd_prefix: str, stack: Ingress
+) -> None:
+    keys = Keys(etcd_prefix)
+
+    def deployment(max_requests: int) -> str:
+        policies = Policies(circuit_breaker=CircuitBreakerPolicy(max_requests=max_requests))
+        return Deployment(model="m", version=1, replicas=1, policies=policies).model_dump_json()
+
+    def route_names() -> set[str]:
+        return {route["name"] for c in stack.dynamic("Routes") for route in c["virtual_hosts"][0]["routes"]}
+
+    def max_requests() -> int | None:
+        for cluster in stack.dynamic("Clusters"):
+            if cluster["name"] == "model|m|1":
+                return int(cluster["circuit_breakers"]["thresholds"][0]["max_requests"])
+        return None
+
+    instance = Instance(model="m", version=1, id="i1", node="n", address="127.0.0.1", port=free_port())
+    asyncio.run(
+        _put(
+            etcd_server.endpoint,
+            {
+                keys.model_version("m", 1): _model("m", 1),
+                keys.deployment("m", 1): deployment(100),
+                keys.instance("m", 1, "i1"): instance.model_dump_json(),
+                keys.application("shop"): _app("shop", [("m", 1, 100)]),
+            },
+        )
+    )
+    wait_until(lambda: "app|shop|rest" in route_names() and max_requests() == 100, 10, "the first config in Envoy")
+
+    # While xds_control is down, the cluster changes (its endpoints do not) and a new application routes to it.
+    changes = {keys.deployment("m", 1): deployment(200), keys.application("later"): _app("later", [("m", 1, 100)])}
+    stack.restart_control_plane(lambda: asyncio.run(_put(etcd_server.endpoint, changes)))
+    wait_until(lambda: max_requests() == 200, 10, "the changed cluster warm (its endpoints answered)")
+    wait_until(lambda: "app|later|rest" in route_names(), 10, "the new application's route")

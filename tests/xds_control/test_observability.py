@@ -189,20 +189,26 @@ def test_proxy_status_and_metrics(stack: Stack) -> None:
     assert stack.metric("hydro_xds_response_bytes_count", type="RouteConfiguration") >= 1
 
 
+def _paused(stack: Stack, weight: int) -> dict[str, str]:
+    """A second application on the same model version, with its one variant at ``weight``."""
+    app = Application(name="paused", stages=[Stage(variants=[Variant(model="obs", version=1, weight=weight)])])
+    return {stack.keys.application("paused"): app.model_dump_json()}
+
+
 def test_nack_is_recorded_not_looped_and_recovered(stack: Stack) -> None:
     stack.put(_base_records(stack))
     wait_until(lambda: stack.infer() == [2.0, 5.0], 15, "traffic through the ingress")
 
-    def acked_endpoints() -> bool:
+    def acked_routes() -> bool:
         status = stack.proxy("ingress")
-        return status is not None and "ClusterLoadAssignment" in status.acked
+        return status is not None and "RouteConfiguration" in status.acked
 
-    wait_until(acked_endpoints, 10, "endpoints acknowledged in proxies/ingress")
+    wait_until(acked_routes, 10, "routes acknowledged in proxies/ingress")
     acked_before = stack.proxy("ingress")
     assert acked_before is not None
 
-    # A deployer bug: an instance whose address is not an IP. Envoy rejects the endpoints.
-    stack.put({stack.keys.instance("obs", 1, "bad"): _instance("bad", "not-an-ip", 1)})
+    # A record written past the manager's checks: every variant of a stage at weight 0. Envoy rejects the routes.
+    stack.put(_paused(stack, 0))
 
     def nacked() -> bool:
         status = stack.proxy("ingress")
@@ -211,27 +217,27 @@ def test_nack_is_recorded_not_looped_and_recovered(stack: Stack) -> None:
     wait_until(nacked, 10, "the NACK recorded under proxies/ingress")
     status = stack.proxy("ingress")
     assert status is not None and status.last_nack is not None
-    assert "ClusterLoadAssignment" in status.last_nack and "not-an-ip" in status.last_nack
-    assert status.acked["ClusterLoadAssignment"] == acked_before.acked["ClusterLoadAssignment"]
-    assert stack.metric("hydro_xds_nacks_total", type="ClusterLoadAssignment") == 1
+    assert "RouteConfiguration" in status.last_nack
+    assert status.acked["RouteConfiguration"] == acked_before.acked["RouteConfiguration"]
+    assert stack.metric("hydro_xds_nacks_total", type="RouteConfiguration") == 1
 
-    # Traffic keeps flowing on the last good endpoints, and the rejected version is not sent again.
-    responses = stack.metric("hydro_xds_responses_total", type="ClusterLoadAssignment")
+    # Traffic keeps flowing on the last good routes, and the rejected version is not sent again.
+    responses = stack.metric("hydro_xds_responses_total", type="RouteConfiguration")
     for _ in range(20):
         assert stack.infer() == [2.0, 5.0]
-    assert stack.metric("hydro_xds_responses_total", type="ClusterLoadAssignment") == responses
-    assert stack.metric("hydro_xds_nacks_total", type="ClusterLoadAssignment") == 1
+    assert stack.metric("hydro_xds_responses_total", type="RouteConfiguration") == responses
+    assert stack.metric("hydro_xds_nacks_total", type="RouteConfiguration") == 1
 
-    # The fix is accepted with the next valid change: the instance re-registered with a real address.
-    stack.put({stack.keys.instance("obs", 1, "bad"): _instance("bad", "127.0.0.1", stack.runtime_grpc_port)})
+    # The fix is accepted with the next valid change: the application written with a weight.
+    stack.put(_paused(stack, 100))
 
     def accepted() -> bool:
         current = stack.proxy("ingress")
-        return current is not None and current.acked["ClusterLoadAssignment"] not in (
-            acked_before.acked["ClusterLoadAssignment"],
+        return current is not None and current.acked["RouteConfiguration"] not in (
+            acked_before.acked["RouteConfiguration"],
             "",
         )
 
-    wait_until(accepted, 10, "the fixed endpoints acknowledged")
+    wait_until(accepted, 10, "the fixed routes acknowledged")
     assert stack.infer() == [2.0, 5.0]
-    assert stack.metric("hydro_xds_nacks_total", type="ClusterLoadAssignment") == 1
+    assert stack.metric("hydro_xds_nacks_total", type="RouteConfiguration") == 1

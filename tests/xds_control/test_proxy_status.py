@@ -1,0 +1,134 @@
+"""proxies/ records in a real etcd, written by ProxyStatusWriter while streams come and go and etcd fails."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+
+import aetcd
+import pytest
+
+from manager_api.etcd_server import EtcdServer
+from protos.topology import Keys, ProxyStatus
+from xds_control.status import ProxyStatusWriter
+
+DEADLINE = 15.0
+
+
+def _client(server: EtcdServer) -> aetcd.Client:
+    host, port = server.endpoint.split(":")
+    return aetcd.Client(host=host, port=int(port))
+
+
+async def _record(client: aetcd.Client, keys: Keys, node_id: str) -> tuple[ProxyStatus | None, int]:
+    """The node's record and the id of the lease it hangs on."""
+    got = await client.get(keys.proxy(node_id).encode())
+    if got is None:
+        return None, 0
+    return ProxyStatus.model_validate_json(got.value), got.lease
+
+
+async def _until(check: Callable[[], Awaitable[bool]], what: str) -> None:
+    deadline = time.monotonic() + DEADLINE
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def shared_etcd(etcd_server: EtcdServer) -> AsyncIterator[aetcd.Client]:
+    client = _client(etcd_server)
+    await client.connect()
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+async def test_a_reconnected_proxy_keeps_its_record_when_its_old_stream_closes(
+    shared_etcd: aetcd.Client, etcd_prefix: str
+) -> None:
+    keys = Keys(etcd_prefix)
+    writer = ProxyStatusWriter(shared_etcd, keys, ttl=5, interval=0.02)
+    await writer.start()
+    try:
+        writer.proxy_connected("ingress", "ingress")
+        # Envoy reconnects before the server saw its old stream end: the new stream opens, then the old one closes.
+        writer.proxy_connected("ingress", "ingress")
+        writer.on_stream_closed("ingress")
+        writer.on_ack("ingress", "type.googleapis.com/envoy.config.cluster.v3.Cluster", "v2")
+
+        async def acked() -> bool:
+            status, _ = await _record(shared_etcd, keys, "ingress")
+            return status is not None and status.acked.get("Cluster") == "v2"
+
+        await _until(acked, "the connected proxy's record with its ACK")
+        writer.on_stream_closed("ingress")
+
+        async def gone() -> bool:
+            return (await _record(shared_etcd, keys, "ingress"))[0] is None
+
+        await _until(gone, "the record removed once its last stream closed")
+    finally:
+        await writer.stop()
+
+
+@pytest.fixture
+def own_etcd(tmp_path: Path) -> Iterator[list[EtcdServer]]:
+    """An etcd of this test's own, to stop and start again (the session's is shared); the last one is current."""
+    servers = [EtcdServer(tmp_path).start()]
+    try:
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+
+
+async def test_records_move_to_the_new_lease_after_etcd_was_away(
+    own_etcd: list[EtcdServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    keys = Keys("/hydro/")
+    client = _client(own_etcd[0])
+    await client.connect()
+    writer = ProxyStatusWriter(client, keys, ttl=2, interval=0.02)
+    await writer.start()
+    try:
+        writer.proxy_connected("a", "sidecar")
+        writer.proxy_connected("b", "sidecar")
+
+        async def both_written() -> bool:
+            records = [await _record(client, keys, node) for node in ("a", "b")]
+            return all(status is not None for status, _ in records)
+
+        await _until(both_written, "both records")
+        _, lease_before = await _record(client, keys, "a")
+        stopped = own_etcd[0]
+        stopped.stop()
+        caplog.set_level(logging.WARNING, logger="xds_control.status")
+        writer.on_ack("a", "type.googleapis.com/envoy.config.cluster.v3.Cluster", "v2")  # only a is dirty
+        await _until(_async(lambda: "could not write proxy status" in caplog.text), "a failed write")
+        own_etcd.append(EtcdServer(stopped.data_dir, client_port=stopped.client_port).start())
+
+        async def on_one_new_lease() -> bool:
+            try:
+                (a, lease_a), (b, lease_b) = [await _record(client, keys, node) for node in ("a", "b")]
+            except aetcd.exceptions.ConnectionFailedError:
+                return False  # the client's channel is still backing off from the outage
+            return a is not None and b is not None and lease_a == lease_b != lease_before
+
+        # Without every record moving to the new lease, b stays on the old one, which nobody keeps alive.
+        await _until(on_one_new_lease, "both records on the writer's new lease")
+    finally:
+        await writer.stop()
+        await client.close()
+
+
+def _async(check: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
+    async def wrapped() -> bool:
+        return check()
+
+    return wrapped
