@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from pathlib import Path
 from typing import Annotated
@@ -21,10 +22,23 @@ def _host_port(value: str) -> tuple[str, int]:
         raise typer.BadParameter(str(exc)) from exc
 
 
+def _ip_address(value: str) -> str:
+    # Sidecars listen on it and Envoy's endpoints take IP addresses only: a host name would register instances
+    # that xds_control has to leave out (xds_control/topology.py), so no replica of this host would get traffic.
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise typer.BadParameter(f"must be an IP address (sidecars listen on it), not {value!r}") from None
+    return value
+
+
 @app.command()
 def agent(
     node: Annotated[str, typer.Option(help="This host's name in nodes/, unique among the nodes.")],
-    advertise_address: Annotated[str, typer.Option(help="This host's address that the ingress and others reach.")],
+    advertise_address: Annotated[
+        str,
+        typer.Option(callback=_ip_address, help="This host's IP address, which the ingress and others reach."),
+    ],
     manager: Annotated[str, typer.Option(help="Manager API URL, where model archives are downloaded from.")],
     etcd: Annotated[str, typer.Option(help="etcd endpoint HOST:PORT.")] = "127.0.0.1:2379",
     xds: Annotated[str, typer.Option(help="xds_control HOST:PORT, for the sidecars.")] = "127.0.0.1:18000",

@@ -465,3 +465,10 @@ def test_predict_prints_outputs(runtime: str, tmp_path: Path) -> None:
     down = runner.invoke(app, ["predict", "cli-double", "--ingress", nowhere, "--data", json.dumps(request)])
     assert down.exit_code == 1
     assert f"cannot reach the ingress at {nowhere} (connection refused)" in down.stderr
+
+
+def test_agent_refuses_an_advertise_address_that_is_not_an_ip(tmp_path: Path) -> None:
+    common = ["agent", "--node", "h1", "--manager", "http://127.0.0.1:1", "--data-dir", str(tmp_path)]
+    refused = CliRunner().invoke(app, [*common, "--advertise-address", "node-1.example"])
+    assert refused.exit_code == 2
+    assert "must be an IP address" in refused.stderr and "'node-1.example'" in refused.stderr
