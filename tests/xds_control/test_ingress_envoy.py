@@ -309,6 +309,12 @@ def test_cluster_changed_while_the_control_plane_was_away_warms_and_routes_follo
 
     # While xds_control is down, the cluster changes (its endpoints do not) and a new application routes to it.
     changes = {keys.deployment("m", 1): deployment(200), keys.application("later"): _app("later", [("m", 1, 100)])}
+    mark = len(stack.xds_log.read_text())
     stack.restart_control_plane(lambda: asyncio.run(_put(etcd_server.endpoint, changes)))
+    # Envoy reconnects on its own back-off (0.5 s doubling), which a slow restart on a loaded machine stretches; the
+    # bound that matters is from the reconnect: without the fix the cluster warms only when Envoy's initial fetch
+    # timeout (15 s) ends its wait for endpoints.
+    stream = "DeltaAdsStream" if stack.api_type == "DELTA_GRPC" else "AdsStream"
+    wait_until(lambda: f"connected ({stream})" in stack.xds_log.read_text()[mark:], 30, "Envoy reconnected")
     wait_until(lambda: max_requests() == 200, 10, "the changed cluster warm (its endpoints answered)")
     wait_until(lambda: "app|later|rest" in route_names(), 10, "the new application's route")
