@@ -89,6 +89,24 @@ def as_bytes_array(values: Iterable[object]) -> np.ndarray:
     return array
 
 
+def text_array(name: str, array: np.ndarray) -> np.ndarray:
+    """A BYTES input's elements as ``str`` (UTF-8), same shape, for frameworks that compare text (sklearn
+    categories, ONNX string tensors); InvalidInput naming ``name`` if an element is not UTF-8."""
+    flat = array.reshape(-1)
+    texts = np.empty(flat.size, dtype=np.object_)
+    for index, element in enumerate(flat):
+        if isinstance(element, bytes):
+            try:
+                texts[index] = element.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InvalidInput(
+                    f"input {name!r}: BYTES element {index} is not UTF-8 text ({exc.reason} at byte {exc.start})"
+                ) from None
+        else:
+            texts[index] = element if isinstance(element, str) else str(element)
+    return texts.reshape(array.shape)
+
+
 def _flatten(data: object) -> list[object]:
     # Only for BYTES: numpy would turn nested lists of strings into a fixed-width unicode array.
     if not isinstance(data, list | tuple):
