@@ -343,8 +343,8 @@ class DataPlane:
                     f"input {tensor.name!r} has shape {format_shape(tensor.shape)}, model {self.name!r} expects "
                     f"{format_shape(spec.shape)} (-1 is any size)"
                 )
-            flat = tensor.data.decode(tensor.name, tensor.datatype)
             count = element_count(tensor.shape)
+            flat = tensor.data.decode(tensor.name, tensor.datatype, count)
             if flat.size != count:
                 raise InvalidInput(
                     f"input {tensor.name!r} has {flat.size} data elements, but shape {format_shape(tensor.shape)} "
