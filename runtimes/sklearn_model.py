@@ -21,7 +21,7 @@ from runtimes.base import ModelRuntime
 from runtimes.errors import InvalidInput, ModelLoadError
 from runtimes.serving_config import ServingConfig
 from runtimes.signatures import check_signature, source_name
-from runtimes.tabular import tabular_signature
+from runtimes.tabular import empty_answers, is_empty_batch, tabular_signature
 from runtimes.tensors import text_array
 
 
@@ -102,6 +102,9 @@ class SklearnRuntime(ModelRuntime):
         if self._model is None:
             raise RuntimeError("the model is not loaded")
         features = inputs[self._input]
+        if is_empty_batch(features):
+            # sklearn refuses 0 samples ("Found array with 0 sample(s)"); no rows in is no rows out.
+            return empty_answers(self.config)
         if features.dtype.kind != "f":
             if features.dtype.kind == "O":
                 # BYTES arrive as bytes; estimators fitted on strings (pandas, CSV) compare categories as str.

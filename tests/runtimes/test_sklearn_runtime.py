@@ -83,3 +83,11 @@ async def test_bytes_inputs_reach_the_estimator_as_text(tmp_path: Path) -> None:
     # Bytes that are not UTF-8 are no text: the client's mistake, named, not a wrong answer or a 500.
     with pytest.raises(InvalidInput, match=r"input 'x'.*not UTF-8"):
         await serve_in_process(tmp_path / "m", {"x": np.array([[b"\xff", b"s"]], dtype=object)})
+
+
+async def test_an_empty_batch_has_empty_answers(tmp_path: Path) -> None:
+    # [0, 4] is a valid tensor (a filter stage of a pipeline can leave no rows); sklearn refuses 0 samples, which
+    # was a 500 "Found array with 0 sample(s)".
+    outputs = await serve_in_process(sklearn_classifier(tmp_path / "m"), {"input": np.zeros((0, 4), np.float32)})
+    assert outputs["label"].shape == (0,) and outputs["label"].dtype == np.int64
+    assert outputs["probabilities"].shape == (0, 3) and outputs["probabilities"].dtype == np.float32
