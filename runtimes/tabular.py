@@ -56,8 +56,12 @@ def tabular_signature(
     """
     feature_input(config)
     declared = config.signature.inputs[0]
-    width = -1 if num_features is None or num_features <= 0 else num_features
-    inputs = [TensorSpec(name=declared.name, datatype=declared.datatype, shape=[-1, width])]
+    if num_features is None:
+        # Not even the rank is known: a text vectorizer (no n_features_in_) takes one document per row, [-1].
+        shape = list(declared.shape)
+    else:
+        shape = [-1, num_features if num_features > 0 else -1]
+    inputs = [TensorSpec(name=declared.name, datatype=declared.datatype, shape=shape)]
     outputs = []
     for spec in config.signature.outputs:
         if is_proba(spec.name):

@@ -10,6 +10,7 @@ import pytest
 import sklearn
 from framework_models import CLASSES, FEATURES, ROWS, TABULAR_YAML, serve_in_process, sklearn_classifier
 from sklearn.ensemble import HistGradientBoostingClassifier
+from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import OneHotEncoder
@@ -91,3 +92,17 @@ async def test_an_empty_batch_has_empty_answers(tmp_path: Path) -> None:
     outputs = await serve_in_process(sklearn_classifier(tmp_path / "m"), {"input": np.zeros((0, 4), np.float32)})
     assert outputs["label"].shape == (0,) and outputs["label"].dtype == np.int64
     assert outputs["probabilities"].shape == (0, 3) and outputs["probabilities"].dtype == np.float32
+
+
+async def test_text_pipelines_take_one_dimensional_text(tmp_path: Path) -> None:
+    # A vectorizer takes one document per row ([-1]) and knows no n_features_in_; the signature check demanded a
+    # 2-D feature matrix of the unknown width ([-1, -1]), so the classic text classifier could not be served.
+    texts = ["good movie", "bad movie", "great film", "awful film"]
+    model = make_pipeline(TfidfVectorizer(), LogisticRegression()).fit(texts, [1, 0, 1, 0])
+    (tmp_path / "m").mkdir()
+    joblib.dump(model, tmp_path / "m" / "model.joblib")
+    yaml = CATEGORICAL_YAML.replace("shape: [-1, 2]", "shape: [-1]")
+    (tmp_path / "m" / "serving.yaml").write_text(yaml)
+    wire = np.array([text.encode() for text in texts], dtype=object)
+    outputs = await serve_in_process(tmp_path / "m", {"x": wire})
+    np.testing.assert_array_equal(outputs["label"], model.predict(texts))
