@@ -71,13 +71,15 @@ def request_rows(arrays: Mapping[str, np.ndarray]) -> int | None:
 
 
 class _Pending:
-    __slots__ = ("arrays", "enqueued", "future", "rows")
+    __slots__ = ("arrays", "enqueued", "future", "rows", "waited")
 
     def __init__(self, arrays: dict[str, np.ndarray], rows: int, future: asyncio.Future[list[OutputTensor]]) -> None:
         self.arrays = arrays
         self.rows = rows
         self.future = future
         self.enqueued = future.get_loop().time()
+        #: Seconds from queueing to the start of its batch (set when the batch starts).
+        self.waited = 0.0
 
 
 class Batcher:
@@ -131,13 +133,14 @@ class Batcher:
         """Requests waiting for their batch to start."""
         return len(self._queue)
 
-    async def submit(self, arrays: dict[str, np.ndarray], rows: int) -> list[OutputTensor]:
-        """Predict ``arrays`` (``rows`` rows) as part of a batch; every output, with this request's rows only."""
+    async def submit(self, arrays: dict[str, np.ndarray], rows: int) -> tuple[list[OutputTensor], float]:
+        """Predict ``arrays`` (``rows`` rows) as part of a batch: every output, with this request's rows only, and
+        the seconds the request waited for its batch to start (queue time, in the statistics)."""
         loop = asyncio.get_running_loop()
         if rows >= self.options.max_batch_size:
             # A full batch on its own: waiting for company would only add latency.
             self._observe([], rows, 1)
-            return await self._predict(arrays, rows)
+            return await self._predict(arrays, rows), 0.0
         if self._rows + rows > self.options.max_batch_size:
             self._flush()
         item = _Pending(arrays, rows, loop.create_future())
@@ -147,7 +150,7 @@ class Batcher:
             self._flush()
         elif self._timer is None:
             self._timer = loop.call_later(self.options.max_delay_ms / 1000, self._flush)
-        return await item.future
+        return await item.future, item.waited
 
     def _flush(self) -> None:
         if self._timer is not None:
@@ -168,7 +171,8 @@ class Batcher:
             now = items[0].future.get_loop().time()
             queue_time = self._queue_time.labels(*self._labels)
             for item in items:
-                queue_time.observe(now - item.enqueued)
+                item.waited = now - item.enqueued
+                queue_time.observe(item.waited)
 
     async def _run(self, items: list[_Pending]) -> None:
         # A caller that went away (cancelled) does not need its rows predicted.

@@ -95,6 +95,8 @@ class _Timing:
     validated: int = 0
     predicted: int = 0
     finished: int = 0
+    #: Nanoseconds spent waiting for a batch (between validated and predicted): queue time, not compute time.
+    batch_wait: int = 0
 
 
 def fewest_rows(inputs: Sequence[RequestInput]) -> int:
@@ -261,9 +263,9 @@ class DataPlane:
         record = self.statistics.record_success if self.batcher is not None else self.statistics.record_request
         record(
             time.perf_counter_ns() - timing.submitted,
-            timing.started - timing.submitted,
+            timing.started - timing.submitted + timing.batch_wait,
             timing.validated - timing.started,
-            timing.predicted - timing.validated,
+            timing.predicted - timing.validated - timing.batch_wait,
             timing.finished - timing.predicted,
         )
         return InferResponse(self.name, self.version_string, outputs, request.id)
@@ -288,7 +290,8 @@ class DataPlane:
             # Inputs of different lengths cannot be concatenated with anyone else's: this request runs alone.
             everything = await self._run(self._predict, arrays, list(self._outputs.values()))
         else:
-            everything = await self.batcher.submit(arrays, count)
+            everything, waited = await self.batcher.submit(arrays, count)
+            timing.batch_wait = int(waited * 1e9)
         timing.predicted = timing.finished = time.perf_counter_ns()
         by_name = {tensor.name: tensor for tensor in everything}
         return [by_name[spec.name] for spec in wanted]
@@ -343,8 +346,8 @@ class DataPlane:
                     f"input {tensor.name!r} has shape {format_shape(tensor.shape)}, model {self.name!r} expects "
                     f"{format_shape(spec.shape)} (-1 is any size)"
                 )
-            flat = tensor.data.decode(tensor.name, tensor.datatype)
             count = element_count(tensor.shape)
+            flat = tensor.data.decode(tensor.name, tensor.datatype, count)
             if flat.size != count:
                 raise InvalidInput(
                     f"input {tensor.name!r} has {flat.size} data elements, but shape {format_shape(tensor.shape)} "

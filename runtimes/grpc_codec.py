@@ -49,8 +49,8 @@ class ContentsData:
     def __init__(self, contents: pb.InferTensorContents) -> None:
         self.contents = contents
 
-    def decode(self, name: str, datatype: str) -> np.ndarray:
-        """The values of the field that belongs to ``datatype``, as a flat array."""
+    def decode(self, name: str, datatype: str, count: int | None = None) -> np.ndarray:
+        """The values of the field that belongs to ``datatype``, as a flat array (already parsed by protobuf)."""
         field = CONTENTS_FIELD.get(datatype)
         if field is None:
             numpy_dtype(datatype)  # an unknown datatype gets its own message

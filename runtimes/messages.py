@@ -23,8 +23,12 @@ class TensorData(Protocol):
     """An input's data as it came off the wire, decoded only once the data plane has checked name, datatype and
     shape against the signature (so a mismatch is reported as such, not as undecodable data)."""
 
-    def decode(self, name: str, datatype: str) -> np.ndarray:
-        """The data as a flat numpy array of ``datatype``; InvalidInput naming ``name`` if it cannot be."""
+    def decode(self, name: str, datatype: str, count: int | None = None) -> np.ndarray:
+        """The data as a flat numpy array of ``datatype``; InvalidInput naming ``name`` if it cannot be.
+
+        ``count`` is the number of elements the declared shape needs: a decoder whose work is not bounded by the
+        size of what was already parsed (raw BYTES: 4 bytes can be one element) stops as soon as it sees more.
+        """
         ...
 
 
@@ -34,7 +38,7 @@ class ArrayData:
 
     array: np.ndarray
 
-    def decode(self, name: str, datatype: str) -> np.ndarray:
+    def decode(self, name: str, datatype: str, count: int | None = None) -> np.ndarray:
         """The array, flattened."""
         return self.array.reshape(-1)
 

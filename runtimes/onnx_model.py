@@ -20,7 +20,7 @@ from runtimes.base import ModelRuntime
 from runtimes.errors import ModelLoadError
 from runtimes.serving_config import ServingConfig
 from runtimes.signatures import check_signature, source_name
-from runtimes.tensors import numpy_dtype
+from runtimes.tensors import numpy_dtype, text_array
 
 #: onnxruntime's type strings of tensors to Open Inference Protocol datatypes.
 _DATATYPES: dict[str, Datatype] = {
@@ -121,9 +121,8 @@ class OnnxRuntime(ModelRuntime):
             dtype = self._dtypes[name]
             # BYTES arrive as object arrays of bytes; onnxruntime wants str for tensor(string).
             if dtype.kind == "O":
-                array = np.vectorize(lambda b: b.decode("utf-8") if isinstance(b, bytes) else str(b), otypes=[object])(
-                    array
-                )
-            feed[name] = array if dtype.kind == "O" or array.dtype == dtype else array.astype(dtype)
+                feed[name] = text_array(name, array)
+            else:
+                feed[name] = array if array.dtype == dtype else array.astype(dtype)
         results = self._session.run(self._outputs, feed)
         return dict(zip(self._outputs, results, strict=True))

@@ -1,8 +1,8 @@
 """The ``sklearn`` runtime: a scikit-learn estimator saved with joblib.
 
-The first file listed in serving.yaml is the estimator. The signature has one input, the feature matrix. Each
-output whose name contains "proba" is ``predict_proba``, every other output is ``predict``; the data plane casts
-them to the signature's datatypes.
+The first file listed in serving.yaml is the estimator. The signature has one input, the feature matrix (a BYTES
+input reaches the estimator as ``str``, UTF-8 decoded). Each output whose name contains "proba" is
+``predict_proba``, every other output is ``predict``; the data plane casts them to the signature's datatypes.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from runtimes.base import ModelRuntime
 from runtimes.errors import InvalidInput, ModelLoadError
 from runtimes.serving_config import ServingConfig
 from runtimes.signatures import check_signature, source_name
-from runtimes.tabular import tabular_signature
+from runtimes.tabular import empty_answers, is_empty_batch, tabular_signature
+from runtimes.tensors import text_array
 
 
 def _method_for(output_name: str) -> str:
@@ -101,7 +102,13 @@ class SklearnRuntime(ModelRuntime):
         if self._model is None:
             raise RuntimeError("the model is not loaded")
         features = inputs[self._input]
+        if is_empty_batch(features):
+            # sklearn refuses 0 samples ("Found array with 0 sample(s)"); no rows in is no rows out.
+            return empty_answers(self.config)
         if features.dtype.kind != "f":
+            if features.dtype.kind == "O":
+                # BYTES arrive as bytes; estimators fitted on strings (pandas, CSV) compare categories as str.
+                features = text_array(self._input, features)
             # Integers cannot be NaN; object arrays are sklearn's to judge.
             return self._call(self._model, features)
         if not self._allows_nan and not np.isfinite(features).all():

@@ -6,9 +6,12 @@ other output is the prediction: the class index for classifiers, the value for r
 
 from __future__ import annotations
 
+import numpy as np
+
 from protos.topology import Signature, TensorSpec
 from runtimes.errors import ModelLoadError
 from runtimes.serving_config import ServingConfig
+from runtimes.tensors import zeros
 
 
 def is_proba(output_name: str) -> bool:
@@ -22,6 +25,20 @@ def feature_input(config: ServingConfig) -> str:
         names = ", ".join(spec.name for spec in config.signature.inputs)
         raise ModelLoadError(f"the {config.runtime} runtime takes exactly one input (the feature matrix), got: {names}")
     return config.signature.inputs[0].name
+
+
+def is_empty_batch(features: np.ndarray) -> bool:
+    """Whether the feature matrix has no rows: a valid tensor that frameworks such as scikit-learn refuse."""
+    return features.ndim > 0 and features.shape[0] == 0
+
+
+def empty_answers(config: ServingConfig) -> dict[str, np.ndarray]:
+    """Every declared output with no rows (wildcard dimensions after the first are 0): a tabular model's answer to
+    a batch of no rows, one output row per input row."""
+    return {
+        spec.name: zeros(spec.datatype, [0, *(max(size, 0) for size in spec.shape[1:])])
+        for spec in config.signature.outputs
+    }
 
 
 def tabular_signature(
@@ -39,8 +56,12 @@ def tabular_signature(
     """
     feature_input(config)
     declared = config.signature.inputs[0]
-    width = -1 if num_features is None or num_features <= 0 else num_features
-    inputs = [TensorSpec(name=declared.name, datatype=declared.datatype, shape=[-1, width])]
+    if num_features is None:
+        # Not even the rank is known: a text vectorizer (no n_features_in_) takes one document per row, [-1].
+        shape = list(declared.shape)
+    else:
+        shape = [-1, num_features if num_features > 0 else -1]
+    inputs = [TensorSpec(name=declared.name, datatype=declared.datatype, shape=shape)]
     outputs = []
     for spec in config.signature.outputs:
         if is_proba(spec.name):

@@ -89,6 +89,24 @@ def as_bytes_array(values: Iterable[object]) -> np.ndarray:
     return array
 
 
+def text_array(name: str, array: np.ndarray) -> np.ndarray:
+    """A BYTES input's elements as ``str`` (UTF-8), same shape, for frameworks that compare text (sklearn
+    categories, ONNX string tensors); InvalidInput naming ``name`` if an element is not UTF-8."""
+    flat = array.reshape(-1)
+    texts = np.empty(flat.size, dtype=np.object_)
+    for index, element in enumerate(flat):
+        if isinstance(element, bytes):
+            try:
+                texts[index] = element.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InvalidInput(
+                    f"input {name!r}: BYTES element {index} is not UTF-8 text ({exc.reason} at byte {exc.start})"
+                ) from None
+        else:
+            texts[index] = element if isinstance(element, str) else str(element)
+    return texts.reshape(array.shape)
+
+
 def _flatten(data: object) -> list[object]:
     # Only for BYTES: numpy would turn nested lists of strings into a fixed-width unicode array.
     if not isinstance(data, list | tuple):
@@ -162,11 +180,12 @@ def encode_json_data(array: np.ndarray) -> list[Any]:
     return list(flat.tolist())
 
 
-def decode_raw(name: str, datatype: str, raw: bytes | memoryview) -> np.ndarray:
-    """Decode one tensor's raw bytes into a flat numpy array of ``datatype``."""
+def decode_raw(name: str, datatype: str, raw: bytes | memoryview, count: int | None = None) -> np.ndarray:
+    """Decode one tensor's raw bytes into a flat numpy array of ``datatype``; BYTES data holding more than
+    ``count`` elements is refused before it is split further."""
     dtype = numpy_dtype(datatype)
     if datatype == "BYTES":
-        return as_bytes_array(_split_bytes(name, bytes(raw)))
+        return as_bytes_array(_split_bytes(name, bytes(raw), count))
     wire = _WIRE[datatype]
     if len(raw) % wire.itemsize:
         raise InvalidInput(
@@ -181,10 +200,15 @@ def decode_raw(name: str, datatype: str, raw: bytes | memoryview) -> np.ndarray:
     return np.frombuffer(raw, dtype=wire).astype(dtype, copy=True)
 
 
-def _split_bytes(name: str, raw: bytes) -> list[bytes]:
+def _split_bytes(name: str, raw: bytes, count: int | None) -> list[bytes]:
     elements: list[bytes] = []
     offset, end = 0, len(raw)
     while offset < end:
+        if count is not None and len(elements) >= count:
+            # Every 4 bytes can be one (empty) element: splitting all of them is the expensive part.
+            raise InvalidInput(
+                f"input {name!r}: the raw BYTES data holds more than the {count} elements its shape needs"
+            )
         if end - offset < _LENGTH.size:
             raise InvalidInput(f"input {name!r}: raw BYTES data is truncated (a length prefix is cut short)")
         (length,) = _LENGTH.unpack_from(raw, offset)
@@ -233,8 +257,8 @@ class JsonData:
     def __init__(self, data: object) -> None:
         self.data = data
 
-    def decode(self, name: str, datatype: str) -> np.ndarray:
-        """The data as a flat array of ``datatype``."""
+    def decode(self, name: str, datatype: str, count: int | None = None) -> np.ndarray:
+        """The data as a flat array of ``datatype`` (already parsed: ``count`` bounds nothing here)."""
         return decode_json_data(name, datatype, self.data)
 
 
@@ -246,6 +270,6 @@ class RawData:
     def __init__(self, raw: bytes | memoryview) -> None:
         self.raw = raw
 
-    def decode(self, name: str, datatype: str) -> np.ndarray:
-        """The bytes as a flat array of ``datatype``."""
-        return decode_raw(name, datatype, self.raw)
+    def decode(self, name: str, datatype: str, count: int | None = None) -> np.ndarray:
+        """The bytes as a flat array of ``datatype`` (BYTES split no further than ``count`` elements)."""
+        return decode_raw(name, datatype, self.raw, count)

@@ -20,7 +20,7 @@ from runtimes.base import ModelRuntime
 from runtimes.errors import ModelLoadError
 from runtimes.serving_config import ServingConfig
 from runtimes.signatures import check_signature, source_name
-from runtimes.tabular import feature_input, is_proba, tabular_signature
+from runtimes.tabular import empty_answers, feature_input, is_empty_batch, is_proba, tabular_signature
 
 #: Binary objectives whose prediction is the probability of class 1.
 _BINARY_PROBABILITY = ("binary:logistic",)
@@ -114,6 +114,9 @@ class XGBoostRuntime(ModelRuntime):
         if self._booster is None:
             raise RuntimeError("the model is not loaded")
         features = inputs[self._input]
+        if is_empty_batch(features):
+            # XGBoost answers 0 rows with 1-D arrays whatever the number of classes; no rows in is no rows out.
+            return empty_answers(self.config)
         results: dict[str, Any] = {}
         probabilities = None
         if self._proba or (self._predict and self._objective in (*_BINARY_PROBABILITY, "multi:softprob")):

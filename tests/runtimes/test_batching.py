@@ -295,3 +295,13 @@ def test_runtime_process_batches_concurrent_requests(batched_runtime: str) -> No
     calls = samples['hydro_runtime_batch_size_count{model="m",version="1"}']
     rows = samples['hydro_runtime_batch_size_sum{model="m",version="1"}']
     assert rows == 48 and calls < 48  # 16 concurrent callers of a 20 ms model: batches formed
+
+
+async def test_statistics_count_the_wait_for_a_batch_as_queue_time() -> None:
+    # Triton's (and docs/runtimes.md's) queue time includes waiting for a batch; it was added to compute_infer,
+    # so a 50 ms batching delay looked like a 50 ms model.
+    plane, _ = await _plane(max_batch_size=1000, max_delay_ms=50)
+    await plane.infer(_request(_rows(0, 1)))
+    stages = plane.statistics.snapshot().stages
+    assert stages["queue"].count == 1 and stages["queue"].ns >= 45_000_000
+    assert stages["compute_infer"].count == 1 and stages["compute_infer"].ns < 45_000_000

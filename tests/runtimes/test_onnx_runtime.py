@@ -11,7 +11,7 @@ from framework_models import LINEAR_B, LINEAR_W, ROWS, onnx_classifier, onnx_lin
 
 from protos.topology import Signature, TensorSpec
 from runtimes.base import create_runtime
-from runtimes.errors import ModelLoadError
+from runtimes.errors import InvalidInput, ModelLoadError
 from runtimes.onnx_model import OnnxRuntime, signature_of
 from runtimes.serving_config import load_serving_config
 
@@ -101,3 +101,36 @@ def test_bad_file_is_a_clear_load_error(tmp_path: Path, content: bytes) -> None:
     (folder / "linear.onnx").write_bytes(content)
     with pytest.raises(ModelLoadError, match=r"cannot load linear\.onnx with onnxruntime"):
         _loaded(folder)
+
+
+def _text_identity(folder: Path) -> Path:
+    """A graph whose string input comes back unchanged: x BYTES [-1] -> y BYTES [-1]."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "text",
+        [helper.make_tensor_value_info("x", TensorProto.STRING, ["batch"])],
+        [helper.make_tensor_value_info("y", TensorProto.STRING, ["batch"])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    folder.mkdir(parents=True)
+    onnx.save(model, str(folder / "text.onnx"))
+    (folder / "serving.yaml").write_text(
+        "runtime: onnx\nfiles: [text.onnx]\nsignature:\n"
+        "  inputs: [{name: x, datatype: BYTES, shape: [-1]}]\n  outputs: [{name: y, datatype: BYTES, shape: [-1]}]\n"
+    )
+    return folder
+
+
+async def test_string_tensors_and_bytes_that_are_not_text(tmp_path: Path) -> None:
+    folder = _text_identity(tmp_path / "m")
+    words = np.array(["h\u00e9llo".encode(), b""], dtype=object)
+    outputs = await serve_in_process(folder, {"x": words})
+    assert outputs["y"].tolist() == words.tolist()
+    # onnxruntime's string tensors are text: bytes that are not UTF-8 are the client's mistake (400 naming the
+    # input), not a UnicodeDecodeError from inside the model call (500).
+    with pytest.raises(InvalidInput, match=r"input 'x': BYTES element 1 is not UTF-8"):
+        await serve_in_process(folder, {"x": np.array([b"ok", b"\xff\xfe"], dtype=object)})

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import gzip
+import struct
 import sys
 import textwrap
+import tracemalloc
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -21,6 +23,7 @@ from runtimes.messages import ArrayData, InferRequest, RequestedOutput, RequestI
 from runtimes.python_model import PythonModelRuntime
 from runtimes.rest import create_app
 from runtimes.serving_config import RUNTIME_KINDS, ServingConfig, load_serving_config, parse_serving_config
+from runtimes.tensors import RawData
 
 SIGNATURE = """
 runtime: python
@@ -344,3 +347,45 @@ async def test_rest_infer_in_process() -> None:
         assert response.json()["outputs"][0] == {"name": "sum", "datatype": "FP32", "shape": [1], "data": [8.0]}
         assert (await client.get("/docs")).status_code == 404
         assert (await client.get("/v2/models/m/infer?version=3")).status_code == 405
+
+
+TEXT_SIGNATURE = """
+runtime: python
+entrypoint: model:Model
+signature:
+  inputs: [{name: t, datatype: BYTES, shape: [-1]}]
+  outputs: [{name: n, datatype: INT64, shape: [-1]}]
+"""
+
+
+class TextLengths(ModelRuntime):
+    kind: ClassVar[str] = "python"
+
+    def __init__(self) -> None:
+        super().__init__(Path("."), parse_serving_config(TEXT_SIGNATURE))
+
+    def load(self) -> None:
+        return None
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> Mapping[str, Any]:
+        return {"n": [len(b) for b in inputs["t"]]}
+
+
+async def test_raw_bytes_data_is_split_no_further_than_the_shape_needs() -> None:
+    # Every 4 bytes of raw BYTES data can be one (empty) element: 4 MiB declared as shape [1] was split into a
+    # million Python objects before the count was compared with the shape; at the 64 MiB message limit, ~8 s of
+    # CPU and ~400 MB for one request, on the event loop when the model is cheap.
+    plane = DataPlane(TextLengths(), name="m", version=1)
+    await plane.load()
+    words = RawData(struct.pack("<I", 2) + b"ab" + struct.pack("<I", 0))
+    assert plane.validate([RequestInput("t", "BYTES", (2,), words)])["t"].tolist() == [b"ab", b""]
+    padding = b"\0\0\0\0" * 2**20
+    tracemalloc.start()
+    try:
+        with pytest.raises(InvalidInput, match=r"input 't'.*more than the 1 element"):
+            plane.validate([RequestInput("t", "BYTES", (1,), RawData(padding))])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20, f"{peak} bytes allocated to refuse the request"
+    plane.shutdown_executor()

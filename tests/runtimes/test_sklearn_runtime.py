@@ -10,6 +10,10 @@ import pytest
 import sklearn
 from framework_models import CLASSES, FEATURES, ROWS, TABULAR_YAML, serve_in_process, sklearn_classifier
 from sklearn.ensemble import HistGradientBoostingClassifier
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import OneHotEncoder
 
 from runtimes.base import create_runtime
 from runtimes.errors import InvalidInput
@@ -55,3 +59,50 @@ def test_predict_leaves_sklearn_settings_as_they_were(tmp_path: Path, assumed: b
         outputs = runtime.predict({"input": ROWS})
         assert sklearn.get_config()["assume_finite"] is assumed
     np.testing.assert_array_equal(outputs["label"], joblib.load(folder / "model.joblib").predict(ROWS))
+
+
+CATEGORICAL_YAML = """\
+runtime: sklearn
+files: [model.joblib]
+signature:
+  inputs: [{name: x, datatype: BYTES, shape: [-1, 2]}]
+  outputs: [{name: label, datatype: INT64, shape: [-1]}]
+"""
+
+
+async def test_bytes_inputs_reach_the_estimator_as_text(tmp_path: Path) -> None:
+    # Estimators fitted on strings (the usual case: pandas, CSV) compare categories as str; handed the wire's bytes,
+    # a OneHotEncoder that ignores unknown categories saw every row as unknown and every answer was the same.
+    rows = np.array([["red", "s"], ["blue", "m"], ["green", "l"], ["red", "l"]], dtype=object)
+    model = make_pipeline(OneHotEncoder(handle_unknown="ignore"), LogisticRegression()).fit(rows, [0, 1, 1, 0])
+    (tmp_path / "m").mkdir()
+    joblib.dump(model, tmp_path / "m" / "model.joblib")
+    (tmp_path / "m" / "serving.yaml").write_text(CATEGORICAL_YAML)
+    wire = np.array([[value.encode() for value in row] for row in rows], dtype=object)
+    outputs = await serve_in_process(tmp_path / "m", {"x": wire})
+    np.testing.assert_array_equal(outputs["label"], model.predict(rows))
+    # Bytes that are not UTF-8 are no text: the client's mistake, named, not a wrong answer or a 500.
+    with pytest.raises(InvalidInput, match=r"input 'x'.*not UTF-8"):
+        await serve_in_process(tmp_path / "m", {"x": np.array([[b"\xff", b"s"]], dtype=object)})
+
+
+async def test_an_empty_batch_has_empty_answers(tmp_path: Path) -> None:
+    # [0, 4] is a valid tensor (a filter stage of a pipeline can leave no rows); sklearn refuses 0 samples, which
+    # was a 500 "Found array with 0 sample(s)".
+    outputs = await serve_in_process(sklearn_classifier(tmp_path / "m"), {"input": np.zeros((0, 4), np.float32)})
+    assert outputs["label"].shape == (0,) and outputs["label"].dtype == np.int64
+    assert outputs["probabilities"].shape == (0, 3) and outputs["probabilities"].dtype == np.float32
+
+
+async def test_text_pipelines_take_one_dimensional_text(tmp_path: Path) -> None:
+    # A vectorizer takes one document per row ([-1]) and knows no n_features_in_; the signature check demanded a
+    # 2-D feature matrix of the unknown width ([-1, -1]), so the classic text classifier could not be served.
+    texts = ["good movie", "bad movie", "great film", "awful film"]
+    model = make_pipeline(TfidfVectorizer(), LogisticRegression()).fit(texts, [1, 0, 1, 0])
+    (tmp_path / "m").mkdir()
+    joblib.dump(model, tmp_path / "m" / "model.joblib")
+    yaml = CATEGORICAL_YAML.replace("shape: [-1, 2]", "shape: [-1]")
+    (tmp_path / "m" / "serving.yaml").write_text(yaml)
+    wire = np.array([text.encode() for text in texts], dtype=object)
+    outputs = await serve_in_process(tmp_path / "m", {"x": wire})
+    np.testing.assert_array_equal(outputs["label"], model.predict(texts))

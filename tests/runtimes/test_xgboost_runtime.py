@@ -108,3 +108,11 @@ def test_bad_files_are_clear_load_errors(tmp_path: Path) -> None:
     (folder / "serving.yaml").write_text(yaml)
     with pytest.raises(ModelLoadError, match=r"iris\.bin: the xgboost runtime loads \.json or \.ubj files"):
         _loaded(folder)
+
+
+@pytest.mark.parametrize("objective", ["multi:softprob", "multi:softmax"])
+async def test_an_empty_batch_has_empty_answers(tmp_path: Path, objective: str) -> None:
+    # Multi-class probabilities of 0 rows came back 1-D from XGBoost, and argmax over axis 1 was a 500 (AxisError).
+    folder = xgboost_classifier(tmp_path / "m", objective=objective)
+    outputs = await serve_in_process(folder, {"input": np.zeros((0, 4), np.float32)})
+    assert outputs["label"].shape == (0,) and outputs["probabilities"].shape == (0, 3)
