@@ -34,6 +34,7 @@ from runtimes.errors import (
     PredictError,
 )
 from runtimes.messages import (
+    SHARED_MEMORY_REGION,
     ArrayData,
     InferRequest,
     InferResponse,
@@ -41,6 +42,7 @@ from runtimes.messages import (
     OutputTensor,
     RequestInput,
     TensorMetadata,
+    shared_memory_refused,
 )
 from runtimes.statistics import Snapshot, Statistics
 from runtimes.tensors import cast, element_count, format_shape, zeros
@@ -318,6 +320,8 @@ class DataPlane:
                     f"unknown output {requested.name!r} requested; model {self.name!r} has outputs: "
                     f"{', '.join(self._outputs)}"
                 )
+            if SHARED_MEMORY_REGION in requested.parameters:
+                raise shared_memory_refused(f"output {requested.name!r}")
             if requested.parameters.get("classification"):
                 # Triton's classification extension (tritonclient's class_count): not offered (server metadata
                 # does not list it); ignoring it would hand back a tensor where the client expects class labels.
@@ -333,6 +337,8 @@ class DataPlane:
             spec = self._inputs.get(tensor.name)
             if spec is None:
                 raise InvalidInput(f"unknown input {tensor.name!r}; model {self.name!r} expects: {expected}")
+            if tensor.parameters and SHARED_MEMORY_REGION in tensor.parameters:
+                raise shared_memory_refused(f"input {tensor.name!r}")
             if tensor.name in arrays:
                 raise InvalidInput(f"input {tensor.name!r} is given more than once")
             if tensor.datatype != spec.datatype:

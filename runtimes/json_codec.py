@@ -20,6 +20,7 @@ from typing import Any
 
 from runtimes.errors import InvalidInput
 from runtimes.messages import (
+    SHARED_MEMORY_REGION,
     InferRequest,
     InferResponse,
     ModelMetadata,
@@ -27,6 +28,7 @@ from runtimes.messages import (
     RequestedOutput,
     RequestInput,
     TensorData,
+    shared_memory_refused,
 )
 from runtimes.tensors import INT64_MAX, INT64_MIN, JsonData, RawData, encode_json_data, encode_raw
 
@@ -153,6 +155,8 @@ def parse_infer_request(
             offset += size
         elif "data" in raw:
             data = JsonData(raw["data"])
+        elif SHARED_MEMORY_REGION in parameters:
+            raise shared_memory_refused(where)
         else:
             raise InvalidInput(f"{where} has no 'data' (and no {BINARY_SIZE} parameter)")
         inputs.append(RequestInput(name, datatype, shape, data, parameters))

@@ -15,6 +15,8 @@ from typing import Protocol
 
 import numpy as np
 
+from runtimes.errors import InvalidInput
+
 #: Request, tensor and response parameters: the scalar types both JSON and gRPC InferParameter can carry.
 Parameters = dict[str, bool | int | float | str]
 
@@ -116,3 +118,14 @@ class ModelMetadata:
     platform: str
     inputs: list[TensorMetadata]
     outputs: list[TensorMetadata]
+
+
+#: Triton's shared-memory extension names a region in a tensor's parameters instead of carrying its data.
+SHARED_MEMORY_REGION = "shared_memory_region"
+
+
+def shared_memory_refused(where: str) -> InvalidInput:
+    """The error for a tensor in a shared-memory region. The extension is not offered (server metadata does not
+    list it, and there is no region to register): a region's input would be read as empty data, and an output asked
+    for in a region would be answered inline, never written where the client reads it."""
+    return InvalidInput(f"{where}: the shared-memory extension is not supported: send the data in the request")

@@ -289,6 +289,24 @@ def _named_cases() -> dict[str, tuple[bytes, str | None, str]]:
             None,
             "classification",
         ),
+        "output in a shared-memory region": (
+            _dumps({"inputs": valid, "outputs": [{"name": "out_fp32", "parameters": {"shared_memory_region": "r"}}]}),
+            None,
+            "output 'out_fp32': the shared-memory extension is not supported",
+        ),
+        "input in a shared-memory region": (
+            _dumps(
+                {
+                    "inputs": [
+                        {k: v for k, v in valid[0].items() if k != "data"}
+                        | {"parameters": {"shared_memory_region": "r", "shared_memory_byte_size": 6}},
+                        *valid[1:],
+                    ]
+                }
+            ),
+            None,
+            "input 'in_bool': the shared-memory extension is not supported",
+        ),
         "lone surrogate in BYTES JSON text": (
             _dumps({"inputs": valid}).replace(b'"hydro"', b'"\\udc80"'),
             None,
