@@ -52,6 +52,17 @@ REPORTED: dict[ReplicaState, ReportedState] = {
 }
 
 
+#: A pair that stayed ready this long before it crashed restarts after the shortest delay again, as the kubelet resets
+#: a container's back-off after 10 minutes of running: otherwise a replica that crashed six times, weeks apart, would
+#: wait the longest delay for good.
+BACKOFF_RESET_SECONDS = 600.0
+
+
+def backoff_delay(restarts_in_a_row: int) -> float:
+    """Seconds before the next start after ``restarts_in_a_row`` restarts: 0.5 s doubling to 30 s."""
+    return float(min(30.0, 0.5 * 2 ** min(restarts_in_a_row, 6)))
+
+
 #: Lines of a dead process's log kept in its replica's ``last_error``.
 LOG_TAIL_LINES = 20
 
@@ -169,7 +180,11 @@ class ProcessPair(Generic[ConfigT]):
         self.state: ReplicaState = "starting"
         self.last_error: str | None = None
         self.restarts = 0
+        #: ``restarts`` when the current run of crashes began: the back-off grows with the restarts since then.
+        self._restarts_before_streak = 0
         self.crashed_at = 0.0
+        #: When the pair last became ready (monotonic); 0 while it is not.
+        self.ready_since = 0.0
         #: Set by stop(): from then on no start, crash or readiness may announce anything.
         self.retired = False
         self.status: ReplicaStatus | PipelineReplicaStatus | None = None
@@ -266,6 +281,7 @@ class ProcessPair(Generic[ConfigT]):
             await self._kill()
             return
         self.state = "ready"
+        self.ready_since = time.monotonic()
         try:
             await self.registry.register_instance(self.instance)
         except Exception as exc:
@@ -317,12 +333,17 @@ class ProcessPair(Generic[ConfigT]):
             return
         self.state = "crashed"
         self.crashed_at = time.monotonic()
+        if self.ready_since and self.crashed_at - self.ready_since >= BACKOFF_RESET_SECONDS:
+            # It had served long enough: this crash starts a new run, not the next step of an old one.
+            self._restarts_before_streak = self.restarts
+        self.ready_since = 0.0
         restart_at = datetime.now(UTC) + timedelta(seconds=self.restart_delay())
         await self._report(next_restart_at=restart_at.isoformat(timespec="milliseconds"))
 
     def restart_delay(self) -> float:
-        """Back-off before the next start: 0.5 s doubling to 30 s."""
-        return float(min(30.0, 0.5 * 2 ** min(self.restarts, 6)))
+        """Back-off before the next start: 0.5 s doubling to 30 s with each restart since the pair last stayed ready
+        for BACKOFF_RESET_SECONDS."""
+        return backoff_delay(self.restarts - self._restarts_before_streak)
 
     async def _kill(self) -> None:
         for process in (self.runtime, self.sidecar):

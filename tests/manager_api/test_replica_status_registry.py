@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
 
 import aetcd
 import pytest
 
 from manager_api.deployer.registration import LeasedInstanceRegistry
+from manager_api.deployer.replica import BACKOFF_RESET_SECONDS, Replica, ReplicaConfig
 from manager_api.etcd_server import EtcdServer
 from manager_api.store import TopologyStore
 from protos.topology import Instance, Keys, Node, ReplicaStatus
@@ -101,5 +104,38 @@ async def test_statuses_are_announced_again_when_the_lease_is_lost(client: aetcd
         await eventually(back, TTL * 3)
         again = await client.get(keys.replica_status("iris", 1, "h1-1").encode())
         assert again is not None and again.lease != lost.lease
+    finally:
+        await registry.stop()
+
+
+async def test_a_crash_after_a_long_ready_run_restarts_after_the_shortest_delay_again(
+    client: aetcd.Client, etcd_prefix: str, tmp_path: Path
+) -> None:
+    keys = Keys(etcd_prefix)
+    store = TopologyStore(client, keys)
+    registry = LeasedInstanceRegistry(client, keys, "h1", ttl=TTL, announce=Node(name="h1", advertise_address="a"))
+    config = ReplicaConfig(
+        node="h1", xds_host="127.0.0.1", xds_port=1, workdir=tmp_path, model="iris", version=1, model_dir=tmp_path
+    )
+    replica = Replica(config, registry)
+    await registry.start()
+
+    async def crash_after_ready_for(seconds: float) -> float:
+        """The replica was ready for ``seconds`` and crashed: the delay its status announces, then its restart."""
+        replica.ready_since = time.monotonic() - seconds
+        await replica.handle_crash()
+        [reported] = await store.list_replica_statuses("iris", 1)
+        assert reported.state == "crash-looping" and reported.next_restart_at is not None
+        delay = (datetime.fromisoformat(reported.next_restart_at) - datetime.now(UTC)).total_seconds()
+        replica.restarts += 1  # what the deployer does when it starts the pair again
+        return delay
+
+    try:
+        # Crashes in a row back off, 0.5 s doubling to 30 s...
+        delays = [await crash_after_ready_for(1.0) for _ in range(8)]
+        assert [round(d * 2) / 2 for d in delays] == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0], delays
+        # ...but a crash after ten minutes of serving is not the ninth of that run: the shortest delay again.
+        assert round(await crash_after_ready_for(BACKOFF_RESET_SECONDS + 1) * 2) / 2 == 0.5
+        assert round(await crash_after_ready_for(1.0) * 2) / 2 == 1.0
     finally:
         await registry.stop()
