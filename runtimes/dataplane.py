@@ -397,8 +397,9 @@ class DataPlane:
         except InvalidInput:
             # The runtime judged the data itself (e.g. NaN where the model takes none): the client's mistake.
             raise
-        except (Exception, SystemExit) as exc:
-            # The model's own bug: the client gets the message, the log gets the traceback, the process lives on.
+        except (Exception, SystemExit, KeyboardInterrupt) as exc:
+            # The model's own bug: the client gets the message, the log gets the traceback, the process lives on
+            # (the two BaseExceptions too: out of a worker thread they would stop the event loop).
             log.exception("predict failed for model %s version %s", self.name, self.version)
             raise PredictError(f"model {self.name!r} failed: {type(exc).__name__}: {exc}") from exc
         if timed:

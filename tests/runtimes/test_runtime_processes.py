@@ -58,6 +58,9 @@ class Doubler:
         x = inputs["x"]
         if (x < 0).any():
             raise ValueError("negative values are not allowed")
+        if (x == 7777).any():
+            # Not an Exception: it would otherwise leave the worker thread and stop the event loop.
+            raise KeyboardInterrupt("the model interrupted itself")
         if (x >= 1000).any():
             # A slow request, for the graceful-shutdown test: say it started, then take a while.
             marker = os.environ.get("DOUBLER_MARKER")
@@ -545,6 +548,9 @@ def test_predict_error_then_next_request(doubler: Runtime) -> None:
 
     message = _error(httpx.post(url, json=body([1, -2, 3])), 500)
     assert "negative values are not allowed" in message and "ValueError" in message
+    assert _outputs(httpx.post(url, json=body([1, 2, 3])))["y"]["data"] == [2, 4, 6]
+    message = _error(httpx.post(url, json=body([1, 7777, 3])), 500)
+    assert "KeyboardInterrupt: the model interrupted itself" in message
     assert _outputs(httpx.post(url, json=body([1, 2, 3])))["y"]["data"] == [2, 4, 6]
 
     client = grpcclient.InferenceServerClient(doubler.grpc_target)
