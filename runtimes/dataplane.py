@@ -45,7 +45,7 @@ from runtimes.messages import (
     shared_memory_refused,
 )
 from runtimes.statistics import Snapshot, Statistics
-from runtimes.tensors import cast, element_count, format_shape, zeros
+from runtimes.tensors import JsonData, cast, element_count, format_shape, zeros
 
 __all__ = [
     "APPLICATION_HEADER",
@@ -190,12 +190,26 @@ class DataPlane:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     def _warm_up(self) -> None:
-        # Wildcard dimensions become 1: the smallest input every model must accept.
-        arrays = {s.name: zeros(s.datatype, [1 if d == -1 else d for d in s.shape]) for s in self._inputs.values()}
+        example = self.runtime.config.warmup
+        if example is None:
+            # Wildcard dimensions become 1: the smallest input every model must accept.
+            arrays = {s.name: zeros(s.datatype, [1 if d == -1 else d for d in s.shape]) for s in self._inputs.values()}
+            what = "on zeros (serving.yaml's `warmup:` can give an example request instead)"
+        else:
+            # Checked as a request is: a shape or value that does not fit the signature is named.
+            inputs = [
+                RequestInput(name, self._inputs[name].datatype, tuple(tensor.shape), JsonData(tensor.data))
+                for name, tensor in example.items()
+            ]
+            try:
+                arrays = self.validate(inputs)
+            except InvalidInput as exc:
+                raise ModelLoadError(f"serving.yaml warmup: {exc}") from exc
+            what = "on serving.yaml's warmup request"
         try:
             self._predict(arrays, list(self._outputs.values()))
         except PredictError as exc:
-            raise ModelLoadError(f"warm-up prediction on zeros failed: {exc}") from exc
+            raise ModelLoadError(f"warm-up prediction {what} failed: {exc}") from exc
 
     async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(fn, *args))

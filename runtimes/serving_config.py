@@ -7,9 +7,10 @@ by the runtime when it loads the folder.
 from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from protos.topology import NAME_PATTERN, Signature
 
@@ -23,6 +24,14 @@ class ServingConfigError(ValueError):
     """serving.yaml is missing, unreadable or wrong; the message names the offending field."""
 
 
+class WarmupTensor(BaseModel):
+    """One input of the warm-up request, as a JSON request carries it (its datatype is the signature's)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    shape: list[int]
+    data: list[Any]
+
+
 class ServingConfig(BaseModel):
     """The parsed ``serving.yaml`` of a model folder."""
 
@@ -34,6 +43,9 @@ class ServingConfig(BaseModel):
     entrypoint: str | None = None
     signature: Signature
     labels: dict[str, str] = Field(default_factory=dict)
+    #: The request the runtime predicts once before it reports ready, one entry per signature input; without it,
+    #: zeros (empty strings for BYTES), which a model may refuse (a OneHotEncoder that knows no "" category).
+    warmup: dict[str, WarmupTensor] | None = None
 
     @field_validator("runtime")
     @classmethod
@@ -41,6 +53,17 @@ class ServingConfig(BaseModel):
         if runtime not in RUNTIME_KINDS:
             raise ValueError(f"unknown runtime {runtime!r}; known runtimes: {', '.join(RUNTIME_KINDS)}")
         return runtime
+
+    @model_validator(mode="after")
+    def _warmup_names_the_inputs(self) -> ServingConfig:
+        if self.warmup is not None:
+            expected = [spec.name for spec in self.signature.inputs]
+            if sorted(self.warmup) != sorted(expected):
+                raise ValueError(
+                    f"warmup must give every signature input once ({', '.join(expected)}), "
+                    f"not {', '.join(self.warmup) or 'none'}"
+                )
+        return self
 
     @field_validator("files")
     @classmethod

@@ -16,8 +16,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import OneHotEncoder
 
 from runtimes.base import create_runtime
-from runtimes.errors import InvalidInput
-from runtimes.serving_config import load_serving_config
+from runtimes.errors import InvalidInput, ModelLoadError
+from runtimes.serving_config import ServingConfigError, load_serving_config, parse_serving_config
 
 
 async def test_answers_equal_the_estimators_own(tmp_path: Path) -> None:
@@ -106,3 +106,35 @@ async def test_text_pipelines_take_one_dimensional_text(tmp_path: Path) -> None:
     wire = np.array([text.encode() for text in texts], dtype=object)
     outputs = await serve_in_process(tmp_path / "m", {"x": wire})
     np.testing.assert_array_equal(outputs["label"], model.predict(texts))
+
+
+async def test_a_model_that_refuses_zeros_loads_with_the_warmup_request_of_its_serving_yaml(tmp_path: Path) -> None:
+    # OneHotEncoder's default refuses a category it was not fitted on, and the warm-up on zeros sends "": such a
+    # model could not get ready. serving.yaml's warmup gives the runtime a request it accepts.
+    rows = np.array([["red", "s"], ["blue", "m"], ["green", "l"], ["red", "l"]], dtype=object)
+    model = make_pipeline(OneHotEncoder(), LogisticRegression()).fit(rows, [0, 1, 1, 0])
+    folder = tmp_path / "m"
+    folder.mkdir()
+    joblib.dump(model, folder / "model.joblib")
+    (folder / "serving.yaml").write_text(CATEGORICAL_YAML)
+    wire = np.array([[value.encode() for value in row] for row in rows], dtype=object)
+    with pytest.raises(ModelLoadError, match=r"warm-up prediction on zeros .*`warmup:`.*Found unknown categories"):
+        await serve_in_process(folder, {"x": wire})
+
+    (folder / "serving.yaml").write_text(CATEGORICAL_YAML + "warmup:\n  x: {shape: [1, 2], data: [red, s]}\n")
+    outputs = await serve_in_process(folder, {"x": wire})
+    np.testing.assert_array_equal(outputs["label"], model.predict(rows))
+
+    # A warm-up request that does not fit the signature is named as such, not as the model's failure.
+    (folder / "serving.yaml").write_text(CATEGORICAL_YAML + "warmup:\n  x: {shape: [1, 3], data: [red, s, m]}\n")
+    with pytest.raises(ModelLoadError, match=r"serving.yaml warmup: input 'x' has shape \[1, 3\]"):
+        await serve_in_process(folder, {"x": wire})
+
+
+def test_a_warmup_must_give_every_input_and_no_other() -> None:
+    x, y = "x: {shape: [1, 2], data: [a, b]}", "y: {shape: [1], data: [1]}"
+    for warmup in ("{}", f"{{{y}}}", f"{{{x}, {y}}}"):
+        with pytest.raises(ServingConfigError, match=r"warmup.*every signature input once \(x\)"):
+            parse_serving_config(CATEGORICAL_YAML + f"warmup: {warmup}\n")
+    with pytest.raises(ServingConfigError, match=r"warmup\.x\.shape"):
+        parse_serving_config(CATEGORICAL_YAML + "warmup: {x: {data: [a, b]}}\n")
