@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from envoy.config.core.v3 import base_pb2
 
@@ -23,6 +24,9 @@ from xds_control.translate import NodeInfo, snapshot_for
 
 log = logging.getLogger(__name__)
 
+#: Builds one node's snapshot: topology, node, its build cache, the mesh's request size limit, tracing.
+Translator = Callable[[Topology, NodeInfo, BuildCache, int, EnvoyTracing | None], Snapshot]
+
 
 class Controller:
     """Builds snapshots for connected nodes from the latest topology."""
@@ -35,8 +39,10 @@ class Controller:
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
         tracing: EnvoyTracing | None = None,
         push_spans: PushSpans | None = None,
+        translate: Translator = snapshot_for,
     ) -> None:
         self.cache = cache
+        self._translate = translate
         self._push_spans = push_spans
         self.max_request_bytes = max_request_bytes
         self.tracing = tracing
@@ -105,10 +111,17 @@ class Controller:
         before = self.cache.get(info.node_id)
         try:
             build_cache = self._build_caches.setdefault(info.node_id, BuildCache())
-            snapshot = snapshot_for(self.topology, info, build_cache, self.max_request_bytes, self.tracing)
+            snapshot = self._translate(self.topology, info, build_cache, self.max_request_bytes, self.tracing)
         except (ValueError, InconsistentSnapshot) as exc:
             # Keep the node on its last good snapshot; a broken topology must not reach any proxy.
             log.error("not updating %s at revision %d: %s", info.node_id, self.topology.revision, exc)
+            return None
+        except Exception:
+            # A bug in translation (no input known to cause one) must stall this node only: raised out of apply(),
+            # it would stop the loop over nodes and the watch that calls it, so no proxy would get updates.
+            log.exception("not updating %s at revision %d: translation failed", info.node_id, self.topology.revision)
+            # Its build cache may be half-updated: the next build starts from nothing.
+            self._build_caches.pop(info.node_id, None)
             return None
         self.cache.set(info.node_id, snapshot)
         if self._push_spans is not None and (before is None or before.versions != snapshot.versions):

@@ -18,15 +18,41 @@ from xds_control.server import StreamCallbacks
 
 log = logging.getLogger(__name__)
 
+#: Most characters of a rejection's message kept in a record: Envoy's error_detail can be megabytes (one message
+#: per rejected resource), and a put over etcd's request limit (1.5 MiB by default) would fail every flush.
+MAX_NACK_CHARS = 4096
+#: Appended to a message that was cut at MAX_NACK_CHARS.
+TRUNCATED_MARKER = " [truncated]"
+
+
+def capped(message: str, limit: int = MAX_NACK_CHARS) -> str:
+    """``message`` cut to at most ``limit`` characters, the cut marked, so that a record stays small."""
+    if len(message) <= limit:
+        return message
+    return message[: limit - len(TRUNCATED_MARKER)] + TRUNCATED_MARKER
+
 
 class ProxyStatusWriter(StreamCallbacks):
     """Stream callbacks that keep ``proxies/`` in etcd up to date."""
 
-    def __init__(self, client: aetcd.Client, keys: Keys, ttl: int = 10, interval: float = 0.2) -> None:
+    def __init__(
+        self,
+        client: aetcd.Client,
+        keys: Keys,
+        ttl: int = 10,
+        interval: float = 0.2,
+        retry_delay: float = 0.2,
+        max_retry_delay: float = 5.0,
+    ) -> None:
         self._client = client
         self._keys = keys
         self._ttl = ttl
         self._interval = interval
+        self._min_retry_delay = retry_delay
+        self._max_retry_delay = max_retry_delay
+        #: Wait before the next attempt after a failed one; doubles while etcd stays away.
+        self._retry_delay = retry_delay
+        self._failing = False
         self._status: dict[str, ProxyStatus] = {}
         #: Open streams by node: a reconnecting Envoy opens its new stream before the server sees the old one end.
         self._streams: dict[str, int] = {}
@@ -63,7 +89,7 @@ class ProxyStatusWriter(StreamCallbacks):
     def on_nack(self, node_id: str, type_url: str, version: str, error: str) -> None:
         status = self._status.get(node_id)
         if status is not None:
-            message = f"{type_url.rsplit('.', 1)[-1]} version {version}: {error}"
+            message = capped(f"{type_url.rsplit('.', 1)[-1]} version {version}: {error}")
             self._status[node_id] = status.model_copy(update={"last_nack": message, "last_nack_at": now_iso()})
             self._mark(node_id)
 
@@ -90,10 +116,30 @@ class ProxyStatusWriter(StreamCallbacks):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("could not write proxy status to etcd: %s", exc)
                 self._lease = None
                 self._wake.set()
+                await asyncio.sleep(self._failed(exc))
+                continue
+            self._succeeded()
             await asyncio.sleep(self._interval)  # batching window, not a readiness wait
+
+    def _failed(self, exc: Exception) -> float:
+        """Log a failed flush (one warning per outage) and return how long to wait before the next attempt."""
+        if self._failing:
+            log.debug("still cannot write proxy status to etcd: %s", exc)
+        else:
+            self._failing = True
+            log.warning("could not write proxy status to etcd (retrying with back-off): %s", exc)
+        delay = self._retry_delay
+        # Doubling: an etcd that is away for minutes costs a few attempts (and leases), not five a second.
+        self._retry_delay = min(delay * 2, self._max_retry_delay)
+        return delay
+
+    def _succeeded(self) -> None:
+        if self._failing:
+            self._failing = False
+            log.warning("proxy status written to etcd again")
+        self._retry_delay = self._min_retry_delay
 
     async def _flush(self) -> None:
         lease = await self._current_lease()

@@ -13,7 +13,7 @@ import pytest
 
 from manager_api.etcd_server import EtcdServer
 from protos.topology import Keys, ProxyStatus
-from xds_control.status import ProxyStatusWriter
+from xds_control.status import MAX_NACK_CHARS, TRUNCATED_MARKER, ProxyStatusWriter
 
 DEADLINE = 15.0
 
@@ -132,3 +132,83 @@ def _async(check: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
         return check()
 
     return wrapped
+
+
+async def test_a_huge_rejection_message_is_capped_and_blocks_no_record(
+    shared_etcd: aetcd.Client, etcd_prefix: str
+) -> None:
+    keys = Keys(etcd_prefix)
+    writer = ProxyStatusWriter(shared_etcd, keys, ttl=5, interval=0.02)
+    await writer.start()
+    try:
+        writer.proxy_connected("big", "ingress")
+        writer.proxy_connected("small", "sidecar")
+        # Larger than etcd's request limit (1.5 MiB by default): stored whole, no record could be written at all.
+        writer.on_nack("big", "type.googleapis.com/envoy.config.route.v3.RouteConfiguration", "v3", "x" * 4 * 1024**2)
+
+        async def both_written() -> bool:
+            records = [await _record(shared_etcd, keys, node) for node in ("big", "small")]
+            return all(status is not None for status, _ in records)
+
+        await _until(both_written, "both records, the huge rejection's included")
+        status, _ = await _record(shared_etcd, keys, "big")
+        assert status is not None and status.last_nack is not None
+        assert len(status.last_nack) <= MAX_NACK_CHARS
+        assert status.last_nack.startswith("RouteConfiguration version v3: xxx")
+        assert status.last_nack.endswith(TRUNCATED_MARKER)
+    finally:
+        await writer.stop()
+
+
+async def test_an_etcd_outage_is_retried_with_back_off_and_logged_once(
+    own_etcd: list[EtcdServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    keys = Keys("/hydro/")
+    client = _client(own_etcd[0])
+    await client.connect()
+    # The default back-off (0.2 s doubling to 5 s); a short batching window, as a busy control plane has.
+    writer = ProxyStatusWriter(client, keys, ttl=2, interval=0.02)
+    await writer.start()
+    caplog.set_level(logging.DEBUG, logger="xds_control.status")
+    try:
+        writer.proxy_connected("a", "sidecar")
+        await _until(_async_record(client, keys, "a"), "the record")
+        stopped = own_etcd[0]
+        stopped.stop()
+        writer.on_ack("a", "type.googleapis.com/envoy.config.cluster.v3.Cluster", "v2")
+
+        def failures() -> list[logging.LogRecord]:
+            return [r for r in caplog.records if "write proxy status" in r.getMessage()]
+
+        await _until(_async(lambda: bool(failures())), "a failed write")
+        started = time.monotonic()
+        # An observation window, not a readiness wait: how often the writer tries while etcd stays away.
+        await asyncio.sleep(2.0)
+        window = time.monotonic() - started
+        attempts = failures()
+        assert [r.levelno for r in attempts].count(logging.WARNING) == 1, "one warning per outage"
+        # 0.2 + 0.4 + 0.8 s between attempts: about four in two seconds (without back-off: one every interval).
+        assert len(attempts) <= 2 + window / 0.2 / 2, [r.getMessage() for r in attempts]
+
+        own_etcd.append(EtcdServer(stopped.data_dir, client_port=stopped.client_port).start())
+
+        async def acked() -> bool:
+            try:
+                status, _ = await _record(client, keys, "a")
+            except aetcd.exceptions.ConnectionFailedError:
+                return False  # the client's channel is still backing off from the outage
+            return status is not None and status.acked.get("Cluster") == "v2"
+
+        await _until(acked, "the record written after etcd came back")
+        await _until(_async(lambda: "written to etcd again" in caplog.text), "the recovery logged")
+        assert caplog.text.count("written to etcd again") == 1
+    finally:
+        await writer.stop()
+        await client.close()
+
+
+def _async_record(client: aetcd.Client, keys: Keys, node_id: str) -> Callable[[], Awaitable[bool]]:
+    async def written() -> bool:
+        return (await _record(client, keys, node_id))[0] is not None
+
+    return written
