@@ -138,7 +138,7 @@ class ProxyStatusWriter(StreamCallbacks):
     def _succeeded(self) -> None:
         if self._failing:
             self._failing = False
-            log.warning("proxy status written to etcd again")
+            log.info("proxy status written to etcd again")
         self._retry_delay = self._min_retry_delay
 
     async def _flush(self) -> None:
