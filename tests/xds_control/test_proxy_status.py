@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -39,6 +40,27 @@ async def _until(check: Callable[[], Awaitable[bool]], what: str) -> None:
         await asyncio.sleep(0.05)
 
 
+@contextlib.asynccontextmanager
+async def _running_writer(client: aetcd.Client, keys: Keys, ttl: int) -> AsyncIterator[ProxyStatusWriter]:
+    """A started writer with a short batching window (as a busy control plane has), stopped on the way out."""
+    writer = ProxyStatusWriter(client, keys, ttl=ttl, interval=0.02)
+    await writer.start()
+    try:
+        yield writer
+    finally:
+        await writer.stop()
+
+
+def _all_written(client: aetcd.Client, keys: Keys, *nodes: str) -> Callable[[], Awaitable[bool]]:
+    """A check for _until: every node in ``nodes`` has a record."""
+
+    async def check() -> bool:
+        records = [await _record(client, keys, node) for node in nodes]
+        return all(status is not None for status, _ in records)
+
+    return check
+
+
 @pytest.fixture
 async def shared_etcd(etcd_server: EtcdServer) -> AsyncIterator[aetcd.Client]:
     client = _client(etcd_server)
@@ -53,9 +75,7 @@ async def test_a_reconnected_proxy_keeps_its_record_when_its_old_stream_closes(
     shared_etcd: aetcd.Client, etcd_prefix: str
 ) -> None:
     keys = Keys(etcd_prefix)
-    writer = ProxyStatusWriter(shared_etcd, keys, ttl=5, interval=0.02)
-    await writer.start()
-    try:
+    async with _running_writer(shared_etcd, keys, ttl=5) as writer:
         writer.proxy_connected("ingress", "ingress")
         # Envoy reconnects before the server saw its old stream end: the new stream opens, then the old one closes.
         writer.proxy_connected("ingress", "ingress")
@@ -73,8 +93,6 @@ async def test_a_reconnected_proxy_keeps_its_record_when_its_old_stream_closes(
             return (await _record(shared_etcd, keys, "ingress"))[0] is None
 
         await _until(gone, "the record removed once its last stream closed")
-    finally:
-        await writer.stop()
 
 
 @pytest.fixture
@@ -88,23 +106,25 @@ def own_etcd(tmp_path: Path) -> Iterator[list[EtcdServer]]:
             server.stop()
 
 
-async def test_records_move_to_the_new_lease_after_etcd_was_away(
-    own_etcd: list[EtcdServer], caplog: pytest.LogCaptureFixture
-) -> None:
-    keys = Keys("/hydro/")
+@pytest.fixture
+async def own_client(own_etcd: list[EtcdServer]) -> AsyncIterator[aetcd.Client]:
+    """A client of this test's own etcd; it reconnects to the etcd started again on the same port."""
     client = _client(own_etcd[0])
     await client.connect()
-    writer = ProxyStatusWriter(client, keys, ttl=2, interval=0.02)
-    await writer.start()
     try:
+        yield client
+    finally:
+        await client.close()
+
+
+async def test_records_move_to_the_new_lease_after_etcd_was_away(
+    own_etcd: list[EtcdServer], own_client: aetcd.Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    keys, client = Keys("/hydro/"), own_client
+    async with _running_writer(client, keys, ttl=2) as writer:
         writer.proxy_connected("a", "sidecar")
         writer.proxy_connected("b", "sidecar")
-
-        async def both_written() -> bool:
-            records = [await _record(client, keys, node) for node in ("a", "b")]
-            return all(status is not None for status, _ in records)
-
-        await _until(both_written, "both records")
+        await _until(_all_written(client, keys, "a", "b"), "both records")
         _, lease_before = await _record(client, keys, "a")
         stopped = own_etcd[0]
         stopped.stop()
@@ -122,9 +142,6 @@ async def test_records_move_to_the_new_lease_after_etcd_was_away(
 
         # Without every record moving to the new lease, b stays on the old one, which nobody keeps alive.
         await _until(on_one_new_lease, "both records on the writer's new lease")
-    finally:
-        await writer.stop()
-        await client.close()
 
 
 def _async(check: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
@@ -138,41 +155,28 @@ async def test_a_huge_rejection_message_is_capped_and_blocks_no_record(
     shared_etcd: aetcd.Client, etcd_prefix: str
 ) -> None:
     keys = Keys(etcd_prefix)
-    writer = ProxyStatusWriter(shared_etcd, keys, ttl=5, interval=0.02)
-    await writer.start()
-    try:
+    async with _running_writer(shared_etcd, keys, ttl=5) as writer:
         writer.proxy_connected("big", "ingress")
         writer.proxy_connected("small", "sidecar")
         # Larger than etcd's request limit (1.5 MiB by default): stored whole, no record could be written at all.
         writer.on_nack("big", "type.googleapis.com/envoy.config.route.v3.RouteConfiguration", "v3", "x" * 4 * 1024**2)
-
-        async def both_written() -> bool:
-            records = [await _record(shared_etcd, keys, node) for node in ("big", "small")]
-            return all(status is not None for status, _ in records)
-
-        await _until(both_written, "both records, the huge rejection's included")
+        await _until(_all_written(shared_etcd, keys, "big", "small"), "both records, the huge rejection's included")
         status, _ = await _record(shared_etcd, keys, "big")
         assert status is not None and status.last_nack is not None
         assert len(status.last_nack) <= MAX_NACK_CHARS
         assert status.last_nack.startswith("RouteConfiguration version v3: xxx")
         assert status.last_nack.endswith(TRUNCATED_MARKER)
-    finally:
-        await writer.stop()
 
 
 async def test_an_etcd_outage_is_retried_with_back_off_and_logged_once(
-    own_etcd: list[EtcdServer], caplog: pytest.LogCaptureFixture
+    own_etcd: list[EtcdServer], own_client: aetcd.Client, caplog: pytest.LogCaptureFixture
 ) -> None:
-    keys = Keys("/hydro/")
-    client = _client(own_etcd[0])
-    await client.connect()
-    # The default back-off (0.2 s doubling to 5 s); a short batching window, as a busy control plane has.
-    writer = ProxyStatusWriter(client, keys, ttl=2, interval=0.02)
-    await writer.start()
+    keys, client = Keys("/hydro/"), own_client
     caplog.set_level(logging.DEBUG, logger="xds_control.status")
-    try:
+    # The default back-off (0.2 s doubling to 5 s).
+    async with _running_writer(client, keys, ttl=2) as writer:
         writer.proxy_connected("a", "sidecar")
-        await _until(_async_record(client, keys, "a"), "the record")
+        await _until(_all_written(client, keys, "a"), "the record")
         stopped = own_etcd[0]
         stopped.stop()
         writer.on_ack("a", "type.googleapis.com/envoy.config.cluster.v3.Cluster", "v2")
@@ -202,13 +206,3 @@ async def test_an_etcd_outage_is_retried_with_back_off_and_logged_once(
         await _until(acked, "the record written after etcd came back")
         await _until(_async(lambda: "written to etcd again" in caplog.text), "the recovery logged")
         assert caplog.text.count("written to etcd again") == 1
-    finally:
-        await writer.stop()
-        await client.close()
-
-
-def _async_record(client: aetcd.Client, keys: Keys, node_id: str) -> Callable[[], Awaitable[bool]]:
-    async def written() -> bool:
-        return (await _record(client, keys, node_id))[0] is not None
-
-    return written
