@@ -31,11 +31,12 @@ signature:
 MODEL_PY = b"def predict(inputs):\n    return {'y': inputs['x'] * 2}\n"
 
 
-def python_model_archive() -> bytes:
-    """A .tar.gz of a one-function python model (no framework: registration needs no signature check)."""
+def python_model_archive(model_py: bytes = MODEL_PY) -> bytes:
+    """A .tar.gz of a one-function python model (no framework: registration needs no signature check); another
+    ``model_py`` makes another archive, with a digest of its own."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for name, data in (("serving.yaml", SERVING_YAML), ("model.py", MODEL_PY)):
+        for name, data in (("serving.yaml", SERVING_YAML), ("model.py", model_py)):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))

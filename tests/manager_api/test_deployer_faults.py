@@ -8,9 +8,7 @@ that the deployer took each deployment up.
 
 from __future__ import annotations
 
-import io
 import shutil
-import tarfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
-from manager_under_test import SERVING_YAML, ManagerUnderTest, etcd_prefix_items
+from manager_under_test import ManagerUnderTest, etcd_prefix_items, python_model_archive
 
 from manager_api.etcd_server import EtcdServer
 from manager_api.ports import free_port
@@ -27,14 +25,7 @@ from manager_api.processes import wait_until
 
 def model_archive(name: str) -> bytes:
     """A one-function python model whose archive (and digest) is its own: ``name`` is in its code."""
-    code = f"# {name}\ndef predict(inputs):\n    return {{'y': inputs['x'] * 2}}\n".encode()
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for member, data in (("serving.yaml", SERVING_YAML), ("model.py", code)):
-            info = tarfile.TarInfo(member)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
+    return python_model_archive(f"# {name}\ndef predict(inputs):\n    return {{'y': inputs['x'] * 2}}\n".encode())
 
 
 @pytest.fixture

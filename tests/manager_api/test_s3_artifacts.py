@@ -8,17 +8,15 @@ not a mock, but it is not AWS: behaviour specific to AWS (regions, IAM policies)
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import subprocess
 import sys
-import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from manager_under_test import SERVING_YAML
+from manager_under_test import SERVING_YAML, python_model_archive
 from s3_server import ACCESS_KEY, SECRET_KEY, SeaweedS3, aws_env
 
 from manager_api.artifacts import ArtifactStore, DigestMismatch
@@ -33,14 +31,7 @@ PREFIX = "team-a"
 
 def archive(factor: int) -> bytes:
     """A .tar.gz of a python model multiplying by ``factor`` (each factor is another digest)."""
-    model_py = f"def predict(inputs):\n    return {{'y': inputs['x'] * {factor}}}\n".encode()
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for name, data in (("serving.yaml", SERVING_YAML), ("model.py", model_py)):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
+    return python_model_archive(f"def predict(inputs):\n    return {{'y': inputs['x'] * {factor}}}\n".encode())
 
 
 def digest_of(data: bytes) -> str:
