@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -23,34 +23,32 @@ from manager_api.stack import Stack, StackConfig
 FREE_PORTS = ("--ingress-port", "0", "--xds-port", "0", "--xds-metrics-port", "0", "--etcd-port", "0")
 
 
-def live_children(parent: int) -> set[int]:
-    """The pids of ``parent``'s direct children that are not zombies."""
-    found = set()
+def _pids(where: Callable[[Path], bool]) -> list[int]:
+    """The pids of processes whose /proc folder passes ``where`` (a process gone meanwhile does not)."""
+    found = []
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
         try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if entry.name.isdigit() and where(entry):
+                found.append(int(entry.name))
         except OSError:
             continue
-        if int(fields[1]) == parent and fields[0] != "Z":
-            found.add(int(entry.name))
     return found
+
+
+def live_children(parent: int) -> set[int]:
+    """The pids of ``parent``'s direct children that are not zombies."""
+
+    def child(entry: Path) -> bool:
+        fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[1]) == parent and fields[0] != "Z"
+
+    return set(_pids(child))
 
 
 def carrying(marker: str) -> list[int]:
     """The pids of live processes whose environment holds ``HYDRO_UP_TEST=marker``."""
     wanted = f"HYDRO_UP_TEST={marker}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if wanted in (entry / "environ").read_bytes().split(b"\0"):
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
+    return _pids(lambda entry: wanted in (entry / "environ").read_bytes().split(b"\0"))
 
 
 @pytest.fixture
