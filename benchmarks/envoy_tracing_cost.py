@@ -28,7 +28,6 @@ ingress_no_collector: what sending the spans costs).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import functools
 import json
 import os
@@ -38,7 +37,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -54,6 +52,7 @@ from envoy.config.route.v3 import route_components_pb2  # noqa: E402
 from google.protobuf.message import Message  # noqa: E402
 
 from benchmarks.h2load import need  # noqa: E402
+from benchmarks.loop_thread import LoopThread  # noqa: E402
 from benchmarks.static_envoy import static_bootstrap  # noqa: E402
 from benchmarks.tracing_overhead import CountingReceiver, cpu_seconds, serve_receiver  # noqa: E402
 from manager_api.ports import free_port  # noqa: E402
@@ -136,11 +135,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="hydro-envoy-tracing-"))
     body = work / "body.json"
     body.write_text(BODY)
-    loop = asyncio.new_event_loop()
-    loop_thread = threading.Thread(target=loop.run_forever, name="asyncio", daemon=True)
-    loop_thread.start()
+    loop = LoopThread()
     receiver = CountingReceiver()
-    server, receiver_port = asyncio.run_coroutine_threadsafe(serve_receiver(receiver), loop).result()
+    server, receiver_port = loop.run(serve_receiver(receiver))
     live = EnvoyTracing.from_endpoint(f"127.0.0.1:{receiver_port}")
     dead = EnvoyTracing.from_endpoint(f"127.0.0.1:{free_port()}")  # nothing listens there
     variants: dict[str, tuple[EnvoyTracing | None, Callable[[ManagerHook], ManagerHook]]] = {
@@ -199,10 +196,8 @@ def main() -> None:
     finally:
         for process in processes:
             process.stop()
-        asyncio.run_coroutine_threadsafe(server.stop(0.5), loop).result()
-        loop.call_soon_threadsafe(loop.stop)
-        loop_thread.join()
-        loop.close()
+        loop.run(server.stop(0.5))
+        loop.stop()
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(results, sort_keys=True))
 

@@ -12,7 +12,6 @@ The last line printed is a JSON object of the figures.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import runpy
@@ -20,10 +19,8 @@ import shutil
 import statistics
 import sys
 import tempfile
-import threading
-from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
@@ -45,6 +42,7 @@ import numpy as np  # noqa: E402
 from benchmarks import h2load, wrk  # noqa: E402
 from benchmarks.h2load import need as need  # noqa: E402  (re-exported: tracing_overhead.py imports it from here)
 from benchmarks.h2load import run_h2load as run_h2load  # noqa: E402  (re-exported, likewise)
+from benchmarks.loop_thread import LoopThread  # noqa: E402
 from manager_api.deployer.registration import LeasedInstanceRegistry  # noqa: E402
 from manager_api.deployer.replica import Replica, ReplicaConfig  # noqa: E402
 from manager_api.etcd_server import EtcdServer  # noqa: E402
@@ -54,7 +52,6 @@ from protos import inference_pb2, inference_pb2_grpc  # noqa: E402
 from protos.topology import Application, Keys, Stage, Variant  # noqa: E402
 from xds_control.bootstrap import envoy_ready, ingress_envoy  # noqa: E402
 
-T = TypeVar("T")
 APP = "iris"
 #: Direct and sidecar calls name the application as the ingress would (the runtime serves model "iris").
 APP_HEADER = "x-hydro-application"
@@ -151,13 +148,8 @@ def main() -> None:
     ).start()
     ingress = ingress_envoy(work, admin_port=admin_port, xds_port=xds_port, listen_port=ingress_port).start()
     # The lease keep-alive must run while the load generators do, so the loop gets a thread of its own.
-    loop = asyncio.new_event_loop()
-    loop_thread = threading.Thread(target=loop.run_forever, name="asyncio", daemon=True)
-    loop_thread.start()
-
-    def run(coroutine: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coroutine, loop).result()
-
+    loop = LoopThread()
+    run = loop.run
     config = ReplicaConfig(
         model=APP,
         version=1,
@@ -237,9 +229,7 @@ def main() -> None:
             run(registry.stop())
         if client is not None:
             run(client.close())
-        loop.call_soon_threadsafe(loop.stop)
-        loop_thread.join()
-        loop.close()
+        loop.stop()
         ingress.stop()
         xds.stop()
         etcd.stop()

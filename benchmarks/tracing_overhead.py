@@ -33,7 +33,6 @@ are the larger of the REST and gRPC throughput drops against tracing off (negati
 from __future__ import annotations
 
 import argparse
-import asyncio
 import functools
 import json
 import os
@@ -42,12 +41,11 @@ import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
@@ -65,6 +63,7 @@ import aetcd  # noqa: E402
 import grpc  # noqa: E402
 import httpx  # noqa: E402
 
+from benchmarks.loop_thread import LoopThread  # noqa: E402
 from benchmarks.mesh_overhead import (  # noqa: E402
     check_grpc,
     check_rest,
@@ -82,7 +81,6 @@ from manager_api.processes import ChildProcess, wait_until  # noqa: E402
 from protos.topology import Application, Keys, Stage, Variant  # noqa: E402
 from xds_control.bootstrap import connections_per_worker, envoy_ready, ingress_envoy  # noqa: E402
 
-T = TypeVar("T")
 APP = "iris"
 #: "control" is a second mesh with tracing off: its "drop" against "off" is what two identical meshes differ by.
 CONFIGS = ("off", "control", "no_collector", "full_sampling")
@@ -298,13 +296,8 @@ def main() -> None:
     dead_endpoint = f"127.0.0.1:{free_port()}"  # nothing listens there
 
     etcd = EtcdServer(work).start()
-    loop = asyncio.new_event_loop()
-    loop_thread = threading.Thread(target=loop.run_forever, name="asyncio", daemon=True)
-    loop_thread.start()
-
-    def run(coroutine: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coroutine, loop).result()
-
+    loop = LoopThread()
+    run = loop.run
     receiver = CountingReceiver()
     server, receiver_port = run(serve_receiver(receiver))
     endpoints = {
@@ -401,9 +394,7 @@ def main() -> None:
             mesh.xds.stop()
         run(client.close())
         run(server.stop(0.5))
-        loop.call_soon_threadsafe(loop.stop)
-        loop_thread.join()
-        loop.close()
+        loop.stop()
         etcd.stop()
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(results, sort_keys=True))
