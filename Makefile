@@ -70,7 +70,7 @@ test: $(DEV_STAMP) $(KSERVE_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
-	$(VENV)/bin/pytest -q -p no:cacheprovider
+	$(VENV)/bin/pytest -q -p no:cacheprovider --durations=20
 
 ## Load generators for benchmarks/ (Debian packages): h2load for gRPC/HTTP2, wrk for HTTP/1.1; and MLServer.
 bench-deps: $(DEV_STAMP) $(MLSERVER_STAMP)
