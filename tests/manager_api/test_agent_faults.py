@@ -7,6 +7,7 @@ configuration), which is enough to see that the agent took a deployment up.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import signal
@@ -43,7 +44,8 @@ def start_agent(etcd: str, prefix: str, manager_url: str, root: Path, *extra: st
     log = root / "agent.log"
     process = ChildProcess("agent-n1", argv, log_path=log).start()
     try:
-        wait_until(lambda: bool(etcd_prefix_items(etcd, prefix + "nodes/")), 60, "the agent's node record")
+        # Raises at once with the agent's log tail if it exits instead.
+        process.wait_ready(lambda: bool(etcd_prefix_items(etcd, prefix + "nodes/")), 60)
     except BaseException:
         stop_agent(process)
         raise
@@ -135,3 +137,89 @@ def test_a_deployment_whose_archive_is_gone_is_retried_with_back_off_and_starts_
                 stop_agent(agent.process)
         # Logged once per reason, not once per attempt.
         assert agent.log.read_text().count(f"deployment {model}:1 cannot start") == 1, agent.log.read_text()[-3000:]
+
+
+@pytest.fixture
+def own_etcd(tmp_path: Path) -> Iterator[EtcdServer]:
+    """An etcd of this test's own, which it may freeze (the session's is shared); stopped in any case."""
+    server = EtcdServer(tmp_path / "own-etcd").start()
+    try:
+        yield server
+    finally:
+        pid = server.process.pid
+        if pid is not None and server.process.running:
+            os.kill(pid, signal.SIGCONT)
+        server.stop()
+
+
+#: How long the test freezes etcd: longer than the agent's lease (2 s), so the lease is gone when etcd wakes up.
+FROZEN_SECONDS = 5.0
+#: The agent's deadline on one etcd call in this test (``--etcd-timeout``).
+AGENT_ETCD_TIMEOUT = 1.0
+
+
+@contextlib.contextmanager
+def frozen(server: EtcdServer) -> Iterator[None]:
+    """etcd stopped by SIGSTOP (it holds its connections and answers nothing, like a host cut off), then resumed."""
+    pid = server.process.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def test_an_agent_carries_on_through_a_frozen_etcd_and_recovers_after_it(own_etcd: EtcdServer, tmp_path: Path) -> None:
+    """Carries on: while etcd is frozen its calls give up at the deadline (it says so) and SIGTERM still stops it.
+    Recovers: once etcd answers, its node record and its replicas' statuses are back under a lease it keeps
+    renewing, and a deployment created afterwards starts."""
+    etcd, prefix = own_etcd.endpoint, "/hydro-frozen-agent/"
+    with (
+        ManagerUnderTest(etcd, prefix, tmp_path / "manager") as manager,
+        httpx.Client(base_url=manager.api, timeout=60) as http,
+    ):
+        agent = start_agent(etcd, prefix, manager.url, tmp_path, "--etcd-timeout", str(AGENT_ETCD_TIMEOUT))
+
+        def said(text: str) -> int:
+            return agent.log.read_text(errors="replace").count(text)
+
+        refresh_failed = "could not refresh the instance lease"
+        try:
+            register(http, "before")
+            assert http.put("/deployments/before/1", json={"replicas": 1}).status_code == 200
+            wait_until(lambda: bool(statuses(etcd, prefix, "before")), 60, "a replica of before")
+            with frozen(own_etcd):
+                frozen_at = time.monotonic()
+                wait_until(lambda: said(refresh_failed) >= 2, 10, "lease refreshes that gave up at the deadline")
+                # The rest of the outage: the lease (2 s) must run out inside etcd.
+                time.sleep(max(0.0, FROZEN_SECONDS - (time.monotonic() - frozen_at)))
+
+            def announced() -> bool:
+                return bool(etcd_prefix_items(etcd, prefix + "nodes/")) and bool(statuses(etcd, prefix, "before"))
+
+            wait_until(announced, 30, "the agent's node and replica status announced again")
+            # Under a lease it renews: still there after several lease TTLs.
+            renewed_until = time.monotonic() + 3 * 2
+            while time.monotonic() < renewed_until:
+                assert announced(), "the agent's records expired after etcd came back"
+                time.sleep(0.2)
+            register(http, "after")
+            assert http.put("/deployments/after/1", json={"replicas": 1}).status_code == 200
+            wait_until(lambda: bool(statuses(etcd, prefix, "after")), 30, "a replica of a deployment made afterwards")
+            # Told to stop while etcd is frozen: it stops its replicas and exits, each etcd call giving up.
+            family = descendants(agent.process.pid or 0)
+            with frozen(own_etcd):
+                assert agent.process.pid is not None
+                os.kill(agent.process.pid, signal.SIGTERM)
+                wait_until(lambda: not agent.process.running, 30, "the agent exiting while etcd is frozen")
+            assert agent.process.returncode == 0, agent.log.read_text()[-3000:]
+            assert [pid for pid in family if Path(f"/proc/{pid}").exists()] == []
+        finally:
+            # What the agent announced goes with its lease if it could not revoke it.
+            for model in ("before", "after"):
+                http.delete(f"/deployments/{model}/1")
+            try:
+                wait_until(lambda: not etcd_prefix_items(etcd, prefix + "replicas/"), 30, "replicas stopped")
+            finally:
+                stop_agent(agent.process)
