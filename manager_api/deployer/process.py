@@ -16,10 +16,10 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from manager_api.deployer.backoff import MAX_BACKOFF_SECONDS, Backoff
+from manager_api.deployer.backoff import Backoff
 from manager_api.deployer.pipeline_replica import (
     PipelineReplica,
     PipelineReplicaConfig,
@@ -118,7 +118,7 @@ class _CannotStart:
     spec: object
     reason: str
     backoff: Backoff
-    retry_at: float = field(default=0.0)
+    retry_at: float = 0.0
 
 
 class ProcessDeployer:
@@ -138,7 +138,6 @@ class ProcessDeployer:
         resync_interval: float = 0.5,
         drain_seconds: float = 1.0,
         ads_api_type: str = "GRPC",
-        max_retry_delay: float = MAX_BACKOFF_SECONDS,
     ) -> None:
         self._desired = desired
         self._folders = folders
@@ -161,7 +160,6 @@ class ProcessDeployer:
         self._held = False
         #: Each deployment or pipeline that could not start: why (logged once per reason) and when to try again.
         self._cannot_start: dict[str, _CannotStart] = {}
-        self._max_retry_delay = max_retry_delay
 
     async def start(self) -> None:
         """Begin reconciling in the background."""
@@ -284,7 +282,7 @@ class ProcessDeployer:
     def _unstartable(self, what: str, spec: object, exc: Exception) -> None:
         """Log why ``what`` cannot start, once per distinct reason, and back off before trying it again.
 
-        Each failure doubles the wait (0.5 s to ``max_retry_delay``): an agent whose archive download fails does
+        Each failure doubles the wait (0.5 s to 30 s, backoff.py): an agent whose archive download fails does
         not ask the manager (or S3) twice a second for ever. Another spec of it starts the back-off over.
         """
         reason = f"{type(exc).__name__}: {exc}"
@@ -292,7 +290,7 @@ class ProcessDeployer:
         if failed is None or failed.reason != reason:
             log.error("%s cannot start (retrying with back-off): %s", what, reason)
         if failed is None or failed.spec != spec:
-            failed = _CannotStart(spec, reason, Backoff(cap=self._max_retry_delay))
+            failed = _CannotStart(spec, reason, Backoff())
             self._cannot_start[what] = failed
         failed.reason = reason
         failed.retry_at = time.monotonic() + failed.backoff.failed()
