@@ -7,12 +7,10 @@ SIGINT or SIGTERM stops them in reverse order; the manager drains and stops the 
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import socket
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +22,9 @@ from manager_api.etcd_server import EtcdServer
 from manager_api.model_discovery import ModelDiscovery
 from manager_api.ports import free_port
 from manager_api.processes import ChildProcess, http_ok
+from manager_api.supervisor import Supervisor
 from tracing.settings import parse_endpoint
 from xds_control.bootstrap import envoy_ready, ingress_envoy
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -63,14 +60,6 @@ class StackConfig:
     register_roots: tuple[Path, ...] = ()
 
 
-@dataclass
-class _Supervised:
-    process: ChildProcess
-    ready: Callable[[], bool]
-    restarts: int = 0
-    down_since: float = 0.0
-
-
 class Stack:
     """The supervised processes of `hydro up`."""
 
@@ -85,8 +74,7 @@ class Stack:
         self.xds_metrics_port = config.xds_metrics_port or free_port()
         self.etcd = EtcdServer(self.data_dir, config.etcd_port or free_port(control), host=control)
         self.credentials, self.tokens_file = ensure_admin_credentials(self.data_dir, self.api_url)
-        self._children: list[_Supervised] = []
-        self._stopping = False
+        self.supervisor = Supervisor()
         self._discovery: ModelDiscovery | None = None
         #: The children's environment: with --otlp-endpoint, every process (and through the manager, every
         #: runtime it starts) exports its spans there.
@@ -114,7 +102,7 @@ class Stack:
         """Start every process in dependency order, each one ready before the next starts."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         # Supervised before it is started, like every child (see _run): stop() stops it even if it never got ready.
-        self._children.append(_Supervised(self.etcd.process, lambda: http_ok(f"http://{self.etcd.endpoint}/health")))
+        self.supervisor.add(self.etcd.process)
         self.etcd.start(self.config.ready_timeout)
         python = sys.executable
         xds = ChildProcess(
@@ -191,38 +179,20 @@ class Stack:
 
     def _run(self, process: ChildProcess, ready: Callable[[], bool]) -> None:
         # In the books first: a child that does not get ready in time still runs, and stop() must stop it.
-        self._children.append(_Supervised(process, ready))
+        self.supervisor.add(process)
         process.start()
         process.wait_ready(ready, self.config.ready_timeout)
 
     def supervise(self) -> None:
-        """Restart children that exit (back-off 1 s doubling to 30 s) until stop() is called."""
-        while not self._stopping:
-            now = time.monotonic()
-            for child in self._children:
-                if child.process.running or self._stopping:
-                    child.down_since = 0.0
-                    continue
-                if not child.down_since:
-                    child.down_since = now
-                    log.warning("%s exited with %s; restarting", child.process.name, child.process.returncode)
-                if now - child.down_since >= min(30.0, 2.0**child.restarts):
-                    child.restarts += 1
-                    child.down_since = 0.0
-                    fresh = ChildProcess(
-                        child.process.name, child.process.argv, env=child.process.env, log_path=child.process.log_path
-                    )
-                    child.process = fresh.start()
-            time.sleep(0.2)
+        """Restart children that exit (supervisor.py) until stop() is called."""
+        self.supervisor.run()
 
     def stop(self) -> None:
         """Stop every child in reverse start order (the manager drains its runtimes first)."""
-        self._stopping = True
         if self._discovery is not None:
             self._discovery.stop()
             self._discovery.api.close()
-        for child in reversed(self._children):
-            child.process.stop(grace=30.0 if child.process.name == "manager_api" else 10.0)
+        self.supervisor.stop(grace=lambda process: 30.0 if process.name == "manager_api" else 10.0)
 
 
 def _artifact_store_args(config: StackConfig) -> list[str]:

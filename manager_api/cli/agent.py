@@ -22,6 +22,13 @@ def _host_port(value: str) -> tuple[str, int]:
         raise typer.BadParameter(str(exc)) from exc
 
 
+def _seconds(value: float) -> float:
+    # The same bounds as the manager's --etcd-timeout: 0 would fail every call, and an hour is no deadline.
+    if not 0 < value < 3600:
+        raise typer.BadParameter(f"expected seconds (more than 0, less than 3600), got {value:g}")
+    return value
+
+
 def _ip_address(value: str) -> str:
     # Sidecars listen on it and Envoy's endpoints take IP addresses only: a host name would register instances
     # that xds_control has to leave out (xds_control/topology.py), so no replica of this host would get traffic.
@@ -41,6 +48,10 @@ def agent(
     ],
     manager: Annotated[str, typer.Option(help="Manager API URL, where model archives are downloaded from.")],
     etcd: Annotated[str, typer.Option(help="etcd endpoint HOST:PORT.")] = "127.0.0.1:2379",
+    etcd_timeout: Annotated[
+        float,
+        typer.Option(callback=_seconds, help="Seconds before an etcd call gives up (and is retried)."),
+    ] = 5.0,
     xds: Annotated[str, typer.Option(help="xds_control HOST:PORT, for the sidecars.")] = "127.0.0.1:18000",
     xds_api: Annotated[XdsApi, typer.Option(help="ADS flavour of the sidecars.")] = XdsApi.sotw,
     prefix: Annotated[str, typer.Option(help="etcd key prefix of the desired state.")] = DEFAULT_PREFIX,
@@ -61,6 +72,7 @@ def agent(
         data_dir=data_dir.resolve(),
         etcd_host=etcd_host,
         etcd_port=etcd_port,
+        etcd_timeout=etcd_timeout,
         prefix=prefix,
         xds_host=xds_host,
         xds_port=xds_port,

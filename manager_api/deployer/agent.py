@@ -38,6 +38,9 @@ class AgentConfig:
     data_dir: Path
     etcd_host: str = "127.0.0.1"
     etcd_port: int = 2379
+    #: Deadline of one etcd call (seconds), as the manager's ``--etcd-timeout``: a frozen or cut-off etcd fails the
+    #: call (logged, retried) instead of holding the agent's loops, its registry lock and its shutdown for ever.
+    etcd_timeout: float = 5.0
     prefix: str = DEFAULT_PREFIX
     xds_host: str = "127.0.0.1"
     xds_port: int = 18000
@@ -62,7 +65,12 @@ async def run_agent(config: AgentConfig, stop: asyncio.Event) -> None:
     """Run until ``stop`` is set, then drain and stop every replica and revoke the node's lease."""
     # Validated before anything starts: the name becomes an etcd key segment and part of every instance id.
     node = Node(name=config.node, advertise_address=config.advertise_address)
-    client = aetcd.Client(host=config.etcd_host, port=config.etcd_port, options=ETCD_CLIENT_OPTIONS)
+    client = aetcd.Client(
+        host=config.etcd_host,
+        port=config.etcd_port,
+        options=ETCD_CLIENT_OPTIONS,
+        timeout=config.etcd_timeout,  # type: ignore[arg-type]  # aetcd says int; gRPC takes float seconds
+    )
     await client.connect()
     keys = Keys(config.prefix)
     registry = LeasedInstanceRegistry(client, keys, node.name, ttl=config.lease_ttl, announce=node)

@@ -16,8 +16,10 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
+from manager_api.deployer.backoff import Backoff
 from manager_api.deployer.pipeline_replica import (
     PipelineReplica,
     PipelineReplicaConfig,
@@ -109,6 +111,16 @@ def surplus(running: Sequence[StatedT], want: int, ready: int, total: int | None
     return doomed
 
 
+@dataclass
+class _CannotStart:
+    """Why a deployment or pipeline failed to start, for which spec of it, and when to try it again."""
+
+    spec: object
+    reason: str
+    backoff: Backoff
+    retry_at: float = 0.0
+
+
 class ProcessDeployer:
     """Reconciles deployments to local processes. All methods run on one event loop."""
 
@@ -146,8 +158,8 @@ class ProcessDeployer:
         self._wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._held = False
-        #: Why each deployment or pipeline that could not start last failed, as logged (once per reason).
-        self._cannot_start: dict[str, str] = {}
+        #: Each deployment or pipeline that could not start: why (logged once per reason) and when to try again.
+        self._cannot_start: dict[str, _CannotStart] = {}
 
     async def start(self) -> None:
         """Begin reconciling in the background."""
@@ -236,16 +248,17 @@ class ProcessDeployer:
                 if replica.state == "crashed" and now - replica.crashed_at >= replica.restart_delay():
                     replica.restarts += 1
                     self._launch(replica)
+        specs = {(d.model, d.version): d for d in deployments}
         for key, want in desired.items():
             have = len(self.replicas.get(key, []))
-            if have < want:
+            what = f"deployment {key[0]}:{key[1]}"
+            if have < want and self._may_try(what, specs[key]):
                 # One deployment that cannot start (its archive lost, an agent's download refused) must not keep
                 # every other deployment and pipeline of this node from starting: it is logged and retried.
-                what = f"deployment {key[0]}:{key[1]}"
                 try:
                     await self._add_replicas(key, want - have)
                 except Exception as exc:
-                    self._unstartable(what, exc)
+                    self._unstartable(what, specs[key], exc)
                 else:
                     self._cannot_start.pop(what, None)
         await self._reconcile_pipelines(deployments, None if self._held else nodes)
@@ -261,12 +274,26 @@ class ProcessDeployer:
             self.replicas.setdefault(key, []).append(replica)
             self._launch(replica)
 
-    def _unstartable(self, what: str, exc: Exception) -> None:
-        """Log why ``what`` cannot start, once per distinct reason (the deployer retries on every pass)."""
+    def _may_try(self, what: str, spec: object) -> bool:
+        """Whether to try starting ``what`` (of ``spec``) on this pass: its back-off is over, or its spec changed."""
+        failed = self._cannot_start.get(what)
+        return failed is None or failed.spec != spec or time.monotonic() >= failed.retry_at
+
+    def _unstartable(self, what: str, spec: object, exc: Exception) -> None:
+        """Log why ``what`` cannot start, once per distinct reason, and back off before trying it again.
+
+        Each failure doubles the wait (0.5 s to 30 s, backoff.py): an agent whose archive download fails does
+        not ask the manager (or S3) twice a second for ever. Another spec of it starts the back-off over.
+        """
         reason = f"{type(exc).__name__}: {exc}"
-        if self._cannot_start.get(what) != reason:
-            self._cannot_start[what] = reason
-            log.error("%s cannot start (retrying): %s", what, reason)
+        failed = self._cannot_start.get(what)
+        if failed is None or failed.reason != reason:
+            log.error("%s cannot start (retrying with back-off): %s", what, reason)
+        if failed is None or failed.spec != spec:
+            failed = _CannotStart(spec, reason, Backoff())
+            self._cannot_start[what] = failed
+        failed.reason = reason
+        failed.retry_at = time.monotonic() + failed.backoff.failed()
 
     async def _reconcile_pipelines(self, deployments: list[Deployment], nodes: list[str] | None) -> None:
         """Pipeline runtimes of the applications that need one (several stages or a shadow), this node's share.
@@ -315,10 +342,12 @@ class ProcessDeployer:
             if have >= wanted[name]:
                 continue
             what = f"the pipeline of {name}"
+            if not self._may_try(what, app):
+                continue
             try:
                 config = await self._pipeline_config(app, digest, deployments)
             except Exception as exc:
-                self._unstartable(what, exc)
+                self._unstartable(what, app, exc)
                 continue
             self._cannot_start.pop(what, None)
             if config is None:

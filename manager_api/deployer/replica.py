@@ -22,6 +22,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Generic, Literal, Protocol, TypeVar
 
+from manager_api.deployer.backoff import Backoff
 from manager_api.ports import free_port
 from manager_api.processes import ChildProcess, ProcessExited, ReadinessTimeout, http_ok
 from protos.topology import (
@@ -50,17 +51,6 @@ REPORTED: dict[ReplicaState, ReportedState] = {
     "crashed": "crash-looping",
     "stopped": "draining",
 }
-
-
-#: A pair that stayed ready this long before it crashed restarts after the shortest delay again, as the kubelet resets
-#: a container's back-off after 10 minutes of running: otherwise a replica that crashed six times, weeks apart, would
-#: wait the longest delay for good.
-BACKOFF_RESET_SECONDS = 600.0
-
-
-def backoff_delay(restarts_in_a_row: int) -> float:
-    """Seconds before the next start after ``restarts_in_a_row`` restarts: 0.5 s doubling to 30 s."""
-    return float(min(30.0, 0.5 * 2 ** min(restarts_in_a_row, 6)))
 
 
 #: Lines of a dead process's log kept in its replica's ``last_error``.
@@ -180,8 +170,8 @@ class ProcessPair(Generic[ConfigT]):
         self.state: ReplicaState = "starting"
         self.last_error: str | None = None
         self.restarts = 0
-        #: ``restarts`` when the current run of crashes began: the back-off grows with the restarts since then.
-        self._restarts_before_streak = 0
+        #: Grows with each crash; a crash after BACKOFF_RESET_SECONDS of being ready starts it over.
+        self._backoff = Backoff()
         self.crashed_at = 0.0
         #: When the pair last became ready (monotonic); 0 while it is not.
         self.ready_since = 0.0
@@ -333,17 +323,16 @@ class ProcessPair(Generic[ConfigT]):
             return
         self.state = "crashed"
         self.crashed_at = time.monotonic()
-        if self.ready_since and self.crashed_at - self.ready_since >= BACKOFF_RESET_SECONDS:
-            # It had served long enough: this crash starts a new run, not the next step of an old one.
-            self._restarts_before_streak = self.restarts
+        # A pair that served long enough starts a new run of crashes, not the next step of an old one.
+        self._backoff.failed(self.crashed_at - self.ready_since if self.ready_since else 0.0)
         self.ready_since = 0.0
         restart_at = datetime.now(UTC) + timedelta(seconds=self.restart_delay())
         await self._report(next_restart_at=restart_at.isoformat(timespec="milliseconds"))
 
     def restart_delay(self) -> float:
-        """Back-off before the next start: 0.5 s doubling to 30 s with each restart since the pair last stayed ready
-        for BACKOFF_RESET_SECONDS."""
-        return backoff_delay(self.restarts - self._restarts_before_streak)
+        """Back-off before the next start: 0.5 s doubling to 30 s with each crash since the pair last stayed ready
+        for BACKOFF_RESET_SECONDS (backoff.py)."""
+        return self._backoff.delay()
 
     async def _kill(self) -> None:
         for process in (self.runtime, self.sidecar):

@@ -472,3 +472,11 @@ def test_agent_refuses_an_advertise_address_that_is_not_an_ip(tmp_path: Path) ->
     refused = CliRunner().invoke(app, [*common, "--advertise-address", "node-1.example"])
     assert refused.exit_code == 2
     assert "must be an IP address" in refused.stderr and "'node-1.example'" in refused.stderr
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "3600", "soon"])
+def test_agent_refuses_an_etcd_timeout_that_is_not_a_deadline(tmp_path: Path, bad: str) -> None:
+    common = ["agent", "--node", "h1", "--manager", "http://127.0.0.1:1", "--data-dir", str(tmp_path)]
+    refused = CliRunner().invoke(app, [*common, "--advertise-address", "127.0.0.1", "--etcd-timeout", bad])
+    assert refused.exit_code == 2
+    assert "--etcd-timeout" in refused.stderr, refused.stderr

@@ -11,8 +11,9 @@ from pathlib import Path
 import aetcd
 import pytest
 
+from manager_api.deployer.backoff import BACKOFF_RESET_SECONDS
 from manager_api.deployer.registration import LeasedInstanceRegistry
-from manager_api.deployer.replica import BACKOFF_RESET_SECONDS, Replica, ReplicaConfig
+from manager_api.deployer.replica import Replica, ReplicaConfig
 from manager_api.etcd_server import EtcdServer
 from manager_api.store import TopologyStore
 from protos.topology import Instance, Keys, Node, ReplicaStatus
