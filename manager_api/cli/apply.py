@@ -122,7 +122,7 @@ class Applier:
 
     def apply_deployment(self, obj: DeploymentObject) -> Outcome:
         version = self.resolve(obj.model, obj.version)
-        detail = f"{obj.model}:{version}, {obj.replicas} replicas"
+        detail = f"{obj.model}:{version}, {obj.replicas} replica{'' if obj.replicas == 1 else 's'}"
         try:
             current: dict[str, Any] | None = self._client.get_deployment(obj.model, version)
         except ApiError as exc:
