@@ -212,7 +212,9 @@ def apply(
                 outcome = applier.apply(obj)
             except ApiError as exc:
                 # Say which object the API refused; what was applied before it stays applied.
-                raise ApiError(exc.status, f"{obj.source}: {obj.kind} {obj.name!r}: {exc.message}") from exc
+                raise ApiError(
+                    exc.status, f"{obj.source}: {obj.kind} {obj.name!r}: {exc.message}", foreign=exc.foreign
+                ) from exc
             outcomes.append(outcome)
             if output is OutputFormat.table:
                 out.print(escape(outcome.line()))

@@ -87,8 +87,7 @@ def not_the_manager(connection: Connection, what: str) -> str:
 
 def describe_api_error(exc: ApiError, connection: Connection) -> str:
     """The API's own ``error`` text, plus where the token came from when the token is the problem."""
-    if "\n" in exc.message.strip():
-        # The manager's errors are one line of JSON; a page of text or HTML comes from some other server.
+    if exc.foreign:
         return not_the_manager(connection, f"HTTP {exc.status} with a body that is not the API's JSON error")
     if exc.status == 401:
         return f"{exc.message} (HTTP 401; token from {connection.token_from})"

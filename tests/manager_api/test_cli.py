@@ -445,6 +445,22 @@ def test_get_of_a_name_that_matches_nothing_fails(manager: Manager) -> None:
     assert "deployment cli-ghost:3 not found" in failed(hydro(manager, "get", "deploy", "cli-ghost:3", "-o", "json"))
 
 
+def test_bad_files_are_one_line_each(manager: Manager, tmp_path: Path) -> None:
+    broken = model_folder(tmp_path, "cli-broken")
+    (broken / "serving.yaml").write_text("runtime: [python\n")
+    assert "serving.yaml" in failed(hydro(manager, "model", "push", str(broken)))
+    no_file = model_folder(tmp_path, "cli-nofile")
+    (no_file / "model.py").unlink()
+    assert "model.py" in failed(hydro(manager, "model", "push", str(no_file)))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert str(empty) in failed(hydro(manager, "apply", "-f", str(empty)))
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- a\n- b\n")
+    assert f"{listed}: document 1" in failed(hydro(manager, "apply", "-f", str(listed)))
+    assert not [key for key in manager.etcd_records() if "cli-broken" in key or "cli-nofile" in key]
+
+
 def test_an_unknown_host_is_named_not_called_refused(tmp_path: Path) -> None:
     line = one_error_line(run_hydro("get", "models", "--api", "http://no-such-host.invalid:8081", "--data-dir", "."))
     assert "at http://no-such-host.invalid:8081" in line and "connection refused" not in line
