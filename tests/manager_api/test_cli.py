@@ -396,7 +396,12 @@ def test_auth_errors_are_one_line_with_the_api_error(manager: Manager, tmp_path:
 
 def run_hydro(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """The installed `hydro` executable, as a user runs it."""
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("HYDRO_") or k == "HYDRO_TEST_SESSION"}
+    # Nor COLUMNS: output to a pipe, as a script gets it.
+    environment = {
+        k: v
+        for k, v in os.environ.items()
+        if (not k.startswith("HYDRO_") or k == "HYDRO_TEST_SESSION") and k not in ("COLUMNS", "LINES")
+    }
     environment.update(env or {})
     return subprocess.run([str(HYDRO), *args], capture_output=True, text=True, timeout=60, env=environment)
 
@@ -411,6 +416,17 @@ def test_hydro_executable_reads_the_credentials_file(manager: Manager, tmp_path:
     result = run_hydro("status", "-o", "yaml", "--data-dir", str(manager.cli_dir), env={"HYDRO_API_URL": manager.url})
     assert result.returncode == 0, result.stderr
     assert yaml.safe_load(result.stdout)["api"]["status"] == "ok"
+
+
+def test_a_table_piped_to_another_program_keeps_each_row_on_one_line(manager: Manager, tmp_path: Path) -> None:
+    # As kubectl's: `hydro get models | grep NAME` finds the whole row, digest included, however long.
+    name = "cli-piped-model-with-a-name-long-enough-to-wrap"
+    with manager.client() as client:
+        record = client.push_model(name, model_folder(tmp_path))
+    result = run_hydro("get", "models", name, "--data-dir", str(manager.cli_dir))
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines()]
+    assert len(rows) == 2 and rows[1][:4] == [name, "1", "python", record["artifact"]["digest"][:19]]
 
 
 def test_connection_refused_says_where_and_how_to_start(tmp_path: Path) -> None:
