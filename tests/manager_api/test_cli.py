@@ -475,6 +475,13 @@ def test_bad_files_are_one_line_each(manager: Manager, tmp_path: Path) -> None:
     listed.write_text("- a\n- b\n")
     assert f"{listed}: document 1" in failed(hydro(manager, "apply", "-f", str(listed)))
     assert not [key for key in manager.etcd_records() if "cli-broken" in key or "cli-nofile" in key]
+    missing = tmp_path / "missing"
+    assert f"error: {missing}: not a directory" in failed(hydro(manager, "model", "push", str(missing)))
+    # predict reads its file before calling anything: no ingress needed to be told the file is missing.
+    unread = CliRunner().invoke(app, ["predict", "iris", "--data", f"@{missing}.json"])
+    assert unread.exit_code == 1 and unread.stderr.strip() == (
+        f"error: --data {missing}.json: cannot read: No such file or directory"
+    )
 
 
 def test_an_unknown_host_is_named_not_called_refused(tmp_path: Path) -> None:
