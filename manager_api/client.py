@@ -22,12 +22,17 @@ _CHUNK = 1024 * 1024
 
 
 class ApiError(RuntimeError):
-    """The manager answered with an error; ``status`` and the server's message are kept."""
+    """The manager answered with an error; ``status`` and the server's message are kept.
 
-    def __init__(self, status: int, message: str) -> None:
+    ``foreign`` is true when the body was not the API's ``{"error": ...}`` JSON: something other than the manager
+    (a proxy's or another server's page) answered at the URL.
+    """
+
+    def __init__(self, status: int, message: str, *, foreign: bool = False) -> None:
         super().__init__(f"HTTP {status}: {message}")
         self.status = status
         self.message = message
+        self.foreign = foreign
 
 
 def model_files(folder: Path) -> list[Path]:
@@ -152,10 +157,12 @@ def _raise_for_error(response: httpx.Response) -> None:
     if not response.is_error:
         return
     try:
-        message = str(response.json().get("error", response.text))
-    except (ValueError, AttributeError):
-        message = response.text.strip() or response.reason_phrase
-    raise ApiError(response.status_code, message)
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and "error" in body:
+        raise ApiError(response.status_code, str(body["error"]))
+    raise ApiError(response.status_code, response.text.strip() or response.reason_phrase, foreign=True)
 
 
 class ManagerClient:

@@ -88,7 +88,11 @@ def parse_serving_config(text: str) -> ServingConfig:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ServingConfigError(f"serving.yaml is not valid YAML: {exc}") from exc
+        # One line (PyYAML's own text spans several, with a drawing of the line): where, then what.
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        reason = getattr(exc, "problem", None) or " ".join(str(exc).split())
+        raise ServingConfigError(f"serving.yaml is not valid YAML{where}: {reason}") from exc
     if not isinstance(raw, dict):
         raise ServingConfigError("serving.yaml must be a mapping with runtime, files and signature")
     try:

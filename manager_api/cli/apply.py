@@ -122,7 +122,7 @@ class Applier:
 
     def apply_deployment(self, obj: DeploymentObject) -> Outcome:
         version = self.resolve(obj.model, obj.version)
-        detail = f"{obj.model}:{version}, {obj.replicas} replicas"
+        detail = f"{obj.model}:{version}, {obj.replicas} replica{'' if obj.replicas == 1 else 's'}"
         try:
             current: dict[str, Any] | None = self._client.get_deployment(obj.model, version)
         except ApiError as exc:
@@ -212,7 +212,9 @@ def apply(
                 outcome = applier.apply(obj)
             except ApiError as exc:
                 # Say which object the API refused; what was applied before it stays applied.
-                raise ApiError(exc.status, f"{obj.source}: {obj.kind} {obj.name!r}: {exc.message}") from exc
+                raise ApiError(
+                    exc.status, f"{obj.source}: {obj.kind} {obj.name!r}: {exc.message}", foreign=exc.foreign
+                ) from exc
             outcomes.append(outcome)
             if output is OutputFormat.table:
                 out.print(escape(outcome.line()))

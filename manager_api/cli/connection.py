@@ -7,6 +7,7 @@ the credentials file `hydro up` wrote in ``--data-dir`` (default ``.hydro``), th
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,12 @@ def resolve(api: str | None, token: str | None, data_dir: Path) -> Connection:
     """Apply the precedence above; typer has already folded the environment variables into ``api``/``token``."""
     credentials = load_credentials(data_dir)
     where = f"{data_dir / CREDENTIALS_FILE}"
+    if credentials is None and not (api and token) and (data_dir / CREDENTIALS_FILE).exists():
+        # Falling back to the defaults would hide the file and report a puzzling 401 or refused connection.
+        fail(
+            f"{where}: not the credentials `hydro up` writes (JSON with api_url and token); "
+            f"start `hydro up` again to rewrite it, or pass --api URL and --token TOKEN"
+        )
     if api:
         api_url, api_from = api, f"--api or {API_ENV}"
     elif credentials is not None:
@@ -71,8 +78,17 @@ def fail(message: str) -> NoReturn:
     raise typer.Exit(1)
 
 
+def not_the_manager(connection: Connection, what: str) -> str:
+    """The line for an answer that no manager API gives (another server listens at the URL)."""
+    return (
+        f"{connection.api_url} (from {connection.api_from}) answered {what}: is {connection.api_url} the manager API?"
+    )
+
+
 def describe_api_error(exc: ApiError, connection: Connection) -> str:
     """The API's own ``error`` text, plus where the token came from when the token is the problem."""
+    if exc.foreign:
+        return not_the_manager(connection, f"HTTP {exc.status} with a body that is not the API's JSON error")
     if exc.status == 401:
         return f"{exc.message} (HTTP 401; token from {connection.token_from})"
     if exc.status == 403:
@@ -80,9 +96,18 @@ def describe_api_error(exc: ApiError, connection: Connection) -> str:
     return exc.message
 
 
+def transport_reason(exc: httpx.TransportError) -> str:
+    """Why a connection failed, in a few words: ``connection refused``, or the error's own text."""
+    text = str(exc).strip().rstrip(".")
+    if isinstance(exc, httpx.ConnectError) and "refused" in text.lower():
+        return "connection refused"
+    # A ConnectError also covers a name that does not resolve: say that, not "refused".
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def describe_unreachable(exc: httpx.TransportError, connection: Connection) -> str:
     """Where the CLI tried, why it failed, and how to start or point at a manager."""
-    reason = "connection refused" if isinstance(exc, httpx.ConnectError) else f"{type(exc).__name__}: {exc}"
+    reason = transport_reason(exc)
     return (
         f"cannot reach the manager API at {connection.api_url} (from {connection.api_from}): {reason}. "
         f"Start the stack with `hydro up`, or pass --api URL / set {API_ENV}."
@@ -98,6 +123,8 @@ def reported(connection: Connection) -> Iterator[None]:
         fail(describe_api_error(exc, connection))
     except httpx.TransportError as exc:
         fail(describe_unreachable(exc, connection))
+    except json.JSONDecodeError:
+        fail(not_the_manager(connection, "a success that is not the API's JSON"))
     except ManifestError as exc:
         for problem in exc.problems[:-1]:
             errors.print(f"[red]error: {escape(problem)}[/]")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import json
+import os
 from collections.abc import Sequence
 from typing import Annotated, Any
 
@@ -14,6 +15,9 @@ from rich.table import Table
 
 #: Tables and results go to stdout; result lines are not wrapped (they hold digests and URLs to copy).
 out = Console(highlight=False, soft_wrap=True)
+if not out.is_terminal and "COLUMNS" not in os.environ:
+    # Piped into grep, awk or a file: a table row stays on one line, as kubectl's do, instead of folding at 80.
+    out.width = 1000
 
 
 class OutputFormat(enum.StrEnum):

@@ -10,7 +10,7 @@ import httpx
 import typer
 from rich.markup import escape
 
-from manager_api.cli.connection import fail
+from manager_api.cli.connection import fail, transport_reason
 from manager_api.cli.output import OutputFormat, OutputOption, emit, out, table
 from manager_api.cli.root import app
 
@@ -62,20 +62,23 @@ def predict(
     try:
         response = httpx.post(url, json=body, timeout=timeout)
     except httpx.TransportError as exc:
-        reason = "connection refused" if isinstance(exc, httpx.ConnectError) else f"{type(exc).__name__}: {exc}"
         fail(
-            f"cannot reach the ingress at {ingress} ({reason}). Start the stack with `hydro up`, "
+            f"cannot reach the ingress at {ingress} ({transport_reason(exc)}). Start the stack with `hydro up`, "
             f"or pass --ingress URL / set {INGRESS_ENV}."
         )
     try:
         answer = response.json()
     except ValueError:
         answer = None
-    if response.is_error:
-        message = answer.get("error") if isinstance(answer, dict) else None
-        fail(f"{message or response.text.strip() or response.reason_phrase} (HTTP {response.status_code} from {url})")
-    if not isinstance(answer, dict):
-        fail(f"{url} answered {response.status_code} without a JSON body")
+    message = answer.get("error") if isinstance(answer, dict) else response.text.strip()
+    if response.is_error and isinstance(message, str) and message and "\n" not in message:
+        fail(f"{message} (HTTP {response.status_code} from {url})")
+    if response.is_error or not isinstance(answer, dict):
+        # Neither an inference answer nor a one-line error (a page of HTML...): some other server listens there.
+        fail(
+            f"HTTP {response.status_code} from {url} is not an Open Inference Protocol answer: "
+            f"is {ingress} the ingress?"
+        )
     if output is not OutputFormat.table:
         emit(answer, output)
         return

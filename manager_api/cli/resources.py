@@ -122,32 +122,32 @@ COLUMNS = {
 ROWS = {"models": model_rows, "deployments": deployment_rows, "applications": application_rows, "proxies": proxy_rows}
 
 
-def _not_found_is_empty(exc: ApiError) -> list[dict[str, Any]]:
-    if exc.status == 404:
-        return []
-    raise exc
-
-
 def fetch(client: ManagerClient, kind: str, name: str | None) -> list[dict[str, Any]]:
-    """The API's records of ``kind``, all of them or those named ``name`` (a deployment name may be MODEL:VERSION)."""
+    """The API's records of ``kind``: all of them, or those named ``name`` (a deployment name may be MODEL:VERSION).
+
+    As with ``kubectl get KIND NAME``, a name that matches nothing is a 404 ApiError, not an empty list.
+    """
     if kind == "models":
-        if name is None:
-            return client.list_models()
-        try:
-            return [client.get_model(name)]
-        except ApiError as exc:
-            return _not_found_is_empty(exc)
+        return client.list_models() if name is None else [client.get_model(name)]
     if kind == "deployments":
         deployments = client.list_deployments()
         if name is None:
             return deployments
         model, version = split_version(name, None)
-        return [d for d in deployments if d["model"] == model and version in (None, d["version"])]
+        found = [d for d in deployments if d["model"] == model and version in (None, d["version"])]
+        if not found:
+            raise ApiError(
+                404,
+                f"deployment {model}:{version} not found"
+                if version is not None
+                else f"no deployment of model {model!r}",
+            )
+        return found
     if kind == "applications":
-        applications = client.list_applications()
-        return [a for a in applications if name in (None, a["name"])]
-    proxies = client.list_proxies()
-    return [p for p in proxies if name in (None, p["node_id"])]
+        if name is None:
+            return client.list_applications()
+        return [client.get_application(name)]
+    return client.list_proxies() if name is None else [client.get_proxy(name)]
 
 
 def sort_records(kind: str, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -176,8 +176,7 @@ def get(
         emit(records, output)
         return
     if not records:
-        what = f"{canonical} named {name!r}" if name else canonical
-        out.print(f"No {escape(what)}.")
+        out.print(f"No {canonical}.")
         return
     out.print(table(None, COLUMNS[canonical], ROWS[canonical](records)))
 
@@ -261,7 +260,8 @@ def render_description(kind: str, record: dict[str, Any]) -> None:
         )
         rows = [
             [index, v["model"], v["version"], f"{v['weight']}%"]
-            for index, stage in enumerate(record["stages"])
+            # Counted from 1, as the application's status and the x-hydro-stages header count them.
+            for index, stage in enumerate(record["stages"], start=1)
             for v in stage["variants"]
         ]
         out.print(table("Stages", ("STAGE", "MODEL", "VERSION", "WEIGHT"), rows))

@@ -149,7 +149,7 @@ def test_apply_creates_configures_and_leaves_unchanged(manager: Manager, tmp_pat
     first = ok(hydro(manager, "apply", "-f", str(manifests)))
     assert first.splitlines() == [
         "model/cli-apply created (version 1)",
-        "deployment/cli-apply created (cli-apply:1, 1 replicas)",
+        "deployment/cli-apply created (cli-apply:1, 1 replica)",
         "application/cli-app created (cli-apply:1 100%)",
     ]
     records = manager.etcd_records()
@@ -316,7 +316,8 @@ def test_push_get_describe_delete(manager: Manager, tmp_path: Path) -> None:
     text = ok(hydro(manager, "describe", "model", "cli-push"))
     assert "Signature (version 2)" in text and "FP32" in text
     app_text = ok(hydro(manager, "describe", "app", "cli-push-app"))
-    assert "cli-push" in app_text and "100%" in app_text
+    # Stages are counted from 1, as in the application's status and the x-hydro-stages header.
+    assert ["1", "cli-push", "1", "100%"] in [line.split() for line in app_text.splitlines()]
 
     # The API's refusal is one red line with its own words.
     message = failed(hydro(manager, "delete", "model", "cli-push", "--version", "1"))
@@ -328,7 +329,8 @@ def test_push_get_describe_delete(manager: Manager, tmp_path: Path) -> None:
     assert deleted.splitlines() == ["model/cli-push:2 deleted", "model/cli-push:1 deleted"]
     assert not [key for key in manager.etcd_records() if "cli-push" in key]
     assert "not found" in failed(hydro(manager, "describe", "model", "cli-push"))
-    assert json.loads(ok(hydro(manager, "get", "models", "cli-push", "-o", "json"))) == []
+    # As `kubectl get KIND NAME`: a name that matches nothing is an error, not an empty list.
+    assert "model 'cli-push' not found" in failed(hydro(manager, "get", "models", "cli-push", "-o", "json"))
     assert "unknown kind 'gadgets'" in failed(hydro(manager, "get", "gadgets"))
 
 
@@ -394,7 +396,12 @@ def test_auth_errors_are_one_line_with_the_api_error(manager: Manager, tmp_path:
 
 def run_hydro(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """The installed `hydro` executable, as a user runs it."""
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("HYDRO_") or k == "HYDRO_TEST_SESSION"}
+    # Nor COLUMNS: output to a pipe, as a script gets it.
+    environment = {
+        k: v
+        for k, v in os.environ.items()
+        if (not k.startswith("HYDRO_") or k == "HYDRO_TEST_SESSION") and k not in ("COLUMNS", "LINES")
+    }
     environment.update(env or {})
     return subprocess.run([str(HYDRO), *args], capture_output=True, text=True, timeout=60, env=environment)
 
@@ -411,6 +418,17 @@ def test_hydro_executable_reads_the_credentials_file(manager: Manager, tmp_path:
     assert yaml.safe_load(result.stdout)["api"]["status"] == "ok"
 
 
+def test_a_table_piped_to_another_program_keeps_each_row_on_one_line(manager: Manager, tmp_path: Path) -> None:
+    # As kubectl's: `hydro get models | grep NAME` finds the whole row, digest included, however long.
+    name = "cli-piped-model-with-a-name-long-enough-to-wrap"
+    with manager.client() as client:
+        record = client.push_model(name, model_folder(tmp_path))
+    result = run_hydro("get", "models", name, "--data-dir", str(manager.cli_dir))
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines()]
+    assert len(rows) == 2 and rows[1][:4] == [name, "1", "python", record["artifact"]["digest"][:19]]
+
+
 def test_connection_refused_says_where_and_how_to_start(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{free_port()}"
     result = run_hydro("get", "models", "--api", url, "--data-dir", str(tmp_path))
@@ -422,6 +440,85 @@ def test_connection_refused_says_where_and_how_to_start(tmp_path: Path) -> None:
     # The address from the environment, and no credentials file: still one line saying where it tried.
     result = run_hydro("status", "--data-dir", str(tmp_path / "empty"), env={"HYDRO_API_URL": url})
     assert result.returncode == 1 and f"at {url} (from --api or HYDRO_API_URL)" in result.stderr
+
+
+def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+    """The only line of a failed `hydro` run: exit 1, nothing on stdout, one `error:` line (no traceback)."""
+    assert result.returncode == 1 and result.stdout == "", (result.returncode, result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def test_get_of_a_name_that_matches_nothing_fails(manager: Manager) -> None:
+    for kind, problem in [
+        ("models", "model 'cli-ghost' not found"),
+        ("apps", "application 'cli-ghost' not found"),
+        ("deploy", "no deployment of model 'cli-ghost'"),
+        ("proxies", "proxy 'cli-ghost' not found"),
+    ]:
+        assert problem in failed(hydro(manager, "get", kind, "cli-ghost"))
+    assert "deployment cli-ghost:3 not found" in failed(hydro(manager, "get", "deploy", "cli-ghost:3", "-o", "json"))
+
+
+def test_bad_files_are_one_line_each(manager: Manager, tmp_path: Path) -> None:
+    broken = model_folder(tmp_path, "cli-broken")
+    (broken / "serving.yaml").write_text("runtime: [python\n")
+    assert "serving.yaml" in failed(hydro(manager, "model", "push", str(broken)))
+    no_file = model_folder(tmp_path, "cli-nofile")
+    (no_file / "model.py").unlink()
+    assert "model.py" in failed(hydro(manager, "model", "push", str(no_file)))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert str(empty) in failed(hydro(manager, "apply", "-f", str(empty)))
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- a\n- b\n")
+    assert f"{listed}: document 1" in failed(hydro(manager, "apply", "-f", str(listed)))
+    assert not [key for key in manager.etcd_records() if "cli-broken" in key or "cli-nofile" in key]
+    missing = tmp_path / "missing"
+    assert f"error: {missing}: not a directory" in failed(hydro(manager, "model", "push", str(missing)))
+    # predict reads its file before calling anything: no ingress needed to be told the file is missing.
+    unread = CliRunner().invoke(app, ["predict", "iris", "--data", f"@{missing}.json"])
+    assert unread.exit_code == 1 and unread.stderr.strip() == (
+        f"error: --data {missing}.json: cannot read: No such file or directory"
+    )
+
+
+def test_an_unknown_host_is_named_not_called_refused(tmp_path: Path) -> None:
+    line = one_error_line(run_hydro("get", "models", "--api", "http://no-such-host.invalid:8081", "--data-dir", "."))
+    assert "at http://no-such-host.invalid:8081" in line and "connection refused" not in line
+
+
+def test_a_damaged_credentials_file_is_named(manager: Manager, tmp_path: Path) -> None:
+    path = tmp_path / "credentials.json"
+    path.write_text("{not json")
+    line = one_error_line(run_hydro("status", "--data-dir", str(tmp_path)))
+    assert line.startswith(f"error: {path}: ") and "--token" in line
+    # With both --api and --token the file is not needed, so its damage does not matter.
+    ok_run = run_hydro(
+        "get", "models", "--api", manager.url, "--token", manager.admin_token, "--data-dir", str(tmp_path)
+    )
+    assert ok_run.returncode == 0, ok_run.stderr
+
+
+def test_a_server_that_is_not_the_manager_or_the_ingress_is_one_line(tmp_path: Path) -> None:
+    # A real HTTP server that is neither: 200 with plain text for /healthz, HTML error pages for everything else.
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "healthz").write_text("hello\n")
+    port = free_port()
+    argv = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(www)]
+    process = ChildProcess("http.server", argv, log_path=tmp_path / "http.log").start()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        process.wait_ready(lambda: http_ok(f"{url}/healthz"), 30)
+        common = ("--api", url, "--token", "t", "--data-dir", str(tmp_path))
+        for args in [("status",), ("get", "models"), ("describe", "model", "iris")]:
+            assert f"is {url} the manager API?" in one_error_line(run_hydro(*args, *common))
+        line = one_error_line(run_hydro("predict", "iris", "--data", "[]", "--ingress", url))
+        assert "HTTP 501" in line and f"is {url} the ingress?" in line
+    finally:
+        process.stop()
 
 
 @pytest.fixture
