@@ -78,6 +78,8 @@ def up(
 ) -> None:
     """Start etcd, xds_control, manager_api and the ingress Envoy on this machine; Ctrl-C stops them all."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # httpx logs every request at INFO: the demo's and the readiness polls' would bury what the stack says.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     if otlp_endpoint is not None:
         try:
             parse_endpoint(otlp_endpoint)

@@ -39,6 +39,8 @@ def test_demo_deploys_iris_and_the_three_stage_pipeline(tmp_path: Path) -> None:
         text = log.read_text()
         assert "The demo application 'iris' answered through the ingress: label [0, 2]" in text
         assert "The demo application 'iris-pipeline' answered: species [0, 2]" in text
+        # The demo's and the readiness polls' requests are not each a log line (httpx logs them at INFO).
+        assert "HTTP Request:" not in text
 
         curls = _printed_curls(text)
         assert set(curls) == {"iris", "iris-pipeline"}
