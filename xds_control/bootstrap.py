@@ -60,6 +60,12 @@ def envoy_process(name: str, bootstrap: str, workdir: Path, admin_port: int, log
             str(config),
             # Several Envoys on one machine: each needs its own shared-memory base id.
             "--use-dynamic-base-id",
+            # A listener replaced by xDS (tracing on or off, a changed filter) closes its open connections at their
+            # next request, as Istio's sidecars do. Envoy's gradual default closes each with a chance that grows
+            # over the 10-minute drain time, so a long-lived HTTP/2 connection between two proxies could keep the
+            # old filter chain for minutes: a collector that came back got traces without the sidecar's span.
+            "--drain-strategy",
+            "immediate",
             "--log-level",
             log_level,
         ],

@@ -52,6 +52,23 @@ def test_a_dead_collector_slows_nothing_floods_no_log_and_tracing_resumes_with_i
                 return any(s.service.startswith("runtime") for s in spans) and trace_id is not None
 
             collector.wait_for(traced_again, 20, "runtime spans at the new collector")
+
+            # The sidecar's traced listener serves the ingress's connections too, not only new ones: those opened
+            # before it got it are closed at once (Envoy's immediate drain), so the next requests are whole traces
+            # (with the gradual default a few requests a second stayed on the old, untraced listener for minutes).
+            trace_ids = []
+            for _ in range(5):
+                trace_ids.append(stack.rest().headers[TRACE_HEADER])
+                time.sleep(0.2)  # requests spread over a second, as a user sends them (not a readiness wait)
+
+            def whole(spans: list[ReceivedSpan]) -> bool:
+                services = {trace_id: set[str]() for trace_id in trace_ids[2:]}
+                for span in spans:
+                    if span.trace_id in services:
+                        services[span.trace_id].add(span.service.split(" ")[0])
+                return all(found == {"ingress", "sidecar", "runtime"} for found in services.values())
+
+            collector.wait_for(whole, 15, "whole traces (ingress, sidecar, runtime) of requests after the return")
         finally:
             collector.stop()
         log = stack.runtime_log()
