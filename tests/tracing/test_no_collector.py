@@ -56,10 +56,7 @@ def test_a_dead_collector_slows_nothing_floods_no_log_and_tracing_resumes_with_i
             # The sidecar's traced listener serves the ingress's connections too, not only new ones: those opened
             # before it got it are closed at once (Envoy's immediate drain), so the next requests are whole traces
             # (with the gradual default a few requests a second stayed on the old, untraced listener for minutes).
-            trace_ids = []
-            for _ in range(5):
-                trace_ids.append(stack.rest().headers[TRACE_HEADER])
-                time.sleep(0.2)  # requests spread over a second, as a user sends them (not a readiness wait)
+            trace_ids = [stack.rest().headers[TRACE_HEADER] for _ in range(5)]
 
             def whole(spans: list[ReceivedSpan]) -> bool:
                 services = {trace_id: set[str]() for trace_id in trace_ids[2:]}
