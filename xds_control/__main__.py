@@ -17,7 +17,7 @@ from protos.topology import DEFAULT_PREFIX, Keys
 from tracing.collector_watch import CollectorWatch
 from tracing.provider import setup_tracing
 from tracing.settings import InvalidEndpoint, TracingSettings, parse_endpoint, with_ca_file
-from xds_control.controller import Controller
+from xds_control.controller import Controller, Translator
 from xds_control.convergence import ConvergenceTracker
 from xds_control.etcd_watch import ETCD_CLIENT_OPTIONS, EtcdTopologyWatch
 from xds_control.metrics import MetricsCallbacks, XdsMetrics
@@ -28,6 +28,7 @@ from xds_control.server import AdsServer, StreamCallbacks
 from xds_control.snapshot import SnapshotCache
 from xds_control.status import ProxyStatusWriter
 from xds_control.tracing_config import EnvoyTracing
+from xds_control.translate import snapshot_for
 
 log = logging.getLogger("xds_control")
 
@@ -83,8 +84,13 @@ def envoy_tracing(endpoint: str | None, sampling_percent: float) -> EnvoyTracing
     return EnvoyTracing(collector, sampling_percent) if collector is not None else None
 
 
-async def serve(args: argparse.Namespace, push_spans: PushSpans | None = None) -> None:
-    """Run the ADS server and the etcd watch until SIGTERM or SIGINT; ``push_spans`` traces the pushes."""
+async def serve(
+    args: argparse.Namespace, push_spans: PushSpans | None = None, translate: Translator = snapshot_for
+) -> None:
+    """Run the ADS server and the etcd watch until SIGTERM or SIGINT; ``push_spans`` traces the pushes.
+
+    ``translate`` builds each node's snapshot (the Controller's seam; tests inject resources Envoy refuses).
+    """
     host, _, port = args.etcd.rpartition(":")
     client = aetcd.Client(host=host or "127.0.0.1", port=int(port), options=ETCD_CLIENT_OPTIONS)
     await client.connect()
@@ -101,6 +107,7 @@ async def serve(args: argparse.Namespace, push_spans: PushSpans | None = None) -
         max_request_bytes=args.max_request_mb * 2**20,
         tracing=args.tracing,
         push_spans=push_spans,
+        translate=translate,
     )
     nodes = ObservedNodes(controller, metrics, status)
     loop = asyncio.get_running_loop()
@@ -162,7 +169,8 @@ async def serve(args: argparse.Namespace, push_spans: PushSpans | None = None) -
     await client.close()
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, translate: Translator = snapshot_for) -> None:
+    """Parse ``argv`` and serve until stopped; ``translate`` as in ``serve``."""
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     environ = dict(os.environ)
@@ -172,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     # Built only when spans can be exported: with tracing off a push costs no tracing work at all.
     push_spans = PushSpans() if tracing.configured else None
     try:
-        asyncio.run(serve(args, push_spans))
+        asyncio.run(serve(args, push_spans, translate))
     finally:
         tracing.shutdown()
 
