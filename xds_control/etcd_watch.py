@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import aetcd
 from aetcd import rpc
@@ -64,26 +64,29 @@ class EtcdTopologyWatch:
                 backoff = min(backoff * 2, 5.0)
 
     async def _load(self) -> None:
+        self._records.reload([(key, value) async for key, value in self._read_all()])
+        # A full read is no change: the writes behind the records it found were published before (or are lost
+        # to the watch failure that made it read again).
+        self._records.take_writes()
+        self._publish()
+
+    async def _read_all(self) -> AsyncIterator[tuple[str, bytes]]:
+        """Every key and value under the prefix at one revision (which becomes ``self._revision``)."""
         # Paged at one revision: a single range of 10,000 deployments is ~15 MB, past gRPC's message limits,
         # and pages read at the first page's revision still form one consistent cut.
         prefix = self._keys.prefix.encode()
         end = prefix_range_end(prefix)
         start, revision = prefix, 0
-        self._records.clear()
         while True:
             request = rpc.RangeRequest(key=start, range_end=end, limit=READ_PAGE, revision=revision)
             response = await self._client.kvstub.Range(request, timeout=60)
             revision = revision or response.header.revision
             for kv in response.kvs:
-                self._records.put(kv.key.decode(), kv.value)
+                yield kv.key.decode(), kv.value
             if not response.more or not response.kvs:
                 break
             start = response.kvs[-1].key + b"\0"
         self._revision = revision
-        # A full read is no change: the writes behind the records it found were published before (or are lost
-        # to the watch failure that made it read again).
-        self._records.take_writes()
-        self._publish()
 
     def _publish(self, observed_at: float = 0.0) -> None:
         self._consumer(self._records.topology(self._revision, observed_at, self._records.take_writes()))

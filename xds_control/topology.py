@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,8 +39,7 @@ class Topology:
     def from_kvs(cls, keys: Keys, kvs: Mapping[str, bytes], revision: int, observed_at: float = 0.0) -> Topology:
         """Parse every key under the prefix; a value that cannot be used is logged and skipped, never fatal."""
         records = TopologyRecords(keys)
-        for key, value in kvs.items():
-            records.put(key, value)
+        records.reload(kvs.items())
         return records.topology(revision, observed_at)
 
     def ready_endpoints(self, model: str, version: int) -> list[tuple[str, int]]:
@@ -71,8 +70,10 @@ class TopologyRecords:
     Parsing is the costly part of reading the state (pydantic validation of every value); keeping the parsed
     records means a change to one key costs one parse, and a Topology is assembled from them without any.
 
-    A value that cannot be used (it does not parse, or Envoy would refuse what it becomes: record_checks) is
-    left out, one key at a time, and logged once.
+    A value that cannot be used (it does not parse, or Envoy would refuse what it becomes: record_checks) leaves
+    the key's last good value in place, so a typo written with etcdctl never takes a working application (or
+    endpoint) away; the key's record goes only when the key is deleted. A key whose first value is unusable has
+    no last good value: it is left out until a usable one comes. Each unusable value is logged once.
     """
 
     def __init__(self, keys: Keys) -> None:
@@ -89,14 +90,17 @@ class TopologyRecords:
     def _all(self) -> tuple[dict[str, Any], ...]:
         return (self._models, self._deployments, self._applications, self._instances, self._pipelines)
 
-    def clear(self) -> None:
-        for records in self._all():
-            records.clear()
+    def reload(self, kvs: Iterable[tuple[str, bytes]]) -> None:
+        """Take a full read of the state: every (key, value) is put, every key not among them is deleted."""
+        seen = set()
+        for key, value in kvs:
+            seen.add(key)
+            self.put(key, value)
+        for key in {k for records in (*self._all(), self._unusable) for k in records} - seen:
+            self.delete(key)
 
     def put(self, key: str, value: bytes) -> None:
-        """Parse and keep one value; an unusable one is logged and removes what the key held."""
-        for records in self._all():
-            records.pop(key, None)
+        """Parse and keep one value; an unusable one is logged and leaves the key's last good value."""
         kind = self._keys.kind_of(key)
         schema = _SCHEMAS.get(kind or "")
         if schema is None:
@@ -128,7 +132,9 @@ class TopologyRecords:
         if self._unusable.get(key) == value:
             return
         self._unusable[key] = value
-        log.error("ignoring %s: %s", key, reason)
+        kept = any(key in records for records in self._all())
+        outcome = "its last good value stays" if kept else "left out (no good value of it seen)"
+        log.error("ignoring %s: %s; %s", key, reason, outcome)
 
     def take_writes(self) -> tuple[str, ...]:
         """The trace contexts of the records put since the last call, oldest first; forgets them."""

@@ -356,3 +356,45 @@ def test_records_envoy_would_refuse_are_left_out_one_key_at_a_time(
     log = stack.xds_log.read_text()
     assert "rejected" not in log, "nothing was sent that Envoy had to reject"
     assert f"ignoring {keys.application('paused')}: stage 1: variant weights sum to 0" in log
+
+
+def test_an_invalid_value_keeps_the_application_envoy_has_until_a_good_one_comes(
+    etcd_server: EtcdServer, etcd_prefix: str, stack: Ingress
+) -> None:
+    keys = Keys(etcd_prefix)
+
+    def weights() -> dict[str, int]:
+        for c in stack.dynamic("Routes"):
+            for route in c["virtual_hosts"][0]["routes"]:
+                if route["name"] == "app|shop|rest":
+                    action = route["route"]
+                    if "cluster" in action:
+                        return {action["cluster"]: 100}
+                    return {w["name"]: w["weight"] for w in action["weighted_clusters"]["clusters"]}
+        return {}
+
+    asyncio.run(
+        _put(
+            etcd_server.endpoint,
+            {
+                keys.model_version("m", 1): _model("m", 1),
+                keys.model_version("m", 2): _model("m", 2),
+                keys.application("shop"): _app("shop", [("m", 1, 100)]),
+            },
+        )
+    )
+    wait_until(lambda: weights() == {"model|m|1": 100}, 10, "the application in Envoy")
+
+    # A typo written with etcdctl: not a valid record. The application Envoy has must stay.
+    typo = '{"schema_version": 1, "name": "shop", "stages": [{"varaints": [{"model": "m", "version": 2}]}]}'
+    asyncio.run(_put(etcd_server.endpoint, {keys.application("shop"): typo}))
+    # A later change is pushed: the state after the typo has reached Envoy.
+    asyncio.run(_put(etcd_server.endpoint, {keys.application("later"): _app("later", [("m", 1, 100)])}))
+    wait_until(lambda: "app|later|rest" in _route_names(stack), 10, "a later application's route")
+    assert weights() == {"model|m|1": 100}, "the last good value of the key is still served"
+    assert httpx.post(f"{stack.url}/v2/models/shop/infer", json={}).status_code != 404
+    assert f"ignoring {keys.application('shop')}: not a valid record" in stack.xds_log.read_text()
+
+    # The corrected value applies.
+    asyncio.run(_put(etcd_server.endpoint, {keys.application("shop"): _app("shop", [("m", 1, 50), ("m", 2, 50)])}))
+    wait_until(lambda: weights() == {"model|m|1": 50, "model|m|2": 50}, 10, "the corrected application in Envoy")

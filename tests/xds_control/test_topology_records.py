@@ -1,5 +1,5 @@
 """TopologyRecords takes a record into the topology only if Envoy can take what it becomes; a value it cannot use
-is left out, with one error log naming the key and the reason.
+leaves the key's last good value in place (one error log naming the key and the reason).
 """
 
 from __future__ import annotations
@@ -79,3 +79,44 @@ def test_a_deployment_of_a_model_name_envoy_would_refuse_is_left_out(caplog: pyt
     records.put(key, Deployment(model="m?x", version=1, replicas=1).model_dump_json().encode())
     assert records.topology(1).deployments == {}
     assert any(key in e and "model name 'm?x'" in e for e in _errors(caplog))
+
+
+def test_an_invalid_value_keeps_the_last_good_one_until_the_key_is_deleted(caplog: pytest.LogCaptureFixture) -> None:
+    records = TopologyRecords(KEYS)
+    key = KEYS.application("shop")
+    good = _app("shop", [("m", 100)])
+    records.put(key, good)
+    records.put(key, b'{"schema_version": 1, "name": "shop", "stages": [{"varaints": []}]}')
+    assert records.topology(2).applications["shop"] == Application.model_validate_json(good)
+    assert any(key in e and "varaints" in e for e in _errors(caplog))
+
+    # One that Envoy would refuse keeps it too.
+    records.put(key, _app("shop", [("m", 0)]))
+    assert records.topology(3).applications["shop"] == Application.model_validate_json(good)
+
+    better = _app("shop", [("m", 50), ("n", 50)])
+    records.put(key, better)
+    assert records.topology(4).applications["shop"] == Application.model_validate_json(better)
+
+    records.delete(key)
+    assert records.topology(5).applications == {}
+
+
+def test_a_first_value_that_is_invalid_is_left_out(caplog: pytest.LogCaptureFixture) -> None:
+    records = TopologyRecords(KEYS)
+    key = KEYS.application("shop")
+    records.put(key, b"not json")
+    assert records.topology(1).applications == {}
+    errors = _errors(caplog)
+    assert len(errors) == 1 and key in errors[0]
+
+
+def test_a_full_read_keeps_last_good_values_and_drops_keys_that_are_gone() -> None:
+    records = TopologyRecords(KEYS)
+    shop, gone = KEYS.application("shop"), KEYS.application("gone")
+    good = _app("shop", [("m", 100)])
+    records.put(shop, good)
+    records.put(gone, _app("gone", [("m", 100)]))
+    # What a full read finds: shop now holds garbage, gone has been deleted meanwhile.
+    records.reload([(shop, b"{")])
+    assert records.topology(2).applications == {"shop": Application.model_validate_json(good)}
