@@ -1,4 +1,4 @@
-"""Whether a parsed etcd record can go into the topology: what Envoy would refuse.
+"""Whether a parsed etcd record can go into the topology: what Envoy would refuse, and bodies that disagree with keys.
 
 The manager validates what it writes, but etcd takes anything (etcdctl, a deployer bug). A record that is valid
 JSON of its schema can still become configuration Envoy rejects, and Envoy rejects a whole response for one bad
@@ -14,6 +14,7 @@ from protos.topology import (
     Application,
     Deployment,
     Instance,
+    Keys,
     ModelVersion,
     PipelineInstance,
     is_valid_name,
@@ -22,14 +23,35 @@ from protos.topology import (
 TopologyRecord = ModelVersion | Deployment | Application | Instance | PipelineInstance
 
 
-def record_problem(record: TopologyRecord) -> str | None:
-    """Why ``record`` cannot go into the topology; None when it can."""
+def record_problem(keys: Keys, key: str, record: TopologyRecord) -> str | None:
+    """Why ``record``, stored at ``key``, cannot go into the topology; None when it can."""
+    problem = _key_problem(keys, key, record)
+    if problem is not None:
+        return problem
     if isinstance(record, Application):
         return application_problem(record)
     if isinstance(record, Deployment):
         return _name_problem("model name", record.model)
     if isinstance(record, Instance | PipelineInstance):
         return endpoint_problem(record.address, record.port)
+    return None
+
+
+def _key_problem(keys: Keys, key: str, record: TopologyRecord) -> str | None:
+    # The key is the record's identity (DESIGN.md's etcd schema): the topology is indexed by the names in the
+    # body, so a body naming another record would stand in for that one (and vanish with the wrong key).
+    if isinstance(record, ModelVersion):
+        expected = keys.model_version(record.name, record.version)
+    elif isinstance(record, Deployment):
+        expected = keys.deployment(record.model, record.version)
+    elif isinstance(record, Application):
+        expected = keys.application(record.name)
+    elif isinstance(record, Instance):
+        expected = keys.instance(record.model, record.version, record.id)
+    else:
+        expected = keys.pipeline(record.app, record.id)
+    if expected != key:
+        return f"its body is the record of {expected}, not of this key"
     return None
 
 

@@ -110,7 +110,7 @@ class TopologyRecords:
         except ValidationError as exc:
             self._unusable_value(key, value, f"not a valid record: {exc.errors()[:1]}")
             return
-        problem = record_problem(record)
+        problem = record_problem(self._keys, key, record)
         if problem is not None:
             self._unusable_value(key, value, problem)
             return

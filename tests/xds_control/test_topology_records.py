@@ -1,5 +1,5 @@
-"""TopologyRecords takes a record into the topology only if Envoy can take what it becomes; a value it cannot use
-leaves the key's last good value in place (one error log naming the key and the reason).
+"""TopologyRecords takes a record into the topology only if Envoy can take what it becomes, and its body agrees
+with its key; a value it cannot use leaves the key's last good value in place (one error log naming key and reason).
 """
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ from protos.topology import (
     Application,
     Artifact,
     Deployment,
+    Instance,
     Keys,
     ModelVersion,
+    PipelineInstance,
     ShadowVariant,
     Signature,
     Stage,
@@ -120,3 +122,36 @@ def test_a_full_read_keeps_last_good_values_and_drops_keys_that_are_gone() -> No
     # What a full read finds: shop now holds garbage, gone has been deleted meanwhile.
     records.reload([(shop, b"{")])
     assert records.topology(2).applications == {"shop": Application.model_validate_json(good)}
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        (KEYS.application("copy"), _app("shop", [("m", 100)])),
+        (KEYS.deployment("m", 2), Deployment(model="m", version=1, replicas=1).model_dump_json().encode()),
+        (
+            KEYS.instance("m", 1, "a"),
+            Instance(model="m", version=1, id="b", node="n", address="127.0.0.1", port=1).model_dump_json().encode(),
+        ),
+        (
+            KEYS.pipeline("shop", "a"),
+            PipelineInstance(app="other", id="a", node="n", address="127.0.0.1", port=1, spec_digest="d")
+            .model_dump_json()
+            .encode(),
+        ),
+        (KEYS.model_version("m", 1), _model_version("m", 2)),
+    ],
+)
+def test_a_record_whose_body_names_another_key_is_left_out(
+    key: str, value: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    records = TopologyRecords(KEYS)
+    shop = _app("shop", [("m", 100)])
+    records.put(KEYS.application("shop"), shop)
+    records.put(key, value)
+    topology = records.topology(1)
+    # The key is the record's identity (DESIGN.md): a body naming another one does not stand in for it.
+    assert topology.applications == {"shop": Application.model_validate_json(shop)}
+    assert topology.deployments == {} and topology.instances == {} and topology.pipelines == {}
+    assert topology.models == {}
+    assert any(key in e for e in _errors(caplog)), _errors(caplog)
