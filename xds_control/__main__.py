@@ -19,7 +19,7 @@ from tracing.provider import setup_tracing
 from tracing.settings import InvalidEndpoint, TracingSettings, parse_endpoint, with_ca_file
 from xds_control.controller import Controller, Translator
 from xds_control.convergence import ConvergenceTracker
-from xds_control.etcd_watch import ETCD_CLIENT_OPTIONS, EtcdTopologyWatch
+from xds_control.etcd_watch import ETCD_CLIENT_OPTIONS, WATCH_CLIENT_OPTIONS, WATCH_TIMEOUT_S, EtcdTopologyWatch
 from xds_control.metrics import MetricsCallbacks, XdsMetrics
 from xds_control.observers import FanOutCallbacks, ObservedNodes
 from xds_control.push_spans import PushSpans
@@ -41,6 +41,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=18000, help="ADS gRPC port")
     parser.add_argument("--quiet-ms", type=float, default=30, help="debounce: quiet period after an etcd event")
     parser.add_argument("--max-delay-ms", type=float, default=300, help="debounce: longest delay of a push")
+    parser.add_argument(
+        "--etcd-watch-timeout",
+        type=float,
+        default=WATCH_TIMEOUT_S,
+        help="seconds without any answer on the etcd watch (a progress notification is asked for every third of "
+        "it) after which the watch is taken for dead and started again on a new connection",
+    )
     parser.add_argument("--metrics-host", default="127.0.0.1", help="address of the Prometheus /metrics endpoint")
     parser.add_argument("--metrics-port", type=int, default=0, help="port of /metrics (0: not served)")
     parser.add_argument(
@@ -139,12 +146,16 @@ async def serve(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     bound = server.add_insecure_port(f"{args.host}:{args.port}")
     await server.start()
+    # A client of its own: the watch reconnects it when its stream goes silent.
+    watch_client = aetcd.Client(host=host or "127.0.0.1", port=int(port), options=WATCH_CLIENT_OPTIONS)
+    await watch_client.connect()
     watch = EtcdTopologyWatch(
-        client,
+        watch_client,
         keys,
         controller.apply,
         quiet=args.quiet_ms / 1000,
         max_delay=args.max_delay_ms / 1000,
+        timeout=args.etcd_watch_timeout,
     )
     watch_task = asyncio.create_task(watch.run())
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -166,6 +177,7 @@ async def serve(
     if push_spans is not None:
         push_spans.close()
     await status.stop()
+    await watch_client.close()
     await client.close()
 
 

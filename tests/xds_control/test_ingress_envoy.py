@@ -97,14 +97,20 @@ XDS_CONTROL = ("-m", "xds_control")
 
 @contextlib.contextmanager
 def ingress_stack(
-    etcd_server: EtcdServer, etcd_prefix: str, tmp_path: Path, api_type: str, program: Sequence[str] = XDS_CONTROL
+    etcd_server: EtcdServer,
+    etcd_prefix: str,
+    tmp_path: Path,
+    api_type: str,
+    program: Sequence[str] = XDS_CONTROL,
+    etcd_endpoint: str | None = None,
+    extra_args: Sequence[str] = (),
 ) -> Iterator[Ingress]:
-    """Start xds_control (``program``: the interpreter's arguments before xds_control's own), then an ingress Envoy
-    with ``api_type`` ADS; stop both on exit."""
+    """Start xds_control (``program``: the interpreter's arguments before xds_control's own; it reaches etcd at
+    ``etcd_endpoint``, by default the server's own), then an ingress Envoy with ``api_type`` ADS; stop both on exit."""
     xds_port = free_port()
     log = tmp_path / "xds.log"
-    argv = [sys.executable, *program, "--etcd", etcd_server.endpoint, "--prefix", etcd_prefix]
-    argv += ["--port", str(xds_port), "--log-level", "DEBUG"]
+    argv = [sys.executable, *program, "--etcd", etcd_endpoint or etcd_server.endpoint, "--prefix", etcd_prefix]
+    argv += ["--port", str(xds_port), "--log-level", "DEBUG", *extra_args]
     control_planes: list[ChildProcess] = []
 
     def start_control_plane() -> None:
