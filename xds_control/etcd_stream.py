@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
 
 import grpc
@@ -44,7 +44,7 @@ async def watch_prefix(
     start_revision: int,
     stall_after: float,
     metadata: Sequence[tuple[str, str]] = (),
-) -> AsyncIterator[Sequence[Any]]:
+) -> AsyncGenerator[Sequence[Any], None]:
     """Yield the events (``mvccpb.Event``) of each watch response under ``prefix`` from ``start_revision`` on.
 
     Raises WatchStalled when nothing (not even the answer to a progress request) arrives within ``stall_after``
