@@ -45,7 +45,8 @@ async def watch_prefix(
     stall_after: float,
     metadata: Sequence[tuple[str, str]] = (),
 ) -> AsyncGenerator[Sequence[Any], None]:
-    """Yield the events (``mvccpb.Event``) of each watch response under ``prefix`` from ``start_revision`` on.
+    """Yield the events (``mvccpb.Event``) of each watch response under ``prefix`` from ``start_revision`` on;
+    the first batch, empty, once etcd has created the watch (it answers: the stream works).
 
     Raises WatchStalled when nothing (not even the answer to a progress request) arrives within ``stall_after``
     seconds, WatchCompacted when ``start_revision`` is gone, ConnectionError when etcd cancels the watch (a member
@@ -78,7 +79,7 @@ async def watch_prefix(
                 raise WatchCompacted(f"revision {start_revision} is compacted (to {response.compact_revision})")
             if response.canceled:
                 raise ConnectionError(f"etcd cancelled the watch: {response.cancel_reason or 'no reason given'}")
-            if response.events:
+            if response.created or response.events:
                 yield response.events
     finally:
         ticker.cancel()

@@ -59,6 +59,8 @@ class EtcdTopologyWatch:
         self._max_delay = max_delay
         self._records = TopologyRecords(keys)
         self._revision = 0
+        #: Watch attempts in a row that stalled (the current outage's).
+        self._stalls = 0
 
     async def run(self) -> None:
         """Run until cancelled: after a silent watch, watch again from the last revision; after any other
@@ -75,7 +77,14 @@ class EtcdTopologyWatch:
             except asyncio.CancelledError:
                 raise
             except WatchStalled as exc:
-                log.warning("etcd watch stalled (%s); watching again from revision %d", exc, self._revision + 1)
+                # One warning per outage (a long one stalls every attempt), one info line when it is over.
+                self._stalls += 1
+                log.log(
+                    logging.WARNING if self._stalls == 1 else logging.DEBUG,
+                    "etcd watch stalled (%s); watching again from revision %d on a new connection",
+                    exc,
+                    self._revision + 1,
+                )
                 await self._reconnect()
             except Exception as exc:
                 loaded = False
@@ -129,6 +138,9 @@ class EtcdTopologyWatch:
 
         async def pump() -> None:
             async for batch in stream:
+                if self._stalls:
+                    log.info("etcd watch answers again after %d stalled attempt(s)", self._stalls)
+                    self._stalls = 0
                 for event in batch:
                     events.put_nowait(event)
 

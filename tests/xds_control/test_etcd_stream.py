@@ -59,7 +59,8 @@ async def test_events_arrive_and_a_quiet_stream_stays_up(etcd_server: EtcdServer
         assert keys == [f"{etcd_prefix}a".encode(), f"{etcd_prefix}b".encode()]
         # Nothing happens under the prefix for several bounds: the progress answers keep the stream alive.
         with pytest.raises(TimeoutError):
-            await asyncio.wait_for(anext(stream), 4 * STALL_AFTER)
+            batch = await asyncio.wait_for(anext(stream), 4 * STALL_AFTER)
+            assert not batch, f"no event under the prefix, got {batch}"
     finally:
         if stream is not None:
             await stream.aclose()
@@ -73,6 +74,7 @@ async def test_a_silent_stream_raises_watch_stalled_within_its_bound(etcd_server
         try:
             stream = watch_prefix(client.channel, etcd_prefix.encode(), await _revision(client) + 1, STALL_AFTER)
             await client.put(f"{etcd_prefix}a".encode(), b"1")
+            assert len(await asyncio.wait_for(anext(stream), 5)) == 0, "first, the watch is created"
             assert len(await asyncio.wait_for(anext(stream), 5)) == 1
             proxy.blackhole()
             blackholed_at = time.monotonic()
@@ -92,8 +94,9 @@ async def test_a_compacted_start_revision_raises_watch_compacted(etcd_server: Et
         # Compacts the session's etcd up to now: no other test holds an older revision (they run one at a time).
         await client.compact(await _revision(client))
         stream = watch_prefix(client.channel, etcd_prefix.encode(), first, STALL_AFTER)
-        with pytest.raises(WatchCompacted):
-            await asyncio.wait_for(anext(stream), 5)
+        with pytest.raises(WatchCompacted):  # after the (empty) batch of the watch's creation
+            for _ in range(2):
+                await asyncio.wait_for(anext(stream), 5)
     finally:
         await client.close()
 
@@ -103,8 +106,7 @@ async def test_closing_the_stream_cancels_the_etcd_watch(etcd_server: EtcdServer
     try:
         before = _etcd_watchers(etcd_server)
         stream = watch_prefix(client.channel, etcd_prefix.encode(), await _revision(client) + 1, STALL_AFTER)
-        await client.put(f"{etcd_prefix}a".encode(), b"1")
-        await asyncio.wait_for(anext(stream), 5)
+        assert len(await asyncio.wait_for(anext(stream), 5)) == 0, "the watch is created"
         assert _etcd_watchers(etcd_server) == before + 1
         await stream.aclose()
         await asyncio.to_thread(wait_until, lambda: _etcd_watchers(etcd_server) == before, 10, "the watch gone")
