@@ -19,7 +19,11 @@ from tracing.provider import setup_tracing
 from tracing.settings import InvalidEndpoint, TracingSettings, parse_endpoint, with_ca_file
 from xds_control.controller import Controller, Translator
 from xds_control.convergence import ConvergenceTracker
-from xds_control.etcd_watch import ETCD_CLIENT_OPTIONS, WATCH_CLIENT_OPTIONS, WATCH_TIMEOUT_S, EtcdTopologyWatch
+from xds_control.etcd_watch import (
+    OWN_CONNECTION_OPTIONS,
+    WATCH_TIMEOUT_S,
+    EtcdTopologyWatch,
+)
 from xds_control.metrics import MetricsCallbacks, XdsMetrics
 from xds_control.observers import FanOutCallbacks, ObservedNodes
 from xds_control.push_spans import PushSpans
@@ -99,7 +103,8 @@ async def serve(
     ``translate`` builds each node's snapshot (the Controller's seam; tests inject resources Envoy refuses).
     """
     host, _, port = args.etcd.rpartition(":")
-    client = aetcd.Client(host=host or "127.0.0.1", port=int(port), options=ETCD_CLIENT_OPTIONS)
+    # The proxy status writer's: it reconnects it after a failed write.
+    client = aetcd.Client(host=host or "127.0.0.1", port=int(port), options=OWN_CONNECTION_OPTIONS)
     await client.connect()
     cache = SnapshotCache()
     keys = Keys(args.prefix)
@@ -147,7 +152,7 @@ async def serve(
     bound = server.add_insecure_port(f"{args.host}:{args.port}")
     await server.start()
     # A client of its own: the watch reconnects it when its stream goes silent.
-    watch_client = aetcd.Client(host=host or "127.0.0.1", port=int(port), options=WATCH_CLIENT_OPTIONS)
+    watch_client = aetcd.Client(host=host or "127.0.0.1", port=int(port), options=OWN_CONNECTION_OPTIONS)
     await watch_client.connect()
     watch = EtcdTopologyWatch(
         watch_client,

@@ -31,9 +31,10 @@ log = logging.getLogger(__name__)
 READ_PAGE = 2000
 #: gRPC options of etcd clients: a watch response carrying a big transaction can pass the 4 MiB default.
 ETCD_CLIENT_OPTIONS = {"grpc.max_receive_message_length": 256 * 1024 * 1024}
-#: Those of the watch's own client: a channel with connections of its own. gRPC otherwise shares connections
-#: between channels to the same target, so a new channel would get the very connection found dead.
-WATCH_CLIENT_OPTIONS = {**ETCD_CLIENT_OPTIONS, "grpc.use_local_subchannel_pool": 1}
+#: Those of a client that reconnects after a failure (the watch's, the proxy status writer's): its channel has
+#: connections of its own. gRPC otherwise shares connections between channels to the same target, so a new
+#: channel would get the very connection found dead.
+OWN_CONNECTION_OPTIONS = {**ETCD_CLIENT_OPTIONS, "grpc.use_local_subchannel_pool": 1}
 #: Seconds without any answer on the watch stream after which it is taken for dead.
 WATCH_TIMEOUT_S = 15.0
 

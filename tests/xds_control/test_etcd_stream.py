@@ -18,14 +18,14 @@ from blackhole_proxy import BlackholeProxy
 from manager_api.etcd_server import EtcdServer
 from manager_api.processes import wait_until
 from xds_control.etcd_stream import WatchCompacted, WatchStalled, watch_prefix
-from xds_control.etcd_watch import WATCH_CLIENT_OPTIONS
+from xds_control.etcd_watch import OWN_CONNECTION_OPTIONS
 
 STALL_AFTER = 0.6
 
 
 async def _client(endpoint: str) -> aetcd.Client:
     host, port = endpoint.split(":")
-    client = aetcd.Client(host=host, port=int(port), options=WATCH_CLIENT_OPTIONS)
+    client = aetcd.Client(host=host, port=int(port), options=OWN_CONNECTION_OPTIONS)
     await client.connect()
     return client
 
