@@ -17,9 +17,13 @@ from protos.topology import DEFAULT_PREFIX, Keys
 from tracing.collector_watch import CollectorWatch
 from tracing.provider import setup_tracing
 from tracing.settings import InvalidEndpoint, TracingSettings, parse_endpoint, with_ca_file
-from xds_control.controller import Controller
+from xds_control.controller import Controller, Translator
 from xds_control.convergence import ConvergenceTracker
-from xds_control.etcd_watch import ETCD_CLIENT_OPTIONS, EtcdTopologyWatch
+from xds_control.etcd_watch import (
+    OWN_CONNECTION_OPTIONS,
+    WATCH_TIMEOUT_S,
+    EtcdTopologyWatch,
+)
 from xds_control.metrics import MetricsCallbacks, XdsMetrics
 from xds_control.observers import FanOutCallbacks, ObservedNodes
 from xds_control.push_spans import PushSpans
@@ -28,6 +32,7 @@ from xds_control.server import AdsServer, StreamCallbacks
 from xds_control.snapshot import SnapshotCache
 from xds_control.status import ProxyStatusWriter
 from xds_control.tracing_config import EnvoyTracing
+from xds_control.translate import snapshot_for
 
 log = logging.getLogger("xds_control")
 
@@ -40,6 +45,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=18000, help="ADS gRPC port")
     parser.add_argument("--quiet-ms", type=float, default=30, help="debounce: quiet period after an etcd event")
     parser.add_argument("--max-delay-ms", type=float, default=300, help="debounce: longest delay of a push")
+    parser.add_argument(
+        "--etcd-watch-timeout",
+        type=float,
+        default=WATCH_TIMEOUT_S,
+        help="seconds without any answer on the etcd watch (a progress notification is asked for every third of "
+        "it) after which the watch is taken for dead and started again on a new connection",
+    )
     parser.add_argument("--metrics-host", default="127.0.0.1", help="address of the Prometheus /metrics endpoint")
     parser.add_argument("--metrics-port", type=int, default=0, help="port of /metrics (0: not served)")
     parser.add_argument(
@@ -83,10 +95,16 @@ def envoy_tracing(endpoint: str | None, sampling_percent: float) -> EnvoyTracing
     return EnvoyTracing(collector, sampling_percent) if collector is not None else None
 
 
-async def serve(args: argparse.Namespace, push_spans: PushSpans | None = None) -> None:
-    """Run the ADS server and the etcd watch until SIGTERM or SIGINT; ``push_spans`` traces the pushes."""
+async def serve(
+    args: argparse.Namespace, push_spans: PushSpans | None = None, translate: Translator = snapshot_for
+) -> None:
+    """Run the ADS server and the etcd watch until SIGTERM or SIGINT; ``push_spans`` traces the pushes.
+
+    ``translate`` builds each node's snapshot (the Controller's seam; tests inject resources Envoy refuses).
+    """
     host, _, port = args.etcd.rpartition(":")
-    client = aetcd.Client(host=host or "127.0.0.1", port=int(port), options=ETCD_CLIENT_OPTIONS)
+    # The proxy status writer's: it reconnects it after a failed write.
+    client = aetcd.Client(host=host or "127.0.0.1", port=int(port), options=OWN_CONNECTION_OPTIONS)
     await client.connect()
     cache = SnapshotCache()
     keys = Keys(args.prefix)
@@ -101,6 +119,7 @@ async def serve(args: argparse.Namespace, push_spans: PushSpans | None = None) -
         max_request_bytes=args.max_request_mb * 2**20,
         tracing=args.tracing,
         push_spans=push_spans,
+        translate=translate,
     )
     nodes = ObservedNodes(controller, metrics, status)
     loop = asyncio.get_running_loop()
@@ -132,12 +151,16 @@ async def serve(args: argparse.Namespace, push_spans: PushSpans | None = None) -
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     bound = server.add_insecure_port(f"{args.host}:{args.port}")
     await server.start()
+    # A client of its own: the watch reconnects it when its stream goes silent.
+    watch_client = aetcd.Client(host=host or "127.0.0.1", port=int(port), options=OWN_CONNECTION_OPTIONS)
+    await watch_client.connect()
     watch = EtcdTopologyWatch(
-        client,
+        watch_client,
         keys,
         controller.apply,
         quiet=args.quiet_ms / 1000,
         max_delay=args.max_delay_ms / 1000,
+        timeout=args.etcd_watch_timeout,
     )
     watch_task = asyncio.create_task(watch.run())
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -159,10 +182,12 @@ async def serve(args: argparse.Namespace, push_spans: PushSpans | None = None) -
     if push_spans is not None:
         push_spans.close()
     await status.stop()
+    await watch_client.close()
     await client.close()
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, translate: Translator = snapshot_for) -> None:
+    """Parse ``argv`` and serve until stopped; ``translate`` as in ``serve``."""
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     environ = dict(os.environ)
@@ -172,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     # Built only when spans can be exported: with tracing off a push costs no tracing work at all.
     push_spans = PushSpans() if tracing.configured else None
     try:
-        asyncio.run(serve(args, push_spans))
+        asyncio.run(serve(args, push_spans, translate))
     finally:
         tracing.shutdown()
 

@@ -112,16 +112,34 @@ class ProxyStatusWriter(StreamCallbacks):
                 await asyncio.wait_for(self._wake.wait(), self._ttl / 3)
             self._wake.clear()
             try:
-                await self._flush()
+                await self._flush_within_ttl()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 self._lease = None
                 self._wake.set()
-                await asyncio.sleep(self._failed(exc))
+                delay = self._failed(exc)
+                await self._reconnect()
+                await asyncio.sleep(delay)
                 continue
             self._succeeded()
             await asyncio.sleep(self._interval)  # batching window, not a readiness wait
+
+    async def _flush_within_ttl(self) -> None:
+        # aetcd sets no deadline: a call on a dead network path (no reset, so gRPC sees nothing wrong) would wait
+        # for ever, and this writer with it. Past the TTL the lease is gone anyway.
+        try:
+            await asyncio.wait_for(self._flush(), self._ttl)
+        except TimeoutError:
+            raise ConnectionError(f"no answer from etcd within {self._ttl} s") from None
+
+    async def _reconnect(self) -> None:
+        # The next attempt goes out on a new connection: the one that failed may be dead for good. (The client is
+        # this writer's own, on a local subchannel pool: see xds_control.etcd_watch.OWN_CONNECTION_OPTIONS.)
+        with contextlib.suppress(Exception):
+            await self._client.close()
+        with contextlib.suppress(Exception):
+            await self._client.connect()
 
     def _failed(self, exc: Exception) -> float:
         """Log a failed flush (one warning per outage) and return how long to wait before the next attempt."""

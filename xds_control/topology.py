@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
 
 from protos.topology import Application, Deployment, Instance, Keys, ModelVersion, PipelineInstance
+from xds_control.record_checks import TopologyRecord, record_problem
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +37,9 @@ class Topology:
 
     @classmethod
     def from_kvs(cls, keys: Keys, kvs: Mapping[str, bytes], revision: int, observed_at: float = 0.0) -> Topology:
-        """Parse every key under the prefix; a value that does not parse is logged and skipped, never fatal."""
+        """Parse every key under the prefix; a value that cannot be used is logged and skipped, never fatal."""
         records = TopologyRecords(keys)
-        for key, value in kvs.items():
-            records.put(key, value)
+        records.reload(kvs.items())
         return records.topology(revision, observed_at)
 
     def ready_endpoints(self, model: str, version: int) -> list[tuple[str, int]]:
@@ -52,23 +51,14 @@ class Topology:
         return [(p.address, p.port) for p in self.pipelines.get(app, ()) if p.state == "ready"]
 
 
-def _usable_endpoint(key: str, address: str, port: int) -> bool:
-    """Whether an endpoint record can go into EDS; logs why not.
-
-    The schema takes any string and integer, but Envoy rejects a whole EDS response for one host name (EDS takes
-    IP addresses only) and protobuf refuses a port outside uint32: one such record would stop the endpoint
-    updates of every model version (or every snapshot) of the proxies that route to it, so it is left out.
-    """
-    try:
-        ipaddress.ip_address(address)
-    except ValueError:
-        log.error("ignoring %s: address %r is not an IP address", key, address)
-        return False
-    if not 0 < port < 65536:
-        log.error("ignoring %s: port %d is not between 1 and 65535", key, port)
-        return False
-    return True
-
+#: The schema of each kind of key the topology is made of.
+_SCHEMAS: dict[str, type[TopologyRecord]] = {
+    "models": ModelVersion,
+    "deployments": Deployment,
+    "applications": Application,
+    "instances": Instance,
+    "pipelines": PipelineInstance,
+}
 
 #: Most write trace contexts kept between two topologies (the newest): links beyond these say nothing more.
 MAX_WRITES = 64
@@ -79,6 +69,11 @@ class TopologyRecords:
 
     Parsing is the costly part of reading the state (pydantic validation of every value); keeping the parsed
     records means a change to one key costs one parse, and a Topology is assembled from them without any.
+
+    A value that cannot be used (it does not parse, or Envoy would refuse what it becomes: record_checks) leaves
+    the key's last good value in place, so a typo written with etcdctl never takes a working application (or
+    endpoint) away; the key's record goes only when the key is deleted. A key whose first value is unusable has
+    no last good value: it is left out until a usable one comes. Each unusable value is logged once.
     """
 
     def __init__(self, keys: Keys) -> None:
@@ -89,39 +84,57 @@ class TopologyRecords:
         self._instances: dict[str, Instance] = {}
         self._pipelines: dict[str, PipelineInstance] = {}
         self._writes: deque[str] = deque(maxlen=MAX_WRITES)
+        #: The unusable value each key holds (logged already), so reading it again does not log it again.
+        self._unusable: dict[str, bytes] = {}
 
     def _all(self) -> tuple[dict[str, Any], ...]:
         return (self._models, self._deployments, self._applications, self._instances, self._pipelines)
 
-    def clear(self) -> None:
-        for records in self._all():
-            records.clear()
+    def reload(self, kvs: Iterable[tuple[str, bytes]]) -> None:
+        """Take a full read of the state: every (key, value) is put, every key not among them is deleted."""
+        seen = set()
+        for key, value in kvs:
+            seen.add(key)
+            self.put(key, value)
+        for key in {k for records in (*self._all(), self._unusable) for k in records} - seen:
+            self.delete(key)
 
     def put(self, key: str, value: bytes) -> None:
-        """Parse and keep one value; an invalid one is logged and removes what the key held."""
-        self.delete(key)
+        """Parse and keep one value; an unusable one is logged and leaves the key's last good value."""
         kind = self._keys.kind_of(key)
+        schema = _SCHEMAS.get(kind or "")
+        if schema is None:
+            return  # a key of the prefix that is no part of the topology (proxies/, nodes/, replicas/...)
         try:
-            if kind == "models":
-                self._models[key] = ModelVersion.model_validate_json(value)
-            elif kind == "deployments":
-                deployment = self._deployments[key] = Deployment.model_validate_json(value)
-                if deployment.trace_context:
-                    self._writes.append(deployment.trace_context)
-            elif kind == "applications":
-                application = self._applications[key] = Application.model_validate_json(value)
-                if application.trace_context:
-                    self._writes.append(application.trace_context)
-            elif kind == "instances":
-                instance = Instance.model_validate_json(value)
-                if _usable_endpoint(key, instance.address, instance.port):
-                    self._instances[key] = instance
-            elif kind == "pipelines":
-                pipeline = PipelineInstance.model_validate_json(value)
-                if _usable_endpoint(key, pipeline.address, pipeline.port):
-                    self._pipelines[key] = pipeline
+            record = schema.model_validate_json(value)
         except ValidationError as exc:
-            log.error("ignoring %s: not a valid record: %s", key, exc.errors()[:1])
+            self._unusable_value(key, value, f"not a valid record: {exc.errors()[:1]}")
+            return
+        problem = record_problem(self._keys, key, record)
+        if problem is not None:
+            self._unusable_value(key, value, problem)
+            return
+        self._unusable.pop(key, None)
+        if isinstance(record, ModelVersion):
+            self._models[key] = record
+        elif isinstance(record, Deployment):
+            self._deployments[key] = record
+        elif isinstance(record, Application):
+            self._applications[key] = record
+        elif isinstance(record, Instance):
+            self._instances[key] = record
+        else:
+            self._pipelines[key] = record
+        if isinstance(record, Deployment | Application) and record.trace_context:
+            self._writes.append(record.trace_context)
+
+    def _unusable_value(self, key: str, value: bytes, reason: str) -> None:
+        if self._unusable.get(key) == value:
+            return
+        self._unusable[key] = value
+        kept = any(key in records for records in self._all())
+        outcome = "its last good value stays" if kept else "left out (no good value of it seen)"
+        log.error("ignoring %s: %s; %s", key, reason, outcome)
 
     def take_writes(self) -> tuple[str, ...]:
         """The trace contexts of the records put since the last call, oldest first; forgets them."""
@@ -130,8 +143,10 @@ class TopologyRecords:
         return writes
 
     def delete(self, key: str) -> None:
+        """Forget the key's record (and its unusable value, if it held one)."""
         for records in self._all():
             records.pop(key, None)
+        self._unusable.pop(key, None)
 
     def topology(self, revision: int, observed_at: float = 0.0, writes: tuple[str, ...] = ()) -> Topology:
         """The records as one Topology (no parsing: only the indexes are built); ``writes`` as given."""

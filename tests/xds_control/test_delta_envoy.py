@@ -19,6 +19,7 @@ import aetcd
 import grpc
 import httpx
 import pytest
+from refusing_xds_control import REFUSED_APP
 from test_ingress_envoy import Ingress, _app, _model, _put, ingress_stack
 
 from manager_api.etcd_server import EtcdServer
@@ -26,6 +27,8 @@ from manager_api.processes import wait_until
 from protos.topology import Deployment, Instance, Keys
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
+#: xds_control with an injected fault: the NACK tests' trigger (no etcd record makes Envoy refuse anything).
+REFUSING_XDS_CONTROL = (str(Path(__file__).with_name("refusing_xds_control.py")),)
 
 
 class Upstream:
@@ -55,6 +58,13 @@ def upstreams() -> Iterator[list[Upstream]]:
     finally:
         for server in servers:
             server.stop()
+
+
+@pytest.fixture
+def refusing_delta_stack(etcd_server: EtcdServer, etcd_prefix: str, tmp_path: Path) -> Iterator[Ingress]:
+    """As delta_stack, with xds_control's INJECTED route refusal (refusing_xds_control.py)."""
+    with ingress_stack(etcd_server, etcd_prefix, tmp_path, "DELTA_GRPC", REFUSING_XDS_CONTROL) as ingress:
+        yield ingress
 
 
 @pytest.fixture
@@ -194,9 +204,9 @@ def test_delta_envoy_keeps_serving_across_a_control_plane_restart_and_gets_nothi
 
 
 def test_delta_envoy_nack_is_not_looped_and_the_fix_is_accepted(
-    etcd_server: EtcdServer, etcd_prefix: str, delta_stack: Ingress, upstreams: list[Upstream]
+    etcd_server: EtcdServer, etcd_prefix: str, refusing_delta_stack: Ingress, upstreams: list[Upstream]
 ) -> None:
-    ingress = delta_stack
+    ingress = refusing_delta_stack
     keys = Keys(etcd_prefix)
     first = upstreams[0]
     asyncio.run(
@@ -211,17 +221,19 @@ def test_delta_envoy_nack_is_not_looped_and_the_fix_is_accepted(
     )
     wait_until(lambda: _infer(ingress, "shop") == f"served-by:{first.port}", 10, "a call through the ingress")
 
-    # A record written past the manager's checks: a stage whose variants all weigh 0. Envoy rejects the routes.
+    # INJECTED: while an application named 'refused' exists, xds_control sends routes Envoy rejects.
     mark = len(ingress.xds_log.read_text())
-    asyncio.run(_put(etcd_server.endpoint, {keys.application("paused"): _app("paused", [("m", 1, 0)])}))
+    asyncio.run(_put(etcd_server.endpoint, {keys.application(REFUSED_APP): _app(REFUSED_APP, [("m", 1, 100)])}))
     wait_until(lambda: "rejected RouteConfiguration" in ingress.xds_log.read_text()[mark:], 10, "the NACK")
     for _ in range(10):
         assert _infer(ingress, "shop") == f"served-by:{first.port}", "the last good routes keep serving"
     log = ingress.xds_log.read_text()[mark:]
+    assert "wildcard" in log, "Envoy refused the injected virtual host"
     assert log.count("<- delta RouteConfiguration") == 1, "the rejected version is not sent again"
     assert log.count("rejected ") == 1
 
-    # The fix (the application written with a weight) is the next version: sent and accepted.
+    # The fix (the injection over, another application added) is the next version: sent and accepted.
+    asyncio.run(_delete(etcd_server.endpoint, keys.application(REFUSED_APP)))
     asyncio.run(_put(etcd_server.endpoint, {keys.application("paused"): _app("paused", [("m", 1, 100)])}))
     wait_until(lambda: _infer(ingress, "paused") == f"served-by:{first.port}", 10, "the fixed application in Envoy")
     assert ingress.xds_log.read_text()[mark:].count("rejected ") == 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -91,13 +91,26 @@ def stack(
         yield ingress
 
 
+#: How the control plane is started: ``python -m xds_control``.
+XDS_CONTROL = ("-m", "xds_control")
+
+
 @contextlib.contextmanager
-def ingress_stack(etcd_server: EtcdServer, etcd_prefix: str, tmp_path: Path, api_type: str) -> Iterator[Ingress]:
-    """Start xds_control, then an ingress Envoy with ``api_type`` ADS; stop both on exit."""
+def ingress_stack(
+    etcd_server: EtcdServer,
+    etcd_prefix: str,
+    tmp_path: Path,
+    api_type: str,
+    program: Sequence[str] = XDS_CONTROL,
+    etcd_endpoint: str | None = None,
+    extra_args: Sequence[str] = (),
+) -> Iterator[Ingress]:
+    """Start xds_control (``program``: the interpreter's arguments before xds_control's own; it reaches etcd at
+    ``etcd_endpoint``, by default the server's own), then an ingress Envoy with ``api_type`` ADS; stop both on exit."""
     xds_port = free_port()
     log = tmp_path / "xds.log"
-    argv = [sys.executable, "-m", "xds_control", "--etcd", etcd_server.endpoint, "--prefix", etcd_prefix]
-    argv += ["--port", str(xds_port), "--log-level", "DEBUG"]
+    argv = [sys.executable, *program, "--etcd", etcd_endpoint or etcd_server.endpoint, "--prefix", etcd_prefix]
+    argv += ["--port", str(xds_port), "--log-level", "DEBUG", *extra_args]
     control_planes: list[ChildProcess] = []
 
     def start_control_plane() -> None:
@@ -318,3 +331,76 @@ def test_cluster_changed_while_the_control_plane_was_away_warms_and_routes_follo
     wait_until(lambda: f"connected ({stream})" in stack.xds_log.read_text()[mark:], 30, "Envoy reconnected")
     wait_until(lambda: max_requests() == 200, 10, "the changed cluster warm (its endpoints answered)")
     wait_until(lambda: "app|later|rest" in route_names(), 10, "the new application's route")
+
+
+def _route_names(stack: Ingress) -> set[str]:
+    return {route["name"] for c in stack.dynamic("Routes") for route in c["virtual_hosts"][0]["routes"]}
+
+
+def test_records_envoy_would_refuse_are_left_out_one_key_at_a_time(
+    etcd_server: EtcdServer, etcd_prefix: str, stack: Ingress
+) -> None:
+    keys = Keys(etcd_prefix)
+    asyncio.run(
+        _put(
+            etcd_server.endpoint,
+            {
+                keys.model_version("m", 1): _model("m", 1),
+                keys.application("shop"): _app("shop", [("m", 1, 100)]),
+                # Written past the manager's checks (etcdctl): every one of these made Envoy reject the whole
+                # route configuration, so no route change reached the ingress while it existed.
+                keys.application("paused"): _app("paused", [("m", 1, 0)]),
+                keys.application("bad?name"): _app("bad?name", [("m", 1, 100)]),
+                keys.deployment("m?x", 1): Deployment(model="m?x", version=1, replicas=1).model_dump_json(),
+            },
+        )
+    )
+    wait_until(lambda: "app|shop|rest" in _route_names(stack), 10, "the good application's route")
+    asyncio.run(_put(etcd_server.endpoint, {keys.application("later"): _app("later", [("m", 1, 100)])}))
+    wait_until(lambda: "app|later|rest" in _route_names(stack), 10, "a later application's route")
+    assert not {"app|paused|rest", "app|bad?name|rest"} & _route_names(stack)
+    log = stack.xds_log.read_text()
+    assert "rejected" not in log, "nothing was sent that Envoy had to reject"
+    assert f"ignoring {keys.application('paused')}: stage 1: variant weights sum to 0" in log
+
+
+def test_an_invalid_value_keeps_the_application_envoy_has_until_a_good_one_comes(
+    etcd_server: EtcdServer, etcd_prefix: str, stack: Ingress
+) -> None:
+    keys = Keys(etcd_prefix)
+
+    def weights() -> dict[str, int]:
+        for c in stack.dynamic("Routes"):
+            for route in c["virtual_hosts"][0]["routes"]:
+                if route["name"] == "app|shop|rest":
+                    action = route["route"]
+                    if "cluster" in action:
+                        return {action["cluster"]: 100}
+                    return {w["name"]: w["weight"] for w in action["weighted_clusters"]["clusters"]}
+        return {}
+
+    asyncio.run(
+        _put(
+            etcd_server.endpoint,
+            {
+                keys.model_version("m", 1): _model("m", 1),
+                keys.model_version("m", 2): _model("m", 2),
+                keys.application("shop"): _app("shop", [("m", 1, 100)]),
+            },
+        )
+    )
+    wait_until(lambda: weights() == {"model|m|1": 100}, 10, "the application in Envoy")
+
+    # A typo written with etcdctl: not a valid record. The application Envoy has must stay.
+    typo = '{"schema_version": 1, "name": "shop", "stages": [{"varaints": [{"model": "m", "version": 2}]}]}'
+    asyncio.run(_put(etcd_server.endpoint, {keys.application("shop"): typo}))
+    # A later change is pushed: the state after the typo has reached Envoy.
+    asyncio.run(_put(etcd_server.endpoint, {keys.application("later"): _app("later", [("m", 1, 100)])}))
+    wait_until(lambda: "app|later|rest" in _route_names(stack), 10, "a later application's route")
+    assert weights() == {"model|m|1": 100}, "the last good value of the key is still served"
+    assert httpx.post(f"{stack.url}/v2/models/shop/infer", json={}).status_code != 404
+    assert f"ignoring {keys.application('shop')}: not a valid record" in stack.xds_log.read_text()
+
+    # The corrected value applies.
+    asyncio.run(_put(etcd_server.endpoint, {keys.application("shop"): _app("shop", [("m", 1, 50), ("m", 2, 50)])}))
+    wait_until(lambda: weights() == {"model|m|1": 50, "model|m|2": 50}, 10, "the corrected application in Envoy")

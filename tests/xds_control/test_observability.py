@@ -8,8 +8,9 @@ used on the wire because protos.inference_pb2 cannot share a process with triton
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import grpc
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from refusing_xds_control import REFUSED_APP
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from manager_api.etcd_server import EtcdServer
@@ -117,8 +119,29 @@ class Stack:
         ]
 
 
+#: xds_control with an injected fault (refusing_xds_control.py): the NACK test's trigger, since no etcd record
+#: makes Envoy refuse anything.
+REFUSING_XDS_CONTROL = (str(Path(__file__).with_name("refusing_xds_control.py")),)
+
+
 @pytest.fixture
 def stack(etcd_server: EtcdServer, etcd_prefix: str, tmp_path: Path) -> Iterator[Stack]:
+    with observed_stack(etcd_server, etcd_prefix, tmp_path, ("-m", "xds_control")) as started:
+        yield started
+
+
+@pytest.fixture
+def refusing_stack(etcd_server: EtcdServer, etcd_prefix: str, tmp_path: Path) -> Iterator[Stack]:
+    """As stack, with xds_control's INJECTED route refusal."""
+    with observed_stack(etcd_server, etcd_prefix, tmp_path, REFUSING_XDS_CONTROL) as started:
+        yield started
+
+
+@contextlib.contextmanager
+def observed_stack(
+    etcd_server: EtcdServer, etcd_prefix: str, tmp_path: Path, program: Sequence[str]
+) -> Iterator[Stack]:
+    """A runtime, xds_control (``program``: the interpreter's arguments before its own) and an ingress Envoy."""
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     (model_dir / "model.py").write_text(MODEL_PY)
@@ -137,7 +160,7 @@ def stack(etcd_server: EtcdServer, etcd_prefix: str, tmp_path: Path) -> Iterator
         ChildProcess(
             "xds_control",
             [
-                *(sys.executable, "-m", "xds_control", "--etcd", etcd_server.endpoint, "--prefix", etcd_prefix),
+                *(sys.executable, *program, "--etcd", etcd_server.endpoint, "--prefix", etcd_prefix),
                 *("--port", str(xds_port), "--metrics-port", str(metrics_port), "--log-level", "DEBUG"),
             ],
             log_path=tmp_path / "xds.log",
@@ -195,13 +218,14 @@ def test_proxy_status_and_metrics(stack: Stack) -> None:
     assert stack.metric("hydro_xds_response_bytes_count", type="RouteConfiguration") >= 1
 
 
-def _paused(stack: Stack, weight: int) -> dict[str, str]:
-    """A second application on the same model version, with its one variant at ``weight``."""
-    app = Application(name="paused", stages=[Stage(variants=[Variant(model="obs", version=1, weight=weight)])])
-    return {stack.keys.application("paused"): app.model_dump_json()}
+def _second_app(stack: Stack, name: str) -> dict[str, str]:
+    """A second application on the same model version."""
+    app = Application(name=name, stages=[Stage(variants=[Variant(model="obs", version=1, weight=100)])])
+    return {stack.keys.application(name): app.model_dump_json()}
 
 
-def test_nack_is_recorded_not_looped_and_recovered(stack: Stack) -> None:
+def test_nack_is_recorded_not_looped_and_recovered(refusing_stack: Stack) -> None:
+    stack = refusing_stack
     stack.put(_base_records(stack))
     wait_until(lambda: stack.infer() == [2.0, 5.0], 15, "traffic through the ingress")
 
@@ -214,8 +238,8 @@ def test_nack_is_recorded_not_looped_and_recovered(stack: Stack) -> None:
     acked_before = stack.proxy("ingress")
     assert acked_before is not None
 
-    # A record written past the manager's checks: every variant of a stage at weight 0. Envoy rejects the routes.
-    stack.put(_paused(stack, 0))
+    # INJECTED: while an application named 'refused' exists, xds_control sends routes Envoy rejects.
+    stack.put(_second_app(stack, REFUSED_APP))
 
     def nacked() -> bool:
         status = stack.proxy("ingress")
@@ -224,7 +248,7 @@ def test_nack_is_recorded_not_looped_and_recovered(stack: Stack) -> None:
     wait_until(nacked, 10, "the NACK recorded under proxies/ingress")
     status = stack.proxy("ingress")
     assert status is not None and status.last_nack is not None
-    assert "RouteConfiguration" in status.last_nack
+    assert "RouteConfiguration" in status.last_nack and "wildcard" in status.last_nack
     assert status.acked["RouteConfiguration"] == acked_before.acked["RouteConfiguration"]
     assert stack.metric("hydro_xds_nacks_total", type="RouteConfiguration") == 1
 
@@ -235,8 +259,9 @@ def test_nack_is_recorded_not_looped_and_recovered(stack: Stack) -> None:
     assert stack.metric("hydro_xds_responses_total", type="RouteConfiguration") == responses
     assert stack.metric("hydro_xds_nacks_total", type="RouteConfiguration") == 1
 
-    # The fix is accepted with the next valid change: the application written with a weight.
-    stack.put(_paused(stack, 100))
+    # The fix is accepted with the next valid change: the injection over, another application added.
+    stack.delete(stack.keys.application(REFUSED_APP))
+    stack.put(_second_app(stack, "paused"))
 
     def accepted() -> bool:
         current = stack.proxy("ingress")
