@@ -53,6 +53,14 @@ def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
         raise InvalidInput(f"the request body is not valid {encoding} data: {exc}") from None
     if len(data) > limit:
         raise PayloadTooLarge(f"the decompressed request body is larger than the {limit // 2**20} MiB limit")
+    # Under the limit, all the input was consumed: a stream without its end (the checksum comes last, so a body cut
+    # there still inflates to the whole JSON) was cut short, and bytes past the end belong to no stream.
+    if not inflater.eof:
+        raise InvalidInput(f"the request body is cut short: the {encoding} stream ends before its end marker")
+    if inflater.unused_data:
+        raise InvalidInput(
+            f"the request body has {len(inflater.unused_data)} bytes after the end of its {encoding} stream"
+        )
     return data
 
 

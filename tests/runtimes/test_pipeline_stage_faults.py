@@ -323,6 +323,14 @@ def test_a_gzip_or_deflate_body_is_answered(pipeline: Pipeline) -> None:
     broken = httpx.post(url, content=b"not gzip", headers={"content-encoding": "gzip"}, timeout=10)
     assert broken.status_code == 400
     assert "not valid gzip data" in broken.json()["error"]
+    # Cut before the gzip trailer (all the JSON inflates), and a whole stream followed by other bytes.
+    whole = gzip.compress(_body(3))
+    cut = httpx.post(url, content=whole[:-4], headers={"content-encoding": "gzip"}, timeout=10)
+    assert cut.status_code == 400, cut.text
+    assert "the request body is cut short: the gzip stream ends before its end marker" in cut.json()["error"]
+    trailing = httpx.post(url, content=whole + b"\0\0", headers={"content-encoding": "gzip"}, timeout=10)
+    assert trailing.status_code == 400, trailing.text
+    assert "the request body has 2 bytes after the end of its gzip stream" in trailing.json()["error"]
 
 
 def test_a_body_over_the_limit_is_refused_with_413(pipeline: Pipeline) -> None:
