@@ -51,7 +51,11 @@ FAULTS = {
     1004.0: "last stage: label BYTES [3] cut off in a length prefix",
     1005.0: "first stage: mid FP32 [3] with 8 raw bytes",
     1006.0: "last stage: y FP32 [3] with 2 typed contents",
+    1007.0: "last stage: label BYTES [3] with 200,000 raw elements",
+    1008.0: "last stage: label BYTES [3] with 200,000 typed contents",
 }
+#: How many (empty) BYTES elements the 200,000-element faults carry: 800 KB raw, under the 1 MiB message limit.
+MANY = 200_000
 
 
 def _bytes_raw(elements: list[bytes]) -> bytes:
@@ -118,8 +122,10 @@ class _Stages(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[mi
         y = (values * 2).astype("<f4")
         labels = [b"ok"] * values.size
         if fault.endswith("typed contents"):
-            response.outputs.add(name="y", datatype="FP32", shape=[3]).contents.fp32_contents.extend([1.0, 2.0])
-            response.outputs.add(name="label", datatype="BYTES", shape=[3]).contents.bytes_contents.extend(labels)
+            y_values = [1.0, 2.0] if "2 typed" in fault else [1.0, 2.0, 3.0]
+            response.outputs.add(name="y", datatype="FP32", shape=[3]).contents.fp32_contents.extend(y_values)
+            label_values = [b""] * MANY if "200,000" in fault else labels
+            response.outputs.add(name="label", datatype="BYTES", shape=[3]).contents.bytes_contents.extend(label_values)
             return response
         y_shape, y_raw = [values.size], y.tobytes()
         label_shape, label_raw = [values.size], _bytes_raw(labels)
@@ -129,6 +135,8 @@ class _Stages(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[mi
             y_shape, y_raw = [3], y.tobytes()[:7]
         elif "2 elements" in fault:
             label_shape, label_raw = [3], _bytes_raw(labels[:2])
+        elif "200,000 raw" in fault:
+            label_shape, label_raw = [3], _bytes_raw([b""] * MANY)
         elif "length prefix" in fault:
             label_shape, label_raw = [3], _bytes_raw(labels[:2]) + b"\x02\x00"
         response.outputs.add(name="y", datatype="FP32", shape=y_shape)
@@ -283,8 +291,12 @@ def test_a_request_id_that_is_no_grpc_metadata_value_is_not_passed_on(pipeline: 
         (1004.0, "stage 2 (last:1)", "output 'label': raw BYTES data is cut off"),
         (1005.0, "stage 1 (first:1)", "output 'mid' has 8 bytes of raw data, but FP32 [3] needs 12"),
         (1006.0, "stage 2 (last:1)", "output 'y' has 8 bytes of raw data, but FP32 [3] needs 12"),
+        # Refused at the fourth element, not walked to the 200,000th (the message would count them).
+        (1007.0, "stage 2 (last:1)", "output 'label': the raw BYTES data holds more than the 3 elements its shape"),
+        # Refused by the field's length, before 200,000 elements are decoded and re-encoded.
+        (1008.0, "stage 2 (last:1)", "output 'label' has 200000 values in contents.bytes_contents, but shape [3]"),
     ],
-    ids=["8-bytes", "7-bytes", "bytes-count", "bytes-cut", "first-stage", "typed"],
+    ids=["8-bytes", "7-bytes", "bytes-count", "bytes-cut", "first-stage", "typed", "bytes-many", "typed-many"],
 )
 def test_a_stage_answer_whose_data_does_not_fit_its_shape_is_that_stages_fault(
     pipeline: Pipeline, first: float, stage: str, message: str
