@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -22,6 +24,46 @@ from runtimes.spans import describe_request
 from tracing.provider import active_tracer
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class ClientDisconnected(InferenceError):
+    """The client went away before its answer was ready; the pipeline's stage calls were cancelled."""
+
+    http_status = 499  # nginx's "client closed request": nobody reads it, but logs and spans say what happened
+    grpc_code = "CANCELLED"
+
+
+async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """``work``'s result; if the client disconnects first, ``work`` is cancelled (and with it the stage call in
+    flight, which grpc.aio cancels on the wire) and ClientDisconnected raised.
+
+    Uvicorn does not cancel a handler whose client went away: without this, every stage would still be called for
+    nobody, up to the pipeline's time budget. A gRPC caller's cancellation already cancels the servicer's task.
+    """
+    handler = asyncio.current_task()
+    assert handler is not None
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        # The body has been read: the next message is the disconnect (or the end of the response).
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        gone = True
+        handler.cancel()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if not gone:
+            raise  # the server's own cancellation (shutdown), not the client's
+        handler.uncancel()
+        raise ClientDisconnected("the client disconnected before the pipeline answered") from None
+    finally:
+        watcher.cancel()
 
 
 def create_app(service: PipelineService, *, server_version: str, max_body_bytes: int = 64 * 2**20) -> FastAPI:
@@ -63,7 +105,7 @@ def create_app(service: PipelineService, *, server_version: str, max_body_bytes:
         body = await read_body(request, max_body_bytes)
         header_length = request.headers.get(json_codec.HEADER_LENGTH)
         infer_request = json_codec.parse_infer_request(body, model, "", header_length)
-        return infer_request, await service.infer(infer_request)
+        return infer_request, await until_disconnected(request, service.infer(infer_request))
 
     @app.post("/v2/models/{model}/infer")
     async def infer(request: Request, model: str) -> Response:

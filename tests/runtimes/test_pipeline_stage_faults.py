@@ -13,9 +13,11 @@ Application ``faults``: stage 1 ``first:1`` (``x`` FP32 [-1] -> ``mid``), shadow
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import os
+import socket
 import struct
 import subprocess
 import sys
@@ -53,6 +55,7 @@ FAULTS = {
     1006.0: "last stage: y FP32 [3] with 2 typed contents",
     1007.0: "last stage: label BYTES [3] with 200,000 raw elements",
     1008.0: "last stage: label BYTES [3] with 200,000 typed contents",
+    1009.0: "first stage: no answer until the call is cancelled",
 }
 #: How many (empty) BYTES elements the 200,000-element faults carry: 800 KB raw, under the 1 MiB message limit.
 MANY = 200_000
@@ -77,6 +80,8 @@ class StandInOutbound:
     """inference.GRPCInferenceService on a grpc.aio server on a loop of its own thread."""
 
     calls: list[Call] = field(default_factory=list)
+    #: request id -> seconds the call still had before its deadline when it was cancelled (fault 1009).
+    cancelled: dict[str, float] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     port: int = 0
 
@@ -112,6 +117,13 @@ class _Stages(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[mi
             )
         values = np.frombuffer(request.raw_input_contents[0], dtype="<f4")
         fault = FAULTS.get(float(values[0]), "") if values.size else ""
+        if fault.endswith("until the call is cancelled") and target == f"{APP}/1":
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                with self.outbound.lock:
+                    self.outbound.cancelled[request.id] = context.time_remaining() or 0.0
+                raise
         if target in (f"{APP}/1", "first/2"):
             model, _, version = ("first:1" if target == f"{APP}/1" else SHADOW).partition(":")
             response = service_pb2.ModelInferResponse(model_name=model, model_version=version, id=request.id)
@@ -402,3 +414,45 @@ def test_stage_answers_of_every_datatype_are_size_checked_and_a_refused_call_nam
     assert refused["message"].startswith(
         "stage 1 (first:1) of application 'faults' could not be called: ExecuteBatchError"
     ), refused
+
+
+def _grpc_request(x: list[float], request_id: str = "") -> Any:
+    request = service_pb2.ModelInferRequest(model_name=APP, id=request_id)
+    request.inputs.add(name="x", datatype="FP32", shape=[len(x)])
+    request.raw_input_contents.append(np.array(x, dtype="<f4").tobytes())
+    return request
+
+
+def _assert_stage_call_cancelled(pipeline: Pipeline, request_id: str) -> None:
+    """The stand-in saw the stage call cancelled by the pipeline, long before the stage's own deadline ran out."""
+    wait_until(lambda: request_id in pipeline.outbound.cancelled, 10, f"the stage call of {request_id} cancelled")
+    # The stage's share of --timeout 5 is 2.5 s: a call cancelled by its deadline would have ~0 left.
+    assert pipeline.outbound.cancelled[request_id] > 1.0, pipeline.outbound.cancelled[request_id]
+
+
+def test_a_grpc_caller_that_cancels_cancels_the_stage_call(pipeline: Pipeline) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{pipeline.grpc_port}") as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        future = stub.ModelInfer.future(_grpc_request([1009.0], "cancel-grpc"), timeout=30)
+        _wait_for_calls(pipeline, "cancel-grpc", 1)
+        future.cancel()
+        _assert_stage_call_cancelled(pipeline, "cancel-grpc")
+        # Nothing left behind: the next request is answered.
+        response = stub.ModelInfer(_grpc_request([1.0, 2.0]), timeout=10)
+    assert np.frombuffer(response.raw_output_contents[0], dtype="<f4").tolist() == [2.0, 4.0]
+
+
+def test_a_rest_caller_that_disconnects_cancels_the_stage_call(pipeline: Pipeline) -> None:
+    body = json.dumps(
+        {"id": "cancel-rest", "inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1009.0]}]}
+    ).encode()
+    head = (
+        f"POST /v2/models/{APP}/infer HTTP/1.1\r\nHost: pipeline\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    port = int(pipeline.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+        client.sendall(head + body)
+        _wait_for_calls(pipeline, "cancel-rest", 1)
+    _assert_stage_call_cancelled(pipeline, "cancel-rest")
+    assert pipeline.infer([1.0], "after-cancel").status_code == 200
