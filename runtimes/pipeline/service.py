@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry
 
 from runtimes.errors import ModelNotFound, ModelNotReady
-from runtimes.messages import InferRequest, InferResponse, ModelMetadata, TensorMetadata
+from runtimes.messages import InferRequest, InferResponse, ModelMetadata, TensorMetadata, check_requested_output
 from runtimes.pipeline.executor import PipelineExecutor, PipelineResult
 from runtimes.pipeline.shadows import ShadowRunner
 from runtimes.pipeline.spec import PipelineSpec
@@ -63,6 +63,8 @@ class PipelineService:
         self.resolve(request.model_name, request.model_version)
         self.check_ready()
         inputs = pipeline_inputs(request.inputs, self.spec.signature.inputs, self.name)
+        for output in request.outputs:
+            check_requested_output(output)
         requested = [o.name for o in request.outputs]
         return await self.executor.run(inputs, requested, deadline, request.id)
 

@@ -19,7 +19,7 @@ from protos.topology import TensorSpec
 from runtimes.dataplane import shape_matches
 from runtimes.errors import InvalidInput, PredictError
 from runtimes.grpc_codec import CONTENTS_FIELD, ContentsData
-from runtimes.messages import OutputTensor, RequestInput
+from runtimes.messages import SHARED_MEMORY_REGION, OutputTensor, RequestInput, shared_memory_refused
 from runtimes.tensors import (
     DATATYPES,
     RawData,
@@ -68,10 +68,21 @@ def pipeline_inputs(inputs: Sequence[RequestInput], expected: Sequence[TensorSpe
                 f"input {tensor.name!r} has shape {format_shape(tensor.shape)}, application {app!r} expects "
                 f"{format_shape(spec.shape)} (-1 is any size)"
             )
+        if tensor.parameters and SHARED_MEMORY_REGION in tensor.parameters:
+            raise shared_memory_refused(f"input {tensor.name!r}")
         data = tensor.data
-        # Raw bytes go on as they came (the first stage checks their length); anything else is encoded once.
+        # Raw bytes go on as they came; anything else is encoded once. The length of fixed-size raw data is checked
+        # here, so that the client's mistake is not reported as stage 1's; raw BYTES are split by the first stage
+        # only (a walk here would cost every BYTES request its length prefixes twice).
         if isinstance(data, RawData):
             raw = bytes(data.raw)
+            if tensor.datatype != "BYTES":
+                size = element_count(tensor.shape) * numpy_dtype(tensor.datatype).itemsize
+                if len(raw) != size:
+                    raise InvalidInput(
+                        f"input {tensor.name!r} has {len(raw)} bytes of raw data, but {tensor.datatype} "
+                        f"{format_shape(tensor.shape)} needs {size}"
+                    )
         else:
             flat = data.decode(tensor.name, tensor.datatype)
             if flat.size != element_count(tensor.shape):

@@ -456,3 +456,71 @@ def test_a_rest_caller_that_disconnects_cancels_the_stage_call(pipeline: Pipelin
         _wait_for_calls(pipeline, "cancel-rest", 1)
     _assert_stage_call_cancelled(pipeline, "cancel-rest")
     assert pipeline.infer([1.0], "after-cancel").status_code == 200
+
+
+def _post_document(pipeline: Pipeline, document: dict[str, Any], headers: dict[str, str] | None = None) -> Any:
+    return httpx.post(f"{pipeline.url}/v2/models/{APP}/infer", json=document, headers=headers, timeout=10)
+
+
+X = {"name": "x", "datatype": "FP32", "shape": [2], "data": [1.0, 2.0]}
+
+#: name -> (request document, what the 400's error says). None of them may reach a stage.
+BAD_REQUESTS: dict[str, tuple[dict[str, Any], str]] = {
+    "missing input": ({"inputs": []}, "missing input 'x'; application 'faults' expects: x (FP32 [-1])"),
+    "wrong datatype": ({"inputs": [{**X, "datatype": "FP64"}]}, "input 'x' has datatype FP64, application"),
+    "wrong rank": ({"inputs": [{**X, "shape": [1, 2]}]}, "input 'x' has shape [1, 2], application 'faults' expects"),
+    "data not matching the shape": ({"inputs": [{**X, "shape": [3]}]}, "input 'x' has 2 data elements, but shape"),
+    "input given twice": ({"inputs": [X, X]}, "input 'x' is given more than once"),
+    "unknown output": (
+        {"inputs": [X], "outputs": [{"name": "z"}]},
+        "unknown output 'z' requested; application 'faults' has outputs: y, label",
+    ),
+    "classification asked of an output": (
+        {"inputs": [X], "outputs": [{"name": "y", "parameters": {"classification": 2}}]},
+        "output 'y': the classification extension is not supported",
+    ),
+    "output in a shared-memory region": (
+        {"inputs": [X], "outputs": [{"name": "y", "parameters": {"shared_memory_region": "r"}}]},
+        "output 'y': the shared-memory extension is not supported",
+    ),
+    "input in a shared-memory region, with data too": (
+        {"inputs": [{**X, "parameters": {"shared_memory_region": "r", "shared_memory_byte_size": 8}}]},
+        "input 'x': the shared-memory extension is not supported",
+    ),
+    "FP32 value past its range": ({"inputs": [{**X, "data": [1.0, 1e39]}]}, "value 1e+39 at position 1 is outside"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_a_bad_request_is_refused_before_any_stage(pipeline: Pipeline, case: str) -> None:
+    document, fragment = BAD_REQUESTS[case]
+    request_id = f"bad-{case}"
+    response = _post_document(pipeline, {**document, "id": request_id})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert fragment in error and "stage" not in error, error
+    assert pipeline.outbound.calls_of(request_id) == []
+
+
+def test_raw_input_data_of_the_wrong_size_is_refused_before_any_stage(pipeline: Pipeline) -> None:
+    """Over gRPC raw_input_contents and REST binary data: 7 bytes are no FP32 [2]; the pipeline says so itself."""
+    request = _grpc_request([1.0, 2.0], "raw-short")
+    request.raw_input_contents[0] = request.raw_input_contents[0][:7]
+    with grpc.insecure_channel(f"127.0.0.1:{pipeline.grpc_port}") as channel:
+        with pytest.raises(grpc.RpcError) as raised:
+            service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = raised.value.details() or ""
+    assert "input 'x' has 7 bytes of raw data, but FP32 [2] needs 8" in details and "stage" not in details, details
+    header = json.dumps(
+        {"id": "binary-long", "inputs": [{**X, "data": None, "parameters": {"binary_data_size": 12}}]}
+    ).encode()
+    response = httpx.post(
+        f"{pipeline.url}/v2/models/{APP}/infer",
+        content=header + b"\0" * 12,
+        headers={"Inference-Header-Content-Length": str(len(header))},
+        timeout=10,
+    )
+    assert response.status_code == 400, response.text
+    assert "input 'x' has 12 bytes of raw data, but FP32 [2] needs 8" in response.json()["error"], response.text
+    assert pipeline.outbound.calls_of("raw-short") == pipeline.outbound.calls_of("binary-long") == []
