@@ -50,5 +50,12 @@ class PayloadTooLarge(InferenceError):
     grpc_code = "RESOURCE_EXHAUSTED"
 
 
+class NotSupported(InferenceError):
+    """A protocol call this server does not offer for what the request names (a pipeline's model configuration)."""
+
+    http_status = 501
+    grpc_code = "UNIMPLEMENTED"
+
+
 class ModelLoadError(RuntimeError):
     """The model folder could not be loaded; the runtime exits with this message."""

@@ -87,6 +87,11 @@ def create_app(service: PipelineService, *, server_version: str, max_body_bytes:
     async def server_metadata() -> dict[str, Any]:
         return {"name": SERVER_NAME, "version": server_version, "extensions": EXTENSIONS}
 
+    # Before /v2/models/{model}: Triton's "statistics of every model" path, not an application named "stats".
+    @app.get("/v2/models/stats")
+    async def all_stats() -> Response:
+        service.statistics("")
+
     @app.get("/v2/models/{model}")
     async def metadata(model: str) -> Response:
         return JSONResponse(json_codec.encode_metadata(service.metadata(model)))
@@ -96,6 +101,14 @@ def create_app(service: PipelineService, *, server_version: str, max_body_bytes:
         service.resolve(model)
         service.check_ready()
         return JSONResponse({"name": service.name, "ready": True})
+
+    @app.get("/v2/models/{model}/config")
+    async def config(model: str) -> Response:
+        service.config(model)
+
+    @app.get("/v2/models/{model}/stats")
+    async def stats(model: str) -> Response:
+        service.statistics(model)
 
     async def _send_shadows(result: PipelineResult) -> None:
         # A coroutine function: Starlette would run a plain function on a worker thread.

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 from prometheus_client import CollectorRegistry
 
-from runtimes.errors import ModelNotFound, ModelNotReady
+from runtimes.errors import ModelNotFound, ModelNotReady, NotSupported
 from runtimes.messages import InferRequest, InferResponse, ModelMetadata, TensorMetadata, check_requested_output
 from runtimes.pipeline.executor import PipelineExecutor, PipelineResult
 from runtimes.pipeline.shadows import ShadowRunner
@@ -57,6 +59,17 @@ class PipelineService:
             inputs=[TensorMetadata(t.name, t.datatype, list(t.shape)) for t in signature.inputs],
             outputs=[TensorMetadata(t.name, t.datatype, list(t.shape)) for t in signature.outputs],
         )
+
+    def config(self, name: str, version: str = "") -> NoReturn:
+        """NotSupported (once ``name`` is known to be this application): a pipeline has no model configuration."""
+        self.resolve(name, version)
+        raise NotSupported("a pipeline has no model configuration; use its model metadata")
+
+    def statistics(self, name: str, version: str = "") -> NoReturn:
+        """NotSupported (once ``name``, if any, is known to be this application): a pipeline keeps no statistics."""
+        if name or version:  # no name: Triton's "every model"
+            self.resolve(name, version)
+        raise NotSupported("a pipeline keeps no statistics; ask each stage's model version, or /metrics")
 
     async def infer(self, request: InferRequest, deadline: float | None = None) -> PipelineResult:
         """Check the request against the pipeline's signature and run it through every stage."""

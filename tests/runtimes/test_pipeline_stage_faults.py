@@ -524,3 +524,49 @@ def test_raw_input_data_of_the_wrong_size_is_refused_before_any_stage(pipeline: 
     assert response.status_code == 400, response.text
     assert "input 'x' has 12 bytes of raw data, but FP32 [2] needs 8" in response.json()["error"], response.text
     assert pipeline.outbound.calls_of("raw-short") == pipeline.outbound.calls_of("binary-long") == []
+
+
+def test_a_version_in_the_address_is_404_over_rest_and_grpc(pipeline: Pipeline) -> None:
+    """Applications have no versions (Triton clients send model_version only when asked to)."""
+    for method, path in (
+        ("POST", "versions/1/infer"),
+        ("GET", "versions/1"),
+        ("GET", "versions/1/ready"),
+        ("GET", "versions/2/config"),
+    ):
+        response = httpx.request(method, f"{pipeline.url}/v2/models/{APP}/{path}", json={}, timeout=10)
+        assert response.status_code == 404, (path, response.text)
+        assert "application 'faults' has no versions; address it as 'faults' alone" in response.json()["error"]
+    request = _grpc_request([1.0], "versioned")
+    request.model_version = "1"
+    with grpc.insecure_channel(f"127.0.0.1:{pipeline.grpc_port}") as channel:
+        with pytest.raises(grpc.RpcError) as raised:
+            service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "has no versions" in (raised.value.details() or "")
+    assert pipeline.outbound.calls_of("versioned") == []
+
+
+def test_configuration_and_statistics_say_why_they_are_missing_over_rest_too(pipeline: Pipeline) -> None:
+    """gRPC ModelConfig/ModelStatistics are UNIMPLEMENTED with a reason; REST is a 501 with the same reason, not a
+    404 'no route' that reads as if the application did not exist."""
+    config = httpx.get(f"{pipeline.url}/v2/models/{APP}/config", timeout=10)
+    assert config.status_code == 501, config.text
+    assert config.json()["error"] == "a pipeline has no model configuration; use its model metadata"
+    stats = httpx.get(f"{pipeline.url}/v2/models/{APP}/stats", timeout=10)
+    assert stats.status_code == 501, stats.text
+    assert stats.json()["error"].startswith("a pipeline keeps no statistics; ask each stage's model version")
+    every = httpx.get(f"{pipeline.url}/v2/models/stats", timeout=10)
+    assert every.status_code == 501, every.text
+    other = httpx.get(f"{pipeline.url}/v2/models/other/config", timeout=10)
+    assert other.status_code == 404 and "this pipeline serves application 'faults'" in other.json()["error"]
+    with grpc.insecure_channel(f"127.0.0.1:{pipeline.grpc_port}") as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as raised:
+            stub.ModelConfig(service_pb2.ModelConfigRequest(name=APP), timeout=10)
+        assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert raised.value.details() == "a pipeline has no model configuration; use its model metadata"
+        # Triton's "every model" (no name) too.
+        with pytest.raises(grpc.RpcError) as raised:
+            stub.ModelStatistics(service_pb2.ModelStatisticsRequest(), timeout=10)
+        assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
