@@ -50,6 +50,14 @@ class PayloadTooLarge(InferenceError):
     grpc_code = "RESOURCE_EXHAUSTED"
 
 
+class ClientDisconnected(InferenceError):
+    """The client went away before its request was read or answered; nobody reads the status, which is for logs
+    and spans."""
+
+    http_status = 499  # nginx's "client closed request"
+    grpc_code = "CANCELLED"
+
+
 class NotSupported(InferenceError):
     """A protocol call this server does not offer for what the request names (a pipeline's model configuration)."""
 

@@ -17,10 +17,11 @@ from fastapi.responses import JSONResponse, Response
 from opentelemetry.trace import Span
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from runtimes import json_codec
 from runtimes.dataplane import APPLICATION_HEADER, DataPlane
-from runtimes.errors import InferenceError, InvalidInput, ModelNotReady, PayloadTooLarge
+from runtimes.errors import ClientDisconnected, InferenceError, InvalidInput, ModelNotReady, PayloadTooLarge
 from runtimes.spans import describe_request, inference_span
 from runtimes.statistics import snapshot_json
 from tracing.provider import active_tracer
@@ -72,11 +73,17 @@ async def read_body(request: Request, limit: int) -> bytes:
         raise PayloadTooLarge(f"the request body ({declared} bytes) is larger than the {limit // 2**20} MiB limit")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"the request body is larger than the {limit // 2**20} MiB limit")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"the request body is larger than the {limit // 2**20} MiB limit")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        # An aborted upload (or Envoy giving up on the request) is no server failure: logged once, at info.
+        message = "the client disconnected before sending its whole body"
+        log.info("%s %s: %s", request.method, request.url.path, message)
+        raise ClientDisconnected(message) from None
     body = b"".join(chunks)
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):

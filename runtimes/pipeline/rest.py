@@ -14,7 +14,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from runtimes import json_codec
-from runtimes.errors import InferenceError
+from runtimes.errors import ClientDisconnected, InferenceError
 from runtimes.messages import InferRequest
 from runtimes.pipeline.executor import STAGES_HEADER, PipelineResult
 from runtimes.pipeline.service import PipelineService
@@ -26,13 +26,6 @@ from tracing.provider import active_tracer
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-class ClientDisconnected(InferenceError):
-    """The client went away before its answer was ready; the pipeline's stage calls were cancelled."""
-
-    http_status = 499  # nginx's "client closed request": nobody reads it, but logs and spans say what happened
-    grpc_code = "CANCELLED"
 
 
 async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
@@ -61,7 +54,9 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
         if not gone:
             raise  # the server's own cancellation (shutdown), not the client's
         handler.uncancel()
-        raise ClientDisconnected("the client disconnected before the pipeline answered") from None
+        message = "the client disconnected before the pipeline answered"
+        log.info("%s %s: %s", request.method, request.url.path, message)
+        raise ClientDisconnected(message) from None
     finally:
         watcher.cancel()
 

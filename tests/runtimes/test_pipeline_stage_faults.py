@@ -181,6 +181,10 @@ class Pipeline:
     url: str
     grpc_port: int
     outbound: StandInOutbound
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
 
     def infer(self, x: list[float], request_id: str = "", headers: dict[str, Any] | None = None) -> httpx.Response:
         body = {"id": request_id, "inputs": [{"name": "x", "datatype": "FP32", "shape": [len(x)], "data": x}]}
@@ -234,7 +238,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
         ).start()
         url = f"http://127.0.0.1:{http_port}"
         process.wait_ready(lambda: http_ok(f"{url}/v2/health/ready"), 60)
-        started = Pipeline(url, grpc_port, outbound)
+        started = Pipeline(url, grpc_port, outbound, work / "pipeline.log")
 
         # Ready means the shadow worker served or exited: the tests start once a copy was reported, so that none
         # depends on the worker's start (runtimes/__init__ keeps it from dying at the fork, test_shadow_spawn.py).
@@ -456,6 +460,23 @@ def test_a_rest_caller_that_disconnects_cancels_the_stage_call(pipeline: Pipelin
         _wait_for_calls(pipeline, "cancel-rest", 1)
     _assert_stage_call_cancelled(pipeline, "cancel-rest")
     assert pipeline.infer([1.0], "after-cancel").status_code == 200
+    wait_until(
+        lambda: "the client disconnected before the pipeline answered" in pipeline.log(), 10, "the disconnect logged"
+    )
+
+
+def test_a_body_cut_off_by_the_client_is_logged_as_a_disconnect(pipeline: Pipeline) -> None:
+    """Not as an ERROR with Starlette's ClientDisconnect traceback (a "failed" 500 for every aborted upload)."""
+    start = len(pipeline.log())
+    port = int(pipeline.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+        head = f"POST /v2/models/{APP}/infer HTTP/1.1\r\nHost: pipeline\r\nContent-Length: 1000\r\n\r\n"
+        client.sendall(head.encode() + b"{")
+    marker = f"POST /v2/models/{APP}/infer: the client disconnected before sending its whole body"
+    wait_until(lambda: marker in pipeline.log()[start:], 10, "the disconnect logged")
+    log = pipeline.log()[start:]
+    assert "ClientDisconnect" not in log and " failed" not in log, log
+    assert pipeline.infer([1.0], "after-cut-body").status_code == 200
 
 
 def _post_document(pipeline: Pipeline, document: dict[str, Any], headers: dict[str, str] | None = None) -> Any:
