@@ -56,6 +56,7 @@ FAULTS = {
     1007.0: "last stage: label BYTES [3] with 200,000 raw elements",
     1008.0: "last stage: label BYTES [3] with 200,000 typed contents",
     1009.0: "first stage: no answer until the call is cancelled",
+    1010.0: "last stage: an answer over the pipeline's 1 MiB message limit",
 }
 #: How many (empty) BYTES elements the 200,000-element faults carry: 800 KB raw, under the 1 MiB message limit.
 MANY = 200_000
@@ -140,6 +141,8 @@ class _Stages(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[mi
             response.outputs.add(name="label", datatype="BYTES", shape=[3]).contents.bytes_contents.extend(label_values)
             return response
         y_shape, y_raw = [values.size], y.tobytes()
+        if "message limit" in fault:
+            y_shape, y_raw = [300_000], np.zeros(300_000, dtype="<f4").tobytes()  # 1.2 MB
         label_shape, label_raw = [values.size], _bytes_raw(labels)
         if "8 raw bytes" in fault:
             y_shape, y_raw = [3], y.tobytes()[:8]
@@ -591,3 +594,16 @@ def test_configuration_and_statistics_say_why_they_are_missing_over_rest_too(pip
         with pytest.raises(grpc.RpcError) as raised:
             stub.ModelStatistics(service_pb2.ModelStatisticsRequest(), timeout=10)
         assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_a_stage_answer_over_the_message_limit_is_that_stages_500_not_a_429(pipeline: Pipeline) -> None:
+    """gRPC says RESOURCE_EXHAUSTED for a message over the receiver's limit, which the OIP maps to 429: a client
+    would retry a request that can never succeed; the limit is the pipeline's (--max-message-mb), so is the fault."""
+    response = pipeline.infer([1010.0, 1.0, 2.0])
+    assert response.status_code == 500, response.text
+    error = response.json()["error"]
+    assert "stage 2 (last:1) of application 'faults' answered more than the pipeline's 1 MiB message limit" in error
+    with grpc.insecure_channel(f"127.0.0.1:{pipeline.grpc_port}") as channel:
+        with pytest.raises(grpc.RpcError) as raised:
+            service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(_grpc_request([1010.0]), timeout=10)
+    assert raised.value.code() == grpc.StatusCode.INTERNAL, raised.value.details()
