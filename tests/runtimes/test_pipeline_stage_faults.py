@@ -607,3 +607,29 @@ def test_a_stage_answer_over_the_message_limit_is_that_stages_500_not_a_429(pipe
         with pytest.raises(grpc.RpcError) as raised:
             service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(_grpc_request([1010.0]), timeout=10)
     assert raised.value.code() == grpc.StatusCode.INTERNAL, raised.value.details()
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "fragment"),
+    [
+        (b"", {}, "the request body is empty"),
+        (b"not json", {}, "the request body is not valid JSON"),
+        (b"[]", {}, "the request body must be a JSON object with an 'inputs' list"),
+        (b'{"inputs": {}}', {}, "the request body has no 'inputs' list"),
+        (b'{"inputs": [1]}', {}, "inputs[0] must be an object"),
+        (b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": "2", "data": []}]}', {}, "'shape' must be a list"),
+        (b'{"inputs": []}', {"Inference-Header-Content-Length": "99"}, "Inference-Header-Content-Length is 99"),
+        (b"\xff\xfe{", {}, "the request body is not"),
+    ],
+    ids=["empty", "not-json", "array", "inputs-object", "input-number", "shape-string", "header-length", "bad-bytes"],
+)
+def test_a_malformed_body_is_400_naming_what_is_wrong(
+    pipeline: Pipeline, body: bytes, headers: dict[str, str], fragment: str
+) -> None:
+    pipeline.wait_shadow_settled()  # a shadow copy of an earlier request would count as a call
+    before = len(pipeline.outbound.calls)
+    response = httpx.post(f"{pipeline.url}/v2/models/{APP}/infer", content=body, headers=headers, timeout=10)
+    assert response.status_code == 400, response.text
+    assert response.headers["content-type"] == "application/json"
+    assert fragment in response.json()["error"], response.text
+    assert len(pipeline.outbound.calls) == before
