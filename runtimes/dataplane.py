@@ -42,6 +42,7 @@ from runtimes.messages import (
     OutputTensor,
     RequestInput,
     TensorMetadata,
+    check_requested_output,
     shared_memory_refused,
 )
 from runtimes.statistics import Snapshot, Statistics
@@ -334,12 +335,7 @@ class DataPlane:
                     f"unknown output {requested.name!r} requested; model {self.name!r} has outputs: "
                     f"{', '.join(self._outputs)}"
                 )
-            if SHARED_MEMORY_REGION in requested.parameters:
-                raise shared_memory_refused(f"output {requested.name!r}")
-            if requested.parameters.get("classification"):
-                # Triton's classification extension (tritonclient's class_count): not offered (server metadata
-                # does not list it); ignoring it would hand back a tensor where the client expects class labels.
-                raise InvalidInput(f"output {requested.name!r}: the classification extension is not supported")
+            check_requested_output(requested)
             wanted[spec.name] = spec
         return list(wanted.values())
 

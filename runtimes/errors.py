@@ -50,5 +50,20 @@ class PayloadTooLarge(InferenceError):
     grpc_code = "RESOURCE_EXHAUSTED"
 
 
+class ClientDisconnected(InferenceError):
+    """The client went away before its request was read or answered; nobody reads the status, which is for logs
+    and spans."""
+
+    http_status = 499  # nginx's "client closed request"
+    grpc_code = "CANCELLED"
+
+
+class NotSupported(InferenceError):
+    """A protocol call this server does not offer for what the request names (a pipeline's model configuration)."""
+
+    http_status = 501
+    grpc_code = "UNIMPLEMENTED"
+
+
 class ModelLoadError(RuntimeError):
     """The model folder could not be loaded; the runtime exits with this message."""

@@ -22,7 +22,7 @@ from runtimes.messages import (
     RequestInput,
     TensorData,
 )
-from runtimes.tensors import RawData, as_bytes_array, encode_raw, numpy_dtype
+from runtimes.tensors import RawData, as_bytes_array, encode_raw, fit_integers, numpy_dtype
 
 #: The typed field of InferTensorContents for each datatype; FP16 has none (raw only).
 CONTENTS_FIELD = {
@@ -39,6 +39,10 @@ CONTENTS_FIELD = {
     "FP64": "fp64_contents",
     "BYTES": "bytes_contents",
 }
+
+
+#: Datatypes carried in a 32-bit typed field although narrower: a value there may not fit them.
+_NARROW_INTEGERS = frozenset({"INT8", "INT16", "UINT8", "UINT16"})
 
 
 class ContentsData:
@@ -62,6 +66,9 @@ class ContentsData:
                 raise InvalidInput(f"input {name!r}: {datatype} data belongs in contents.{field}, not {others[0]}")
         if datatype == "BYTES":
             return as_bytes_array(values)
+        if datatype in _NARROW_INTEGERS:
+            # numpy would wrap a 32-bit field's 300 to INT8 44: read them wide, then check they fit.
+            return fit_integers(name, datatype, np.asarray(values, dtype=np.int64))
         try:
             return np.asarray(values, dtype=numpy_dtype(datatype))
         except OverflowError as exc:

@@ -30,7 +30,15 @@ from runtimes.messages import (
     TensorData,
     shared_memory_refused,
 )
-from runtimes.tensors import INT64_MAX, INT64_MIN, JsonData, RawData, encode_json_data, encode_raw
+from runtimes.tensors import (
+    INT64_MAX,
+    INT64_MIN,
+    JsonConstant,
+    JsonData,
+    RawData,
+    encode_json_data,
+    encode_raw,
+)
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 BINARY_SIZE = "binary_data_size"
@@ -45,9 +53,16 @@ class EncodedResponse:
     headers: dict[str, str]
 
 
+#: NaN, Infinity and -Infinity (which Triton reads too) come back as JsonConstant, telling them from a number past
+#: FP64's range that also reads as infinity. One decoder: json.loads with parse_constant would build one per call.
+_DECODER = json.JSONDecoder(parse_constant=JsonConstant)
+
+
 def _parse_json(text: bytes | memoryview, what: str) -> Any:
     try:
-        return json.loads(bytes(text))
+        data = bytes(text)
+        # What json.loads does with bytes: UTF-8 (or UTF-16/32 by their byte order marks) to str.
+        return _DECODER.decode(data.decode(json.detect_encoding(data), "surrogatepass"))
     except UnicodeDecodeError as exc:
         raise InvalidInput(f"{what} is not UTF-8 text: {exc.reason} at byte {exc.start}") from None
     except json.JSONDecodeError as exc:

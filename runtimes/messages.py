@@ -129,3 +129,14 @@ def shared_memory_refused(where: str) -> InvalidInput:
     list it, and there is no region to register): a region's input would be read as empty data, and an output asked
     for in a region would be answered inline, never written where the client reads it."""
     return InvalidInput(f"{where}: the shared-memory extension is not supported: send the data in the request")
+
+
+def check_requested_output(output: RequestedOutput) -> None:
+    """InvalidInput if ``output`` asks for an extension this server does not offer (shared memory, Triton's
+    classification): ignoring it would hand back a tensor where the client expects a region written or class
+    labels. Model runtimes and pipelines alike."""
+    if SHARED_MEMORY_REGION in output.parameters:
+        raise shared_memory_refused(f"output {output.name!r}")
+    if output.parameters.get("classification"):
+        # tritonclient's class_count; server metadata does not list the extension.
+        raise InvalidInput(f"output {output.name!r}: the classification extension is not supported")

@@ -17,10 +17,11 @@ from fastapi.responses import JSONResponse, Response
 from opentelemetry.trace import Span
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from runtimes import json_codec
 from runtimes.dataplane import APPLICATION_HEADER, DataPlane
-from runtimes.errors import InferenceError, InvalidInput, ModelNotReady, PayloadTooLarge
+from runtimes.errors import ClientDisconnected, InferenceError, InvalidInput, ModelNotReady, PayloadTooLarge
 from runtimes.spans import describe_request, inference_span
 from runtimes.statistics import snapshot_json
 from tracing.provider import active_tracer
@@ -53,6 +54,14 @@ def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
         raise InvalidInput(f"the request body is not valid {encoding} data: {exc}") from None
     if len(data) > limit:
         raise PayloadTooLarge(f"the decompressed request body is larger than the {limit // 2**20} MiB limit")
+    # Under the limit, all the input was consumed: a stream without its end (the checksum comes last, so a body cut
+    # there still inflates to the whole JSON) was cut short, and bytes past the end belong to no stream.
+    if not inflater.eof:
+        raise InvalidInput(f"the request body is cut short: the {encoding} stream ends before its end marker")
+    if inflater.unused_data:
+        raise InvalidInput(
+            f"the request body has {len(inflater.unused_data)} bytes after the end of its {encoding} stream"
+        )
     return data
 
 
@@ -64,11 +73,17 @@ async def read_body(request: Request, limit: int) -> bytes:
         raise PayloadTooLarge(f"the request body ({declared} bytes) is larger than the {limit // 2**20} MiB limit")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"the request body is larger than the {limit // 2**20} MiB limit")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"the request body is larger than the {limit // 2**20} MiB limit")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        # An aborted upload (or Envoy giving up on the request) is no server failure: logged once, at info.
+        message = "the client disconnected before sending its whole body"
+        log.info("%s %s: %s", request.method, request.url.path, message)
+        raise ClientDisconnected(message) from None
     body = b"".join(chunks)
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):

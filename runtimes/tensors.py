@@ -124,8 +124,19 @@ def _flatten(data: object) -> list[object]:
     return flat
 
 
+class JsonConstant(float):
+    """A NaN, Infinity or -Infinity that the JSON text spelled as that token (the JSON decoder's parse_constant).
+
+    A JSON number past FP64's range (1e400) also reads as infinity, but as a plain float: the type tells the two
+    apart, so that only the tokens are taken as infinities (as Triton reads them) and the number is refused.
+    """
+
+    __slots__ = ()
+
+
 def decode_json_data(name: str, datatype: str, data: object) -> np.ndarray:
-    """Decode a JSON tensor's ``data`` (flat or nested list) into a flat numpy array of ``datatype``."""
+    """Decode a JSON tensor's ``data`` (flat or nested list) into a flat numpy array of ``datatype``; a value that
+    does not fit ``datatype`` is refused, naming its position in the flattened data."""
     dtype = numpy_dtype(datatype)
     if datatype == "BYTES":
         elements = _flatten(data)
@@ -149,11 +160,53 @@ def decode_json_data(name: str, datatype: str, data: object) -> np.ndarray:
     if values.size and values.dtype.kind not in allowed:
         found = _KIND_NAMES.get(values.dtype.kind, "mixed or null values")
         raise InvalidInput(f"input {name!r}: {datatype} data must be {expected}, got {found}")
-    if values.size and dtype.kind in "iu" and values.dtype != dtype:
-        info = np.iinfo(dtype)
-        if values.min() < info.min or values.max() > info.max:
-            raise InvalidInput(f"input {name!r}: a value does not fit {datatype} ({info.min} to {info.max})")
-    return values.astype(dtype, copy=False).reshape(-1)
+    if dtype.kind in "iu":
+        return fit_integers(name, datatype, values.reshape(-1))
+    flat = values.astype(dtype, copy=False).reshape(-1)
+    # One pass over the (usually finite) result; what made a value infinite is looked for only when one is.
+    if dtype.kind == "f" and flat.size and not np.isfinite(flat).all():
+        _check_infinities(name, datatype, data, values.reshape(-1), flat)
+    return flat
+
+
+def fit_integers(name: str, datatype: str, values: np.ndarray) -> np.ndarray:
+    """Integer ``values`` (any integer dtype, flat) as ``datatype``; InvalidInput naming the first that does not fit."""
+    dtype = numpy_dtype(datatype)
+    if not values.size or values.dtype == dtype:
+        return values
+    info = np.iinfo(dtype)
+    if values.min() < info.min or values.max() > info.max:
+        position = int(np.flatnonzero((values < info.min) | (values > info.max))[0])
+        raise _not_an_integer_of(name, datatype, values[position].item(), position)
+    return values.astype(dtype)
+
+
+def _not_an_integer_of(name: str, datatype: str, value: object, position: int) -> InvalidInput:
+    info = np.iinfo(numpy_dtype(datatype))
+    return InvalidInput(
+        f"input {name!r}: value {value!r} at position {position} does not fit {datatype} ({info.min} to {info.max})"
+    )
+
+
+def _check_infinities(name: str, datatype: str, data: object, source: np.ndarray, cast: np.ndarray) -> None:
+    # NaN is a value like any other (a missing feature, to XGBoost or LightGBM); an infinity is one only where the
+    # client wrote one. A finite number that became infinite did not fit the datatype (FP32 1e39, FP16 70000).
+    elements: list[object] | None = None
+    for position in np.flatnonzero(np.isinf(cast)).tolist():
+        value = source[position].item()
+        if isinstance(value, int) or math.isfinite(value):
+            largest = float(np.finfo(numpy_dtype(datatype)).max)
+            raise InvalidInput(
+                f"input {name!r}: value {value!r} at position {position} is outside the {datatype} range "
+                f"(largest magnitude {largest:.8g})"
+            )
+        if elements is None:
+            elements = _flatten(data)
+        if not isinstance(elements[position], JsonConstant):
+            raise InvalidInput(
+                f"input {name!r}: the number at position {position} is outside the FP64 range, so outside the "
+                f"{datatype} range too (write Infinity or -Infinity for an infinity)"
+            )
 
 
 def _exact_integers(name: str, datatype: str, data: object, values: np.ndarray) -> np.ndarray:
@@ -164,7 +217,12 @@ def _exact_integers(name: str, datatype: str, data: object, values: np.ndarray) 
     try:
         return np.asarray(data, dtype=numpy_dtype(datatype))
     except (ValueError, TypeError, OverflowError):
-        raise InvalidInput(f"input {name!r}: {datatype} data must be integers that fit {datatype}") from None
+        pass
+    info = np.iinfo(numpy_dtype(datatype))
+    for position, element in enumerate(_flatten(data)):
+        if isinstance(element, int | float) and not info.min <= element <= info.max:
+            raise _not_an_integer_of(name, datatype, element, position) from None
+    raise InvalidInput(f"input {name!r}: {datatype} data must be integers that fit {datatype}") from None
 
 
 #: numpy kind of a datatype -> (what its JSON data must be, numpy kinds of JSON data accepted for it).

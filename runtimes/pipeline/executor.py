@@ -53,6 +53,10 @@ _HTTP_STATUS = {
 }
 
 
+#: What grpc's details say when an answer is over the channel's max_receive_message_length.
+_RECEIVED_TOO_LARGE = "Received message larger than max"
+
+
 class StageError(InferenceError):
     """A stage failed; carries the stage's own status (INVALID_ARGUMENT stays 400, UNAVAILABLE 503...)."""
 
@@ -98,6 +102,7 @@ class PipelineExecutor:
         self.spec = spec
         self.timeout = timeout
         self._outbound = OutboundChannel(outbound, max_message_bytes)
+        self._max_message_bytes = max_message_bytes
         self.call = self._outbound.call
         self._last_names = {t.name for t in spec.stages[-1].outputs}
 
@@ -196,6 +201,15 @@ class PipelineExecutor:
             response = await self.call(request, timeout=budget, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
             who = _served_by(exc.initial_metadata()) or plan.variants
+            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and _RECEIVED_TOO_LARGE in (exc.details() or ""):
+                # This runtime's own receive limit, not the stage's "slow down": the OIP's 429 would have the client
+                # retry a request that can never succeed.
+                raise StageError(
+                    f"stage {plan.index} ({who}) of application {self.spec.name!r} answered more than the "
+                    f"pipeline's {self._max_message_bytes // 2**20} MiB message limit (--max-message-mb): "
+                    f"{exc.details()}",
+                    grpc.StatusCode.INTERNAL,
+                ) from None
             raise StageError(
                 f"stage {plan.index} ({who}) of application {self.spec.name!r} failed: "
                 f"{exc.code().name}: {exc.details()}",

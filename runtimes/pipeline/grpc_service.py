@@ -99,14 +99,16 @@ class PipelineServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[mi
             await _abort(context, "ModelInfer", exc)
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "a pipeline has no model configuration; use ModelMetadata")
-        raise AssertionError("context.abort returned")
+        try:
+            self.service.config(request.name, request.version)
+        except Exception as exc:
+            await _abort(context, "ModelConfig", exc)
 
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:
-        await context.abort(
-            grpc.StatusCode.UNIMPLEMENTED, "a pipeline keeps no statistics; ask each stage's model version, or /metrics"
-        )
-        raise AssertionError("context.abort returned")
+        try:
+            self.service.statistics(request.name, request.version)
+        except Exception as exc:
+            await _abort(context, "ModelStatistics", exc)
 
 
 def create_grpc_server(

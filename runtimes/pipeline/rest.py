@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -12,7 +14,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from runtimes import json_codec
-from runtimes.errors import InferenceError
+from runtimes.errors import ClientDisconnected, InferenceError
 from runtimes.messages import InferRequest
 from runtimes.pipeline.executor import STAGES_HEADER, PipelineResult
 from runtimes.pipeline.service import PipelineService
@@ -22,6 +24,41 @@ from runtimes.spans import describe_request
 from tracing.provider import active_tracer
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """``work``'s result; if the client disconnects first, ``work`` is cancelled (and with it the stage call in
+    flight, which grpc.aio cancels on the wire) and ClientDisconnected raised.
+
+    Uvicorn does not cancel a handler whose client went away: without this, every stage would still be called for
+    nobody, up to the pipeline's time budget. A gRPC caller's cancellation already cancels the servicer's task.
+    """
+    handler = asyncio.current_task()
+    assert handler is not None
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        # The body has been read: the next message is the disconnect (or the end of the response).
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        gone = True
+        handler.cancel()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if not gone:
+            raise  # the server's own cancellation (shutdown), not the client's
+        handler.uncancel()
+        message = "the client disconnected before the pipeline answered"
+        log.info("%s %s: %s", request.method, request.url.path, message)
+        raise ClientDisconnected(message) from None
+    finally:
+        watcher.cancel()
 
 
 def create_app(service: PipelineService, *, server_version: str, max_body_bytes: int = 64 * 2**20) -> FastAPI:
@@ -45,6 +82,11 @@ def create_app(service: PipelineService, *, server_version: str, max_body_bytes:
     async def server_metadata() -> dict[str, Any]:
         return {"name": SERVER_NAME, "version": server_version, "extensions": EXTENSIONS}
 
+    # Before /v2/models/{model}: Triton's "statistics of every model" path, not an application named "stats".
+    @app.get("/v2/models/stats")
+    async def all_stats() -> Response:
+        service.statistics("")
+
     @app.get("/v2/models/{model}")
     async def metadata(model: str) -> Response:
         return JSONResponse(json_codec.encode_metadata(service.metadata(model)))
@@ -55,6 +97,14 @@ def create_app(service: PipelineService, *, server_version: str, max_body_bytes:
         service.check_ready()
         return JSONResponse({"name": service.name, "ready": True})
 
+    @app.get("/v2/models/{model}/config")
+    async def config(model: str) -> Response:
+        service.config(model)
+
+    @app.get("/v2/models/{model}/stats")
+    async def stats(model: str) -> Response:
+        service.statistics(model)
+
     async def _send_shadows(result: PipelineResult) -> None:
         # A coroutine function: Starlette would run a plain function on a worker thread.
         service.send_shadows(result)
@@ -63,7 +113,7 @@ def create_app(service: PipelineService, *, server_version: str, max_body_bytes:
         body = await read_body(request, max_body_bytes)
         header_length = request.headers.get(json_codec.HEADER_LENGTH)
         infer_request = json_codec.parse_infer_request(body, model, "", header_length)
-        return infer_request, await service.infer(infer_request)
+        return infer_request, await until_disconnected(request, service.infer(infer_request))
 
     @app.post("/v2/models/{model}/infer")
     async def infer(request: Request, model: str) -> Response:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 from prometheus_client import CollectorRegistry
 
-from runtimes.errors import ModelNotFound, ModelNotReady
-from runtimes.messages import InferRequest, InferResponse, ModelMetadata, TensorMetadata
+from runtimes.errors import ModelNotFound, ModelNotReady, NotSupported
+from runtimes.messages import InferRequest, InferResponse, ModelMetadata, TensorMetadata, check_requested_output
 from runtimes.pipeline.executor import PipelineExecutor, PipelineResult
 from runtimes.pipeline.shadows import ShadowRunner
 from runtimes.pipeline.spec import PipelineSpec
@@ -58,11 +60,24 @@ class PipelineService:
             outputs=[TensorMetadata(t.name, t.datatype, list(t.shape)) for t in signature.outputs],
         )
 
+    def config(self, name: str, version: str = "") -> NoReturn:
+        """NotSupported (once ``name`` is known to be this application): a pipeline has no model configuration."""
+        self.resolve(name, version)
+        raise NotSupported("a pipeline has no model configuration; use its model metadata")
+
+    def statistics(self, name: str, version: str = "") -> NoReturn:
+        """NotSupported (once ``name``, if any, is known to be this application): a pipeline keeps no statistics."""
+        if name or version:  # no name: Triton's "every model"
+            self.resolve(name, version)
+        raise NotSupported("a pipeline keeps no statistics; ask each stage's model version, or /metrics")
+
     async def infer(self, request: InferRequest, deadline: float | None = None) -> PipelineResult:
         """Check the request against the pipeline's signature and run it through every stage."""
         self.resolve(request.model_name, request.model_version)
         self.check_ready()
         inputs = pipeline_inputs(request.inputs, self.spec.signature.inputs, self.name)
+        for output in request.outputs:
+            check_requested_output(output)
         requested = [o.name for o in request.outputs]
         return await self.executor.run(inputs, requested, deadline, request.id)
 

@@ -18,8 +18,8 @@ from protos import inference_pb2 as pb
 from protos.topology import TensorSpec
 from runtimes.dataplane import shape_matches
 from runtimes.errors import InvalidInput, PredictError
-from runtimes.grpc_codec import ContentsData
-from runtimes.messages import OutputTensor, RequestInput
+from runtimes.grpc_codec import CONTENTS_FIELD, ContentsData
+from runtimes.messages import SHARED_MEMORY_REGION, OutputTensor, RequestInput, shared_memory_refused
 from runtimes.tensors import (
     DATATYPES,
     RawData,
@@ -68,10 +68,21 @@ def pipeline_inputs(inputs: Sequence[RequestInput], expected: Sequence[TensorSpe
                 f"input {tensor.name!r} has shape {format_shape(tensor.shape)}, application {app!r} expects "
                 f"{format_shape(spec.shape)} (-1 is any size)"
             )
+        if tensor.parameters and SHARED_MEMORY_REGION in tensor.parameters:
+            raise shared_memory_refused(f"input {tensor.name!r}")
         data = tensor.data
-        # Raw bytes go on as they came (the first stage checks their length); anything else is encoded once.
+        # Raw bytes go on as they came; anything else is encoded once. The length of fixed-size raw data is checked
+        # here, so that the client's mistake is not reported as stage 1's; raw BYTES are split by the first stage
+        # only (a walk here would cost every BYTES request its length prefixes twice).
         if isinstance(data, RawData):
             raw = bytes(data.raw)
+            if tensor.datatype != "BYTES":
+                size = element_count(tensor.shape) * numpy_dtype(tensor.datatype).itemsize
+                if len(raw) != size:
+                    raise InvalidInput(
+                        f"input {tensor.name!r} has {len(raw)} bytes of raw data, but {tensor.datatype} "
+                        f"{format_shape(tensor.shape)} needs {size}"
+                    )
         else:
             flat = data.decode(tensor.name, tensor.datatype)
             if flat.size != element_count(tensor.shape):
@@ -87,12 +98,18 @@ def pipeline_inputs(inputs: Sequence[RequestInput], expected: Sequence[TensorSpe
     return list(tensors.values())
 
 
-def _bytes_elements(name: str, raw: bytes) -> int:
+def _bytes_elements(name: str, raw: bytes, limit: int) -> int:
     # Walks the length prefixes without copying an element (the pipeline passes BYTES tensors on undecoded); the
-    # loop is kept minimal because it runs on the event loop for every BYTES tensor of every stage.
+    # loop is kept minimal because it runs on the event loop for every BYTES tensor of every stage. It stops past
+    # ``limit``, as the runtimes' request decoding does (tensors.decode_raw's count): every 4 bytes can be one empty
+    # element, and an answer declaring [1] may carry millions.
     unpack = _LENGTH.unpack_from
     count, offset, end = 0, 0, len(raw)
     while offset + 4 <= end:
+        if count == limit:
+            raise PredictError(
+                f"output {name!r}: the raw BYTES data holds more than the {limit} elements its shape needs"
+            )
         offset += 4 + unpack(raw, offset)[0]
         count += 1
     if offset < end:
@@ -102,17 +119,22 @@ def _bytes_elements(name: str, raw: bytes) -> int:
     return count
 
 
+def _check_declared(name: str, datatype: str, shape: Sequence[int]) -> int:
+    """The element count of a stage output's shape; PredictError for a negative dimension or unknown datatype."""
+    # The shape is formatted only for an error: this runs for every output of every stage call.
+    if any(d < 0 for d in shape):
+        raise PredictError(f"output {name!r} has shape {format_shape(shape)}, with a negative dimension")
+    if datatype not in DATATYPES:
+        raise PredictError(f"output {name!r} has unknown datatype {datatype!r}")
+    return element_count(shape)
+
+
 def check_size(tensor: WireTensor) -> None:
     """PredictError unless ``tensor``'s bytes are exactly what its datatype and shape need (one element per
     length-prefixed item for BYTES): a stage's answer checked where the stage can still be named."""
-    # The shape is formatted only for an error: this runs for every output of every stage call.
-    if any(d < 0 for d in tensor.shape):
-        raise PredictError(f"output {tensor.name!r} has shape {format_shape(tensor.shape)}, with a negative dimension")
-    if tensor.datatype not in DATATYPES:
-        raise PredictError(f"output {tensor.name!r} has unknown datatype {tensor.datatype!r}")
-    count = element_count(tensor.shape)
+    count = _check_declared(tensor.name, tensor.datatype, tensor.shape)
     if tensor.datatype == "BYTES":
-        elements = _bytes_elements(tensor.name, tensor.raw)
+        elements = _bytes_elements(tensor.name, tensor.raw, count)
         if elements != count:
             raise PredictError(
                 f"output {tensor.name!r} has {elements} BYTES elements, but shape {format_shape(tensor.shape)} "
@@ -128,6 +150,21 @@ def check_size(tensor: WireTensor) -> None:
         )
 
 
+def _typed_raw(tensor: pb.ModelInferResponse.InferOutputTensor) -> bytes:
+    # Typed contents are decoded and re-encoded as raw: more values than the shape needs are refused first, by the
+    # field's length, rather than converted (element by element, for BYTES) only to be refused by check_size.
+    count = _check_declared(tensor.name, tensor.datatype, tensor.shape)
+    field = CONTENTS_FIELD.get(tensor.datatype)
+    if field is not None:
+        found = len(getattr(tensor.contents, field))
+        if found > count:
+            raise PredictError(
+                f"output {tensor.name!r} has {found} values in contents.{field}, but shape "
+                f"{format_shape(tensor.shape)} needs {count}"
+            )
+    return encode_raw(ContentsData(tensor.contents).decode(tensor.name, tensor.datatype), tensor.datatype)
+
+
 def response_outputs(response: pb.ModelInferResponse) -> dict[str, WireTensor]:
     """A stage's outputs by name, raw whichever way the stage sent them; PredictError if any does not fit its
     datatype and shape."""
@@ -136,10 +173,7 @@ def response_outputs(response: pb.ModelInferResponse) -> dict[str, WireTensor]:
         raise PredictError(f"{len(raw)} raw_output_contents for {len(response.outputs)} outputs")
     outputs: dict[str, WireTensor] = {}
     for index, tensor in enumerate(response.outputs):
-        if raw:
-            data = bytes(raw[index])
-        else:
-            data = encode_raw(ContentsData(tensor.contents).decode(tensor.name, tensor.datatype), tensor.datatype)
+        data = bytes(raw[index]) if raw else _typed_raw(tensor)
         wire = WireTensor(tensor.name, tensor.datatype, tuple(tensor.shape), data)
         check_size(wire)
         outputs[tensor.name] = wire
