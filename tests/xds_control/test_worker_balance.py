@@ -94,7 +94,11 @@ def test_connections_spread_evenly_over_the_workers(mesh: Mesh) -> None:
             response.read()
         busy = sum(1 for held in connections_per_worker(*ingress) if held)
         sidecar = mesh.replica.admin_port, mesh.replica.inbound_port
-        wait_until(lambda: sum(connections_per_worker(*sidecar)) == busy, 10, "the ingress workers' connections")
+        # At least one per busy ingress worker; more when all these clients landed on one worker and the other
+        # still holds the connection it opened for the fixture's requests (idle upstream connections live for an
+        # hour). Waiting for exactly one per busy worker failed once in a full run; this is the likely reason (about
+        # one run in 128 has all 8 clients on one worker).
+        wait_until(lambda: sum(connections_per_worker(*sidecar)) >= busy, 10, "the ingress workers' connections")
         # The sidecar runs as many workers as the ingress (same machine, Envoy's default): at most one each.
         assert max(connections_per_worker(*sidecar)) == 1, connections_per_worker(*sidecar)
     finally:
