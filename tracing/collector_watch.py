@@ -73,8 +73,9 @@ class CollectorWatch:
         #: None until the first probe or export says (the first answer is logged either way); the tracer is armed
         #: meanwhile, so that the first requests of a process are traced when the collector is there.
         self._up: bool | None = None
-        #: time.monotonic() of the last transition to up: an export that started before it and failed (it was
-        #: retrying through the outage) says nothing about the collector now.
+        #: time.monotonic() of the last transition to up: an export that started before it, or within a probe
+        #: interval after it, and failed (it was retrying through the outage, or its channel had not reconnected
+        #: yet) says nothing about the collector now.
         self._up_since = float("-inf")
         self._down = threading.Event()
         self._down.set()
@@ -104,7 +105,10 @@ class CollectorWatch:
         with self._lock:
             if reachable == self._up:
                 return
-            if not reachable and started_at is not None and started_at < self._up_since:
+            if not reachable and started_at is not None and started_at < self._up_since + self.interval:
+                # Began before the collector was seen back, or so soon after that the exporter's own channel may
+                # still be waiting out its reconnect back-off (capped at the probe interval, tracing.settings) and
+                # failed without trying: stale news. Believed, it paused tracing again a moment after it resumed.
                 return
             self._up = reachable
             if reachable:
