@@ -22,24 +22,7 @@ from runtimes.messages import (
     RequestInput,
     TensorData,
 )
-from runtimes.tensors import RawData, as_bytes_array, encode_raw, fit_integers, numpy_dtype
-
-#: The typed field of InferTensorContents for each datatype; FP16 has none (raw only).
-CONTENTS_FIELD = {
-    "BOOL": "bool_contents",
-    "INT8": "int_contents",
-    "INT16": "int_contents",
-    "INT32": "int_contents",
-    "INT64": "int64_contents",
-    "UINT8": "uint_contents",
-    "UINT16": "uint_contents",
-    "UINT32": "uint_contents",
-    "UINT64": "uint64_contents",
-    "FP32": "fp32_contents",
-    "FP64": "fp64_contents",
-    "BYTES": "bytes_contents",
-}
-
+from runtimes.tensors import CONTENTS_FIELD, RawData, as_bytes_array, encode_raw, fit_integers, numpy_dtype
 
 #: Datatypes carried in a 32-bit typed field although narrower: a value there may not fit them.
 _NARROW_INTEGERS = frozenset({"INT8", "INT16", "UINT8", "UINT16"})

@@ -18,9 +18,10 @@ from protos import inference_pb2 as pb
 from protos.topology import TensorSpec
 from runtimes.dataplane import shape_matches
 from runtimes.errors import InvalidInput, PredictError
-from runtimes.grpc_codec import CONTENTS_FIELD, ContentsData
+from runtimes.grpc_codec import ContentsData
 from runtimes.messages import SHARED_MEMORY_REGION, OutputTensor, RequestInput, shared_memory_refused
 from runtimes.tensors import (
+    CONTENTS_FIELD,
     DATATYPES,
     RawData,
     decode_raw,

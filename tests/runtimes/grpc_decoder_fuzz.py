@@ -27,13 +27,12 @@ from runtimes.base import ModelRuntime
 from runtimes.dataplane import DataPlane
 from runtimes.errors import InferenceError
 from runtimes.grpc_codec import (
-    CONTENTS_FIELD,
     build_model_infer_response,
     parse_model_infer_request,
     uses_raw_inputs,
 )
 from runtimes.serving_config import parse_serving_config
-from runtimes.tensors import encode_raw
+from runtimes.tensors import CONTENTS_FIELD, encode_raw
 
 
 class Echo(ModelRuntime):

@@ -18,6 +18,10 @@ import pytest
 from oip_echo import DATATYPES, TYPED_DATATYPES, EchoRuntime, input_name, output_name, sample
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+# runtimes.tensors, not runtimes.grpc_codec: that one imports protos.inference_pb2, whose "inference" package clashes
+# with tritonclient's in one process.
+from runtimes.tensors import CONTENTS_FIELD
+
 
 def _inputs(name: str, data: list[Any]) -> list[dict[str, Any]]:
     """Every datatype's sample input, with ``data`` (six values, shape [3, 2]) for input ``name``."""
@@ -105,24 +109,6 @@ def test_rest_extremes_and_nan_infinity_tokens_are_accepted(alltypes: EchoRuntim
     hand = _body("in_fp32", [0.0] * 6).replace(b"[0.0, 0.0, 0.0", b"[NaN, Infinity, -Infinity", 1)
     response = _post(alltypes, hand)
     assert response.status_code == 200, response.text
-
-
-#: The typed contents field of each datatype (runtimes.grpc_codec has it too, but imports protos.inference_pb2, whose
-#: "inference" package clashes with tritonclient's in one process).
-CONTENTS_FIELD = {
-    "BOOL": "bool_contents",
-    "INT8": "int_contents",
-    "INT16": "int_contents",
-    "INT32": "int_contents",
-    "INT64": "int64_contents",
-    "UINT8": "uint_contents",
-    "UINT16": "uint_contents",
-    "UINT32": "uint_contents",
-    "UINT64": "uint64_contents",
-    "FP32": "fp32_contents",
-    "FP64": "fp64_contents",
-    "BYTES": "bytes_contents",
-}
 
 
 def _typed_request(name: str, values: list[Any]) -> Any:
