@@ -120,7 +120,7 @@ class _Stages(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[mi
         fault = FAULTS.get(float(values[0]), "") if values.size else ""
         if fault.endswith("until the call is cancelled") and target == f"{APP}/1":
             try:
-                await asyncio.sleep(60)
+                await asyncio.Event().wait()  # never set: only the cancellation ends it
             except asyncio.CancelledError:
                 with self.outbound.lock:
                     self.outbound.cancelled[request.id] = context.time_remaining() or 0.0
