@@ -16,6 +16,7 @@ from typing import Any
 import aetcd
 import httpx
 import pytest
+from etcd_metrics import etcd_watchers
 from manager_under_test import ManagerUnderTest, register_model
 
 from manager_api.auth import write_token_file
@@ -181,16 +182,8 @@ def test_compacted_history_is_a_410(etcd: EtcdServer, admin: httpx.Client, viewe
         assert read_events(stream, lambda e: True)[0].data["revision"] == now
 
 
-def _etcd_watchers(etcd: EtcdServer) -> int:
-    metrics = httpx.get(f"http://{etcd.endpoint}/metrics", timeout=10).text
-    for line in metrics.splitlines():
-        if line.startswith("etcd_debugging_mvcc_watcher_total "):
-            return int(float(line.split()[1]))
-    raise AssertionError("etcd exposes no etcd_debugging_mvcc_watcher_total")
-
-
 def test_the_watch_is_cancelled_when_the_client_leaves(etcd: EtcdServer, manager: ManagerUnderTest) -> None:
-    before = _etcd_watchers(etcd)
+    before = etcd_watchers(etcd)
     clients = [
         httpx.Client(base_url=manager.api, headers={"authorization": f"Bearer {VIEWER}"}, timeout=30) for _ in range(3)
     ]
@@ -198,13 +191,13 @@ def test_the_watch_is_cancelled_when_the_client_leaves(etcd: EtcdServer, manager
     try:
         for stream in streams:
             assert stream.__enter__().status_code == 200
-        wait_until(lambda: _etcd_watchers(etcd) == before + 3, 10, "one etcd watch per open stream")
+        wait_until(lambda: etcd_watchers(etcd) == before + 3, 10, "one etcd watch per open stream")
     finally:
         for stream in streams:
             stream.__exit__(None, None, None)
         for client in clients:
             client.close()
-    wait_until(lambda: _etcd_watchers(etcd) == before, 10, "the watches of closed streams cancelled")
+    wait_until(lambda: etcd_watchers(etcd) == before, 10, "the watches of closed streams cancelled")
 
 
 async def test_silence_is_filled_with_keepalives(tmp_path: Path) -> None:
@@ -266,14 +259,14 @@ async def test_one_transaction_larger_than_the_backlog_is_sent_whole() -> None:
 
 async def test_closing_the_changes_cancels_the_etcd_watch_at_once(etcd: EtcdServer) -> None:
     """What the cut-off relies on: the store's watch ends when its iterator is closed, before the context exits."""
-    before = _etcd_watchers(etcd)
+    before = etcd_watchers(etcd)
     host, port = etcd.endpoint.rsplit(":", 1)
     async with aetcd.Client(host=host, port=int(port)) as client:
         store = TopologyStore(client, Keys(PREFIX))
         async with store.changes() as changes:
-            await asyncio.to_thread(wait_until, lambda: _etcd_watchers(etcd) == before + 1, 10, "a watch")
+            await asyncio.to_thread(wait_until, lambda: etcd_watchers(etcd) == before + 1, 10, "a watch")
             await changes.aclose()
-            await asyncio.to_thread(wait_until, lambda: _etcd_watchers(etcd) == before, 10, "the watch cancelled")
+            await asyncio.to_thread(wait_until, lambda: etcd_watchers(etcd) == before, 10, "the watch cancelled")
 
 
 async def test_a_reader_that_keeps_up_gets_every_change() -> None:

@@ -10,10 +10,10 @@ from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 import aetcd
-import httpx
 import pytest
 from aetcd import rpc
 from blackhole_proxy import BlackholeProxy
+from etcd_metrics import etcd_watchers
 
 from manager_api.etcd_server import EtcdServer
 from manager_api.processes import wait_until
@@ -28,14 +28,6 @@ async def _client(endpoint: str) -> aetcd.Client:
     client = aetcd.Client(host=host, port=int(port), options=OWN_CONNECTION_OPTIONS)
     await client.connect()
     return client
-
-
-def _etcd_watchers(etcd: EtcdServer) -> int:
-    metrics = httpx.get(f"http://{etcd.endpoint}/metrics", timeout=10).text
-    for line in metrics.splitlines():
-        if line.startswith("etcd_debugging_mvcc_watcher_total "):
-            return int(float(line.split()[1]))
-    raise AssertionError("etcd exposes no etcd_debugging_mvcc_watcher_total")
 
 
 async def _revision(client: aetcd.Client) -> int:
@@ -104,11 +96,11 @@ async def test_a_compacted_start_revision_raises_watch_compacted(etcd_server: Et
 async def test_closing_the_stream_cancels_the_etcd_watch(etcd_server: EtcdServer, etcd_prefix: str) -> None:
     client = await _client(etcd_server.endpoint)
     try:
-        before = _etcd_watchers(etcd_server)
+        before = etcd_watchers(etcd_server)
         stream = watch_prefix(client.channel, etcd_prefix.encode(), await _revision(client) + 1, STALL_AFTER)
         assert len(await asyncio.wait_for(anext(stream), 5)) == 0, "the watch is created"
-        assert _etcd_watchers(etcd_server) == before + 1
+        assert etcd_watchers(etcd_server) == before + 1
         await stream.aclose()
-        await asyncio.to_thread(wait_until, lambda: _etcd_watchers(etcd_server) == before, 10, "the watch gone")
+        await asyncio.to_thread(wait_until, lambda: etcd_watchers(etcd_server) == before, 10, "the watch gone")
     finally:
         await client.close()
