@@ -86,9 +86,17 @@ class TopologyRecords:
         self._writes: deque[str] = deque(maxlen=MAX_WRITES)
         #: The unusable value each key holds (logged already), so reading it again does not log it again.
         self._unusable: dict[str, bytes] = {}
+        #: The records of each kind of key (the kinds of _SCHEMAS), by key.
+        self._by_kind: dict[str, dict[str, Any]] = {
+            "models": self._models,
+            "deployments": self._deployments,
+            "applications": self._applications,
+            "instances": self._instances,
+            "pipelines": self._pipelines,
+        }
 
     def _all(self) -> tuple[dict[str, Any], ...]:
-        return (self._models, self._deployments, self._applications, self._instances, self._pipelines)
+        return tuple(self._by_kind.values())
 
     def reload(self, kvs: Iterable[tuple[str, bytes]]) -> None:
         """Take a full read of the state: every (key, value) is put, every key not among them is deleted."""
@@ -101,8 +109,8 @@ class TopologyRecords:
 
     def put(self, key: str, value: bytes) -> None:
         """Parse and keep one value; an unusable one is logged and leaves the key's last good value."""
-        kind = self._keys.kind_of(key)
-        schema = _SCHEMAS.get(kind or "")
+        kind = self._keys.kind_of(key) or ""
+        schema = _SCHEMAS.get(kind)
         if schema is None:
             return  # a key of the prefix that is no part of the topology (proxies/, nodes/, replicas/...)
         try:
@@ -115,16 +123,7 @@ class TopologyRecords:
             self._unusable_value(key, value, problem)
             return
         self._unusable.pop(key, None)
-        if isinstance(record, ModelVersion):
-            self._models[key] = record
-        elif isinstance(record, Deployment):
-            self._deployments[key] = record
-        elif isinstance(record, Application):
-            self._applications[key] = record
-        elif isinstance(record, Instance):
-            self._instances[key] = record
-        else:
-            self._pipelines[key] = record
+        self._by_kind[kind][key] = record
         if isinstance(record, Deployment | Application) and record.trace_context:
             self._writes.append(record.trace_context)
 
