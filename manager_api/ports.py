@@ -73,6 +73,13 @@ def _kernel_port(family: socket.AddressFamily, sockaddr: tuple[object, ...], why
         return int(sock.getsockname()[1])
 
 
+def reserve(*given: int) -> None:
+    """Never pick these ports in this process: ports it was told to use (a command line's), which their servers may
+    bind only later (an Envoy listener comes with its first LDS) and so still look free."""
+    with _lock:
+        _handed_out.update(given)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port free on ``host`` a moment ago, from 20000-29999 (see the module's docstring).
 

@@ -20,7 +20,7 @@ from manager_api.client import ManagerClient
 from manager_api.credentials import ensure_admin_credentials
 from manager_api.etcd_server import EtcdServer
 from manager_api.model_discovery import ModelDiscovery
-from manager_api.ports import free_port
+from manager_api.ports import free_port, reserve
 from manager_api.processes import ChildProcess, http_ok
 from manager_api.supervisor import Supervisor
 from tracing.settings import parse_endpoint
@@ -67,6 +67,9 @@ class Stack:
         self.config = config
         self.data_dir = config.data_dir.resolve()
         self.logs = self.data_dir / "logs"
+        # Ports named on the command line, before any pick: the ingress's is bound only once its listener arrives
+        # (LDS), and etcd's peer port or Envoy's admin port, picked meanwhile, must not take it.
+        reserve(config.ingress_port, config.api_port, config.xds_port, config.xds_metrics_port, config.etcd_port)
         self.ingress_port = config.ingress_port or free_port(config.host)
         control = config.control_host
         self.api_port = config.api_port or free_port(control)

@@ -81,6 +81,15 @@ def test_no_port_is_handed_out_twice(window: range, monkeypatch: pytest.MonkeyPa
     assert len({*picked, first, second}) == 402
 
 
+def test_a_reserved_port_is_never_picked(window: range, monkeypatch: pytest.MonkeyPatch) -> None:
+    with _listening_in(window) as probe:
+        given = probe.getsockname()[1]
+    # A port a command line named, free until its server binds it: offered twice, picked never.
+    ports.reserve(given)
+    monkeypatch.setattr(ports, "_random", _Scripted([given, given]))
+    assert given not in [free_port() for _ in range(400)]
+
+
 def test_ipv6_loopback() -> None:
     try:
         with socket.socket(socket.AF_INET6) as probe:
