@@ -89,6 +89,15 @@ def test_rest_value_out_of_range_is_400_naming_it(alltypes: EchoRuntime, case: s
     assert fragment in response.json()["error"], response.text
 
 
+def test_out_of_range_values_leave_no_warning_in_the_log(alltypes: EchoRuntime) -> None:
+    """A value that overflows its datatype is the client's 400, not a numpy "overflow encountered in cast" warning on
+    the runtime's stderr (once per process, naming no request)."""
+    for case in ("FP32 above its largest", "FP16 integer", "FP16 float"):
+        name, data, _ = OUT_OF_RANGE[case]
+        assert _post(alltypes, _body(name, data)).status_code == 400
+    assert "RuntimeWarning" not in alltypes.log(), alltypes.log()[-2000:]
+
+
 def test_rest_extremes_and_nan_infinity_tokens_are_accepted(alltypes: EchoRuntime) -> None:
     """The largest finite values pass; NaN, Infinity and -Infinity (tokens Triton also reads) stay what they are."""
     largest = float(np.finfo(np.float32).max)
