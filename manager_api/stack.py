@@ -20,7 +20,7 @@ from manager_api.client import ManagerClient
 from manager_api.credentials import ensure_admin_credentials
 from manager_api.etcd_server import EtcdServer
 from manager_api.model_discovery import ModelDiscovery
-from manager_api.ports import free_port, reserve
+from manager_api.ports import free_port, reserve, reserved_environment
 from manager_api.processes import ChildProcess, http_ok
 from manager_api.supervisor import Supervisor
 from tracing.settings import parse_endpoint
@@ -76,6 +76,8 @@ class Stack:
         self.xds_port = config.xds_port or free_port(control)
         self.xds_metrics_port = config.xds_metrics_port or free_port()
         self.etcd = EtcdServer(self.data_dir, config.etcd_port or free_port(control), host=control)
+        # Picked now, not when the ingress starts: then it is among the ports the children are told of (below).
+        self.ingress_admin_port = free_port()
         self.credentials, self.tokens_file = ensure_admin_credentials(self.data_dir, self.api_url)
         self.supervisor = Supervisor()
         self._discovery: ModelDiscovery | None = None
@@ -84,6 +86,15 @@ class Stack:
         self.env = dict(os.environ)
         if config.otlp_endpoint is not None:
             self.env["OTEL_EXPORTER_OTLP_ENDPOINT"] = parse_endpoint(config.otlp_endpoint).url
+        # reserve() above holds in this process only; the manager's deployer, in its own process, picks ports for
+        # runtimes and sidecars from the same window (--ingress-port 0, or a port given there) while the ingress's
+        # is still unbound (until its LDS, again after each restart): told of them, it never picks them.
+        reserved_environment(self.env, self._ports())
+
+    def _ports(self) -> list[int]:
+        """Every port this stack's servers listen on, some of them bound only later (the ingress's listener)."""
+        etcd = (self.etcd.client_port, self.etcd.peer_port)
+        return [self.ingress_port, self.api_port, self.xds_port, self.xds_metrics_port, *etcd, self.ingress_admin_port]
 
     @property
     def ingress_url(self) -> str:
@@ -165,7 +176,7 @@ class Stack:
             log_path=self.logs / "manager_api.log",
         )
         self._run(manager, lambda: http_ok(f"{self.api_url}/healthz"))
-        admin_port = free_port()
+        admin_port = self.ingress_admin_port
         ingress = ingress_envoy(
             self.logs,
             admin_port=admin_port,

@@ -111,6 +111,16 @@ def surplus(running: Sequence[StatedT], want: int, ready: int, total: int | None
     return doomed
 
 
+def _deployment_what(key: ModelKey) -> str:
+    """How a deployment is named in the logs, and its key in the deployer's memory of what could not start."""
+    return f"deployment {key[0]}:{key[1]}"
+
+
+def _pipeline_what(app: str) -> str:
+    """How an application's pipeline is named in the logs and in the deployer's memory of what could not start."""
+    return f"the pipeline of {app}"
+
+
 @dataclass
 class _CannotStart:
     """Why a deployment or pipeline failed to start, for which spec of it, and when to try it again."""
@@ -251,7 +261,7 @@ class ProcessDeployer:
         specs = {(d.model, d.version): d for d in deployments}
         for key, want in desired.items():
             have = len(self.replicas.get(key, []))
-            what = f"deployment {key[0]}:{key[1]}"
+            what = _deployment_what(key)
             if have < want and self._may_try(what, specs[key]):
                 # One deployment that cannot start (its archive lost, an agent's download refused) must not keep
                 # every other deployment and pipeline of this node from starting: it is logged and retried.
@@ -261,7 +271,11 @@ class ProcessDeployer:
                     self._unstartable(what, specs[key], exc)
                 else:
                     self._cannot_start.pop(what, None)
-        await self._reconcile_pipelines(deployments, None if self._held else nodes)
+        pipelines_wanted = await self._reconcile_pipelines(deployments, None if self._held else nodes)
+        if not self._held:
+            # While holding, shares are not known: a deployment that failed is kept with its back-off until then.
+            wanted = {_deployment_what(key) for key, want in desired.items() if want > 0}
+            self._forget_failures(wanted | {_pipeline_what(app) for app in pipelines_wanted})
 
     async def _add_replicas(self, key: ModelKey, count: int) -> None:
         """Start ``count`` more replicas of the deployment ``key``, its model folder unpacked first."""
@@ -273,6 +287,16 @@ class ProcessDeployer:
             replica = Replica(self._config(key, folder, model.artifact), self._registry)
             self.replicas.setdefault(key, []).append(replica)
             self._launch(replica)
+
+    def _forget_failures(self, wanted: set[str]) -> None:
+        """Drop the back-off of everything that could not start and is no longer wanted on this node.
+
+        A deleted (or scaled to zero, or placed elsewhere) deployment or application is gone from the books: a
+        long-running agent that sees many short-lived failing deployments does not keep one entry each for ever,
+        and one created again, even with the very same spec, is tried at once rather than after the old back-off.
+        """
+        for what in self._cannot_start.keys() - wanted:
+            del self._cannot_start[what]
 
     def _may_try(self, what: str, spec: object) -> bool:
         """Whether to try starting ``what`` (of ``spec``) on this pass: its back-off is over, or its spec changed."""
@@ -295,8 +319,10 @@ class ProcessDeployer:
         failed.reason = reason
         failed.retry_at = time.monotonic() + failed.backoff.failed()
 
-    async def _reconcile_pipelines(self, deployments: list[Deployment], nodes: list[str] | None) -> None:
+    async def _reconcile_pipelines(self, deployments: list[Deployment], nodes: list[str] | None) -> set[str]:
         """Pipeline runtimes of the applications that need one (several stages or a shadow), this node's share.
+
+        Returns the applications of which this node wants at least one pipeline replica.
 
         A replica runs the spec it started with. When an application's stages, variants or shadows change (its
         ``spec_digest``), replicas of the new spec start beside the old ones, and the old ones are drained once the
@@ -341,7 +367,7 @@ class ProcessDeployer:
             have = len([p for p in self.pipelines.get(name, []) if p.config.spec_digest == digest])
             if have >= wanted[name]:
                 continue
-            what = f"the pipeline of {name}"
+            what = _pipeline_what(name)
             if not self._may_try(what, app):
                 continue
             try:
@@ -356,6 +382,7 @@ class ProcessDeployer:
                 pipeline = PipelineReplica(config, self._registry)
                 self.pipelines.setdefault(name, []).append(pipeline)
                 self._launch(pipeline)
+        return {name for name, want in wanted.items() if want > 0}
 
     async def _pipeline_config(
         self, app: Application, digest: str, deployments: list[Deployment]

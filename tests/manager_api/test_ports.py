@@ -37,6 +37,8 @@ def window(monkeypatch: pytest.MonkeyPatch) -> Iterator[range]:
         pytest.skip("this machine's ephemeral range leaves no pick window")
     monkeypatch.setattr(ports, "PICK_HIGH", ports.PICK_LOW + 1000)
     monkeypatch.setattr(ports, "_handed_out", set())
+    monkeypatch.setattr(ports, "_reserved", set(), raising=False)
+    monkeypatch.delenv("HYDRO_RESERVED_PORTS", raising=False)
     yield range(ports.PICK_LOW, ports.PICK_LOW + 1000)
 
 
@@ -88,6 +90,37 @@ def test_a_reserved_port_is_never_picked(window: range, monkeypatch: pytest.Monk
     ports.reserve(given)
     monkeypatch.setattr(ports, "_random", _Scripted([given, given]))
     assert given not in [free_port() for _ in range(400)]
+
+
+def test_a_reserved_port_stays_reserved_once_the_picks_start_over(
+    window: range, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with _listening_in(window) as probe:
+        given = probe.getsockname()[1]
+    ports.reserve(given)
+    # Half the window handed out: the memory of picks is forgotten so that picks never run dry (a crash-looping
+    # replica picks new ports at each start). The port a command line named must still never be picked.
+    picked = [free_port() for _ in range(len(window) // 2 + 1)]
+    monkeypatch.setattr(ports, "_random", _Scripted([given, given]))
+    picked += [free_port(), free_port()]
+    assert given not in picked
+
+
+def test_ports_named_in_the_environment_are_never_picked(window: range, monkeypatch: pytest.MonkeyPatch) -> None:
+    with _listening_in(window) as probe:
+        given = probe.getsockname()[1]
+    # What `hydro up` tells its children (the manager's deployer): the stack's ports, bound later by their servers.
+    monkeypatch.setenv("HYDRO_RESERVED_PORTS", f"{given},{given + 1}")
+    monkeypatch.setattr(ports, "_random", _Scripted([given, given + 1, given]))
+    assert not {given, given + 1} & {free_port() for _ in range(400)}
+
+
+def test_an_unreadable_reserved_ports_variable_is_ignored_with_a_warning(
+    window: range, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("HYDRO_RESERVED_PORTS", "25001,http,99999")
+    assert free_port() in window
+    assert "'http' is not a port number" in caplog.text and "'99999' is not a port number" in caplog.text
 
 
 def test_ipv6_loopback() -> None:
