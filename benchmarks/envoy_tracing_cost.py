@@ -2,9 +2,9 @@
 
 tracing_overhead.py measures a whole mesh in a closed loop, where every process's cost moves the others' (fewer
 requests per wake-up cost more each). This one isolates the proxy: one Envoy per configuration, each with the
-HTTP listener xds_control builds for the ingress (xds_control.resources.http_listener, the tracing block from
-xds_control.tracing_config), routing every request to one upstream Envoy that answers it directly. Each is loaded
-at the same fixed request rate (h2load over HTTP/1.1, like REST through the ingress), so per-request CPU is
+HTTP listener xds_control builds for the ingress (xds_control.resources.listeners.http_listener, the tracing block
+from xds_control.tracing_config), routing every request to one upstream Envoy that answers it directly. Each is
+loaded at the same fixed request rate (h2load over HTTP/1.1, like REST through the ingress), so per-request CPU is
 compared at equal wake-up rates; it is read from /proc/PID/stat. Configurations:
 
 - ``off``: no tracing;
@@ -57,8 +57,10 @@ from benchmarks.static_envoy import static_bootstrap  # noqa: E402
 from benchmarks.tracing_overhead import CountingReceiver, cpu_seconds, serve_receiver  # noqa: E402
 from manager_api.ports import free_port  # noqa: E402
 from manager_api.processes import ChildProcess  # noqa: E402
-from xds_control import resources as r  # noqa: E402
 from xds_control.bootstrap import envoy_process, envoy_ready  # noqa: E402
+from xds_control.resources.clusters import static_cluster  # noqa: E402
+from xds_control.resources.listeners import http_listener  # noqa: E402
+from xds_control.resources.routes import direct_route, route_configuration  # noqa: E402
 from xds_control.tracing_config import (  # noqa: E402
     INGRESS_SERVICE,
     EnvoyTracing,
@@ -96,12 +98,12 @@ def front_envoy(
     route = route_components_pb2.Route(
         match=route_components_pb2.RouteMatch(prefix="/"), route=route_components_pb2.RouteAction(cluster="upstream")
     )
-    routes = r.route_configuration(name, [route], ingress_response_headers(tracing))
+    routes = route_configuration(name, [route], ingress_response_headers(tracing))
     hook = tracing_hook(tracing, INGRESS_SERVICE, ingress=True)
-    listener = r.http_listener(
+    listener = http_listener(
         name, "127.0.0.1", listen_port, route_config=routes, configure=amend(hook) if hook is not None else None
     )
-    clusters: list[Message] = [r.static_cluster("upstream", "127.0.0.1", upstream_port, http2=True)]
+    clusters: list[Message] = [static_cluster("upstream", "127.0.0.1", upstream_port, http2=True)]
     if tracing is not None:
         clusters.append(tracing.collector_cluster())
     process = envoy_process(name, static_bootstrap(listener, clusters, admin_port), work, admin_port, "error")
@@ -151,8 +153,8 @@ def main() -> None:
     results: dict[str, Any] = {}
     try:
         upstream_port, upstream_admin = free_port(), free_port()
-        answer = r.route_configuration("upstream", [r.direct_route("answer", "/", 200, '{"outputs":[]}')])
-        answering = r.http_listener("upstream", "127.0.0.1", upstream_port, route_config=answer)
+        answer = route_configuration("upstream", [direct_route("answer", "/", 200, '{"outputs":[]}')])
+        answering = http_listener("upstream", "127.0.0.1", upstream_port, route_config=answer)
         upstream = envoy_process(
             "upstream", static_bootstrap(answering, [], upstream_admin), work, upstream_admin, "error"
         ).start()

@@ -27,7 +27,7 @@ from xds_control.etcd_watch import (
 from xds_control.metrics import MetricsCallbacks, XdsMetrics
 from xds_control.observers import FanOutCallbacks, ObservedNodes
 from xds_control.push_spans import PushSpans
-from xds_control.resources import DEFAULT_MAX_REQUEST_BYTES
+from xds_control.resources.request_limits import DEFAULT_MAX_REQUEST_BYTES
 from xds_control.server import AdsServer, StreamCallbacks
 from xds_control.snapshot import SnapshotCache
 from xds_control.status import ProxyStatusWriter

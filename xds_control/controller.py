@@ -16,7 +16,7 @@ from xds_control.build_cache import BuildCache
 from xds_control.convergence import ConvergenceTracker
 from xds_control.metrics import XdsMetrics
 from xds_control.push_spans import PushSpans
-from xds_control.resources import DEFAULT_MAX_REQUEST_BYTES
+from xds_control.resources.request_limits import DEFAULT_MAX_REQUEST_BYTES
 from xds_control.snapshot import InconsistentSnapshot, Snapshot, SnapshotCache
 from xds_control.topology import Topology
 from xds_control.tracing_config import EnvoyTracing

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from envoy.service.discovery.v3 import discovery_pb2
 
-from xds_control import resources
+from xds_control.resources import type_urls
 from xds_control.snapshot import Snapshot, SnapshotCache
 from xds_control.wire import encode_delta_discovery_response
 
@@ -38,8 +38,8 @@ log = logging.getLogger(__name__)
 DELTA_ADS_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"
 
 #: Types Envoy subscribes to as a whole; the others it asks for by name.
-WILDCARD_TYPES = frozenset({resources.CLUSTER, resources.LISTENER})
-_ROUTING_TYPES = (resources.LISTENER, resources.ROUTE)
+WILDCARD_TYPES = frozenset({type_urls.CLUSTER, type_urls.LISTENER})
+_ROUTING_TYPES = (type_urls.LISTENER, type_urls.ROUTE)
 _WILDCARD = "*"
 #: Stands for "removed" where a version is expected (a removal the proxy rejected).
 _REMOVAL = ""
@@ -86,7 +86,7 @@ class DeltaAdsStream:
         self.node_id = node_id
         self._cache = cache
         self._callbacks = callbacks
-        self._types = {type_url: _DeltaTypeState() for type_url in resources.PUSH_ORDER}
+        self._types = {type_url: _DeltaTypeState() for type_url in type_urls.PUSH_ORDER}
         self._nonces = itertools.count(1)
 
     def handle_request(self, request: discovery_pb2.DeltaDiscoveryRequest) -> list[bytes]:
@@ -182,7 +182,7 @@ class DeltaAdsStream:
         if snapshot is None:
             return []
         out = []
-        for type_url in resources.PUSH_ORDER:
+        for type_url in type_urls.PUSH_ORDER:
             state = self._types[type_url]
             if not state.subscribed or state.in_flight is not None:
                 continue
@@ -210,10 +210,10 @@ class DeltaAdsStream:
         scope = set(state.names)
         if state.wildcard:
             scope |= current.keys() | state.held.keys()
-        in_use = self._routed_clusters(snapshot) if type_url == resources.CLUSTER else frozenset()
+        in_use = self._routed_clusters(snapshot) if type_url == type_urls.CLUSTER else frozenset()
         # Endpoints of a cluster the proxy still has stay until the cluster goes: removing them first would leave a
         # still-routed cluster empty.
-        clusters_held = self._types[resources.CLUSTER].held if type_url == resources.ENDPOINT else {}
+        clusters_held = self._types[type_urls.CLUSTER].held if type_url == type_urls.ENDPOINT else {}
         changes: Changes = {}
         complete = True
         for name in scope:
@@ -238,7 +238,7 @@ class DeltaAdsStream:
         named: set[str] = set()
         for type_url in _ROUTING_TYPES:
             state = self._types[type_url]
-            if type_url == resources.ROUTE and not state.subscribed and not snapshot.items(type_url):
+            if type_url == type_urls.ROUTE and not state.subscribed and not snapshot.items(type_url):
                 continue  # this proxy's listeners carry their routes inline
             if state.route_clusters is None:
                 return None
@@ -250,8 +250,8 @@ class DeltaAdsStream:
         return frozenset(named)
 
     def _clusters_ready(self, snapshot: Snapshot) -> bool:
-        clusters = self._types[resources.CLUSTER].held
-        endpoints = self._types[resources.ENDPOINT].held
+        clusters = self._types[type_urls.CLUSTER].held
+        endpoints = self._types[type_urls.ENDPOINT].held
         for name in snapshot.route_clusters:
             if name not in clusters:
                 return False
@@ -271,7 +271,7 @@ class DeltaAdsStream:
                 in_flight.route_clusters = routed
             elif state.route_clusters is not None:
                 in_flight.route_clusters = state.route_clusters | routed  # part old, part new: both
-        if type_url == resources.CLUSTER:
+        if type_url == type_urls.CLUSTER:
             self._renew_endpoints([name for name, version in changes.items() if version is not None], snapshot)
         state.in_flight = in_flight
         state.unanswered -= changes.keys()
@@ -294,7 +294,7 @@ class DeltaAdsStream:
 
     def _renew_endpoints(self, clusters: list[str], snapshot: Snapshot) -> None:
         """A new or changed EDS cluster warms until EDS answers for it: make sure EDS answers again."""
-        eds = self._types[resources.ENDPOINT]
+        eds = self._types[type_urls.ENDPOINT]
         eds.in_sync_with = None
         for name in clusters:
             if name not in snapshot.eds_clusters:

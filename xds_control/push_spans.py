@@ -24,7 +24,7 @@ from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from tracing.provider import active_tracer
-from xds_control import resources
+from xds_control.resources import type_urls
 from xds_control.server import StreamCallbacks
 from xds_control.snapshot import Snapshot
 from xds_control.translate import NodeInfo
@@ -86,7 +86,7 @@ class PushSpans(StreamCallbacks):
         # A type empty before and after may never be asked for (RDS when listeners route inline): not waited for.
         changed = {
             t
-            for t in resources.PUSH_ORDER
+            for t in type_urls.PUSH_ORDER
             if (before.versions.get(t) if before is not None else None) != after.versions.get(t)
             and (after.items(t) or (before is not None and before.items(t)))
         }
@@ -99,10 +99,10 @@ class PushSpans(StreamCallbacks):
             "hydro.xds.role": info.role or "unknown",
             "hydro.etcd.revision": revision,
             "hydro.xds.changed_types": ",".join(sorted(short_type(t) for t in changed)),
-            "hydro.xds.resources": sum(len(after.items(t)) for t in resources.PUSH_ORDER),
+            "hydro.xds.resources": sum(len(after.items(t)) for t in type_urls.PUSH_ORDER),
             "hydro.xds.writes": len(writes),
         }
-        for type_url in resources.PUSH_ORDER:
+        for type_url in type_urls.PUSH_ORDER:
             name = short_type(type_url)
             attributes[f"hydro.xds.{name}.version"] = after.versions.get(type_url, "")
             attributes[f"hydro.xds.{name}.resources"] = len(after.items(type_url))

@@ -28,8 +28,8 @@ from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.route.v3 import route_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
-from xds_control import resources
 from xds_control.delta_server import DeltaAdsStream
+from xds_control.resources import type_urls
 from xds_control.snapshot import Snapshot, SnapshotCache, version_of
 from xds_control.wire import encode_discovery_response
 
@@ -97,7 +97,7 @@ class AdsStream:
         self.node_id = node_id
         self._cache = cache
         self._callbacks = callbacks
-        self._types = {type_url: _TypeState() for type_url in resources.PUSH_ORDER}
+        self._types = {type_url: _TypeState() for type_url in type_urls.PUSH_ORDER}
         self._nonces = itertools.count(1)
 
     def handle_request(self, request: discovery_pb2.DiscoveryRequest) -> list[bytes]:
@@ -148,11 +148,11 @@ class AdsStream:
         if snapshot is None:
             return []
         out = []
-        for type_url in resources.PUSH_ORDER:
+        for type_url in type_urls.PUSH_ORDER:
             state = self._types[type_url]
             if not state.pending:
                 continue
-            if type_url in (resources.LISTENER, resources.ROUTE) and not self._clusters_ready(snapshot):
+            if type_url in (type_urls.LISTENER, type_urls.ROUTE) and not self._clusters_ready(snapshot):
                 continue
             items = self._items(type_url, snapshot)
             version = version_of(items)  # covers the names, so equal versions mean equal name sets
@@ -161,7 +161,7 @@ class AdsStream:
                 # restart): nothing to send, and it counts as acknowledged. Not when a cluster changed on this
                 # stream (force): its replacement warms until EDS answers, whatever endpoints the proxy holds.
                 state.sent = state.acked = items
-                if type_url in (resources.LISTENER, resources.ROUTE):
+                if type_url in (type_urls.LISTENER, type_urls.ROUTE):
                     state.sent_route_clusters = state.acked_route_clusters = snapshot.routed[type_url]
                 continue
             if (version == state.version and not state.force) or version == state.nacked_version:
@@ -172,24 +172,24 @@ class AdsStream:
     def _items(self, type_url: str, snapshot: Snapshot) -> dict[str, bytes]:
         state = self._types[type_url]
         current = snapshot.items(type_url)
-        if type_url == resources.CLUSTER:
+        if type_url == type_urls.CLUSTER:
             items = dict(current)
             in_use: set[str] = set()
-            for routes in (self._types[resources.LISTENER], self._types[resources.ROUTE]):
+            for routes in (self._types[type_urls.LISTENER], self._types[type_urls.ROUTE]):
                 in_use |= routes.acked_route_clusters | routes.sent_route_clusters
             for name in in_use - items.keys():
                 if name in state.sent:
                     items[name] = state.sent[name]  # make-before-break: still routed to
             return items
-        if type_url == resources.LISTENER:
+        if type_url == type_urls.LISTENER:
             return dict(current)
         # EDS and RDS are asked for by name; unknown names get an empty resource rather than a time-out.
         items = {}
-        clusters_kept = self._types[resources.CLUSTER].sent
+        clusters_kept = self._types[type_urls.CLUSTER].sent
         for name in state.names:
             if name in current:
                 items[name] = current[name]
-            elif type_url == resources.ENDPOINT and name in clusters_kept and name in state.sent:
+            elif type_url == type_urls.ENDPOINT and name in clusters_kept and name in state.sent:
                 # make-before-break: its cluster stays (still routed to), so it keeps its endpoints until it goes.
                 items[name] = state.sent[name]
             else:
@@ -197,8 +197,8 @@ class AdsStream:
         return items
 
     def _clusters_ready(self, snapshot: Snapshot) -> bool:
-        clusters = self._types[resources.CLUSTER].acked
-        endpoints = self._types[resources.ENDPOINT].acked
+        clusters = self._types[type_urls.CLUSTER].acked
+        endpoints = self._types[type_urls.ENDPOINT].acked
         for name in snapshot.route_clusters:
             if name not in clusters:
                 return False
@@ -210,14 +210,14 @@ class AdsStream:
         self, type_url: str, state: _TypeState, items: dict[str, bytes], version: str, snapshot: Snapshot
     ) -> bytes:
         nonce = str(next(self._nonces))
-        if type_url == resources.CLUSTER:
+        if type_url == type_urls.CLUSTER:
             # A new or changed EDS cluster warms until EDS answers for it: forget the old answer and make sure
             # the next EDS request is answered even when endpoints did not change.
-            eds = self._types[resources.ENDPOINT]
+            eds = self._types[type_urls.ENDPOINT]
             changed = {name for name, data in items.items() if state.sent.get(name) != data}
             eds.acked = {k: v for k, v in eds.acked.items() if k not in changed}
             eds.force = True
-        if type_url in (resources.LISTENER, resources.ROUTE):
+        if type_url in (type_urls.LISTENER, type_urls.ROUTE):
             state.sent_route_clusters = snapshot.routed[type_url]
         state.pending = False
         state.force = False
@@ -239,11 +239,11 @@ class AdsStream:
 
 def _empty(type_url: str, name: str) -> bytes:
     message: Any
-    if type_url == resources.ENDPOINT:
+    if type_url == type_urls.ENDPOINT:
         message = endpoint_pb2.ClusterLoadAssignment(cluster_name=name)
     else:
         message = route_pb2.RouteConfiguration(name=name)
-    return resources.pack(message).SerializeToString(deterministic=True)
+    return type_urls.pack(message).SerializeToString(deterministic=True)
 
 
 def _as_is(payload: bytes) -> bytes:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from google.protobuf.message import Message
 
-from xds_control import resources
+from xds_control.resources import type_urls
 from xds_control.wire import encode_delta_resource
 
 ResourceBytes = Mapping[str, bytes]
@@ -40,7 +40,7 @@ def resource_version(any_bytes: bytes) -> str:
 
 def serialize(message: Message) -> bytes:
     """The deterministic bytes of ``message`` packed in an ``Any``: how every resource goes on the wire."""
-    return resources.pack(message).SerializeToString(deterministic=True)
+    return type_urls.pack(message).SerializeToString(deterministic=True)
 
 
 class InconsistentSnapshot(ValueError):
@@ -76,7 +76,7 @@ class Snapshot:
 
         A resource given as bytes is already a serialized ``Any`` (see ``serialize``) and is taken as is.
         """
-        by_type: dict[str, dict[str, bytes]] = {type_url: {} for type_url in resources.PUSH_ORDER}
+        by_type: dict[str, dict[str, bytes]] = {type_url: {} for type_url in type_urls.PUSH_ORDER}
         for type_url, named in messages.items():
             for name, message in named:
                 by_type[type_url][name] = message if isinstance(message, bytes) else serialize(message)
@@ -84,8 +84,8 @@ class Snapshot:
             by_type=by_type,
             eds_clusters=frozenset(eds_clusters),
             routed={
-                resources.LISTENER: frozenset(listener_clusters),
-                resources.ROUTE: frozenset(route_clusters),
+                type_urls.LISTENER: frozenset(listener_clusters),
+                type_urls.ROUTE: frozenset(route_clusters),
             },
             versions={type_url: version_of(items) for type_url, items in by_type.items()},
             resource_versions={
@@ -97,14 +97,14 @@ class Snapshot:
         return snapshot
 
     def _check(self, rds_names: frozenset[str]) -> None:
-        clusters = self.by_type[resources.CLUSTER].keys()
+        clusters = self.by_type[type_urls.CLUSTER].keys()
         missing = sorted(self.route_clusters - clusters)
         if missing:
             raise InconsistentSnapshot(f"routes name clusters that are not in the snapshot: {missing}")
-        missing = sorted(self.eds_clusters - self.by_type[resources.ENDPOINT].keys())
+        missing = sorted(self.eds_clusters - self.by_type[type_urls.ENDPOINT].keys())
         if missing:
             raise InconsistentSnapshot(f"EDS clusters without endpoints in the snapshot: {missing}")
-        missing = sorted(rds_names - self.by_type[resources.ROUTE].keys())
+        missing = sorted(rds_names - self.by_type[type_urls.ROUTE].keys())
         if missing:
             raise InconsistentSnapshot(f"listeners name route configurations that are not in the snapshot: {missing}")
 

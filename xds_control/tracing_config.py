@@ -26,7 +26,8 @@ from google.protobuf import duration_pb2
 from google.protobuf.message import Message
 
 from tracing.settings import SYSTEM_CA_BUNDLE, CollectorAddress, parse_endpoint
-from xds_control import resources as r
+from xds_control.resources.clusters import static_cluster
+from xds_control.resources.type_urls import pack
 
 COLLECTOR_CLUSTER = "otel|collector"
 TRACE_ID_HEADER = "x-hydro-trace-id"
@@ -71,7 +72,7 @@ class EnvoyTracing:
         )
         percent = self.sampling_percent if ingress else 0.0
         return hcm_pb2.HttpConnectionManager.Tracing(
-            provider=http_tracer_pb2.Tracing.Http(name="envoy.tracers.opentelemetry", typed_config=r.pack(provider)),
+            provider=http_tracer_pb2.Tracing.Http(name="envoy.tracers.opentelemetry", typed_config=pack(provider)),
             random_sampling=percent_pb2.Percent(value=percent),
             spawn_upstream_span={"value": ingress},
             # Envoy's default names every server span "ingress" (the traffic direction), sidecars' too.
@@ -81,13 +82,13 @@ class EnvoyTracing:
     def collector_cluster(self) -> cluster_pb2.Cluster:
         """The collector as an HTTP/2 cluster (STRICT_DNS for a host name such as compose's ``jaeger``), over TLS
         for an ``https://`` collector (``collector_tls``)."""
-        cluster = r.static_cluster(COLLECTOR_CLUSTER, self.collector.host, self.collector.port, http2=True)
+        cluster = static_cluster(COLLECTOR_CLUSTER, self.collector.host, self.collector.port, http2=True)
         if not _is_ip(self.collector.host):
             cluster.type = cluster_pb2.Cluster.STRICT_DNS
         if self.collector.secure:
             cluster.transport_socket.CopyFrom(
                 core_base_pb2.TransportSocket(
-                    name=TLS_TRANSPORT_SOCKET, typed_config=r.pack(collector_tls(self.collector))
+                    name=TLS_TRANSPORT_SOCKET, typed_config=pack(collector_tls(self.collector))
                 )
             )
         return cluster
@@ -151,7 +152,7 @@ ManagerHook = Callable[[hcm_pb2.HttpConnectionManager], None]
 
 
 def tracing_hook(tracing: EnvoyTracing | None, service_name: str, *, ingress: bool) -> ManagerHook | None:
-    """What resources.http_listener calls on the connection manager it builds; None when tracing is off."""
+    """What resources.listeners.http_listener calls on the connection manager it builds; None when tracing is off."""
     if tracing is None:
         return None
     return lambda manager: add_tracing(manager, tracing, service_name, ingress=ingress)

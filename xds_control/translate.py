@@ -12,8 +12,35 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from protos.topology import Application, Policies, RetryPolicy, Stage
-from xds_control import resources as r
 from xds_control.build_cache import BuildCache
+from xds_control.resources.clusters import (
+    ANY_INSTANCE_CLUSTER,
+    ClusterPolicies,
+    aggregate_cluster,
+    eds_cluster,
+    static_cluster,
+)
+from xds_control.resources.endpoints import load_assignment
+from xds_control.resources.listeners import http_listener
+from xds_control.resources.request_limits import DEFAULT_MAX_REQUEST_BYTES, RequestLimits
+from xds_control.resources.routes import (
+    APPLICATION_HEADER,
+    SERVED_BY_HEADER,
+    RoutePolicies,
+    WeightedTarget,
+    application_routes,
+    clusters_named_by,
+    direct_route,
+    exact_direct_route,
+    grpc_fallback_routes,
+    grpc_or_http_routes,
+    header_route,
+    model_version_grpc_routes,
+    model_version_route,
+    route_configuration,
+    server_routes,
+)
+from xds_control.resources.type_urls import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from xds_control.snapshot import Snapshot, serialize
 from xds_control.topology import Topology
 from xds_control.tracing_config import (
@@ -95,9 +122,9 @@ def policies_of(topology: Topology, model: str, version: int) -> Policies:
     return deployment.policies if deployment is not None else Policies()
 
 
-def cluster_policies(policies: Policies) -> r.ClusterPolicies:
+def cluster_policies(policies: Policies) -> ClusterPolicies:
     """The policies that belong on the model version's ingress cluster."""
-    return r.ClusterPolicies(
+    return ClusterPolicies(
         circuit_breaker=policies.circuit_breaker,
         retry_budget_percent=policies.retries.budget_percent,
         outlier_detection=policies.outlier_detection,
@@ -105,16 +132,16 @@ def cluster_policies(policies: Policies) -> r.ClusterPolicies:
     )
 
 
-def request_limits(model: str, version: int, policies: Policies) -> r.RequestLimits | None:
+def request_limits(model: str, version: int, policies: Policies) -> RequestLimits | None:
     """The rate limit and body size limit of one model version, None when it has neither."""
     if policies.rate_limit is None and policies.max_request_bytes is None:
         return None
     # Dots would split the stat name into more segments.
     stat_prefix = f"model_{model}_{version}".replace(".", "_")
-    return r.RequestLimits(stat_prefix, policies.rate_limit, policies.max_request_bytes)
+    return RequestLimits(stat_prefix, policies.rate_limit, policies.max_request_bytes)
 
 
-def route_policies(policies: Sequence[Policies]) -> r.RoutePolicies:
+def route_policies(policies: Sequence[Policies]) -> RoutePolicies:
     """Route-level policies for a route to one or several model versions (an application's weighted variants).
 
     One route has one timeout and one retry policy, so variants' policies are merged towards the most permissive:
@@ -126,9 +153,9 @@ def route_policies(policies: Sequence[Policies]) -> r.RoutePolicies:
     timeout = max(p.timeout_ms for p in policies)
     retrying = [p.retries for p in policies if p.retries.attempts > 0]
     if not retrying:
-        return r.RoutePolicies(timeout_ms=timeout, retries=None)
+        return RoutePolicies(timeout_ms=timeout, retries=None)
     if len(retrying) == 1:
-        return r.RoutePolicies(timeout_ms=timeout, retries=retrying[0])
+        return RoutePolicies(timeout_ms=timeout, retries=retrying[0])
     per_try = [p.per_try_timeout_ms for p in retrying]
     retry_on = list(dict.fromkeys(c for p in retrying for c in p.retry_on))
     merged = RetryPolicy(
@@ -136,7 +163,7 @@ def route_policies(policies: Sequence[Policies]) -> r.RoutePolicies:
         per_try_timeout_ms=None if None in per_try else max(t for t in per_try if t is not None),
         retry_on=retry_on,
     )
-    return r.RoutePolicies(timeout_ms=timeout, retries=merged)
+    return RoutePolicies(timeout_ms=timeout, retries=merged)
 
 
 Named = list[tuple[str, Message | bytes]]
@@ -163,7 +190,7 @@ def ingress_snapshot(
     topology: Topology,
     node: NodeInfo,
     cache: BuildCache | None = None,
-    max_request_bytes: int = r.DEFAULT_MAX_REQUEST_BYTES,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     tracing: EnvoyTracing | None = None,
 ) -> Snapshot:
     """Every application and deployed model version, routed to their sidecars.
@@ -185,13 +212,13 @@ def ingress_snapshot(
     # count (the other clusters have no replicas), so that application changes never touch this cluster.
     deployed = [cluster_name(model, version) for model, version in sorted(topology.deployments)]
     if deployed:
-        clusters.append((r.ANY_INSTANCE_CLUSTER, r.aggregate_cluster(r.ANY_INSTANCE_CLUSTER, deployed)))
+        clusters.append((ANY_INSTANCE_CLUSTER, aggregate_cluster(ANY_INSTANCE_CLUSTER, deployed)))
     clusters.extend(collector_clusters(tracing))
 
     routes = [
-        r.exact_direct_route("live", "/v2/health/live", 200, '{"live": true}'),
-        r.exact_direct_route("ready", "/v2/health/ready", 200, '{"ready": true}'),
-        *r.server_routes(r.ANY_INSTANCE_CLUSTER if deployed else None, max_request_bytes),
+        exact_direct_route("live", "/v2/health/live", 200, '{"live": true}'),
+        exact_direct_route("ready", "/v2/health/ready", 200, '{"ready": true}'),
+        *server_routes(ANY_INSTANCE_CLUSTER if deployed else None, max_request_bytes),
     ]
     for model, version in sorted(topology.deployments):
         deployment = topology.deployments[(model, version)]
@@ -204,11 +231,11 @@ def ingress_snapshot(
         inputs = (app, *(topology.deployments.get((v.model, v.version)) for v in variants))
         routes.extend(cache.get(("app-routes", name), inputs, _application_routes, topology, name))
     cache.sweep()
-    routes.extend(r.grpc_fallback_routes(NO_ROUTE_GRPC, max_request_bytes))
-    routes.append(r.direct_route("no-route", "/", 404, NO_ROUTE_REST))
-    route_config = r.route_configuration(INGRESS_ROUTES, routes, ingress_response_headers(tracing))
+    routes.extend(grpc_fallback_routes(NO_ROUTE_GRPC, max_request_bytes))
+    routes.append(direct_route("no-route", "/", 404, NO_ROUTE_REST))
+    route_config = route_configuration(INGRESS_ROUTES, routes, ingress_response_headers(tracing))
 
-    listener = r.http_listener(
+    listener = http_listener(
         INGRESS_LISTENER,
         node.text("listen_address", "0.0.0.0"),
         node.port("listen_port"),
@@ -220,39 +247,39 @@ def ingress_snapshot(
     )
     return Snapshot.build(
         {
-            r.CLUSTER: clusters,
-            r.ENDPOINT: endpoints,
-            r.LISTENER: [(INGRESS_LISTENER, listener)],
-            r.ROUTE: [(INGRESS_ROUTES, route_config)],
+            CLUSTER: clusters,
+            ENDPOINT: endpoints,
+            LISTENER: [(INGRESS_LISTENER, listener)],
+            ROUTE: [(INGRESS_ROUTES, route_config)],
         },
         eds_clusters=model_cluster_names,
-        route_clusters=r.clusters_named_by(route_config),
+        route_clusters=clusters_named_by(route_config),
         rds_names=[INGRESS_ROUTES],
     )
 
 
 def _cluster_bytes(name: str, policies: Policies) -> bytes:
-    return serialize(r.eds_cluster(name, policies=cluster_policies(policies)))
+    return serialize(eds_cluster(name, policies=cluster_policies(policies)))
 
 
 def _endpoints_bytes(name: str, ready: Sequence[tuple[str, int]]) -> bytes:
-    return serialize(r.load_assignment(name, ready))
+    return serialize(load_assignment(name, ready))
 
 
 def _model_version_routes(model: str, version: int, policies: Policies) -> list[route_components_pb2.Route]:
     args = (model, version, cluster_name(model, version), route_policies([policies]))
     limits = request_limits(model, version, policies)
-    return [r.model_version_route(*args, limits), *r.model_version_grpc_routes(*args, limits)]
+    return [model_version_route(*args, limits), *model_version_grpc_routes(*args, limits)]
 
 
-def stage_targets(topology: Topology, stage: Stage) -> tuple[list[r.WeightedTarget], r.RoutePolicies]:
+def stage_targets(topology: Topology, stage: Stage) -> tuple[list[WeightedTarget], RoutePolicies]:
     """The weighted clusters of a stage's variants, and the route policies merged from its live variants."""
     targets = []
     live_policies = []
     for v in stage.variants:
         policies = policies_of(topology, v.model, v.version)
         targets.append(
-            r.WeightedTarget(cluster_name(v.model, v.version), v.weight, request_limits(v.model, v.version, policies))
+            WeightedTarget(cluster_name(v.model, v.version), v.weight, request_limits(v.model, v.version, policies))
         )
         if v.weight > 0:
             live_policies.append(policies)
@@ -268,13 +295,13 @@ def _application_routes(topology: Topology, name: str) -> list[route_components_
     app = topology.applications[name]
     if app.needs_pipeline:
         # Every stage is called by the pipeline runtime through its own sidecar, with each stage's policies there.
-        target = r.WeightedTarget(pipeline_cluster_name(name), 100)
-        policies = r.RoutePolicies(
+        target = WeightedTarget(pipeline_cluster_name(name), 100)
+        policies = RoutePolicies(
             timeout_ms=pipeline_timeout_ms(topology, app) + PIPELINE_SLACK_MS, retries=PIPELINE_RETRIES
         )
-        return list(r.application_routes(name, [target], policies))
+        return list(application_routes(name, [target], policies))
     targets, policies = stage_targets(topology, app.stages[0])
-    return list(r.application_routes(name, targets, policies))
+    return list(application_routes(name, targets, policies))
 
 
 def _pipeline_clusters(topology: Topology, cache: BuildCache) -> tuple[Named, Named]:
@@ -298,14 +325,14 @@ def _inbound(
     """The local runtime's clusters, and the inbound listener that hands gRPC to its gRPC port, the rest to HTTP
     (traced as ``service`` with a collector)."""
     runtime_host = node.text("runtime_address", "127.0.0.1")
-    route_config = r.route_configuration(
+    route_config = route_configuration(
         "inbound",
         # No deadline of its own: the caller (the ingress route, from the deployment's timeout_ms) owns it, and a
         # shorter fixed one here would cut off calls the deployment allows.
-        r.grpc_or_http_routes(LOCAL_GRPC, LOCAL_HTTP, timeout=0),
-        {r.SERVED_BY_HEADER: served_by},
+        grpc_or_http_routes(LOCAL_GRPC, LOCAL_HTTP, timeout=0),
+        {SERVED_BY_HEADER: served_by},
     )
-    listener = r.http_listener(
+    listener = http_listener(
         SIDECAR_LISTENER,
         node.text("inbound_address", "127.0.0.1"),
         node.port("inbound_port"),
@@ -315,22 +342,22 @@ def _inbound(
         exact_balance=True,
     )
     clusters: Named = [
-        (LOCAL_GRPC, r.static_cluster(LOCAL_GRPC, runtime_host, node.port("runtime_grpc_port"), http2=True)),
-        (LOCAL_HTTP, r.static_cluster(LOCAL_HTTP, runtime_host, node.port("runtime_http_port"), http2=False)),
+        (LOCAL_GRPC, static_cluster(LOCAL_GRPC, runtime_host, node.port("runtime_grpc_port"), http2=True)),
+        (LOCAL_HTTP, static_cluster(LOCAL_HTTP, runtime_host, node.port("runtime_http_port"), http2=False)),
         *collector_clusters(tracing),
     ]
     return clusters, listener
 
 
 def sidecar_snapshot(
-    node: NodeInfo, max_request_bytes: int = r.DEFAULT_MAX_REQUEST_BYTES, tracing: EnvoyTracing | None = None
+    node: NodeInfo, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, tracing: EnvoyTracing | None = None
 ) -> Snapshot:
     """One inbound listener that hands gRPC to the runtime's gRPC port and the rest to its HTTP port."""
     served_by = f"{node.text('model')}:{node.text('version')}/{node.text('instance')}"
     service = sidecar_service(node.text("model"), node.text("version"))
     clusters, listener = _inbound(node, served_by, max_request_bytes, tracing, service)
     return Snapshot.build(
-        {r.CLUSTER: clusters, r.LISTENER: [(SIDECAR_LISTENER, listener)]},
+        {CLUSTER: clusters, LISTENER: [(SIDECAR_LISTENER, listener)]},
         listener_clusters=[LOCAL_GRPC, LOCAL_HTTP],
     )
 
@@ -344,7 +371,7 @@ def pipeline_snapshot(
     topology: Topology,
     node: NodeInfo,
     cache: BuildCache | None = None,
-    max_request_bytes: int = r.DEFAULT_MAX_REQUEST_BYTES,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     tracing: EnvoyTracing | None = None,
 ) -> Snapshot:
     """A pipeline runtime's sidecar: the inbound listener of a model sidecar, plus an outbound listener on
@@ -371,26 +398,26 @@ def pipeline_snapshot(
     for index, stage in enumerate(stages, start=1):
         targets, policies = stage_targets(topology, stage)
         routes.append(
-            r.header_route(
+            header_route(
                 f"stage|{app_name}|{index}",
                 STAGE_HEADER,
                 f"{app_name}/{index}",
                 targets,
                 policies,
                 # As the ingress does: the variant's runtime then takes the application's name as its own.
-                {r.APPLICATION_HEADER: app_name},
+                {APPLICATION_HEADER: app_name},
             )
         )
     for model, version in sorted(served):
-        target = r.WeightedTarget(cluster_name(model, version), 100)
+        target = WeightedTarget(cluster_name(model, version), 100)
         policies = route_policies([policies_of(topology, model, version)])
         routes.append(
-            r.header_route(f"model|{model}|{version}", MODEL_VERSION_HEADER, f"{model}/{version}", [target], policies)
+            header_route(f"model|{model}|{version}", MODEL_VERSION_HEADER, f"{model}/{version}", [target], policies)
         )
-    routes.append(r.direct_route("no-stage", "/", 404, NO_STAGE.format(app=app_name)))
+    routes.append(direct_route("no-stage", "/", 404, NO_STAGE.format(app=app_name)))
     outbound_name = outbound_routes_name(app_name)
-    outbound_config = r.route_configuration(outbound_name, routes)
-    outbound = r.http_listener(
+    outbound_config = route_configuration(outbound_name, routes)
+    outbound = http_listener(
         OUTBOUND_LISTENER,
         node.text("outbound_address", "127.0.0.1"),
         node.port("outbound_port"),
@@ -409,14 +436,14 @@ def pipeline_snapshot(
     )
     return Snapshot.build(
         {
-            r.CLUSTER: [*local_clusters, *clusters],
-            r.ENDPOINT: endpoints,
-            r.LISTENER: [(SIDECAR_LISTENER, inbound), (OUTBOUND_LISTENER, outbound)],
-            r.ROUTE: [(outbound_name, outbound_config)],
+            CLUSTER: [*local_clusters, *clusters],
+            ENDPOINT: endpoints,
+            LISTENER: [(SIDECAR_LISTENER, inbound), (OUTBOUND_LISTENER, outbound)],
+            ROUTE: [(outbound_name, outbound_config)],
         },
         eds_clusters=model_cluster_names,
         listener_clusters=[LOCAL_GRPC, LOCAL_HTTP],
-        route_clusters=r.clusters_named_by(outbound_config),
+        route_clusters=clusters_named_by(outbound_config),
         rds_names=[outbound_name],
     )
 
@@ -425,7 +452,7 @@ def snapshot_for(
     topology: Topology,
     node: NodeInfo,
     cache: BuildCache | None = None,
-    max_request_bytes: int = r.DEFAULT_MAX_REQUEST_BYTES,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     tracing: EnvoyTracing | None = None,
 ) -> Snapshot:
     """The snapshot a node of any role should have; ValueError for a node we cannot serve.

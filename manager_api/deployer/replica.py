@@ -36,7 +36,7 @@ from protos.topology import (
 )
 from protos.topology import ReplicaState as ReportedState
 from xds_control.bootstrap import envoy_process, envoy_ready, render_bootstrap
-from xds_control.resources import DEFAULT_MAX_REQUEST_BYTES
+from xds_control.resources.request_limits import DEFAULT_MAX_REQUEST_BYTES
 
 log = logging.getLogger(__name__)
 

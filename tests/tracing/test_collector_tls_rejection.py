@@ -25,8 +25,9 @@ from tls_collector import TestCa, TlsOtlpReceiver, running
 from manager_api.ports import free_port
 from manager_api.processes import ChildProcess, wait_until
 from tracing.settings import parse_endpoint, with_ca_file
-from xds_control import resources as r
 from xds_control.bootstrap import envoy_process, envoy_ready
+from xds_control.resources.listeners import http_listener
+from xds_control.resources.routes import direct_route, route_configuration
 from xds_control.tracing_config import (
     COLLECTOR_CLUSTER,
     INGRESS_SERVICE,
@@ -74,10 +75,10 @@ def traced_envoy(work: Path, tracing: EnvoyTracing) -> Iterator[TracedEnvoy]:
     """An Envoy whose listener is the ingress's (tracing as xds_control configures it) with one route answered
     directly, and whose one cluster is the collector's; stopped on leaving, also on failure."""
     port, admin_port = free_port(), free_port()
-    routes = r.route_configuration(
-        "traced", [r.direct_route("answer", "/", 200, '{"ready":true}')], ingress_response_headers(tracing)
+    routes = route_configuration(
+        "traced", [direct_route("answer", "/", 200, '{"ready":true}')], ingress_response_headers(tracing)
     )
-    listener = r.http_listener(
+    listener = http_listener(
         "traced", "127.0.0.1", port, route_config=routes, configure=tracing_hook(tracing, INGRESS_SERVICE, ingress=True)
     )
     bootstrap = static_bootstrap(listener, [tracing.collector_cluster()], admin_port)

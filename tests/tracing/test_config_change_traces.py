@@ -31,9 +31,9 @@ from manager_api.ports import free_port
 from manager_api.processes import ChildProcess, http_ok
 from protos.topology import Artifact, Keys, ModelVersion, Signature, TensorSpec
 from tracing.provider import setup_tracing
-from xds_control import resources
 from xds_control.bootstrap import envoy_ready, ingress_envoy
 from xds_control.push_spans import PushSpans
+from xds_control.resources.type_urls import CLUSTER
 from xds_control.snapshot import Snapshot
 from xds_control.translate import NodeInfo
 
@@ -273,7 +273,7 @@ def test_a_manager_without_a_collector_stores_no_trace_context(
 
 
 def _snapshot(cluster: str) -> Snapshot:
-    return Snapshot.build({resources.CLUSTER: [(cluster, cluster_pb2.Cluster(name=cluster))]})
+    return Snapshot.build({CLUSTER: [(cluster, cluster_pb2.Cluster(name=cluster))]})
 
 
 def test_a_nacked_push_is_an_error_span_naming_the_rejection(receiver: OtlpReceiver) -> None:
@@ -286,15 +286,15 @@ def test_a_nacked_push_is_an_error_span_naming_the_rejection(receiver: OtlpRecei
         node = NodeInfo.from_node(base_pb2.Node(id="sidecar~m~1"))
         first = _snapshot("a")
         spans.published(node, 7, None, first, [f"00-{write_trace}-{write_span}-01"], time.time_ns())
-        version = first.versions[resources.CLUSTER]
-        spans.on_response(node.node_id, resources.CLUSTER, version, 100, 1)
-        spans.on_nack(node.node_id, resources.CLUSTER, version, "bad cluster a")
+        version = first.versions[CLUSTER]
+        spans.on_response(node.node_id, CLUSTER, version, 100, 1)
+        spans.on_nack(node.node_id, CLUSTER, version, "bad cluster a")
         second = _snapshot("b")
         spans.published(node, 8, first, second, [], time.time_ns())
-        spans.on_response(node.node_id, resources.CLUSTER, second.versions[resources.CLUSTER], 100, 1)
+        spans.on_response(node.node_id, CLUSTER, second.versions[CLUSTER], 100, 1)
         # A NACK of the first version arriving late says nothing about the second push.
-        spans.on_nack(node.node_id, resources.CLUSTER, version, "late rejection of a")
-        spans.on_ack(node.node_id, resources.CLUSTER, second.versions[resources.CLUSTER])
+        spans.on_nack(node.node_id, CLUSTER, version, "late rejection of a")
+        spans.on_ack(node.node_id, CLUSTER, second.versions[CLUSTER])
     finally:
         tracing.shutdown()
 

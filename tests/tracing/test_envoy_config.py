@@ -16,7 +16,7 @@ from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
 from tracing.settings import CollectorAddress
-from xds_control import resources as r
+from xds_control.resources.type_urls import CLUSTER, LISTENER, ROUTE
 from xds_control.snapshot import Snapshot
 from xds_control.topology import Topology
 from xds_control.tracing_config import COLLECTOR_CLUSTER, SYSTEM_CA_BUNDLE, TRACE_ID_HEADER, EnvoyTracing
@@ -44,7 +44,7 @@ def _unpack(data: bytes, message: Message) -> None:
 
 def _manager(snapshot: Snapshot, listener_name: str) -> hcm_pb2.HttpConnectionManager:
     listener = listener_pb2.Listener()
-    _unpack(snapshot.by_type[r.LISTENER][listener_name], listener)
+    _unpack(snapshot.by_type[LISTENER][listener_name], listener)
     manager = hcm_pb2.HttpConnectionManager()
     listener.filter_chains[0].filters[0].typed_config.Unpack(manager)
     return manager
@@ -53,7 +53,7 @@ def _manager(snapshot: Snapshot, listener_name: str) -> hcm_pb2.HttpConnectionMa
 def _response_headers(snapshot: Snapshot) -> dict[str, str]:
     """What the ingress's route configuration adds to every response."""
     routes = route_pb2.RouteConfiguration()
-    _unpack(snapshot.by_type[r.ROUTE][INGRESS_ROUTES], routes)
+    _unpack(snapshot.by_type[ROUTE][INGRESS_ROUTES], routes)
     return {option.header.key: option.header.value for option in routes.response_headers_to_add}
 
 
@@ -69,7 +69,7 @@ def test_ingress_and_sidecar_trace_to_the_collector() -> None:
     assert manager.always_set_request_id_in_response
     assert _response_headers(ingress)[TRACE_ID_HEADER] == "%TRACE_ID%", "every answer carries the trace id"
     cluster = cluster_pb2.Cluster()
-    _unpack(ingress.by_type[r.CLUSTER][COLLECTOR_CLUSTER], cluster)
+    _unpack(ingress.by_type[CLUSTER][COLLECTOR_CLUSTER], cluster)
     assert cluster.type == cluster_pb2.Cluster.STATIC
 
     sidecar = snapshot_for(Topology(), SIDECAR, tracing=tracing)
@@ -78,7 +78,7 @@ def test_ingress_and_sidecar_trace_to_the_collector() -> None:
     assert config.service_name == "sidecar m:2"
     assert manager.tracing.random_sampling.value == 0, "sidecars only follow the ingress's decision"
     assert not manager.tracing.spawn_upstream_span.value
-    assert COLLECTOR_CLUSTER in sidecar.by_type[r.CLUSTER]
+    assert COLLECTOR_CLUSTER in sidecar.by_type[CLUSTER]
 
 
 def test_a_collector_named_by_host_is_resolved_by_dns() -> None:
@@ -90,7 +90,7 @@ def test_no_collector_no_tracing() -> None:
     for node, listener in ((INGRESS, INGRESS_LISTENER), (SIDECAR, SIDECAR_LISTENER)):
         snapshot = snapshot_for(Topology(), node)
         assert not _manager(snapshot, listener).HasField("tracing")
-        assert COLLECTOR_CLUSTER not in snapshot.by_type[r.CLUSTER]
+        assert COLLECTOR_CLUSTER not in snapshot.by_type[CLUSTER]
     assert TRACE_ID_HEADER not in _response_headers(snapshot_for(Topology(), INGRESS))
 
 
@@ -119,7 +119,7 @@ def test_a_pipeline_sidecar_traces_both_its_sides() -> None:
     assert outbound.spawn_upstream_span.value is True
     outbound.provider.typed_config.Unpack(config)
     assert config.service_name == "sidecar app:pipeline"
-    assert COLLECTOR_CLUSTER in snapshot.by_type[r.CLUSTER]
+    assert COLLECTOR_CLUSTER in snapshot.by_type[CLUSTER]
 
 
 def _tls(cluster: cluster_pb2.Cluster) -> tls_pb2.UpstreamTlsContext:

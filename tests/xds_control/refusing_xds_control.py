@@ -15,9 +15,9 @@ import sys
 from envoy.config.route.v3 import route_pb2
 from google.protobuf import any_pb2
 
-from xds_control import resources
 from xds_control.__main__ import main
 from xds_control.build_cache import BuildCache
+from xds_control.resources.type_urls import LISTENER, ROUTE
 from xds_control.snapshot import Snapshot, serialize
 from xds_control.topology import Topology
 from xds_control.tracing_config import EnvoyTracing
@@ -35,18 +35,18 @@ def refusing_translate(
     if node.role != "ingress" or REFUSED_APP not in topology.applications:
         return snapshot
     routes = []
-    for name, packed in snapshot.items(resources.ROUTE).items():
+    for name, packed in snapshot.items(ROUTE).items():
         config = route_pb2.RouteConfiguration()
         any_pb2.Any.FromString(packed).Unpack(config)
         config.virtual_hosts.add(name="injected-second-wildcard", domains=["*"])
         routes.append((name, serialize(config)))
     by_type = {type_url: list(items.items()) for type_url, items in snapshot.by_type.items()}
-    by_type[resources.ROUTE] = routes
+    by_type[ROUTE] = routes
     return Snapshot.build(
         by_type,
         eds_clusters=snapshot.eds_clusters,
-        listener_clusters=snapshot.routed.get(resources.LISTENER, ()),
-        route_clusters=snapshot.routed.get(resources.ROUTE, ()),
+        listener_clusters=snapshot.routed.get(LISTENER, ()),
+        route_clusters=snapshot.routed.get(ROUTE, ()),
     )
 
 

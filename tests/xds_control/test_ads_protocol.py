@@ -10,7 +10,7 @@ from google.protobuf import struct_pb2
 from google.rpc import status_pb2
 
 from protos.topology import Application, CircuitBreakerPolicy, Deployment, Instance, Policies, Stage, Variant
-from xds_control import resources as r
+from xds_control.resources.type_urls import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, pack
 from xds_control.server import AdsStream, StreamCallbacks
 from xds_control.snapshot import SnapshotCache
 from xds_control.topology import Topology
@@ -107,7 +107,7 @@ class Proxy:
 
     def names(self, type_url: str) -> set[str]:
         response = self.last[type_url]
-        if type_url == r.CLUSTER:
+        if type_url == CLUSTER:
             return {cluster_pb2.Cluster.FromString(a.value).name for a in response.resources}
         return {endpoint_pb2.ClusterLoadAssignment.FromString(a.value).cluster_name for a in response.resources}
 
@@ -121,34 +121,34 @@ def _connected(topology: Topology) -> tuple[SnapshotCache, Proxy, Recorder]:
 
 def _warm_up(proxy: Proxy) -> None:
     """The order Envoy follows on start: CDS, EDS for its clusters, LDS, RDS, acknowledging each."""
-    (_cds,) = proxy.ask(r.CLUSTER)
-    assert proxy.ask(r.LISTENER) == [], "listeners wait until the clusters they route to are warm"
-    clusters = sorted(proxy.names(r.CLUSTER))
-    assert proxy.ack(r.CLUSTER) == []
-    (_eds,) = proxy.ask(r.ENDPOINT, clusters)
-    (lds,) = proxy.ack(r.ENDPOINT, clusters)
-    assert lds.type_url == r.LISTENER, "the listener goes out once endpoints are acknowledged"
-    (_rds,) = proxy.ask(r.ROUTE, ["ingress"])
-    assert proxy.ack(r.LISTENER) == []
-    assert proxy.ack(r.ROUTE, ["ingress"]) == []
+    (_cds,) = proxy.ask(CLUSTER)
+    assert proxy.ask(LISTENER) == [], "listeners wait until the clusters they route to are warm"
+    clusters = sorted(proxy.names(CLUSTER))
+    assert proxy.ack(CLUSTER) == []
+    (_eds,) = proxy.ask(ENDPOINT, clusters)
+    (lds,) = proxy.ack(ENDPOINT, clusters)
+    assert lds.type_url == LISTENER, "the listener goes out once endpoints are acknowledged"
+    (_rds,) = proxy.ask(ROUTE, ["ingress"])
+    assert proxy.ack(LISTENER) == []
+    assert proxy.ack(ROUTE, ["ingress"]) == []
 
 
 def test_first_push_goes_clusters_endpoints_listeners_routes() -> None:
     _, proxy, recorder = _connected(_topology({("a", 1): 100}, {("a", 1): 7001}))
     _warm_up(proxy)
-    assert {t for t, _ in recorder.acks} == set(r.PUSH_ORDER)
+    assert {t for t, _ in recorder.acks} == set(PUSH_ORDER)
 
 
 def test_stale_nonce_is_ignored() -> None:
     _, proxy, _ = _connected(_topology({("a", 1): 100}))
-    proxy.ask(r.CLUSTER)
-    stale = discovery_pb2.DiscoveryRequest(type_url=r.CLUSTER, response_nonce="does-not-exist", version_info="x")
+    proxy.ask(CLUSTER)
+    stale = discovery_pb2.DiscoveryRequest(type_url=CLUSTER, response_nonce="does-not-exist", version_info="x")
     assert proxy.stream.handle_request(stale) == []
 
 
 def test_unknown_endpoint_names_are_answered_empty() -> None:
     _, proxy, _ = _connected(_topology({("a", 1): 100}))
-    (eds,) = proxy.ask(r.ENDPOINT, ["no-such-cluster"])
+    (eds,) = proxy.ask(ENDPOINT, ["no-such-cluster"])
     (assignment,) = [endpoint_pb2.ClusterLoadAssignment.FromString(a.value) for a in eds.resources]
     assert assignment.cluster_name == "no-such-cluster"
     assert not assignment.endpoints
@@ -157,16 +157,16 @@ def test_unknown_endpoint_names_are_answered_empty() -> None:
 def test_nacked_version_is_not_sent_again_and_the_next_change_is() -> None:
     cache, proxy, recorder = _connected(_topology({("a", 1): 100}))
     _warm_up(proxy)
-    accepted = proxy.last[r.CLUSTER].version_info
+    accepted = proxy.last[CLUSTER].version_info
     cache.set(NODE, ingress_snapshot(_topology({("a", 1): 50, ("b", 1): 50}), _node_info()))
     cds = proxy.push()[0]
-    assert cds.type_url == r.CLUSTER
-    assert proxy.nack(r.CLUSTER, accepted) == [], "a rejected version is never re-sent"
-    assert recorder.nacks == [(r.CLUSTER, "bad cluster")]
+    assert cds.type_url == CLUSTER
+    assert proxy.nack(CLUSTER, accepted) == [], "a rejected version is never re-sent"
+    assert recorder.nacks == [(CLUSTER, "bad cluster")]
     assert proxy.push() == [], "nothing new, nothing sent: no NACK loop"
     cache.set(NODE, ingress_snapshot(_topology({("a", 1): 50, ("c", 1): 50}), _node_info()))
     fixed = proxy.push()[0]
-    assert fixed.type_url == r.CLUSTER and fixed.version_info != cds.version_info
+    assert fixed.type_url == CLUSTER and fixed.version_info != cds.version_info
 
 
 def test_removed_cluster_stays_until_routes_without_it_are_acknowledged() -> None:
@@ -175,11 +175,11 @@ def test_removed_cluster_stays_until_routes_without_it_are_acknowledged() -> Non
     old = cluster_name("b", 1)
     cache.set(NODE, ingress_snapshot(_topology({("a", 1): 100}), _node_info()))
     pushed = proxy.push()
-    assert [p.type_url for p in pushed] == [r.ROUTE], "routes change first; the cluster is still routed to"
-    assert old in proxy.names(r.CLUSTER)
-    cds = proxy.ack(r.ROUTE, ["ingress"])[0]
-    assert cds.type_url == r.CLUSTER
-    assert old not in proxy.names(r.CLUSTER), "removed once no acknowledged route names it"
+    assert [p.type_url for p in pushed] == [ROUTE], "routes change first; the cluster is still routed to"
+    assert old in proxy.names(CLUSTER)
+    cds = proxy.ack(ROUTE, ["ingress"])[0]
+    assert cds.type_url == CLUSTER
+    assert old not in proxy.names(CLUSTER), "removed once no acknowledged route names it"
 
 
 def test_removed_cluster_keeps_its_endpoints_while_routes_name_it() -> None:
@@ -188,9 +188,9 @@ def test_removed_cluster_keeps_its_endpoints_while_routes_name_it() -> None:
     old = cluster_name("b", 1)
     cache.set(NODE, ingress_snapshot(_topology({("a", 1): 100}, {("a", 1): 7001}), _node_info()))
     pushed = proxy.push()
-    assert [p.type_url for p in pushed] == [r.ROUTE], "neither the cluster nor its endpoints change before routes"
-    cds = proxy.ack(r.ROUTE, ["ingress"])[0]
-    assert cds.type_url == r.CLUSTER and old not in proxy.names(r.CLUSTER)
+    assert [p.type_url for p in pushed] == [ROUTE], "neither the cluster nor its endpoints change before routes"
+    cds = proxy.ack(ROUTE, ["ingress"])[0]
+    assert cds.type_url == CLUSTER and old not in proxy.names(CLUSTER)
 
 
 def test_new_cluster_is_warm_before_routes_name_it() -> None:
@@ -198,24 +198,24 @@ def test_new_cluster_is_warm_before_routes_name_it() -> None:
     _warm_up(proxy)
     cache.set(NODE, ingress_snapshot(_topology({("a", 1): 50, ("b", 1): 50}, {("b", 1): 7002}), _node_info()))
     pushed = proxy.push()
-    assert [p.type_url for p in pushed] == [r.CLUSTER, r.ENDPOINT], "routes naming b wait for b"
-    clusters = sorted(proxy.names(r.CLUSTER))
-    assert proxy.ack(r.CLUSTER) == []
-    (_eds,) = proxy.ask(r.ENDPOINT, clusters)
-    assert cluster_name("b", 1) in proxy.names(r.ENDPOINT)
-    (rds,) = proxy.ack(r.ENDPOINT, clusters)
-    assert rds.type_url == r.ROUTE
+    assert [p.type_url for p in pushed] == [CLUSTER, ENDPOINT], "routes naming b wait for b"
+    clusters = sorted(proxy.names(CLUSTER))
+    assert proxy.ack(CLUSTER) == []
+    (_eds,) = proxy.ask(ENDPOINT, clusters)
+    assert cluster_name("b", 1) in proxy.names(ENDPOINT)
+    (rds,) = proxy.ack(ENDPOINT, clusters)
+    assert rds.type_url == ROUTE
 
 
 def test_reconnecting_proxy_that_holds_current_versions_gets_nothing() -> None:
     cache, proxy, _ = _connected(_topology({("a", 1): 100}, {("a", 1): 7001}))
     _warm_up(proxy)
-    held = {t: proxy.last[t].version_info for t in r.PUSH_ORDER}
+    held = {t: proxy.last[t].version_info for t in PUSH_ORDER}
     fresh = Proxy(AdsStream(NODE, cache, Recorder()))
-    assert fresh.ask(r.CLUSTER, version=held[r.CLUSTER]) == []
-    assert fresh.ask(r.ENDPOINT, sorted(proxy.names(r.ENDPOINT)), version=held[r.ENDPOINT]) == []
-    assert fresh.ask(r.LISTENER, version=held[r.LISTENER]) == []
-    assert fresh.ask(r.ROUTE, ["ingress"], version=held[r.ROUTE]) == []
+    assert fresh.ask(CLUSTER, version=held[CLUSTER]) == []
+    assert fresh.ask(ENDPOINT, sorted(proxy.names(ENDPOINT)), version=held[ENDPOINT]) == []
+    assert fresh.ask(LISTENER, version=held[LISTENER]) == []
+    assert fresh.ask(ROUTE, ["ingress"], version=held[ROUTE]) == []
 
 
 def test_versions_are_identical_across_independent_builds() -> None:
@@ -225,10 +225,10 @@ def test_versions_are_identical_across_independent_builds() -> None:
 
 
 def test_hand_encoded_response_parses_as_protobuf() -> None:
-    any_bytes = r.pack(cluster_pb2.Cluster(name="x")).SerializeToString()
-    payload = encode_discovery_response("v1", r.CLUSTER, "7", [any_bytes, any_bytes])
+    any_bytes = pack(cluster_pb2.Cluster(name="x")).SerializeToString()
+    payload = encode_discovery_response("v1", CLUSTER, "7", [any_bytes, any_bytes])
     response = discovery_pb2.DiscoveryResponse.FromString(payload)
-    assert (response.version_info, response.type_url, response.nonce) == ("v1", r.CLUSTER, "7")
+    assert (response.version_info, response.type_url, response.nonce) == ("v1", CLUSTER, "7")
     assert [cluster_pb2.Cluster.FromString(a.value).name for a in response.resources] == ["x", "x"]
 
 
@@ -243,12 +243,12 @@ def _with_breaker(max_requests: int) -> Topology:
 def test_reconnecting_proxy_gets_endpoints_again_for_a_cluster_changed_meanwhile() -> None:
     cache, proxy, _ = _connected(_with_breaker(100))
     _warm_up(proxy)
-    held = {t: proxy.last[t].version_info for t in r.PUSH_ORDER}
-    clusters = sorted(proxy.names(r.ENDPOINT))
+    held = {t: proxy.last[t].version_info for t in PUSH_ORDER}
+    clusters = sorted(proxy.names(ENDPOINT))
     cache.set(NODE, ingress_snapshot(_with_breaker(200), _node_info()))
 
     fresh = Proxy(AdsStream(NODE, cache, Recorder()))
-    (cds,) = fresh.ask(r.CLUSTER, version=held[r.CLUSTER])
-    assert cds.version_info != held[r.CLUSTER]
-    eds = fresh.ask(r.ENDPOINT, clusters, version=held[r.ENDPOINT])
-    assert [e.type_url for e in eds] == [r.ENDPOINT], "the changed cluster warms until EDS answers for it"
+    (cds,) = fresh.ask(CLUSTER, version=held[CLUSTER])
+    assert cds.version_info != held[CLUSTER]
+    eds = fresh.ask(ENDPOINT, clusters, version=held[ENDPOINT])
+    assert [e.type_url for e in eds] == [ENDPOINT], "the changed cluster warms until EDS answers for it"

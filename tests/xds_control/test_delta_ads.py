@@ -21,8 +21,10 @@ from google.protobuf import struct_pb2
 from google.rpc import status_pb2
 
 from protos.topology import Application, Instance, Stage, Variant
-from xds_control import resources as r
 from xds_control.delta_server import DELTA_ADS_METHOD
+from xds_control.resources.clusters import eds_cluster
+from xds_control.resources.endpoints import load_assignment
+from xds_control.resources.type_urls import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, pack
 from xds_control.server import AdsServer, StreamCallbacks
 from xds_control.snapshot import Snapshot, SnapshotCache
 from xds_control.topology import Topology
@@ -82,8 +84,8 @@ def _clusters_only(timeouts: Mapping[str, float]) -> Snapshot:
     """Clusters (with their endpoints) and nothing routed: a cluster's content changes with its timeout."""
     return Snapshot.build(
         {
-            r.CLUSTER: [(name, r.eds_cluster(name, connect_timeout=t)) for name, t in timeouts.items()],
-            r.ENDPOINT: [(name, r.load_assignment(name, [])) for name in timeouts],
+            CLUSTER: [(name, eds_cluster(name, connect_timeout=t)) for name, t in timeouts.items()],
+            ENDPOINT: [(name, load_assignment(name, [])) for name in timeouts],
         },
         eds_clusters=list(timeouts),
     )
@@ -140,44 +142,44 @@ class Envoy:
     async def quiet(self) -> None:
         """Assert that the server sent nothing since the last read (see the module docstring)."""
         probe = f"probe-{next(self._probes)}"
-        await self.send(r.ENDPOINT, subscribe=[probe])
+        await self.send(ENDPOINT, subscribe=[probe])
         answer = await self.read()
-        assert (answer.type_url, list(answer.removed_resources), len(answer.resources)) == (r.ENDPOINT, [probe], 0), (
+        assert (answer.type_url, list(answer.removed_resources), len(answer.resources)) == (ENDPOINT, [probe], 0), (
             f"something was sent before the answer to the probe: {answer}"
         )
-        await self.ack(r.ENDPOINT)
-        await self.send(r.ENDPOINT, unsubscribe=[probe])
+        await self.ack(ENDPOINT)
+        await self.send(ENDPOINT, unsubscribe=[probe])
 
     async def warm_up(self, routes: bool = True) -> dict[str, dict[str, str]]:
         """Envoy's start: CDS and LDS wildcard, EDS for the clusters, RDS; returns versions held by type.
 
         Without ``routes`` the snapshot has no listeners: LDS gets its (empty) first answer right after CDS.
         """
-        await self.send(r.CLUSTER)
-        await self.send(r.LISTENER)
+        await self.send(CLUSTER)
+        await self.send(LISTENER)
         cds = await self.read()
-        assert cds.type_url == r.CLUSTER, "clusters first; listeners wait until the clusters are warm"
+        assert cds.type_url == CLUSTER, "clusters first; listeners wait until the clusters are warm"
         clusters = sorted(res.name for res in cds.resources)
-        await self.ack(r.CLUSTER)
+        await self.ack(CLUSTER)
         if not routes:
             empty = await self.read()
-            assert (empty.type_url, len(empty.resources)) == (r.LISTENER, 0), "a first request is always answered"
-            await self.ack(r.LISTENER)
-        await self.send(r.ENDPOINT, subscribe=clusters)
+            assert (empty.type_url, len(empty.resources)) == (LISTENER, 0), "a first request is always answered"
+            await self.ack(LISTENER)
+        await self.send(ENDPOINT, subscribe=clusters)
         eds = await self.read()
-        assert eds.type_url == r.ENDPOINT
+        assert eds.type_url == ENDPOINT
         assert sorted(res.name for res in eds.resources) == clusters, "every cluster of the CDS push gets EDS"
-        await self.ack(r.ENDPOINT)
-        held = {t: {res.name: res.version for res in self.last[t].resources} for t in (r.CLUSTER, r.ENDPOINT)}
+        await self.ack(ENDPOINT)
+        held = {t: {res.name: res.version for res in self.last[t].resources} for t in (CLUSTER, ENDPOINT)}
         if routes:
             lds = await self.read()
-            assert lds.type_url == r.LISTENER, "the listener goes out once endpoints are acknowledged"
-            await self.send(r.ROUTE, subscribe=[INGRESS_ROUTES])
-            await self.ack(r.LISTENER)
+            assert lds.type_url == LISTENER, "the listener goes out once endpoints are acknowledged"
+            await self.send(ROUTE, subscribe=[INGRESS_ROUTES])
+            await self.ack(LISTENER)
             rds = await self.read()
-            assert rds.type_url == r.ROUTE
-            await self.ack(r.ROUTE)
-            for t in (r.LISTENER, r.ROUTE):
+            assert rds.type_url == ROUTE
+            await self.ack(ROUTE)
+            for t in (LISTENER, ROUTE):
                 held[t] = {res.name: res.version for res in self.last[t].resources}
         return held
 
@@ -230,15 +232,15 @@ async def test_initial_push_has_every_resource_with_its_content_hash(harness: Ha
     harness.publish(snapshot)
     envoy = await harness.connect()
     held = await envoy.warm_up()
-    assert held == {t: dict(snapshot.resource_versions[t]) for t in r.PUSH_ORDER}
-    assert set(held[r.CLUSTER]) == {cluster_name("a", 1), cluster_name("b", 1)}
-    cds = envoy.last[r.CLUSTER]
-    assert cds.system_version_info == snapshot.versions[r.CLUSTER]
+    assert held == {t: dict(snapshot.resource_versions[t]) for t in PUSH_ORDER}
+    assert set(held[CLUSTER]) == {cluster_name("a", 1), cluster_name("b", 1)}
+    cds = envoy.last[CLUSTER]
+    assert cds.system_version_info == snapshot.versions[CLUSTER]
     assert not cds.removed_resources
     names = {cluster_pb2.Cluster.FromString(res.resource.value).name for res in cds.resources}
-    assert names == set(held[r.CLUSTER])
+    assert names == set(held[CLUSTER])
     await envoy.quiet()  # also: the server has read every ACK
-    assert {t for t, _ in harness.recorder.acks} == set(r.PUSH_ORDER)
+    assert {t for t, _ in harness.recorder.acks} == set(PUSH_ORDER)
     assert harness.nodes.connected == [NODE]
 
 
@@ -249,13 +251,13 @@ async def test_one_endpoint_change_sends_exactly_one_resource(harness: Harness) 
     await envoy.warm_up()
     harness.publish(_snapshot(_topology(variants, {("a", 1): 7001, ("b", 1): 7999, ("c", 1): 7003})))
     eds = await envoy.read()
-    assert eds.type_url == r.ENDPOINT
+    assert eds.type_url == ENDPOINT
     assert [res.name for res in eds.resources] == [cluster_name("b", 1)]
     assert not eds.removed_resources
     assignment = endpoint_pb2.ClusterLoadAssignment.FromString(eds.resources[0].resource.value)
     ports = [e.endpoint.address.socket_address.port_value for e in assignment.endpoints[0].lb_endpoints]
     assert ports == [7999]
-    await envoy.ack(r.ENDPOINT)
+    await envoy.ack(ENDPOINT)
     await envoy.quiet()
 
 
@@ -266,15 +268,15 @@ async def test_removed_cluster_is_announced_after_routes_stop_naming_it(harness:
     gone = cluster_name("b", 1)
     harness.publish(_snapshot(_topology({("a", 1): 100})))
     rds = await envoy.read()
-    assert rds.type_url == r.ROUTE, "routes change first: the cluster is still routed to"
+    assert rds.type_url == ROUTE, "routes change first: the cluster is still routed to"
     await envoy.quiet()  # in particular: neither the cluster nor its endpoints removed yet
-    await envoy.ack(r.ROUTE)
+    await envoy.ack(ROUTE)
     cds = await envoy.read()
-    assert (cds.type_url, list(cds.removed_resources), len(cds.resources)) == (r.CLUSTER, [gone], 0)
-    await envoy.ack(r.CLUSTER)
+    assert (cds.type_url, list(cds.removed_resources), len(cds.resources)) == (CLUSTER, [gone], 0)
+    await envoy.ack(CLUSTER)
     eds = await envoy.read()
-    assert (eds.type_url, list(eds.removed_resources)) == (r.ENDPOINT, [gone]), "endpoints go after the cluster"
-    await envoy.ack(r.ENDPOINT)
+    assert (eds.type_url, list(eds.removed_resources)) == (ENDPOINT, [gone]), "endpoints go after the cluster"
+    await envoy.ack(ENDPOINT)
     await envoy.quiet()
 
 
@@ -286,14 +288,14 @@ async def test_new_cluster_is_warm_before_routes_name_it(harness: Harness) -> No
     harness.publish(_snapshot(_topology({("a", 1): 50, ("b", 1): 50}, {("b", 1): 7002})))
     cds = await envoy.read()
     assert [res.name for res in cds.resources] == [added]
-    await envoy.ack(r.CLUSTER)
+    await envoy.ack(CLUSTER)
     await envoy.quiet()  # routes naming b wait for b's endpoints
-    await envoy.send(r.ENDPOINT, subscribe=[added])
+    await envoy.send(ENDPOINT, subscribe=[added])
     eds = await envoy.read()
     assert [res.name for res in eds.resources] == [added]
-    await envoy.ack(r.ENDPOINT)
+    await envoy.ack(ENDPOINT)
     rds = await envoy.read()
-    assert rds.type_url == r.ROUTE
+    assert rds.type_url == ROUTE
 
 
 async def test_changed_cluster_gets_its_unchanged_endpoints_again(harness: Harness) -> None:
@@ -305,17 +307,17 @@ async def test_changed_cluster_gets_its_unchanged_endpoints_again(harness: Harne
     assert [res.name for res in cds.resources] == ["x"]
     eds = await envoy.read()
     assert [res.name for res in eds.resources] == ["x"], "a changed cluster warms until EDS answers for it"
-    await envoy.ack(r.CLUSTER)
-    await envoy.ack(r.ENDPOINT)
+    await envoy.ack(CLUSTER)
+    await envoy.ack(ENDPOINT)
     await envoy.quiet()
 
 
 async def test_first_request_is_answered_even_when_there_is_nothing(harness: Harness) -> None:
     harness.publish(_snapshot(Topology(revision=1)))
     envoy = await harness.connect()
-    await envoy.send(r.CLUSTER)
+    await envoy.send(CLUSTER)
     cds = await envoy.read()
-    assert (cds.type_url, len(cds.resources), len(cds.removed_resources)) == (r.CLUSTER, 0, 0), (
+    assert (cds.type_url, len(cds.resources), len(cds.removed_resources)) == (CLUSTER, 0, 0), (
         "Envoy would wait its initial fetch timeout (15 s) for it"
     )
 
@@ -323,24 +325,24 @@ async def test_first_request_is_answered_even_when_there_is_nothing(harness: Har
 async def test_explicit_wildcard_and_resubscription(harness: Harness) -> None:
     harness.publish(_clusters_only({"x": 1.0, "y": 1.0}))
     envoy = await harness.connect()
-    await envoy.send(r.CLUSTER, subscribe=["*"])
+    await envoy.send(CLUSTER, subscribe=["*"])
     cds = await envoy.read()
     assert sorted(res.name for res in cds.resources) == ["x", "y"], "'*' subscribes to every cluster"
-    await envoy.ack(r.CLUSTER)
-    await envoy.send(r.ENDPOINT, subscribe=["x"])
+    await envoy.ack(CLUSTER)
+    await envoy.send(ENDPOINT, subscribe=["x"])
     assert [res.name for res in (await envoy.read()).resources] == ["x"]
-    await envoy.ack(r.ENDPOINT)
-    await envoy.send(r.ENDPOINT, subscribe=["x"])
+    await envoy.ack(ENDPOINT)
+    await envoy.send(ENDPOINT, subscribe=["x"])
     again = await envoy.read()
     assert [res.name for res in again.resources] == ["x"], "subscribing again without a version asks again"
-    await envoy.ack(r.ENDPOINT)
+    await envoy.ack(ENDPOINT)
     await envoy.quiet()
 
 
 async def test_unknown_names_are_answered_as_removed(harness: Harness) -> None:
     harness.publish(_snapshot(_topology({("a", 1): 100})))
     envoy = await harness.connect()
-    await envoy.send(r.ENDPOINT, subscribe=["no-such-cluster", cluster_name("a", 1)])
+    await envoy.send(ENDPOINT, subscribe=["no-such-cluster", cluster_name("a", 1)])
     eds = await envoy.read()
     assert list(eds.removed_resources) == ["no-such-cluster"]
     assert [res.name for res in eds.resources] == [cluster_name("a", 1)]
@@ -353,14 +355,14 @@ async def test_nacked_version_is_not_sent_again_and_the_fix_is(harness: Harness)
     harness.publish(_clusters_only({"x": 1.0, "bad": 1.0}))
     cds = await envoy.read()
     assert [res.name for res in cds.resources] == ["bad"]
-    await envoy.nack(r.CLUSTER, "Error adding/updating cluster(s) bad: invalid")
+    await envoy.nack(CLUSTER, "Error adding/updating cluster(s) bad: invalid")
     await envoy.quiet()  # no NACK loop
-    assert harness.recorder.nacks == [(r.CLUSTER, "Error adding/updating cluster(s) bad: invalid")]
+    assert harness.recorder.nacks == [(CLUSTER, "Error adding/updating cluster(s) bad: invalid")]
 
     harness.publish(_clusters_only({"x": 1.0, "bad": 1.0, "other": 1.0}))
     cds = await envoy.read()
     assert [res.name for res in cds.resources] == ["other"], "an unrelated change does not bring the rejected one"
-    await envoy.ack(r.CLUSTER)
+    await envoy.ack(CLUSTER)
     harness.publish(_clusters_only({"x": 1.0, "bad": 3.0, "other": 1.0}))
     fixed = await envoy.read()
     assert [res.name for res in fixed.resources] == ["bad"], "the fix (a new version) goes out"
@@ -376,25 +378,25 @@ async def test_nack_without_names_blocks_the_whole_response(harness: Harness) ->
     assert sorted(res.name for res in cds.resources) == ["x", "y"]
     eds = await envoy.read()  # x changed: its endpoints again; y's are asked for once Envoy has y
     assert [res.name for res in eds.resources] == ["x"]
-    await envoy.ack(r.ENDPOINT)
-    await envoy.nack(r.CLUSTER, "something went wrong")
+    await envoy.ack(ENDPOINT)
+    await envoy.nack(CLUSTER, "something went wrong")
     await envoy.quiet()
 
 
 async def test_stale_nonce_is_ignored(harness: Harness) -> None:
     harness.publish(_clusters_only({"x": 1.0}))
     envoy = await harness.connect()
-    await envoy.send(r.CLUSTER)
+    await envoy.send(CLUSTER)
     cds = await envoy.read()
-    await envoy.send(r.CLUSTER, nonce="does-not-exist", error="a NACK of something never sent")
+    await envoy.send(CLUSTER, nonce="does-not-exist", error="a NACK of something never sent")
     await envoy.quiet()
     assert harness.recorder.nacks == [], "a stale NACK is not recorded"
-    await envoy.send(r.CLUSTER, nonce="does-not-exist")
+    await envoy.send(CLUSTER, nonce="does-not-exist")
     await envoy.quiet()
-    assert [t for t, _ in harness.recorder.acks if t == r.CLUSTER] == [], "nor is a stale ACK"
-    await envoy.send(r.CLUSTER, nonce=cds.nonce)
+    assert [t for t, _ in harness.recorder.acks if t == CLUSTER] == [], "nor is a stale ACK"
+    await envoy.send(CLUSTER, nonce=cds.nonce)
     await envoy.quiet()
-    assert (r.CLUSTER, cds.system_version_info) in harness.recorder.acks
+    assert (CLUSTER, cds.system_version_info) in harness.recorder.acks
 
 
 async def test_reconnect_with_initial_versions_sends_only_what_differs(harness: Harness) -> None:
@@ -405,10 +407,10 @@ async def test_reconnect_with_initial_versions_sends_only_what_differs(harness: 
     await first.call.done_writing()
 
     again = await harness.connect()
-    await again.send(r.CLUSTER, initial=held[r.CLUSTER])
-    await again.send(r.ENDPOINT, subscribe=sorted(held[r.ENDPOINT]), initial=held[r.ENDPOINT])
-    await again.send(r.LISTENER, initial=held[r.LISTENER])
-    await again.send(r.ROUTE, subscribe=[INGRESS_ROUTES], initial=held[r.ROUTE])
+    await again.send(CLUSTER, initial=held[CLUSTER])
+    await again.send(ENDPOINT, subscribe=sorted(held[ENDPOINT]), initial=held[ENDPOINT])
+    await again.send(LISTENER, initial=held[LISTENER])
+    await again.send(ROUTE, subscribe=[INGRESS_ROUTES], initial=held[ROUTE])
     await again.quiet()
 
     harness.publish(_snapshot(_topology(variants, {("a", 1): 7001, ("b", 1): 7003})))
@@ -424,13 +426,13 @@ async def test_reconnect_removes_what_the_proxy_should_no_longer_have(harness: H
     harness.publish(_snapshot(_topology({("a", 1): 100})))
 
     again = await harness.connect()
-    await again.send(r.CLUSTER, initial=held[r.CLUSTER])
-    await again.send(r.ENDPOINT, subscribe=sorted(held[r.ENDPOINT]), initial=held[r.ENDPOINT])
-    await again.send(r.LISTENER, initial=held[r.LISTENER])
-    await again.send(r.ROUTE, subscribe=[INGRESS_ROUTES], initial=held[r.ROUTE])
+    await again.send(CLUSTER, initial=held[CLUSTER])
+    await again.send(ENDPOINT, subscribe=sorted(held[ENDPOINT]), initial=held[ENDPOINT])
+    await again.send(LISTENER, initial=held[LISTENER])
+    await again.send(ROUTE, subscribe=[INGRESS_ROUTES], initial=held[ROUTE])
     rds = await again.read()
-    assert rds.type_url == r.ROUTE, "what the proxy's routes name is unknown until it has ours: no removal before"
-    await again.ack(r.ROUTE)
+    assert rds.type_url == ROUTE, "what the proxy's routes name is unknown until it has ours: no removal before"
+    await again.ack(ROUTE)
     cds = await again.read()
     assert list(cds.removed_resources) == [cluster_name("b", 1)]
 
@@ -438,18 +440,18 @@ async def test_reconnect_removes_what_the_proxy_should_no_longer_have(harness: H
 def test_delta_resources_are_encoded_once_and_shared() -> None:
     snapshot = _snapshot(_topology({("a", 1): 100}, {("a", 1): 7001}))
     name = cluster_name("a", 1)
-    assert snapshot.delta_resource(r.CLUSTER, name) is snapshot.delta_resource(r.CLUSTER, name)
+    assert snapshot.delta_resource(CLUSTER, name) is snapshot.delta_resource(CLUSTER, name)
     again = _snapshot(_topology({("a", 1): 100}, {("a", 1): 7001}))
     assert again.resource_versions == snapshot.resource_versions, "versions are content hashes"
 
 
 def test_hand_encoded_delta_response_parses_as_protobuf() -> None:
-    any_bytes = r.pack(cluster_pb2.Cluster(name="x")).SerializeToString()
+    any_bytes = pack(cluster_pb2.Cluster(name="x")).SerializeToString()
     payload = encode_delta_discovery_response(
-        "v1", r.CLUSTER, "7", [encode_delta_resource("x", "h1", any_bytes)], ["gone", "also-gone"]
+        "v1", CLUSTER, "7", [encode_delta_resource("x", "h1", any_bytes)], ["gone", "also-gone"]
     )
     response = discovery_pb2.DeltaDiscoveryResponse.FromString(payload)
-    assert (response.system_version_info, response.type_url, response.nonce) == ("v1", r.CLUSTER, "7")
+    assert (response.system_version_info, response.type_url, response.nonce) == ("v1", CLUSTER, "7")
     assert list(response.removed_resources) == ["gone", "also-gone"]
     (resource,) = response.resources
     assert (resource.name, resource.version) == ("x", "h1")
@@ -464,9 +466,9 @@ async def test_reconnect_gets_endpoints_again_for_a_cluster_changed_meanwhile(ha
     harness.publish(_clusters_only({"x": 2.0, "y": 1.0}))
 
     again = await harness.connect()
-    await again.send(r.CLUSTER, initial=held[r.CLUSTER])
+    await again.send(CLUSTER, initial=held[CLUSTER])
     cds = await again.read()
     assert [res.name for res in cds.resources] == ["x"]
-    await again.send(r.ENDPOINT, subscribe=sorted(held[r.ENDPOINT]), initial=held[r.ENDPOINT])
+    await again.send(ENDPOINT, subscribe=sorted(held[ENDPOINT]), initial=held[ENDPOINT])
     eds = await again.read()
     assert [res.name for res in eds.resources] == ["x"], "a changed cluster warms until EDS answers for it"

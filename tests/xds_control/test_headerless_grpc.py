@@ -36,7 +36,9 @@ from protos.topology import (
     TensorSpec,
     Variant,
 )
-from xds_control import resources as r
+from xds_control.resources.clusters import ANY_INSTANCE_CLUSTER
+from xds_control.resources.headerless_grpc import INFERENCE_DESCRIPTOR_SET, MODEL_METHODS, model_methods
+from xds_control.resources.type_urls import CLUSTER, ROUTE
 from xds_control.snapshot import Snapshot
 from xds_control.topology import Topology
 from xds_control.translate import INGRESS_ROUTES, NodeInfo, ingress_snapshot
@@ -236,7 +238,7 @@ def test_request_over_the_limit_is_resource_exhausted(stack: Stack) -> None:
 
 
 def test_descriptor_set_covers_every_method_that_names_a_model() -> None:
-    assert r.model_methods(r.INFERENCE_DESCRIPTOR_SET.read_bytes()) == r.MODEL_METHODS
+    assert model_methods(INFERENCE_DESCRIPTOR_SET.read_bytes()) == MODEL_METHODS
 
 
 def test_ingress_routes_by_header_then_by_name_then_not_found() -> None:
@@ -253,16 +255,16 @@ def test_ingress_routes_by_header_then_by_name_then_not_found() -> None:
         *("app|a|grpc", "app|a|grpc-model_name", "app|a|grpc-name", "app|a|rest"),
         *("no-grpc-route-by-header", "no-grpc-route", "no-route"),
     ]
-    assert set(snapshot.by_type[r.CLUSTER]) == {"model|m|1", r.ANY_INSTANCE_CLUSTER}
+    assert set(snapshot.by_type[CLUSTER]) == {"model|m|1", ANY_INSTANCE_CLUSTER}
     # Without deployments there is nobody to answer server-level calls: no aggregate cluster.
     bare = ingress_snapshot(Topology(revision=2, applications={"a": app}), node)
-    assert set(bare.by_type[r.CLUSTER]) == {"model|m|1"}
+    assert set(bare.by_type[CLUSTER]) == {"model|m|1"}
     server_live = _route_config(bare).virtual_hosts[0].routes[2]
     assert server_live.direct_response.status == 503
 
 
 def _route_config(snapshot: Snapshot) -> route_pb2.RouteConfiguration:
-    packed = any_pb2.Any.FromString(snapshot.by_type[r.ROUTE][INGRESS_ROUTES])
+    packed = any_pb2.Any.FromString(snapshot.by_type[ROUTE][INGRESS_ROUTES])
     config = route_pb2.RouteConfiguration()
     assert packed.Unpack(config)
     return config

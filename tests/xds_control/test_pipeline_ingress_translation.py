@@ -17,7 +17,7 @@ from protos.topology import (
     Stage,
     Variant,
 )
-from xds_control import resources as r
+from xds_control.resources.type_urls import CLUSTER, ENDPOINT, PUSH_ORDER, ROUTE
 from xds_control.snapshot import Snapshot
 from xds_control.topology import Topology
 from xds_control.translate import INGRESS_ROUTES, PIPELINE_SLACK_MS, NodeInfo, ingress_snapshot
@@ -62,7 +62,7 @@ def _unpack(snapshot: Snapshot, type_url: str, name: str, message: Message) -> M
 
 
 def _routes(snapshot: Snapshot) -> dict[str, route_pb2.Route]:
-    config = _unpack(snapshot, r.ROUTE, INGRESS_ROUTES, route_pb2.RouteConfiguration())
+    config = _unpack(snapshot, ROUTE, INGRESS_ROUTES, route_pb2.RouteConfiguration())
     assert isinstance(config, route_pb2.RouteConfiguration)
     return {route.name: route for route in config.virtual_hosts[0].routes}
 
@@ -87,18 +87,18 @@ def test_multi_stage_and_shadowed_applications_go_to_their_pipeline_cluster() ->
 def test_one_stage_application_without_shadows_keeps_direct_routing() -> None:
     routes = _routes(ingress_snapshot(_topology(), NODE))
     assert routes["app|direct|rest"].route.cluster == "model|clf|1"
-    assert "pipeline|direct" not in ingress_snapshot(_topology(), NODE).by_type[r.CLUSTER]
+    assert "pipeline|direct" not in ingress_snapshot(_topology(), NODE).by_type[CLUSTER]
 
 
 def test_pipeline_endpoints_are_the_ready_pipeline_sidecars() -> None:
     snapshot = ingress_snapshot(_topology((_pipeline("p1", 21001), _pipeline("p2", 21002, "draining"))), NODE)
-    assert {"pipeline|shop", "pipeline|mirror"} <= set(snapshot.by_type[r.CLUSTER])
-    assignment = _unpack(snapshot, r.ENDPOINT, "pipeline|shop", endpoint_pb2.ClusterLoadAssignment())
+    assert {"pipeline|shop", "pipeline|mirror"} <= set(snapshot.by_type[CLUSTER])
+    assignment = _unpack(snapshot, ENDPOINT, "pipeline|shop", endpoint_pb2.ClusterLoadAssignment())
     assert isinstance(assignment, endpoint_pb2.ClusterLoadAssignment)
     ports = [e.endpoint.address.socket_address.port_value for g in assignment.endpoints for e in g.lb_endpoints]
     assert ports == [21001]
     # Without replicas the cluster still exists, empty: the route answers "no healthy upstream", not 404.
-    empty = _unpack(snapshot, r.ENDPOINT, "pipeline|mirror", endpoint_pb2.ClusterLoadAssignment())
+    empty = _unpack(snapshot, ENDPOINT, "pipeline|mirror", endpoint_pb2.ClusterLoadAssignment())
     assert isinstance(empty, endpoint_pb2.ClusterLoadAssignment)
     assert not [e for g in empty.endpoints for e in g.lb_endpoints]
 
@@ -106,7 +106,7 @@ def test_pipeline_endpoints_are_the_ready_pipeline_sidecars() -> None:
 def test_a_new_pipeline_replica_changes_endpoints_only() -> None:
     before = ingress_snapshot(_topology((_pipeline("p1", 21001),)), NODE)
     after = ingress_snapshot(_topology((_pipeline("p1", 21001), _pipeline("p2", 21002))), NODE)
-    assert {t for t in r.PUSH_ORDER if before.versions.get(t) != after.versions.get(t)} == {r.ENDPOINT}
+    assert {t for t in PUSH_ORDER if before.versions.get(t) != after.versions.get(t)} == {ENDPOINT}
 
 
 def test_pipeline_records_are_read_from_etcd_keys() -> None:

@@ -12,7 +12,7 @@ from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
 from protos.topology import Application, Deployment, Instance, Policies, ShadowVariant, Stage, Variant
-from xds_control import resources as r
+from xds_control.resources.type_urls import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE
 from xds_control.snapshot import Snapshot
 from xds_control.topology import Topology
 from xds_control.translate import NodeInfo, outbound_routes_name, pipeline_snapshot, snapshot_for
@@ -62,7 +62,7 @@ def _unpack(snapshot: Snapshot, type_url: str, name: str, message: Message) -> M
 
 
 def _routes(snapshot: Snapshot) -> dict[str, route_pb2.Route]:
-    config = _unpack(snapshot, r.ROUTE, outbound_routes_name("shop"), route_pb2.RouteConfiguration())
+    config = _unpack(snapshot, ROUTE, outbound_routes_name("shop"), route_pb2.RouteConfiguration())
     assert isinstance(config, route_pb2.RouteConfiguration)
     return {route.name: route for route in config.virtual_hosts[0].routes}
 
@@ -85,16 +85,16 @@ def test_stage_routes_pick_variants_by_weight_with_merged_policies() -> None:
 
 def test_only_the_applications_model_versions_get_clusters_and_endpoints() -> None:
     snapshot = pipeline_snapshot(_topology(), NODE)
-    assert set(snapshot.by_type[r.CLUSTER]) == {"local|grpc", "local|http", "model|fe|1", "model|clf|1", "model|clf|2"}
-    assert set(snapshot.by_type[r.ENDPOINT]) == {"model|fe|1", "model|clf|1", "model|clf|2"}
-    cluster = _unpack(snapshot, r.CLUSTER, "model|clf|2", cluster_pb2.Cluster())
+    assert set(snapshot.by_type[CLUSTER]) == {"local|grpc", "local|http", "model|fe|1", "model|clf|1", "model|clf|2"}
+    assert set(snapshot.by_type[ENDPOINT]) == {"model|fe|1", "model|clf|1", "model|clf|2"}
+    cluster = _unpack(snapshot, CLUSTER, "model|clf|2", cluster_pb2.Cluster())
     assert isinstance(cluster, cluster_pb2.Cluster)
     assert cluster.type == cluster_pb2.Cluster.EDS
 
 
 def test_shadows_get_clusters_and_a_route_by_exact_version() -> None:
     snapshot = pipeline_snapshot(_topology([ShadowVariant(model="clf", version=3)]), NODE)
-    assert "model|clf|3" in snapshot.by_type[r.CLUSTER]
+    assert "model|clf|3" in snapshot.by_type[CLUSTER]
     routes = _routes(snapshot)
     shadow = routes["model|clf|3"]
     assert [(h.name, h.string_match.exact) for h in shadow.match.headers] == [("x-hydro-model-version", "clf/3")]
@@ -107,7 +107,7 @@ def test_shadows_get_clusters_and_a_route_by_exact_version() -> None:
 
 def test_listeners_inbound_to_the_runtime_and_outbound_over_rds_on_loopback() -> None:
     snapshot = pipeline_snapshot(_topology(), NODE)
-    outbound = _unpack(snapshot, r.LISTENER, "outbound", listener_pb2.Listener())
+    outbound = _unpack(snapshot, LISTENER, "outbound", listener_pb2.Listener())
     assert isinstance(outbound, listener_pb2.Listener)
     assert outbound.address.socket_address.address == "127.0.0.1"
     assert outbound.address.socket_address.port_value == 15001
@@ -115,7 +115,7 @@ def test_listeners_inbound_to_the_runtime_and_outbound_over_rds_on_loopback() ->
     outbound.filter_chains[0].filters[0].typed_config.Unpack(manager)
     # Weights change over RDS: the listener, and the runtime's connection to it, stay as they are.
     assert manager.rds.route_config_name == "outbound|shop"
-    inbound = _unpack(snapshot, r.LISTENER, "inbound", listener_pb2.Listener())
+    inbound = _unpack(snapshot, LISTENER, "inbound", listener_pb2.Listener())
     assert isinstance(inbound, listener_pb2.Listener)
     assert inbound.address.socket_address.port_value == 15000
     # Both take few long-lived connections (the ingress workers', the runtime's): spread over Envoy's workers.
@@ -135,13 +135,13 @@ def test_weight_change_touches_routes_only() -> None:
         instances=topology.instances,
     )
     after = pipeline_snapshot(changed, NODE)
-    assert {t for t in r.PUSH_ORDER if before.versions.get(t) != after.versions.get(t)} == {r.ROUTE}
+    assert {t for t in PUSH_ORDER if before.versions.get(t) != after.versions.get(t)} == {ROUTE}
 
 
 def test_missing_application_gives_only_the_not_found_route() -> None:
     snapshot = snapshot_for(Topology(), NODE)
     assert list(_routes(snapshot)) == ["no-stage"]
-    assert set(snapshot.by_type[r.CLUSTER]) == {"local|grpc", "local|http"}
+    assert set(snapshot.by_type[CLUSTER]) == {"local|grpc", "local|http"}
 
 
 def test_pipeline_node_without_app_is_refused() -> None:

@@ -4,7 +4,8 @@ test_traffic_policies.py)."""
 from __future__ import annotations
 
 from protos.topology import Policies
-from xds_control import resources as r
+from xds_control.resources.request_limits import RATE_LIMIT_FILTER
+from xds_control.resources.routes import model_version_route, retry_policy
 from xds_control.translate import request_limits, route_policies
 
 
@@ -25,7 +26,7 @@ def test_no_retries_means_no_retry_policy() -> None:
     off = Policies.model_validate({"retries": {"attempts": 0}})
     policies = route_policies([off, off])
     assert policies.retries is None
-    route = r.model_version_route("m", 1, "model|m|1", policies)
+    route = model_version_route("m", 1, "model|m|1", policies)
     assert not route.route.HasField("retry_policy")
     assert route.route.timeout.ToMilliseconds() == 60_000
 
@@ -36,14 +37,14 @@ def test_request_limits_only_when_set() -> None:
     assert limits is not None
     assert limits.stat_prefix == "model_my_model_3", "dots would split the stat name"
     config = limits.filter_configs()
-    assert set(config) == {r.RATE_LIMIT_FILTER}
-    route = r.model_version_route("m", 1, "model|m|1", route_policies([Policies()]), limits)
-    assert set(route.typed_per_filter_config) == {r.RATE_LIMIT_FILTER}
+    assert set(config) == {RATE_LIMIT_FILTER}
+    route = model_version_route("m", 1, "model|m|1", route_policies([Policies()]), limits)
+    assert set(route.typed_per_filter_config) == {RATE_LIMIT_FILTER}
 
 
 def test_per_try_timeout_reaches_the_retry_policy() -> None:
     policies = Policies.model_validate({"retries": {"attempts": 2, "per_try_timeout_ms": 250}})
-    retry = r.retry_policy(policies.retries)
+    retry = retry_policy(policies.retries)
     assert retry is not None
     assert retry.per_try_timeout.ToMilliseconds() == 250
     assert retry.num_retries.value == 2

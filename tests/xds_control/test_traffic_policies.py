@@ -44,7 +44,9 @@ from protos.topology import (
     TensorSpec,
     Variant,
 )
-from xds_control import resources as r
+from xds_control.resources.clusters import eds_cluster
+from xds_control.resources.request_limits import BUFFER_FILTER, RATE_LIMIT_FILTER
+from xds_control.resources.routes import WeightedTarget, application_routes, model_version_route
 from xds_control.translate import cluster_name, cluster_policies, request_limits, route_policies
 
 T = TypeVar("T")
@@ -163,7 +165,7 @@ class PolicyStack:
             del value["policies"]
         self.run(self.etcd.put(self.keys.deployment(MODEL, VERSION).encode(), json.dumps(value).encode()))
         effective = policies or Policies()
-        cluster = _as_dict(r.eds_cluster(CLUSTER, policies=cluster_policies(effective)))
+        cluster = _as_dict(eds_cluster(CLUSTER, policies=cluster_policies(effective)))
         limits = request_limits(MODEL, VERSION, effective)
         route_policy = route_policies([effective])
         routes = {
@@ -171,8 +173,8 @@ class PolicyStack:
             for route in (
                 _as_dict(route)
                 for route in [
-                    r.model_version_route(MODEL, VERSION, CLUSTER, route_policy, limits),
-                    *r.application_routes(MODEL, [r.WeightedTarget(CLUSTER, 100, limits)], route_policy),
+                    model_version_route(MODEL, VERSION, CLUSTER, route_policy, limits),
+                    *application_routes(MODEL, [WeightedTarget(CLUSTER, 100, limits)], route_policy),
                 ]
             )
         }
@@ -382,7 +384,7 @@ def test_outlier_detection_ejects_a_failing_replica(stack: PolicyStack) -> None:
 def test_rate_limit_answers_429_and_resource_exhausted(stack: PolicyStack) -> None:
     stack.apply(Policies.model_validate({"rate_limit": {"requests_per_second": 1, "burst": 3}}))
     route = stack.loaded_routes()["app|ctl|rest"]
-    bucket = route["typed_per_filter_config"][r.RATE_LIMIT_FILTER]["token_bucket"]
+    bucket = route["typed_per_filter_config"][RATE_LIMIT_FILTER]["token_bucket"]
     assert bucket["max_tokens"] == 3 and bucket["tokens_per_fill"] == 1
     responses = [stack.rest() for _ in range(10)]
     statuses = [response.status_code for response in responses]
@@ -400,7 +402,7 @@ def test_rate_limit_answers_429_and_resource_exhausted(stack: PolicyStack) -> No
 def test_max_request_size_answers_413(stack: PolicyStack) -> None:
     stack.apply(Policies.model_validate({"max_request_bytes": 2048}))
     route = stack.loaded_routes()["model|ctl|1"]
-    assert route["typed_per_filter_config"][r.BUFFER_FILTER]["buffer"]["max_request_bytes"] == 2048
+    assert route["typed_per_filter_config"][BUFFER_FILTER]["buffer"]["max_request_bytes"] == 2048
     assert stack.rest(rows=4).status_code == 200
     for path in (APP_REST, VERSION_REST):
         too_large = stack.rest(path, rows=2000)
@@ -442,8 +444,8 @@ def test_application_variants_merge_route_policies_and_keep_their_own_limits(sta
         limits = {
             c["name"]: c.get("typed_per_filter_config", {}) for c in route["route"]["weighted_clusters"]["clusters"]
         }
-        assert set(limits[CLUSTER]) == {r.RATE_LIMIT_FILTER}
-        assert set(limits[cluster_name(MODEL, 2)]) == {r.BUFFER_FILTER}
+        assert set(limits[CLUSTER]) == {RATE_LIMIT_FILTER}
+        assert set(limits[cluster_name(MODEL, 2)]) == {BUFFER_FILTER}
     finally:
         for key in reversed(list(writes)):
             stack.run(stack.etcd.delete(key.encode()))
