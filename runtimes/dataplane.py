@@ -100,6 +100,8 @@ class _Timing:
     finished: int = 0
     #: Nanoseconds spent waiting for a batch (between validated and predicted): queue time, not compute time.
     batch_wait: int = 0
+    #: Inferences the request counts for: with batching on, its batch size (Triton's inference_count), else 1.
+    inferences: int = 1
 
 
 def fewest_rows(inputs: Sequence[RequestInput]) -> int:
@@ -277,14 +279,17 @@ class DataPlane:
             raise
         # Unbatched, a request is one execution of batch size 1 in Triton's terms (max_batch_size is 0); batched
         # executions are counted by _predict_rows.
-        record = self.statistics.record_success if self.batcher is not None else self.statistics.record_request
-        record(
+        durations = (
             time.perf_counter_ns() - timing.submitted,
             timing.started - timing.submitted + timing.batch_wait,
             timing.validated - timing.started,
             timing.predicted - timing.validated - timing.batch_wait,
             timing.finished - timing.predicted,
         )
+        if self.batcher is not None:
+            self.statistics.record_success(*durations, inferences=timing.inferences)
+        else:
+            self.statistics.record_request(*durations)
         return InferResponse(self.name, self.version_string, outputs, request.id)
 
     def _cheap(self, rows: int) -> bool:
@@ -303,6 +308,7 @@ class DataPlane:
             arrays = await self._run(self.validate, inputs)
         timing.validated = time.perf_counter_ns()
         count = request_rows(arrays)
+        timing.inferences = 1 if count is None else count
         if count is None:
             # Inputs of different lengths cannot be concatenated with anyone else's: this request runs alone.
             everything = await self._run(self._predict, arrays, list(self._outputs.values()))

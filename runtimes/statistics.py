@@ -77,26 +77,29 @@ class Statistics:
         batch["compute_infer"].add(infer_ns)
         batch["compute_output"].add(output_ns)
 
-    def record_success(self, total_ns: int, queue_ns: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
-        """One successful inference request and how long each stage of it took."""
+    def record_success(
+        self, total_ns: int, queue_ns: int, input_ns: int, infer_ns: int, output_ns: int, *, inferences: int = 1
+    ) -> None:
+        """One successful inference request and how long each stage of it took; ``inferences`` is what it adds to
+        ``inference_count`` (Triton counts each row of a batched model's request as one inference)."""
         now_ms = time.time_ns() // 1_000_000
         with self._lock:
-            self._record_success(now_ms, total_ns, queue_ns, input_ns, infer_ns, output_ns)
+            self._record_success(now_ms, total_ns, queue_ns, input_ns, infer_ns, output_ns, inferences)
 
     def record_request(self, total_ns: int, queue_ns: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
         """One successful unbatched request: its stages and its own execution (batch size 1, Triton's terms for a
         model with max_batch_size 0). The same as record_success plus record_execution, under one lock."""
         now_ms = time.time_ns() // 1_000_000
         with self._lock:
-            self._record_success(now_ms, total_ns, queue_ns, input_ns, infer_ns, output_ns)
+            self._record_success(now_ms, total_ns, queue_ns, input_ns, infer_ns, output_ns, 1)
             self._record_execution(1, input_ns, infer_ns, output_ns)
 
     def _record_success(
-        self, now_ms: int, total_ns: int, queue_ns: int, input_ns: int, infer_ns: int, output_ns: int
+        self, now_ms: int, total_ns: int, queue_ns: int, input_ns: int, infer_ns: int, output_ns: int, inferences: int
     ) -> None:
         # max: threads take now_ms before the lock, so a later recording can carry an earlier time.
         self._last_inference_ms = max(self._last_inference_ms, now_ms)
-        self._inference_count += 1
+        self._inference_count += inferences
         stages = self._stages
         stages["success"].add(total_ns)
         stages["queue"].add(queue_ns)

@@ -305,3 +305,16 @@ async def test_statistics_count_the_wait_for_a_batch_as_queue_time() -> None:
     stages = plane.statistics.snapshot().stages
     assert stages["queue"].count == 1 and stages["queue"].ns >= 45_000_000
     assert stages["compute_infer"].count == 1 and stages["compute_infer"].ns < 45_000_000
+
+
+async def test_statistics_count_each_row_of_a_batched_request_as_an_inference() -> None:
+    # Triton's inference_count with batching on: a request of batch size 3 is 3 inferences; execution_count counts
+    # the model's executions (batches), and success the requests.
+    plane, _ = await _plane(max_batch_size=64, max_delay_ms=20)
+    await asyncio.gather(plane.infer(_request(_rows(0, 3))), plane.infer(_request(_rows(1, 2))))
+    await plane.infer(_request(_rows(2, 1)))
+    snapshot = plane.statistics.snapshot()
+    assert snapshot.inference_count == 6
+    assert snapshot.stages["success"].count == 3
+    assert snapshot.execution_count == sum(stages["compute_infer"].count for stages in snapshot.batches.values())
+    assert snapshot.execution_count < 3  # the two concurrent requests shared one execution
