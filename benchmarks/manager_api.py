@@ -25,7 +25,6 @@ import json
 import os
 import pstats
 import re
-import runpy
 import shutil
 import statistics
 import subprocess
@@ -36,12 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
-if Path(sys.prefix).resolve() != VENV_PYTHON.parent.parent.resolve() and VENV_PYTHON.exists():
-    # `python benchmarks/manager_api.py` with the system Python: run again inside the project's venv.
-    os.execv(str(VENV_PYTHON), [str(VENV_PYTHON), *sys.argv])
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.project import enter_project_venv, write_iris_model
+
+enter_project_venv()
 
 import httpx  # noqa: E402
 
@@ -145,8 +142,7 @@ def trained_iris(work: Path) -> Path:
     """A copy of examples/iris with its model trained here (nothing is downloaded)."""
     folder = work / "iris"
     folder.mkdir()
-    shutil.copy(ROOT / "examples" / "iris" / "serving.yaml", folder)
-    runpy.run_path(str(ROOT / "examples" / "iris" / "train.py"))["train"](folder)
+    write_iris_model(folder)
     return folder
 
 

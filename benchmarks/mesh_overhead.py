@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import runpy
 import shutil
 import statistics
 import sys
@@ -22,12 +20,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
-if Path(sys.prefix).resolve() != VENV_PYTHON.parent.parent.resolve() and VENV_PYTHON.exists():
-    # `python benchmarks/mesh_overhead.py` with the system Python: run again inside the project's venv.
-    os.execv(str(VENV_PYTHON), [str(VENV_PYTHON), *sys.argv])
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.project import enter_project_venv, write_iris_model
+
+enter_project_venv()
 # Before gRPC is imported: this process forks children while gRPC runs, and its gRPC calls should cost what the
 # mesh's own processes' do (protos/grpc_environment.py).
 from protos.grpc_environment import apply_grpc_defaults  # noqa: E402
@@ -123,8 +119,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="hydro-bench-"))
     model_dir = work / "model"
     model_dir.mkdir()
-    shutil.copy(ROOT / "examples" / "iris" / "serving.yaml", model_dir)
-    runpy.run_path(str(ROOT / "examples" / "iris" / "train.py"))["train"](model_dir)
+    write_iris_model(model_dir)
 
     keys = Keys("/bench/")
     etcd = EtcdServer(work).start()

@@ -36,12 +36,10 @@ import tempfile
 from functools import partial
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
-if Path(sys.prefix).resolve() != VENV_PYTHON.parent.parent.resolve() and VENV_PYTHON.exists():
-    # `python benchmarks/pipeline_overhead.py` with the system Python: run again inside the project's venv.
-    os.execv(str(VENV_PYTHON), [str(VENV_PYTHON), *sys.argv])
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.project import enter_project_venv
+
+enter_project_venv()
 # Before gRPC is imported: this process forks children while gRPC runs, and its gRPC calls should cost what the
 # mesh's own processes' do (protos/grpc_environment.py).
 from protos.grpc_environment import apply_grpc_defaults  # noqa: E402

@@ -29,7 +29,6 @@ import argparse
 import functools
 import json
 import os
-import runpy
 import shutil
 import statistics
 import sys
@@ -38,12 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
-if Path(sys.prefix).resolve() != VENV_PYTHON.parent.parent.resolve() and VENV_PYTHON.exists():
-    # `python benchmarks/runtime_vs_mlserver.py` with the system Python: run again inside the project's venv.
-    os.execv(str(VENV_PYTHON), [str(VENV_PYTHON), *sys.argv])
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.project import ROOT, enter_project_venv, write_iris_model
+
+enter_project_venv()
 # Before gRPC is imported: this process forks children while gRPC runs, and its gRPC calls should cost what the
 # mesh's own processes' do (protos/grpc_environment.py).
 from protos.grpc_environment import apply_grpc_defaults  # noqa: E402
@@ -224,8 +221,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="hydro-vs-mlserver-"))
     iris_dir = work / "iris"
     iris_dir.mkdir()
-    shutil.copy(ROOT / "examples" / "iris" / "serving.yaml", iris_dir)
-    model_file = runpy.run_path(str(ROOT / "examples" / "iris" / "train.py"))["train"](iris_dir)
+    model_file = write_iris_model(iris_dir)
     fixed_dir = work / "fixed-cost"
     fixed_dir.mkdir()
     (fixed_dir / "model.py").write_text(FIXED_COST_MODEL)

@@ -36,7 +36,6 @@ import argparse
 import functools
 import json
 import os
-import runpy
 import shutil
 import statistics
 import sys
@@ -47,12 +46,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
-if Path(sys.prefix).resolve() != VENV_PYTHON.parent.parent.resolve() and VENV_PYTHON.exists():
-    # `python benchmarks/tracing_overhead.py` with the system Python: run again inside the project's venv.
-    os.execv(str(VENV_PYTHON), [str(VENV_PYTHON), *sys.argv])
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.project import enter_project_venv, write_iris_model
+
+enter_project_venv()
 # Before gRPC is imported: this process forks children while gRPC runs, and its gRPC calls should cost what the
 # mesh's own processes' do (protos/grpc_environment.py).
 from protos.grpc_environment import apply_grpc_defaults  # noqa: E402
@@ -291,8 +288,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="hydro-tracing-bench-"))
     model_dir = work / "model"
     model_dir.mkdir()
-    shutil.copy(ROOT / "examples" / "iris" / "serving.yaml", model_dir)
-    runpy.run_path(str(ROOT / "examples" / "iris" / "train.py"))["train"](model_dir)
+    write_iris_model(model_dir)
     dead_endpoint = f"127.0.0.1:{free_port()}"  # nothing listens there
 
     etcd = EtcdServer(work).start()
