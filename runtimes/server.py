@@ -228,7 +228,9 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def _fail(message: str) -> int:
-    log.error("%s", message)
+    # CRITICAL, not ERROR: the reason the process gives up is logged whatever --log-level says (at "critical" an
+    # ERROR record was dropped and a runtime whose model failed to load exited 1 with an empty log).
+    log.critical("%s", message)
     return 1
 
 

@@ -127,7 +127,14 @@ class Launcher:
         self.logs = logs
         self.started: list[Runtime] = []
 
-    def start(self, model_dir: Path, name: str, version: int = 1, env: dict[str, str] | None = None) -> Runtime:
+    def start(
+        self,
+        model_dir: Path,
+        name: str,
+        version: int = 1,
+        env: dict[str, str] | None = None,
+        extra_args: Sequence[str] = (),
+    ) -> Runtime:
         grpc_port, http_port = free_port(), free_port()
         argv = [
             sys.executable,
@@ -147,6 +154,7 @@ class Launcher:
             str(http_port),
             "--shutdown-grace",
             "5",
+            *extra_args,
         ]
         label = f"runtime-{name}-{len(self.started)}"
         process = ChildProcess(
@@ -706,9 +714,29 @@ def test_load_failures_exit_nonzero_with_reason(
     # All start together; each must exit by itself with its reason in the log.
     runtimes = {reason: launcher.start(folder, "broken") for reason, folder in cases.items()}
     for reason, runtime in runtimes.items():
-        assert runtime.wait_exit(30) != 0, runtime.log()
+        code = runtime.wait_exit(30)
         log = runtime.log()
-        assert "cannot load model 'broken'" in log and reason in log, log
+        assert code != 0, log
+        assert "cannot load model 'broken'" in log and reason in log, _exit_story(code, log)
+
+
+def _exit_story(code: int, log: str) -> str:
+    """What a failed runtime's exit code and log say about where it died (for assertion messages)."""
+    # The runtime's first line ("loading ...") comes before anything of gRPC starts in it: a log without it is a
+    # process that died before our code ran (docs/runtimes.md, "A log with only a gRPC line").
+    where = "after its first log line" if "loading model" in log else "before the runtime's first log line"
+    how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+    return f"the runtime died {where} ({how}); its log:\n{log}"
+
+
+def test_load_failure_reason_is_logged_at_any_log_level(launcher: Launcher, tmp_path: Path) -> None:
+    """The reason a runtime gives up is logged even with --log-level critical (it was an ERROR record, dropped)."""
+    folder = _make_doubler(tmp_path / "fails-warm-up", "model:always_fails")
+    runtime = launcher.start(folder, "broken", extra_args=["--log-level", "critical"])
+    code = runtime.wait_exit(30)
+    log = runtime.log()
+    assert code == 1, _exit_story(code, log)
+    assert "cannot load model 'broken'" in log and "this model cannot predict anything" in log, log
 
 
 def test_bad_command_line_exits_nonzero() -> None:
