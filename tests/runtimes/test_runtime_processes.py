@@ -766,3 +766,6 @@ def test_port_in_use_exits_nonzero(model_dirs: dict[str, Path]) -> None:
             )
             assert result.returncode != 0
             assert "cannot listen" in result.stderr and str(port) in result.stderr
+            # The model and ports are named before gRPC is touched (binding the gRPC port is its first use).
+            before_failure = result.stderr.partition("cannot listen")[0]
+            assert "loading model 'iris' version 1" in before_failure, result.stderr
