@@ -739,6 +739,62 @@ def test_load_failure_reason_is_logged_at_any_log_level(launcher: Launcher, tmp_
     assert "cannot load model 'broken'" in log and "this model cannot predict anything" in log, log
 
 
+#: Run as its own process: imports manager_api first, as tests/conftest.py and every entry point of ours do, starts a
+#: grpc.aio server and makes one call (gRPC idle afterwards, like this test process between tests), then starts
+#: children with ChildProcess, as Launcher does, and prints their exit codes and any that logged gRPC's poller crash.
+FORK_PROBE = """
+import asyncio, json, sys
+from pathlib import Path
+import manager_api
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from manager_api.processes import ChildProcess
+
+async def main(children, logs):
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    codes, crashes = [], []
+    for index in range(children):
+        child = ChildProcess(f"c{index}", ["/bin/true"], log_path=logs / f"c{index}.log").start()
+        await asyncio.to_thread(child._proc.wait, 10)
+        child.stop(grace=1)
+        codes.append(child.returncode)
+        text = (logs / f"c{index}.log").read_text(errors="replace")
+        if "epoll_wait" in text:
+            crashes.append(text.strip())
+    await server.stop(1)
+    print(json.dumps({"codes": codes, "crashes": crashes[:3]}))
+
+asyncio.run(main(int(sys.argv[1]), Path(sys.argv[2])))
+"""
+
+
+def test_children_reach_exec_even_when_the_environment_asks_for_grpc_fork_support(tmp_path: Path) -> None:
+    """The flake of test_load_failures_exit_nonzero_with_reason: a runtime's log held only gRPC's
+    "(event_engine) Epoll1Poller ... encountered epoll_wait error: Bad file descriptor" and the process died before
+    the runtime's first line. That is a child killed between fork and exec: with grpcio's fork handlers on in the
+    parent, the child's handler restarts gRPC's poller thread and Popen's close_fds closes its epoll fd under it
+    (grpc/grpc#43055). Our processes turn the handlers off, but an environment that set GRPC_ENABLE_FORK_SUPPORT
+    used to win: 9 of 600 children died so, each log holding just that line."""
+    env = {**os.environ, "GRPC_ENABLE_FORK_SUPPORT": "1"}
+    probe = subprocess.run(
+        [sys.executable, "-c", FORK_PROBE, "400", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    result = json.loads(probe.stdout.strip().splitlines()[-1])
+    died = [code for code in result["codes"] if code != 0]
+    assert not died, (died, result["crashes"])
+
+
 def test_bad_command_line_exits_nonzero() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "runtimes", "--model-dir", "/nonexistent", "--name", "x", "--version", "0"],
