@@ -748,7 +748,7 @@ from pathlib import Path
 import manager_api
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from manager_api.processes import ChildProcess
+from manager_api.processes import ChildProcess, wait_until
 
 async def main(children, logs):
     server = grpc.aio.server()
@@ -760,7 +760,7 @@ async def main(children, logs):
     codes, crashes = [], []
     for index in range(children):
         child = ChildProcess(f"c{index}", ["/bin/true"], log_path=logs / f"c{index}.log").start()
-        await asyncio.to_thread(child._proc.wait, 10)
+        await asyncio.to_thread(wait_until, lambda: not child.running, 10, f"child {index} to exit", 0.005)
         child.stop(grace=1)
         codes.append(child.returncode)
         text = (logs / f"c{index}.log").read_text(errors="replace")
