@@ -138,7 +138,7 @@ class InstanceView(BaseModel):
                     "restarts": 3,
                     "since": "2026-11-25T18:41:10.500+00:00",
                     "last_error": "runtime-h1-0d4e5f6a exited with code 1\n--- runtime-h1-0d4e5f6a log ---\n"
-                    "... ERROR runtimes: cannot load model 'iris' version 2 from ...: No module named 'sklearn'",
+                    "... CRITICAL runtimes: cannot load model 'iris' version 2 from ...: No module named 'sklearn'",
                     "next_restart_at": "2026-11-25T18:41:14.500+00:00",
                 },
             ]

@@ -228,7 +228,9 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def _fail(message: str) -> int:
-    log.error("%s", message)
+    # CRITICAL, not ERROR: the reason the process gives up is logged whatever --log-level says (at "critical" an
+    # ERROR record was dropped and a runtime whose model failed to load exited 1 with an empty log).
+    log.critical("%s", message)
     return 1
 
 
@@ -291,6 +293,14 @@ async def serve(options: Options) -> int:
     except (ServingConfigError, KeyError, ImportError, OSError) as exc:
         return _fail(f"cannot load {where}: {exc}")
 
+    grpc_address = f"{options.host}:{options.grpc_port}"
+    # Said before the gRPC server is created (gRPC's threads start with it, unless tracing's exporter started them
+    # earlier): a runtime log without this line is from a process that died before it got here, e.g. the forked
+    # child of a parent whose grpcio fork handlers are on, killed before its exec (docs/runtimes.md, "A log with
+    # only a gRPC line").
+    log.info(
+        "loading %s (%s runtime); gRPC on %s, HTTP on port %d", where, config.runtime, grpc_address, options.http_port
+    )
     executor = _CountingExecutor(options.predict_threads or default_predict_threads())
     batching = (
         BatchingOptions(options.max_batch_size, options.max_batch_delay_ms) if options.max_batch_size > 1 else None
@@ -301,7 +311,6 @@ async def serve(options: Options) -> int:
         dataplane, server_version=version, max_message_bytes=options.max_message_bytes
     )
     await health.set_serving(False)
-    grpc_address = f"{options.host}:{options.grpc_port}"
     try:
         if grpc_server.add_insecure_port(grpc_address) == 0:
             raise RuntimeError("the port is in use or the address is invalid")
@@ -328,9 +337,6 @@ async def serve(options: Options) -> int:
     http_task = asyncio.create_task(http.serve(sockets=[http_socket]), name="http")
     load_task = asyncio.create_task(dataplane.load(), name="load")
     stop_task = asyncio.create_task(stop.wait(), name="stop")
-    log.info(
-        "loading %s (%s runtime); gRPC on %s, HTTP on port %d", where, config.runtime, grpc_address, options.http_port
-    )
 
     code = 0
     await asyncio.wait({load_task, stop_task, http_task}, return_when=asyncio.FIRST_COMPLETED)

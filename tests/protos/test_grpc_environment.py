@@ -1,5 +1,5 @@
 """Every package that starts a process puts our gRPC settings in the environment before grpc is imported, and an
-operator's own value wins (protos/grpc_environment.py)."""
+operator's own GRPC_EXPERIMENTS wins (protos/grpc_environment.py)."""
 
 from __future__ import annotations
 
@@ -47,6 +47,6 @@ def test_importing_the_package_sets_the_grpc_settings_before_grpc_is_imported(pa
         assert result["grpc_imported"] is False
 
 
-def test_an_operators_own_values_win_even_empty() -> None:
+def test_an_operators_io_engine_wins_even_empty_but_fork_handlers_stay_off() -> None:
     preset = {FORK_SUPPORT[0]: "1", IO_ENGINE[0]: ""}
-    assert _import_in_child("runtimes", preset)["env"] == preset
+    assert _import_in_child("runtimes", preset)["env"] == {FORK_SUPPORT[0]: "0", IO_ENGINE[0]: ""}

@@ -127,7 +127,14 @@ class Launcher:
         self.logs = logs
         self.started: list[Runtime] = []
 
-    def start(self, model_dir: Path, name: str, version: int = 1, env: dict[str, str] | None = None) -> Runtime:
+    def start(
+        self,
+        model_dir: Path,
+        name: str,
+        version: int = 1,
+        env: dict[str, str] | None = None,
+        extra_args: Sequence[str] = (),
+    ) -> Runtime:
         grpc_port, http_port = free_port(), free_port()
         argv = [
             sys.executable,
@@ -147,6 +154,7 @@ class Launcher:
             str(http_port),
             "--shutdown-grace",
             "5",
+            *extra_args,
         ]
         label = f"runtime-{name}-{len(self.started)}"
         process = ChildProcess(
@@ -706,9 +714,85 @@ def test_load_failures_exit_nonzero_with_reason(
     # All start together; each must exit by itself with its reason in the log.
     runtimes = {reason: launcher.start(folder, "broken") for reason, folder in cases.items()}
     for reason, runtime in runtimes.items():
-        assert runtime.wait_exit(30) != 0, runtime.log()
+        code = runtime.wait_exit(30)
         log = runtime.log()
-        assert "cannot load model 'broken'" in log and reason in log, log
+        assert code != 0, log
+        assert "cannot load model 'broken'" in log and reason in log, _exit_story(code, log)
+
+
+def _exit_story(code: int, log: str) -> str:
+    """What a failed runtime's exit code and log say about where it died (for assertion messages)."""
+    # The runtime's first line ("loading ...") comes before anything of gRPC starts in it: a log without it is a
+    # process that died before our code ran (docs/runtimes.md, "A log with only a gRPC line").
+    where = "after its first log line" if "loading model" in log else "before the runtime's first log line"
+    how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+    return f"the runtime died {where} ({how}); its log:\n{log}"
+
+
+def test_load_failure_reason_is_logged_at_any_log_level(launcher: Launcher, tmp_path: Path) -> None:
+    """The reason a runtime gives up is logged even with --log-level critical (it was an ERROR record, dropped)."""
+    folder = _make_doubler(tmp_path / "fails-warm-up", "model:always_fails")
+    runtime = launcher.start(folder, "broken", extra_args=["--log-level", "critical"])
+    code = runtime.wait_exit(30)
+    log = runtime.log()
+    assert code == 1, _exit_story(code, log)
+    assert "cannot load model 'broken'" in log and "this model cannot predict anything" in log, log
+
+
+#: Run as its own process: imports manager_api first, as tests/conftest.py and every entry point of ours do, starts a
+#: grpc.aio server and makes one call (gRPC idle afterwards, like this test process between tests), then starts
+#: children with ChildProcess, as Launcher does, and prints their exit codes and any that logged gRPC's poller crash.
+FORK_PROBE = """
+import asyncio, json, sys
+from pathlib import Path
+import manager_api
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from manager_api.processes import ChildProcess, wait_until
+
+async def main(children, logs):
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    codes, crashes = [], []
+    for index in range(children):
+        child = ChildProcess(f"c{index}", ["/bin/true"], log_path=logs / f"c{index}.log").start()
+        await asyncio.to_thread(wait_until, lambda: not child.running, 10, f"child {index} to exit", 0.005)
+        child.stop(grace=1)
+        codes.append(child.returncode)
+        text = (logs / f"c{index}.log").read_text(errors="replace")
+        if "epoll_wait" in text:
+            crashes.append(text.strip())
+    await server.stop(1)
+    print(json.dumps({"codes": codes, "crashes": crashes[:3]}))
+
+asyncio.run(main(int(sys.argv[1]), Path(sys.argv[2])))
+"""
+
+
+def test_children_reach_exec_even_when_the_environment_asks_for_grpc_fork_support(tmp_path: Path) -> None:
+    """The flake of test_load_failures_exit_nonzero_with_reason: a runtime's log held only gRPC's
+    "(event_engine) Epoll1Poller ... encountered epoll_wait error: Bad file descriptor" and the process died before
+    the runtime's first line. That is a child killed between fork and exec: with grpcio's fork handlers on in the
+    parent, the child's handler restarts gRPC's poller thread and Popen's close_fds closes its epoll fd under it
+    (grpc/grpc#43055). Our processes turn the handlers off, but an environment that set GRPC_ENABLE_FORK_SUPPORT
+    used to win: 9 of 600 children died so, each log holding just that line."""
+    env = {**os.environ, "GRPC_ENABLE_FORK_SUPPORT": "1"}
+    probe = subprocess.run(
+        [sys.executable, "-c", FORK_PROBE, "400", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    result = json.loads(probe.stdout.strip().splitlines()[-1])
+    died = [code for code in result["codes"] if code != 0]
+    assert not died, (died, result["crashes"])
 
 
 def test_bad_command_line_exits_nonzero() -> None:
@@ -738,3 +822,6 @@ def test_port_in_use_exits_nonzero(model_dirs: dict[str, Path]) -> None:
             )
             assert result.returncode != 0
             assert "cannot listen" in result.stderr and str(port) in result.stderr
+            # The model and ports are named before gRPC is touched (binding the gRPC port is its first use).
+            before_failure = result.stderr.partition("cannot listen")[0]
+            assert "loading model 'iris' version 1" in before_failure, result.stderr
