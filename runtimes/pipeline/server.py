@@ -150,7 +150,9 @@ async def serve(options: Options, spec: PipelineSpec) -> int:
         # Bound here, not by uvicorn, so that a port clash fails the start instead of a background task.
         http_socket = socket.create_server((options.host, options.http_port))
     except OSError as exc:
-        log.error("cannot listen on %s (gRPC %d, HTTP %d): %s", options.host, options.grpc_port, options.http_port, exc)
+        log.critical(
+            "cannot listen on %s (gRPC %d, HTTP %d): %s", options.host, options.grpc_port, options.http_port, exc
+        )
         return 1
     http = _HttpServer(
         uvicorn.Config(
@@ -174,7 +176,9 @@ async def serve(options: Options, spec: PipelineSpec) -> int:
     await asyncio.wait({stopped, http_task}, return_when=asyncio.FIRST_COMPLETED)
     code = 0
     if http_task.done() and not stop.is_set():
-        log.error("the HTTP server stopped unexpectedly: %r", None if http_task.cancelled() else http_task.exception())
+        log.critical(
+            "the HTTP server stopped unexpectedly: %r", None if http_task.cancelled() else http_task.exception()
+        )
         code = 1
     stopped.cancel()
     service.ready = False
@@ -189,18 +193,18 @@ async def serve(options: Options, spec: PipelineSpec) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m runtimes.pipeline``."""
+    """Entry point of ``python -m runtimes.pipeline``. Why it gives up is logged at CRITICAL, so at any --log-level."""
     options = parse_args(argv)
     configure_logging(options.log_level)
     try:
         spec = load_spec(options.spec)
     except PipelineSpecError as exc:
-        log.error("%s", exc)
+        log.critical("%s", exc)
         return 1
     try:
         tracing = setup_tracing(f"pipeline {spec.name}", attributes={"hydro.application": spec.name})
     except InvalidEndpoint as exc:
-        log.error("tracing: %s", exc)
+        log.critical("tracing: %s", exc)
         return 1
     try:
         return uvloop.run(serve(options, spec))

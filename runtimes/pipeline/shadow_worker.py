@@ -272,12 +272,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         stdin = socket.socket(fileno=sys.stdin.fileno())
     except OSError as exc:
-        log.error("stdin must be a socket from the pipeline runtime: %s", exc)
+        log.critical("stdin must be a socket from the pipeline runtime: %s", exc)
         return 2
     try:
         tracing = setup_tracing(f"pipeline {options.app}", attributes={"hydro.application": options.app})
     except InvalidEndpoint as exc:
-        log.error("tracing: %s", exc)
+        log.critical("tracing: %s", exc)
         return 1
     try:
         return uvloop.run(work(options, stdin))

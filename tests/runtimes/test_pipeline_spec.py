@@ -84,11 +84,14 @@ def test_missing_signature_is_named(tmp_path: Path) -> None:
         load_spec(_write(tmp_path, document))
 
 
-def test_runtime_exits_1_naming_the_problem(tmp_path: Path) -> None:
+@pytest.mark.parametrize("log_level", ["info", "critical"])
+def test_runtime_exits_1_naming_the_problem(tmp_path: Path, log_level: str) -> None:
+    # At any --log-level: the reason it gives up is logged at CRITICAL (at "critical" an ERROR line was dropped and
+    # the process exited 1 saying nothing).
     document = _document()
     del document["signatures"]["fe:1"]
     argv = [sys.executable, "-m", "runtimes.pipeline", "--spec", str(_write(tmp_path, document))]
-    argv += ["--outbound", "127.0.0.1:1", "--grpc-port", "0", "--http-port", "0"]
+    argv += ["--outbound", "127.0.0.1:1", "--grpc-port", "0", "--http-port", "0", "--log-level", log_level]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
     assert done.returncode == 1
     assert "stage 1: no signature for fe:1" in done.stderr
