@@ -41,18 +41,38 @@ def empty_answers(config: ServingConfig) -> dict[str, np.ndarray]:
     }
 
 
+#: Datatypes that hold a float prediction without losing it (an integer type would truncate it, BYTES make it text).
+FLOAT_DATATYPES = ("FP16", "FP32", "FP64")
+
+
+def _holding(declared: str, natural: str | None) -> str:
+    """``declared`` if it can hold values whose own datatype is ``natural`` (None: any datatype can), else
+    ``natural``, so that the signature comparison names the field, what the model gives and what was declared."""
+    if natural is None or declared == natural:
+        return declared
+    if natural in FLOAT_DATATYPES and declared in FLOAT_DATATYPES:
+        return declared
+    return natural
+
+
 def tabular_signature(
     config: ServingConfig,
     num_features: int | None,
     classes: int | None,
     predict_shape: list[int] | None,
     what: str,
+    *,
+    proba_datatype: str,
+    predict_datatype: str | None,
 ) -> Signature:
-    """The signature a tabular model implies, with the declared names and datatypes (frameworks convert those).
+    """The signature a tabular model implies, with the declared names and, where they hold the model's values, the
+    declared datatypes (the data plane converts outputs to those).
 
     ``num_features`` and ``classes`` are None when the model does not know them; ``classes`` None also means a
     declared probabilities output is an error (``what`` names the model in that message). ``predict_shape`` None
-    keeps the declared shape of prediction outputs.
+    keeps the declared shape of prediction outputs. ``proba_datatype`` is the probabilities' own datatype (any
+    float datatype holds them); ``predict_datatype`` the predictions' own: a float datatype for regressors (any
+    float datatype holds them), BYTES for class names, None for class indices (any number type holds them).
     """
     feature_input(config)
     declared = config.signature.inputs[0]
@@ -67,8 +87,10 @@ def tabular_signature(
         if is_proba(spec.name):
             if classes is None:
                 raise ModelLoadError(f"output {spec.name!r} asks for class probabilities, but {what} is no classifier")
-            outputs.append(TensorSpec(name=spec.name, datatype=spec.datatype, shape=[-1, classes]))
+            datatype = _holding(spec.datatype, proba_datatype)
+            outputs.append(TensorSpec(name=spec.name, datatype=datatype, shape=[-1, classes]))  # type: ignore[arg-type]
         else:
             shape = spec.shape if predict_shape is None else predict_shape
-            outputs.append(TensorSpec(name=spec.name, datatype=spec.datatype, shape=shape))
+            datatype = _holding(spec.datatype, predict_datatype)
+            outputs.append(TensorSpec(name=spec.name, datatype=datatype, shape=shape))  # type: ignore[arg-type]
     return Signature(inputs=inputs, outputs=outputs)

@@ -26,6 +26,8 @@ from runtimes.tabular import empty_answers, feature_input, is_empty_batch, is_pr
 _BINARY_PROBABILITY = ("binary:logistic",)
 #: Multi-class objectives; softmax predicts the class index, softprob the probabilities.
 _MULTICLASS = ("multi:softmax", "multi:softprob")
+#: Objectives that are no classifier here but predict whole numbers (0 or 1).
+_WHOLE_PREDICTIONS = ("binary:hinge",)
 
 
 def _load_booster(model_dir: Path, config: ServingConfig) -> Any:
@@ -61,12 +63,16 @@ def _describe(booster: Any) -> tuple[str, int, int]:
 def _signature(booster: Any, config: ServingConfig) -> Signature:
     objective, classes, num_target = _describe(booster)
     predict_shape = [-1] if num_target <= 1 else [-1, num_target]
+    # Class indices and binary:hinge's 0/1 fit any number type; every other objective predicts floats (FP32).
+    whole = classes or objective in _WHOLE_PREDICTIONS
     return tabular_signature(
         config,
         int(booster.num_features()),
         classes or None,
         predict_shape,
         f"an XGBoost model with objective {objective}",
+        proba_datatype="FP32",
+        predict_datatype=None if whole else "FP32",
     )
 
 
