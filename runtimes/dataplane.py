@@ -209,6 +209,10 @@ class DataPlane:
             what = "on serving.yaml's warmup request"
         try:
             self._predict(arrays, list(self._outputs.values()))
+        except InvalidInput as exc:
+            # The runtime judged the data itself (NaN where the model takes none): the example is what is wrong.
+            where = "serving.yaml warmup" if example is not None else f"warm-up prediction {what}"
+            raise ModelLoadError(f"{where}: {exc}") from exc
         except PredictError as exc:
             raise ModelLoadError(f"warm-up prediction {what} failed: {exc}") from exc
 

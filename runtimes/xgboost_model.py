@@ -9,6 +9,7 @@ multi-class); other outputs are the class index for classifiers and the predicti
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -22,6 +23,8 @@ from runtimes.serving_config import ServingConfig
 from runtimes.signatures import check_signature, source_name
 from runtimes.tabular import empty_answers, feature_input, is_empty_batch, is_proba, tabular_signature
 
+#: The time and C++ source location XGBoost puts in front of its messages.
+_SOURCE_PREFIX = re.compile(r"^\[\d\d:\d\d:\d\d\] \S+:\d+: ")
 #: Binary objectives whose prediction is the probability of class 1.
 _BINARY_PROBABILITY = ("binary:logistic",)
 #: Multi-class objectives; softmax predicts the class index, softprob the probabilities.
@@ -42,8 +45,15 @@ def _load_booster(model_dir: Path, config: ServingConfig) -> Any:
     try:
         booster = xgboost.Booster(model_file=str(model_dir / name))
     except Exception as exc:
-        raise ModelLoadError(f"cannot load {name} with xgboost: {exc}") from exc
+        raise ModelLoadError(f"cannot load {name} with xgboost: {_reason(exc)}") from exc
     return booster
+
+
+def _reason(exc: Exception) -> str:
+    """XGBoost's error on one line, without the C++ backtrace it appends ("Stack trace:" and a line per frame) and
+    the "[16:29:40] /workspace/src/c_api/c_api.cc:1532: " of its build tree in front."""
+    text = " ".join(str(exc).split("Stack trace:", 1)[0].split())
+    return _SOURCE_PREFIX.sub("", text)
 
 
 def _describe(booster: Any) -> tuple[str, int, int]:

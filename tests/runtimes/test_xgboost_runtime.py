@@ -103,6 +103,12 @@ def test_bad_files_are_clear_load_errors(tmp_path: Path) -> None:
     (folder / "iris.ubj").write_bytes(b"{not ubjson")
     with pytest.raises(ModelLoadError, match=r"cannot load iris\.ubj with xgboost"):
         _loaded(folder)
+    # One line, not XGBoost's C++ backtrace ("Stack trace: [bt] (0) .../libxgboost.so(+0x11031e)" and 9 more).
+    (folder / "iris.ubj").write_bytes(b"tree\nversion=v4\n")
+    with pytest.raises(ModelLoadError) as error:
+        _loaded(folder)
+    assert "\n" not in str(error.value) and "libxgboost" not in str(error.value), str(error.value)
+    assert str(error.value).startswith("cannot load iris.ubj with xgboost: Check failed:"), str(error.value)
     (folder / "iris.bin").write_bytes(b"")
     yaml = (folder / "serving.yaml").read_text().replace("iris.ubj", "iris.bin")
     (folder / "serving.yaml").write_text(yaml)
