@@ -64,6 +64,7 @@ def tabular_signature(
     *,
     proba_datatype: str,
     predict_datatype: str | None,
+    features_datatype: str | None = None,
 ) -> Signature:
     """The signature a tabular model implies, with the declared names and, where they hold the model's values, the
     declared datatypes (the data plane converts outputs to those).
@@ -73,6 +74,8 @@ def tabular_signature(
     keeps the declared shape of prediction outputs. ``proba_datatype`` is the probabilities' own datatype (any
     float datatype holds them); ``predict_datatype`` the predictions' own: a float datatype for regressors (any
     float datatype holds them), BYTES for class names, None for class indices (any number type holds them).
+    ``features_datatype`` is what the model computes features in when they must be numbers (any number type is
+    converted to it; BYTES is not), None when text is fine too (scikit-learn's encoders and vectorizers).
     """
     feature_input(config)
     declared = config.signature.inputs[0]
@@ -81,7 +84,10 @@ def tabular_signature(
         shape = list(declared.shape)
     else:
         shape = [-1, num_features if num_features > 0 else -1]
-    inputs = [TensorSpec(name=declared.name, datatype=declared.datatype, shape=shape)]
+    input_datatype = declared.datatype
+    if features_datatype is not None and input_datatype == "BYTES":
+        input_datatype = features_datatype  # type: ignore[assignment]
+    inputs = [TensorSpec(name=declared.name, datatype=input_datatype, shape=shape)]
     outputs = []
     for spec in config.signature.outputs:
         if is_proba(spec.name):

@@ -82,6 +82,7 @@ def _signature(booster: Any, config: ServingConfig) -> Signature:
         predict_shape,
         f"an XGBoost model with objective {objective}",
         proba_datatype="FP32",
+        features_datatype="FP32",
         predict_datatype=None if whole else "FP32",
     )
 

@@ -122,3 +122,14 @@ async def test_an_empty_batch_has_empty_answers(tmp_path: Path, objective: str) 
     folder = xgboost_classifier(tmp_path / "m", objective=objective)
     outputs = await serve_in_process(folder, {"input": np.zeros((0, 4), np.float32)})
     assert outputs["label"].shape == (0,) and outputs["probabilities"].shape == (0, 3)
+
+
+def test_text_features_are_refused_at_load(tmp_path: Path) -> None:
+    # Tree boosters take numbers: a BYTES feature matrix passed the signature check (and so registration) and only
+    # the warm-up failed, with "could not convert string to float: b''".
+    folder = xgboost_classifier(tmp_path / "m")
+    yaml = (folder / "serving.yaml").read_text().replace("name: input, datatype: FP32", "name: input, datatype: BYTES")
+    (folder / "serving.yaml").write_text(yaml)
+    with pytest.raises(ModelLoadError) as error:
+        _loaded(folder)
+    assert str(error.value) == "signature.inputs[0].datatype: the XGBoost model says FP32, serving.yaml says BYTES"
