@@ -1,9 +1,10 @@
 """The ``xgboost`` runtime: a Booster saved with ``save_model`` in XGBoost's JSON or UBJSON format.
 
-The first file listed in serving.yaml is the model (``.json`` or ``.ubj``; an ``XGBClassifier`` saves the same
-Booster). One input, the feature matrix [-1, num_features]. Outputs by name, as for scikit-learn: "proba" outputs
-are class probabilities like ``XGBClassifier.predict_proba`` ([-1, 2] for binary objectives, [-1, num_class] for
-multi-class); other outputs are the class index for classifiers and the prediction for every other objective.
+The first file listed in serving.yaml is the model, whatever its name (``.json``, ``.ubj``, ``model.bst``; an
+``XGBClassifier`` saves the same Booster). One input, the feature matrix [-1, num_features]. Outputs by name, as
+for scikit-learn: "proba" outputs are class probabilities like ``XGBClassifier.predict_proba`` ([-1, 2] for binary
+objectives, [-1, num_class] for multi-class); other outputs are the class index for classifiers and the prediction
+for every other objective.
 """
 
 from __future__ import annotations
@@ -37,13 +38,24 @@ def _load_booster(model_dir: Path, config: ServingConfig) -> Any:
     import xgboost
 
     if not config.files:
-        raise ModelLoadError("the xgboost runtime needs the model file (.json or .ubj) as the first entry of 'files'")
+        raise ModelLoadError("the xgboost runtime needs the model file (save_model) as the first entry of 'files'")
     name = config.files[0]
-    if not name.endswith((".json", ".ubj")):
-        # XGBoost picks the format by extension and reads anything else as its removed legacy binary format.
-        raise ModelLoadError(f"{name}: the xgboost runtime loads .json or .ubj files (Booster.save_model)")
+    path = model_dir / name
     try:
-        booster = xgboost.Booster(model_file=str(model_dir / name))
+        if name.endswith((".json", ".ubj")):
+            booster = xgboost.Booster(model_file=str(path))
+        else:
+            # Any other name ("model.bst" in XGBoost's own docs; save_model writes UBJSON for it): from a file,
+            # XGBoost would guess the format from the extension with a warning; from bytes it tells JSON from
+            # UBJSON by their content.
+            content = path.read_bytes()
+            if not content:
+                # An empty buffer aborts the whole process inside XGBoost (std::terminate), an empty file does not.
+                raise ModelLoadError(f"cannot load {name} with xgboost: the file is empty")
+            booster = xgboost.Booster()
+            booster.load_model(bytearray(content))
+    except ModelLoadError:
+        raise
     except Exception as exc:
         raise ModelLoadError(f"cannot load {name} with xgboost: {_reason(exc)}") from exc
     return booster

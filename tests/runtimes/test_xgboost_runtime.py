@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -112,8 +113,22 @@ def test_bad_files_are_clear_load_errors(tmp_path: Path) -> None:
     (folder / "iris.bin").write_bytes(b"")
     yaml = (folder / "serving.yaml").read_text().replace("iris.ubj", "iris.bin")
     (folder / "serving.yaml").write_text(yaml)
-    with pytest.raises(ModelLoadError, match=r"iris\.bin: the xgboost runtime loads \.json or \.ubj files"):
+    with pytest.raises(ModelLoadError, match=r"^cannot load iris\.bin with xgboost: "):
         _loaded(folder)
+
+
+@pytest.mark.parametrize(("saved", "served"), [("model.bst", "model.bst"), ("m.json", "model.bin"), ("m.ubj", "xgb")])
+def test_a_model_file_of_any_name(tmp_path: Path, saved: str, served: str) -> None:
+    # XGBoost's own docs save "model.bst"; XGBoost writes UBJSON for a name it does not know, and reads JSON or
+    # UBJSON from the bytes alike. The runtime refused every name but .json and .ubj.
+    classifier = xgboost.XGBClassifier(n_estimators=4, max_depth=2, n_jobs=1).fit(FEATURES, np.arange(150) // 50)
+    folder = xgboost_classifier(tmp_path / "m")
+    with pytest.warns(UserWarning) if saved == "model.bst" else contextlib.nullcontext():
+        classifier.save_model(str(tmp_path / saved))
+    (tmp_path / saved).replace(folder / served)
+    (folder / "serving.yaml").write_text((folder / "serving.yaml").read_text().replace("iris.ubj", served))
+    result = _loaded(folder).predict({"input": FEATURES})
+    np.testing.assert_allclose(result["probabilities"], classifier.predict_proba(FEATURES), rtol=1e-6)
 
 
 @pytest.mark.parametrize("objective", ["multi:softprob", "multi:softmax"])
