@@ -18,7 +18,7 @@ import numpy as np
 
 from protos.topology import Datatype, Signature, TensorSpec
 from runtimes.base import ModelRuntime
-from runtimes.errors import ModelLoadError
+from runtimes.errors import InvalidInput, ModelLoadError
 from runtimes.serving_config import ServingConfig
 from runtimes.signatures import check_signature, source_name
 from runtimes.tensors import numpy_dtype, text_array
@@ -113,6 +113,16 @@ def _session_signature(session: Any, config: ServingConfig, path: Path) -> tuple
     return Signature(inputs=inputs, outputs=outputs), [spec.name for spec in config.signature.outputs]
 
 
+def _shared_dimensions(session: Any) -> list[tuple[str, list[tuple[str, int]]]]:
+    """Symbolic dimensions the graph gives several inputs (or axes): (symbol, [(input, axis), ...]) for each."""
+    places: dict[str, list[tuple[str, int]]] = {}
+    for arg in session.get_inputs():
+        for axis, dim in enumerate(arg.shape or []):
+            if isinstance(dim, str) and dim:
+                places.setdefault(dim, []).append((arg.name, axis))
+    return [(symbol, where) for symbol, where in places.items() if len(where) > 1]
+
+
 def signature_of(model_dir: Path, config: ServingConfig) -> Signature:
     """The graph's inputs and outputs (names, datatypes, shapes; symbolic dimensions are -1)."""
     return _session_signature(_session(model_dir, config), config, model_dir / config.files[0])[0]
@@ -128,6 +138,7 @@ class OnnxRuntime(ModelRuntime):
         self._session: Any = None
         self._outputs: list[str] = []
         self._dtypes: dict[str, np.dtype[Any]] = {}
+        self._shared: list[tuple[str, list[tuple[str, int]]]] = []
 
     def load(self) -> None:
         """Create the inference session and check the graph against the declared signature."""
@@ -135,12 +146,28 @@ class OnnxRuntime(ModelRuntime):
         known, self._outputs = _session_signature(session, self.config, self.model_dir / self.config.files[0])
         check_signature(self.config.signature, known, source_name(self.kind))
         self._dtypes = {spec.name: numpy_dtype(spec.datatype) for spec in known.inputs}
+        self._shared = _shared_dimensions(session)
         self._session = session
+
+    def _check_shared(self, inputs: dict[str, np.ndarray]) -> None:
+        # The signature's -1 accepts any size per input; sizes the graph names alike (rows of input_ids and of
+        # attention_mask) must also agree, else onnxruntime fails inside some node, which reads as the model's bug.
+        for symbol, places in self._shared:
+            first, first_axis = places[0]
+            size = inputs[first].shape[first_axis]
+            for name, axis in places[1:]:
+                if inputs[name].shape[axis] != size:
+                    raise InvalidInput(
+                        f"input {name!r} has {inputs[name].shape[axis]} in dimension {axis}, input {first!r} {size}: "
+                        f"the graph names both {symbol!r}, so they must be equal"
+                    )
 
     def predict(self, inputs: dict[str, np.ndarray]) -> Mapping[str, Any]:
         """Run the graph for the declared outputs only (onnxruntime skips the nodes nothing needs)."""
         if self._session is None:
             raise RuntimeError("the model is not loaded")
+        if self._shared:
+            self._check_shared(inputs)
         feed = {}
         for name, array in inputs.items():
             dtype = self._dtypes[name]

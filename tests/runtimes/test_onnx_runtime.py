@@ -199,3 +199,49 @@ def test_a_scalar_is_still_a_scalar(tmp_path: Path) -> None:
         "signature.inputs[0].shape: the ONNX graph says [], serving.yaml says [-1]; "
         "signature.outputs[0].shape: the ONNX graph says [], serving.yaml says [-1]"
     )
+
+
+def _two_inputs(folder: Path) -> Path:
+    """s = a + b, both [batch, seq]: what a BERT-like graph's input_ids and attention_mask share."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["a", "b"], ["s"])],
+        "add",
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, ["batch", "seq"]),
+            helper.make_tensor_value_info("b", TensorProto.FLOAT, ["batch", "seq"]),
+        ],
+        [helper.make_tensor_value_info("s", TensorProto.FLOAT, ["batch", "seq"])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    folder.mkdir(parents=True)
+    onnx.save(model, str(folder / "add.onnx"))
+    (folder / "serving.yaml").write_text(
+        "runtime: onnx\nfiles: [add.onnx]\nsignature:\n"
+        "  inputs: [{name: a, datatype: FP32, shape: [-1, -1]}, {name: b, datatype: FP32, shape: [-1, -1]}]\n"
+        "  outputs: [{name: s, datatype: FP32, shape: [-1, -1]}]\n"
+    )
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("b_shape", "message"),
+    [
+        ((3, 2), r"input 'b' has 3 in dimension 0, input 'a' 2: the graph names both 'batch', so they must be equal"),
+        ((2, 5), r"input 'b' has 5 in dimension 1, input 'a' 2: the graph names both 'seq', so they must be equal"),
+    ],
+)
+async def test_inputs_that_share_a_symbolic_dimension_must_agree(
+    tmp_path: Path, b_shape: tuple[int, int], message: str
+) -> None:
+    # Rows of a and b that differ are the client's mistake; onnxruntime found out only inside the Add node, a 500
+    # ("Attempting to broadcast an axis by a dimension other than 1. 2 by 3").
+    folder = _two_inputs(tmp_path / "m")
+    a = np.ones((2, 2), np.float32)
+    with pytest.raises(InvalidInput, match=f"^{message}$"):
+        await serve_in_process(folder, {"a": a, "b": np.ones(b_shape, np.float32)})
+    outputs = await serve_in_process(folder, {"a": a, "b": np.full((2, 2), 2, np.float32)})
+    assert outputs["s"].tolist() == [[3, 3], [3, 3]]
