@@ -448,7 +448,8 @@ class DataPlane:
         value = result[spec.name]
         try:
             data = cast(value, spec.datatype)
-        except (ValueError, TypeError, InferenceError) as exc:
+        except (ValueError, TypeError, OverflowError, InferenceError) as exc:
+            # OverflowError: a Python int past INT64 in a list the model returned.
             raise PredictError(f"model {self.name!r}: output {spec.name!r} is not {spec.datatype}: {exc}") from exc
         # numpy's cast truncates 1.7 to 1 and wraps 300 to 44 (UINT8) without a word: a 200 with wrong numbers. Only
         # integer and BOOL targets can lose values so; an output that already has the datatype is not converted.

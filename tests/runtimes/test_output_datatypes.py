@@ -66,6 +66,7 @@ def _python_model(folder: Path, values: str, datatype: str) -> Path:
         ("[7, 300]", "UINT8", "300"),  # wrapped to 44
         ("[-1, 2]", "UINT32", "-1"),  # wrapped to 4294967295
         ("[0.0, 0.5]", "BOOL", "0.5"),  # became True
+        ("[2**70, 1]", "INT64", "too large"),  # an OverflowError escaped the data plane: a traceback, no 500 text
     ],
 )
 async def test_values_that_do_not_fit_the_declared_datatype_are_a_500(
