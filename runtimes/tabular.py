@@ -11,7 +11,7 @@ import numpy as np
 from protos.topology import Signature, TensorSpec
 from runtimes.errors import ModelLoadError
 from runtimes.serving_config import ServingConfig
-from runtimes.tensors import zeros
+from runtimes.tensors import format_shape, zeros
 
 
 def is_proba(output_name: str) -> bool:
@@ -89,7 +89,16 @@ def tabular_signature(
         input_datatype = features_datatype  # type: ignore[assignment]
     inputs = [TensorSpec(name=declared.name, datatype=input_datatype, shape=shape)]
     outputs = []
-    for spec in config.signature.outputs:
+    for index, spec in enumerate(config.signature.outputs):
+        probabilities_shape = classes is not None and classes > 0 and spec.shape == [-1, classes]
+        if probabilities_shape and not is_proba(spec.name) and predict_shape != spec.shape:
+            # The shape says probabilities, the name says prediction: the comparison's "[-1] vs [-1, 3]" would not
+            # tell the user that the name decides.
+            raise ModelLoadError(
+                f"signature.outputs[{index}].name: {spec.name!r} is declared like class probabilities "
+                f"({format_shape(spec.shape)}), but only outputs whose name contains 'proba' are; the others are the "
+                "predicted class, [-1]"
+            )
         if is_proba(spec.name):
             if classes is None:
                 raise ModelLoadError(f"output {spec.name!r} asks for class probabilities, but {what} is no classifier")

@@ -197,3 +197,36 @@ async def test_class_indices_may_be_any_number_type(tmp_path: Path, datatype: st
         _declare(folder, "name: label, datatype: INT64", f"name: label, datatype: {datatype}")
         outputs = await serve_in_process(folder, {"input": ROWS})
         assert outputs["label"].tolist() == [0, 0, 1, 1, 2, 2], make.__name__
+
+
+@pytest.mark.parametrize("make", [sklearn_classifier, xgboost_classifier, lightgbm_classifier])
+async def test_probabilities_under_another_name_are_explained(tmp_path: Path, make: object) -> None:
+    # Only outputs whose name contains "proba" are probabilities. "probs" [-1, 3] was served predict()'s labels:
+    # xgboost/lightgbm said "the XGBoost model says [-1], serving.yaml says [-1, 3]", sklearn failed its warm-up on
+    # "output 'probs' has shape [1]", neither saying that the name decides.
+    folder = make(tmp_path / "m")  # type: ignore[operator]
+    _declare(folder, "name: probabilities,", "name: probs,")
+    with pytest.raises(ModelLoadError) as error:
+        await serve_in_process(folder, {"input": ROWS})
+    assert str(error.value).startswith(
+        "signature.outputs[1].name: 'probs' is declared like class probabilities ([-1, 3]), but only outputs whose "
+        "name contains 'proba' are; "
+    ), str(error.value)
+
+
+async def test_a_multi_output_classifiers_label_matrix_is_no_probabilities(tmp_path: Path) -> None:
+    # Its classes_ is a list (one array per output): the width of its predictions is not a number of classes.
+    from sklearn.neighbors import KNeighborsClassifier
+
+    targets = np.column_stack([CLASSES, CLASSES % 2])
+    model = KNeighborsClassifier().fit(FEATURES, targets)
+    folder = tmp_path / "m"
+    folder.mkdir()
+    joblib.dump(model, folder / "model.joblib")
+    (folder / "serving.yaml").write_text(
+        "runtime: sklearn\nfiles: [model.joblib]\nsignature:\n"
+        "  inputs: [{name: input, datatype: FP32, shape: [-1, 4]}]\n"
+        "  outputs: [{name: labels, datatype: INT64, shape: [-1, -1]}]\n"
+    )
+    outputs = await serve_in_process(folder, {"input": ROWS})
+    np.testing.assert_array_equal(outputs["labels"], model.predict(ROWS))
