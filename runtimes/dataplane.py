@@ -211,6 +211,10 @@ class DataPlane:
             what = "on serving.yaml's warmup request"
         try:
             self._predict(arrays, list(self._outputs.values()))
+        except InvalidInput as exc:
+            # The runtime judged the data itself (NaN where the model takes none): the example is what is wrong.
+            where = "serving.yaml warmup" if example is not None else f"warm-up prediction {what}"
+            raise ModelLoadError(f"{where}: {exc}") from exc
         except PredictError as exc:
             raise ModelLoadError(f"warm-up prediction {what} failed: {exc}") from exc
 
@@ -447,16 +451,40 @@ class DataPlane:
         if spec.name not in result:
             returned = ", ".join(map(str, result)) or "nothing"
             raise PredictError(f"model {self.name!r} returned no output {spec.name!r} (it returned: {returned})")
+        value = result[spec.name]
         try:
-            data = cast(result[spec.name], spec.datatype)
-        except (ValueError, TypeError, InferenceError) as exc:
+            data = cast(value, spec.datatype)
+        except (ValueError, TypeError, OverflowError, InferenceError) as exc:
+            # OverflowError: a Python int past INT64 in a list the model returned.
             raise PredictError(f"model {self.name!r}: output {spec.name!r} is not {spec.datatype}: {exc}") from exc
+        # numpy's cast truncates 1.7 to 1 and wraps 300 to 44 (UINT8) without a word: a 200 with wrong numbers. Only
+        # integer and BOOL targets can lose values so; an output that already has the datatype is not converted.
+        if data is not value and data.dtype.kind in "iub":
+            lost = lost_value(value, data)
+            if lost is not None:
+                raise PredictError(
+                    f"model {self.name!r}: output {spec.name!r} is not {spec.datatype}: the model returned {lost}, "
+                    f"which {spec.datatype} cannot hold (declare the datatype the model returns)"
+                )
         if not shape_matches(data.shape, spec.shape):
             raise PredictError(
                 f"model {self.name!r}: output {spec.name!r} has shape {format_shape(data.shape)}, the signature "
                 f"says {format_shape(spec.shape)}"
             )
         return OutputTensor(spec.name, spec.datatype, data)
+
+
+def lost_value(value: Any, converted: np.ndarray) -> str | None:
+    """The first number of ``value`` that ``converted`` (its integer or BOOL cast) does not hold, or None."""
+    source = value if isinstance(value, np.ndarray) else np.asarray(value)
+    # Only numbers can be compared; text parsed by the cast ("3") and booleans (0/1) lose nothing checkable here.
+    if source.dtype.kind not in "iuf" or source.shape != converted.shape:
+        return None
+    # NaN differs from everything, so it is reported too (numpy casts it to an arbitrary integer).
+    differs = converted != source
+    if not differs.any():
+        return None
+    return repr(source.reshape(-1)[int(np.flatnonzero(differs.reshape(-1))[0])].item())
 
 
 def array_inputs(arrays: Mapping[str, np.ndarray], signature: Signature) -> list[RequestInput]:

@@ -56,6 +56,10 @@ def _signature(booster: Any, config: ServingConfig) -> Signature:
         classes or None,
         [-1],
         f"a LightGBM model with objective {objective or 'unknown'}",
+        proba_datatype="FP64",
+        features_datatype="FP64",
+        # Class indices fit any number type; every other objective (regression, ranking, raw scores) gives floats.
+        predict_datatype=None if classes else "FP64",
     )
 
 

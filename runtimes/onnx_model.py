@@ -4,7 +4,8 @@ This is the path for TensorFlow (tf2onnx), PyTorch (torch.onnx.export) and sciki
 first file listed in serving.yaml is the ``.onnx`` file. Inputs and outputs map to graph inputs and outputs by
 name, so a classifier's label and probabilities are simply two outputs of the graph; the signature may declare a
 subset of the graph's outputs. The graph's own inputs and outputs (names, datatypes, shapes; symbolic dimensions
-are -1) are the inferred signature, checked against serving.yaml at registration and at load.
+are -1; a tensor of unknown rank takes the declared shape) are the inferred signature, checked against
+serving.yaml at registration and at load.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 
 from protos.topology import Datatype, Signature, TensorSpec
 from runtimes.base import ModelRuntime
-from runtimes.errors import ModelLoadError
+from runtimes.errors import InvalidInput, ModelLoadError
 from runtimes.serving_config import ServingConfig
 from runtimes.signatures import check_signature, source_name
 from runtimes.tensors import numpy_dtype, text_array
@@ -57,24 +58,52 @@ def _session(model_dir: Path, config: ServingConfig) -> Any:
         raise ModelLoadError(f"cannot load {config.files[0]} with onnxruntime: {exc}") from exc
 
 
-def _spec(arg: Any) -> TensorSpec | None:
+def _spec(arg: Any, declared: TensorSpec | None, unranked: set[str]) -> TensorSpec | None:
     datatype = _DATATYPES.get(arg.type)
     if datatype is None:
         return None  # sequences and maps (e.g. skl2onnx's ZipMap) cannot be OIP tensors
+    if arg.name in unranked:
+        # The graph does not know the rank: any declared shape may be right (the data plane checks the answers).
+        return TensorSpec(name=arg.name, datatype=datatype, shape=list(declared.shape) if declared else [])
     # Symbolic ("batch"), unknown (None) and zero-sized dims are all "any size" to us.
     shape = [dim if isinstance(dim, int) and dim > 0 else -1 for dim in (arg.shape or [])]
     return TensorSpec(name=arg.name, datatype=datatype, shape=shape)
 
 
-def _session_signature(session: Any, config: ServingConfig) -> tuple[Signature, list[str]]:
+def _unranked(path: Path, args: list[Any]) -> set[str]:
+    """Names among ``args`` (graph inputs and outputs) whose rank the graph leaves unknown.
+
+    onnxruntime reports both a scalar and a tensor of unknown rank as shape []; only the ONNX file tells them
+    apart, so it is read (without external weights) only when some tensor has that shape.
+    """
+    maybe = {arg.name for arg in args if not arg.shape and arg.type in _DATATYPES}
+    if not maybe:
+        return set()
+    import onnx
+
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception:
+        # onnxruntime read the file; if onnx cannot, the [] shapes stay scalars (the check then names them).
+        return set()
+    return {
+        info.name
+        for info in (*graph.input, *graph.output)
+        if info.name in maybe and not info.type.tensor_type.HasField("shape")
+    }
+
+
+def _session_signature(session: Any, config: ServingConfig, path: Path) -> tuple[Signature, list[str]]:
     inputs, outputs, unusable = [], [], []
+    declared_specs = {spec.name: spec for spec in (*config.signature.inputs, *config.signature.outputs)}
+    unranked = _unranked(path, [*session.get_inputs(), *session.get_outputs()])
     for arg in session.get_inputs():
-        spec = _spec(arg)
+        spec = _spec(arg, declared_specs.get(arg.name), unranked)
         if spec is None:
             raise ModelLoadError(f"graph input {arg.name!r} has type {arg.type}; only tensor inputs can be served")
         inputs.append(spec)
     for arg in session.get_outputs():
-        spec = _spec(arg)
+        spec = _spec(arg, declared_specs.get(arg.name), unranked)
         if spec is None:
             unusable.append(f"{arg.name} ({arg.type})")
         else:
@@ -88,9 +117,19 @@ def _session_signature(session: Any, config: ServingConfig) -> tuple[Signature, 
     return Signature(inputs=inputs, outputs=outputs), [spec.name for spec in config.signature.outputs]
 
 
+def _shared_dimensions(session: Any) -> list[tuple[str, list[tuple[str, int]]]]:
+    """Symbolic dimensions the graph gives several inputs (or axes): (symbol, [(input, axis), ...]) for each."""
+    places: dict[str, list[tuple[str, int]]] = {}
+    for arg in session.get_inputs():
+        for axis, dim in enumerate(arg.shape or []):
+            if isinstance(dim, str) and dim:
+                places.setdefault(dim, []).append((arg.name, axis))
+    return [(symbol, where) for symbol, where in places.items() if len(where) > 1]
+
+
 def signature_of(model_dir: Path, config: ServingConfig) -> Signature:
     """The graph's inputs and outputs (names, datatypes, shapes; symbolic dimensions are -1)."""
-    return _session_signature(_session(model_dir, config), config)[0]
+    return _session_signature(_session(model_dir, config), config, model_dir / config.files[0])[0]
 
 
 class OnnxRuntime(ModelRuntime):
@@ -103,19 +142,36 @@ class OnnxRuntime(ModelRuntime):
         self._session: Any = None
         self._outputs: list[str] = []
         self._dtypes: dict[str, np.dtype[Any]] = {}
+        self._shared: list[tuple[str, list[tuple[str, int]]]] = []
 
     def load(self) -> None:
         """Create the inference session and check the graph against the declared signature."""
         session = _session(self.model_dir, self.config)
-        known, self._outputs = _session_signature(session, self.config)
+        known, self._outputs = _session_signature(session, self.config, self.model_dir / self.config.files[0])
         check_signature(self.config.signature, known, source_name(self.kind))
         self._dtypes = {spec.name: numpy_dtype(spec.datatype) for spec in known.inputs}
+        self._shared = _shared_dimensions(session)
         self._session = session
+
+    def _check_shared(self, inputs: dict[str, np.ndarray]) -> None:
+        # The signature's -1 accepts any size per input; sizes the graph names alike (rows of input_ids and of
+        # attention_mask) must also agree, else onnxruntime fails inside some node, which reads as the model's bug.
+        for symbol, places in self._shared:
+            first, first_axis = places[0]
+            size = inputs[first].shape[first_axis]
+            for name, axis in places[1:]:
+                if inputs[name].shape[axis] != size:
+                    raise InvalidInput(
+                        f"input {name!r} has {inputs[name].shape[axis]} in dimension {axis}, input {first!r} {size}: "
+                        f"the graph names both {symbol!r}, so they must be equal"
+                    )
 
     def predict(self, inputs: dict[str, np.ndarray]) -> Mapping[str, Any]:
         """Run the graph for the declared outputs only (onnxruntime skips the nodes nothing needs)."""
         if self._session is None:
             raise RuntimeError("the model is not loaded")
+        if self._shared:
+            self._check_shared(inputs)
         feed = {}
         for name, array in inputs.items():
             dtype = self._dtypes[name]

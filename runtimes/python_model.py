@@ -99,7 +99,18 @@ class PythonModelRuntime(ModelRuntime):
 
     @staticmethod
     def _predict_function(entrypoint: str, target: Any) -> PredictFn:
+        def plain(name: str, method: Any) -> None:
+            # Called from worker threads with no event loop, a coroutine function would only return a coroutine:
+            # an async load() would be skipped without a word (MLServer's models are written so).
+            if inspect.iscoroutinefunction(method):
+                raise ModelLoadError(
+                    f"entrypoint {entrypoint!r}: {name} is async def; the python runtime calls it from worker "
+                    "threads, so it must be a plain def"
+                )
+
         if inspect.isclass(target):
+            plain("predict", getattr(target, "predict", None))
+            plain("load", getattr(target, "load", None))
             try:
                 instance = target()
             except Exception as exc:
@@ -115,6 +126,7 @@ class PythonModelRuntime(ModelRuntime):
                     raise ModelLoadError(f"entrypoint {entrypoint!r}: load() failed: {exc!r}") from exc
             return predict  # type: ignore[no-any-return]
         if callable(target):
+            plain("predict", target)
             return target  # type: ignore[no-any-return]
         raise ModelLoadError(f"entrypoint {entrypoint!r} is neither a class nor a function")
 

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import joblib
 import numpy as np
 import sklearn
+from sklearn.base import is_regressor
 from sklearn.utils import get_tags
 
 from protos.topology import Signature
@@ -170,4 +171,25 @@ def _signature(model: Any, config: ServingConfig) -> Signature:
         width if has_proba else None,
         None,
         f"the scikit-learn model ({type(model).__name__}, without predict_proba)",
+        proba_datatype="FP64",
+        predict_datatype=_prediction_datatype(model, classes),
     )
+
+
+def _prediction_datatype(model: Any, classes: Any) -> str | None:
+    """What ``predict`` gives where only some datatypes hold it: floats (FP64) for a regressor, BYTES for classes
+    that are names; None (any datatype) otherwise: class numbers, cluster indices, estimators sklearn cannot tell."""
+    try:
+        if is_regressor(model):
+            return "FP64"
+    except Exception:
+        # Third-party estimators without sklearn tags: nothing known.
+        return None
+    if isinstance(classes, np.ndarray) and classes.ndim == 1 and classes.size:
+        if classes.dtype.kind in "US" or (
+            classes.dtype.kind == "O" and all(isinstance(c, str | bytes) for c in classes.tolist())
+        ):
+            return "BYTES"
+        if classes.dtype.kind == "f" and not np.array_equal(classes, np.round(classes)):
+            return "FP64"
+    return None

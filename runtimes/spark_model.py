@@ -24,6 +24,7 @@ import numpy as np
 from runtimes.base import ModelRuntime
 from runtimes.errors import ModelLoadError
 from runtimes.serving_config import ServingConfig
+from runtimes.tensors import text_array
 
 
 def _pyspark() -> Any:
@@ -99,8 +100,13 @@ class SparkRuntime(ModelRuntime):
         columns = []
         for name in names:
             array = inputs[name]
+            if array.dtype.kind == "O":
+                # BYTES arrive as bytes, which Spark would make a binary column (and a numpy object array has no
+                # .item() per element): Spark ML's text stages (StringIndexer, Tokenizer) take string columns.
+                array = text_array(name, array)
             if array.ndim == 1:
-                columns.append([x.item() for x in array])
+                # tolist(): Python scalars, which createDataFrame infers column types from (numpy's it refuses).
+                columns.append(array.tolist())
             else:
                 columns.append([Vectors.dense(row.reshape(-1).astype(np.float64)) for row in array])
         records = [tuple(column[i] for column in columns) for i in range(rows)]

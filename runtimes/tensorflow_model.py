@@ -51,26 +51,35 @@ def _load(model_dir: Path, config: ServingConfig) -> tuple[Any, Any]:
     return loaded, signatures[SIGNATURE_KEY]
 
 
-def _spec(name: str, tensor_spec: Any) -> TensorSpec:
+def _spec(kind: str, name: str, tensor_spec: Any, declared: TensorSpec | None) -> TensorSpec:
     dtype = np.dtype(tensor_spec.dtype.as_numpy_dtype)
-    shape = tensor_spec.shape.as_list() if tensor_spec.shape.rank is not None else []
-    return TensorSpec(
-        name=name,
-        datatype=datatype_of(dtype),  # type: ignore[arg-type]
-        shape=[-1 if dim is None else int(dim) for dim in shape],
-    )
+    try:
+        datatype = datatype_of(dtype)
+    except ValueError:
+        raise ModelLoadError(
+            f"the SavedModel's {kind} {name!r} has dtype {dtype}, which no Open Inference Protocol datatype holds"
+        ) from None
+    if tensor_spec.shape.rank is None:
+        # tf.TensorSpec(shape=None): any rank, so the declared shape may be right (the data plane checks answers).
+        shape = list(declared.shape) if declared is not None else []
+    else:
+        shape = [-1 if dim is None else int(dim) for dim in tensor_spec.shape.as_list()]
+    return TensorSpec(name=name, datatype=datatype, shape=shape)  # type: ignore[arg-type]
 
 
-def _signature(function: Any) -> Signature:
+def _signature(function: Any, config: ServingConfig) -> Signature:
     _, keyword_specs = function.structured_input_signature
-    inputs = [_spec(name, spec) for name, spec in sorted(keyword_specs.items())]
-    outputs = [_spec(name, spec) for name, spec in sorted(function.structured_outputs.items())]
+    declared_inputs = {spec.name: spec for spec in config.signature.inputs}
+    declared_outputs = {spec.name: spec for spec in config.signature.outputs}
+    inputs = [_spec("input", n, s, declared_inputs.get(n)) for n, s in sorted(keyword_specs.items())]
+    outputs = [_spec("output", n, s, declared_outputs.get(n)) for n, s in sorted(function.structured_outputs.items())]
     return Signature(inputs=inputs, outputs=outputs)
 
 
 def signature_of(model_dir: Path, config: ServingConfig) -> Signature:
-    """The ``serving_default`` signature's inputs and outputs (unknown dimensions are -1)."""
-    return _signature(_load(model_dir, config)[1])
+    """The ``serving_default`` signature's inputs and outputs (unknown dimensions are -1, an unknown rank takes the
+    declared shape)."""
+    return _signature(_load(model_dir, config)[1], config)
 
 
 class TensorFlowRuntime(ModelRuntime):
@@ -87,7 +96,7 @@ class TensorFlowRuntime(ModelRuntime):
     def load(self) -> None:
         """Load the SavedModel and check its serving signature against serving.yaml."""
         self._loaded, function = _load(self.model_dir, self.config)
-        check_signature(self.config.signature, _signature(function), source_name(self.kind))
+        check_signature(self.config.signature, _signature(function, self.config), source_name(self.kind))
         self._tf = _tensorflow()
         self._function = function
 

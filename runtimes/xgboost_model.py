@@ -1,14 +1,16 @@
 """The ``xgboost`` runtime: a Booster saved with ``save_model`` in XGBoost's JSON or UBJSON format.
 
-The first file listed in serving.yaml is the model (``.json`` or ``.ubj``; an ``XGBClassifier`` saves the same
-Booster). One input, the feature matrix [-1, num_features]. Outputs by name, as for scikit-learn: "proba" outputs
-are class probabilities like ``XGBClassifier.predict_proba`` ([-1, 2] for binary objectives, [-1, num_class] for
-multi-class); other outputs are the class index for classifiers and the prediction for every other objective.
+The first file listed in serving.yaml is the model, whatever its name (``.json``, ``.ubj``, ``model.bst``; an
+``XGBClassifier`` saves the same Booster). One input, the feature matrix [-1, num_features]. Outputs by name, as
+for scikit-learn: "proba" outputs are class probabilities like ``XGBClassifier.predict_proba`` ([-1, 2] for binary
+objectives, [-1, num_class] for multi-class); other outputs are the class index for classifiers and the prediction
+for every other objective.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -22,26 +24,48 @@ from runtimes.serving_config import ServingConfig
 from runtimes.signatures import check_signature, source_name
 from runtimes.tabular import empty_answers, feature_input, is_empty_batch, is_proba, tabular_signature
 
+#: The time and C++ source location XGBoost puts in front of its messages.
+_SOURCE_PREFIX = re.compile(r"^\[\d\d:\d\d:\d\d\] \S+:\d+: ")
 #: Binary objectives whose prediction is the probability of class 1.
 _BINARY_PROBABILITY = ("binary:logistic",)
 #: Multi-class objectives; softmax predicts the class index, softprob the probabilities.
 _MULTICLASS = ("multi:softmax", "multi:softprob")
+#: Objectives that are no classifier here but predict whole numbers (0 or 1).
+_WHOLE_PREDICTIONS = ("binary:hinge",)
 
 
 def _load_booster(model_dir: Path, config: ServingConfig) -> Any:
     import xgboost
 
     if not config.files:
-        raise ModelLoadError("the xgboost runtime needs the model file (.json or .ubj) as the first entry of 'files'")
+        raise ModelLoadError("the xgboost runtime needs the model file (save_model) as the first entry of 'files'")
     name = config.files[0]
-    if not name.endswith((".json", ".ubj")):
-        # XGBoost picks the format by extension and reads anything else as its removed legacy binary format.
-        raise ModelLoadError(f"{name}: the xgboost runtime loads .json or .ubj files (Booster.save_model)")
+    path = model_dir / name
     try:
-        booster = xgboost.Booster(model_file=str(model_dir / name))
+        if name.endswith((".json", ".ubj")):
+            booster = xgboost.Booster(model_file=str(path))
+        else:
+            # Any other name ("model.bst" in XGBoost's own docs; save_model writes UBJSON for it): from a file,
+            # XGBoost would guess the format from the extension with a warning; from bytes it tells JSON from
+            # UBJSON by their content.
+            content = path.read_bytes()
+            if not content:
+                # An empty buffer aborts the whole process inside XGBoost (std::terminate), an empty file does not.
+                raise ModelLoadError(f"cannot load {name} with xgboost: the file is empty")
+            booster = xgboost.Booster()
+            booster.load_model(bytearray(content))
+    except ModelLoadError:
+        raise
     except Exception as exc:
-        raise ModelLoadError(f"cannot load {name} with xgboost: {exc}") from exc
+        raise ModelLoadError(f"cannot load {name} with xgboost: {_reason(exc)}") from exc
     return booster
+
+
+def _reason(exc: Exception) -> str:
+    """XGBoost's error on one line, without the C++ backtrace it appends ("Stack trace:" and a line per frame) and
+    the "[16:29:40] /workspace/src/c_api/c_api.cc:1532: " of its build tree in front."""
+    text = " ".join(str(exc).split("Stack trace:", 1)[0].split())
+    return _SOURCE_PREFIX.sub("", text)
 
 
 def _describe(booster: Any) -> tuple[str, int, int]:
@@ -61,12 +85,17 @@ def _describe(booster: Any) -> tuple[str, int, int]:
 def _signature(booster: Any, config: ServingConfig) -> Signature:
     objective, classes, num_target = _describe(booster)
     predict_shape = [-1] if num_target <= 1 else [-1, num_target]
+    # Class indices and binary:hinge's 0/1 fit any number type; every other objective predicts floats (FP32).
+    whole = classes or objective in _WHOLE_PREDICTIONS
     return tabular_signature(
         config,
         int(booster.num_features()),
         classes or None,
         predict_shape,
         f"an XGBoost model with objective {objective}",
+        proba_datatype="FP32",
+        features_datatype="FP32",
+        predict_datatype=None if whole else "FP32",
     )
 
 

@@ -88,3 +88,14 @@ def test_bad_file_is_a_clear_load_error(tmp_path: Path, content: bytes) -> None:
     (folder / "iris.txt").write_bytes(content)
     with pytest.raises(ModelLoadError, match=r"cannot load iris\.txt with lightgbm"):
         _loaded(folder)
+
+
+def test_text_features_are_refused_at_load(tmp_path: Path) -> None:
+    # LightGBM takes numbers: a BYTES feature matrix passed the signature check (and so registration) and only the
+    # warm-up failed, with "could not convert string to float: b''".
+    folder = lightgbm_classifier(tmp_path / "m")
+    yaml = (folder / "serving.yaml").read_text().replace("name: input, datatype: FP32", "name: input, datatype: BYTES")
+    (folder / "serving.yaml").write_text(yaml)
+    with pytest.raises(ModelLoadError) as error:
+        _loaded(folder)
+    assert str(error.value) == "signature.inputs[0].datatype: the LightGBM model says FP64, serving.yaml says BYTES"

@@ -7,7 +7,15 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 import pytest
-from framework_models import LINEAR_B, LINEAR_W, ROWS, onnx_classifier, onnx_linear, serve_in_process
+from framework_models import (
+    LINEAR_B,
+    LINEAR_W,
+    ONNX_LINEAR_YAML,
+    ROWS,
+    onnx_classifier,
+    onnx_linear,
+    serve_in_process,
+)
 
 from protos.topology import Signature, TensorSpec
 from runtimes.base import create_runtime
@@ -134,3 +142,106 @@ async def test_string_tensors_and_bytes_that_are_not_text(tmp_path: Path) -> Non
     # input), not a UnicodeDecodeError from inside the model call (500).
     with pytest.raises(InvalidInput, match=r"input 'x': BYTES element 1 is not UTF-8"):
         await serve_in_process(folder, {"x": np.array([b"ok", b"\xff\xfe"], dtype=object)})
+
+
+def _unranked(folder: Path) -> Path:
+    """x FP32 of unknown rank -> MatMul -> y of unknown rank: what converters write when they know no shapes."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["xw"]), helper.make_node("Identity", ["xw"], ["y"])],
+        "unranked",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(LINEAR_W, "W")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    folder.mkdir(parents=True)
+    onnx.save(model, str(folder / "linear.onnx"))
+    (folder / "serving.yaml").write_text(ONNX_LINEAR_YAML.format(features=4))
+    return folder
+
+
+async def test_a_graph_of_unknown_ranks_takes_the_declared_shapes(tmp_path: Path) -> None:
+    # onnxruntime reports an input or output of unknown rank as [], as it does a scalar; the check then refused the
+    # declared [-1, 4] ("the ONNX graph says []"), so such a graph could not be served at all.
+    folder = _unranked(tmp_path / "m")
+    config = load_serving_config(folder)
+    assert signature_of(folder, config) == config.signature
+    outputs = await serve_in_process(folder, {"x": ROWS})
+    np.testing.assert_allclose(outputs["y"], ROWS @ LINEAR_W, rtol=1e-5)
+
+
+def test_a_scalar_is_still_a_scalar(tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "scalar",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    folder = tmp_path / "m"
+    folder.mkdir()
+    onnx.save(model, str(folder / "s.onnx"))
+    (folder / "serving.yaml").write_text(
+        "runtime: onnx\nfiles: [s.onnx]\nsignature:\n"
+        "  inputs: [{name: x, datatype: FP32, shape: [-1]}]\n  outputs: [{name: y, datatype: FP32, shape: [-1]}]\n"
+    )
+    with pytest.raises(ModelLoadError) as error:
+        _loaded(folder)
+    assert str(error.value) == (
+        "signature.inputs[0].shape: the ONNX graph says [], serving.yaml says [-1]; "
+        "signature.outputs[0].shape: the ONNX graph says [], serving.yaml says [-1]"
+    )
+
+
+def _two_inputs(folder: Path) -> Path:
+    """s = a + b, both [batch, seq]: what a BERT-like graph's input_ids and attention_mask share."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["a", "b"], ["s"])],
+        "add",
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, ["batch", "seq"]),
+            helper.make_tensor_value_info("b", TensorProto.FLOAT, ["batch", "seq"]),
+        ],
+        [helper.make_tensor_value_info("s", TensorProto.FLOAT, ["batch", "seq"])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    folder.mkdir(parents=True)
+    onnx.save(model, str(folder / "add.onnx"))
+    (folder / "serving.yaml").write_text(
+        "runtime: onnx\nfiles: [add.onnx]\nsignature:\n"
+        "  inputs: [{name: a, datatype: FP32, shape: [-1, -1]}, {name: b, datatype: FP32, shape: [-1, -1]}]\n"
+        "  outputs: [{name: s, datatype: FP32, shape: [-1, -1]}]\n"
+    )
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("b_shape", "message"),
+    [
+        ((3, 2), r"input 'b' has 3 in dimension 0, input 'a' 2: the graph names both 'batch', so they must be equal"),
+        ((2, 5), r"input 'b' has 5 in dimension 1, input 'a' 2: the graph names both 'seq', so they must be equal"),
+    ],
+)
+async def test_inputs_that_share_a_symbolic_dimension_must_agree(
+    tmp_path: Path, b_shape: tuple[int, int], message: str
+) -> None:
+    # Rows of a and b that differ are the client's mistake; onnxruntime found out only inside the Add node, a 500
+    # ("Attempting to broadcast an axis by a dimension other than 1. 2 by 3").
+    folder = _two_inputs(tmp_path / "m")
+    a = np.ones((2, 2), np.float32)
+    with pytest.raises(InvalidInput, match=f"^{message}$"):
+        await serve_in_process(folder, {"a": a, "b": np.ones(b_shape, np.float32)})
+    outputs = await serve_in_process(folder, {"a": a, "b": np.full((2, 2), 2, np.float32)})
+    assert outputs["s"].tolist() == [[3, 3], [3, 3]]

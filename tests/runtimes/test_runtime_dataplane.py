@@ -292,6 +292,24 @@ def test_python_entrypoint_errors(tmp_path: Path, code: str, entrypoint: str, fr
     assert fragment in str(error.value)
 
 
+@pytest.mark.parametrize(
+    ("code", "entrypoint", "fragment"),
+    [
+        # MLServer's models are async; here load()'s coroutine was never awaited (the model ran without it, or failed
+        # the warm-up on what it should have set), and predict's coroutine failed the warm-up as "returned coroutine".
+        ("class Model:\n    async def load(self): self.w = 2\n    def predict(self, i): return {}\n", "Model",
+         "load is async def"),
+        ("class Model:\n    async def predict(self, i): return {}\n", "Model", "predict is async def"),
+        ("async def predict(inputs):\n    return {}\n", "predict", "predict is async def"),
+    ],
+)  # fmt: skip
+def test_python_async_methods_are_named_at_load(tmp_path: Path, code: str, entrypoint: str, fragment: str) -> None:
+    folder, config = _python_folder(tmp_path, code, entrypoint)
+    with pytest.raises(ModelLoadError) as error:
+        create_runtime(folder, config).load()
+    assert fragment in str(error.value) and "plain def" in str(error.value)
+
+
 def test_python_module_name_clash(tmp_path: Path) -> None:
     (tmp_path / "json.py").write_text("def predict(inputs):\n    return {}\n")
     (tmp_path / "serving.yaml").write_text(SIGNATURE.replace("entrypoint: model:Model", "entrypoint: json:predict"))

@@ -138,3 +138,13 @@ def test_a_warmup_must_give_every_input_and_no_other() -> None:
             parse_serving_config(CATEGORICAL_YAML + f"warmup: {warmup}\n")
     with pytest.raises(ServingConfigError, match=r"warmup\.x\.shape"):
         parse_serving_config(CATEGORICAL_YAML + "warmup: {x: {data: [a, b]}}\n")
+
+
+async def test_a_warmup_request_the_model_refuses_as_input_is_a_load_error(tmp_path: Path) -> None:
+    # The runtime judges NaN the client's mistake (InvalidInput); in serving.yaml's warmup it escaped the warm-up
+    # as that, and the runtime process logged a traceback ("loading failed") instead of one line naming warmup.
+    folder = sklearn_classifier(tmp_path / "m")
+    yaml = (folder / "serving.yaml").read_text()
+    (folder / "serving.yaml").write_text(yaml + "warmup:\n  input: {shape: [1, 4], data: [.nan, 1, 2, 3]}\n")
+    with pytest.raises(ModelLoadError, match=r"^serving.yaml warmup: input 'input' contains NaN or infinity"):
+        await serve_in_process(folder, {"input": ROWS})

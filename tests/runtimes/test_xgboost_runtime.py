@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -103,11 +104,31 @@ def test_bad_files_are_clear_load_errors(tmp_path: Path) -> None:
     (folder / "iris.ubj").write_bytes(b"{not ubjson")
     with pytest.raises(ModelLoadError, match=r"cannot load iris\.ubj with xgboost"):
         _loaded(folder)
+    # One line, not XGBoost's C++ backtrace ("Stack trace: [bt] (0) .../libxgboost.so(+0x11031e)" and 9 more).
+    (folder / "iris.ubj").write_bytes(b"tree\nversion=v4\n")
+    with pytest.raises(ModelLoadError) as error:
+        _loaded(folder)
+    assert "\n" not in str(error.value) and "libxgboost" not in str(error.value), str(error.value)
+    assert str(error.value).startswith("cannot load iris.ubj with xgboost: Check failed:"), str(error.value)
     (folder / "iris.bin").write_bytes(b"")
     yaml = (folder / "serving.yaml").read_text().replace("iris.ubj", "iris.bin")
     (folder / "serving.yaml").write_text(yaml)
-    with pytest.raises(ModelLoadError, match=r"iris\.bin: the xgboost runtime loads \.json or \.ubj files"):
+    with pytest.raises(ModelLoadError, match=r"^cannot load iris\.bin with xgboost: "):
         _loaded(folder)
+
+
+@pytest.mark.parametrize(("saved", "served"), [("model.bst", "model.bst"), ("m.json", "model.bin"), ("m.ubj", "xgb")])
+def test_a_model_file_of_any_name(tmp_path: Path, saved: str, served: str) -> None:
+    # XGBoost's own docs save "model.bst"; XGBoost writes UBJSON for a name it does not know, and reads JSON or
+    # UBJSON from the bytes alike. The runtime refused every name but .json and .ubj.
+    classifier = xgboost.XGBClassifier(n_estimators=4, max_depth=2, n_jobs=1).fit(FEATURES, np.arange(150) // 50)
+    folder = xgboost_classifier(tmp_path / "m")
+    with pytest.warns(UserWarning) if saved == "model.bst" else contextlib.nullcontext():
+        classifier.save_model(str(tmp_path / saved))
+    (tmp_path / saved).replace(folder / served)
+    (folder / "serving.yaml").write_text((folder / "serving.yaml").read_text().replace("iris.ubj", served))
+    result = _loaded(folder).predict({"input": FEATURES})
+    np.testing.assert_allclose(result["probabilities"], classifier.predict_proba(FEATURES), rtol=1e-6)
 
 
 @pytest.mark.parametrize("objective", ["multi:softprob", "multi:softmax"])
@@ -116,3 +137,14 @@ async def test_an_empty_batch_has_empty_answers(tmp_path: Path, objective: str) 
     folder = xgboost_classifier(tmp_path / "m", objective=objective)
     outputs = await serve_in_process(folder, {"input": np.zeros((0, 4), np.float32)})
     assert outputs["label"].shape == (0,) and outputs["probabilities"].shape == (0, 3)
+
+
+def test_text_features_are_refused_at_load(tmp_path: Path) -> None:
+    # Tree boosters take numbers: a BYTES feature matrix passed the signature check (and so registration) and only
+    # the warm-up failed, with "could not convert string to float: b''".
+    folder = xgboost_classifier(tmp_path / "m")
+    yaml = (folder / "serving.yaml").read_text().replace("name: input, datatype: FP32", "name: input, datatype: BYTES")
+    (folder / "serving.yaml").write_text(yaml)
+    with pytest.raises(ModelLoadError) as error:
+        _loaded(folder)
+    assert str(error.value) == "signature.inputs[0].datatype: the XGBoost model says FP32, serving.yaml says BYTES"
