@@ -17,11 +17,15 @@ import numpy as np
 
 from runtimes.errors import InvalidInput
 
-# A value too large for its float datatype becomes an infinity in the cast below, which _check_infinities turns into
-# the client's 400; numpy's own "overflow encountered in cast" warning (once per process, naming no request) would
-# only put noise on the runtime's stderr. A filter rather than np.errstate around the cast: that would cost every
-# request's decode, this costs nothing, and it hides that one warning raised from this module only.
-warnings.filterwarnings("ignore", message="overflow encountered in cast", category=RuntimeWarning, module=__name__)
+# Casts whose lost values the runtime reports itself: a value too large for its float datatype becomes an infinity,
+# which _check_infinities turns into the client's 400, and a NaN or a fraction cast to an integer output is the
+# data plane's 500 naming it (dataplane.lost_value). numpy's own "overflow" / "invalid value encountered in cast"
+# warnings (once per process, naming no request) would only put noise on the runtime's stderr. A filter rather
+# than np.errstate around the casts: that would cost every request, this costs nothing, and it hides those two
+# warnings raised from this module only.
+warnings.filterwarnings(
+    "ignore", message="(overflow|invalid value) encountered in cast", category=RuntimeWarning, module=__name__
+)
 
 #: The typed field of InferTensorContents for each datatype; FP16 has none (raw only).
 CONTENTS_FIELD = {

@@ -9,6 +9,9 @@ The JSON tokens NaN, Infinity and -Infinity are accepted for floating-point inpu
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -21,6 +24,8 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 # runtimes.tensors, not runtimes.grpc_codec: that one imports protos.inference_pb2, whose "inference" package clashes
 # with tritonclient's in one process.
 from runtimes.tensors import CONTENTS_FIELD
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _inputs(name: str, data: list[Any]) -> list[dict[str, Any]]:
@@ -96,6 +101,22 @@ def test_out_of_range_values_leave_no_warning_in_the_log(alltypes: EchoRuntime) 
         name, data, _ = OUT_OF_RANGE[case]
         assert _post(alltypes, _body(name, data)).status_code == 400
     assert "RuntimeWarning" not in alltypes.log(), alltypes.log()[-2000:]
+
+
+def test_casts_that_lose_values_warn_nothing() -> None:
+    """The casts whose lost values the runtime reports itself (an input past FP32's range is a 400, a NaN output
+    declared INT64 a 500 naming it) leave no numpy RuntimeWarning on stderr either, with warnings shown."""
+    script = (
+        "import numpy as np\n"
+        "from runtimes import tensors\n"
+        "tensors.cast(np.array([1.0, float('nan')]), 'INT64')\n"
+        "tensors.cast(np.array([1e39]), 'FP32')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-W", "default", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Warning" not in done.stderr, done.stderr
 
 
 def test_rest_extremes_and_nan_infinity_tokens_are_accepted(alltypes: EchoRuntime) -> None:
