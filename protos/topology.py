@@ -96,6 +96,14 @@ class TensorSpec(BaseModel):
     datatype: Datatype
     shape: list[int]
 
+    @field_validator("shape", mode="before")
+    @classmethod
+    def _no_booleans(cls, shape: object) -> object:
+        # Pydantic's int takes true as 1: a serving.yaml shape of [true, 4] would quietly be [1, 4].
+        if isinstance(shape, list | tuple) and any(isinstance(dim, bool) for dim in shape):
+            raise ValueError("dimensions are integers (a size, or -1 for any size), not true/false")
+        return shape
+
     @field_validator("shape")
     @classmethod
     def _dims(cls, shape: list[int]) -> list[int]:

@@ -9,7 +9,7 @@ import pytest
 from framework_models import lightgbm_classifier, onnx_classifier, sklearn_classifier, xgboost_classifier
 
 from protos.topology import Signature, TensorSpec
-from runtimes.serving_config import load_serving_config
+from runtimes.serving_config import ServingConfigError, load_serving_config, parse_serving_config
 from runtimes.signatures import (
     INFERRING_KINDS,
     SignatureCheckFailed,
@@ -121,3 +121,15 @@ def test_probe_timeout(tmp_path: Path) -> None:
     folder = onnx_classifier(tmp_path / "m")
     with pytest.raises(SignatureCheckFailed, match=r"took longer than 0\.01 s"):
         verify_signature(folder, load_serving_config(folder), timeout=0.01)
+
+
+def test_a_boolean_dimension_is_named_not_read_as_1() -> None:
+    text = """
+runtime: python
+entrypoint: model:Model
+signature:
+  inputs: [{name: x, datatype: FP32, shape: [true, 4]}]
+  outputs: [{name: y, datatype: FP32, shape: [-1]}]
+"""
+    with pytest.raises(ServingConfigError, match=r"signature\.inputs\.0\.shape.*not true/false"):
+        parse_serving_config(text)
