@@ -58,7 +58,8 @@ class DeploymentSpec(BaseModel):
             ]
         },
     )
-    replicas: int = Field(ge=0, le=64, description="how many runtime + sidecar pairs should run")
+    # strict: `true` or "2" is a mistake to show (422), not a count to guess.
+    replicas: int = Field(strict=True, ge=0, le=64, description="how many runtime + sidecar pairs should run")
     policies: Policies | None = Field(
         None,
         description="traffic policies (docs/traffic_policies.md); omitted: keep the current ones (defaults if new)",
@@ -91,6 +92,7 @@ class ApplicationSpec(BaseModel):
     stages: list[Stage] = Field(min_length=1)
     pipeline_replicas: int = Field(
         default=1,
+        strict=True,
         ge=1,
         le=MAX_PIPELINE_REPLICAS,
         description="pipeline runtimes serving it when it has several stages or a shadow; ignored otherwise",
