@@ -20,6 +20,7 @@ from manager_api.deployer.process import ProcessDeployer
 from manager_api.deployer.registration import LeasedInstanceRegistry
 from manager_api.errors import ERROR_RESPONSES, ApiProblem, install_error_handlers, unexpected_error
 from manager_api.events import HEARTBEAT_SECONDS
+from manager_api.request_bodies import RequestBodies
 from manager_api.routers import applications, artifacts, deployments, events, instances, models, proxies
 from manager_api.schemas import Health
 from manager_api.settings import Settings
@@ -153,6 +154,8 @@ def create_app(settings: Settings) -> FastAPI:
     )
     install_error_handlers(app)
     _install_store_error_handlers(app)
+    # Outside the routes (bodies are checked before FastAPI reads them), inside WriteSpans (its span sees the 413).
+    app.add_middleware(RequestBodies, max_upload_bytes=settings.max_upload_bytes)
     # Inside the server-error middleware, outside the exception handlers: the span sees every answer's status.
     app.add_middleware(WriteSpans)
     app.state.events_heartbeat = HEARTBEAT_SECONDS

@@ -1,0 +1,203 @@
+"""Input a careless or hostile client sends: each is a 4xx ``{"error": ...}`` naming what is wrong, never a 500,
+a hang or a silently different write; nothing is left in etcd.
+
+A real manager process on the session's real etcd, with a 1 MiB upload limit.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import socket
+import tarfile
+import zipfile
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from manager_under_test import ManagerUnderTest, etcd_prefix_items, python_model_archive, register_model
+
+from manager_api.etcd_server import EtcdServer
+
+PREFIX = "/hydro-hostile-test/"
+
+
+@pytest.fixture(scope="module")
+def manager(etcd_server: EtcdServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagerUnderTest]:
+    data_dir = tmp_path_factory.mktemp("mgr")
+    with ManagerUnderTest(etcd_server.endpoint, PREFIX, data_dir, extra_args=("--max-upload-mb", "1")) as manager:
+        with httpx.Client(base_url=manager.api, timeout=30) as http:
+            register_model(http, "hostile")
+        yield manager
+
+
+@pytest.fixture
+def http(manager: ManagerUnderTest) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=manager.api, timeout=30) as client:
+        yield client
+
+
+def keys(manager: ManagerUnderTest) -> dict[str, int]:
+    return {key: revision for key, (_, revision) in etcd_prefix_items(manager.etcd_endpoint, PREFIX).items()}
+
+
+def assert_error(response: httpx.Response, status: int, *fragments: str) -> None:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json", response.headers
+    message = response.json()["error"]
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+APP = {"stages": [{"variants": [{"model": "hostile", "version": 1, "weight": 100}]}]}
+
+
+def test_a_name_with_a_trailing_newline_is_refused(manager: ManagerUnderTest, http: httpx.Client) -> None:
+    # Python's `$` matches before a final newline: "iris\n" passed the name check and became a key segment.
+    before = keys(manager)
+    upload = {"archive": ("m.tar.gz", python_model_archive())}
+    assert_error(http.post("/models/hostile%0A/versions", files=upload), 400, "invalid model name")
+    assert_error(http.put("/applications/app%0A", json=APP), 400, "invalid application name")
+    assert_error(http.put("/deployments/hostile%0A/1", json={"replicas": 0}), 400, "invalid model name")
+    assert keys(manager) == before
+
+
+def truncated_tar_gz() -> bytes:
+    return python_model_archive()[:100]
+
+
+def truncated_tar() -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        data = b"x" * 4096
+        info = tarfile.TarInfo("model.py")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()[:1024]
+
+
+def truncated_zip() -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as bundle:
+        bundle.writestr("serving.yaml", "runtime: python\n" * 100)
+    return buffer.getvalue()[:200]
+
+
+def corrupt_tar_xz() -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:xz") as tar:
+        for name, data in (
+            ("serving.yaml", b"runtime: python\n"),
+            ("weights.bin", random.Random(0).randbytes(200_000)),
+        ):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    damaged = bytearray(buffer.getvalue())
+    for index in range(len(damaged) // 2, len(damaged) // 2 + 64):
+        damaged[index] ^= 0x55
+    return bytes(damaged)
+
+
+@pytest.mark.parametrize(
+    "archive",
+    [truncated_tar_gz(), truncated_tar(), truncated_zip(), corrupt_tar_xz()],
+    ids=["tgz", "tar", "zip", "corrupt-xz"],
+)
+def test_a_truncated_archive_is_a_400(manager: ManagerUnderTest, http: httpx.Client, archive: bytes) -> None:
+    before = keys(manager)
+    response = http.post("/models/cut/versions", files={"archive": ("m.tar.gz", archive)})
+    assert_error(response, 400, "archive")
+    assert keys(manager) == before
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"replicas": "1"}, "body.replicas"),
+        ({"replicas": True}, "body.replicas"),
+        ({"replicas": 1.0}, "body.replicas"),
+    ],
+    ids=["string", "bool", "float"],
+)
+def test_replicas_must_be_a_json_integer(
+    manager: ManagerUnderTest, http: httpx.Client, body: dict[str, Any], field: str
+) -> None:
+    # `true` became 1 replica and "1" one too: a count that is not a number is a mistake to show, not to guess.
+    before = keys(manager)
+    assert_error(http.put("/deployments/hostile/1", json=body), 422, field)
+    assert keys(manager) == before
+
+
+def test_pipeline_replicas_must_be_a_json_integer(manager: ManagerUnderTest, http: httpx.Client) -> None:
+    before = keys(manager)
+    assert_error(http.put("/applications/strict", json={**APP, "pipeline_replicas": "2"}), 422, "pipeline_replicas")
+    assert keys(manager) == before
+
+
+def test_a_duplicate_key_in_a_body_is_a_400_naming_it(manager: ManagerUnderTest, http: httpx.Client) -> None:
+    # JSON parsers disagree on duplicates (first or last wins): the manager must not pick one silently.
+    before = keys(manager)
+    body = b'{"replicas": 1, "replicas": 0}'
+    response = http.put("/deployments/hostile/1", content=body, headers={"content-type": "application/json"})
+    assert_error(response, 400, "replicas", "twice")
+    nested = json.dumps(APP)[:-1] + ', "pipeline_replicas": 1, "pipeline_replicas": 2}'
+    response = http.put("/applications/dup", content=nested, headers={"content-type": "application/json"})
+    assert_error(response, 400, "pipeline_replicas", "twice")
+    assert keys(manager) == before
+
+
+def raw_request(manager: ManagerUnderTest, head: str, body: bytes = b"", timeout: float = 10.0) -> tuple[int, bytes]:
+    """Send ``head`` (request line and headers) and ``body`` on a fresh connection; the status and body answered."""
+    with socket.create_connection(("127.0.0.1", manager.port), timeout=timeout) as sock:
+        sock.sendall(head.encode() + b"\r\n" + body)
+        received = b""
+        while b"\r\n\r\n" not in received or len(received) < received.index(b"\r\n\r\n") + 4 + _length(received):
+            chunk = sock.recv(65536)  # raises TimeoutError if the manager waits for the rest of the body
+            if not chunk:
+                break
+            received += chunk
+    head_bytes, _, payload = received.partition(b"\r\n\r\n")
+    return int(head_bytes.split()[1]), payload
+
+
+def _length(received: bytes) -> int:
+    for line in received.split(b"\r\n\r\n", 1)[0].split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 0
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "declared"),
+    [
+        ("POST", "/api/v1/models/huge/versions", 1024**3),  # 1 GiB against a 1 MiB upload limit
+        ("PUT", "/api/v1/deployments/hostile/1", 512 * 1024**2),  # no JSON body is anywhere near 512 MiB
+    ],
+    ids=["upload", "json"],
+)
+def test_a_body_declared_over_the_limit_is_a_413_before_it_is_read(
+    manager: ManagerUnderTest, method: str, path: str, declared: int
+) -> None:
+    # Before: the manager read (and spooled to disk, or held in memory) the whole body first; here it would wait
+    # for ever for the bytes the client never sends.
+    content_type = "multipart/form-data; boundary=b" if method == "POST" else "application/json"
+    head = (
+        f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\nContent-Length: {declared}\r\n"
+        "Connection: close\r\n"
+    )
+    # The start of a well-formed body: the parser would go on waiting for the rest.
+    start = b'--b\r\nContent-Disposition: form-data; name="archive"; filename="m.tar.gz"\r\n\r\n\x1f\x8b'
+    status, payload = raw_request(manager, head, start if method == "POST" else b'{"replicas": ')
+    assert status == 413, payload
+    assert "limit" in json.loads(payload)["error"], payload
+
+
+def test_an_upload_over_the_limit_is_a_413(manager: ManagerUnderTest, http: httpx.Client) -> None:
+    before = keys(manager)
+    big = {"archive": ("m.tar.gz", b"\0" * (2 * 1024**2))}
+    assert_error(http.post("/models/big/versions", files=big), 413, "limit")
+    assert keys(manager) == before
