@@ -107,7 +107,7 @@ def create_app(settings: Settings) -> FastAPI:
         )
         await client.connect()
         keys = Keys(settings.prefix)
-        store = TopologyStore(client, keys)
+        store = TopologyStore(client, keys, write_timeout=settings.etcd_timeout)
         root = settings.data_dir / "artifacts"
         blobs = await asyncio.to_thread(open_blob_store, settings.artifact_store, root, settings.s3_endpoint)
         artifacts = ArtifactStore(root, settings.max_upload_bytes, blobs=blobs)

@@ -52,8 +52,8 @@ _VERSION_ATTEMPTS = 20
 _WRITE_LOCK_STRIPES = 64
 
 
-#: Deadline of one etcd transaction (seconds).
-_TXN_TIMEOUT = 30.0
+#: Default deadline (seconds) of one etcd transaction, and of waiting for this process's turn to write a record.
+DEFAULT_WRITE_TIMEOUT = 30.0
 
 
 class ConflictError(RuntimeError):
@@ -158,19 +158,35 @@ class WatchedChanges:
 class TopologyStore:
     """Typed access to the desired state under one prefix."""
 
-    def __init__(self, client: aetcd.Client, keys: Keys) -> None:
+    def __init__(self, client: aetcd.Client, keys: Keys, write_timeout: float = DEFAULT_WRITE_TIMEOUT) -> None:
+        """``write_timeout``: the deadline of one transaction, and of the wait for this process's earlier writes
+        of the same record; the API passes its etcd deadline, so an etcd that stalls mid-write is a 503 within
+        it rather than a request that waits for the stall (and others queued behind it, each in turn)."""
         self.client = client
         self.keys = keys
+        self.write_timeout = write_timeout
         self._write_locks = [asyncio.Lock() for _ in range(_WRITE_LOCK_STRIPES)]
 
-    def _writer(self, key: bytes) -> asyncio.Lock:
-        """The lock this process's writers of ``key`` take turns on (one of a few stripes).
+    @contextlib.asynccontextmanager
+    async def _writer(self, key: bytes, what: str) -> AsyncIterator[None]:
+        """Hold the lock this process's writers of ``key`` take turns on (one of a few stripes).
 
         Compare-and-swap alone keeps writes correct across processes, but 50 clients writing one record made most
         attempts lose the race and retry until they gave up (503); queueing them here first makes each write one
-        transaction. Other manager processes still meet only the compare-and-swap.
+        transaction. Other manager processes still meet only the compare-and-swap. The wait is bounded: behind a
+        write that etcd does not answer, the queue would otherwise take one etcd deadline per writer.
         """
-        return self._write_locks[zlib.crc32(key) % _WRITE_LOCK_STRIPES]
+        lock = self._write_locks[zlib.crc32(key) % _WRITE_LOCK_STRIPES]
+        try:
+            await asyncio.wait_for(lock.acquire(), self.write_timeout)
+        except TimeoutError:
+            raise ConflictError(
+                f"{what}: earlier writes are still waiting for etcd after {self.write_timeout:g} s; try again"
+            ) from None
+        try:
+            yield
+        finally:
+            lock.release()
 
     # --- models ---------------------------------------------------------------------------------------------
 
@@ -297,7 +313,7 @@ class TopologyStore:
         model_key = self.keys.model_version(model, version).encode()
         # Set on every write, also to None: a write made untraced must not keep the previous write's context.
         trace_context = write_trace_context()
-        async with self._writer(key):
+        async with self._writer(key, what):
             for _ in range(_VERSION_ATTEMPTS):
                 current = await self._get(self.keys.deployment(model, version), Deployment)
                 current_revision = current.revision if current is not None else 0
@@ -388,7 +404,7 @@ class TopologyStore:
         )
         version_keys = [self.keys.model_version(m, v).encode() for m, v in named]
         trace_context = write_trace_context()
-        async with self._writer(key):
+        async with self._writer(key, what):
             for _ in range(_VERSION_ATTEMPTS):
                 current = await self._get(self.keys.application(application.name), Application)
                 current_revision = current.revision if current is not None else 0
@@ -519,7 +535,7 @@ class TopologyStore:
             key=prefix, range_end=prefix_range_end(prefix), revision=revision, limit=1, keys_only=True
         )
         try:
-            await self.client.kvstub.Range(request, timeout=_TXN_TIMEOUT)
+            await self.client.kvstub.Range(request, timeout=self.write_timeout)
         except rpc.AioRpcError as exc:
             if "compacted" in (exc.details() or ""):
                 raise HistoryCompacted(revision) from exc
@@ -533,7 +549,7 @@ class TopologyStore:
         request = rpc.TxnRequest(
             compare=[c.build_message() for c in compare], success=list(success), failure=list(failure)
         )
-        return await self.client.kvstub.Txn(request, timeout=_TXN_TIMEOUT)
+        return await self.client.kvstub.Txn(request, timeout=self.write_timeout)
 
     async def _delete_record(self, what: str, key: str, expected_revision: int | None) -> bool:
         tx = self.client.transactions
