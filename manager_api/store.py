@@ -63,8 +63,11 @@ class ConflictError(RuntimeError):
 class RevisionMismatch(RuntimeError):
     """A conditional write found the record at another revision than the client read (0: absent); nothing written."""
 
-    def __init__(self, what: str, expected: int, current: int) -> None:
-        if expected == 0:
+    def __init__(self, what: str, expected: int, current: int, deleting: bool = False) -> None:
+        if expected == 0 and deleting:
+            # A DELETE with revision 0 ("only if absent") can only find the record there.
+            message = f"{what} exists (revision {current}), not at revision 0: read it again and retry"
+        elif expected == 0:
             message = f"{what} exists (revision {current}) but revision 0 asks to create it: read it again and retry"
         elif current == 0:
             message = f"{what} changed since revision {expected} (now deleted): read it again and retry"
@@ -74,6 +77,15 @@ class RevisionMismatch(RuntimeError):
         self.what = what
         self.expected = expected
         self.current = current
+
+
+class VersionNotRegistered(LookupError):
+    """A write names a model version that is not (or no longer) registered; nothing written."""
+
+    def __init__(self, model: str, version: int) -> None:
+        super().__init__(f"model version {model}:{version} is not registered")
+        self.model = model
+        self.version = version
 
 
 class HistoryCompacted(RuntimeError):
@@ -255,7 +267,7 @@ class TopologyStore:
             if stored is None:
                 raise KeyError(f"{name}:{version}")
             if expected_revision is not None and expected_revision != stored.revision:
-                raise RevisionMismatch(what, expected_revision, stored.revision)
+                raise RevisionMismatch(what, expected_revision, stored.revision, deleting=True)
             users = []
             if await self.get_deployment(name, version) is not None:
                 users.append(f"deployment {name}:{version}")
@@ -288,7 +300,7 @@ class TopologyStore:
             if now == 0:
                 raise KeyError(f"{name}:{version}")
             if expected_revision is not None and now != expected_revision:
-                raise RevisionMismatch(what, expected_revision, now)
+                raise RevisionMismatch(what, expected_revision, now, deleting=True)
         raise ConflictError(f"could not delete {name}:{version}: the topology kept changing")
 
     # --- deployments ----------------------------------------------------------------------------------------
@@ -393,7 +405,7 @@ class TopologyStore:
         """Create or replace an application, keeping its creation time.
 
         Written only if every version it names still exists (pairs with delete_model_version's transaction),
-        else ConflictError. ``expected_revision`` works as in put_deployment.
+        else VersionNotRegistered. ``expected_revision`` works as in put_deployment.
         """
         what = f"application {application.name}"
         key = self.keys.application(application.name).encode()
@@ -423,8 +435,9 @@ class TopologyStore:
                 if response.succeeded:
                     note_revision(response.header.revision)
                     return Stored(record, response.header.revision)
-                if any(_mod_revision(response, i + 1) == 0 for i in range(len(version_keys))):
-                    raise ConflictError(f"{what}: a model version it names was deleted meanwhile")
+                for index, (model, version) in enumerate(named):
+                    if _mod_revision(response, index + 1) == 0:  # deleted since the caller checked it
+                        raise VersionNotRegistered(model, version)
                 if expected_revision is not None:
                     raise RevisionMismatch(what, expected_revision, _mod_revision(response, 0))
             raise ConflictError(f"{what}: too many concurrent writes, try again")
@@ -564,7 +577,7 @@ class TopologyStore:
         current = _mod_revision(response, 0)
         if current == 0:
             return False
-        raise RevisionMismatch(what, expected_revision or 0, current)
+        raise RevisionMismatch(what, expected_revision or 0, current, deleting=True)
 
     async def _get(self, key: str, kind: type[RecordT]) -> Stored[RecordT] | None:
         result = await self.client.get(key.encode())
