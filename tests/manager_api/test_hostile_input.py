@@ -201,3 +201,12 @@ def test_an_upload_over_the_limit_is_a_413(manager: ManagerUnderTest, http: http
     big = {"archive": ("m.tar.gz", b"\0" * (2 * 1024**2))}
     assert_error(http.post("/models/big/versions", files=big), 413, "limit")
     assert keys(manager) == before
+
+
+def test_a_delete_with_revision_zero_says_what_it_found(manager: ManagerUnderTest, http: httpx.Client) -> None:
+    # revision 0 means "absent": a DELETE sent with it finds the record, and must not talk of creating it.
+    assert http.put("/deployments/hostile/1", json={"replicas": 0}).status_code == 200
+    response = http.delete("/deployments/hostile/1", params={"revision": 0})
+    assert_error(response, 409, "deployment hostile/1 exists", "read it again")
+    assert "create" not in response.json()["error"]
+    assert response.json()["current_revision"] > 0
