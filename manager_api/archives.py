@@ -29,6 +29,15 @@ _DAMAGED = (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, zlib.error,
 
 
 def _checked_member_path(name: str) -> PurePosixPath:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        # tarfile keeps undecodable bytes as surrogates: such a name cannot go into the manifest (JSON, UTF-8).
+        shown = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise ArchiveError(f"archive member {shown!r} has a name that is not UTF-8") from None
+    if any(ord(char) < 0x20 or ord(char) == 0x7F for char in name):
+        # A newline or tab in a file name breaks every listing and log line that shows it.
+        raise ArchiveError(f"archive member {name!r} has a control character in its name")
     path = PurePosixPath(name)
     if path.is_absolute() or ".." in path.parts:
         raise ArchiveError(f"archive member {name!r} points outside the model folder")
