@@ -79,6 +79,29 @@ class RevisionMismatch(RuntimeError):
         self.current = current
 
 
+#: Largest record written, in bytes of JSON: etcd refuses a request over its --max-request-bytes (1.5 MiB by
+#: default) with an error that says nothing of which field made it so big.
+MAX_RECORD_BYTES = 1024**2
+
+
+class RecordTooLarge(ValueError):
+    """A record is bigger than MAX_RECORD_BYTES; nothing written. The message names its size and the limit."""
+
+    def __init__(self, what: str, size: int, detail: str = "") -> None:
+        super().__init__(
+            f"{what} would be {size} bytes in etcd, more than the {MAX_RECORD_BYTES} bytes a record may have"
+            + (f": {detail}" if detail else "")
+        )
+
+
+def encoded_record(what: str, record: BaseModel) -> bytes:
+    """The JSON stored for ``record``; RecordTooLarge if etcd would refuse it."""
+    value = record.model_dump_json().encode()
+    if len(value) > MAX_RECORD_BYTES:
+        raise RecordTooLarge(what, len(value))
+    return value
+
+
 class VersionNotRegistered(LookupError):
     """A write names a model version that is not (or no longer) registered; nothing written."""
 
@@ -226,7 +249,10 @@ class TopologyStore:
             response = await self._txn(
                 # A concurrent upload moves the counter: whoever loses reads again and takes the next number.
                 compare=[tx.create(key) == 0, tx.mod(counter_key) == counter_revision],
-                success=[_put(key, record.model_dump_json().encode()), _put(counter_key, str(number).encode())],
+                success=[
+                    _put(key, encoded_record(f"model version {name}/{number}", record)),
+                    _put(counter_key, str(number).encode()),
+                ],
             )
             if response.succeeded:
                 note_revision(response.header.revision)
@@ -351,7 +377,7 @@ class TopologyStore:
                 tx = self.client.transactions
                 response = await self._txn(
                     compare=[tx.mod(key) == current_revision, tx.version(model_key) > 0],
-                    success=[_put(key, record.model_dump_json().encode())],
+                    success=[_put(key, encoded_record(what, record))],
                     failure=[_read(key), _read(model_key)],
                 )
                 if response.succeeded:
@@ -429,7 +455,7 @@ class TopologyStore:
                 tx = self.client.transactions
                 response = await self._txn(
                     compare=[tx.mod(key) == current_revision, *(tx.version(k) > 0 for k in version_keys)],
-                    success=[_put(key, record.model_dump_json().encode())],
+                    success=[_put(key, encoded_record(what, record))],
                     failure=[_read(key), *(_read(k) for k in version_keys)],
                 )
                 if response.succeeded:

@@ -4,10 +4,11 @@ machine) and read them back."""
 from __future__ import annotations
 
 import asyncio
+import json
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Request, Response, UploadFile
 
@@ -18,10 +19,10 @@ from manager_api.dependencies import Artifacts, ModelName, Store
 from manager_api.errors import ApiProblem, not_found
 from manager_api.schemas import CONDITIONAL_WRITE_RESPONSES, ModelVersionView, ModelView, RevisionQuery, ServerPath
 from manager_api.settings import Settings
-from manager_api.store import Stored, TopologyStore
-from protos.topology import ModelVersion, Signature
+from manager_api.store import MAX_RECORD_BYTES, RecordTooLarge, Stored, TopologyStore
+from protos.topology import Artifact, ModelVersion, Signature
 from runtimes.model_digest import manifest_digest
-from runtimes.serving_config import SERVING_FILE, ServingConfigError
+from runtimes.serving_config import SERVING_FILE, ServingConfig, ServingConfigError
 
 router = APIRouter(prefix="/models", tags=["models"])
 
@@ -46,13 +47,42 @@ async def _register(
             config = await asyncio.to_thread(artifacts.check, upload)
             # Before keep(), which may move the archive away. Runtimes check their folder against it before loading.
             files = await asyncio.to_thread(archive_manifest, upload.archive, upload.workdir / "manifest")
+            folder = {"folder_digest": manifest_digest(files), "files": files}
+            # Before keep() too: a version etcd would refuse leaves no archive behind.
+            _check_record_size(model, config, upload.digest, upload.size, folder, artifacts)
             artifact = await asyncio.to_thread(artifacts.keep, upload)
-            artifact = artifact.model_copy(update={"folder_digest": manifest_digest(files), "files": files})
+            artifact = artifact.model_copy(update=folder)
     except UploadTooLarge as exc:
         raise ApiProblem(413, str(exc)) from exc
     except (ArchiveError, ServingConfigError) as exc:
         raise ApiProblem(400, str(exc)) from exc
     return _view(await store.register_model_version(model, config.runtime, artifact, config.signature, config.labels))
+
+
+def _check_record_size(
+    model: str, config: ServingConfig, digest: str, size: int, folder: dict[str, Any], artifacts: ArtifactStore
+) -> None:
+    """RecordTooLarge, naming what takes the room, if the version's record would not fit in etcd."""
+    artifact = Artifact(digest=digest, uri=artifacts.blobs.uri(digest), size=size, **folder)
+    # The version number is not known yet: a large one stands in for it (a few bytes either way).
+    record = ModelVersion(
+        name=model,
+        version=2**31,
+        runtime=config.runtime,
+        artifact=artifact,
+        signature=config.signature,
+        labels=config.labels,
+    )
+    value = record.model_dump_json().encode()
+    if len(value) > MAX_RECORD_BYTES:
+        labels = len(json.dumps(config.labels, separators=(",", ":")))
+        listing = len(json.dumps(folder["files"], separators=(",", ":")))
+        signature = len(config.signature.model_dump_json())
+        parts = (
+            f"labels {labels} bytes, signature {signature} bytes, "
+            f"the list of its {len(folder['files'])} files {listing} bytes"
+        )
+        raise RecordTooLarge(f"the record of model version {model}", len(value), parts)
 
 
 @router.post("/{model}/versions", status_code=201, response_model=ModelVersionView)

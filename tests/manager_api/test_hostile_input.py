@@ -210,3 +210,60 @@ def test_a_delete_with_revision_zero_says_what_it_found(manager: ManagerUnderTes
     assert_error(response, 409, "deployment hostile/1 exists", "read it again")
     assert "create" not in response.json()["error"]
     assert response.json()["current_revision"] > 0
+
+
+SERVING_YAML = b"""\
+runtime: python
+files: [model.py]
+entrypoint: model:predict
+signature:
+  inputs: [{name: x, datatype: FP32, shape: [-1]}]
+  outputs: [{name: y, datatype: FP32, shape: [-1]}]
+"""
+MODEL_PY = b"def predict(inputs):\n    return {'y': inputs['x'] * 2}\n"
+
+
+def tar_gz(members: dict[str, bytes], encoding: str = "utf-8") -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz", encoding=encoding, errors="surrogateescape") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def blobs(manager: ManagerUnderTest) -> list[str]:
+    return sorted(p.name for p in (manager.data_dir / "artifacts" / "blobs" / "sha256").iterdir())
+
+
+@pytest.mark.parametrize(
+    ("name", "fragment"),
+    [("caf\udce9.txt", "not UTF-8"), ("a\nb.txt", "control character"), ("tab\there", "control character")],
+    ids=["latin-1", "newline", "tab"],
+)
+def test_an_archive_member_name_that_is_not_printable_utf8_is_a_400(
+    manager: ManagerUnderTest, http: httpx.Client, name: str, fragment: str
+) -> None:
+    # A name in Latin-1 (a tar made on an old system) was a 500 UnicodeEncodeError after the archive was kept.
+    before, stored = keys(manager), blobs(manager)
+    archive = tar_gz({"serving.yaml": SERVING_YAML, "model.py": MODEL_PY, name: b"x"}, encoding="latin-1")
+    response = http.post("/models/names/versions", files={"archive": ("m.tar", archive)})
+    assert_error(response, 400, "archive member", fragment)
+    assert keys(manager) == before
+    assert blobs(manager) == stored
+
+
+def test_a_model_version_too_big_for_etcd_is_a_400_and_keeps_nothing(
+    manager: ManagerUnderTest, http: httpx.Client
+) -> None:
+    # 2 MB of labels compress to 2 KB: the upload is small, the record is more than etcd takes (a 500 before).
+    before, stored = keys(manager), blobs(manager)
+    serving = SERVING_YAML + b"labels: {notes: '" + b"a" * 2_000_000 + b"'}\n"
+    response = http.post(
+        "/models/big-record/versions",
+        files={"archive": ("m.tar", tar_gz({"serving.yaml": serving, "model.py": MODEL_PY}))},
+    )
+    assert_error(response, 400, "labels", "etcd")
+    assert keys(manager) == before
+    assert blobs(manager) == stored
