@@ -52,7 +52,9 @@ class RequestBodies:
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
-        if scope["method"] == "POST" and _UPLOAD_PATH.match(scope["path"]):
+        is_json = _is_json(headers.get("content-type", ""))
+        # A JSON body gets the JSON limit on any path: it is held in memory here, to look for duplicate keys.
+        if not is_json and scope["method"] == "POST" and _UPLOAD_PATH.match(scope["path"]):
             limit = self.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
             message = f"the upload is larger than the limit of {self.max_upload_bytes} bytes (--max-upload-mb)"
         else:
@@ -64,7 +66,7 @@ class RequestBodies:
             await _error(413, message)(scope, receive, send)
             return
         limited = _limited(receive, limit, message)
-        if _is_json(headers.get("content-type", "")):
+        if is_json:
             try:
                 body = await _read_all(limited)
             except BodyTooLarge as exc:

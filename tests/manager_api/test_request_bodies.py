@@ -19,10 +19,10 @@ from manager_api.request_bodies import RequestBodies
 LIMIT = 64 * 1024
 
 
-def small_app() -> FastAPI:
+def small_app(max_upload_bytes: int = LIMIT) -> FastAPI:
     app = FastAPI()
     install_error_handlers(app)
-    app.add_middleware(RequestBodies, max_upload_bytes=LIMIT, max_json_bytes=LIMIT)
+    app.add_middleware(RequestBodies, max_upload_bytes=max_upload_bytes, max_json_bytes=LIMIT)
 
     @app.put("/api/v1/things/{name}")
     async def put_thing(name: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -95,3 +95,24 @@ def test_a_body_that_is_not_json_is_left_to_the_route() -> None:
     )
     assert response.status_code == 400
     assert response.json() == {"error": "the request body is not valid JSON"}
+
+
+def test_a_json_body_on_the_upload_route_gets_the_json_limit() -> None:
+    # JSON bodies are held in memory to look for duplicate keys: never one as large as an upload may be.
+    async def body() -> AsyncIterator[bytes]:
+        yield b'{"a": "'
+        async for chunk in chunks(2 * LIMIT):
+            yield chunk
+        yield b'"}'
+
+    app = small_app(max_upload_bytes=100 * LIMIT)
+
+    async def post() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            headers = {"content-type": "application/json"}
+            return await client.post("/api/v1/models/m/versions", content=body(), headers=headers)
+
+    response = asyncio.run(post())
+    assert response.status_code == 413, response.text
+    assert f"limit of {LIMIT} bytes" in response.json()["error"]
