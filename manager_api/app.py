@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from manager_api.artifacts import ArtifactStore, ArtifactStoreUnavailable, open_blob_store
-from manager_api.auth import TokenStore, authorize
+from manager_api.auth import RequireToken, TokenStore, authorize
 from manager_api.dependencies import Store
 from manager_api.deployer.process import ProcessDeployer
 from manager_api.deployer.registration import LeasedInstanceRegistry
@@ -160,6 +160,8 @@ def create_app(settings: Settings) -> FastAPI:
     _install_store_error_handlers(app)
     # Outside the routes (bodies are checked before FastAPI reads them), inside WriteSpans (its span sees the 413).
     app.add_middleware(RequestBodies, max_upload_bytes=settings.max_upload_bytes)
+    # Outside RequestBodies: a request without a valid token is answered before any of its body is read.
+    app.add_middleware(RequireToken)
     # Inside the server-error middleware, outside the exception handlers: the span sees every answer's status.
     app.add_middleware(WriteSpans)
     app.state.events_heartbeat = HEARTBEAT_SECONDS

@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import random
-import socket
 import tarfile
 import zipfile
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
-from manager_under_test import ManagerUnderTest, etcd_prefix_items, python_model_archive, register_model
+from manager_under_test import ManagerUnderTest, etcd_prefix_items, python_model_archive, raw_request, register_model
 
 from manager_api.etcd_server import EtcdServer
 
@@ -149,28 +148,6 @@ def test_a_duplicate_key_in_a_body_is_a_400_naming_it(manager: ManagerUnderTest,
     assert keys(manager) == before
 
 
-def raw_request(manager: ManagerUnderTest, head: str, body: bytes = b"", timeout: float = 10.0) -> tuple[int, bytes]:
-    """Send ``head`` (request line and headers) and ``body`` on a fresh connection; the status and body answered."""
-    with socket.create_connection(("127.0.0.1", manager.port), timeout=timeout) as sock:
-        sock.sendall(head.encode() + b"\r\n" + body)
-        received = b""
-        while b"\r\n\r\n" not in received or len(received) < received.index(b"\r\n\r\n") + 4 + _length(received):
-            chunk = sock.recv(65536)  # raises TimeoutError if the manager waits for the rest of the body
-            if not chunk:
-                break
-            received += chunk
-    head_bytes, _, payload = received.partition(b"\r\n\r\n")
-    return int(head_bytes.split()[1]), payload
-
-
-def _length(received: bytes) -> int:
-    for line in received.split(b"\r\n\r\n", 1)[0].split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            return int(value)
-    return 0
-
-
 @pytest.mark.parametrize(
     ("method", "path", "declared"),
     [
@@ -191,7 +168,7 @@ def test_a_body_declared_over_the_limit_is_a_413_before_it_is_read(
     )
     # The start of a well-formed body: the parser would go on waiting for the rest.
     start = b'--b\r\nContent-Disposition: form-data; name="archive"; filename="m.tar.gz"\r\n\r\n\x1f\x8b'
-    status, payload = raw_request(manager, head, start if method == "POST" else b'{"replicas": ')
+    status, payload = raw_request(manager.port, head, start if method == "POST" else b'{"replicas": ')
     assert status == 413, payload
     assert "limit" in json.loads(payload)["error"], payload
 
