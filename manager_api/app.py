@@ -72,9 +72,13 @@ def _install_store_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ConnectionFailedError)
     @app.exception_handler(ConnectionTimeoutError)
-    @app.exception_handler(WatchTimeoutError)  # a watch (GET /events) that etcd did not create within the deadline
     async def _etcd_down(_: Request, exc: ClientError) -> JSONResponse:
         return _etcd_unavailable(str(exc))
+
+    @app.exception_handler(WatchTimeoutError)
+    async def _watch_not_opened(_: Request, exc: WatchTimeoutError) -> JSONResponse:
+        # A watch (GET /events) that etcd did not create within the deadline; aetcd's exception has no message.
+        return _etcd_unavailable(str(exc) or "it did not open a watch in time")
 
     @app.exception_handler(rpc.AioRpcError)
     async def _etcd_rpc_failed(request: Request, exc: rpc.AioRpcError) -> JSONResponse:

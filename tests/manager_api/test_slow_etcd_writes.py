@@ -95,3 +95,21 @@ def test_writes_are_503s_within_the_deadline_when_etcd_stalls_mid_write(own_etcd
         # etcd answers again: so do writes (nothing stayed locked).
         response = http.put("/api/v1/deployments/m/1", json={"replicas": 2})
         assert response.status_code == 200, response.text
+
+
+def test_an_event_stream_etcd_does_not_open_is_a_503_saying_why(own_etcd: EtcdServer, tmp_path: Path) -> None:
+    host, port = own_etcd.endpoint.rsplit(":", 1)
+    settings = Settings(
+        etcd_host=host, etcd_port=int(port), etcd_timeout=ETCD_TIMEOUT, prefix="/stall/", data_dir=tmp_path / "mgr"
+    )
+    etcd_pid = own_etcd.process.pid
+    assert etcd_pid is not None
+    with TestClient(create_app(settings), raise_server_exceptions=False) as http:
+        os.kill(etcd_pid, signal.SIGSTOP)
+        try:
+            response = http.get("/api/v1/events")
+        finally:
+            os.kill(etcd_pid, signal.SIGCONT)
+        assert response.status_code == 503, response.text
+        # Before: "etcd is unavailable: " and nothing after it (aetcd's WatchTimeoutError has no message).
+        assert response.json()["error"] == "etcd is unavailable: it did not open a watch in time", response.text
