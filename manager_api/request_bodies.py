@@ -1,4 +1,5 @@
-"""Request bodies checked before any route reads them: a size limit (413) and JSON without duplicate keys (400).
+"""Request bodies checked before any route reads them: a size limit (413), JSON sent as JSON (415) and without
+duplicate keys (400).
 
 Without the limit, FastAPI reads a JSON body whole into memory, and Starlette spools a multipart upload whole to
 a temporary file, before the route (and its own upload limit) sees a byte: a client that declares or sends
@@ -27,6 +28,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 MAX_JSON_BODY_BYTES = 1024**2
 #: Room for the multipart framing (boundaries, part headers) around an uploaded archive.
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
+#: Methods whose bodies the routes read (a body on any other method is ignored).
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 #: The one route that takes an archive upload; every other body is JSON.
 _UPLOAD_PATH = re.compile(r"^/api/v1/models/[^/]+/versions/?$")
 
@@ -52,9 +55,17 @@ class RequestBodies:
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
-        is_json = _is_json(headers.get("content-type", ""))
+        content_type = headers.get("content-type", "")
+        is_json = _is_json(content_type)
+        is_upload = scope["method"] == "POST" and _UPLOAD_PATH.match(scope["path"]) is not None
+        if not is_json and not is_upload and scope["method"] in _BODY_METHODS and _has_body(headers):
+            # `curl -d` sends a form content type: FastAPI's answer, a 422 quoting the bytes, does not say this.
+            shown = f"got {content_type!r}" if content_type else "none was given"
+            message = f"the request body must be JSON, sent with Content-Type: application/json ({shown})"
+            await _error(415, message)(scope, receive, send)
+            return
         # A JSON body gets the JSON limit on any path: it is held in memory here, to look for duplicate keys.
-        if not is_json and scope["method"] == "POST" and _UPLOAD_PATH.match(scope["path"]):
+        if not is_json and is_upload:
             limit = self.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
             message = f"the upload is larger than the limit of {self.max_upload_bytes} bytes (--max-upload-mb)"
         else:
@@ -91,6 +102,10 @@ class RequestBodies:
             if started:
                 raise
             await _error(413, exc.detail)(scope, receive, send)
+
+
+def _has_body(headers: Headers) -> bool:
+    return headers.get("content-length", "0") != "0" or "chunked" in headers.get("transfer-encoding", "").lower()
 
 
 def _is_json(content_type: str) -> bool:

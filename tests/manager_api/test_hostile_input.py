@@ -244,3 +244,19 @@ def test_a_model_version_too_big_for_etcd_is_a_400_and_keeps_nothing(
     assert_error(response, 400, "labels", "etcd")
     assert keys(manager) == before
     assert blobs(manager) == stored
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{"content-type": "application/x-www-form-urlencoded"}, {"content-type": "text/plain"}, {}],
+    ids=["curl-d", "text", "none"],
+)
+def test_a_json_body_sent_as_something_else_is_a_415_saying_so(
+    manager: ManagerUnderTest, http: httpx.Client, headers: dict[str, str]
+) -> None:
+    # `curl -X PUT -d '{"replicas": 1}'` sends a form content type: the answer was a 422 about "a valid dictionary"
+    # quoting the bytes, which does not say the one thing to change.
+    before = keys(manager)
+    response = http.put("/deployments/hostile/1", content=b'{"replicas": 1}', headers=headers)
+    assert_error(response, 415, "Content-Type: application/json")
+    assert keys(manager) == before
