@@ -14,7 +14,7 @@ from fastapi import APIRouter, File, Request, Response, UploadFile
 
 from manager_api.archives import ArchiveError, archive_manifest
 from manager_api.artifacts import ArtifactStore, UploadTooLarge
-from manager_api.client import pack_model_to_file
+from manager_api.client import model_files, pack_model_to_file
 from manager_api.dependencies import Artifacts, ModelName, Store
 from manager_api.errors import ApiProblem, not_found
 from manager_api.schemas import CONDITIONAL_WRITE_RESPONSES, ModelVersionView, ModelView, RevisionQuery, ServerPath
@@ -119,16 +119,37 @@ async def register_model_version_from_path(
 def _allowed_folder(path: str, roots: tuple[Path, ...]) -> Path:
     if not roots:
         raise ApiProblem(403, "registering from a server path is off: start the manager with --allow-register-from DIR")
+    allowed = ", ".join(str(root) for root in roots)
     # resolve() follows links: a link inside an allowed folder that points outside it is outside.
-    folder = Path(path).resolve()
-    if not any(folder.is_relative_to(root) for root in roots):
-        allowed = ", ".join(str(root) for root in roots)
+    folder = _resolved(path)
+    if not _under(folder, roots):
         raise ApiProblem(403, f"path {path!r} is outside the folders the manager may read models from: {allowed}")
     if not folder.is_dir():
         raise ApiProblem(400, f"path {path!r} is not a folder on the manager's machine")
     if not (folder / SERVING_FILE).is_file():
         raise ApiProblem(400, f"path {path!r} has no {SERVING_FILE}: it is not a model folder")
+    # Packing follows links, and the packed archive can be downloaded by any token: a file that links outside
+    # the allowed folders would be copied out of them.
+    for file in model_files(folder):
+        target = _resolved(str(file))
+        if not _under(target, roots):
+            inside = file.relative_to(folder)
+            raise ApiProblem(
+                403, f"path {path!r}: {inside} links to {target}, outside the folders the manager may read: {allowed}"
+            )
     return folder
+
+
+def _resolved(path: str) -> Path:
+    """``path`` with every link followed; 400 if that cannot be done (a loop of links, a NUL byte)."""
+    try:
+        return Path(path).resolve()
+    except (OSError, RuntimeError, ValueError) as exc:  # RuntimeError: a symlink loop, on Python 3.11
+        raise ApiProblem(400, f"path {path!r} cannot be resolved on the manager's machine: {exc}") from exc
+
+
+def _under(path: Path, roots: tuple[Path, ...]) -> bool:
+    return any(path.is_relative_to(root) for root in roots)
 
 
 async def _file_chunks(path: Path) -> AsyncIterator[bytes]:
