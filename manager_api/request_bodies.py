@@ -1,5 +1,5 @@
 """Request bodies checked before any route reads them: a size limit (413), JSON sent as JSON (415) and without
-duplicate keys (400).
+duplicate keys (400), uploads that reach their closing boundary (400).
 
 Without the limit, FastAPI reads a JSON body whole into memory, and Starlette spools a multipart upload whole to
 a temporary file, before the route (and its own upload limit) sees a byte: a client that declares or sends
@@ -14,6 +14,7 @@ key named rather than one of the two applied silently.
 
 from __future__ import annotations
 
+import email.message
 import json
 import re
 from collections.abc import Callable
@@ -40,6 +41,13 @@ class BodyTooLarge(HTTPException):
 
     def __init__(self, message: str) -> None:
         super().__init__(status_code=413, detail=message)
+
+
+class MalformedBody(HTTPException):
+    """Raised from ``receive`` at the end of a body that cannot be whole; an HTTPException like BodyTooLarge."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(status_code=400, detail=message)
 
 
 class RequestBodies:
@@ -77,6 +85,9 @@ class RequestBodies:
             await _error(413, message)(scope, receive, send)
             return
         limited = _limited(receive, limit, message)
+        boundary = _boundary(content_type) if is_upload else None
+        if boundary is not None:
+            limited = _closed_multipart(limited, boundary)
         if is_json:
             try:
                 body = await _read_all(limited)
@@ -97,11 +108,11 @@ class RequestBodies:
 
         try:
             await self.app(scope, limited, tracking_send)
-        except BodyTooLarge as exc:
+        except (BodyTooLarge, MalformedBody) as exc:
             # Routes' handlers answer it; this is for a body read outside them (nothing was answered yet).
             if started:
                 raise
-            await _error(413, exc.detail)(scope, receive, send)
+            await _error(exc.status_code, exc.detail)(scope, receive, send)
 
 
 def _has_body(headers: Headers) -> bool:
@@ -126,6 +137,38 @@ def _limited(receive: Receive, limit: int, message: str) -> Receive:
         return event
 
     return limited
+
+
+def _boundary(content_type: str) -> bytes | None:
+    """The boundary of a multipart/form-data content type, or None."""
+    header = email.message.Message()
+    header["content-type"] = content_type
+    boundary = header.get_param("boundary") if header.get_content_type() == "multipart/form-data" else None
+    return boundary.encode("latin-1", "replace") if isinstance(boundary, str) and boundary else None
+
+
+def _closed_multipart(receive: Receive, boundary: bytes) -> Receive:
+    """``receive``, raising a 400 at the end of a multipart body that never reached its closing boundary.
+
+    The multipart parser takes a body cut short (a client or proxy that gave up half way) for a complete one
+    without the part it was in, and the route then says the field is missing, as if the client forgot it.
+    """
+    closing = b"--" + boundary + b"--"
+    tail = b""
+    closed = False
+
+    async def checked() -> Message:
+        nonlocal tail, closed
+        event = await receive()
+        if event["type"] == "http.request":
+            window = tail + event.get("body", b"")
+            closed = closed or closing in window  # searched with the previous chunk's tail: it may straddle two
+            tail = window[-(len(closing) - 1) :]
+            if not event.get("more_body", False) and not closed:
+                raise MalformedBody("the multipart body ends before its closing boundary: the upload was cut short")
+        return event
+
+    return checked
 
 
 async def _read_all(receive: Receive) -> bytes:

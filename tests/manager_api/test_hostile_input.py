@@ -260,3 +260,18 @@ def test_a_json_body_sent_as_something_else_is_a_415_saying_so(
     response = http.put("/deployments/hostile/1", content=b'{"replicas": 1}', headers=headers)
     assert_error(response, 415, "Content-Type: application/json")
     assert keys(manager) == before
+
+
+def test_a_multipart_upload_cut_short_is_a_400_saying_so(manager: ManagerUnderTest, http: httpx.Client) -> None:
+    # A body that ends before its closing boundary (a client or proxy that gave up half way) was a 422
+    # "body.archive: Field required", as if the client had forgotten the field.
+    before = keys(manager)
+    part = b'--b\r\nContent-Disposition: form-data; name="archive"; filename="m.tar.gz"\r\n\r\n'
+    headers = {"content-type": "multipart/form-data; boundary=b"}
+    response = http.post("/models/cut/versions", content=part + python_model_archive(), headers=headers)
+    assert_error(response, 400, "closing boundary")
+    # The whole body, with an epilogue after the closing boundary (allowed by RFC 2046), is fine.
+    whole = part + python_model_archive() + b"\r\n--b--\r\nepilogue"
+    assert http.post("/models/cut/versions", content=whole, headers=headers).status_code == 201
+    assert http.delete("/models/cut/versions/1").status_code == 204
+    assert {k for k in keys(manager) if "/cut" not in k} == set(before)

@@ -116,3 +116,15 @@ def test_a_json_body_on_the_upload_route_gets_the_json_limit() -> None:
     response = asyncio.run(post())
     assert response.status_code == 413, response.text
     assert f"limit of {LIMIT} bytes" in response.json()["error"]
+
+
+def test_a_closing_boundary_split_across_chunks_is_found() -> None:
+    async def body() -> AsyncIterator[bytes]:
+        yield b'--bound\r\nContent-Disposition: form-data; name="archive"; filename="m"\r\n\r\nabc\r\n--bo'
+        yield b"und-"
+        yield b"-\r\n"
+
+    headers = {"content-type": "multipart/form-data; boundary=bound"}
+    response = asyncio.run(call("POST", "/api/v1/models/m/versions", content=body(), headers=headers))
+    assert response.status_code == 200, response.text
+    assert response.json() == {"size": 3}
