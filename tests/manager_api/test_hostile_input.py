@@ -275,3 +275,22 @@ def test_a_multipart_upload_cut_short_is_a_400_saying_so(manager: ManagerUnderTe
     assert http.post("/models/cut/versions", content=whole, headers=headers).status_code == 201
     assert http.delete("/models/cut/versions/1").status_code == 204
     assert {k for k in keys(manager) if "/cut" not in k} == set(before)
+
+
+@pytest.mark.parametrize(
+    ("variant", "field"),
+    [
+        ({"model": "hostile", "version": 1, "weight": True}, "stages[0].variants[0].weight"),
+        ({"model": "hostile", "version": "1", "weight": 100}, "stages[0].variants[0].version"),
+        ({"model": "hostile", "version": 1.0, "weight": 100}, "stages[0].variants[0].version"),
+    ],
+    ids=["bool-weight", "string-version", "float-version"],
+)
+def test_variant_numbers_must_be_json_integers(
+    manager: ManagerUnderTest, http: httpx.Client, variant: dict[str, Any], field: str
+) -> None:
+    before = keys(manager)
+    assert_error(http.put("/applications/strict", json={"stages": [{"variants": [variant]}]}), 422, field)
+    shadow = {"stages": [{"variants": [APP["stages"][0]["variants"][0]], "shadows": [{"model": "x", "version": "2"}]}]}
+    assert_error(http.put("/applications/strict", json=shadow), 422, "stages[0].shadows[0].version")
+    assert keys(manager) == before
