@@ -88,6 +88,7 @@ def _check_record_size(
 @router.post("/{model}/versions", status_code=201, response_model=ModelVersionView)
 async def register_model_version(
     model: ModelName,
+    request: Request,
     store: Store,
     artifacts: Artifacts,
     archive: Annotated[
@@ -96,6 +97,11 @@ async def register_model_version(
     ],
 ) -> ModelVersionView:
     """Upload a model folder (with serving.yaml at its root) as the next version of ``model``."""
+    # FastAPI hands over the last of several; the others would be dropped without a word. (The form is the one
+    # FastAPI already parsed: Starlette keeps it on the request.)
+    given = len((await request.form()).getlist("archive"))
+    if given > 1:
+        raise ApiProblem(400, f"{given} files in the field archive: send one model archive per upload")
     return await _register(model, _chunks(archive), store, artifacts)
 
 

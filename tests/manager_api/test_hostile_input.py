@@ -294,3 +294,11 @@ def test_variant_numbers_must_be_json_integers(
     shadow = {"stages": [{"variants": [APP["stages"][0]["variants"][0]], "shadows": [{"model": "x", "version": "2"}]}]}
     assert_error(http.put("/applications/strict", json=shadow), 422, "stages[0].shadows[0].version")
     assert keys(manager) == before
+
+
+def test_two_archives_in_one_upload_are_a_400(manager: ManagerUnderTest, http: httpx.Client) -> None:
+    # FastAPI hands the route the last one: the first was dropped without a word (here the last is not even one).
+    before = keys(manager)
+    files = [("archive", ("a.tar.gz", python_model_archive())), ("archive", ("b.tar.gz", b"junk"))]
+    assert_error(http.post("/models/twice/versions", files=files), 400, "2 files in the field archive")
+    assert keys(manager) == before
