@@ -24,7 +24,14 @@ from manager_api.request_bodies import RequestBodies
 from manager_api.routers import applications, artifacts, deployments, events, instances, models, proxies
 from manager_api.schemas import Health
 from manager_api.settings import Settings
-from manager_api.store import ConflictError, HistoryCompacted, RecordTooLarge, RevisionMismatch, TopologyStore
+from manager_api.store import (
+    ConflictError,
+    CorruptRecord,
+    HistoryCompacted,
+    RecordTooLarge,
+    RevisionMismatch,
+    TopologyStore,
+)
 from manager_api.write_spans import WriteSpans
 from protos.topology import Keys, Node
 from xds_control.etcd_watch import ETCD_CLIENT_OPTIONS
@@ -57,6 +64,12 @@ def _install_store_error_handlers(app: FastAPI) -> None:
         # An unconditional write lost its compare-and-swap too often (many writers on one key): nothing was
         # written and a retry may well succeed, so 503 + Retry-After rather than a 409 without a revision.
         return JSONResponse(status_code=503, content={"error": str(exc)}, headers={"Retry-After": "1"})
+
+    @app.exception_handler(CorruptRecord)
+    async def _corrupt(request: Request, exc: CorruptRecord) -> JSONResponse:
+        # The stored state is wrong, not the request: a 500, but one that names the key to fix.
+        log.error("%s %s: %s", request.method, request.url.path, exc)
+        return JSONResponse(status_code=500, content={"error": str(exc)})
 
     @app.exception_handler(RecordTooLarge)
     async def _too_large(_: Request, exc: RecordTooLarge) -> JSONResponse:

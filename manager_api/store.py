@@ -102,6 +102,27 @@ def encoded_record(what: str, record: BaseModel) -> bytes:
     return value
 
 
+class CorruptRecord(ValueError):
+    """A value in etcd does not parse as the record its key holds (written by hand, or by a newer schema)."""
+
+    def __init__(self, key: str, kind: str, error: ValidationError) -> None:
+        first = error.errors()[0] if error.errors() else {"msg": str(error), "loc": ()}
+        where = ".".join(str(p) for p in first.get("loc", ())) or "value"
+        super().__init__(
+            f"the record at {key} in etcd is not a valid {kind} ({where}: {first.get('msg')}): "
+            "replace it with a PUT, or delete it (etcdctl del)"
+        )
+        self.key = key
+
+
+def _counter_value(value: bytes) -> int:
+    """A version counter's number; 0 if it is not one (written by hand): the versions present still count."""
+    try:
+        return int(value)
+    except ValueError:
+        return 0
+
+
 class VersionNotRegistered(LookupError):
     """A write names a model version that is not (or no longer) registered; nothing written."""
 
@@ -237,9 +258,8 @@ class TopologyStore:
         for _ in range(_VERSION_ATTEMPTS):
             counter_key = self.keys.version_counter(name).encode()
             counter = await self.client.get(counter_key)
-            last = int(counter.value) if counter is not None else 0
-            existing = await self.model_versions(name)
-            number = max([last, *(m.version for m in existing)]) + 1
+            last = _counter_value(counter.value) if counter is not None else 0
+            number = max(last, await self._highest_version_key(name)) + 1
             record = ModelVersion(
                 name=name, version=number, runtime=runtime, artifact=artifact, signature=signature, labels=labels
             )
@@ -258,6 +278,14 @@ class TopologyStore:
                 note_revision(response.header.revision)
                 return Stored(record, response.header.revision)
         raise ConflictError(f"could not number a new version of {name!r}: too many concurrent uploads")
+
+    async def _highest_version_key(self, name: str) -> int:
+        """The highest version number among the keys of ``name`` (0 if none): from the keys, not the values, so
+        that a value broken by hand still holds its number."""
+        prefix = self.keys.model_versions(name)
+        found = await self.client.get_prefix(prefix.encode(), keys_only=True)
+        numbers = [int(tail) for kv in found if (tail := kv.key.decode()[len(prefix) :]).isdigit()]
+        return max(numbers, default=0)
 
     async def model_versions(self, name: str) -> list[ModelVersion]:
         """Every version of one model, oldest first."""
@@ -295,7 +323,8 @@ class TopologyStore:
             if expected_revision is not None and expected_revision != stored.revision:
                 raise RevisionMismatch(what, expected_revision, stored.revision, deleting=True)
             users = []
-            if await self.get_deployment(name, version) is not None:
+            # The raw key: a deployment whose record was broken by hand uses the version all the same.
+            if await self.client.get(self.keys.deployment(name, version).encode()) is not None:
                 users.append(f"deployment {name}:{version}")
             apps_prefix = self.keys.applications().encode()
             apps = await self.client.get_prefix(apps_prefix)
@@ -353,8 +382,7 @@ class TopologyStore:
         trace_context = write_trace_context()
         async with self._writer(key, what):
             for _ in range(_VERSION_ATTEMPTS):
-                current = await self._get(self.keys.deployment(model, version), Deployment)
-                current_revision = current.revision if current is not None else 0
+                current, current_revision = await self._read_for_write(self.keys.deployment(model, version), Deployment)
                 if expected_revision is not None and expected_revision != current_revision:
                     raise RevisionMismatch(what, expected_revision, current_revision)
                 if current is None:
@@ -444,8 +472,9 @@ class TopologyStore:
         trace_context = write_trace_context()
         async with self._writer(key, what):
             for _ in range(_VERSION_ATTEMPTS):
-                current = await self._get(self.keys.application(application.name), Application)
-                current_revision = current.revision if current is not None else 0
+                current, current_revision = await self._read_for_write(
+                    self.keys.application(application.name), Application
+                )
                 if expected_revision is not None and expected_revision != current_revision:
                     raise RevisionMismatch(what, expected_revision, current_revision)
                 record = application.model_copy(update={"trace_context": trace_context})
@@ -606,10 +635,25 @@ class TopologyStore:
         raise RevisionMismatch(what, expected_revision or 0, current, deleting=True)
 
     async def _get(self, key: str, kind: type[RecordT]) -> Stored[RecordT] | None:
+        """The record at ``key``, None if absent; CorruptRecord if its value does not parse."""
         result = await self.client.get(key.encode())
         if result is None:
             return None
-        return Stored(kind.model_validate_json(result.value), result.mod_revision)
+        try:
+            return Stored(kind.model_validate_json(result.value), result.mod_revision)
+        except ValidationError as exc:
+            raise CorruptRecord(key, kind.__name__, exc) from exc
+
+    async def _read_for_write(self, key: str, kind: type[RecordT]) -> tuple[Stored[RecordT] | None, int]:
+        """The record a write replaces and the revision to compare: (None, 0) if absent, (None, its revision) if
+        its value does not parse, so that a PUT replaces a record broken by hand (with etcdctl) instead of failing
+        on it like every read."""
+        result = await self.client.get(key.encode())
+        if result is None:
+            return None, 0
+        with contextlib.suppress(ValidationError):
+            return Stored(kind.model_validate_json(result.value), result.mod_revision), result.mod_revision
+        return None, result.mod_revision
 
     async def _list(self, prefix: str, kind: type[RecordT]) -> list[Stored[RecordT]]:
         result = await self.client.get_prefix(prefix.encode())

@@ -161,3 +161,14 @@ def _response_end(received: bytes) -> int:
         if name.strip().lower() == b"content-length":
             length = int(value)
     return len(head) + 4 + length
+
+
+def etcd_put(endpoint: str, key: str, value: bytes) -> None:
+    """Write ``value`` at ``key`` in etcd itself, as an operator with etcdctl would (no checks)."""
+
+    async def write() -> None:
+        host, port = endpoint.rsplit(":", 1)
+        async with aetcd.Client(host=host, port=int(port)) as client:
+            await client.put(key.encode(), value)
+
+    asyncio.run(write())

@@ -16,7 +16,14 @@ from typing import Any
 
 import httpx
 import pytest
-from manager_under_test import ManagerUnderTest, etcd_prefix_items, python_model_archive, raw_request, register_model
+from manager_under_test import (
+    ManagerUnderTest,
+    etcd_prefix_items,
+    etcd_put,
+    python_model_archive,
+    raw_request,
+    register_model,
+)
 
 from manager_api.etcd_server import EtcdServer
 
@@ -302,3 +309,29 @@ def test_two_archives_in_one_upload_are_a_400(manager: ManagerUnderTest, http: h
     files = [("archive", ("a.tar.gz", python_model_archive())), ("archive", ("b.tar.gz", b"junk"))]
     assert_error(http.post("/models/twice/versions", files=files), 400, "2 files in the field archive")
     assert keys(manager) == before
+
+
+def test_records_broken_by_hand_in_etcd_are_named_and_can_be_replaced(
+    manager: ManagerUnderTest, http: httpx.Client
+) -> None:
+    # The state is meant to be read (and so also written) with etcdctl. A broken record was a 500 quoting a
+    # pydantic error without its key, and a PUT could not replace it (the same 500): only etcdctl could.
+    register_model(http, "broken")
+    deployment, application = f"{PREFIX}deployments/broken/1", f"{PREFIX}applications/broken"
+    body = {"stages": [{"variants": [{"model": "broken", "version": 1, "weight": 100}]}]}
+    assert http.put("/applications/broken", json=body).status_code == 200
+    etcd_put(manager.etcd_endpoint, deployment, b"{not json")
+    etcd_put(manager.etcd_endpoint, application, b'{"schema_version": 1}')
+    assert_error(http.get("/deployments/broken/1"), 500, deployment, "not a valid")
+    assert_error(http.get("/applications/broken"), 500, application, "not a valid")
+    # In use by a deployment, even one whose record is broken.
+    assert_error(http.delete("/models/broken/versions/1"), 409, "deployment broken:1")
+    assert http.put("/deployments/broken/1", json={"replicas": 0}).status_code == 200
+    assert http.get("/deployments/broken/1").json()["replicas"] == 0
+    assert http.put("/applications/broken", json=body).status_code == 200
+    assert http.get("/applications/broken").status_code == 200
+    etcd_put(manager.etcd_endpoint, f"{PREFIX}models/broken/1", b"garbage")
+    assert_error(http.get("/models/broken/versions/1"), 500, f"{PREFIX}models/broken/1")
+    # A version counter that is not a number does not stop the next upload.
+    etcd_put(manager.etcd_endpoint, f"{PREFIX}version-counters/broken", b"garbage")
+    assert register_model(http, "broken")["version"] == 2
