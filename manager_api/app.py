@@ -14,16 +14,24 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from manager_api.artifacts import ArtifactStore, ArtifactStoreUnavailable, open_blob_store
-from manager_api.auth import TokenStore, authorize
+from manager_api.auth import RequireToken, TokenStore, authorize
 from manager_api.dependencies import Store
 from manager_api.deployer.process import ProcessDeployer
 from manager_api.deployer.registration import LeasedInstanceRegistry
 from manager_api.errors import ERROR_RESPONSES, ApiProblem, install_error_handlers, unexpected_error
 from manager_api.events import HEARTBEAT_SECONDS
+from manager_api.request_bodies import RequestBodies
 from manager_api.routers import applications, artifacts, deployments, events, instances, models, proxies
 from manager_api.schemas import Health
 from manager_api.settings import Settings
-from manager_api.store import ConflictError, HistoryCompacted, RevisionMismatch, TopologyStore
+from manager_api.store import (
+    ConflictError,
+    CorruptRecord,
+    HistoryCompacted,
+    RecordTooLarge,
+    RevisionMismatch,
+    TopologyStore,
+)
 from manager_api.write_spans import WriteSpans
 from protos.topology import Keys, Node
 from xds_control.etcd_watch import ETCD_CLIENT_OPTIONS
@@ -57,6 +65,16 @@ def _install_store_error_handlers(app: FastAPI) -> None:
         # written and a retry may well succeed, so 503 + Retry-After rather than a 409 without a revision.
         return JSONResponse(status_code=503, content={"error": str(exc)}, headers={"Retry-After": "1"})
 
+    @app.exception_handler(CorruptRecord)
+    async def _corrupt(request: Request, exc: CorruptRecord) -> JSONResponse:
+        # The stored state is wrong, not the request: a 500, but one that names the key to fix.
+        log.error("%s %s: %s", request.method, request.url.path, exc)
+        return JSONResponse(status_code=500, content={"error": str(exc)})
+
+    @app.exception_handler(RecordTooLarge)
+    async def _too_large(_: Request, exc: RecordTooLarge) -> JSONResponse:
+        return JSONResponse(status_code=400, content={"error": str(exc)})
+
     @app.exception_handler(ArtifactStoreUnavailable)
     async def _artifacts_down(_: Request, exc: ArtifactStoreUnavailable) -> JSONResponse:
         return JSONResponse(status_code=503, content={"error": str(exc)})
@@ -67,9 +85,13 @@ def _install_store_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ConnectionFailedError)
     @app.exception_handler(ConnectionTimeoutError)
-    @app.exception_handler(WatchTimeoutError)  # a watch (GET /events) that etcd did not create within the deadline
     async def _etcd_down(_: Request, exc: ClientError) -> JSONResponse:
         return _etcd_unavailable(str(exc))
+
+    @app.exception_handler(WatchTimeoutError)
+    async def _watch_not_opened(_: Request, exc: WatchTimeoutError) -> JSONResponse:
+        # A watch (GET /events) that etcd did not create within the deadline; aetcd's exception has no message.
+        return _etcd_unavailable(str(exc) or "it did not open a watch in time")
 
     @app.exception_handler(rpc.AioRpcError)
     async def _etcd_rpc_failed(request: Request, exc: rpc.AioRpcError) -> JSONResponse:
@@ -106,7 +128,7 @@ def create_app(settings: Settings) -> FastAPI:
         )
         await client.connect()
         keys = Keys(settings.prefix)
-        store = TopologyStore(client, keys)
+        store = TopologyStore(client, keys, write_timeout=settings.etcd_timeout)
         root = settings.data_dir / "artifacts"
         blobs = await asyncio.to_thread(open_blob_store, settings.artifact_store, root, settings.s3_endpoint)
         artifacts = ArtifactStore(root, settings.max_upload_bytes, blobs=blobs)
@@ -153,6 +175,10 @@ def create_app(settings: Settings) -> FastAPI:
     )
     install_error_handlers(app)
     _install_store_error_handlers(app)
+    # Outside the routes (bodies are checked before FastAPI reads them), inside WriteSpans (its span sees the 413).
+    app.add_middleware(RequestBodies, max_upload_bytes=settings.max_upload_bytes)
+    # Outside RequestBodies: a request without a valid token is answered before any of its body is read.
+    app.add_middleware(RequireToken)
     # Inside the server-error middleware, outside the exception handlers: the span sees every answer's status.
     app.add_middleware(WriteSpans)
     app.state.events_heartbeat = HEARTBEAT_SECONDS

@@ -6,9 +6,11 @@ An archive may try to write outside the target folder (absolute paths, ``..``, l
 
 from __future__ import annotations
 
+import lzma
 import shutil
 import tarfile
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 from runtimes.model_digest import folder_manifest
@@ -22,7 +24,20 @@ class ArchiveError(ValueError):
     """The upload is not a usable model archive; the message says why."""
 
 
+#: What reading a cut-short or corrupt archive raises: the decompressors' own errors are not all OSErrors.
+_DAMAGED = (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, zlib.error, lzma.LZMAError)
+
+
 def _checked_member_path(name: str) -> PurePosixPath:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        # tarfile keeps undecodable bytes as surrogates: such a name cannot go into the manifest (JSON, UTF-8).
+        shown = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise ArchiveError(f"archive member {shown!r} has a name that is not UTF-8") from None
+    if any(ord(char) < 0x20 or ord(char) == 0x7F for char in name):
+        # A newline or tab in a file name breaks every listing and log line that shows it.
+        raise ArchiveError(f"archive member {name!r} has a control character in its name")
     path = PurePosixPath(name)
     if path.is_absolute() or ".." in path.parts:
         raise ArchiveError(f"archive member {name!r} points outside the model folder")
@@ -32,13 +47,22 @@ def _checked_member_path(name: str) -> PurePosixPath:
 def unpack_archive(archive: Path, target: Path, max_bytes: int = MAX_UNPACKED_BYTES) -> Path:
     """Unpack into ``target`` and return the model folder: the root, or the single top folder holding serving.yaml."""
     target.mkdir(parents=True, exist_ok=True)
-    if tarfile.is_tarfile(archive):
+    if _is_tar(archive):
         _unpack_tar(archive, target, max_bytes)
     elif zipfile.is_zipfile(archive):
         _unpack_zip(archive, target, max_bytes)
     else:
         raise ArchiveError("the upload is not a .tar, .tar.gz or .zip archive")
     return model_root(target)
+
+
+def _is_tar(archive: Path) -> bool:
+    """Whether ``archive`` is a (possibly compressed) tar; a damaged one is an ArchiveError saying so."""
+    try:
+        return tarfile.is_tarfile(archive)
+    except _DAMAGED as exc:
+        # is_tarfile reads the first member: a .tar.gz cut short raises EOFError from gzip instead of answering.
+        raise ArchiveError(f"the archive is damaged: {exc}") from exc
 
 
 def archive_manifest(archive: Path, scratch: Path, max_bytes: int = MAX_UNPACKED_BYTES) -> dict[str, str]:
@@ -81,7 +105,7 @@ def _unpack_tar(archive: Path, target: Path, max_bytes: int) -> None:
                 destination.parent.mkdir(parents=True, exist_ok=True)
                 with source, destination.open("wb") as out:
                     shutil.copyfileobj(source, out)
-    except (tarfile.TarError, EOFError, OSError) as exc:
+    except _DAMAGED as exc:
         raise ArchiveError(f"the archive is damaged: {exc}") from exc
 
 
@@ -104,5 +128,5 @@ def _unpack_zip(archive: Path, target: Path, max_bytes: int) -> None:
                 destination.parent.mkdir(parents=True, exist_ok=True)
                 with bundle.open(info) as source, destination.open("wb") as out:
                     shutil.copyfileobj(source, out)
-    except (zipfile.BadZipFile, EOFError, OSError) as exc:
+    except _DAMAGED as exc:
         raise ArchiveError(f"the archive is damaged: {exc}") from exc

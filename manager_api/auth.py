@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Literal
 
 from fastapi import Request
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from manager_api.errors import ApiProblem
 
@@ -86,17 +88,59 @@ def write_token_file(path: Path, tokens: dict[str, tuple[Role, str]]) -> None:
     path.chmod(0o600)
 
 
-async def authorize(request: Request) -> None:
-    """FastAPI dependency of every /api/v1 route: 401 without a known token, 403 for a viewer that writes."""
-    store: TokenStore | None = request.app.state.tokens
+#: Routes that need a token; /healthz and the OpenAPI document are open.
+API_PREFIX = "/api/v1/"
+
+
+def authorization_problem(store: TokenStore | None, method: str, header: str) -> ApiProblem | None:
+    """Why a request with this method and Authorization header is refused (401/403), or None if it may go on."""
     if store is None:
-        return  # auth disabled (loopback-only manager without --tokens)
-    header = request.headers.get("authorization", "")
+        return None  # auth disabled (loopback-only manager without --tokens)
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        raise ApiProblem(401, "missing bearer token: send 'Authorization: Bearer <token>'")
+    if scheme.lower() != "bearer" or not token.strip():
+        # RFC 6750: a 401 names the scheme the client should use.
+        return ApiProblem(
+            401,
+            "missing bearer token: send 'Authorization: Bearer <token>'",
+            {"WWW-Authenticate": 'Bearer realm="hydro"'},
+        )
     role = store.role_of(token.strip())
     if role is None:
-        raise ApiProblem(401, "unknown bearer token")
-    if role != "admin" and request.method not in READ_METHODS:
-        raise ApiProblem(403, f"the {role} role can only read; {request.method} needs an admin token")
+        return ApiProblem(
+            401, "unknown bearer token", {"WWW-Authenticate": 'Bearer realm="hydro", error="invalid_token"'}
+        )
+    if role != "admin" and method not in READ_METHODS:
+        return ApiProblem(403, f"the {role} role can only read; {method} needs an admin token")
+    return None
+
+
+async def authorize(request: Request) -> None:
+    """FastAPI dependency of every /api/v1 route: 401 without a known token, 403 for a viewer that writes.
+
+    RequireToken has already answered such requests before their body was read; this declares the requirement
+    on the routes (and holds where the app runs without that middleware).
+    """
+    problem = authorization_problem(request.app.state.tokens, request.method, request.headers.get("authorization", ""))
+    if problem is not None:
+        raise problem
+
+
+class RequireToken:
+    """ASGI middleware: the token check of ``authorize``, made before anything reads the request body.
+
+    FastAPI reads and parses a body before it runs any dependency: without this, a client with no token could make
+    the manager take in and spool a whole upload, and learn from a 400/422 what was wrong with a body.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(API_PREFIX):
+            tokens: TokenStore | None = scope["app"].state.tokens
+            header = Headers(scope=scope).get("authorization", "")
+            problem = authorization_problem(tokens, scope["method"], header)
+            if problem is not None:
+                await problem.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

@@ -26,10 +26,15 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 class ApiProblem(Exception):
     """Raised by routes: answered as ``status`` with ``{"error": message}``."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers or {}
+
+    def response(self) -> JSONResponse:
+        """The answer: ``status`` with ``{"error": message}`` and the headers it carries."""
+        return JSONResponse(status_code=self.status, content={"error": self.message}, headers=self.headers)
 
 
 def not_found(what: str) -> ApiProblem:
@@ -57,7 +62,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ApiProblem)
     async def _problem(_: Request, exc: ApiProblem) -> JSONResponse:
-        return _json_error(exc.status, exc.message)
+        return exc.response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Query
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from protos.topology import (
     LAST_ERROR_MAX_CHARS,
@@ -58,7 +58,8 @@ class DeploymentSpec(BaseModel):
             ]
         },
     )
-    replicas: int = Field(ge=0, le=64, description="how many runtime + sidecar pairs should run")
+    # strict: `true` or "2" is a mistake to show (422), not a count to guess.
+    replicas: int = Field(strict=True, ge=0, le=64, description="how many runtime + sidecar pairs should run")
     policies: Policies | None = Field(
         None,
         description="traffic policies (docs/traffic_policies.md); omitted: keep the current ones (defaults if new)",
@@ -91,11 +92,31 @@ class ApplicationSpec(BaseModel):
     stages: list[Stage] = Field(min_length=1)
     pipeline_replicas: int = Field(
         default=1,
+        strict=True,
         ge=1,
         le=MAX_PIPELINE_REPLICAS,
         description="pipeline runtimes serving it when it has several stages or a shadow; ignored otherwise",
     )
     revision: Revision | None = None
+
+    @field_validator("stages", mode="before")
+    @classmethod
+    def _integers_are_json_integers(cls, stages: Any) -> Any:
+        """Refuse `"2"`, `2.0` or `true` as a version or weight (Stage, a stored record, coerces them: strict
+        there would be strict for etcd's values too)."""
+        if not isinstance(stages, list):
+            return stages  # the list's own validation names the problem
+        for index, stage in enumerate(stages):
+            if not isinstance(stage, dict):
+                continue
+            for kind, fields in (("variants", ("version", "weight")), ("shadows", ("version",))):
+                members = stage.get(kind)
+                for position, member in enumerate(members if isinstance(members, list) else []):
+                    for name in fields:
+                        value = member.get(name) if isinstance(member, dict) else None
+                        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                            raise ValueError(f"stages[{index}].{kind}[{position}].{name} must be a JSON integer")
+        return stages
 
 
 class ModelVersionView(ModelVersion):

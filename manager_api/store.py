@@ -52,8 +52,8 @@ _VERSION_ATTEMPTS = 20
 _WRITE_LOCK_STRIPES = 64
 
 
-#: Deadline of one etcd transaction (seconds).
-_TXN_TIMEOUT = 30.0
+#: Default deadline (seconds) of one etcd transaction, and of waiting for this process's turn to write a record.
+DEFAULT_WRITE_TIMEOUT = 30.0
 
 
 class ConflictError(RuntimeError):
@@ -63,8 +63,11 @@ class ConflictError(RuntimeError):
 class RevisionMismatch(RuntimeError):
     """A conditional write found the record at another revision than the client read (0: absent); nothing written."""
 
-    def __init__(self, what: str, expected: int, current: int) -> None:
-        if expected == 0:
+    def __init__(self, what: str, expected: int, current: int, deleting: bool = False) -> None:
+        if expected == 0 and deleting:
+            # A DELETE with revision 0 ("only if absent") can only find the record there.
+            message = f"{what} exists (revision {current}), not at revision 0: read it again and retry"
+        elif expected == 0:
             message = f"{what} exists (revision {current}) but revision 0 asks to create it: read it again and retry"
         elif current == 0:
             message = f"{what} changed since revision {expected} (now deleted): read it again and retry"
@@ -74,6 +77,59 @@ class RevisionMismatch(RuntimeError):
         self.what = what
         self.expected = expected
         self.current = current
+
+
+#: Largest record written, in bytes of JSON: etcd refuses a request over its --max-request-bytes (1.5 MiB by
+#: default) with an error that says nothing of which field made it so big.
+MAX_RECORD_BYTES = 1024**2
+
+
+class RecordTooLarge(ValueError):
+    """A record is bigger than MAX_RECORD_BYTES; nothing written. The message names its size and the limit."""
+
+    def __init__(self, what: str, size: int, detail: str = "") -> None:
+        super().__init__(
+            f"{what} would be {size} bytes in etcd, more than the {MAX_RECORD_BYTES} bytes a record may have"
+            + (f": {detail}" if detail else "")
+        )
+
+
+def encoded_record(what: str, record: BaseModel) -> bytes:
+    """The JSON stored for ``record``; RecordTooLarge if etcd would refuse it."""
+    value = record.model_dump_json().encode()
+    if len(value) > MAX_RECORD_BYTES:
+        raise RecordTooLarge(what, len(value))
+    return value
+
+
+class CorruptRecord(ValueError):
+    """A value in etcd does not parse as the record its key holds (written by hand, or by a newer schema)."""
+
+    def __init__(self, key: str, kind: str, error: ValidationError) -> None:
+        first = error.errors()[0] if error.errors() else {"msg": str(error), "loc": ()}
+        where = ".".join(str(p) for p in first.get("loc", ())) or "value"
+        super().__init__(
+            f"the record at {key} in etcd is not a valid {kind} ({where}: {first.get('msg')}): "
+            "replace it with a PUT, or delete it (etcdctl del)"
+        )
+        self.key = key
+
+
+def _counter_value(value: bytes) -> int:
+    """A version counter's number; 0 if it is not one (written by hand): the versions present still count."""
+    try:
+        return int(value)
+    except ValueError:
+        return 0
+
+
+class VersionNotRegistered(LookupError):
+    """A write names a model version that is not (or no longer) registered; nothing written."""
+
+    def __init__(self, model: str, version: int) -> None:
+        super().__init__(f"model version {model}:{version} is not registered")
+        self.model = model
+        self.version = version
 
 
 class HistoryCompacted(RuntimeError):
@@ -158,19 +214,35 @@ class WatchedChanges:
 class TopologyStore:
     """Typed access to the desired state under one prefix."""
 
-    def __init__(self, client: aetcd.Client, keys: Keys) -> None:
+    def __init__(self, client: aetcd.Client, keys: Keys, write_timeout: float = DEFAULT_WRITE_TIMEOUT) -> None:
+        """``write_timeout``: the deadline of one transaction, and of the wait for this process's earlier writes
+        of the same record; the API passes its etcd deadline, so an etcd that stalls mid-write is a 503 within
+        it rather than a request that waits for the stall (and others queued behind it, each in turn)."""
         self.client = client
         self.keys = keys
+        self.write_timeout = write_timeout
         self._write_locks = [asyncio.Lock() for _ in range(_WRITE_LOCK_STRIPES)]
 
-    def _writer(self, key: bytes) -> asyncio.Lock:
-        """The lock this process's writers of ``key`` take turns on (one of a few stripes).
+    @contextlib.asynccontextmanager
+    async def _writer(self, key: bytes, what: str) -> AsyncIterator[None]:
+        """Hold the lock this process's writers of ``key`` take turns on (one of a few stripes).
 
         Compare-and-swap alone keeps writes correct across processes, but 50 clients writing one record made most
         attempts lose the race and retry until they gave up (503); queueing them here first makes each write one
-        transaction. Other manager processes still meet only the compare-and-swap.
+        transaction. Other manager processes still meet only the compare-and-swap. The wait is bounded: behind a
+        write that etcd does not answer, the queue would otherwise take one etcd deadline per writer.
         """
-        return self._write_locks[zlib.crc32(key) % _WRITE_LOCK_STRIPES]
+        lock = self._write_locks[zlib.crc32(key) % _WRITE_LOCK_STRIPES]
+        try:
+            await asyncio.wait_for(lock.acquire(), self.write_timeout)
+        except TimeoutError:
+            raise ConflictError(
+                f"{what}: earlier writes are still waiting for etcd after {self.write_timeout:g} s; try again"
+            ) from None
+        try:
+            yield
+        finally:
+            lock.release()
 
     # --- models ---------------------------------------------------------------------------------------------
 
@@ -186,9 +258,8 @@ class TopologyStore:
         for _ in range(_VERSION_ATTEMPTS):
             counter_key = self.keys.version_counter(name).encode()
             counter = await self.client.get(counter_key)
-            last = int(counter.value) if counter is not None else 0
-            existing = await self.model_versions(name)
-            number = max([last, *(m.version for m in existing)]) + 1
+            last = _counter_value(counter.value) if counter is not None else 0
+            number = max(last, await self._highest_version_key(name)) + 1
             record = ModelVersion(
                 name=name, version=number, runtime=runtime, artifact=artifact, signature=signature, labels=labels
             )
@@ -198,12 +269,23 @@ class TopologyStore:
             response = await self._txn(
                 # A concurrent upload moves the counter: whoever loses reads again and takes the next number.
                 compare=[tx.create(key) == 0, tx.mod(counter_key) == counter_revision],
-                success=[_put(key, record.model_dump_json().encode()), _put(counter_key, str(number).encode())],
+                success=[
+                    _put(key, encoded_record(f"model version {name}/{number}", record)),
+                    _put(counter_key, str(number).encode()),
+                ],
             )
             if response.succeeded:
                 note_revision(response.header.revision)
                 return Stored(record, response.header.revision)
         raise ConflictError(f"could not number a new version of {name!r}: too many concurrent uploads")
+
+    async def _highest_version_key(self, name: str) -> int:
+        """The highest version number among the keys of ``name`` (0 if none): from the keys, not the values, so
+        that a value broken by hand still holds its number."""
+        prefix = self.keys.model_versions(name)
+        found = await self.client.get_prefix(prefix.encode(), keys_only=True)
+        numbers = [int(tail) for kv in found if (tail := kv.key.decode()[len(prefix) :]).isdigit()]
+        return max(numbers, default=0)
 
     async def model_versions(self, name: str) -> list[ModelVersion]:
         """Every version of one model, oldest first."""
@@ -239,9 +321,10 @@ class TopologyStore:
             if stored is None:
                 raise KeyError(f"{name}:{version}")
             if expected_revision is not None and expected_revision != stored.revision:
-                raise RevisionMismatch(what, expected_revision, stored.revision)
+                raise RevisionMismatch(what, expected_revision, stored.revision, deleting=True)
             users = []
-            if await self.get_deployment(name, version) is not None:
+            # The raw key: a deployment whose record was broken by hand uses the version all the same.
+            if await self.client.get(self.keys.deployment(name, version).encode()) is not None:
                 users.append(f"deployment {name}:{version}")
             apps_prefix = self.keys.applications().encode()
             apps = await self.client.get_prefix(apps_prefix)
@@ -272,7 +355,7 @@ class TopologyStore:
             if now == 0:
                 raise KeyError(f"{name}:{version}")
             if expected_revision is not None and now != expected_revision:
-                raise RevisionMismatch(what, expected_revision, now)
+                raise RevisionMismatch(what, expected_revision, now, deleting=True)
         raise ConflictError(f"could not delete {name}:{version}: the topology kept changing")
 
     # --- deployments ----------------------------------------------------------------------------------------
@@ -297,10 +380,9 @@ class TopologyStore:
         model_key = self.keys.model_version(model, version).encode()
         # Set on every write, also to None: a write made untraced must not keep the previous write's context.
         trace_context = write_trace_context()
-        async with self._writer(key):
+        async with self._writer(key, what):
             for _ in range(_VERSION_ATTEMPTS):
-                current = await self._get(self.keys.deployment(model, version), Deployment)
-                current_revision = current.revision if current is not None else 0
+                current, current_revision = await self._read_for_write(self.keys.deployment(model, version), Deployment)
                 if expected_revision is not None and expected_revision != current_revision:
                     raise RevisionMismatch(what, expected_revision, current_revision)
                 if current is None:
@@ -323,7 +405,7 @@ class TopologyStore:
                 tx = self.client.transactions
                 response = await self._txn(
                     compare=[tx.mod(key) == current_revision, tx.version(model_key) > 0],
-                    success=[_put(key, record.model_dump_json().encode())],
+                    success=[_put(key, encoded_record(what, record))],
                     failure=[_read(key), _read(model_key)],
                 )
                 if response.succeeded:
@@ -377,7 +459,7 @@ class TopologyStore:
         """Create or replace an application, keeping its creation time.
 
         Written only if every version it names still exists (pairs with delete_model_version's transaction),
-        else ConflictError. ``expected_revision`` works as in put_deployment.
+        else VersionNotRegistered. ``expected_revision`` works as in put_deployment.
         """
         what = f"application {application.name}"
         key = self.keys.application(application.name).encode()
@@ -388,10 +470,11 @@ class TopologyStore:
         )
         version_keys = [self.keys.model_version(m, v).encode() for m, v in named]
         trace_context = write_trace_context()
-        async with self._writer(key):
+        async with self._writer(key, what):
             for _ in range(_VERSION_ATTEMPTS):
-                current = await self._get(self.keys.application(application.name), Application)
-                current_revision = current.revision if current is not None else 0
+                current, current_revision = await self._read_for_write(
+                    self.keys.application(application.name), Application
+                )
                 if expected_revision is not None and expected_revision != current_revision:
                     raise RevisionMismatch(what, expected_revision, current_revision)
                 record = application.model_copy(update={"trace_context": trace_context})
@@ -401,14 +484,15 @@ class TopologyStore:
                 tx = self.client.transactions
                 response = await self._txn(
                     compare=[tx.mod(key) == current_revision, *(tx.version(k) > 0 for k in version_keys)],
-                    success=[_put(key, record.model_dump_json().encode())],
+                    success=[_put(key, encoded_record(what, record))],
                     failure=[_read(key), *(_read(k) for k in version_keys)],
                 )
                 if response.succeeded:
                     note_revision(response.header.revision)
                     return Stored(record, response.header.revision)
-                if any(_mod_revision(response, i + 1) == 0 for i in range(len(version_keys))):
-                    raise ConflictError(f"{what}: a model version it names was deleted meanwhile")
+                for index, (model, version) in enumerate(named):
+                    if _mod_revision(response, index + 1) == 0:  # deleted since the caller checked it
+                        raise VersionNotRegistered(model, version)
                 if expected_revision is not None:
                     raise RevisionMismatch(what, expected_revision, _mod_revision(response, 0))
             raise ConflictError(f"{what}: too many concurrent writes, try again")
@@ -519,7 +603,7 @@ class TopologyStore:
             key=prefix, range_end=prefix_range_end(prefix), revision=revision, limit=1, keys_only=True
         )
         try:
-            await self.client.kvstub.Range(request, timeout=_TXN_TIMEOUT)
+            await self.client.kvstub.Range(request, timeout=self.write_timeout)
         except rpc.AioRpcError as exc:
             if "compacted" in (exc.details() or ""):
                 raise HistoryCompacted(revision) from exc
@@ -533,7 +617,7 @@ class TopologyStore:
         request = rpc.TxnRequest(
             compare=[c.build_message() for c in compare], success=list(success), failure=list(failure)
         )
-        return await self.client.kvstub.Txn(request, timeout=_TXN_TIMEOUT)
+        return await self.client.kvstub.Txn(request, timeout=self.write_timeout)
 
     async def _delete_record(self, what: str, key: str, expected_revision: int | None) -> bool:
         tx = self.client.transactions
@@ -548,13 +632,28 @@ class TopologyStore:
         current = _mod_revision(response, 0)
         if current == 0:
             return False
-        raise RevisionMismatch(what, expected_revision or 0, current)
+        raise RevisionMismatch(what, expected_revision or 0, current, deleting=True)
 
     async def _get(self, key: str, kind: type[RecordT]) -> Stored[RecordT] | None:
+        """The record at ``key``, None if absent; CorruptRecord if its value does not parse."""
         result = await self.client.get(key.encode())
         if result is None:
             return None
-        return Stored(kind.model_validate_json(result.value), result.mod_revision)
+        try:
+            return Stored(kind.model_validate_json(result.value), result.mod_revision)
+        except ValidationError as exc:
+            raise CorruptRecord(key, kind.__name__, exc) from exc
+
+    async def _read_for_write(self, key: str, kind: type[RecordT]) -> tuple[Stored[RecordT] | None, int]:
+        """The record a write replaces and the revision to compare: (None, 0) if absent, (None, its revision) if
+        its value does not parse, so that a PUT replaces a record broken by hand (with etcdctl) instead of failing
+        on it like every read."""
+        result = await self.client.get(key.encode())
+        if result is None:
+            return None, 0
+        with contextlib.suppress(ValidationError):
+            return Stored(kind.model_validate_json(result.value), result.mod_revision), result.mod_revision
+        return None, result.mod_revision
 
     async def _list(self, prefix: str, kind: type[RecordT]) -> list[Stored[RecordT]]:
         result = await self.client.get_prefix(prefix.encode())

@@ -62,7 +62,8 @@ def now_iso() -> str:
 
 def is_valid_name(name: str) -> bool:
     """Whether ``name`` can be used as a model, application or instance name (it becomes a key segment)."""
-    return bool(_NAME_RE.match(name))
+    # fullmatch, not match: the pattern's `$` also matches before a final newline, so "iris\n" would pass.
+    return bool(_NAME_RE.fullmatch(name))
 
 
 class Record(BaseModel):

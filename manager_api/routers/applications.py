@@ -17,7 +17,7 @@ from manager_api.schemas import (
     RevisionQuery,
     VariantStatus,
 )
-from manager_api.store import Stored, TopologyStore
+from manager_api.store import Stored, TopologyStore, VersionNotRegistered
 from protos.contracts import ContractError, check_application, version_key
 from protos.topology import Application, PipelineReplicaStatus, ShadowVariant, Signature, Variant
 
@@ -145,8 +145,21 @@ async def put_application(name: ApplicationName, spec: ApplicationSpec, store: S
     """
     application = await _check(store, name, spec)
     # A lost race (RevisionMismatch -> 409, ConflictError -> 503 + Retry-After) is answered by app.py's handlers.
-    stored = await store.put_application(application, spec.revision)
+    try:
+        stored = await store.put_application(application, spec.revision)
+    except VersionNotRegistered as exc:
+        # Deleted since _check: the same 400 as if the delete had come first (a 503 would invite the same write).
+        raise ApiProblem(400, f"{_where(spec, exc.model, exc.version)}: {exc}") from exc
     return _view(stored, await _serving(store))
+
+
+def _where(spec: ApplicationSpec, model: str, version: int) -> str:
+    """``stages[i]`` of the first stage naming the model version (as _check's messages say it)."""
+    for index, stage in enumerate(spec.stages):
+        members: list[Variant | ShadowVariant] = [*stage.variants, *stage.shadows]
+        if any((m.model, m.version) == (model, version) for m in members):
+            return f"stages[{index}]"
+    return "stages"
 
 
 @router.get("", response_model=list[ApplicationView])

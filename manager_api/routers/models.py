@@ -4,24 +4,25 @@ machine) and read them back."""
 from __future__ import annotations
 
 import asyncio
+import json
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Request, Response, UploadFile
 
 from manager_api.archives import ArchiveError, archive_manifest
 from manager_api.artifacts import ArtifactStore, UploadTooLarge
-from manager_api.client import pack_model_to_file
+from manager_api.client import model_files, pack_model_to_file
 from manager_api.dependencies import Artifacts, ModelName, Store
 from manager_api.errors import ApiProblem, not_found
 from manager_api.schemas import CONDITIONAL_WRITE_RESPONSES, ModelVersionView, ModelView, RevisionQuery, ServerPath
 from manager_api.settings import Settings
-from manager_api.store import Stored, TopologyStore
-from protos.topology import ModelVersion, Signature
+from manager_api.store import MAX_RECORD_BYTES, RecordTooLarge, Stored, TopologyStore
+from protos.topology import Artifact, ModelVersion, Signature
 from runtimes.model_digest import manifest_digest
-from runtimes.serving_config import SERVING_FILE, ServingConfigError
+from runtimes.serving_config import SERVING_FILE, ServingConfig, ServingConfigError
 
 router = APIRouter(prefix="/models", tags=["models"])
 
@@ -46,8 +47,11 @@ async def _register(
             config = await asyncio.to_thread(artifacts.check, upload)
             # Before keep(), which may move the archive away. Runtimes check their folder against it before loading.
             files = await asyncio.to_thread(archive_manifest, upload.archive, upload.workdir / "manifest")
+            folder = {"folder_digest": manifest_digest(files), "files": files}
+            # Before keep() too: a version etcd would refuse leaves no archive behind.
+            _check_record_size(model, config, upload.digest, upload.size, folder, artifacts)
             artifact = await asyncio.to_thread(artifacts.keep, upload)
-            artifact = artifact.model_copy(update={"folder_digest": manifest_digest(files), "files": files})
+            artifact = artifact.model_copy(update=folder)
     except UploadTooLarge as exc:
         raise ApiProblem(413, str(exc)) from exc
     except (ArchiveError, ServingConfigError) as exc:
@@ -55,9 +59,36 @@ async def _register(
     return _view(await store.register_model_version(model, config.runtime, artifact, config.signature, config.labels))
 
 
+def _check_record_size(
+    model: str, config: ServingConfig, digest: str, size: int, folder: dict[str, Any], artifacts: ArtifactStore
+) -> None:
+    """RecordTooLarge, naming what takes the room, if the version's record would not fit in etcd."""
+    artifact = Artifact(digest=digest, uri=artifacts.blobs.uri(digest), size=size, **folder)
+    # The version number is not known yet: a large one stands in for it (a few bytes either way).
+    record = ModelVersion(
+        name=model,
+        version=2**31,
+        runtime=config.runtime,
+        artifact=artifact,
+        signature=config.signature,
+        labels=config.labels,
+    )
+    value = record.model_dump_json().encode()
+    if len(value) > MAX_RECORD_BYTES:
+        labels = len(json.dumps(config.labels, separators=(",", ":")))
+        listing = len(json.dumps(folder["files"], separators=(",", ":")))
+        signature = len(config.signature.model_dump_json())
+        parts = (
+            f"labels {labels} bytes, signature {signature} bytes, "
+            f"the list of its {len(folder['files'])} files {listing} bytes"
+        )
+        raise RecordTooLarge(f"the record of model version {model}", len(value), parts)
+
+
 @router.post("/{model}/versions", status_code=201, response_model=ModelVersionView)
 async def register_model_version(
     model: ModelName,
+    request: Request,
     store: Store,
     artifacts: Artifacts,
     archive: Annotated[
@@ -66,6 +97,11 @@ async def register_model_version(
     ],
 ) -> ModelVersionView:
     """Upload a model folder (with serving.yaml at its root) as the next version of ``model``."""
+    # FastAPI hands over the last of several; the others would be dropped without a word. (The form is the one
+    # FastAPI already parsed: Starlette keeps it on the request.)
+    given = len((await request.form()).getlist("archive"))
+    if given > 1:
+        raise ApiProblem(400, f"{given} files in the field archive: send one model archive per upload")
     return await _register(model, _chunks(archive), store, artifacts)
 
 
@@ -89,16 +125,37 @@ async def register_model_version_from_path(
 def _allowed_folder(path: str, roots: tuple[Path, ...]) -> Path:
     if not roots:
         raise ApiProblem(403, "registering from a server path is off: start the manager with --allow-register-from DIR")
+    allowed = ", ".join(str(root) for root in roots)
     # resolve() follows links: a link inside an allowed folder that points outside it is outside.
-    folder = Path(path).resolve()
-    if not any(folder.is_relative_to(root) for root in roots):
-        allowed = ", ".join(str(root) for root in roots)
+    folder = _resolved(path)
+    if not _under(folder, roots):
         raise ApiProblem(403, f"path {path!r} is outside the folders the manager may read models from: {allowed}")
     if not folder.is_dir():
         raise ApiProblem(400, f"path {path!r} is not a folder on the manager's machine")
     if not (folder / SERVING_FILE).is_file():
         raise ApiProblem(400, f"path {path!r} has no {SERVING_FILE}: it is not a model folder")
+    # Packing follows links, and the packed archive can be downloaded by any token: a file that links outside
+    # the allowed folders would be copied out of them.
+    for file in model_files(folder):
+        target = _resolved(str(file))
+        if not _under(target, roots):
+            inside = file.relative_to(folder)
+            raise ApiProblem(
+                403, f"path {path!r}: {inside} links to {target}, outside the folders the manager may read: {allowed}"
+            )
     return folder
+
+
+def _resolved(path: str) -> Path:
+    """``path`` with every link followed; 400 if that cannot be done (a loop of links, a NUL byte)."""
+    try:
+        return Path(path).resolve()
+    except (OSError, RuntimeError, ValueError) as exc:  # RuntimeError: a symlink loop, on Python 3.11
+        raise ApiProblem(400, f"path {path!r} cannot be resolved on the manager's machine: {exc}") from exc
+
+
+def _under(path: Path, roots: tuple[Path, ...]) -> bool:
+    return any(path.is_relative_to(root) for root in roots)
 
 
 async def _file_chunks(path: Path) -> AsyncIterator[bytes]:

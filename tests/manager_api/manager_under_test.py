@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import io
 import signal
+import socket
 import sys
 import tarfile
 from pathlib import Path
@@ -133,3 +134,41 @@ def etcd_prefix_items(endpoint: str, prefix: str) -> dict[str, tuple[bytes, int]
             return {kv.key.decode(): (kv.value, kv.mod_revision) for kv in await client.get_prefix(prefix.encode())}
 
     return asyncio.run(read())
+
+
+def raw_request(port: int, head: str, body: bytes = b"", timeout: float = 10.0) -> tuple[int, bytes]:
+    """Send ``head`` (request line and headers, each ending in CRLF) and ``body`` to 127.0.0.1:``port`` on a fresh
+    connection; the status and body answered. The body may be shorter than the Content-Length declared: then
+    TimeoutError says the manager waited for the rest instead of answering."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(head.encode() + b"\r\n" + body)
+        received = b""
+        while b"\r\n\r\n" not in received or len(received) < _response_end(received):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+    head_bytes, _, payload = received.partition(b"\r\n\r\n")
+    return int(head_bytes.split()[1]), payload
+
+
+def _response_end(received: bytes) -> int:
+    """Where a response with a Content-Length ends (its head is complete in ``received``)."""
+    head, _, _ = received.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    return len(head) + 4 + length
+
+
+def etcd_put(endpoint: str, key: str, value: bytes) -> None:
+    """Write ``value`` at ``key`` in etcd itself, as an operator with etcdctl would (no checks)."""
+
+    async def write() -> None:
+        host, port = endpoint.rsplit(":", 1)
+        async with aetcd.Client(host=host, port=int(port)) as client:
+            await client.put(key.encode(), value)
+
+    asyncio.run(write())

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from manager_under_test import raw_request
 
 from manager_api.auth import TokenStore, hash_token, write_token_file
 from manager_api.credentials import ensure_admin_credentials, load_credentials
@@ -86,6 +87,34 @@ def test_viewers_read_admins_write(manager_url: str) -> None:
         else:
             assert viewer.status_code == 403, (method, path, viewer.text)
             assert "admin" in viewer.json()["error"]
+
+
+def test_a_401_says_how_to_authenticate(manager_url: str) -> None:
+    # RFC 6750: a 401 carries WWW-Authenticate naming the scheme, which clients and proxies look for.
+    for headers in ({}, {"authorization": "Bearer not-a-known-token"}):
+        response = httpx.get(f"{manager_url}/api/v1/models", headers=headers)
+        assert response.status_code == 401
+        assert response.headers["www-authenticate"].startswith("Bearer"), response.headers
+
+
+def test_the_token_is_checked_before_the_body_is_read(manager_url: str) -> None:
+    # FastAPI reads and parses a body before any dependency runs: without a token, a client could make the manager
+    # take in and spool an upload, and learn which fields of a body were wrong (400/422 instead of 401).
+    bad = httpx.put(
+        f"{manager_url}/api/v1/deployments/m/1", content=b"{bad", headers={"content-type": "application/json"}
+    )
+    assert bad.status_code == 401, bad.text
+    port = int(manager_url.rsplit(":", 1)[1])
+    head = (
+        "POST /api/v1/models/m/versions HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+        "Content-Length: 10000000\r\nConnection: close\r\n"
+    )
+    start = b'--b\r\nContent-Disposition: form-data; name="archive"; filename="m.tar.gz"\r\n\r\n\x1f\x8b'
+    status, payload = raw_request(port, head, start)  # TimeoutError: the manager waited for the 10 MB
+    assert status == 401, payload
+    # A viewer's write is refused as early.
+    status, payload = raw_request(port, head.replace("Host: x", f"Host: x\r\nAuthorization: Bearer {VIEWER}"), start)
+    assert status == 403, payload
 
 
 def test_health_and_docs_need_no_token(manager_url: str) -> None:

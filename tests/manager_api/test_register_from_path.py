@@ -34,6 +34,17 @@ def roots(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     (allowed / "not-a-model").mkdir()
     # A link inside the allowed folder to a model folder outside it: following it would escape.
     (allowed / "escape").symlink_to(outside / "secret")
+    # A model folder whose one file links to a file outside: packing it would copy that file into an artifact
+    # that any token may then download (GET /artifacts/{digest}).
+    leaky = _model_folder(allowed / "leaky")
+    (outside / "password.txt").write_text("hunter2\n")
+    (leaky / "notes.txt").symlink_to(outside / "password.txt")
+    # A link to itself: resolving it never ends.
+    (allowed / "loop").symlink_to(allowed / "loop")
+    # Links that stay inside the allowed folder are fine.
+    shared = _model_folder(allowed / "shared-weights")
+    (allowed / "weights.bin").write_bytes(b"w")
+    (shared / "weights.bin").symlink_to(allowed / "weights.bin")
     return allowed, outside
 
 
@@ -74,6 +85,9 @@ def test_a_folder_under_an_allowed_root_becomes_the_next_version(api: httpx.Clie
         ("dotdot", 403, "outside the folders"),
         ("missing", 400, "is not a folder on the manager's machine"),
         ("not-a-model", 400, "has no serving.yaml"),
+        ("leaky", 403, "notes.txt links to"),
+        ("loop", 400, "cannot be resolved"),
+        ("nul", 400, "cannot be resolved"),
     ],
 )
 def test_paths_that_are_not_allowed_model_folders_are_refused(
@@ -86,11 +100,20 @@ def test_paths_that_are_not_allowed_model_folders_are_refused(
         "dotdot": allowed / ".." / "elsewhere" / "secret",
         "missing": allowed / "nothing-here",
         "not-a-model": allowed / "not-a-model",
+        "leaky": allowed / "leaky",
+        "loop": allowed / "loop",
+        "nul": f"{allowed}/doubler\x00",
     }[where]
     response = api.post("/models/refused/versions/from-path", json={"path": str(path)})
     assert response.status_code == status, response.text
     assert fragment in response.json()["error"]
     assert api.get("/models/refused").status_code == 404
+
+
+def test_links_that_stay_under_the_allowed_folder_are_followed(api: httpx.Client, roots: tuple[Path, Path]) -> None:
+    response = api.post("/models/shared/versions/from-path", json={"path": str(roots[0] / "shared-weights")})
+    assert response.status_code == 201, response.text
+    assert "weights.bin" in response.json()["artifact"]["files"]
 
 
 def test_bad_bodies_and_unknown_versions(api: httpx.Client) -> None:
