@@ -44,6 +44,21 @@ def model_files(folder: Path) -> list[Path]:
     ]
 
 
+def link_leaving(folder: Path, roots: tuple[Path, ...]) -> tuple[Path, Path] | None:
+    """The first file packing ``folder`` would copy that resolves outside every one of ``roots``, with its target.
+
+    Packing follows links, and a packed archive can be downloaded by any token: a file linking out of the folders
+    the manager may read would be copied out of them. ``roots`` must be resolved. None: every file stays inside.
+    Raises OSError, RuntimeError (a loop of links, Python 3.11) or ValueError (a NUL byte) if a path cannot be
+    resolved.
+    """
+    for file in model_files(folder):
+        target = file.resolve()
+        if not any(target.is_relative_to(root) for root in roots):
+            return file, target
+    return None
+
+
 class _HashingWriter(io.RawIOBase):
     """A write-only file that hashes and counts what goes through it to ``out``."""
 

@@ -7,6 +7,9 @@ with the artifact digest of the model's latest version: equal means nothing to d
 watcher), different means a new version, uploaded through the manager's REST API with the admin token, so every
 check of a push (archive safety, serving.yaml, signature against the model) applies unchanged.
 
+A folder that is, or holds a file that is, a link leading out of DIR is refused (logged once, naming the file and
+its target): its archive would copy that file out to anyone holding a token. Links that stay inside DIR are followed.
+
 The model name is serving.yaml's ``name``, else the folder's name. A folder the manager refuses (4xx) is logged
 with the manager's message and left alone until it changes again; a manager that cannot be reached, or answers
 5xx, is retried with back-off. One bad folder never stops the others or the watcher.
@@ -28,7 +31,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from manager_api.client import ApiError, ManagerClient, model_files, pack_model_to_file
+from manager_api.client import ApiError, ManagerClient, link_leaving, model_files, pack_model_to_file
 from protos.topology import is_valid_name
 from runtimes.serving_config import SERVING_FILE
 
@@ -190,6 +193,9 @@ class ModelDiscovery:
         if owner is not None:
             # Two folders feeding one model would register each other's files in turn.
             return self._refused(folder, state, f"model {name!r} already comes from the folder {owner!r}")
+        escape = self._link_out(folder)
+        if escape is not None:
+            return self._refused(folder, state, escape)
         with tempfile.TemporaryDirectory(prefix="hydro-discovery-") as scratch:
             packed = pack_model_to_file(folder, Path(scratch) / "model.tar.gz")
             after = fingerprint(folder)
@@ -210,6 +216,22 @@ class ModelDiscovery:
         version = int(registered["version"])
         log.info("registered model %s version %d from %s", name, version, folder)
         return self._settled(state, Action.registered, version=version)
+
+    def _link_out(self, folder: Path) -> str | None:
+        """Why ``folder`` must not be packed, if it or one of its files links out of the models folder.
+
+        The same check as registering from a server path (``link_leaving``): packing follows links and any token
+        can download the archive, so a link out would copy a file from anywhere the manager can read.
+        """
+        root = self.models_dir.resolve()
+        target = folder.resolve()
+        if not target.is_relative_to(root):
+            return f"the folder links to {target}, outside the models folder {root}"
+        leaving = link_leaving(folder, (root,))
+        if leaving is None:
+            return None
+        file, target = leaving
+        return f"{file.relative_to(folder)} links to {target}, outside the models folder {root}"
 
     def _folder_of(self, model: str, besides: str) -> str | None:
         """The other folder that registered ``model`` (or found it up to date), if any."""

@@ -14,7 +14,7 @@ from fastapi import APIRouter, File, Request, Response, UploadFile
 
 from manager_api.archives import ArchiveError, archive_manifest
 from manager_api.artifacts import ArtifactStore, UploadTooLarge
-from manager_api.client import model_files, pack_model_to_file
+from manager_api.client import link_leaving, pack_model_to_file
 from manager_api.dependencies import Artifacts, ModelName, Store
 from manager_api.errors import ApiProblem, not_found
 from manager_api.schemas import CONDITIONAL_WRITE_RESPONSES, ModelVersionView, ModelView, RevisionQuery, ServerPath
@@ -136,13 +136,16 @@ def _allowed_folder(path: str, roots: tuple[Path, ...]) -> Path:
         raise ApiProblem(400, f"path {path!r} has no {SERVING_FILE}: it is not a model folder")
     # Packing follows links, and the packed archive can be downloaded by any token: a file that links outside
     # the allowed folders would be copied out of them.
-    for file in model_files(folder):
-        target = _resolved(str(file))
-        if not _under(target, roots):
-            inside = file.relative_to(folder)
-            raise ApiProblem(
-                403, f"path {path!r}: {inside} links to {target}, outside the folders the manager may read: {allowed}"
-            )
+    try:
+        leaving = link_leaving(folder, roots)
+    except (OSError, RuntimeError, ValueError) as exc:  # RuntimeError: a symlink loop, on Python 3.11
+        raise ApiProblem(400, f"path {path!r}: a file in it cannot be resolved: {exc}") from exc
+    if leaving is not None:
+        file, target = leaving
+        inside = file.relative_to(folder)
+        raise ApiProblem(
+            403, f"path {path!r}: {inside} links to {target}, outside the folders the manager may read: {allowed}"
+        )
     return folder
 
 

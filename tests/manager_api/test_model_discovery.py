@@ -209,3 +209,48 @@ def test_a_folder_still_being_written_is_not_registered_until_quiet(
         assert (status.action, status.version, status.handled) == (Action.registered, 1, 1), status.error
     assert versions(api, "iris-c") == [1]
     assert api.get_model("iris-c")["versions"][0]["artifact"]["digest"] == digest_of(folder)
+
+
+def test_a_folder_with_a_file_linking_out_of_the_models_dir_is_skipped_with_one_log_line(
+    iris: Path,
+    models_dir: Path,
+    tmp_path: Path,
+    watcher: ModelDiscovery,
+    api: ManagerClient,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Packing follows links and any token can download an artifact: a link out of the models dir would leak."""
+    caplog.set_level(logging.INFO, logger="manager_api.model_discovery")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    secret = elsewhere / "secret"
+    secret.write_text("hunter2\n")
+    leaky = models_dir / "leaky-d"
+    shutil.copytree(iris, leaky)
+    (leaky / "notes.txt").symlink_to(secret)
+    # The whole model folder a link to a folder outside: the same escape, as from-path refuses it.
+    outside_model = elsewhere / "iris"
+    shutil.copytree(iris, outside_model)
+    (models_dir / "linked-d").symlink_to(outside_model)
+    # A link that stays inside the models dir is followed, like from-path follows one under an allowed folder.
+    (models_dir / "shared.txt").write_text("shared notes\n")
+    inside = models_dir / "inside-d"
+    shutil.copytree(iris, inside)
+    (inside / "notes.txt").symlink_to(models_dir / "shared.txt")
+    shutil.copytree(iris, models_dir / "iris-d")
+
+    wait_for_versions(api, "iris-d", [1])
+    wait_for_versions(api, "inside-d", [1])
+    for name in ("leaky-d", "linked-d"):
+        wait_until(lambda n=name: watcher.status[n].action == Action.failed, REGISTERED_WITHIN, f"{name} refused")
+    assert versions(api, "leaky-d") == [] and versions(api, "linked-d") == []
+    assert f"notes.txt links to {secret}" in (watcher.status["leaky-d"].error or "")
+    assert f"the folder links to {outside_model}" in (watcher.status["linked-d"].error or "")
+    logged = [r.getMessage() for r in caplog.records if "leaky-d" in r.getMessage()]
+    assert len(logged) == 1 and f"notes.txt links to {secret}" in logged[0], logged
+
+    # Left alone while unchanged (one log line, not one per scan); the watcher goes on with the others.
+    scans = watcher.scans
+    wait_until(lambda: watcher.scans >= scans + 10, 30, "ten more scans", 0.05)
+    assert len([r for r in caplog.records if "leaky-d" in r.getMessage()]) == 1
+    assert watcher.status["leaky-d"].handled == 1
