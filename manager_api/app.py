@@ -77,7 +77,8 @@ def _install_store_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ArtifactStoreUnavailable)
     async def _artifacts_down(_: Request, exc: ArtifactStoreUnavailable) -> JSONResponse:
-        return JSONResponse(status_code=503, content={"error": str(exc)})
+        # As for etcd: the store (an S3 endpoint) failed, not the request, and a retry may well succeed.
+        return JSONResponse(status_code=503, content={"error": str(exc)}, headers={"Retry-After": "1"})
 
     @app.exception_handler(HistoryCompacted)
     async def _compacted(_: Request, exc: HistoryCompacted) -> JSONResponse:

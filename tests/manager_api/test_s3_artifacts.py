@@ -284,7 +284,7 @@ def test_hydro_up_refuses_a_missing_bucket_before_starting_anything(s3: SeaweedS
     assert not list(tmp_path.iterdir()), "hydro up started something before checking the artifact store"
 
 
-def test_a_bucket_that_goes_away_after_startup_is_a_503_naming_the_store(
+def test_a_bucket_that_goes_away_after_startup_is_a_503_naming_the_store_with_retry_after(
     etcd_server: EtcdServer, tmp_path: Path
 ) -> None:
     with SeaweedS3(tmp_path / "s3") as s3:
@@ -296,8 +296,11 @@ def test_a_bucket_that_goes_away_after_startup_is_a_503_naming_the_store(
         response = upload(url, "orphan", archive(9))
         assert response.status_code == 503, response.text
         assert f"artifact store s3://{s3.bucket}/gone/: HeadObject failed" in response.json()["error"]
+        # Like etcd's 503: nothing was written, and a retry may succeed once the store is back.
+        assert response.headers.get("retry-after") == "1", response.headers
         download = httpx.get(f"{url}/api/v1/artifacts/{digest_of(archive(9))}", timeout=60)
         assert download.status_code == 503, download.text
+        assert download.headers.get("retry-after") == "1", download.headers
         # Nothing was registered for the refused upload.
         assert httpx.get(f"{url}/api/v1/models/orphan", timeout=30).status_code == 404
     finally:
