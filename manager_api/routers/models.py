@@ -56,6 +56,8 @@ async def _register(
         raise ApiProblem(413, str(exc)) from exc
     except (ArchiveError, ServingConfigError) as exc:
         raise ApiProblem(400, str(exc)) from exc
+    # A failure here (etcd unavailable: 503) leaves the kept archive: removing it is unsafe without etcd's answer
+    # (docs/manager_api.md says why), and a retry of the same bytes reuses it.
     return _view(await store.register_model_version(model, config.runtime, artifact, config.signature, config.labels))
 
 

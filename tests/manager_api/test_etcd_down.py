@@ -6,6 +6,7 @@ or frozen (SIGSTOP: it holds its connections and answers nothing, like a host cu
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import time
@@ -14,8 +15,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from manager_under_test import ManagerUnderTest
+from manager_under_test import ManagerUnderTest, python_model_archive
 
+from manager_api.artifacts.local import LocalBlobs
 from manager_api.etcd_server import EtcdServer
 
 
@@ -52,6 +54,26 @@ def test_every_call_is_a_503_naming_etcd_while_it_is_down(etcd_then_down: EtcdSe
             # Clients and proxies retry a 503 that says when.
             assert response.headers["retry-after"] == "1", where
         assert http.get(manager.url + "/healthz").status_code == 503
+
+
+def test_an_upload_refused_for_etcd_keeps_its_checked_archive_as_the_docs_say(
+    etcd_then_down: EtcdServer, tmp_path: Path
+) -> None:
+    """The archive is stored before etcd is asked: it stays (docs/manager_api.md says why it is not removed)."""
+    data = python_model_archive()
+    digest = f"sha256:{hashlib.sha256(data).hexdigest()}"
+    with (
+        ManagerUnderTest(etcd_then_down.endpoint, "/hydro-down-upload/", tmp_path / "manager") as manager,
+        httpx.Client(base_url=manager.api, timeout=60) as http,
+    ):
+        etcd_then_down.stop()
+        response = http.post("/models/m/versions", files={"archive": ("model.tar.gz", data)})
+        assert response.status_code == 503, response.text
+        assert response.headers["retry-after"] == "1"
+        assert LocalBlobs(tmp_path / "manager" / "artifacts").has(digest)
+    docs = (Path(__file__).parents[2] / "docs" / "manager_api.md").read_text()
+    assert "A refused upload leaves no key and no file." not in docs
+    assert "an upload refused with a 503 for etcd leaves its archive" in " ".join(docs.split())
 
 
 #: The manager's default deadline of an etcd read (``--etcd-timeout``), in seconds.
