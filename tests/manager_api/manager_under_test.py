@@ -1,6 +1,7 @@
 """A real `python -m manager_api` process for tests: start, SIGKILL, restart on the same port, stop.
 
-Also registers small python models, since deployments and applications need registered versions.
+Also registers small python models, since deployments and applications need registered versions, and serves an
+app in this process (``served``) for the tests that reach into it to place a fault exactly, still over HTTP.
 """
 
 from __future__ import annotations
@@ -11,15 +12,20 @@ import signal
 import socket
 import sys
 import tarfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import aetcd
 import httpx
+import uvicorn
+from starlette.types import ASGIApp
 
 from manager_api.ports import free_port
-from manager_api.processes import ChildProcess, http_ok
+from manager_api.processes import ChildProcess, http_ok, wait_until
 
 SERVING_YAML = b"""\
 runtime: python
@@ -30,6 +36,25 @@ signature:
   outputs: [{name: y, datatype: FP32, shape: [-1]}]
 """
 MODEL_PY = b"def predict(inputs):\n    return {'y': inputs['x'] * 2}\n"
+
+
+@contextmanager
+def served(app: ASGIApp, timeout: float = 30.0) -> Iterator[httpx.Client]:
+    """``app`` served by uvicorn on a free loopback port in a thread of this process (its lifespan run), and a
+    client for it; the server is stopped on the way out, also when the test fails."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started or not thread.is_alive(), timeout, "uvicorn")
+        if not server.started:
+            raise RuntimeError("uvicorn did not start (its lifespan failed?)")
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=timeout) as client:
+            yield client
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
 
 
 def python_model_archive(model_py: bytes = MODEL_PY) -> bytes:

@@ -1,16 +1,15 @@
 """An application written while a model version it names is being deleted: the answer is the 400 of a version that
 is not registered, the same as when the delete came first, not a 503 inviting the same write again.
 
-In process (Starlette's TestClient) so that the delete lands exactly between the application's check and its
-etcd transaction: the check is made to see the version as it was just before.
+In process (the app served by uvicorn in a thread, requests over HTTP) so that the delete lands exactly between
+the application's check and its etcd transaction: the check is made to see the version as it was just before.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi.testclient import TestClient
-from manager_under_test import python_model_archive
+from manager_under_test import python_model_archive, served
 
 from manager_api.app import create_app
 from manager_api.etcd_server import EtcdServer
@@ -24,10 +23,11 @@ def test_a_version_deleted_between_check_and_write_is_a_400(
 ) -> None:
     host, port = etcd_server.endpoint.rsplit(":", 1)
     settings = Settings(etcd_host=host, etcd_port=int(port), prefix=etcd_prefix, data_dir=tmp_path / "mgr")
-    with TestClient(create_app(settings)) as http:
+    app = create_app(settings)
+    with served(app) as http:
         upload = {"archive": ("m.tar.gz", python_model_archive())}
         assert http.post("/api/v1/models/m/versions", files=upload).status_code == 201
-        store: TopologyStore = http.app.state.store  # type: ignore[attr-defined]
+        store: TopologyStore = app.state.store  # type: ignore[attr-defined]
         view = http.get("/api/v1/models/m/versions/1").json()
         seen_by_check = ModelVersion.model_validate({k: v for k, v in view.items() if k != "revision"})
         assert http.delete("/api/v1/models/m/versions/1").status_code == 204

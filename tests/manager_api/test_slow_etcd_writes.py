@@ -2,8 +2,9 @@
 every write is a 503 within about ``--etcd-timeout``, none waits for ever behind another, and once etcd answers
 again so does the manager.
 
-In process (the app on Starlette's TestClient) against an etcd of the test's own, frozen with SIGSTOP by the
-manager's own etcd client as it sends its first transaction: the one moment a test cannot catch from outside.
+In process (the app served by uvicorn in a thread, requests over HTTP) against an etcd of the test's own, frozen
+with SIGSTOP by the manager's own etcd client as it sends its first transaction: the one moment a test cannot catch
+from outside.
 """
 
 from __future__ import annotations
@@ -18,8 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fastapi.testclient import TestClient
-from manager_under_test import python_model_archive
+from manager_under_test import python_model_archive, served
 
 from manager_api.app import create_app
 from manager_api.etcd_server import EtcdServer
@@ -64,10 +64,11 @@ def test_writes_are_503s_within_the_deadline_when_etcd_stalls_mid_write(own_etcd
     )
     etcd_pid = own_etcd.process.pid
     assert etcd_pid is not None
-    with TestClient(create_app(settings), raise_server_exceptions=False) as http:
+    app = create_app(settings)
+    with served(app) as http:
         registered = http.post("/api/v1/models/m/versions", files={"archive": ("m.tar.gz", python_model_archive())})
         assert registered.status_code == 201, registered.text
-        store = http.app.state.store  # type: ignore[attr-defined]
+        store = app.state.store  # type: ignore[attr-defined]
         kv = FreezingKV(store.client.kvstub, etcd_pid)
         store.client.kvstub = kv
 
@@ -104,7 +105,8 @@ def test_an_event_stream_etcd_does_not_open_is_a_503_saying_why(own_etcd: EtcdSe
     )
     etcd_pid = own_etcd.process.pid
     assert etcd_pid is not None
-    with TestClient(create_app(settings), raise_server_exceptions=False) as http:
+    app = create_app(settings)
+    with served(app) as http:
         os.kill(etcd_pid, signal.SIGSTOP)
         try:
             response = http.get("/api/v1/events")
