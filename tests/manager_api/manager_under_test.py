@@ -57,16 +57,21 @@ def served(app: ASGIApp, timeout: float = 30.0) -> Iterator[httpx.Client]:
         thread.join(timeout)
 
 
-def python_model_archive(model_py: bytes = MODEL_PY) -> bytes:
-    """A .tar.gz of a one-function python model (no framework: registration needs no signature check); another
-    ``model_py`` makes another archive, with a digest of its own."""
+def tar_gz(members: dict[str, bytes], encoding: str = "utf-8") -> bytes:
+    """A .tar.gz of ``members`` (name -> bytes); names written in ``encoding`` (latin-1 for an old system's tar)."""
     buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for name, data in (("serving.yaml", SERVING_YAML), ("model.py", model_py)):
+    with tarfile.open(fileobj=buffer, mode="w:gz", encoding=encoding, errors="surrogateescape") as tar:
+        for name, data in members.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     return buffer.getvalue()
+
+
+def python_model_archive(model_py: bytes = MODEL_PY) -> bytes:
+    """A .tar.gz of a one-function python model (no framework: registration needs no signature check); another
+    ``model_py`` makes another archive, with a digest of its own."""
+    return tar_gz({"serving.yaml": SERVING_YAML, "model.py": model_py})
 
 
 class ManagerUnderTest:

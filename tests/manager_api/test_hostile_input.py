@@ -17,12 +17,15 @@ from typing import Any
 import httpx
 import pytest
 from manager_under_test import (
+    MODEL_PY,
+    SERVING_YAML,
     ManagerUnderTest,
     etcd_prefix_items,
     etcd_put,
     python_model_archive,
     raw_request,
     register_model,
+    tar_gz,
 )
 
 from manager_api.etcd_server import EtcdServer
@@ -194,27 +197,6 @@ def test_a_delete_with_revision_zero_says_what_it_found(manager: ManagerUnderTes
     assert_error(response, 409, "deployment hostile/1 exists", "read it again")
     assert "create" not in response.json()["error"]
     assert response.json()["current_revision"] > 0
-
-
-SERVING_YAML = b"""\
-runtime: python
-files: [model.py]
-entrypoint: model:predict
-signature:
-  inputs: [{name: x, datatype: FP32, shape: [-1]}]
-  outputs: [{name: y, datatype: FP32, shape: [-1]}]
-"""
-MODEL_PY = b"def predict(inputs):\n    return {'y': inputs['x'] * 2}\n"
-
-
-def tar_gz(members: dict[str, bytes], encoding: str = "utf-8") -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz", encoding=encoding, errors="surrogateescape") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
 
 
 def blobs(manager: ManagerUnderTest) -> list[str]:

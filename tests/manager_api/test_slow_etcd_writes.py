@@ -39,6 +39,14 @@ def own_etcd(tmp_path: Path) -> Iterator[EtcdServer]:
         server.stop()
 
 
+def _settings(etcd: EtcdServer, tmp_path: Path) -> Settings:
+    """The manager's settings against ``etcd``, with the short etcd deadline these tests wait out."""
+    host, port = etcd.endpoint.rsplit(":", 1)
+    return Settings(
+        etcd_host=host, etcd_port=int(port), etcd_timeout=ETCD_TIMEOUT, prefix="/stall/", data_dir=tmp_path / "mgr"
+    )
+
+
 class FreezingKV:
     """etcd's KV stub that freezes etcd (SIGSTOP) just before sending the first transaction through it."""
 
@@ -58,13 +66,9 @@ class FreezingKV:
 
 
 def test_writes_are_503s_within_the_deadline_when_etcd_stalls_mid_write(own_etcd: EtcdServer, tmp_path: Path) -> None:
-    host, port = own_etcd.endpoint.rsplit(":", 1)
-    settings = Settings(
-        etcd_host=host, etcd_port=int(port), etcd_timeout=ETCD_TIMEOUT, prefix="/stall/", data_dir=tmp_path / "mgr"
-    )
+    app = create_app(_settings(own_etcd, tmp_path))
     etcd_pid = own_etcd.process.pid
     assert etcd_pid is not None
-    app = create_app(settings)
     with served(app) as http:
         registered = http.post("/api/v1/models/m/versions", files={"archive": ("m.tar.gz", python_model_archive())})
         assert registered.status_code == 201, registered.text
@@ -99,13 +103,9 @@ def test_writes_are_503s_within_the_deadline_when_etcd_stalls_mid_write(own_etcd
 
 
 def test_an_event_stream_etcd_does_not_open_is_a_503_saying_why(own_etcd: EtcdServer, tmp_path: Path) -> None:
-    host, port = own_etcd.endpoint.rsplit(":", 1)
-    settings = Settings(
-        etcd_host=host, etcd_port=int(port), etcd_timeout=ETCD_TIMEOUT, prefix="/stall/", data_dir=tmp_path / "mgr"
-    )
+    app = create_app(_settings(own_etcd, tmp_path))
     etcd_pid = own_etcd.process.pid
     assert etcd_pid is not None
-    app = create_app(settings)
     with served(app) as http:
         os.kill(etcd_pid, signal.SIGSTOP)
         try:
