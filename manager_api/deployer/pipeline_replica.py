@@ -3,7 +3,8 @@
 The lifecycle (starting, ready and registered, crash-looping, draining) is a model replica's (replica.py); what
 differs is the processes, the spec file they read, and where they are registered: ``pipelines/{app}/{id}`` and
 ``pipeline-replicas/{app}/{id}``. A replica is started for one spec (``spec_digest``: the stages, variants and
-shadows, not the weights, which the sidecar's routes carry) and never changes it: a new spec means new replicas.
+shadows and the pipeline's time budget, not the weights, which the sidecar's routes carry) and never changes it: a
+new spec means new replicas.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from runtimes.pipeline.spec import PipelineSpecFile
 from xds_control.bootstrap import pipeline_envoy
 
 
-def spec_digest(app: Application) -> str:
-    """What a running pipeline depends on: each stage's variants and shadows in order, weights left out."""
+def spec_digest(app: Application, timeout_ms: int) -> str:
+    """What a running pipeline depends on: each stage's variants and shadows in order, weights left out, and its
+    time budget (``--timeout``, xds_control.translate.pipeline_timeout_ms), which the stages' deployments set: the
+    ingress takes a new one at once, so a running pipeline must not keep cutting calls at the old one."""
     shape = [
         {
             "variants": [version_key(v.model, v.version) for v in stage.variants],
@@ -34,7 +37,7 @@ def spec_digest(app: Application) -> str:
         }
         for stage in app.stages
     ]
-    return "sha256:" + hashlib.sha256(json.dumps([app.name, shape]).encode()).hexdigest()
+    return "sha256:" + hashlib.sha256(json.dumps([app.name, shape, timeout_ms]).encode()).hexdigest()
 
 
 def members(app: Application) -> list[tuple[str, int]]:

@@ -324,10 +324,11 @@ class ProcessDeployer:
 
         Returns the applications of which this node wants at least one pipeline replica.
 
-        A replica runs the spec it started with. When an application's stages, variants or shadows change (its
-        ``spec_digest``), replicas of the new spec start beside the old ones, and the old ones are drained once the
-        mesh has ``pipeline_replicas`` ready replicas of the new spec (make before break). ``nodes`` None: this
-        node does not see itself (see reconcile), so it starts nothing and keeps what runs.
+        A replica runs the spec it started with. When an application's stages, variants or shadows, or its time
+        budget (its stages' deployments' ``timeout_ms``), change (its ``spec_digest``), replicas of the new spec
+        start beside the old ones, and the old ones are drained once the mesh has ``pipeline_replicas`` ready
+        replicas of the new spec (make before break). ``nodes`` None: this node does not see itself (see
+        reconcile), so it starts nothing and keeps what runs.
         """
         apps = {a.name: a for a in await self._desired.list_applications() if a.needs_pipeline}
         for pipelines in self.pipelines.values():
@@ -335,9 +336,12 @@ class ProcessDeployer:
                 if pipeline.state == "ready" and not pipeline.alive():
                     await pipeline.handle_crash()
         ready = Counter((p.app, p.spec_digest) for p in await self._desired.list_pipelines() if p.state == "ready")
+        topology = Topology(deployments={(d.model, d.version): d for d in deployments})
+        budgets = {name: pipeline_timeout_ms(topology, app) for name, app in apps.items()}
+        digests = {name: spec_digest(app, budgets[name]) for name, app in apps.items()}
         wanted: dict[str, int] = {}
         for name, app in apps.items():
-            running = len([p for p in self.pipelines.get(name, []) if p.config.spec_digest == spec_digest(app)])
+            running = len([p for p in self.pipelines.get(name, []) if p.config.spec_digest == digests[name]])
             share_here = pipeline_share(name, app.pipeline_replicas, nodes, self._node) if nodes is not None else None
             wanted[name] = share_here if share_here is not None else min(app.pipeline_replicas, running)
         for name, pipelines in list(self.pipelines.items()):
@@ -347,7 +351,7 @@ class ProcessDeployer:
                 self._stop_pipelines(name, alive)
                 continue
             app = needed
-            digest = spec_digest(app)
+            digest = digests[name]
             current = [p for p in alive if p.config.spec_digest == digest]
             outdated = [p for p in alive if p.config.spec_digest != digest]
             doomed = surplus(current, wanted[name], ready[(name, digest)], app.pipeline_replicas)
@@ -363,7 +367,7 @@ class ProcessDeployer:
                     pipeline.restarts += 1
                     self._launch(pipeline)
         for name, app in apps.items():
-            digest = spec_digest(app)
+            digest = digests[name]
             have = len([p for p in self.pipelines.get(name, []) if p.config.spec_digest == digest])
             if have >= wanted[name]:
                 continue
@@ -371,7 +375,7 @@ class ProcessDeployer:
             if not self._may_try(what, app):
                 continue
             try:
-                config = await self._pipeline_config(app, digest, deployments)
+                config = await self._pipeline_config(app, digest, budgets[name])
             except Exception as exc:
                 self._unstartable(what, app, exc)
                 continue
@@ -384,9 +388,7 @@ class ProcessDeployer:
                 self._launch(pipeline)
         return {name for name, want in wanted.items() if want > 0}
 
-    async def _pipeline_config(
-        self, app: Application, digest: str, deployments: list[Deployment]
-    ) -> PipelineReplicaConfig | None:
+    async def _pipeline_config(self, app: Application, digest: str, timeout_ms: int) -> PipelineReplicaConfig | None:
         """The config of new pipeline replicas of ``app``, its spec file written; None if a version is missing."""
         signatures: dict[str, Signature] = {}
         for model, version in members(app):
@@ -397,12 +399,11 @@ class ProcessDeployer:
             signatures[version_key(model, version)] = record.signature
         folder = self._workdir / "pipelines" / app.name / digest.removeprefix("sha256:")[:16]
         spec_path = await asyncio.to_thread(write_spec, folder, app, signatures)
-        topology = Topology(deployments={(d.model, d.version): d for d in deployments})
         return PipelineReplicaConfig(
             app=app.name,
             spec_path=spec_path,
             spec_digest=digest,
-            timeout_s=pipeline_timeout_ms(topology, app) / 1000,
+            timeout_s=timeout_ms / 1000,
             node=self._node,
             advertise_address=self._advertise_address,
             xds_host=self._xds[0],

@@ -2,14 +2,16 @@
 
 python feature extractor -> scikit-learn classifier -> ONNX network scorer: the deployer starts the pipeline runtime
 and its sidecar for the application, the ingress routes the application's name to it over REST and gRPC (stock
-tritonclient, no header), each stage is named in x-hydro-stages, a change of stages restarts the pipeline with a
-new spec while requests keep succeeding, and a stage that is down gives an error naming it.
+tritonclient, no header), each stage is named in x-hydro-stages, a change of stages or of a stage's deadline
+restarts the pipeline with a new spec while requests keep succeeding, and a stage that is down gives an error
+naming it.
 """
 
 from __future__ import annotations
 
 import re
 import runpy
+import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -95,6 +97,20 @@ def _concurrent_grpc_calls(mesh: Mesh, request: service_pb2.ModelInferRequest) -
             channel.close()
 
 
+def _pipeline_timeouts(mesh: Mesh) -> list[float]:
+    """The --timeout of each running pipeline runtime of APP in this stack (its spec file's folder names it)."""
+    pattern = rf"[-]m runtimes.pipeline --spec {mesh.data_dir}/\S*/pipelines/{APP}/"
+    found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+    timeouts = []
+    for pid in found:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+        except FileNotFoundError:  # it ended since pgrep saw it
+            continue
+        timeouts.append(float(argv[argv.index("--timeout") + 1]))
+    return timeouts
+
+
 def _stage(model: str, version: int = 1, shadows: list[dict[str, object]] | None = None) -> dict[str, object]:
     return {"variants": [{"model": model, "version": version, "weight": 100}], "shadows": shadows or []}
 
@@ -165,6 +181,18 @@ def test_three_framework_pipeline_through_the_ingress(mesh: Mesh, pipeline_dir: 
     wait_until(moved, 120, "a pipeline replica with the new spec serving")
     assert failures == [], failures
     assert _species(_infer(mesh)) == EXPECTED
+
+    # A stage's deadline is part of the pipeline's time budget (--timeout, the sum of the stages'): the ingress
+    # takes a new one at once, and replicas with the new budget take over, again with every request answered.
+    wait_until(lambda: len(_pipeline_timeouts(mesh)) == 1, 60, "the replica of the old spec gone")
+    budgets = {m: mesh.api.get_deployment(m, 1)["policies"]["timeout_ms"] for m in MODELS.values()}
+    assert _pipeline_timeouts(mesh) == [sum(budgets.values()) / 1000]
+    first = _infer(mesh).headers["x-hydro-served-by"]
+    mesh.api.deploy("iris-features", 1, replicas=1, policies={"timeout_ms": budgets["iris-features"] - 15_000})
+    wait_until(moved, 120, "a pipeline replica with the new time budget serving")
+    assert failures == [], failures
+    wait_until(lambda: len(_pipeline_timeouts(mesh)) == 1, 60, "the replica of the old budget gone")
+    assert _pipeline_timeouts(mesh) == [(sum(budgets.values()) - 15_000) / 1000]
 
     # Stage 2 down: the answer names it.
     mesh.api.delete_deployment("iris-classifier", 1)
