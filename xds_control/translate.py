@@ -295,13 +295,25 @@ def _application_routes(topology: Topology, name: str) -> list[route_components_
     app = topology.applications[name]
     if app.needs_pipeline:
         # Every stage is called by the pipeline runtime through its own sidecar, with each stage's policies there.
-        target = WeightedTarget(pipeline_cluster_name(name), 100)
+        target = WeightedTarget(pipeline_cluster_name(name), 100, _pipeline_body_limit(topology, app))
         policies = RoutePolicies(
             timeout_ms=pipeline_timeout_ms(topology, app) + PIPELINE_SLACK_MS, retries=PIPELINE_RETRIES
         )
         return list(application_routes(name, [target], policies))
     targets, policies = stage_targets(topology, app.stages[0])
     return list(application_routes(name, targets, policies))
+
+
+def _pipeline_body_limit(topology: Topology, app: Application) -> RequestLimits | None:
+    """The ingress's body limit for a pipeline: the largest that a live variant of its first stage takes, so that a
+    body none of them would take is refused (413) before the pipeline reads it; None when one takes any. Rate
+    limits are left to the stage routes of the pipeline's sidecar, where each call reaches one variant."""
+    limits = [
+        policies_of(topology, v.model, v.version).max_request_bytes for v in app.stages[0].variants if v.weight > 0
+    ]
+    if not limits or None in limits:
+        return None
+    return RequestLimits(f"pipeline_{app.name}".replace(".", "_"), None, max(limit for limit in limits if limit))
 
 
 def _pipeline_clusters(topology: Topology, cache: BuildCache) -> tuple[Named, Named]:
@@ -378,9 +390,10 @@ def pipeline_snapshot(
     loopback through which the runtime calls its stages.
 
     Outbound routes: ``x-hydro-stage: {app}/{i}`` goes to stage i's variants by weight (the ingress's clusters,
-    EDS and policies: timeout, retries, circuit breaking), ``x-hydro-model-version: {model}/{version}`` to that
-    exact version (shadows). The routes come over RDS, so a weight change never touches the listener and the
-    runtime's open connection. An application not (or no longer) in etcd gets only a 404 route.
+    EDS and policies: timeout, retries, circuit breaking, and each variant's rate limit and body limit),
+    ``x-hydro-model-version: {model}/{version}`` to that exact version (shadows, which no limit holds back). The
+    routes come over RDS, so a weight change never touches the listener and the runtime's open connection. An
+    application not (or no longer) in etcd gets only a 404 route.
     """
     cache = cache if cache is not None else BuildCache()
     app_name = node.text("app")
@@ -422,6 +435,8 @@ def pipeline_snapshot(
         node.text("outbound_address", "127.0.0.1"),
         node.port("outbound_port"),
         rds_name=outbound_name,
+        # Each stage route's variants carry their deployment's rate limit and body limit, as on the ingress.
+        policy_filters=True,
         buffer_limit_bytes=max_request_bytes,
         # The pipeline runtime passes its stage span's traceparent on: the outbound side joins the request's trace.
         configure=outbound_tracing_hook(tracing, sidecar_service(app_name, "pipeline")),

@@ -42,7 +42,7 @@ from manager_api.deployer.replica import Replica, ReplicaConfig
 from manager_api.etcd_server import EtcdServer
 from manager_api.ports import free_port
 from manager_api.processes import ChildProcess, http_ok, wait_until
-from protos.topology import Application, Keys, ShadowVariant, Stage, Variant
+from protos.topology import Application, Deployment, Keys, Policies, ShadowVariant, Stage, Variant
 from runtimes.serving_config import load_serving_config
 from xds_control.bootstrap import envoy_ready, pipeline_envoy
 
@@ -530,6 +530,40 @@ def test_stage_variants_share_traffic_by_weight_and_a_weight_change_fails_nothin
         assert time.monotonic() < deadline, "the new weights did not reach the pipeline's sidecar"
         streak = streak + 1 if last_stage() == "post:2" else 0
     stack.put_application(stack.app)
+
+
+def test_a_stage_deployments_rate_limit_holds_for_the_pipelines_calls(stack: PipelineStack) -> None:
+    # One request a second for clf:1 (stage 2), written as the manager writes a deployment: the pipeline
+    # sidecar's stage route enforces it (a token bucket of one, refilled each second), and the refusal names
+    # the stage and keeps its status (429 over REST, RESOURCE_EXHAUSTED over gRPC).
+    limited = Deployment(
+        model="clf", version=1, replicas=1, policies=Policies.model_validate({"rate_limit": {"requests_per_second": 1}})
+    )
+    key = stack.keys.deployment("clf", 1).encode()
+    stack.run(stack.client.put(key, limited.model_dump_json().encode()))
+    try:
+        refused: list[httpx.Response] = []
+
+        def refused_by_the_limit() -> bool:
+            # Two at once: the second finds the bucket empty.
+            answers = [stack.rest(ROWS * 10) for _ in range(2)]
+            refused.extend(a for a in answers if a.status_code != 200)
+            return bool(refused)
+
+        wait_until(refused_by_the_limit, 20, "a pipeline call refused by stage 2's rate limit", interval=1.1)
+        assert refused[0].status_code == 429, refused[0].text
+        error = refused[0].json()["error"]
+        assert "stage 2 (clf:1) of application 'iris-pipe' failed: RESOURCE_EXHAUSTED" in error, error
+        assert "too many requests" in error and "rate_limit" in error, error
+        with pytest.raises(grpc.RpcError) as raised:
+            for _ in range(3):
+                stack.grpc_infer(ROWS * 10)
+        assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "stage 2 (clf:1)" in (raised.value.details() or ""), raised.value.details()
+    finally:
+        stack.run(stack.client.delete(key))
+    # Without the record the defaults apply again: no limit.
+    wait_until(lambda: all(stack.rest(ROWS * 10).status_code == 200 for _ in range(3)), 20, "the limit lifted")
 
 
 # Last: the slow calls hold the first stage's worker threads for 2 s.

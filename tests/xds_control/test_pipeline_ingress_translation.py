@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.route.v3 import route_pb2
+from envoy.extensions.filters.http.buffer.v3 import buffer_pb2
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
@@ -17,6 +18,7 @@ from protos.topology import (
     Stage,
     Variant,
 )
+from xds_control.resources.request_limits import BUFFER_FILTER, RATE_LIMIT_FILTER
 from xds_control.resources.type_urls import CLUSTER, ENDPOINT, PUSH_ORDER, ROUTE
 from xds_control.snapshot import Snapshot
 from xds_control.topology import Topology
@@ -116,3 +118,33 @@ def test_pipeline_records_are_read_from_etcd_keys() -> None:
     record = _pipeline("p1", 21001)
     topology = Topology.from_kvs(keys, {keys.pipeline("shop", "p1"): record.model_dump_json().encode()}, 5)
     assert topology.ready_pipelines("shop") == [("127.0.0.1", 21001)]
+
+
+def test_a_pipelines_ingress_routes_take_the_largest_body_its_first_stage_takes() -> None:
+    topology = _topology()
+    two_variants = Stage(
+        variants=[Variant(model="fe", version=1, weight=60), Variant(model="fe", version=2, weight=40)]
+    )
+    shop = Application(name="shop", stages=[two_variants, _stage("clf"), _stage("nn")])
+    deployments = dict(topology.deployments)
+    for version, limit in ((1, 4096), (2, 8192)):
+        deployments[("fe", version)] = Deployment(
+            model="fe", version=version, replicas=1, policies=Policies(max_request_bytes=limit)
+        )
+    limited = Topology(deployments=deployments, applications={"shop": shop})
+    routes = _routes(ingress_snapshot(limited, NODE))
+    for name in ("app|shop|rest", "app|shop|grpc"):
+        configs = routes[name].typed_per_filter_config
+        # A body limit only: rate limits hold on the pipeline sidecar's stage routes, per variant.
+        assert BUFFER_FILTER in configs and RATE_LIMIT_FILTER not in configs, name
+        per_route = buffer_pb2.BufferPerRoute()
+        configs[BUFFER_FILTER].Unpack(per_route)
+        assert per_route.buffer.max_request_bytes.value == 8192
+    # A variant that takes any size lifts the limit; one with no weight does not count.
+    deployments[("fe", 2)] = Deployment(model="fe", version=2, replicas=1)
+    routes = _routes(ingress_snapshot(Topology(deployments=deployments, applications={"shop": shop}), NODE))
+    assert BUFFER_FILTER not in routes["app|shop|rest"].typed_per_filter_config
+    idle = Stage(variants=[Variant(model="fe", version=1, weight=100), Variant(model="fe", version=2, weight=0)])
+    shop = Application(name="shop", stages=[idle, _stage("clf"), _stage("nn")])
+    routes = _routes(ingress_snapshot(Topology(deployments=deployments, applications={"shop": shop}), NODE))
+    assert BUFFER_FILTER in routes["app|shop|rest"].typed_per_filter_config

@@ -12,6 +12,7 @@ from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
 from protos.topology import Application, Deployment, Instance, Policies, ShadowVariant, Stage, Variant
+from xds_control.resources.request_limits import BUFFER_FILTER, RATE_LIMIT_FILTER
 from xds_control.resources.type_urls import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE
 from xds_control.snapshot import Snapshot
 from xds_control.topology import Topology
@@ -115,6 +116,8 @@ def test_listeners_inbound_to_the_runtime_and_outbound_over_rds_on_loopback() ->
     outbound.filter_chains[0].filters[0].typed_config.Unpack(manager)
     # Weights change over RDS: the listener, and the runtime's connection to it, stay as they are.
     assert manager.rds.route_config_name == "outbound|shop"
+    # The stage routes' variants turn on their deployment's rate limit and body limit in these filters.
+    assert [f.name for f in manager.http_filters] == [RATE_LIMIT_FILTER, BUFFER_FILTER, "envoy.filters.http.router"]
     inbound = _unpack(snapshot, LISTENER, "inbound", listener_pb2.Listener())
     assert isinstance(inbound, listener_pb2.Listener)
     assert inbound.address.socket_address.port_value == 15000
