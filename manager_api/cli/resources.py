@@ -217,6 +217,21 @@ def _block(title: str, data: object) -> None:
     out.print(escape(yaml.safe_dump(data, sort_keys=True, default_flow_style=False).rstrip()), soft_wrap=True)
 
 
+def _instances(title: str, instances: list[dict[str, Any]]) -> None:
+    """A table of replicas as their deployers report them, then the last error of each that has one."""
+    rows = [
+        [i["id"], i["node"], f"{i['address']}:{i['port']}", i["state"], i["restarts"], when(i.get("since"))]
+        for i in instances
+    ]
+    columns = ("ID", "NODE", "ADDRESS", "STATE", "RESTARTS", "SINCE")
+    out.print(table(title, columns, rows) if rows else f"{title}: none")
+    for i in instances:
+        if i.get("last_error"):
+            restart = f", next start {when(i['next_restart_at'])}" if i.get("next_restart_at") else ""
+            out.print(f"[bold]Last error of {escape(i['id'])}{escape(restart)}:[/]")
+            out.print(escape(i["last_error"]), soft_wrap=True)
+
+
 def render_description(kind: str, record: dict[str, Any]) -> None:
     """`kubectl describe`-like text: the main fields, then tables and blocks for the nested parts."""
     if kind == "models":
@@ -238,22 +253,13 @@ def render_description(kind: str, record: dict[str, Any]) -> None:
             ]
         )
         _block("Policies", record["policies"])
-        instances = record["instances"]
-        rows = [
-            [i["id"], i["node"], f"{i['address']}:{i['port']}", i["state"], i["restarts"], when(i.get("since"))]
-            for i in instances
-        ]
-        columns = ("ID", "NODE", "ADDRESS", "STATE", "RESTARTS", "SINCE")
-        out.print(table("Instances", columns, rows) if rows else "Instances: none")
-        for i in instances:
-            if i.get("last_error"):
-                restart = f", next start {when(i['next_restart_at'])}" if i.get("next_restart_at") else ""
-                out.print(f"[bold]Last error of {escape(i['id'])}{escape(restart)}:[/]")
-                out.print(escape(i["last_error"]), soft_wrap=True)
+        _instances("Instances", record["instances"])
     elif kind == "applications":
+        status = record["status"]
         _fields(
             [
                 ("Name", record["name"]),
+                ("Ready", "yes" if status["ready"] else f"no: {status['reason']}"),
                 ("Created", when(record.get("created_at"))),
                 ("Updated", when(record.get("updated_at"))),
             ]
@@ -264,7 +270,17 @@ def render_description(kind: str, record: dict[str, Any]) -> None:
             for index, stage in enumerate(record["stages"], start=1)
             for v in stage["variants"]
         ]
+        rows += [
+            [index, s["model"], s["version"], "shadow"]
+            for index, stage in enumerate(record["stages"], start=1)
+            for s in stage.get("shadows", [])
+        ]
+        rows.sort(key=lambda row: row[0])
         out.print(table("Stages", ("STAGE", "MODEL", "VERSION", "WEIGHT"), rows))
+        if status.get("pipeline_replicas") is not None:
+            ready, desired = status["pipeline_ready_replicas"], record.get("pipeline_replicas", 1)
+            _fields([("Pipeline", f"{ready} ready / {desired} desired")])
+            _instances("Pipeline replicas", status["pipeline_replicas"])
     else:
         _fields(
             [

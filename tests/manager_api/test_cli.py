@@ -29,7 +29,7 @@ from manager_api.credentials import ensure_admin_credentials
 from manager_api.etcd_server import EtcdServer
 from manager_api.ports import free_port
 from manager_api.processes import ChildProcess, http_ok
-from protos.topology import Keys, ProxyStatus
+from protos.topology import Keys, PipelineReplicaStatus, ProxyStatus
 
 VIEWER = "viewer-token-for-cli-tests"
 SERVING_YAML = """\
@@ -347,6 +347,43 @@ def test_upload_streams_from_a_file_and_reports_bytes_sent(manager: Manager, tmp
     assert len(sent) > 1 and sent == sorted(sent) and sent[-1] == packed.size
     assert record["artifact"]["digest"] == packed.digest and record["artifact"]["size"] == packed.size
     assert manager.etcd_records()["models/cli-stream/1"]["artifact"] == record["artifact"]
+
+
+def test_describe_application_shows_readiness_shadows_and_pipeline_replicas(manager: Manager, tmp_path: Path) -> None:
+    with manager.client() as client:
+        client.push_model("cli-pipe", model_folder(tmp_path))
+        client.push_model("cli-pipe", model_folder(tmp_path))
+        # One stage, with a shadow: the pipeline runtime makes the shadow calls.
+        stages = [
+            {
+                "variants": [{"model": "cli-pipe", "version": 1, "weight": 100}],
+                "shadows": [{"model": "cli-pipe", "version": 2}],
+            }
+        ]
+        client.put_application_stages("cli-pipe-app", stages)
+    # What a deployer reports of a pipeline runtime that keeps failing.
+    crashed = PipelineReplicaStatus(
+        app="cli-pipe-app", id="p0", node="n1", state="crash-looping", address="127.0.0.1", port=4100,
+        spec_digest="sha256:x", restarts=3, last_error="pipeline-cli-pipe-app-p0 exited with code 1\nno signature",
+    )  # fmt: skip
+
+    async def write() -> None:
+        host, port = manager.etcd.endpoint.rsplit(":", 1)
+        async with aetcd.Client(host=host, port=int(port)) as client:
+            key = Keys(manager.prefix).pipeline_status("cli-pipe-app", "p0")
+            await client.put(key.encode(), crashed.model_dump_json().encode())
+
+    asyncio.run(write())
+    lines = ok(hydro(manager, "describe", "app", "cli-pipe-app")).splitlines()
+    text = "\n".join(lines)
+    assert "Ready: no: stage 1: no ready replica of cli-pipe:1" in " ".join(text.split()), text
+    rows = [line.split() for line in lines]
+    assert ["1", "cli-pipe", "1", "100%"] in rows and ["1", "cli-pipe", "2", "shadow"] in rows, text
+    assert "Pipeline: 0 ready / 1 desired" in text
+    assert ["p0", "n1", "127.0.0.1:4100", "crash-looping", "3"] in [row[:5] for row in rows], text
+    assert "Last error of p0:" in text and "no signature" in text
+    with manager.client() as client:
+        client.delete_application("cli-pipe-app")
 
 
 def test_status_and_proxies_show_acks_and_nacks(manager: Manager, tmp_path: Path) -> None:
