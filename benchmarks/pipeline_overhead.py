@@ -12,11 +12,14 @@ ingress, in the same run and at the same concurrency:
 Load is gRPC from h2load with a pre-encoded ModelInferRequest (raw contents), per-request log for percentiles.
 Rounds interleave the four targets; figures are medians of rounds. Added latency per stage =
 (pipeline - (direct_1 + direct_2 + direct_3)) / 3, for p50 and p99. On a shared machine these latencies at a
-fixed concurrency mostly measure how much CPU is left; so after the rounds a fixed number of pipeline requests
-is sent and the CPU time the pipeline runtime and its sidecar spent on them is reported per request
-(``pipeline_runtime_cpu_us_per_request``, ``pipeline_sidecar_cpu_us_per_request``). That moves less with load
-elsewhere than latency does, but still with throughput (fewer requests per wake-up cost more each: measured here
-1,170 us at 170 rps, 2,400 us at 50 rps): compare figures of runs at similar throughput.
+fixed concurrency mostly measure how much CPU is left; so after the rounds a fixed number of requests is sent to
+each target and the CPU time of every process on the data path is reported per request: the pipeline runtime and
+its sidecar (``pipeline_runtime_cpu_us_per_request``, ``pipeline_sidecar_cpu_us_per_request``), the stages'
+runtimes and sidecars and the ingress, per pipeline request and per three direct requests
+(``stages_cpu_us_per_pipeline_request`` / ``stages_cpu_us_per_3_direct_requests``, ``ingress_...``,
+``mesh_...``: all of them). That moves less with load elsewhere than latency does, but still with throughput (fewer
+requests per wake-up cost more each: measured here 1,170 us at 170 rps, 2,400 us at 50 rps): compare figures of
+runs at similar throughput.
 
     python benchmarks/pipeline_overhead.py [--quick] [--concurrency 16] [--seconds 10] [--rounds 3]
 
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -131,25 +135,46 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def pipeline_processes(data_dir: Path) -> dict[str, int]:
-    """The pids of the pipeline runtime and of its sidecar Envoy (the benchmark's only pipeline)."""
-    patterns = {
-        "pipeline_runtime": rf"[-]m runtimes\.pipeline --spec {data_dir}/\S*/pipelines/{PIPELINE}/",
-        "pipeline_sidecar": rf"envoy -c {data_dir}/\S*/pipeline-sidecar-\S*\.yaml",
-    }
-    pids = {}
-    for name, pattern in patterns.items():
-        found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
-        if len(found) != 1:
-            sys.exit(f"expected one {name} process, found {found}")
-        pids[name] = int(found[0])
-    return pids
+def mesh_processes(data_dir: Path) -> dict[str, int]:
+    """The pids of the data path's processes by role: ``ingress``, ``pipeline_runtime``, ``pipeline_sidecar``,
+    ``stage{i}_runtime`` and ``stage{i}_sidecar`` (the model sidecar's bootstrap names its model version)."""
+    found = subprocess.run(["pgrep", "-f", str(data_dir)], capture_output=True, text=True).stdout.split()
+    roles: dict[str, int] = {}
+    stage_of = {model_name(stage): stage for stage in range(1, STAGES + 1)}
+    for pid in map(int, found):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+        except FileNotFoundError:
+            continue
+        role = None
+        if "runtimes.pipeline" in argv:
+            role = "pipeline_runtime"
+        elif "runtimes" in argv and "--name" in argv:
+            stage = stage_of.get(argv[argv.index("--name") + 1])
+            role = f"stage{stage}_runtime" if stage else None
+        elif Path(argv[0]).name == "envoy" and "-c" in argv:
+            config = Path(argv[argv.index("-c") + 1])
+            if config.name == "ingress.yaml":
+                role = "ingress"
+            elif config.name.startswith("pipeline-sidecar"):
+                role = "pipeline_sidecar"
+            elif (match := re.search(r"sidecar~([^~]+)~", config.read_text())) and match.group(1) in stage_of:
+                role = f"stage{stage_of[match.group(1)]}_sidecar"
+        if role is not None:
+            if role in roles:
+                sys.exit(f"two {role} processes: {roles[role]} and {pid}")
+            roles[role] = pid
+    wanted = {"ingress", "pipeline_runtime", "pipeline_sidecar"}
+    wanted |= {f"stage{i}_{kind}" for i in range(1, STAGES + 1) for kind in ("runtime", "sidecar")}
+    if set(roles) != wanted:
+        sys.exit(f"mesh processes not found: {sorted(wanted - set(roles))}")
+    return roles
 
 
 def cpu_per_request(
     ingress: str, frame: Path, concurrency: int, requests: int, pids: dict[str, int]
 ) -> dict[str, float]:
-    """CPU microseconds per pipeline request of each process in ``pids``, over exactly ``requests`` calls.
+    """CPU microseconds per request of each process in ``pids``, over exactly ``requests`` calls of ``frame``.
 
     It moves less than latency with what else the machine runs, but grows as the throughput falls.
     """
@@ -158,7 +183,37 @@ def cpu_per_request(
     used = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
     if result["errors"]:
         sys.exit(f"{int(result['errors'])} of the {requests} requests of the CPU measurement failed")
-    return {f"{name}_cpu_us_per_request": round(seconds * 1e6 / requests, 1) for name, seconds in used.items()}
+    return {name: seconds * 1e6 / requests for name, seconds in used.items()}
+
+
+def cpu_figures(
+    ingress: str, frames: dict[str, Path], concurrency: int, requests: int, pids: dict[str, int]
+) -> dict[str, float]:
+    """Where the CPU of a pipeline request goes, against three direct requests (one per stage), each load
+    ``requests`` calls long. ``pipeline_runtime`` / ``pipeline_sidecar``: the pipeline hop itself; ``stages``:
+    the stages' runtimes and sidecars (per pipeline request, and summed over the three direct requests);
+    ``ingress``; ``mesh``: all of them."""
+    pipeline = cpu_per_request(ingress, frames["pipeline"], concurrency, requests, pids)
+    direct = {
+        stage: cpu_per_request(ingress, frames[f"direct_{stage}"], concurrency, requests, pids)
+        for stage in range(1, STAGES + 1)
+    }
+    stage_roles = [f"stage{i}_{kind}" for i in range(1, STAGES + 1) for kind in ("runtime", "sidecar")]
+    own = {stage: [f"stage{stage}_runtime", f"stage{stage}_sidecar", "ingress"] for stage in direct}
+    figures = {
+        "pipeline_runtime_cpu_us_per_request": pipeline["pipeline_runtime"],
+        "pipeline_sidecar_cpu_us_per_request": pipeline["pipeline_sidecar"],
+        "stages_cpu_us_per_pipeline_request": sum(pipeline[role] for role in stage_roles),
+        "stages_cpu_us_per_3_direct_requests": sum(
+            direct[stage][f"stage{stage}_{kind}"] for stage in direct for kind in ("runtime", "sidecar")
+        ),
+        "ingress_cpu_us_per_pipeline_request": pipeline["ingress"],
+        "ingress_cpu_us_per_3_direct_requests": sum(direct[stage]["ingress"] for stage in direct),
+        "mesh_cpu_us_per_pipeline_request": sum(pipeline.values()),
+        # Only the processes each direct request goes through: the other stages' are idle then.
+        "mesh_cpu_us_per_3_direct_requests": sum(direct[stage][role] for stage in direct for role in own[stage]),
+    }
+    return {name: round(value, 1) for name, value in figures.items()}
 
 
 def write_models(work: Path) -> dict[int, Path]:
@@ -243,11 +298,14 @@ def main() -> None:
         results["seconds_per_target"] = seconds
         results["rounds"] = args.rounds
         cpu_requests = 1000 if args.quick else 5000
-        pids = pipeline_processes(work / "hydro")
-        results.update(cpu_per_request(ingress, frames["pipeline"], args.concurrency, cpu_requests, pids))
+        pids = mesh_processes(work / "hydro")
+        cpu = cpu_figures(ingress, frames, args.concurrency, cpu_requests, pids)
+        results.update(cpu)
         results["cpu_requests"] = cpu_requests
-        cpu = [f"{name} {value:.0f} us" for name, value in results.items() if name.endswith("_cpu_us_per_request")]
-        print(f"CPU per pipeline request over {cpu_requests} requests: {', '.join(cpu)}", flush=True)
+        print(
+            f"CPU over {cpu_requests} requests of each load: " + ", ".join(f"{k} {v:.0f} us" for k, v in cpu.items()),
+            flush=True,
+        )
     finally:
         stack.stop(grace=60)
         shutil.rmtree(work, ignore_errors=True)
