@@ -29,12 +29,15 @@ TOKEN_ENV = "HYDRO_TOKEN"
 #: Errors go to stderr, one red line each, so stdout stays parseable with -o json|yaml.
 errors = Console(stderr=True, highlight=False, soft_wrap=True)
 
+# The defaults are said through show_default: "[default: ...]" inside a help text is Rich markup, which the
+# help screen would swallow without a trace.
 ApiOption = Annotated[
-    str | None, typer.Option("--api", envvar=API_ENV, help="Manager API URL [default: from the credentials file]")
+    str | None,
+    typer.Option("--api", envvar=API_ENV, help="Manager API URL.", show_default="from the credentials file"),
 ]
 TokenOption = Annotated[
     str | None,
-    typer.Option("--token", envvar=TOKEN_ENV, help="Bearer token [default: from the credentials file]"),
+    typer.Option("--token", envvar=TOKEN_ENV, help="Bearer token.", show_default="from the credentials file"),
 ]
 DataDirOption = Annotated[Path, typer.Option("--data-dir", help=f"Where `hydro up` wrote {CREDENTIALS_FILE}.")]
 

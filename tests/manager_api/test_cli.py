@@ -564,6 +564,13 @@ def test_predict_prints_outputs(runtime: str, tmp_path: Path) -> None:
     assert f"cannot reach the ingress at {nowhere} (connection refused)" in down.stderr
 
 
+def test_help_says_where_defaults_come_from() -> None:
+    # "[default: ...]" written inside a help text is Rich markup: the help screen used to drop it silently.
+    for command, default in [(["get"], "from the credentials file"), (["model", "push"], "the folder's name")]:
+        result = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "200"})
+        assert result.exit_code == 0 and f"[default: ({default})]" in result.stdout, result.stdout
+
+
 def test_agent_refuses_an_advertise_address_that_is_not_an_ip(tmp_path: Path) -> None:
     common = ["agent", "--node", "h1", "--manager", "http://127.0.0.1:1", "--data-dir", str(tmp_path)]
     refused = CliRunner().invoke(app, [*common, "--advertise-address", "node-1.example"])
