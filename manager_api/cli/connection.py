@@ -88,6 +88,18 @@ def not_the_manager(connection: Connection, what: str) -> str:
     )
 
 
+def lacks_path(base_url: str, path: str) -> bool:
+    """True when the server at ``base_url`` answers ``GET path`` with 404: it has no such endpoint.
+
+    Tells a server that speaks JSON errors but is not the one meant (the ingress at ``--api``, the manager at
+    ``--ingress``: their ports are neighbours) from the right server refusing one name. False when unsure.
+    """
+    try:
+        return httpx.get(base_url.rstrip("/") + path, timeout=5.0).status_code == 404
+    except httpx.HTTPError:
+        return False
+
+
 def describe_api_error(exc: ApiError, connection: Connection) -> str:
     """The API's own ``error`` text, plus where the token came from when the token is the problem."""
     if exc.foreign:
@@ -123,6 +135,10 @@ def reported(connection: Connection) -> Iterator[None]:
     try:
         yield
     except ApiError as exc:
+        # A 404 in the API's JSON shape may come from a server that only looks like the manager (the ingress maps
+        # its own replies to {"error": ...} too): every manager answers /healthz, so ask it before blaming a name.
+        if exc.status == 404 and not exc.foreign and lacks_path(connection.api_url, "/healthz"):
+            fail(not_the_manager(connection, f"HTTP 404 ({exc.message}) and has no /healthz"))
         fail(describe_api_error(exc, connection))
     except httpx.TransportError as exc:
         fail(describe_unreachable(exc, connection))
