@@ -137,10 +137,15 @@ def up(
             console.print(usage(stack.ingress_url), highlight=False, markup=False, soft_wrap=True)
         console.print("Press Ctrl-C to stop everything.", highlight=False)
 
+    def stopping() -> None:
+        # Stopping every runtime, sidecar and Envoy takes seconds: say so, or Ctrl-C looks ignored.
+        console.print("Stopping everything hydro up started...", highlight=False)
+
     try:
-        code = run_until_signalled(stack, announce)
+        code = run_until_signalled(stack, announce, stopping)
     except ReadinessTimeout as exc:
         # Everything started is stopped by now; what failed and its log tail say why, without a traceback.
         console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
+    console.print("Stopped.", highlight=False)
     raise typer.Exit(code)
