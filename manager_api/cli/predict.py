@@ -81,8 +81,8 @@ def predict(
     if response.is_error or not isinstance(answer, dict):
         # Neither an inference answer nor an OIP error (a page of HTML, plain text...): some other server listens
         # there. A short one-line body is quoted: it may say which server that is.
-        body = response.text.strip()
-        quoted = f" ({body})" if body and "\n" not in body and len(body) <= 200 else ""
+        text = response.text.strip()
+        quoted = f" ({text})" if text and "\n" not in text and len(text) <= 200 else ""
         fail(
             f"HTTP {response.status_code} from {url} is not an Open Inference Protocol answer{quoted}: "
             f"is {ingress} the ingress?"
