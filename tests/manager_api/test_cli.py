@@ -595,6 +595,14 @@ def test_predict_calls_a_plain_text_answer_not_an_oip_one(manager: Manager, tmp_
     )
 
 
+def test_the_kubectl_like_commands_do_not_load_the_stack() -> None:
+    # Every `hydro` command imports every command module; `up` and `agent` used to bring boto3, numpy and the
+    # etcd client with them: half of the second each `hydro get` spent before its first request.
+    probe = "import sys, manager_api.cli; print([m for m in ('boto3', 'numpy', 'aetcd') if m in sys.modules])"
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    assert loaded.stdout.strip() == "[]", loaded.stdout + loaded.stderr
+
+
 def test_help_says_where_defaults_come_from() -> None:
     # "[default: ...]" written inside a help text is Rich markup: the help screen used to drop it silently.
     for command, default in [(["get"], "from the credentials file"), (["model", "push"], "the folder's name")]:
