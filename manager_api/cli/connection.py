@@ -72,7 +72,9 @@ def resolve(api: str | None, token: str | None, data_dir: Path) -> Connection:
         return Connection(api_url.rstrip("/"), token, api_from, f"--token or {TOKEN_ENV}")
     if credentials is not None:
         return Connection(api_url.rstrip("/"), credentials.token, api_from, where)
-    return Connection(api_url.rstrip("/"), None, api_from, "nowhere (no --token, no credentials file)")
+    # Said in the 401: the usual cause is a command run outside the folder `hydro up` runs in.
+    nowhere = f"nowhere: no --token, no {TOKEN_ENV}, no {where}; run where `hydro up` runs, or pass --data-dir"
+    return Connection(api_url.rstrip("/"), None, api_from, nowhere)
 
 
 def fail(message: str) -> NoReturn:

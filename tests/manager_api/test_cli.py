@@ -489,6 +489,16 @@ def test_an_unknown_host_is_named_not_called_refused(tmp_path: Path) -> None:
     assert "at http://no-such-host.invalid:8081" in line and "connection refused" not in line
 
 
+def test_no_token_anywhere_says_where_it_looked(manager: Manager, tmp_path: Path) -> None:
+    # As examples/ once said: `hydro apply -f pipeline.yaml` from inside examples/iris-pipeline, far from .hydro.
+    line = one_error_line(run_hydro("get", "models", "--api", manager.url, "--data-dir", str(tmp_path / ".hydro")))
+    assert line.startswith("error: missing bearer token"), line
+    assert line.endswith(
+        f"(HTTP 401; token from nowhere: no --token, no HYDRO_TOKEN, no {tmp_path / '.hydro' / 'credentials.json'}; "
+        "run where `hydro up` runs, or pass --data-dir)"
+    ), line
+
+
 def test_a_damaged_credentials_file_is_named(manager: Manager, tmp_path: Path) -> None:
     path = tmp_path / "credentials.json"
     path.write_text("{not json")
