@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.tokens is None and not _is_loopback(args.host):
         raise SystemExit(f"refusing to serve on {args.host} without --tokens: anyone could change the mesh")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # The process deployer polls each starting replica's readiness every 0.1 s, and httpx logs every request at
+    # INFO: two thirds of a first `hydro up --demo`'s manager log were those lines, burying the replicas' own.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     settings = Settings(
         etcd_host=args.etcd[0],
         etcd_port=args.etcd[1],

@@ -225,8 +225,11 @@ def _tcp_open(host: str, port: int) -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
-def run_until_signalled(stack: Stack, after_start: Callable[[], None] | None = None) -> int:
-    """Start the stack, run ``after_start`` (the demo), supervise until SIGINT/SIGTERM, then stop everything.
+def run_until_signalled(
+    stack: Stack, after_start: Callable[[], None] | None = None, on_signal_stop: Callable[[], None] | None = None
+) -> int:
+    """Start the stack, run ``after_start`` (the demo), supervise until SIGINT/SIGTERM, then stop everything
+    (``on_signal_stop`` is called first: stopping takes seconds, and the user who pressed Ctrl-C is told).
 
     A child that exits or does not get ready while the stack starts is a ReadinessTimeout (its log tail in the
     message), raised once everything started so far is stopped.
@@ -243,7 +246,8 @@ def run_until_signalled(stack: Stack, after_start: Callable[[], None] | None = N
             after_start()
         stack.supervise()
     except KeyboardInterrupt:
-        pass
+        if on_signal_stop is not None:
+            on_signal_stop()
     finally:
         # A second signal while stopping must not abandon children half-stopped.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)

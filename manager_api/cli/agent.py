@@ -11,11 +11,12 @@ import typer
 
 from manager_api.cli.root import app
 from manager_api.cli.up import XdsApi
-from manager_api.deployer.agent import AgentConfig, host_port, serve
 from protos.topology import DEFAULT_PREFIX
 
 
 def _host_port(value: str) -> tuple[str, int]:
+    from manager_api.deployer.agent import host_port  # see agent() for why not at the top
+
     try:
         return host_port(value)
     except ValueError as exc:
@@ -62,6 +63,9 @@ def agent(
     lease_ttl: Annotated[int, typer.Option(min=1, help="Seconds before a dead agent's replicas move.")] = 5,
 ) -> None:
     """Run this host's share of every deployment (runtime + sidecar pairs) until Ctrl-C or SIGTERM."""
+    # Imported here: every `hydro` command loads this module, and the deployer brings the etcd client and more.
+    from manager_api.deployer.agent import AgentConfig, serve
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     etcd_host, etcd_port = _host_port(etcd)
     xds_host, xds_port = _host_port(xds)

@@ -29,12 +29,15 @@ TOKEN_ENV = "HYDRO_TOKEN"
 #: Errors go to stderr, one red line each, so stdout stays parseable with -o json|yaml.
 errors = Console(stderr=True, highlight=False, soft_wrap=True)
 
+# The defaults are said through show_default: "[default: ...]" inside a help text is Rich markup, which the
+# help screen would swallow without a trace.
 ApiOption = Annotated[
-    str | None, typer.Option("--api", envvar=API_ENV, help="Manager API URL [default: from the credentials file]")
+    str | None,
+    typer.Option("--api", envvar=API_ENV, help="Manager API URL.", show_default="from the credentials file"),
 ]
 TokenOption = Annotated[
     str | None,
-    typer.Option("--token", envvar=TOKEN_ENV, help="Bearer token [default: from the credentials file]"),
+    typer.Option("--token", envvar=TOKEN_ENV, help="Bearer token.", show_default="from the credentials file"),
 ]
 DataDirOption = Annotated[Path, typer.Option("--data-dir", help=f"Where `hydro up` wrote {CREDENTIALS_FILE}.")]
 
@@ -69,7 +72,9 @@ def resolve(api: str | None, token: str | None, data_dir: Path) -> Connection:
         return Connection(api_url.rstrip("/"), token, api_from, f"--token or {TOKEN_ENV}")
     if credentials is not None:
         return Connection(api_url.rstrip("/"), credentials.token, api_from, where)
-    return Connection(api_url.rstrip("/"), None, api_from, "nowhere (no --token, no credentials file)")
+    # Said in the 401: the usual cause is a command run outside the folder `hydro up` runs in.
+    nowhere = f"nowhere: no --token, no {TOKEN_ENV}, no {where}; run where `hydro up` runs, or pass --data-dir"
+    return Connection(api_url.rstrip("/"), None, api_from, nowhere)
 
 
 def fail(message: str) -> NoReturn:
@@ -83,6 +88,18 @@ def not_the_manager(connection: Connection, what: str) -> str:
     return (
         f"{connection.api_url} (from {connection.api_from}) answered {what}: is {connection.api_url} the manager API?"
     )
+
+
+def lacks_path(base_url: str, path: str) -> bool:
+    """True when the server at ``base_url`` answers ``GET path`` with 404: it has no such endpoint.
+
+    Tells a server that speaks JSON errors but is not the one meant (the ingress at ``--api``, the manager at
+    ``--ingress``: their ports are neighbours) from the right server refusing one name. False when unsure.
+    """
+    try:
+        return httpx.get(base_url.rstrip("/") + path, timeout=5.0).status_code == 404
+    except httpx.HTTPError:
+        return False
 
 
 def describe_api_error(exc: ApiError, connection: Connection) -> str:
@@ -120,6 +137,10 @@ def reported(connection: Connection) -> Iterator[None]:
     try:
         yield
     except ApiError as exc:
+        # A 404 in the API's JSON shape may come from a server that only looks like the manager (the ingress maps
+        # its own replies to {"error": ...} too): every manager answers /healthz, so ask it before blaming a name.
+        if exc.status == 404 and not exc.foreign and lacks_path(connection.api_url, "/healthz"):
+            fail(not_the_manager(connection, f"HTTP 404 ({exc.message}) and has no /healthz"))
         fail(describe_api_error(exc, connection))
     except httpx.TransportError as exc:
         fail(describe_unreachable(exc, connection))

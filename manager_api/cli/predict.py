@@ -10,7 +10,7 @@ import httpx
 import typer
 from rich.markup import escape
 
-from manager_api.cli.connection import fail, transport_reason
+from manager_api.cli.connection import fail, lacks_path, transport_reason
 from manager_api.cli.output import OutputFormat, OutputOption, emit, out, table
 from manager_api.cli.root import app
 
@@ -70,13 +70,21 @@ def predict(
         answer = response.json()
     except ValueError:
         answer = None
-    message = answer.get("error") if isinstance(answer, dict) else response.text.strip()
+    message = answer.get("error") if isinstance(answer, dict) else None
     if response.is_error and isinstance(message, str) and message and "\n" not in message:
-        fail(f"{message} (HTTP {response.status_code} from {url})")
+        where = f"HTTP {response.status_code} from {url}"
+        # The manager, one port away, answers an unknown path with a JSON error too; every OIP server (ingress,
+        # runtime, Triton, KServe) answers liveness, so a 404 from one that does not is from the wrong server.
+        if response.status_code == 404 and lacks_path(ingress, "/v2/health/live"):
+            fail(f"{message} ({where}, which has no /v2/health/live: is {ingress} the ingress?)")
+        fail(f"{message} ({where})")
     if response.is_error or not isinstance(answer, dict):
-        # Neither an inference answer nor a one-line error (a page of HTML...): some other server listens there.
+        # Neither an inference answer nor an OIP error (a page of HTML, plain text...): some other server listens
+        # there. A short one-line body is quoted: it may say which server that is.
+        text = response.text.strip()
+        quoted = f" ({text})" if text and "\n" not in text and len(text) <= 200 else ""
         fail(
-            f"HTTP {response.status_code} from {url} is not an Open Inference Protocol answer: "
+            f"HTTP {response.status_code} from {url} is not an Open Inference Protocol answer{quoted}: "
             f"is {ingress} the ingress?"
         )
     if output is not OutputFormat.table:

@@ -66,7 +66,7 @@ def check_model_folder(folder: Path) -> None:
 @model_app.command("push")
 def push(
     folder: Annotated[Path, typer.Argument(help=f"The model folder ({SERVING_FILE} at its root).")],
-    name: Annotated[str | None, typer.Option("--name", help="Model name [default: the folder's name]")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Model name.", show_default="the folder's name")] = None,
     output: OutputOption = OutputFormat.table,
     api: ApiOption = None,
     token: TokenOption = None,

@@ -11,12 +11,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from manager_api.artifacts import ArtifactStoreUnavailable, open_blob_store
 from manager_api.cli.root import app
-from manager_api.credentials import CREDENTIALS_FILE
-from manager_api.processes import ReadinessTimeout
-from manager_api.stack import Stack, StackConfig, run_until_signalled
-from tracing.settings import InvalidEndpoint, parse_endpoint
 
 console = Console()
 
@@ -77,6 +72,14 @@ def up(
     ] = None,
 ) -> None:
     """Start etcd, xds_control, manager_api and the ingress Envoy on this machine; Ctrl-C stops them all."""
+    # Imported here, not at the top: every `hydro` command loads this module, and these (boto3, FastAPI, numpy,
+    # the etcd client...) took most of the second each `hydro get` spent before printing anything.
+    from manager_api.artifacts import ArtifactStoreUnavailable, open_blob_store
+    from manager_api.credentials import CREDENTIALS_FILE
+    from manager_api.processes import ReadinessTimeout
+    from manager_api.stack import Stack, StackConfig, run_until_signalled
+    from tracing.settings import InvalidEndpoint, parse_endpoint
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # httpx logs every request at INFO: the demo's and the readiness polls' would bury what the stack says.
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -137,10 +140,15 @@ def up(
             console.print(usage(stack.ingress_url), highlight=False, markup=False, soft_wrap=True)
         console.print("Press Ctrl-C to stop everything.", highlight=False)
 
+    def stopping() -> None:
+        # Stopping every runtime, sidecar and Envoy takes seconds: say so, or Ctrl-C looks ignored.
+        console.print("Stopping everything hydro up started...", highlight=False)
+
     try:
-        code = run_until_signalled(stack, announce)
+        code = run_until_signalled(stack, announce, stopping)
     except ReadinessTimeout as exc:
         # Everything started is stopped by now; what failed and its log tail say why, without a traceback.
         console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
+    console.print("Stopped.", highlight=False)
     raise typer.Exit(code)

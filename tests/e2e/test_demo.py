@@ -39,8 +39,11 @@ def test_demo_deploys_iris_and_the_three_stage_pipeline(tmp_path: Path) -> None:
         text = log.read_text()
         assert "The demo application 'iris' answered through the ingress: label [0, 2]" in text
         assert "The demo application 'iris-pipeline' answered: species [0, 2]" in text
-        # The demo's and the readiness polls' requests are not each a log line (httpx logs them at INFO).
+        # The demo's and the readiness polls' requests are not each a log line (httpx logs them at INFO), neither
+        # in what `hydro up` prints nor in the manager's log, where the deployer polls every starting replica.
         assert "HTTP Request:" not in text
+        manager_log = (mesh.data_dir / "logs" / "manager_api.log").read_text()
+        assert "HTTP Request:" not in manager_log, manager_log[-2000:]
 
         curls = _printed_curls(text)
         assert set(curls) == {"iris", "iris-pipeline"}

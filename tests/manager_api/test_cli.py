@@ -526,6 +526,16 @@ def test_an_unknown_host_is_named_not_called_refused(tmp_path: Path) -> None:
     assert "at http://no-such-host.invalid:8081" in line and "connection refused" not in line
 
 
+def test_no_token_anywhere_says_where_it_looked(manager: Manager, tmp_path: Path) -> None:
+    # As examples/ once said: `hydro apply -f pipeline.yaml` from inside examples/iris-pipeline, far from .hydro.
+    line = one_error_line(run_hydro("get", "models", "--api", manager.url, "--data-dir", str(tmp_path / ".hydro")))
+    assert line.startswith("error: missing bearer token"), line
+    assert line.endswith(
+        f"(HTTP 401; token from nowhere: no --token, no HYDRO_TOKEN, no {tmp_path / '.hydro' / 'credentials.json'}; "
+        "run where `hydro up` runs, or pass --data-dir)"
+    ), line
+
+
 def test_a_damaged_credentials_file_is_named(manager: Manager, tmp_path: Path) -> None:
     path = tmp_path / "credentials.json"
     path.write_text("{not json")
@@ -599,6 +609,52 @@ def test_predict_prints_outputs(runtime: str, tmp_path: Path) -> None:
     down = runner.invoke(app, ["predict", "cli-double", "--ingress", nowhere, "--data", json.dumps(request)])
     assert down.exit_code == 1
     assert f"cannot reach the ingress at {nowhere} (connection refused)" in down.stderr
+
+
+def test_the_ingress_and_the_manager_mistaken_for_each_other_are_named(
+    manager: Manager, runtime: str, tmp_path: Path
+) -> None:
+    # Both answer an unknown path with a JSON {"error": ...} (the ingress maps Envoy's replies to it), so the
+    # error alone looked like the right server refusing a name; the ports are neighbours (8080, 8081).
+    line = one_error_line(run_hydro("get", "models", "--api", runtime, "--token", "t", "--data-dir", str(tmp_path)))
+    assert line.startswith(f"error: {runtime} (from --api or HYDRO_API_URL) answered HTTP 404 (")
+    assert line.endswith(f"and has no /healthz: is {runtime} the manager API?")
+    # The manager's own 404 for a name it does not know stays the API's words.
+    assert failed(hydro(manager, "get", "models", "cli-nobody")).strip() == "error: model 'cli-nobody' not found"
+
+    line = one_error_line(run_hydro("predict", "iris", "--data", "[]", "--ingress", manager.url))
+    assert line == (
+        f"error: no such endpoint: POST /v2/models/iris/infer (HTTP 404 from {manager.url}/v2/models/iris/infer, "
+        f"which has no /v2/health/live: is {manager.url} the ingress?)"
+    )
+    # An OIP server's own 404 (a model it does not serve) stays its words.
+    line = one_error_line(run_hydro("predict", "cli-nobody", "--data", "[]", "--ingress", runtime))
+    assert "cli-nobody" in line and "the ingress?" not in line
+
+
+def test_predict_calls_a_plain_text_answer_not_an_oip_one(manager: Manager, tmp_path: Path) -> None:
+    # etcd answers an unknown path with "404 page not found" as text/plain: not an OIP error, whatever its length.
+    etcd = f"http://{manager.etcd.endpoint}"
+    line = one_error_line(run_hydro("predict", "iris", "--data", "[]", "--ingress", etcd))
+    assert line == (
+        f"error: HTTP 404 from {etcd}/v2/models/iris/infer is not an Open Inference Protocol answer "
+        f"(404 page not found): is {etcd} the ingress?"
+    )
+
+
+def test_the_kubectl_like_commands_do_not_load_the_stack() -> None:
+    # Every `hydro` command imports every command module; `up` and `agent` used to bring boto3, numpy and the
+    # etcd client with them: half of the second each `hydro get` spent before its first request.
+    probe = "import sys, manager_api.cli; print([m for m in ('boto3', 'numpy', 'aetcd') if m in sys.modules])"
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    assert loaded.stdout.strip() == "[]", loaded.stdout + loaded.stderr
+
+
+def test_help_says_where_defaults_come_from() -> None:
+    # "[default: ...]" written inside a help text is Rich markup: the help screen used to drop it silently.
+    for command, default in [(["get"], "from the credentials file"), (["model", "push"], "the folder's name")]:
+        result = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "200"})
+        assert result.exit_code == 0 and f"[default: ({default})]" in result.stdout, result.stdout
 
 
 def test_agent_refuses_an_advertise_address_that_is_not_an_ip(tmp_path: Path) -> None:

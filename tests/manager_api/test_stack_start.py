@@ -1,4 +1,5 @@
-"""`hydro up` that cannot start: one error line saying why, exit status 1, and no process left behind.
+"""`hydro up` that cannot start: one error line saying why, exit status 1, and no process left behind; and
+`hydro up` stopped by Ctrl-C, as a terminal sends it.
 
 Real etcd, xds_control and manager processes; the failure is real too (a port already taken, a deadline too short).
 """
@@ -6,6 +7,7 @@ Real etcd, xds_control and manager processes; the failure is real too (a port al
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -16,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from manager_api.ports import free_port
-from manager_api.processes import ReadinessTimeout
+from manager_api.processes import ReadinessTimeout, wait_until
 from manager_api.stack import Stack, StackConfig
 
 #: Every port of the stack picked free, so that the test never meets another engineer's `hydro up`.
@@ -95,3 +97,33 @@ def test_a_child_that_never_gets_ready_is_stopped_with_the_others(tmp_path: Path
         for pid in left:  # on failure: the session goes on without them
             os.kill(pid, 9)
     assert left == set(), "a child that did not get ready in time was left running"
+
+
+def test_ctrl_c_stops_everything_and_says_so(tmp_path: Path) -> None:
+    marker = uuid.uuid4().hex
+    argv = [sys.executable, "-m", "manager_api.cli", "up", "--data-dir", str(tmp_path), *FREE_PORTS]
+    argv += ["--api-port", "0"]
+    env = {**os.environ, "HYDRO_UP_TEST": marker, "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
+    log = tmp_path / "hydro-up.log"
+    with log.open("w") as out:
+        # A session of its own: its process group is what a terminal signals on Ctrl-C.
+        process = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_until(lambda: "Press Ctrl-C" in log.read_text() or process.poll() is not None, 120, "hydro up started")
+        assert process.poll() is None, log.read_text()
+        os.killpg(process.pid, signal.SIGINT)
+        code = process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        left = carrying(marker)
+        for pid in left:
+            os.kill(pid, 9)
+    said = log.read_text()
+    assert left == [], f"processes of the stack left running\n{said}"
+    assert code == 0, said
+    # Stopping takes seconds: the user who pressed Ctrl-C is told it was heard, then that it is done.
+    ready = said.index("Press Ctrl-C to stop everything.")
+    assert said.index("Stopping everything hydro up started...") > ready, said
+    assert said.rstrip().endswith("Stopped."), said
