@@ -33,7 +33,8 @@ from manager_api.store import (
     TopologyStore,
 )
 from manager_api.write_spans import WriteSpans
-from protos.topology import Keys, Node
+from protos.topology.keys import Keys
+from protos.topology.nodes import Node
 from xds_control.etcd_watch import ETCD_CLIENT_OPTIONS
 
 log = logging.getLogger(__name__)

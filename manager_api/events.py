@@ -25,7 +25,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from manager_api.store import Change
-from protos.topology import Keys
+from protos.topology.keys import Keys
 
 log = logging.getLogger(__name__)
 

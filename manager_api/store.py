@@ -1,7 +1,7 @@
 """The desired state in etcd: typed reads and writes of models, deployments, applications and instances.
 
-The only module of manager_api that talks to etcd. Key layout lives in ``protos.topology.Keys``; values are the
-records of ``protos.topology``. Model versions are numbered by an etcd transaction (create-if-absent), so two
+The only module of manager_api that talks to etcd. Key layout lives in ``protos.topology.keys.Keys``; values are
+the records of ``protos.topology``. Model versions are numbered by an etcd transaction (create-if-absent), so two
 uploads racing for the same model never get the same number.
 
 Every write is one transaction that compares the written key's ``mod_revision`` with the one it read: a write
@@ -27,22 +27,16 @@ from aetcd.utils import prefix_range_end
 from pydantic import BaseModel, ValidationError
 
 from manager_api.write_spans import note_revision, write_trace_context
-from protos.topology import (
-    Application,
-    Artifact,
-    Deployment,
-    Instance,
-    Keys,
-    ModelVersion,
-    Node,
-    PipelineInstance,
-    PipelineReplicaStatus,
-    Policies,
-    ProxyStatus,
-    ReplicaStatus,
-    Signature,
-    now_iso,
-)
+from protos.topology.applications import Application
+from protos.topology.deployments import Deployment
+from protos.topology.instances import Instance, PipelineInstance
+from protos.topology.keys import Keys
+from protos.topology.models import Artifact, ModelVersion, Signature
+from protos.topology.nodes import Node
+from protos.topology.policies import Policies
+from protos.topology.proxies import ProxyStatus
+from protos.topology.records import now_iso
+from protos.topology.replicas import PipelineReplicaStatus, ReplicaStatus
 
 RecordT = TypeVar("RecordT", bound=BaseModel)
 

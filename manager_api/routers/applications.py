@@ -19,7 +19,9 @@ from manager_api.schemas import (
 )
 from manager_api.store import Stored, TopologyStore, VersionNotRegistered
 from protos.contracts import ContractError, check_application, version_key
-from protos.topology import Application, PipelineReplicaStatus, ShadowVariant, Signature, Variant
+from protos.topology.applications import Application, ShadowVariant, Variant
+from protos.topology.models import Signature
+from protos.topology.replicas import PipelineReplicaStatus
 
 router = APIRouter(prefix="/applications", tags=["applications"])
 

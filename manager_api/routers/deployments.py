@@ -14,7 +14,7 @@ from manager_api.schemas import (
     RevisionQuery,
 )
 from manager_api.store import Stored, TopologyStore
-from protos.topology import Deployment
+from protos.topology.deployments import Deployment
 
 router = APIRouter(prefix="/deployments", tags=["deployments"])
 

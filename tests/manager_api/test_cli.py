@@ -29,7 +29,8 @@ from manager_api.credentials import ensure_admin_credentials
 from manager_api.etcd_server import EtcdServer
 from manager_api.ports import free_port
 from manager_api.processes import ChildProcess, http_ok
-from protos.topology import Keys, ProxyStatus
+from protos.topology.keys import Keys
+from protos.topology.proxies import ProxyStatus
 
 VIEWER = "viewer-token-for-cli-tests"
 SERVING_YAML = """\

@@ -24,7 +24,7 @@ from manager_api.etcd_server import EtcdServer
 from manager_api.events import KEEPALIVE, event_stream
 from manager_api.processes import wait_until
 from manager_api.store import Change, TopologyStore
-from protos.topology import Keys
+from protos.topology.keys import Keys
 
 ADMIN = "events-admin-token"
 VIEWER = "events-viewer-token"

@@ -42,7 +42,8 @@ from manager_api.deployer.replica import Replica, ReplicaConfig
 from manager_api.etcd_server import EtcdServer
 from manager_api.ports import free_port
 from manager_api.processes import ChildProcess, http_ok, wait_until
-from protos.topology import Application, Keys, ShadowVariant, Stage, Variant
+from protos.topology.applications import Application, ShadowVariant, Stage, Variant
+from protos.topology.keys import Keys
 from runtimes.serving_config import load_serving_config
 from xds_control.bootstrap import envoy_ready, pipeline_envoy
 
