@@ -14,7 +14,7 @@ from manager_under_test import python_model_archive, served
 from manager_api.app import create_app
 from manager_api.etcd_server import EtcdServer
 from manager_api.settings import Settings
-from manager_api.store import TopologyStore
+from manager_api.store.topology_store import TopologyStore
 from protos.topology.models import ModelVersion
 
 

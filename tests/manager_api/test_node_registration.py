@@ -19,7 +19,7 @@ import pytest
 from manager_api.deployer.registration import LeasedInstanceRegistry
 from manager_api.etcd_server import EtcdServer
 from manager_api.processes import ChildProcess
-from manager_api.store import TopologyStore
+from manager_api.store.topology_store import TopologyStore
 from protos.topology.instances import Instance
 from protos.topology.keys import Keys
 from protos.topology.nodes import Node
