@@ -9,7 +9,7 @@ the records of ``protos.topology``. Each module does one thing:
 - ``errors``: the other errors a write or a watch raises (``ConflictError``, ``RevisionMismatch``,
   ``VersionNotRegistered``, ``HistoryCompacted``);
 - ``changes``: the stream of changes under the prefix (``Change``, ``WatchedChanges``) that ``TopologyStore.changes``
-  hands out;
+  hands out, and ``check_history``, which refuses a start etcd has compacted away;
 - ``etcd_ops``: the operations a transaction is made of, and reading one's answer.
 
 Nothing is re-exported here: import from the module that defines what you need.

@@ -1,4 +1,7 @@
-"""The changes under the prefix as an etcd watch reports them: what ``TopologyStore.changes`` hands out."""
+"""The changes under the prefix as an etcd watch reports them: what ``TopologyStore.changes`` hands out.
+
+``check_history`` runs first when the watch starts from a past revision: etcd would cancel such a watch only later.
+"""
 
 from __future__ import annotations
 
