@@ -45,7 +45,8 @@ from manager_api.etcd_server import EtcdServer  # noqa: E402
 from manager_api.ports import free_port  # noqa: E402
 from manager_api.processes import ChildProcess, wait_until  # noqa: E402
 from protos import inference_pb2, inference_pb2_grpc  # noqa: E402
-from protos.topology import Application, Keys, Stage, Variant  # noqa: E402
+from protos.topology.applications import Application, Stage, Variant  # noqa: E402
+from protos.topology.keys import Keys  # noqa: E402
 from xds_control.bootstrap import envoy_ready, ingress_envoy  # noqa: E402
 
 APP = "iris"

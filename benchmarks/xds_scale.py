@@ -42,19 +42,12 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 from manager_api.etcd_server import EtcdServer  # noqa: E402
 from manager_api.ports import free_port  # noqa: E402
 from manager_api.processes import ChildProcess, wait_until  # noqa: E402
-from protos.topology import (  # noqa: E402
-    Application,
-    Artifact,
-    Deployment,
-    Instance,
-    Keys,
-    ModelVersion,
-    ProxyStatus,
-    Signature,
-    Stage,
-    TensorSpec,
-    Variant,
-)
+from protos.topology.applications import Application, Stage, Variant  # noqa: E402
+from protos.topology.deployments import Deployment  # noqa: E402
+from protos.topology.instances import Instance  # noqa: E402
+from protos.topology.keys import Keys  # noqa: E402
+from protos.topology.models import Artifact, ModelVersion, Signature, TensorSpec  # noqa: E402
+from protos.topology.proxies import ProxyStatus  # noqa: E402
 from xds_control.bootstrap import envoy_ready, ingress_envoy  # noqa: E402
 from xds_control.topology import Topology  # noqa: E402
 from xds_control.translate import NodeInfo, ingress_snapshot  # noqa: E402

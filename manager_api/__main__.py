@@ -12,7 +12,7 @@ import uvicorn
 from manager_api.app import create_app
 from manager_api.artifacts import ArtifactStoreUnavailable, open_blob_store
 from manager_api.settings import Settings
-from protos.topology import DEFAULT_PREFIX
+from protos.topology.keys import DEFAULT_PREFIX
 from tracing.provider import setup_tracing
 from tracing.settings import InvalidEndpoint
 

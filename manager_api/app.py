@@ -24,16 +24,12 @@ from manager_api.request_bodies import RequestBodies
 from manager_api.routers import applications, artifacts, deployments, events, instances, models, proxies
 from manager_api.schemas import Health
 from manager_api.settings import Settings
-from manager_api.store import (
-    ConflictError,
-    CorruptRecord,
-    HistoryCompacted,
-    RecordTooLarge,
-    RevisionMismatch,
-    TopologyStore,
-)
+from manager_api.store.errors import ConflictError, HistoryCompacted, RevisionMismatch
+from manager_api.store.records import CorruptRecord, RecordTooLarge
+from manager_api.store.topology_store import TopologyStore
 from manager_api.write_spans import WriteSpans
-from protos.topology import Keys, Node
+from protos.topology.keys import Keys
+from protos.topology.nodes import Node
 from xds_control.etcd_watch import ETCD_CLIENT_OPTIONS
 
 log = logging.getLogger(__name__)

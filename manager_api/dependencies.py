@@ -12,8 +12,8 @@ from fastapi import Depends, Path, Request
 
 from manager_api.artifacts import ArtifactStore
 from manager_api.errors import ApiProblem
-from manager_api.store import TopologyStore
-from protos.topology import is_valid_name
+from manager_api.store.topology_store import TopologyStore
+from protos.topology.names import is_valid_name
 
 
 async def get_store(request: Request) -> TopologyStore:

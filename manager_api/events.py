@@ -24,8 +24,8 @@ import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
-from manager_api.store import Change
-from protos.topology import Keys
+from manager_api.store.changes import Change
+from protos.topology.keys import Keys
 
 log = logging.getLogger(__name__)
 

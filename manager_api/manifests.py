@@ -17,7 +17,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError
 
 from manager_api.schemas import DeploymentSpec
-from protos.topology import MAX_PIPELINE_REPLICAS, Policies, ResourceName
+from protos.topology.applications import MAX_PIPELINE_REPLICAS
+from protos.topology.names import ResourceName
+from protos.topology.policies import Policies
 
 API_VERSION = "hydro.serving/v1"
 #: Kinds in the order apply handles them: what a later kind names must exist first.

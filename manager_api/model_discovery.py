@@ -32,7 +32,7 @@ import httpx
 import yaml
 
 from manager_api.client import ApiError, ManagerClient, link_leaving, model_files, pack_model_to_file
-from protos.topology import is_valid_name
+from protos.topology.names import is_valid_name
 from runtimes.serving_config import SERVING_FILE
 
 log = logging.getLogger(__name__)

@@ -7,16 +7,11 @@ from typing import Annotated, Any
 from fastapi import Query
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from protos.topology import (
-    LAST_ERROR_MAX_CHARS,
-    MAX_PIPELINE_REPLICAS,
-    Application,
-    Deployment,
-    ModelVersion,
-    Policies,
-    ReplicaState,
-    Stage,
-)
+from protos.topology.applications import MAX_PIPELINE_REPLICAS, Application, Stage
+from protos.topology.deployments import Deployment
+from protos.topology.models import ModelVersion
+from protos.topology.policies import Policies
+from protos.topology.replicas import LAST_ERROR_MAX_CHARS, ReplicaState
 
 #: etcd's largest revision (a signed 64-bit integer): a larger number cannot even be sent to etcd.
 MAX_REVISION = 2**63 - 1

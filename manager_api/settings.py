@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from protos.topology import DEFAULT_PREFIX
+from protos.topology.keys import DEFAULT_PREFIX
 
 DeployerKind = Literal["none", "process"]
 

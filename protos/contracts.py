@@ -16,7 +16,8 @@ import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from protos.topology import Application, Signature, TensorSpec
+from protos.topology.applications import Application
+from protos.topology.models import Signature, TensorSpec
 
 
 class ContractError(ValueError):

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from protos.topology import Signature
+from protos.topology.models import Signature
 from runtimes.errors import PredictError
 from runtimes.messages import OutputTensor
 

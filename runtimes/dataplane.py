@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import numpy as np
 from prometheus_client import CollectorRegistry
 
-from protos.topology import Signature, TensorSpec
+from protos.topology.models import Signature, TensorSpec
 from runtimes.base import ModelRuntime
 from runtimes.batching import Batcher, BatchingOptions, request_rows, unbatchable_reason
 from runtimes.errors import (

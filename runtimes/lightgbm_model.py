@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from protos.topology import Signature
+from protos.topology.models import Signature
 from runtimes.base import ModelRuntime
 from runtimes.errors import ModelLoadError
 from runtimes.serving_config import ServingConfig

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from protos.topology import Datatype, Signature, TensorSpec
+from protos.topology.models import Datatype, Signature, TensorSpec
 from runtimes.base import ModelRuntime
 from runtimes.errors import InvalidInput, ModelLoadError
 from runtimes.serving_config import ServingConfig

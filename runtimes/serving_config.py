@@ -12,7 +12,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from protos.topology import NAME_PATTERN, Signature
+from protos.topology.models import Signature
+from protos.topology.names import NAME_PATTERN
 
 SERVING_FILE = "serving.yaml"
 

@@ -24,7 +24,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from protos.topology import Signature, TensorSpec
+from protos.topology.models import Signature, TensorSpec
 from runtimes.errors import ModelLoadError
 from runtimes.serving_config import ServingConfig, ServingConfigError, load_serving_config
 from runtimes.tensors import format_shape

@@ -17,7 +17,7 @@ import sklearn
 from sklearn.base import is_regressor
 from sklearn.utils import get_tags
 
-from protos.topology import Signature
+from protos.topology.models import Signature
 from runtimes.base import ModelRuntime
 from runtimes.errors import InvalidInput, ModelLoadError
 from runtimes.serving_config import ServingConfig

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from protos.topology import Signature, TensorSpec
+from protos.topology.models import Signature, TensorSpec
 from runtimes.errors import ModelLoadError
 from runtimes.serving_config import ServingConfig
 from runtimes.tensors import format_shape, zeros

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from protos.topology import Signature, TensorSpec
+from protos.topology.models import Signature, TensorSpec
 from runtimes.base import ModelRuntime
 from runtimes.errors import ModelLoadError
 from runtimes.serving_config import ServingConfig

@@ -26,7 +26,10 @@ from manager_api.deployer.registration import LeasedInstanceRegistry
 from manager_api.deployer.replica import Replica, ReplicaConfig
 from manager_api.ports import free_port
 from manager_api.processes import ChildProcess
-from protos.topology import Application, Artifact, Deployment, Keys, ModelVersion, Signature, Stage, Variant
+from protos.topology.applications import Application, Stage, Variant
+from protos.topology.deployments import Deployment
+from protos.topology.keys import Keys
+from protos.topology.models import Artifact, ModelVersion, Signature
 from xds_control.bootstrap import envoy_ready, ingress_envoy
 
 T = TypeVar("T")

@@ -13,7 +13,7 @@ import aetcd
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from protos.topology import DEFAULT_PREFIX, Keys
+from protos.topology.keys import DEFAULT_PREFIX, Keys
 from tracing.collector_watch import CollectorWatch
 from tracing.provider import setup_tracing
 from tracing.settings import InvalidEndpoint, TracingSettings, parse_endpoint, with_ca_file

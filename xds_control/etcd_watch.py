@@ -21,7 +21,7 @@ import aetcd
 from aetcd import rpc
 from aetcd.utils import prefix_range_end
 
-from protos.topology import Keys
+from protos.topology.keys import Keys
 from xds_control.etcd_stream import WatchStalled, watch_prefix
 from xds_control.topology import Topology, TopologyRecords
 

@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import ipaddress
 
-from protos.topology import (
-    Application,
-    Deployment,
-    Instance,
-    Keys,
-    ModelVersion,
-    PipelineInstance,
-    is_valid_name,
-)
+from protos.topology.applications import Application
+from protos.topology.deployments import Deployment
+from protos.topology.instances import Instance, PipelineInstance
+from protos.topology.keys import Keys
+from protos.topology.models import ModelVersion
+from protos.topology.names import is_valid_name
 
 TopologyRecord = ModelVersion | Deployment | Application | Instance | PipelineInstance
 

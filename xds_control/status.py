@@ -13,7 +13,9 @@ import logging
 
 import aetcd
 
-from protos.topology import Keys, ProxyStatus, now_iso
+from protos.topology.keys import Keys
+from protos.topology.proxies import ProxyStatus
+from protos.topology.records import now_iso
 from xds_control.server import StreamCallbacks
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from protos.topology import Application, Deployment, Instance, Keys, ModelVersion, PipelineInstance
+from protos.topology.applications import Application
+from protos.topology.deployments import Deployment
+from protos.topology.instances import Instance, PipelineInstance
+from protos.topology.keys import Keys
+from protos.topology.models import ModelVersion
 from xds_control.record_checks import TopologyRecord, record_problem
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,8 @@ from envoy.config.route.v3 import route_components_pb2
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from protos.topology import Application, Policies, RetryPolicy, Stage
+from protos.topology.applications import Application, Stage
+from protos.topology.policies import Policies, RetryPolicy
 from xds_control.build_cache import BuildCache
 from xds_control.resources.clusters import (
     ANY_INSTANCE_CLUSTER,

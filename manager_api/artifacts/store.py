@@ -21,7 +21,7 @@ from pathlib import Path
 from manager_api.archives import MAX_UNPACKED_BYTES, model_root, unpack_archive
 from manager_api.artifacts.blobs import CHUNK, Blob, BlobStore, hex_of, verified
 from manager_api.artifacts.local import LocalBlobs
-from protos.topology import Artifact
+from protos.topology.models import Artifact
 from runtimes.serving_config import ServingConfig, load_serving_config
 from runtimes.signatures import DEFAULT_TIMEOUT, verify_signature
 

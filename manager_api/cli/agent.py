@@ -11,7 +11,7 @@ import typer
 
 from manager_api.cli.root import app
 from manager_api.cli.up import XdsApi
-from protos.topology import DEFAULT_PREFIX
+from protos.topology.keys import DEFAULT_PREFIX
 
 
 def _host_port(value: str) -> tuple[str, int]:

@@ -28,7 +28,7 @@ from manager_api.manifests import (
     ModelObject,
     load_manifests,
 )
-from protos.topology import Policies
+from protos.topology.policies import Policies
 
 Action = Literal["created", "configured", "unchanged"]
 

@@ -15,7 +15,7 @@ from manager_api.cli.connection import ApiOption, DataDirOption, TokenOption, fa
 from manager_api.cli.output import OutputFormat, OutputOption, emit, out
 from manager_api.cli.root import app
 from manager_api.client import ManagerClient, PackedModel, model_files, pack_model_to_file
-from protos.topology import is_valid_name
+from protos.topology.names import is_valid_name
 from runtimes.serving_config import SERVING_FILE
 
 model_app = typer.Typer(help="Model versions: push a model folder.", no_args_is_help=True)

@@ -21,8 +21,9 @@ import aetcd
 from manager_api.deployer.fetch import FetchedArtifacts
 from manager_api.deployer.process import ProcessDeployer
 from manager_api.deployer.registration import LeasedInstanceRegistry
-from manager_api.store import TopologyStore
-from protos.topology import DEFAULT_PREFIX, Keys, Node
+from manager_api.store.topology_store import TopologyStore
+from protos.topology.keys import DEFAULT_PREFIX, Keys
+from protos.topology.nodes import Node
 from xds_control.etcd_watch import ETCD_CLIENT_OPTIONS
 
 log = logging.getLogger(__name__)

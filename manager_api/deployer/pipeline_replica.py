@@ -20,8 +20,11 @@ from manager_api.deployer.replica import PairConfig, ProcessPair
 from manager_api.ports import free_port
 from manager_api.processes import ChildProcess
 from protos.contracts import version_key
-from protos.topology import Application, PipelineInstance, PipelineReplicaStatus, Signature
-from protos.topology import ReplicaState as ReportedState
+from protos.topology.applications import Application
+from protos.topology.instances import PipelineInstance
+from protos.topology.models import Signature
+from protos.topology.replicas import PipelineReplicaStatus
+from protos.topology.replicas import ReplicaState as ReportedState
 from runtimes.pipeline.spec import PipelineSpecFile
 from xds_control.bootstrap import pipeline_envoy
 

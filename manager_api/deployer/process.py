@@ -30,17 +30,12 @@ from manager_api.deployer.pipeline_replica import (
 from manager_api.deployer.placement import pipeline_share, share
 from manager_api.deployer.replica import InstanceRegistry, ProcessPair, Replica, ReplicaConfig
 from protos.contracts import version_key
-from protos.topology import (
-    Application,
-    Artifact,
-    BatchingPolicy,
-    Deployment,
-    Instance,
-    ModelVersion,
-    Node,
-    PipelineInstance,
-    Signature,
-)
+from protos.topology.applications import Application
+from protos.topology.deployments import Deployment
+from protos.topology.instances import Instance, PipelineInstance
+from protos.topology.models import Artifact, ModelVersion, Signature
+from protos.topology.nodes import Node
+from protos.topology.policies import BatchingPolicy
 from xds_control.topology import Topology
 from xds_control.translate import pipeline_timeout_ms
 

@@ -17,7 +17,10 @@ import logging
 
 import aetcd
 
-from protos.topology import Instance, Keys, Node, PipelineInstance, PipelineReplicaStatus, ReplicaStatus
+from protos.topology.instances import Instance, PipelineInstance
+from protos.topology.keys import Keys
+from protos.topology.nodes import Node
+from protos.topology.replicas import PipelineReplicaStatus, ReplicaStatus
 
 AnyInstance = Instance | PipelineInstance
 AnyStatus = ReplicaStatus | PipelineReplicaStatus

@@ -25,16 +25,11 @@ from typing import Generic, Literal, Protocol, TypeVar
 from manager_api.deployer.backoff import Backoff
 from manager_api.ports import free_port
 from manager_api.processes import ChildProcess, ProcessExited, ReadinessTimeout, http_ok
-from protos.topology import (
-    LAST_ERROR_MAX_CHARS,
-    BatchingPolicy,
-    Instance,
-    PipelineInstance,
-    PipelineReplicaStatus,
-    ReplicaStatus,
-    now_iso,
-)
-from protos.topology import ReplicaState as ReportedState
+from protos.topology.instances import Instance, PipelineInstance
+from protos.topology.policies import BatchingPolicy
+from protos.topology.records import now_iso
+from protos.topology.replicas import LAST_ERROR_MAX_CHARS, PipelineReplicaStatus, ReplicaStatus
+from protos.topology.replicas import ReplicaState as ReportedState
 from xds_control.bootstrap import envoy_process, envoy_ready, render_bootstrap
 from xds_control.resources.request_limits import DEFAULT_MAX_REQUEST_BYTES
 

@@ -17,9 +17,13 @@ from manager_api.schemas import (
     RevisionQuery,
     VariantStatus,
 )
-from manager_api.store import Stored, TopologyStore, VersionNotRegistered
+from manager_api.store.errors import VersionNotRegistered
+from manager_api.store.records import Stored
+from manager_api.store.topology_store import TopologyStore
 from protos.contracts import ContractError, check_application, version_key
-from protos.topology import Application, PipelineReplicaStatus, ShadowVariant, Signature, Variant
+from protos.topology.applications import Application, ShadowVariant, Variant
+from protos.topology.models import Signature
+from protos.topology.replicas import PipelineReplicaStatus
 
 router = APIRouter(prefix="/applications", tags=["applications"])
 

@@ -13,8 +13,9 @@ from manager_api.schemas import (
     InstanceView,
     RevisionQuery,
 )
-from manager_api.store import Stored, TopologyStore
-from protos.topology import Deployment
+from manager_api.store.records import Stored
+from manager_api.store.topology_store import TopologyStore
+from protos.topology.deployments import Deployment
 
 router = APIRouter(prefix="/deployments", tags=["deployments"])
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from manager_api.dependencies import Store
-from protos.topology import Instance
+from protos.topology.instances import Instance
 
 router = APIRouter(prefix="/instances", tags=["instances"])
 

@@ -19,8 +19,9 @@ from manager_api.dependencies import Artifacts, ModelName, Store
 from manager_api.errors import ApiProblem, not_found
 from manager_api.schemas import CONDITIONAL_WRITE_RESPONSES, ModelVersionView, ModelView, RevisionQuery, ServerPath
 from manager_api.settings import Settings
-from manager_api.store import MAX_RECORD_BYTES, RecordTooLarge, Stored, TopologyStore
-from protos.topology import Artifact, ModelVersion, Signature
+from manager_api.store.records import MAX_RECORD_BYTES, RecordTooLarge, Stored
+from manager_api.store.topology_store import TopologyStore
+from protos.topology.models import Artifact, ModelVersion, Signature
 from runtimes.model_digest import manifest_digest
 from runtimes.serving_config import SERVING_FILE, ServingConfig, ServingConfigError
 

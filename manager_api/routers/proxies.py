@@ -6,7 +6,7 @@ from fastapi import APIRouter
 
 from manager_api.dependencies import Store
 from manager_api.errors import not_found
-from protos.topology import ProxyStatus
+from protos.topology.proxies import ProxyStatus
 
 router = APIRouter(prefix="/proxies", tags=["proxies"])
 

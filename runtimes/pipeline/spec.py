@@ -18,7 +18,8 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from protos.contracts import ContractError, check_application, version_key
-from protos.topology import Application, Signature, Stage, TensorSpec
+from protos.topology.applications import Application, Stage
+from protos.topology.models import Signature, TensorSpec
 
 
 class PipelineSpecError(ValueError):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from protos import inference_pb2 as pb
-from protos.topology import TensorSpec
+from protos.topology.models import TensorSpec
 from runtimes.dataplane import shape_matches
 from runtimes.errors import InvalidInput, PredictError
 from runtimes.grpc_codec import ContentsData

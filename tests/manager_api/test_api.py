@@ -24,7 +24,10 @@ from manager_api.etcd_server import EtcdServer
 from manager_api.ports import free_port
 from manager_api.processes import ChildProcess, http_ok
 from manager_api.schemas import ModelVersionView
-from protos.topology import Instance, Keys, PipelineInstance, PipelineReplicaStatus, ProxyStatus
+from protos.topology.instances import Instance, PipelineInstance
+from protos.topology.keys import Keys
+from protos.topology.proxies import ProxyStatus
+from protos.topology.replicas import PipelineReplicaStatus
 
 SERVING_YAML = """\
 runtime: python

@@ -14,8 +14,8 @@ from manager_under_test import python_model_archive, served
 from manager_api.app import create_app
 from manager_api.etcd_server import EtcdServer
 from manager_api.settings import Settings
-from manager_api.store import TopologyStore
-from protos.topology import ModelVersion
+from manager_api.store.topology_store import TopologyStore
+from protos.topology.models import ModelVersion
 
 
 def test_a_version_deleted_between_check_and_write_is_a_400(

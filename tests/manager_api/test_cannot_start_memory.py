@@ -13,18 +13,12 @@ from typing import Any
 import pytest
 
 from manager_api.deployer.process import ProcessDeployer
-from protos.topology import (
-    Application,
-    Deployment,
-    Instance,
-    ModelVersion,
-    Node,
-    PipelineInstance,
-    ReplicaStatus,
-    ShadowVariant,
-    Stage,
-    Variant,
-)
+from protos.topology.applications import Application, ShadowVariant, Stage, Variant
+from protos.topology.deployments import Deployment
+from protos.topology.instances import Instance, PipelineInstance
+from protos.topology.models import ModelVersion
+from protos.topology.nodes import Node
+from protos.topology.replicas import ReplicaStatus
 
 #: Fixed timestamps: the same spec written again is the same record, as a manifest applied twice is.
 STAMP = "2026-01-01T00:00:00.000+00:00"

@@ -29,7 +29,9 @@ from manager_api.credentials import ensure_admin_credentials
 from manager_api.etcd_server import EtcdServer
 from manager_api.ports import free_port
 from manager_api.processes import ChildProcess, http_ok
-from protos.topology import Keys, PipelineReplicaStatus, ProxyStatus
+from protos.topology.keys import Keys
+from protos.topology.proxies import ProxyStatus
+from protos.topology.replicas import PipelineReplicaStatus
 
 VIEWER = "viewer-token-for-cli-tests"
 SERVING_YAML = """\

@@ -23,8 +23,9 @@ from manager_api.auth import write_token_file
 from manager_api.etcd_server import EtcdServer
 from manager_api.events import KEEPALIVE, event_stream
 from manager_api.processes import wait_until
-from manager_api.store import Change, TopologyStore
-from protos.topology import Keys
+from manager_api.store.changes import Change
+from manager_api.store.topology_store import TopologyStore
+from protos.topology.keys import Keys
 
 ADMIN = "events-admin-token"
 VIEWER = "events-viewer-token"

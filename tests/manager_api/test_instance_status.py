@@ -31,7 +31,7 @@ from manager_api.client import ManagerClient
 from manager_api.etcd_server import EtcdServer
 from manager_api.ports import free_port
 from manager_api.processes import ChildProcess, http_ok, wait_until
-from protos.topology import ReplicaStatus
+from protos.topology.replicas import ReplicaStatus
 
 LEASE_TTL = 2
 SERVING_YAML = """\

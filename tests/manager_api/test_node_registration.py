@@ -19,8 +19,10 @@ import pytest
 from manager_api.deployer.registration import LeasedInstanceRegistry
 from manager_api.etcd_server import EtcdServer
 from manager_api.processes import ChildProcess
-from manager_api.store import TopologyStore
-from protos.topology import Instance, Keys, Node
+from manager_api.store.topology_store import TopologyStore
+from protos.topology.instances import Instance
+from protos.topology.keys import Keys
+from protos.topology.nodes import Node
 
 TTL = 2
 
@@ -73,7 +75,9 @@ DOOMED = """
 import asyncio, sys
 import aetcd
 from manager_api.deployer.registration import LeasedInstanceRegistry
-from protos.topology import Instance, Keys, Node
+from protos.topology.instances import Instance
+from protos.topology.keys import Keys
+from protos.topology.nodes import Node
 
 async def main(host, port, prefix, ttl):
     client = aetcd.Client(host=host, port=int(port))

@@ -20,7 +20,9 @@ from manager_api.client import pack_model_folder
 from manager_api.etcd_server import EtcdServer
 from manager_api.ports import free_port
 from manager_api.processes import ChildProcess, http_ok
-from protos.topology import DEFAULT_RETRY_ON, Deployment, Keys, Policies
+from protos.topology.deployments import Deployment
+from protos.topology.keys import Keys
+from protos.topology.policies import DEFAULT_RETRY_ON, Policies
 from xds_control.topology import Topology
 
 PREFIX = "/hydro-policies-api-test/"

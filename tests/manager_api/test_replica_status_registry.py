@@ -15,8 +15,11 @@ from manager_api.deployer.backoff import BACKOFF_RESET_SECONDS
 from manager_api.deployer.registration import LeasedInstanceRegistry
 from manager_api.deployer.replica import Replica, ReplicaConfig
 from manager_api.etcd_server import EtcdServer
-from manager_api.store import TopologyStore
-from protos.topology import Instance, Keys, Node, ReplicaStatus
+from manager_api.store.topology_store import TopologyStore
+from protos.topology.instances import Instance
+from protos.topology.keys import Keys
+from protos.topology.nodes import Node
+from protos.topology.replicas import ReplicaStatus
 
 TTL = 2
 

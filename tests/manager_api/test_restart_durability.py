@@ -22,7 +22,10 @@ from manager_under_test import ManagerUnderTest, etcd_prefix_items, python_model
 
 from manager_api.etcd_server import EtcdServer
 from manager_api.processes import wait_until
-from protos.topology import Application, Deployment, Keys, ModelVersion
+from protos.topology.applications import Application
+from protos.topology.deployments import Deployment
+from protos.topology.keys import Keys
+from protos.topology.models import ModelVersion
 
 THREADS = 4
 WRITES_PER_THREAD = 50

@@ -14,7 +14,7 @@ import pytest
 from manager_under_test import ManagerUnderTest, etcd_read, register_model
 
 from manager_api.etcd_server import EtcdServer
-from protos.topology import Keys
+from protos.topology.keys import Keys
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 
 from protos.contracts import ContractError, check_application, shapes_fit
-from protos.topology import Application, Signature
+from protos.topology.applications import Application
+from protos.topology.models import Signature
 
 
 def _sig(inputs: list[tuple[str, str, list[int]]], outputs: list[tuple[str, str, list[int]]]) -> Signature:

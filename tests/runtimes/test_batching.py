@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from manager_api.deployer.replica import _batching_flags
 from manager_api.ports import free_port
 from manager_api.processes import ChildProcess, http_ok, wait_until
-from protos.topology import BatchingPolicy, Policies
+from protos.topology.policies import BatchingPolicy, Policies
 from runtimes.base import ModelRuntime
 from runtimes.batching import BatchingOptions, request_rows, unbatchable_reason
 from runtimes.dataplane import DataPlane, array_inputs

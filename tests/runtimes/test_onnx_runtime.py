@@ -17,7 +17,7 @@ from framework_models import (
     serve_in_process,
 )
 
-from protos.topology import Signature, TensorSpec
+from protos.topology.models import Signature, TensorSpec
 from runtimes.base import create_runtime
 from runtimes.errors import InvalidInput, ModelLoadError
 from runtimes.onnx_model import OnnxRuntime, signature_of

@@ -42,7 +42,10 @@ from manager_api.deployer.replica import Replica, ReplicaConfig
 from manager_api.etcd_server import EtcdServer
 from manager_api.ports import free_port
 from manager_api.processes import ChildProcess, http_ok, wait_until
-from protos.topology import Application, Deployment, Keys, Policies, ShadowVariant, Stage, Variant
+from protos.topology.applications import Application, ShadowVariant, Stage, Variant
+from protos.topology.deployments import Deployment
+from protos.topology.keys import Keys
+from protos.topology.policies import Policies
 from runtimes.serving_config import load_serving_config
 from xds_control.bootstrap import envoy_ready, pipeline_envoy
 

@@ -25,7 +25,7 @@ from runtimes.tensors import (
 
 
 def test_datatypes_match_the_schema() -> None:
-    from protos.topology import DATATYPES as SCHEMA_DATATYPES
+    from protos.topology.models import DATATYPES as SCHEMA_DATATYPES
 
     assert set(DATATYPES) == set(SCHEMA_DATATYPES)
     for datatype in DATATYPES:

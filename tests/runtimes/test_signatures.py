@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from framework_models import lightgbm_classifier, onnx_classifier, sklearn_classifier, xgboost_classifier
 
-from protos.topology import Signature, TensorSpec
+from protos.topology.models import Signature, TensorSpec
 from runtimes.serving_config import ServingConfigError, load_serving_config, parse_serving_config
 from runtimes.signatures import (
     INFERRING_KINDS,

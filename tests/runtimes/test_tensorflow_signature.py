@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from protos.topology import Signature, TensorSpec
+from protos.topology.models import Signature, TensorSpec
 from runtimes.errors import ModelLoadError
 from runtimes.serving_config import parse_serving_config
 from runtimes.signatures import check_signature

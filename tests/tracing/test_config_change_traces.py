@@ -29,7 +29,8 @@ from otlp_receiver import OtlpReceiver, ReceivedSpan
 from manager_api.etcd_server import EtcdServer
 from manager_api.ports import free_port
 from manager_api.processes import ChildProcess, http_ok
-from protos.topology import Artifact, Keys, ModelVersion, Signature, TensorSpec
+from protos.topology.keys import Keys
+from protos.topology.models import Artifact, ModelVersion, Signature, TensorSpec
 from tracing.provider import setup_tracing
 from xds_control.bootstrap import envoy_ready, ingress_envoy
 from xds_control.push_spans import PushSpans

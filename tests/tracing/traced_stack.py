@@ -17,7 +17,9 @@ from ingress_stack import IngressStack, ingress_stack
 
 from manager_api.deployer.replica import Replica
 from manager_api.processes import wait_until
-from protos.topology import Deployment, Policies, Signature, TensorSpec
+from protos.topology.deployments import Deployment
+from protos.topology.models import Signature, TensorSpec
+from protos.topology.policies import Policies
 
 MODEL_FOLDER = Path(__file__).resolve().parents[1] / "xds_control" / "controllable_model"
 MODEL = "ctl"

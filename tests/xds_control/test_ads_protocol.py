@@ -9,7 +9,10 @@ from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import struct_pb2
 from google.rpc import status_pb2
 
-from protos.topology import Application, CircuitBreakerPolicy, Deployment, Instance, Policies, Stage, Variant
+from protos.topology.applications import Application, Stage, Variant
+from protos.topology.deployments import Deployment
+from protos.topology.instances import Instance
+from protos.topology.policies import CircuitBreakerPolicy, Policies
 from xds_control.resources.type_urls import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, pack
 from xds_control.server import AdsStream, StreamCallbacks
 from xds_control.snapshot import SnapshotCache

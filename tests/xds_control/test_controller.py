@@ -11,7 +11,7 @@ import logging
 import pytest
 from envoy.config.core.v3 import base_pb2
 
-from protos.topology import Application, Stage, Variant
+from protos.topology.applications import Application, Stage, Variant
 from xds_control.build_cache import BuildCache
 from xds_control.controller import Controller
 from xds_control.snapshot import Snapshot, SnapshotCache

@@ -20,7 +20,8 @@ from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import struct_pb2
 from google.rpc import status_pb2
 
-from protos.topology import Application, Instance, Stage, Variant
+from protos.topology.applications import Application, Stage, Variant
+from protos.topology.instances import Instance
 from xds_control.delta_server import DELTA_ADS_METHOD
 from xds_control.resources.clusters import eds_cluster
 from xds_control.resources.endpoints import load_assignment

@@ -24,7 +24,9 @@ from test_ingress_envoy import Ingress, _app, _model, _put, ingress_stack
 
 from manager_api.etcd_server import EtcdServer
 from manager_api.processes import wait_until
-from protos.topology import Deployment, Instance, Keys
+from protos.topology.deployments import Deployment
+from protos.topology.instances import Instance
+from protos.topology.keys import Keys
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 #: xds_control with an injected fault: the NACK tests' trigger (no etcd record makes Envoy refuse anything).

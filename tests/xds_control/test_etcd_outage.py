@@ -14,7 +14,8 @@ from test_ingress_envoy import Ingress, _app, _model, _put, ingress_stack
 
 from manager_api.etcd_server import EtcdServer
 from manager_api.processes import wait_until
-from protos.topology import Keys, ProxyStatus
+from protos.topology.keys import Keys
+from protos.topology.proxies import ProxyStatus
 
 #: xds_control's bound (--etcd-watch-timeout): a watch that brings nothing for this long is started again.
 WATCH_TIMEOUT_S = 2.0

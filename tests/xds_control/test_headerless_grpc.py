@@ -27,15 +27,10 @@ from tritonclient.utils import InferenceServerException
 
 from manager_api.etcd_server import EtcdServer
 from manager_api.processes import wait_until
-from protos.topology import (
-    Application,
-    Deployment,
-    Policies,
-    Signature,
-    Stage,
-    TensorSpec,
-    Variant,
-)
+from protos.topology.applications import Application, Stage, Variant
+from protos.topology.deployments import Deployment
+from protos.topology.models import Signature, TensorSpec
+from protos.topology.policies import Policies
 from xds_control.resources.clusters import ANY_INSTANCE_CLUSTER
 from xds_control.resources.headerless_grpc import INFERENCE_DESCRIPTOR_SET, MODEL_METHODS, model_methods
 from xds_control.resources.type_urls import CLUSTER, ROUTE

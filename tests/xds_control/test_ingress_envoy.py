@@ -17,20 +17,12 @@ import pytest
 from manager_api.etcd_server import EtcdServer
 from manager_api.ports import free_port
 from manager_api.processes import ChildProcess, wait_until
-from protos.topology import (
-    Application,
-    Artifact,
-    CircuitBreakerPolicy,
-    Deployment,
-    Instance,
-    Keys,
-    ModelVersion,
-    Policies,
-    Signature,
-    Stage,
-    TensorSpec,
-    Variant,
-)
+from protos.topology.applications import Application, Stage, Variant
+from protos.topology.deployments import Deployment
+from protos.topology.instances import Instance
+from protos.topology.keys import Keys
+from protos.topology.models import Artifact, ModelVersion, Signature, TensorSpec
+from protos.topology.policies import CircuitBreakerPolicy, Policies
 from xds_control.bootstrap import envoy_ready, ingress_envoy
 
 

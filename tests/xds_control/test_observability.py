@@ -26,19 +26,12 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from manager_api.etcd_server import EtcdServer
 from manager_api.ports import free_port
 from manager_api.processes import ChildProcess, http_ok, wait_until
-from protos.topology import (
-    Application,
-    Artifact,
-    Deployment,
-    Instance,
-    Keys,
-    ModelVersion,
-    ProxyStatus,
-    Signature,
-    Stage,
-    TensorSpec,
-    Variant,
-)
+from protos.topology.applications import Application, Stage, Variant
+from protos.topology.deployments import Deployment
+from protos.topology.instances import Instance
+from protos.topology.keys import Keys
+from protos.topology.models import Artifact, ModelVersion, Signature, TensorSpec
+from protos.topology.proxies import ProxyStatus
 from xds_control.bootstrap import envoy_ready, ingress_envoy
 
 MODEL_PY = "def predict(inputs):\n    return {'y': inputs['x'] * 2}\n"

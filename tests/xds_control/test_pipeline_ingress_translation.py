@@ -8,16 +8,10 @@ from envoy.extensions.filters.http.buffer.v3 import buffer_pb2
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
-from protos.topology import (
-    Application,
-    Deployment,
-    Instance,
-    PipelineInstance,
-    Policies,
-    ShadowVariant,
-    Stage,
-    Variant,
-)
+from protos.topology.applications import Application, ShadowVariant, Stage, Variant
+from protos.topology.deployments import Deployment
+from protos.topology.instances import Instance, PipelineInstance
+from protos.topology.policies import Policies
 from xds_control.resources.request_limits import BUFFER_FILTER, RATE_LIMIT_FILTER
 from xds_control.resources.type_urls import CLUSTER, ENDPOINT, PUSH_ORDER, ROUTE
 from xds_control.snapshot import Snapshot
@@ -112,7 +106,7 @@ def test_a_new_pipeline_replica_changes_endpoints_only() -> None:
 
 
 def test_pipeline_records_are_read_from_etcd_keys() -> None:
-    from protos.topology import Keys
+    from protos.topology.keys import Keys
 
     keys = Keys("/t/")
     record = _pipeline("p1", 21001)

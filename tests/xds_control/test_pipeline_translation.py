@@ -11,7 +11,10 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
-from protos.topology import Application, Deployment, Instance, Policies, ShadowVariant, Stage, Variant
+from protos.topology.applications import Application, ShadowVariant, Stage, Variant
+from protos.topology.deployments import Deployment
+from protos.topology.instances import Instance
+from protos.topology.policies import Policies
 from xds_control.resources.request_limits import BUFFER_FILTER, RATE_LIMIT_FILTER
 from xds_control.resources.type_urls import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE
 from xds_control.snapshot import Snapshot

@@ -3,7 +3,7 @@ test_traffic_policies.py)."""
 
 from __future__ import annotations
 
-from protos.topology import Policies
+from protos.topology.policies import Policies
 from xds_control.resources.request_limits import RATE_LIMIT_FILTER
 from xds_control.resources.routes import model_version_route, retry_policy
 from xds_control.translate import request_limits, route_policies

@@ -13,7 +13,8 @@ import aetcd
 import pytest
 
 from manager_api.etcd_server import EtcdServer
-from protos.topology import Keys, ProxyStatus
+from protos.topology.keys import Keys
+from protos.topology.proxies import ProxyStatus
 from xds_control.status import MAX_NACK_CHARS, TRUNCATED_MARKER, ProxyStatusWriter
 
 DEADLINE = 15.0

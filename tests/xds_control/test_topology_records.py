@@ -8,20 +8,11 @@ import logging
 
 import pytest
 
-from protos.topology import (
-    Application,
-    Artifact,
-    Deployment,
-    Instance,
-    Keys,
-    ModelVersion,
-    PipelineInstance,
-    ShadowVariant,
-    Signature,
-    Stage,
-    TensorSpec,
-    Variant,
-)
+from protos.topology.applications import Application, ShadowVariant, Stage, Variant
+from protos.topology.deployments import Deployment
+from protos.topology.instances import Instance, PipelineInstance
+from protos.topology.keys import Keys
+from protos.topology.models import Artifact, ModelVersion, Signature, TensorSpec
 from xds_control.topology import TopologyRecords
 
 KEYS = Keys("/t/")

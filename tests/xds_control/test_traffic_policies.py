@@ -32,18 +32,11 @@ from tritonclient.grpc import service_pb2
 from manager_api.deployer.replica import Replica
 from manager_api.etcd_server import EtcdServer
 from manager_api.processes import wait_until
-from protos.topology import (
-    Application,
-    Artifact,
-    Deployment,
-    Keys,
-    ModelVersion,
-    Policies,
-    Signature,
-    Stage,
-    TensorSpec,
-    Variant,
-)
+from protos.topology.applications import Application, Stage, Variant
+from protos.topology.deployments import Deployment
+from protos.topology.keys import Keys
+from protos.topology.models import Artifact, ModelVersion, Signature, TensorSpec
+from protos.topology.policies import Policies
 from xds_control.resources.clusters import eds_cluster
 from xds_control.resources.request_limits import BUFFER_FILTER, RATE_LIMIT_FILTER
 from xds_control.resources.routes import WeightedTarget, application_routes, model_version_route

@@ -27,7 +27,7 @@ from ingress_stack import ingress_stack
 from manager_api.deployer.replica import Replica
 from manager_api.etcd_server import EtcdServer
 from manager_api.processes import wait_until
-from protos.topology import Signature, TensorSpec
+from protos.topology.models import Signature, TensorSpec
 from xds_control.bootstrap import connections_per_worker
 
 MODEL_FOLDER = Path(__file__).resolve().parent / "controllable_model"

@@ -14,7 +14,7 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.v3 import percent_pb2
 from google.protobuf import any_pb2
 
-from protos.topology import CircuitBreakerPolicy, HealthCheckPolicy, OutlierDetectionPolicy
+from protos.topology.policies import CircuitBreakerPolicy, HealthCheckPolicy, OutlierDetectionPolicy
 from xds_control.resources.core import ads_source, milliseconds, seconds
 from xds_control.resources.endpoints import load_assignment
 from xds_control.resources.type_urls import pack

@@ -13,7 +13,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from envoy.type.v3 import percent_pb2, token_bucket_pb2
 from google.protobuf import any_pb2
 
-from protos.topology import RateLimitPolicy
+from protos.topology.policies import RateLimitPolicy
 from xds_control.resources.core import seconds
 from xds_control.resources.type_urls import pack
 

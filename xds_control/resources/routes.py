@@ -12,7 +12,7 @@ from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
 from envoy.type.matcher.v3 import metadata_pb2, regex_pb2, string_pb2, value_pb2
 
-from protos.topology import RetryPolicy
+from protos.topology.policies import RetryPolicy
 from xds_control.resources.core import milliseconds, seconds, set_header, text_format
 from xds_control.resources.headerless_grpc import (
     FIELD_EXTRACTION_FILTER,

@@ -1,8 +1,7 @@
-"""The desired state in etcd: typed reads and writes of models, deployments, applications and instances.
+"""TopologyStore: typed reads and writes of models, deployments, applications and instances in etcd.
 
-The only module of manager_api that talks to etcd. Key layout lives in ``protos.topology.Keys``; values are the
-records of ``protos.topology``. Model versions are numbered by an etcd transaction (create-if-absent), so two
-uploads racing for the same model never get the same number.
+Model versions are numbered by an etcd transaction (create-if-absent), so two uploads racing for the same model
+never get the same number.
 
 Every write is one transaction that compares the written key's ``mod_revision`` with the one it read: a write
 carrying the client's ``expected_revision`` fails with RevisionMismatch when the record moved on (optimistic
@@ -16,103 +15,37 @@ import asyncio
 import contextlib
 import zlib
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any
 
 import aetcd
-import anyio
 from aetcd import rpc
 from aetcd.exceptions import RevisionCompactedError
 from aetcd.utils import prefix_range_end
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
+from manager_api.store.changes import WatchedChanges, check_history
+from manager_api.store.errors import ConflictError, HistoryCompacted, RevisionMismatch, VersionNotRegistered
+from manager_api.store.etcd_ops import delete_op, mod_revision, put_op, read_op
+from manager_api.store.records import CorruptRecord, RecordT, Stored, encoded_record
 from manager_api.write_spans import note_revision, write_trace_context
-from protos.topology import (
-    Application,
-    Artifact,
-    Deployment,
-    Instance,
-    Keys,
-    ModelVersion,
-    Node,
-    PipelineInstance,
-    PipelineReplicaStatus,
-    Policies,
-    ProxyStatus,
-    ReplicaStatus,
-    Signature,
-    now_iso,
-)
-
-RecordT = TypeVar("RecordT", bound=BaseModel)
+from protos.topology.applications import Application
+from protos.topology.deployments import Deployment
+from protos.topology.instances import Instance, PipelineInstance
+from protos.topology.keys import Keys
+from protos.topology.models import Artifact, ModelVersion, Signature
+from protos.topology.nodes import Node
+from protos.topology.policies import Policies
+from protos.topology.proxies import ProxyStatus
+from protos.topology.records import now_iso
+from protos.topology.replicas import PipelineReplicaStatus, ReplicaStatus
 
 #: Attempts at numbering a new model version before giving up (each loses only to a concurrent upload).
 _VERSION_ATTEMPTS = 20
 #: Locks shared by the keys of one record kind; few, since writes are short.
 _WRITE_LOCK_STRIPES = 64
 
-
 #: Default deadline (seconds) of one etcd transaction, and of waiting for this process's turn to write a record.
 DEFAULT_WRITE_TIMEOUT = 30.0
-
-
-class ConflictError(RuntimeError):
-    """A write lost a race too many times; the caller may retry."""
-
-
-class RevisionMismatch(RuntimeError):
-    """A conditional write found the record at another revision than the client read (0: absent); nothing written."""
-
-    def __init__(self, what: str, expected: int, current: int, deleting: bool = False) -> None:
-        if expected == 0 and deleting:
-            # A DELETE with revision 0 ("only if absent") can only find the record there.
-            message = f"{what} exists (revision {current}), not at revision 0: read it again and retry"
-        elif expected == 0:
-            message = f"{what} exists (revision {current}) but revision 0 asks to create it: read it again and retry"
-        elif current == 0:
-            message = f"{what} changed since revision {expected} (now deleted): read it again and retry"
-        else:
-            message = f"{what} changed since revision {expected} (now {current}): read it again and retry"
-        super().__init__(message)
-        self.what = what
-        self.expected = expected
-        self.current = current
-
-
-#: Largest record written, in bytes of JSON: etcd refuses a request over its --max-request-bytes (1.5 MiB by
-#: default) with an error that says nothing of which field made it so big.
-MAX_RECORD_BYTES = 1024**2
-
-
-class RecordTooLarge(ValueError):
-    """A record is bigger than MAX_RECORD_BYTES; nothing written. The message names its size and the limit."""
-
-    def __init__(self, what: str, size: int, detail: str = "") -> None:
-        super().__init__(
-            f"{what} would be {size} bytes in etcd, more than the {MAX_RECORD_BYTES} bytes a record may have"
-            + (f": {detail}" if detail else "")
-        )
-
-
-def encoded_record(what: str, record: BaseModel) -> bytes:
-    """The JSON stored for ``record``; RecordTooLarge if etcd would refuse it."""
-    value = record.model_dump_json().encode()
-    if len(value) > MAX_RECORD_BYTES:
-        raise RecordTooLarge(what, len(value))
-    return value
-
-
-class CorruptRecord(ValueError):
-    """A value in etcd does not parse as the record its key holds (written by hand, or by a newer schema)."""
-
-    def __init__(self, key: str, kind: str, error: ValidationError) -> None:
-        first = error.errors()[0] if error.errors() else {"msg": str(error), "loc": ()}
-        where = ".".join(str(p) for p in first.get("loc", ())) or "value"
-        super().__init__(
-            f"the record at {key} in etcd is not a valid {kind} ({where}: {first.get('msg')}): "
-            "replace it with a PUT, or delete it (etcdctl del)"
-        )
-        self.key = key
 
 
 def _counter_value(value: bytes) -> int:
@@ -121,94 +54,6 @@ def _counter_value(value: bytes) -> int:
         return int(value)
     except ValueError:
         return 0
-
-
-class VersionNotRegistered(LookupError):
-    """A write names a model version that is not (or no longer) registered; nothing written."""
-
-    def __init__(self, model: str, version: int) -> None:
-        super().__init__(f"model version {model}:{version} is not registered")
-        self.model = model
-        self.version = version
-
-
-class HistoryCompacted(RuntimeError):
-    """A watch asked for changes older than etcd keeps (they were compacted away)."""
-
-    def __init__(self, start: int) -> None:
-        super().__init__(
-            f"the changes after revision {start - 1} are compacted away in etcd: read the current state and "
-            "follow the events from the revisions it carries"
-        )
-        self.start = start
-
-
-@dataclass(frozen=True)
-class Stored(Generic[RecordT]):
-    """A record with the etcd ``mod_revision`` it was read or written at (what clients send back to update it)."""
-
-    record: RecordT
-    revision: int
-
-
-@dataclass(frozen=True)
-class Change:
-    """One key changed under the prefix, as an etcd watch reports it; ``value`` is None for a delete."""
-
-    type: Literal["put", "delete"]
-    key: str
-    revision: int
-    value: bytes | None
-
-
-def _put(key: bytes, value: bytes) -> rpc.RequestOp:
-    return rpc.RequestOp(request_put=rpc.PutRequest(key=key, value=value))
-
-
-def _read(key: bytes) -> rpc.RequestOp:
-    return rpc.RequestOp(request_range=rpc.RangeRequest(key=key))
-
-
-def _delete(key: bytes) -> rpc.RequestOp:
-    return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key))
-
-
-def _mod_revision(response: Any, index: int) -> int:
-    """The mod_revision of the key read by the ``index``-th operation of a transaction's branch (0 if absent)."""
-    kvs = response.responses[index].response_range.kvs
-    return int(kvs[0].mod_revision) if kvs else 0
-
-
-class WatchedChanges:
-    """The changes an etcd watch reports, as an async iterator; ``aclose`` cancels the watch at once.
-
-    A reader that stops following early (manager_api/events.py cuts off a reader that fell too far behind) thus ends
-    the watch before it leaves ``TopologyStore.changes``: the watch's own queue would otherwise keep growing.
-    """
-
-    def __init__(self, watch: Any) -> None:
-        self._watch = watch
-        self._events = watch.__aiter__()
-
-    def __aiter__(self) -> WatchedChanges:
-        return self
-
-    async def __anext__(self) -> Change:
-        event = await self._events.__anext__()
-        put = event.kind == aetcd.EventKind.PUT
-        return Change(
-            type="put" if put else "delete",
-            key=event.kv.key.decode(),
-            revision=event.kv.mod_revision,
-            value=event.kv.value if put else None,
-        )
-
-    async def aclose(self) -> None:
-        """Cancel the watch (again on exit from ``changes``: harmless)."""
-        # Shielded: a disconnected client cancels the request's task, and the cancel request must still reach
-        # etcd or the watch would live as long as the manager.
-        with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
-            await self._watch.cancel()
 
 
 class TopologyStore:
@@ -270,8 +115,8 @@ class TopologyStore:
                 # A concurrent upload moves the counter: whoever loses reads again and takes the next number.
                 compare=[tx.create(key) == 0, tx.mod(counter_key) == counter_revision],
                 success=[
-                    _put(key, encoded_record(f"model version {name}/{number}", record)),
-                    _put(counter_key, str(number).encode()),
+                    put_op(key, encoded_record(f"model version {name}/{number}", record)),
+                    put_op(counter_key, str(number).encode()),
                 ],
             )
             if response.succeeded:
@@ -345,13 +190,13 @@ class TopologyStore:
                     tx.version(self.keys.deployment(name, version).encode()) == 0,
                     tx.mod(apps_prefix, prefix_range_end(apps_prefix)) < revision + 1,
                 ],
-                success=[_delete(key)],
-                failure=[_read(key)],
+                success=[delete_op(key)],
+                failure=[read_op(key)],
             )
             if response.succeeded:
                 note_revision(response.header.revision)
                 return []
-            now = _mod_revision(response, 0)
+            now = mod_revision(response, 0)
             if now == 0:
                 raise KeyError(f"{name}:{version}")
             if expected_revision is not None and now != expected_revision:
@@ -405,16 +250,16 @@ class TopologyStore:
                 tx = self.client.transactions
                 response = await self._txn(
                     compare=[tx.mod(key) == current_revision, tx.version(model_key) > 0],
-                    success=[_put(key, encoded_record(what, record))],
-                    failure=[_read(key), _read(model_key)],
+                    success=[put_op(key, encoded_record(what, record))],
+                    failure=[read_op(key), read_op(model_key)],
                 )
                 if response.succeeded:
                     note_revision(response.header.revision)
                     return Stored(record, response.header.revision)
-                if _mod_revision(response, 1) == 0:
+                if mod_revision(response, 1) == 0:
                     raise KeyError(f"model version {model}:{version}")
                 if expected_revision is not None:
-                    raise RevisionMismatch(what, expected_revision, _mod_revision(response, 0))
+                    raise RevisionMismatch(what, expected_revision, mod_revision(response, 0))
             raise ConflictError(f"{what}: too many concurrent writes, try again")
 
     async def get_deployment(self, model: str, version: int) -> Deployment | None:
@@ -484,17 +329,17 @@ class TopologyStore:
                 tx = self.client.transactions
                 response = await self._txn(
                     compare=[tx.mod(key) == current_revision, *(tx.version(k) > 0 for k in version_keys)],
-                    success=[_put(key, encoded_record(what, record))],
-                    failure=[_read(key), *(_read(k) for k in version_keys)],
+                    success=[put_op(key, encoded_record(what, record))],
+                    failure=[read_op(key), *(read_op(k) for k in version_keys)],
                 )
                 if response.succeeded:
                     note_revision(response.header.revision)
                     return Stored(record, response.header.revision)
                 for index, (model, version) in enumerate(named):
-                    if _mod_revision(response, index + 1) == 0:  # deleted since the caller checked it
+                    if mod_revision(response, index + 1) == 0:  # deleted since the caller checked it
                         raise VersionNotRegistered(model, version)
                 if expected_revision is not None:
-                    raise RevisionMismatch(what, expected_revision, _mod_revision(response, 0))
+                    raise RevisionMismatch(what, expected_revision, mod_revision(response, 0))
             raise ConflictError(f"{what}: too many concurrent writes, try again")
 
     async def get_application(self, name: str) -> Application | None:
@@ -574,7 +419,7 @@ class TopologyStore:
         """
         start = after_revision + 1 if after_revision is not None else None
         if start is not None:
-            await self._check_history(start)
+            await check_history(self.client, self.keys.prefix.encode(), start, self.write_timeout)
         try:
             watch = await self.client.watch_prefix(self.keys.prefix.encode(), start_revision=start)
         except RevisionCompactedError as exc:
@@ -592,24 +437,6 @@ class TopologyStore:
         """Raises if etcd does not answer."""
         await self.client.status()
 
-    async def _check_history(self, revision: int) -> None:
-        """Raise HistoryCompacted if etcd no longer has ``revision``.
-
-        etcd accepts a watch from a compacted revision and only then cancels it, after the response headers
-        would be gone; a read at that revision fails at once instead.
-        """
-        prefix = self.keys.prefix.encode()
-        request = rpc.RangeRequest(
-            key=prefix, range_end=prefix_range_end(prefix), revision=revision, limit=1, keys_only=True
-        )
-        try:
-            await self.client.kvstub.Range(request, timeout=self.write_timeout)
-        except rpc.AioRpcError as exc:
-            if "compacted" in (exc.details() or ""):
-                raise HistoryCompacted(revision) from exc
-            if "future revision" not in (exc.details() or ""):  # a future revision is fine: the watch waits
-                raise
-
     async def _txn(
         self, compare: Sequence[Any], success: Sequence[rpc.RequestOp], failure: Sequence[rpc.RequestOp] = ()
     ) -> Any:
@@ -625,11 +452,11 @@ class TopologyStore:
         compare = [tx.version(raw) > 0]
         if expected_revision is not None:
             compare.append(tx.mod(raw) == expected_revision)
-        response = await self._txn(compare, success=[_delete(raw)], failure=[_read(raw)])
+        response = await self._txn(compare, success=[delete_op(raw)], failure=[read_op(raw)])
         if response.succeeded:
             note_revision(response.header.revision)
             return True
-        current = _mod_revision(response, 0)
+        current = mod_revision(response, 0)
         if current == 0:
             return False
         raise RevisionMismatch(what, expected_revision or 0, current, deleting=True)
