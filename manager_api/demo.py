@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import runpy
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -36,21 +37,23 @@ def pipeline_request() -> dict[str, object]:
     return {"inputs": [{"name": "measurements", "shape": [2, 4], "datatype": "FP64", "data": DEMO_ROWS}]}
 
 
-def ensure_trained(folder: Path) -> None:
+def ensure_trained(folder: Path, progress: Callable[[str], None] = lambda line: None) -> None:
     """Train the example model if its file is missing (it is built here, never downloaded)."""
     if not (folder / "model.joblib").exists():
+        progress("  training the iris classifier (first run only)...")
         train = runpy.run_path(str(folder / "train.py"))["train"]
         train(folder)
 
 
-def ensure_pipeline_trained(folder: Path) -> None:
+def ensure_pipeline_trained(folder: Path, progress: Callable[[str], None] = lambda line: None) -> None:
     """Train the three models of the pipeline example if any of their files is missing."""
     module = runpy.run_path(str(folder / "train_pipeline.py"))
     if not module["is_trained"](folder):
+        progress("  training the pipeline's three models (first run only)...")
         module["train"](folder)
 
 
-def _latest_or_push(api: ManagerClient, model: str, folder: Path) -> int:
+def _latest_or_push(api: ManagerClient, model: str, folder: Path, progress: Callable[[str], None]) -> int:
     """The model's newest version, pushing ``folder`` as version 1 when the model is not registered yet."""
     try:
         versions = api.get_model(model).get("versions", [])
@@ -59,12 +62,19 @@ def _latest_or_push(api: ManagerClient, model: str, folder: Path) -> int:
             raise
         versions = []
     if versions:
-        return max(int(v["version"]) for v in versions)
-    return int(api.push_model(model, folder)["version"])
+        newest = max(int(v["version"]) for v in versions)
+        progress(f"  {model}: version {newest} is registered already")
+        return newest
+    pushed = api.push_model(model, folder)
+    progress(f"  {model}: pushed as version {pushed['version']} ({pushed['runtime']})")
+    return int(pushed["version"])
 
 
-def _answer(ingress_url: str, app: str, body: dict[str, object], output: str, timeout: float) -> list[int]:
+def _answer(
+    ingress_url: str, app: str, body: dict[str, object], output: str, timeout: float, progress: Callable[[str], None]
+) -> list[int]:
     """Poll the application through the ingress until it answers 200; return ``output`` of that answer."""
+    progress(f"  waiting for {app!r} to answer through the ingress (its replicas are starting)...")
     found: list[int] = []
 
     def answers() -> bool:
@@ -80,29 +90,36 @@ def _answer(ingress_url: str, app: str, body: dict[str, object], output: str, ti
 
 
 def push_demo(
-    api_url: str, ingress_url: str, token: str | None = None, replicas: int = 2, timeout: float = 180.0
+    api_url: str,
+    ingress_url: str,
+    token: str | None = None,
+    replicas: int = 2,
+    timeout: float = 180.0,
+    progress: Callable[[str], None] = lambda line: None,
 ) -> dict[str, list[int]]:
-    """Register (once), deploy and route both demo applications.
+    """Register (once), deploy and route both demo applications, telling ``progress`` each step as it starts.
 
     Returns what each answered through the ingress: ``{"iris": labels, "iris-pipeline": species}``.
     """
     folder = EXAMPLES / "iris"
-    ensure_trained(folder)
     pipeline_folder = EXAMPLES / "iris-pipeline"
-    ensure_pipeline_trained(pipeline_folder)
+    ensure_trained(folder, progress)
+    ensure_pipeline_trained(pipeline_folder, progress)
     with ManagerClient(api_url, token) as api:
-        version = _latest_or_push(api, DEMO_MODEL, folder)
+        version = _latest_or_push(api, DEMO_MODEL, folder, progress)
         api.deploy(DEMO_MODEL, version, replicas)
         api.put_application(DEMO_APP, [(DEMO_MODEL, version, 100)])
+        progress(f"  {DEMO_MODEL}: version {version} deployed with {replicas} replicas, application {DEMO_APP!r}")
         stages: list[dict[str, object]] = []
         for stage, model in PIPELINE_MODELS.items():
-            stage_version = _latest_or_push(api, model, pipeline_folder / stage)
+            stage_version = _latest_or_push(api, model, pipeline_folder / stage, progress)
             api.deploy(model, stage_version, 1)
             stages.append({"variants": [{"model": model, "version": stage_version, "weight": 100}]})
         api.put_application_stages(PIPELINE_APP, stages)
+        progress(f"  application {PIPELINE_APP!r}: {len(stages)} stages deployed, its pipeline runtime starting")
     return {
-        DEMO_APP: _answer(ingress_url, DEMO_APP, demo_request(), "label", timeout),
-        PIPELINE_APP: _answer(ingress_url, PIPELINE_APP, pipeline_request(), "species", timeout),
+        DEMO_APP: _answer(ingress_url, DEMO_APP, demo_request(), "label", timeout, progress),
+        PIPELINE_APP: _answer(ingress_url, PIPELINE_APP, pipeline_request(), "species", timeout, progress),
     }
 
 

@@ -134,7 +134,12 @@ def up(
             from manager_api.demo import push_demo, usage
 
             console.print("Pushing the iris demos...")
-            answers = push_demo(stack.api_url, stack.ingress_url, stack.credentials.token)
+            answers = push_demo(
+                stack.api_url,
+                stack.ingress_url,
+                stack.credentials.token,
+                progress=lambda line: console.print(line, highlight=False, markup=False),
+            )
             console.print(f"The demo application 'iris' answered through the ingress: label {answers['iris']}")
             console.print(f"The demo application 'iris-pipeline' answered: species {answers['iris-pipeline']}")
             console.print(usage(stack.ingress_url), highlight=False, markup=False, soft_wrap=True)

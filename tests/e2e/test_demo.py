@@ -37,6 +37,18 @@ def test_demo_deploys_iris_and_the_three_stage_pipeline(tmp_path: Path) -> None:
         log = mesh.data_dir / "hydro-up.log"
         wait_until(lambda: READY in log.read_text(), 300, "the demo pushed and answering")
         text = log.read_text()
+        # Each step says what it does while the demo starts (the replicas take seconds), in order.
+        steps = [
+            "iris: pushed as version 1 (sklearn)",
+            "iris: version 1 deployed with 2 replicas, application 'iris'",
+            "iris-scorer: pushed as version 1 (onnx)",
+            "application 'iris-pipeline': 3 stages deployed, its pipeline runtime starting",
+            "waiting for 'iris' to answer through the ingress",
+            "waiting for 'iris-pipeline' to answer through the ingress",
+            "The demo application 'iris' answered",
+        ]
+        places = [text.find(step) for step in steps]
+        assert -1 not in places and places == sorted(places), dict(zip(steps, places, strict=True))
         assert "The demo application 'iris' answered through the ingress: label [0, 2]" in text
         assert "The demo application 'iris-pipeline' answered: species [0, 2]" in text
         # The demo's and the readiness polls' requests are not each a log line (httpx logs them at INFO), neither
