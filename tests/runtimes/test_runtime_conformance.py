@@ -160,8 +160,9 @@ def test_statistics_count_inferences(typed: EchoTarget) -> None:
     try:
         before = http.get_inference_statistics("typed")["model_stats"][0]
         http.infer("typed", _inputs(httpclient, TYPED_DATATYPES))
-        with pytest.raises(InferenceServerException):
+        with pytest.raises(InferenceServerException) as missing:
             http.infer("typed", _inputs(httpclient, TYPED_DATATYPES[:1]))  # missing inputs: a failure
+        assert missing.value.status() == "400" and "missing input" in missing.value.message(), missing.value
         after = http.get_inference_statistics("typed", "1")["model_stats"][0]
         assert (after["name"], after["version"]) == ("typed", "1")
         assert after["inference_count"] == before["inference_count"] + 1
@@ -321,6 +322,7 @@ def test_explicit_default_and_wrong_versions(typed: EchoTarget) -> None:
         with pytest.raises(grpc.RpcError) as wrong:
             stub.ModelInfer(request, timeout=10)
         assert wrong.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "has no version '2'" in (wrong.value.details() or ""), wrong.value.details()
 
 
 def _json_data(datatype: str) -> list[Any]:
@@ -384,8 +386,9 @@ async def test_http_aio_client(alltypes: EchoTarget) -> None:
         _assert_echo(binary, DATATYPES)
         _assert_echo(plain, DATATYPES)
         assert binary.get_response()["id"] == "aio-1"
-        with pytest.raises(InferenceServerException):
+        with pytest.raises(InferenceServerException) as unknown:
             await client.infer("nothing", _inputs(httpaio, DATATYPES))
+        assert unknown.value.status() == "404" and "nothing" in unknown.value.message(), unknown.value
         wrong = _inputs(httpaio, DATATYPES)
         wrong[1] = httpaio.InferInput(input_name("INT8"), [3, 2], "UINT8")
         wrong[1].set_data_from_numpy(sample("UINT8"))

@@ -428,6 +428,7 @@ def test_version_mismatch(iris: Runtime) -> None:
         with pytest.raises(InferenceServerException) as wrong:
             client.infer("iris", [tensor], model_version="2")
         assert wrong.value.status() == "StatusCode.NOT_FOUND"
+        assert "has no version '2'" in wrong.value.message(), wrong.value.message()
     finally:
         client.close()
 
