@@ -193,7 +193,10 @@ def test_rest_routes_are_unchanged(stack: Stack) -> None:
         assert response.json()["outputs"][0]["data"] == [1.0, 2.0]
     response = httpx.post(f"http://{stack.address}/v2/models/nope/infer", json=body, timeout=10)
     assert response.status_code == 404
-    assert "error" in response.json()
+    assert response.json() == {
+        "error": "no application or model version matches /v2/models/nope/infer; "
+        "the manager's GET /api/v1/applications lists them"
+    }
 
 
 def test_deployment_request_limit_applies_without_headers(stack: Stack) -> None:
