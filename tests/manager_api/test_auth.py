@@ -51,7 +51,8 @@ def _routes(url: str) -> list[tuple[str, str]]:
     for path, methods in spec["paths"].items():
         if not path.startswith("/api/v1"):
             continue
-        concrete = re.sub(r"\{version\}", "1", re.sub(r"\{[a-z_]+\}", "nothing-here", path))
+        # {version} first: the catch-all would make it "nothing-here", a 422 before the route's own code runs.
+        concrete = re.sub(r"\{[a-z_]+\}", "nothing-here", re.sub(r"\{version\}", "1", path))
         routes.extend((method.upper(), concrete) for method in methods)
     return routes
 
@@ -86,9 +87,13 @@ def test_viewers_read_admins_write(manager_url: str) -> None:
     for method, path in _routes(manager_url):
         viewer = _call(manager_url, method, path, VIEWER)
         admin = _call(manager_url, method, path, ADMIN)
-        assert admin.status_code not in (401, 403), (method, path, admin.text)
+        # Past authorization the route itself answers: never a 5xx (nothing-here names no record).
+        assert admin.status_code not in (401, 403) and admin.status_code < 500, (method, path, admin.text)
         if method == "GET":
-            assert viewer.status_code not in (401, 403), (method, path, viewer.text)
+            # A viewer reads exactly what an admin reads (the event stream: its status line).
+            assert viewer.status_code == admin.status_code, (method, path, viewer.text)
+            if not viewer.headers.get("content-type", "").startswith("text/event-stream"):
+                assert viewer.json() == admin.json(), (method, path)
         else:
             assert viewer.status_code == 403, (method, path, viewer.text)
             assert "admin" in viewer.json()["error"]
