@@ -255,6 +255,8 @@ async def test_one_transaction_larger_than_the_backlog_is_sent_whole() -> None:
     stream = event_stream(one_big_transaction(), Keys(PREFIX), heartbeat=5, backlog=5)
     text = "".join([chunk async for chunk in stream])
     assert text.count("id: 7\n") == 20
+    names = [json.loads(line[len("data: ") :])["name"] for line in text.splitlines() if line.startswith("data: ")]
+    assert names == [f"app-{index}" for index in range(20)], "every change of the transaction, in order"
 
 
 async def test_closing_the_changes_cancels_the_etcd_watch_at_once(etcd: EtcdServer) -> None:
@@ -280,4 +282,5 @@ async def test_a_reader_that_keeps_up_gets_every_change() -> None:
 
     stream = event_stream(paced(), Keys(PREFIX), heartbeat=5, backlog=3)
     text = "".join([chunk async for chunk in stream])
-    assert text.count("id: ") == many
+    ids = [line[len("id: ") :] for line in text.splitlines() if line.startswith("id: ")]
+    assert ids == [str(revision) for revision in range(1, many + 1)], "each change once, in order"
