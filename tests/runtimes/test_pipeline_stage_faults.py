@@ -608,6 +608,7 @@ def test_a_stage_answer_over_the_message_limit_is_that_stages_500_not_a_429(pipe
         with pytest.raises(grpc.RpcError) as raised:
             service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(_grpc_request([1010.0]), timeout=10)
     assert raised.value.code() == grpc.StatusCode.INTERNAL, raised.value.details()
+    assert "answered more than the pipeline's 1 MiB message limit" in (raised.value.details() or "")
 
 
 @pytest.mark.parametrize(

@@ -150,6 +150,7 @@ def test_grpc_health_and_metadata(alltypes: EchoTarget) -> None:
         with pytest.raises(InferenceServerException) as missing:
             client.get_model_config("nothing")
         assert missing.value.status() == "StatusCode.NOT_FOUND"
+        assert "nothing" in (missing.value.message() or ""), missing.value
     finally:
         client.close()
 
@@ -188,6 +189,7 @@ def test_statistics_count_inferences(typed: EchoTarget) -> None:
         with pytest.raises(InferenceServerException) as missing:
             grpc_client.get_inference_statistics("nothing")
         assert missing.value.status() == "StatusCode.NOT_FOUND"
+        assert "nothing" in (missing.value.message() or ""), missing.value
     finally:
         http.close()
         grpc_client.close()
@@ -359,6 +361,7 @@ def test_unknown_model_and_wrong_datatype_sync(alltypes: EchoTarget) -> None:
         with pytest.raises(InferenceServerException) as unknown:
             client.infer("nothing", _inputs(grpcclient, DATATYPES))
         assert unknown.value.status() == "StatusCode.NOT_FOUND"
+        assert "nothing" in (unknown.value.message() or ""), unknown.value
         with pytest.raises(InferenceServerException) as mismatch:
             client.infer("alltypes", wrong_grpc)
         assert mismatch.value.status() == "StatusCode.INVALID_ARGUMENT"
@@ -419,6 +422,7 @@ async def test_grpc_aio_client(alltypes: EchoTarget) -> None:
         with pytest.raises(InferenceServerException) as unknown:
             await client.infer("nothing", _inputs(grpcaio, DATATYPES))
         assert unknown.value.status() == "StatusCode.NOT_FOUND"
+        assert "nothing" in (unknown.value.message() or ""), unknown.value
         wrong = _inputs(grpcaio, DATATYPES)
         wrong[9] = grpcaio.InferInput(input_name("FP16"), [3, 2], "FP32")
         wrong[9].set_data_from_numpy(sample("FP32"))

@@ -373,6 +373,7 @@ def test_oversized_bodies(alltypes: EchoRuntime) -> None:
         with pytest.raises(grpc.RpcError) as error:
             service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
     assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "larger than max" in (error.value.details() or ""), error.value.details()
 
 
 @WIRE_SETTINGS

@@ -170,8 +170,11 @@ def test_unknown_model_is_not_found_naming_it(stack: Stack) -> None:
         # A model without a version is not an application name.
         error = _failure(lambda: client.infer(MODEL, [_input(values)]))
         assert error.status() == "StatusCode.NOT_FOUND", error
+        # The names come from the field extraction's metadata, as lists (docs/architecture.md).
+        assert f'named ["{MODEL}"] (model_name; model_version [])' in (error.message() or ""), error
         error = _failure(lambda: client.infer(MODEL, [_input(values)], model_version="7"))
         assert error.status() == "StatusCode.NOT_FOUND", error
+        assert f'named ["{MODEL}"] (model_name; model_version ["7"])' in (error.message() or ""), error
 
 
 def test_header_still_routes_and_wins(stack: Stack) -> None:
@@ -209,6 +212,7 @@ def test_deployment_request_limit_applies_without_headers(stack: Stack) -> None:
                     lambda headers=headers: client.infer(APP, [_input(values)], headers=headers, client_timeout=30)
                 )
                 assert error.status() == "StatusCode.RESOURCE_EXHAUSTED", (headers, error)
+                assert "policies.max_request_bytes" in (error.message() or ""), (headers, error)
             small = np.ones(16, dtype=np.float32)
             np.testing.assert_array_equal(client.infer(APP, [_input(small)]).as_numpy("y"), small)
     finally:
