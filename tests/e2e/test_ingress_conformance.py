@@ -60,7 +60,8 @@ def test_http_client(iris: Mesh) -> None:
         assert only_label.as_numpy("probabilities") is None and only_label.as_numpy("label").tolist() == EXPECTED
         with pytest.raises(InferenceServerException) as unknown:
             client.infer("no-such-app", _http_inputs(True))
-        assert "no-such-app" in str(unknown.value) or "no application" in str(unknown.value)
+        assert unknown.value.status() == "404", unknown.value
+        assert "no application or model version matches /v2/models/no-such-app/infer" in unknown.value.message()
     finally:
         client.close()
 

@@ -174,6 +174,9 @@ def test_zip_archive_with_a_top_folder_is_accepted(manager: Manager) -> None:
         bundle.writestr("doubler/model.py", MODEL_PY)
     response = manager.upload("zipped", buffer.getvalue(), "model.zip")
     assert response.status_code == 201, response.text
+    # The top folder is stripped: the registered model holds the files as a folder upload would.
+    assert sorted(response.json()["artifact"]["files"]) == ["model.py", "serving.yaml"], response.text
+    assert response.json()["runtime"] == "python" and response.json()["version"] == 1, response.text
 
 
 @pytest.mark.parametrize(

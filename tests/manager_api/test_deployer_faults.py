@@ -125,6 +125,10 @@ def test_a_sidecar_that_cannot_be_started_is_a_crash_loop_with_no_runtime_left(
                 after = instances(http, model)[0]
                 if before == after and after["state"] == "crash-looping":
                     break
+            else:
+                # Without one unchanged crash-looping reading around it, `running` was taken mid-attempt and
+                # proves nothing either way.
+                pytest.fail(f"no stable crash-looping state in 20 readings; last {before} then {after}")
             assert running == [], f"runtime processes left running: {running}"
             assert "no-such-envoy" in after["last_error"], after
             assert after["next_restart_at"] is not None, after

@@ -55,13 +55,13 @@ def test_putting_a_stored_digest_again_reads_nothing(tmp_path: Path) -> None:
         raise AssertionError("the bytes of a stored digest were read again")
         yield b""
 
-    blobs.put(digest_of(b"once"), exploding())
+    assert blobs.put(digest_of(b"once"), exploding()) == blobs.uri(digest_of(b"once"))
 
 
 def test_a_digest_is_never_used_as_a_path(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="invalid artifact digest"):
         LocalBlobs(tmp_path).has("sha256:../../etc/passwd")
-    with pytest.raises(BlobNotFound):
+    with pytest.raises(BlobNotFound, match=f"artifact sha256:{'0' * 64} is not in the store"):
         LocalBlobs(tmp_path).open("sha256:" + "0" * 64)
 
 

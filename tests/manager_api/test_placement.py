@@ -27,7 +27,10 @@ def test_two_replicas_on_two_nodes_take_one_each() -> None:
 
 
 def test_the_answer_does_not_depend_on_the_order_nodes_are_listed_in() -> None:
-    assert replica_indices(4, ["b", "a", "c"], "a", 2) == replica_indices(4, ["c", "b", "a", "a"], "a", 2)
+    # Sorted, the nodes are a, b, c; offset 2 puts replica 0 on c, 1 on a, 2 on b, 3 on c again.
+    listings = (["b", "a", "c"], ["c", "b", "a", "a"], ["a", "b", "c"])
+    for node, expected in (("a", [1]), ("b", [2]), ("c", [0, 3])):
+        assert [replica_indices(4, nodes, node, 2) for nodes in listings] == [expected] * 3, node
 
 
 def test_a_node_that_is_not_live_runs_nothing() -> None:

@@ -117,9 +117,16 @@ def test_links_that_stay_under_the_allowed_folder_are_followed(api: httpx.Client
 
 
 def test_bad_bodies_and_unknown_versions(api: httpx.Client) -> None:
-    assert api.post("/models/x/versions/from-path", json={}).status_code == 422
-    assert api.post("/models/x/versions/from-path", json={"path": ""}).status_code == 422
-    assert api.post("/models/x/versions/from-path", json={"path": "/tmp", "extra": 1}).status_code == 422
+    # Each refusal names the offending field (docs/manager_api.md: the message names what is wrong).
+    for body, fragment in (
+        ({}, "body.path: Field required"),
+        ({"path": ""}, "body.path: String should have at least 1 character"),
+        ({"path": "/tmp", "extra": 1}, "body.extra: Extra inputs are not permitted"),
+    ):
+        refused = api.post("/models/x/versions/from-path", json=body)
+        assert refused.status_code == 422, refused.text
+        assert fragment in refused.json()["error"], refused.text
+    assert api.get("/models/x").status_code == 404, "nothing was registered by the refused calls"
     missing = api.get("/models/nothing/versions/1/signature")
     assert missing.status_code == 404 and "nothing:1" in missing.json()["error"]
 

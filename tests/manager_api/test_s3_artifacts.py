@@ -173,7 +173,8 @@ def test_a_deploy_on_a_manager_that_never_saw_the_upload_fetches_it_from_the_buc
     process, replica_url = start_manager(etcd_server, "/hydro-s3-test/", tmp_path, argv, env)
     try:
         response = httpx.put(f"{replica_url}/api/v1/deployments/sextuple/1", json={"replicas": 1}, timeout=30)
-        assert response.status_code in (200, 201), response.text
+        assert response.status_code == 200, response.text
+        assert response.json()["replicas"] == 1, response.text
         folder = tmp_path / "artifacts" / "folders" / "sha256" / hashlib.sha256(data).hexdigest()
         wait_until(lambda: (folder / "model.py").is_file(), 60, "the deployer's copy of the model folder")
         assert "* 6" in (folder / "model.py").read_text()

@@ -197,9 +197,12 @@ def test_batching_options_and_policy_validation() -> None:
     policy = Policies.model_validate({"batching": {"max_batch_size": 32, "max_delay_ms": 5}}).batching
     assert policy == BatchingPolicy(max_batch_size=32, max_delay_ms=5)
     assert Policies().batching is None
-    for bad in ({"max_batch_size": 1}, {"max_batch_size": 8, "max_delay_ms": -1}, {"max_batch_size": 8, "x": 1}):
-        with pytest.raises(ValidationError):
+    # Each bad policy is refused for its own field (not, say, for a field that became required).
+    refused = {"max_batch_size": {"max_batch_size": 1}, "max_delay_ms": {"max_batch_size": 8, "max_delay_ms": -1}}
+    for field, bad in {**refused, "x": {"max_batch_size": 8, "x": 1}}.items():
+        with pytest.raises(ValidationError) as error:
             Policies.model_validate({"batching": bad})
+        assert [e["loc"] for e in error.value.errors()] == [("batching", field)], error.value
     assert _batching_flags(None) == []
     assert _batching_flags(policy) == ["--max-batch-size", "32", "--max-batch-delay-ms", "5.0"]
 

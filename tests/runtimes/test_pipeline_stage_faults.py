@@ -594,6 +594,7 @@ def test_configuration_and_statistics_say_why_they_are_missing_over_rest_too(pip
         with pytest.raises(grpc.RpcError) as raised:
             stub.ModelStatistics(service_pb2.ModelStatisticsRequest(), timeout=10)
         assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert raised.value.details() == "a pipeline keeps no statistics; ask each stage's model version, or /metrics"
 
 
 def test_a_stage_answer_over_the_message_limit_is_that_stages_500_not_a_429(pipeline: Pipeline) -> None:
@@ -607,6 +608,7 @@ def test_a_stage_answer_over_the_message_limit_is_that_stages_500_not_a_429(pipe
         with pytest.raises(grpc.RpcError) as raised:
             service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(_grpc_request([1010.0]), timeout=10)
     assert raised.value.code() == grpc.StatusCode.INTERNAL, raised.value.details()
+    assert "answered more than the pipeline's 1 MiB message limit" in (raised.value.details() or "")
 
 
 @pytest.mark.parametrize(

@@ -150,6 +150,7 @@ def test_grpc_health_and_metadata(alltypes: EchoTarget) -> None:
         with pytest.raises(InferenceServerException) as missing:
             client.get_model_config("nothing")
         assert missing.value.status() == "StatusCode.NOT_FOUND"
+        assert "nothing" in (missing.value.message() or ""), missing.value
     finally:
         client.close()
 
@@ -160,8 +161,9 @@ def test_statistics_count_inferences(typed: EchoTarget) -> None:
     try:
         before = http.get_inference_statistics("typed")["model_stats"][0]
         http.infer("typed", _inputs(httpclient, TYPED_DATATYPES))
-        with pytest.raises(InferenceServerException):
+        with pytest.raises(InferenceServerException) as missing:
             http.infer("typed", _inputs(httpclient, TYPED_DATATYPES[:1]))  # missing inputs: a failure
+        assert missing.value.status() == "400" and "missing input" in missing.value.message(), missing.value
         after = http.get_inference_statistics("typed", "1")["model_stats"][0]
         assert (after["name"], after["version"]) == ("typed", "1")
         assert after["inference_count"] == before["inference_count"] + 1
@@ -187,6 +189,7 @@ def test_statistics_count_inferences(typed: EchoTarget) -> None:
         with pytest.raises(InferenceServerException) as missing:
             grpc_client.get_inference_statistics("nothing")
         assert missing.value.status() == "StatusCode.NOT_FOUND"
+        assert "nothing" in (missing.value.message() or ""), missing.value
     finally:
         http.close()
         grpc_client.close()
@@ -304,10 +307,13 @@ def test_explicit_default_and_wrong_versions(typed: EchoTarget) -> None:
         response = httpx.post(base + path, json=body)
         assert response.status_code == 200, response.text
         assert (response.json()["model_version"], response.json()["id"]) == ("1", "v")
-    assert httpx.post(base + "/versions/2/infer", json=body).status_code == 404
+    for method, path in (("POST", "/versions/2/infer"), ("GET", "/versions/2/config")):
+        wrong = httpx.request(method, base + path, json=body if method == "POST" else None)
+        # Directly or through the ingress, the runtime answers, naming the version it lacks.
+        expected = "model 'typed' has no version '2' here (this runtime serves version 1)"
+        assert (wrong.status_code, wrong.json()) == (404, {"error": expected}), path
     for path in ("/versions/1", "/versions/1/ready", "/versions/1/config", "/versions/1/stats", "/config", "/stats"):
         assert httpx.get(base + path).status_code == 200, path
-    assert httpx.get(base + "/versions/2/config").status_code == 404
 
     # gRPC: "" is the served version, "1" is explicit, "2" is not served here.
     with grpc.insecure_channel(typed.grpc_url) as channel:
@@ -321,6 +327,7 @@ def test_explicit_default_and_wrong_versions(typed: EchoTarget) -> None:
         with pytest.raises(grpc.RpcError) as wrong:
             stub.ModelInfer(request, timeout=10)
         assert wrong.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "has no version '2'" in (wrong.value.details() or ""), wrong.value.details()
 
 
 def _json_data(datatype: str) -> list[Any]:
@@ -354,6 +361,7 @@ def test_unknown_model_and_wrong_datatype_sync(alltypes: EchoTarget) -> None:
         with pytest.raises(InferenceServerException) as unknown:
             client.infer("nothing", _inputs(grpcclient, DATATYPES))
         assert unknown.value.status() == "StatusCode.NOT_FOUND"
+        assert "nothing" in (unknown.value.message() or ""), unknown.value
         with pytest.raises(InferenceServerException) as mismatch:
             client.infer("alltypes", wrong_grpc)
         assert mismatch.value.status() == "StatusCode.INVALID_ARGUMENT"
@@ -384,8 +392,9 @@ async def test_http_aio_client(alltypes: EchoTarget) -> None:
         _assert_echo(binary, DATATYPES)
         _assert_echo(plain, DATATYPES)
         assert binary.get_response()["id"] == "aio-1"
-        with pytest.raises(InferenceServerException):
+        with pytest.raises(InferenceServerException) as unknown:
             await client.infer("nothing", _inputs(httpaio, DATATYPES))
+        assert unknown.value.status() == "404" and "nothing" in unknown.value.message(), unknown.value
         wrong = _inputs(httpaio, DATATYPES)
         wrong[1] = httpaio.InferInput(input_name("INT8"), [3, 2], "UINT8")
         wrong[1].set_data_from_numpy(sample("UINT8"))
@@ -413,6 +422,7 @@ async def test_grpc_aio_client(alltypes: EchoTarget) -> None:
         with pytest.raises(InferenceServerException) as unknown:
             await client.infer("nothing", _inputs(grpcaio, DATATYPES))
         assert unknown.value.status() == "StatusCode.NOT_FOUND"
+        assert "nothing" in (unknown.value.message() or ""), unknown.value
         wrong = _inputs(grpcaio, DATATYPES)
         wrong[9] = grpcaio.InferInput(input_name("FP16"), [3, 2], "FP32")
         wrong[9].set_data_from_numpy(sample("FP32"))

@@ -109,14 +109,15 @@ async def test_model_name_rule() -> None:
     plane = await _loaded()
     with pytest.raises(ModelNotFound, match="'app'"):
         await plane.infer(_request("app"))
-    with pytest.raises(ModelNotFound):
+    # An application name is only served by the runtime started for that application.
+    with pytest.raises(ModelNotFound, match=r"model 'app' is not served here \(this runtime serves 'm'\)"):
         await plane.infer(_request("app"), application="other")
     response = await plane.infer(_request("app"), application="app")
     assert response.model_name == "m"
     assert (await plane.infer(_request("m", "2"))).model_version == "2"
     with pytest.raises(ModelNotFound, match="version '3'"):
         await plane.infer(_request("m", "3"))
-    with pytest.raises(ModelNotFound):
+    with pytest.raises(ModelNotFound, match=r"model 'm' has no version '1' here \(this runtime serves version 2\)"):
         plane.model_metadata("m", "1")
     assert plane.model_metadata("app", "", "app").name == "m"
 
@@ -146,9 +147,9 @@ async def test_statistics_count_requests_and_executions(runtime: type[FakeRuntim
     await plane.load()
     for _ in range(3):
         await plane.infer(_request())
-    with pytest.raises(InvalidInput):
+    with pytest.raises(InvalidInput, match="missing input 'b'"):
         await plane.infer(InferRequest("m", "", _inputs()[:1]))
-    with pytest.raises(ModelNotFound):
+    with pytest.raises(ModelNotFound, match="model 'other' is not served here"):
         await plane.infer(_request("other"))
     snapshot = plane.statistics.snapshot()
     assert (snapshot.inference_count, snapshot.execution_count) == (3, 3)

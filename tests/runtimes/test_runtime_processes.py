@@ -389,11 +389,12 @@ def test_health_rest_and_grpc(iris: Runtime) -> None:
 
 def test_model_name_rule_rest(iris: Runtime) -> None:
     url = f"{iris.http}/v2/models/flowers/infer"
-    assert "flowers" in _error(httpx.post(url, json=_iris_body()), 404)
-    assert _error(httpx.get(f"{iris.http}/v2/models/flowers"), 404)
-    assert _error(httpx.get(f"{iris.http}/v2/models/flowers/ready"), 404)
+    not_here = "model 'flowers' is not served here (this runtime serves 'iris')"
+    assert _error(httpx.post(url, json=_iris_body()), 404) == not_here
+    assert _error(httpx.get(f"{iris.http}/v2/models/flowers"), 404) == not_here
+    assert _error(httpx.get(f"{iris.http}/v2/models/flowers/ready"), 404) == not_here
     # The header must name the requested model: another application's header does not count.
-    assert _error(httpx.post(url, json=_iris_body(), headers={APP_HEADER: "other"}), 404)
+    assert _error(httpx.post(url, json=_iris_body(), headers={APP_HEADER: "other"}), 404) == not_here
 
     response = httpx.post(url, json=_iris_body(), headers={APP_HEADER: "flowers"})
     assert _outputs(response)["label"]["data"] == IRIS_LABELS
@@ -418,9 +419,10 @@ def test_model_name_rule_grpc(iris: Runtime) -> None:
 
 def test_version_mismatch(iris: Runtime) -> None:
     message = _error(httpx.post(f"{iris.http}/v2/models/iris/versions/2/infer", json=_iris_body()), 404)
-    assert "version" in message and "2" in message
-    assert _error(httpx.get(f"{iris.http}/v2/models/iris/versions/2"), 404)
-    assert _error(httpx.get(f"{iris.http}/v2/models/iris/versions/2/ready"), 404)
+    no_version = "model 'iris' has no version '2' here (this runtime serves version 1)"
+    assert message == no_version
+    assert _error(httpx.get(f"{iris.http}/v2/models/iris/versions/2"), 404) == no_version
+    assert _error(httpx.get(f"{iris.http}/v2/models/iris/versions/2/ready"), 404) == no_version
     client = grpcclient.InferenceServerClient(iris.grpc_target)
     try:
         tensor = grpcclient.InferInput("input", list(IRIS_ROWS.shape), "FP64")
@@ -428,6 +430,7 @@ def test_version_mismatch(iris: Runtime) -> None:
         with pytest.raises(InferenceServerException) as wrong:
             client.infer("iris", [tensor], model_version="2")
         assert wrong.value.status() == "StatusCode.NOT_FOUND"
+        assert "has no version '2'" in wrong.value.message(), wrong.value.message()
     finally:
         client.close()
 
@@ -491,8 +494,13 @@ def test_rest_binary_size_mismatch(iris: Runtime) -> None:
 
 def test_rest_routing_errors_are_json(iris: Runtime) -> None:
     assert "/v3/nothing" in _error(httpx.get(f"{iris.http}/v3/nothing"), 404)
-    assert _error(httpx.get(f"{iris.http}/v2/models/iris/infer"), 405)
-    assert _error(httpx.delete(f"{iris.http}/v2/health/live"), 405)
+    assert (
+        _error(httpx.get(f"{iris.http}/v2/models/iris/infer"), 405)
+        == "method GET is not allowed for /v2/models/iris/infer"
+    )
+    assert (
+        _error(httpx.delete(f"{iris.http}/v2/health/live"), 405) == "method DELETE is not allowed for /v2/health/live"
+    )
 
 
 def _grpc_infer(runtime: Runtime, request: service_pb2.ModelInferRequest) -> grpc.RpcError:

@@ -225,6 +225,11 @@ def test_versions_are_identical_across_independent_builds() -> None:
     first = ingress_snapshot(_topology({("a", 1): 30, ("b", 2): 70}, {("a", 1): 1}), _node_info())
     second = ingress_snapshot(_topology({("b", 2): 70, ("a", 1): 30}, {("a", 1): 1}), _node_info())
     assert first.versions == second.versions
+    # Equal because the content is equal, not because versions ignore it: every type has one, and new weights
+    # give the routes (and only them) a new one.
+    assert set(first.versions) == set(PUSH_ORDER) and all(first.versions.values())
+    reweighted = ingress_snapshot(_topology({("a", 1): 40, ("b", 2): 60}, {("a", 1): 1}), _node_info())
+    assert {t for t in PUSH_ORDER if reweighted.versions[t] != first.versions[t]} == {ROUTE}
 
 
 def test_hand_encoded_response_parses_as_protobuf() -> None:

@@ -444,6 +444,15 @@ def test_delta_resources_are_encoded_once_and_shared() -> None:
     assert snapshot.delta_resource(CLUSTER, name) is snapshot.delta_resource(CLUSTER, name)
     again = _snapshot(_topology({("a", 1): 100}, {("a", 1): 7001}))
     assert again.resource_versions == snapshot.resource_versions, "versions are content hashes"
+    # ...of the content: the endpoint on another port changes that one resource's version and no other.
+    moved = _snapshot(_topology({("a", 1): 100}, {("a", 1): 7002}))
+    changed = {
+        (type_url, resource)
+        for type_url, versions in moved.resource_versions.items()
+        for resource, version in versions.items()
+        if snapshot.resource_versions[type_url].get(resource) != version
+    }
+    assert changed == {(ENDPOINT, name)}
 
 
 def test_hand_encoded_delta_response_parses_as_protobuf() -> None:

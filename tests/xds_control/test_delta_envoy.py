@@ -33,6 +33,11 @@ INFER = "/inference.GRPCInferenceService/ModelInfer"
 REFUSING_XDS_CONTROL = (str(Path(__file__).with_name("refusing_xds_control.py")),)
 
 
+def _no_route(path: str) -> str:
+    """The ingress's OIP error for a REST path no route matches (written out: the test states the contract)."""
+    return f"no application or model version matches {path}; the manager's GET /api/v1/applications lists them"
+
+
 class Upstream:
     """A gRPC server answering ModelInfer with ``served-by:PORT`` (raw bytes: Envoy does not parse them)."""
 
@@ -153,7 +158,9 @@ def test_delta_envoy_follows_etcd_one_resource_at_a_time(
     asyncio.run(_delete(etcd_server.endpoint, keys.application("shop")))
     asyncio.run(_delete(etcd_server.endpoint, keys.deployment("m", 1)))
     wait_until(lambda: "model|m|1" not in ingress.cluster_names(), 10, "cluster removal")
-    assert httpx.post(f"{ingress.url}/v2/models/shop/infer", json={}).status_code == 404
+    removed = httpx.post(f"{ingress.url}/v2/models/shop/infer", json={})
+    assert removed.status_code == 404
+    assert removed.json() == {"error": _no_route("/v2/models/shop/infer")}
     pushes = re.findall(r"<- delta (\w+) nonce=\S+ resources=(\d+) removed=(\d+)", ingress.xds_log.read_text()[mark:])
     # Two clusters go: the model version's and the server-level one over every deployed version (any|ready).
     assert pushes[:2] == [("RouteConfiguration", "1", "0"), ("Cluster", "0", "2")], (

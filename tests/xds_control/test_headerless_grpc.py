@@ -165,8 +165,11 @@ def test_unknown_model_is_not_found_naming_it(stack: Stack) -> None:
         # A model without a version is not an application name.
         error = _failure(lambda: client.infer(MODEL, [_input(values)]))
         assert error.status() == "StatusCode.NOT_FOUND", error
+        # The names come from the field extraction's metadata, as lists (docs/architecture.md).
+        assert f'named ["{MODEL}"] (model_name; model_version [])' in (error.message() or ""), error
         error = _failure(lambda: client.infer(MODEL, [_input(values)], model_version="7"))
         assert error.status() == "StatusCode.NOT_FOUND", error
+        assert f'named ["{MODEL}"] (model_name; model_version ["7"])' in (error.message() or ""), error
 
 
 def test_header_still_routes_and_wins(stack: Stack) -> None:
@@ -188,7 +191,10 @@ def test_rest_routes_are_unchanged(stack: Stack) -> None:
         assert response.json()["outputs"][0]["data"] == [1.0, 2.0]
     response = httpx.post(f"http://{stack.address}/v2/models/nope/infer", json=body, timeout=10)
     assert response.status_code == 404
-    assert "error" in response.json()
+    assert response.json() == {
+        "error": "no application or model version matches /v2/models/nope/infer; "
+        "the manager's GET /api/v1/applications lists them"
+    }
 
 
 def test_deployment_request_limit_applies_without_headers(stack: Stack) -> None:
@@ -201,6 +207,7 @@ def test_deployment_request_limit_applies_without_headers(stack: Stack) -> None:
                     lambda headers=headers: client.infer(APP, [_input(values)], headers=headers, client_timeout=30)
                 )
                 assert error.status() == "StatusCode.RESOURCE_EXHAUSTED", (headers, error)
+                assert "policies.max_request_bytes" in (error.message() or ""), (headers, error)
             small = np.ones(16, dtype=np.float32)
             np.testing.assert_array_equal(client.infer(APP, [_input(small)]).as_numpy("y"), small)
     finally:
@@ -221,12 +228,16 @@ def test_request_over_the_limit_is_resource_exhausted(stack: Stack) -> None:
     with stack.client() as client:
         error = _failure(lambda: client.infer(APP, [_input(values)], client_timeout=60))
         assert error.status() == "StatusCode.RESOURCE_EXHAUSTED", error
-        assert "too large" in (error.message() or ""), error
+        assert error.message() == (
+            "request body too large: the model version's policies.max_request_bytes or the mesh's limit "
+            "(xds_control --max-request-mb) is exceeded"
+        ), error
         # The ingress is fine afterwards.
         assert client.is_model_ready(APP)
     body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}]}
     response = httpx.post(f"http://{stack.address}/v2/models/{APP}/infer", json=body, timeout=10)
-    assert response.status_code == 200
+    assert response.status_code == 200, response.text
+    assert response.json()["outputs"][0]["data"] == [1.0], "the echo model's answer"
 
 
 # --- translation only (no processes) -------------------------------------------------------------------------

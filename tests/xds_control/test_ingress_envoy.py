@@ -26,6 +26,11 @@ from protos.topology.policies import CircuitBreakerPolicy, Policies
 from xds_control.bootstrap import envoy_ready, ingress_envoy
 
 
+def _no_route(path: str) -> str:
+    """The ingress's OIP error for a REST path no route matches (written out: the test states the contract)."""
+    return f"no application or model version matches {path}; the manager's GET /api/v1/applications lists them"
+
+
 class Restart(Protocol):
     """Stops xds_control, calls ``meanwhile`` (if given) while it is away, and starts it again."""
 
@@ -198,13 +203,16 @@ def test_application_routes_and_clusters_reach_envoy(etcd_server: EtcdServer, et
     # Envoy's own errors are OIP errors: JSON for REST, a gRPC status for gRPC.
     unknown = httpx.post(f"{stack.url}/v2/models/nope/infer", json={})
     assert unknown.status_code == 404
-    assert "no application" in unknown.json()["error"]
+    assert unknown.headers["content-type"] == "application/json"
+    assert unknown.json() == {"error": _no_route("/v2/models/nope/infer")}
     down = httpx.post(f"{stack.url}/v2/models/m/versions/2/infer", json={})
     assert down.status_code == 404, "version 2 is not deployed: only applications route to it"
+    assert down.json() == {"error": _no_route("/v2/models/m/versions/2/infer")}
     unreachable = httpx.post(f"{stack.url}/v2/models/m/versions/1/infer", json={})
     assert unreachable.status_code == 503
     assert unreachable.headers["content-type"] == "application/json"
-    assert unreachable.json()["error"]
+    # Envoy's reason, in the OIP error body: the one instance of m:1 refuses connections (retried first).
+    assert unreachable.json()["error"].endswith("retried and the latest reset reason: remote connection failure")
 
     channel = grpc.insecure_channel(f"127.0.0.1:{stack.listen_port}")
     try:
@@ -217,6 +225,9 @@ def test_application_routes_and_clusters_reach_envoy(etcd_server: EtcdServer, et
         with pytest.raises(grpc.RpcError) as no_endpoint:
             call(b"", timeout=5, metadata=(("x-hydro-model", "shop"),))
         assert no_endpoint.value.code() == grpc.StatusCode.UNAVAILABLE
+        # shop sends 30 % to m:1 (its instance refuses connections) and 70 % to m:2 (no instance at all).
+        details = no_endpoint.value.details() or ""
+        assert details == "no healthy upstream" or details.endswith("remote connection failure"), details
     finally:
         channel.close()
 
@@ -243,7 +254,9 @@ def test_removed_application_leaves_envoy(etcd_server: EtcdServer, etcd_prefix: 
 
     asyncio.run(delete())
     wait_until(lambda: "model|k|1" not in stack.cluster_names(), 10, "cluster removal")
-    assert httpx.post(f"{stack.url}/v2/models/gone/infer", json={}).status_code == 404
+    gone = httpx.post(f"{stack.url}/v2/models/gone/infer", json={})
+    assert gone.status_code == 404
+    assert gone.json() == {"error": _no_route("/v2/models/gone/infer")}
 
 
 def test_one_unusable_record_does_not_stop_pushes_for_the_others(
