@@ -30,6 +30,7 @@ from xds_control.resources.routes import (
     RoutePolicies,
     WeightedTarget,
     application_routes,
+    application_versions_route,
     clusters_named_by,
     direct_route,
     exact_direct_route,
@@ -69,10 +70,15 @@ LOCAL_GRPC = "local|grpc"
 LOCAL_HTTP = "local|http"
 
 NO_ROUTE_REST = (
-    "no application or model version matches %REQ(:PATH)%; the manager's GET /api/v1/applications lists them"
+    "no application or deployed model version matches %REQ(:PATH)%; the manager's GET /api/v1/applications lists them"
+)
+#: A versioned REST path under an application's name that no deployed model version's route took.
+NO_VERSION_REST = (
+    "no deployed model version matches %REQ(:PATH)% (application {app} has no versions: "
+    "/v2/models/{app}/infer addresses it); the manager's GET /api/v1/deployments lists the deployed versions"
 )
 NO_ROUTE_GRPC = (
-    "no application or model version named by the request (model_name, or the x-hydro-model request header); "
+    "no application or deployed model version named by the request (model_name, or the x-hydro-model request header); "
     "the manager's GET /api/v1/applications lists them"
 )
 
@@ -294,15 +300,16 @@ def pipeline_timeout_ms(topology: Topology, app: Application) -> int:
 
 def _application_routes(topology: Topology, name: str) -> list[route_components_pb2.Route]:
     app = topology.applications[name]
+    versions = application_versions_route(name, NO_VERSION_REST.format(app=name))
     if app.needs_pipeline:
         # Every stage is called by the pipeline runtime through its own sidecar, with each stage's policies there.
         target = WeightedTarget(pipeline_cluster_name(name), 100, _pipeline_body_limit(topology, app))
         policies = RoutePolicies(
             timeout_ms=pipeline_timeout_ms(topology, app) + PIPELINE_SLACK_MS, retries=PIPELINE_RETRIES
         )
-        return list(application_routes(name, [target], policies))
+        return [versions, *application_routes(name, [target], policies)]
     targets, policies = stage_targets(topology, app.stages[0])
-    return list(application_routes(name, targets, policies))
+    return [versions, *application_routes(name, targets, policies)]
 
 
 def _pipeline_body_limit(topology: Topology, app: Application) -> RequestLimits | None:

@@ -27,7 +27,7 @@ TOO_LARGE_MESSAGE = (
 #: The answer to a gRPC call naming no application or model version the mesh knows (a substitution format:
 #: the model name and version come from the field extraction's dynamic metadata, as lists).
 UNKNOWN_MODEL_FORMAT = (
-    "no application or model version named {model} ({model_field}; {version_field} {version}); "
+    "no application or deployed model version named {model} ({model_field}; {version_field} {version}); "
     "the manager's GET /api/v1/applications lists them"
 )
 UNKNOWN_HEADER_FORMAT = (

@@ -161,7 +161,11 @@ def application_routes(
     app: str, targets: Sequence[WeightedTarget], policies: RoutePolicies = _DEFAULT_ROUTE_POLICIES
 ) -> list[route_components_pb2.Route]:
     """Routes for one application: gRPC by the x-hydro-model header or else by the model name in the request
-    (ModelInferRequest.model_name, ModelMetadataRequest.name...), REST by /v2/models/{app}."""
+    (ModelInferRequest.model_name, ModelMetadataRequest.name...) with no version, REST by /v2/models/{app}.
+
+    An application has no versions: a header-less call naming one (model_name "iris", model_version "2") is not
+    the application's, and falls through to the gRPC fallback's NOT_FOUND unless a deployed model version's route
+    took it first; application_versions_route does the same for REST."""
     header_match = route_components_pb2.RouteMatch(
         prefix=GRPC_SERVICE_PREFIX,
         headers=[
@@ -170,15 +174,20 @@ def application_routes(
     )
     # Only match once the field extraction has run and the route cache was cleared (see
     # headerless_grpc.model_routing_filters): one route per field name (ModelInfer's model_name, the other
-    # methods' name).
+    # methods' name). A version in the request keeps the call off the application's route: sent to a variant's
+    # runtime, it was answered by a version that runtime happens to serve, or refused as "not here".
     by_name = [
         (
             f"grpc-{model_field}",
             route_components_pb2.RouteMatch(
-                prefix=GRPC_SERVICE_PREFIX, dynamic_metadata=[_extracted_is(model_field, app)]
+                prefix=GRPC_SERVICE_PREFIX,
+                dynamic_metadata=[
+                    _extracted_is(model_field, app),
+                    _extracted_matches(version_field, ".+", invert=True),
+                ],
             ),
         )
-        for model_field, _ in NAME_FIELDS
+        for model_field, version_field in NAME_FIELDS
     ]
     rest_match = route_components_pb2.RouteMatch(path_separated_prefix=f"/v2/models/{app}")
     routes = []
@@ -190,6 +199,17 @@ def application_routes(
                 route.typed_per_filter_config[filter_name].CopyFrom(config)
         routes.append(route)
     return routes
+
+
+def application_versions_route(app: str, not_found_body: str) -> route_components_pb2.Route:
+    """REST /v2/models/{app}/versions/...: an application has no versions, so the ingress answers 404 with
+    ``not_found_body`` itself. It goes after the deployed model versions' routes (a deployed version of a model
+    named like the application keeps its own route) and before the application's REST route, whose prefix would
+    otherwise send the request to a variant's runtime."""
+    route = direct_route(f"app|{app}|versions", "/", 404, not_found_body)
+    route.match.ClearField("prefix")
+    route.match.path_separated_prefix = f"/v2/models/{app}/versions"
+    return route
 
 
 def header_route(
