@@ -155,3 +155,26 @@ def test_header_routed_grpc_with_a_version_is_left_to_the_runtime(mesh: IngressS
     error = _grpc_failure(mesh, "iris", "2", headers={"x-hydro-model": "iris"})
     assert error.status() == "StatusCode.NOT_FOUND", error
     assert "has no version '2'" in (error.message() or ""), error
+
+
+def test_no_ready_replica_names_the_model_version(mesh: IngressStack) -> None:
+    expected = "no healthy upstream: no ready replica of model version ghost:1 (hydro status shows why)"
+    for path in ("/v2/models/haunt/infer", "/v2/models/ghost/versions/1/infer"):
+        response = _rest(mesh, path)
+        assert response.status_code == 503, response.text
+        assert response.json() == {"error": expected}
+    by_header = {"x-hydro-model": "haunt"}
+    for model, version, headers in (("haunt", "", None), ("ghost", "1", None), ("haunt", "", by_header)):
+        error = _grpc_failure(mesh, model, version, headers)
+        assert error.status() == "StatusCode.UNAVAILABLE", error
+        assert error.message() == expected
+
+
+def test_no_ready_pipeline_names_the_application(mesh: IngressStack) -> None:
+    expected = "no healthy upstream: no ready replica of application chain's pipeline (hydro status shows why)"
+    response = _rest(mesh, "/v2/models/chain/infer")
+    assert response.status_code == 503, response.text
+    assert response.json() == {"error": expected}
+    error = _grpc_failure(mesh, "chain")
+    assert error.status() == "StatusCode.UNAVAILABLE", error
+    assert error.message() == expected
