@@ -32,7 +32,6 @@ from xds_control.resources.routes import (
     RoutePolicies,
     WeightedTarget,
     application_routes,
-    application_versions_route,
     clusters_named_by,
     direct_route,
     exact_direct_route,
@@ -43,6 +42,7 @@ from xds_control.resources.routes import (
     model_version_route,
     route_configuration,
     server_routes,
+    undeployed_version_route,
 )
 from xds_control.resources.type_urls import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from xds_control.snapshot import Snapshot, serialize
@@ -74,10 +74,10 @@ LOCAL_HTTP = "local|http"
 NO_ROUTE_REST = (
     "no application or deployed model version matches %REQ(:PATH)%; the manager's GET /api/v1/applications lists them"
 )
-#: A versioned REST path under an application's name that no deployed model version's route took.
+#: A versioned REST path that no deployed model version's route took (an application has no versions).
 NO_VERSION_REST = (
-    "no deployed model version matches %REQ(:PATH)% (application {app} has no versions: "
-    "/v2/models/{app}/infer addresses it); the manager's GET /api/v1/deployments lists the deployed versions"
+    "no deployed model version matches %REQ(:PATH)% (an application has no versions: /v2/models/{app}/infer "
+    "addresses one); the manager's GET /api/v1/deployments lists the deployed versions"
 )
 NO_ROUTE_GRPC = (
     "no application or deployed model version named by the request (model_name, or the x-hydro-model request header); "
@@ -241,6 +241,7 @@ def ingress_snapshot(
         deployment = topology.deployments[(model, version)]
         key = ("model-route", model, version)
         routes.extend(cache.get(key, (deployment,), _model_version_routes, model, version, deployment.policies))
+    routes.append(undeployed_version_route(NO_VERSION_REST))
     for name in sorted(topology.applications):
         app = topology.applications[name]
         # A pipeline's route depends on every stage's deployments (its deadline), a direct one on the first's.
@@ -315,16 +316,15 @@ def pipeline_timeout_ms(topology: Topology, app: Application) -> int:
 
 def _application_routes(topology: Topology, name: str) -> list[route_components_pb2.Route]:
     app = topology.applications[name]
-    versions = application_versions_route(name, NO_VERSION_REST.format(app=name))
     if app.needs_pipeline:
         # Every stage is called by the pipeline runtime through its own sidecar, with each stage's policies there.
         target = WeightedTarget(pipeline_cluster_name(name), 100, _pipeline_body_limit(topology, app))
         policies = RoutePolicies(
             timeout_ms=pipeline_timeout_ms(topology, app) + PIPELINE_SLACK_MS, retries=PIPELINE_RETRIES
         )
-        return [versions, *application_routes(name, [target], policies)]
+        return list(application_routes(name, [target], policies))
     targets, policies = stage_targets(topology, app.stages[0])
-    return [versions, *application_routes(name, targets, policies)]
+    return list(application_routes(name, targets, policies))
 
 
 def _pipeline_body_limit(topology: Topology, app: Application) -> RequestLimits | None:

@@ -165,7 +165,7 @@ def application_routes(
 
     An application has no versions: a header-less call naming one (model_name "iris", model_version "2") is not
     the application's, and falls through to the gRPC fallback's NOT_FOUND unless a deployed model version's route
-    took it first; application_versions_route does the same for REST."""
+    took it first; undeployed_version_route does the same for REST."""
     header_match = route_components_pb2.RouteMatch(
         prefix=GRPC_SERVICE_PREFIX,
         headers=[
@@ -201,14 +201,15 @@ def application_routes(
     return routes
 
 
-def application_versions_route(app: str, not_found_body: str) -> route_components_pb2.Route:
-    """REST /v2/models/{app}/versions/...: an application has no versions, so the ingress answers 404 with
-    ``not_found_body`` itself. It goes after the deployed model versions' routes (a deployed version of a model
-    named like the application keeps its own route) and before the application's REST route, whose prefix would
-    otherwise send the request to a variant's runtime."""
-    route = direct_route(f"app|{app}|versions", "/", 404, not_found_body)
+def undeployed_version_route(not_found_body: str) -> route_components_pb2.Route:
+    """REST /v2/models/{name}/versions/... that no deployed model version's route took: the ingress answers 404
+    with ``not_found_body`` itself. It goes after the deployed versions' routes and before the applications'
+    REST routes, whose /v2/models/{app} prefix would otherwise send a versioned path under an application's name
+    (an application has no versions) to a variant's runtime. One route for every name, not one per application:
+    a route per application added 14 % to the route configuration of 2,000 applications."""
+    route = direct_route("no-deployed-version", "/", 404, not_found_body)
     route.match.ClearField("prefix")
-    route.match.path_separated_prefix = f"/v2/models/{app}/versions"
+    route.match.safe_regex.regex = "/v2/models/[^/]+/versions(/.*)?"
     return route
 
 
