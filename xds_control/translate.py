@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_components_pb2
@@ -23,6 +24,7 @@ from xds_control.resources.clusters import (
 )
 from xds_control.resources.endpoints import load_assignment
 from xds_control.resources.listeners import http_listener
+from xds_control.resources.local_replies import serving
 from xds_control.resources.request_limits import DEFAULT_MAX_REQUEST_BYTES, RequestLimits
 from xds_control.resources.routes import (
     APPLICATION_HEADER,
@@ -40,6 +42,7 @@ from xds_control.resources.routes import (
     model_version_route,
     route_configuration,
     server_routes,
+    undeployed_version_route,
 )
 from xds_control.resources.type_urls import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from xds_control.snapshot import Snapshot, serialize
@@ -69,10 +72,15 @@ LOCAL_GRPC = "local|grpc"
 LOCAL_HTTP = "local|http"
 
 NO_ROUTE_REST = (
-    "no application or model version matches %REQ(:PATH)%; the manager's GET /api/v1/applications lists them"
+    "no application or deployed model version matches %REQ(:PATH)%; the manager's GET /api/v1/applications lists them"
+)
+#: A versioned REST path that no deployed model version's route took (an application has no versions).
+NO_VERSION_REST = (
+    "no deployed model version matches %REQ(:PATH)% (an application has no versions: /v2/models/{app}/infer "
+    "addresses one); the manager's GET /api/v1/deployments lists the deployed versions"
 )
 NO_ROUTE_GRPC = (
-    "no application or model version named by the request (model_name, or the x-hydro-model request header); "
+    "no application or deployed model version named by the request (model_name, or the x-hydro-model request header); "
     "the manager's GET /api/v1/applications lists them"
 )
 
@@ -133,6 +141,13 @@ def cluster_policies(policies: Policies) -> ClusterPolicies:
     )
 
 
+def model_cluster(model: str, version: int, policies: Policies) -> cluster_pb2.Cluster:
+    """The EDS cluster of one model version's sidecars, with its deployment's cluster policies; its metadata
+    names the model version for the 503 it answers without a ready replica."""
+    cluster = eds_cluster(cluster_name(model, version), policies=cluster_policies(policies))
+    return serving(cluster, f"model version {model}:{version}")
+
+
 def request_limits(model: str, version: int, policies: Policies) -> RequestLimits | None:
     """The rate limit and body size limit of one model version, None when it has neither."""
     if policies.rate_limit is None and policies.max_request_bytes is None:
@@ -178,7 +193,7 @@ def model_clusters(topology: Topology, served: Iterable[tuple[str, int]], cache:
         name = cluster_name(model, version)
         deployment = topology.deployments.get((model, version))
         policies = policies_of(topology, model, version)
-        cluster = cache.get(("cluster", name), (deployment,), _cluster_bytes, name, policies)
+        cluster = cache.get(("cluster", name), (deployment,), _model_cluster_bytes, model, version, policies)
         clusters.append((name, cluster))
         instances = topology.instances.get((model, version), ())
         ready = topology.ready_endpoints(model, version)
@@ -213,7 +228,8 @@ def ingress_snapshot(
     # count (the other clusters have no replicas), so that application changes never touch this cluster.
     deployed = [cluster_name(model, version) for model, version in sorted(topology.deployments)]
     if deployed:
-        clusters.append((ANY_INSTANCE_CLUSTER, aggregate_cluster(ANY_INSTANCE_CLUSTER, deployed)))
+        any_instance = serving(aggregate_cluster(ANY_INSTANCE_CLUSTER, deployed), "any deployed model version")
+        clusters.append((ANY_INSTANCE_CLUSTER, any_instance))
     clusters.extend(collector_clusters(tracing))
 
     routes = [
@@ -225,6 +241,7 @@ def ingress_snapshot(
         deployment = topology.deployments[(model, version)]
         key = ("model-route", model, version)
         routes.extend(cache.get(key, (deployment,), _model_version_routes, model, version, deployment.policies))
+    routes.append(undeployed_version_route(NO_VERSION_REST))
     for name in sorted(topology.applications):
         app = topology.applications[name]
         # A pipeline's route depends on every stage's deployments (its deadline), a direct one on the first's.
@@ -259,8 +276,13 @@ def ingress_snapshot(
     )
 
 
-def _cluster_bytes(name: str, policies: Policies) -> bytes:
-    return serialize(eds_cluster(name, policies=cluster_policies(policies)))
+def _model_cluster_bytes(model: str, version: int, policies: Policies) -> bytes:
+    return serialize(model_cluster(model, version, policies))
+
+
+def _pipeline_cluster_bytes(app: str) -> bytes:
+    cluster = eds_cluster(pipeline_cluster_name(app), policies=cluster_policies(Policies()))
+    return serialize(serving(cluster, f"application {app}'s pipeline"))
 
 
 def _endpoints_bytes(name: str, ready: Sequence[tuple[str, int]]) -> bytes:
@@ -325,7 +347,7 @@ def _pipeline_clusters(topology: Topology, cache: BuildCache) -> tuple[Named, Na
         if not topology.applications[name].needs_pipeline:
             continue
         cluster = pipeline_cluster_name(name)
-        clusters.append((cluster, cache.get(("cluster", cluster), (), _cluster_bytes, cluster, Policies())))
+        clusters.append((cluster, cache.get(("cluster", cluster), (), _pipeline_cluster_bytes, name)))
         pipelines = topology.pipelines.get(name, ())
         ready = topology.ready_pipelines(name)
         endpoints.append((cluster, cache.get(("endpoints", cluster), pipelines, _endpoints_bytes, cluster, ready)))

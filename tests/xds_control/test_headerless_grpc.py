@@ -257,10 +257,16 @@ def test_ingress_routes_by_header_then_by_name_then_not_found() -> None:
     assert [route.name for route in routes.virtual_hosts[0].routes] == [
         *("live", "ready", "server|ServerLive", "server|ServerReady", "server|ServerMetadata"),
         *("server|/v2", "server|/v2/models/stats", "server|ModelStatistics"),
-        *("model|m|1", "model|m|1|grpc-model_name", "model|m|1|grpc-name"),
+        *("model|m|1", "model|m|1|grpc-model_name", "model|m|1|grpc-name", "no-deployed-version"),
         *("app|a|grpc", "app|a|grpc-model_name", "app|a|grpc-name", "app|a|rest"),
         *("no-grpc-route-by-header", "no-grpc-route", "no-route"),
     ]
+    by_name = {route.name: route for route in routes.virtual_hosts[0].routes}
+    # An application has no versions: a versioned REST path that no deployed version took is the ingress's
+    # 404, and a header-less call naming a version never takes the application's route.
+    assert by_name["no-deployed-version"].direct_response.status == 404
+    version_matcher = by_name["app|a|grpc-model_name"].match.dynamic_metadata[1]
+    assert (version_matcher.path[0].key, version_matcher.invert) == ("model_version", True)
     assert set(snapshot.by_type[CLUSTER]) == {"model|m|1", ANY_INSTANCE_CLUSTER}
     # Without deployments there is nobody to answer server-level calls: no aggregate cluster.
     bare = ingress_snapshot(Topology(revision=2, applications={"a": app}), node)

@@ -37,10 +37,9 @@ from protos.topology.deployments import Deployment
 from protos.topology.keys import Keys
 from protos.topology.models import Artifact, ModelVersion, Signature, TensorSpec
 from protos.topology.policies import Policies
-from xds_control.resources.clusters import eds_cluster
 from xds_control.resources.request_limits import BUFFER_FILTER, RATE_LIMIT_FILTER
 from xds_control.resources.routes import WeightedTarget, application_routes, model_version_route
-from xds_control.translate import cluster_name, cluster_policies, request_limits, route_policies
+from xds_control.translate import cluster_name, model_cluster, request_limits, route_policies
 
 T = TypeVar("T")
 MODEL_FOLDER = Path(__file__).resolve().parent / "controllable_model"
@@ -158,7 +157,7 @@ class PolicyStack:
             del value["policies"]
         self.run(self.etcd.put(self.keys.deployment(MODEL, VERSION).encode(), json.dumps(value).encode()))
         effective = policies or Policies()
-        cluster = _as_dict(eds_cluster(CLUSTER, policies=cluster_policies(effective)))
+        cluster = _as_dict(model_cluster(MODEL, VERSION, effective))
         limits = request_limits(MODEL, VERSION, effective)
         route_policy = route_policies([effective])
         routes = {

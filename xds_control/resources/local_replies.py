@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from envoy.config.accesslog.v3 import accesslog_pb2
+from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2, substitution_format_string_pb2
 from envoy.config.route.v3 import route_components_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
@@ -27,13 +28,32 @@ TOO_LARGE_MESSAGE = (
 #: The answer to a gRPC call naming no application or model version the mesh knows (a substitution format:
 #: the model name and version come from the field extraction's dynamic metadata, as lists).
 UNKNOWN_MODEL_FORMAT = (
-    "no application or model version named {model} ({model_field}; {version_field} {version}); "
+    "no application or deployed model version named {model} ({model_field}; {version_field} {version}); "
     "the manager's GET /api/v1/applications lists them"
 )
 UNKNOWN_HEADER_FORMAT = (
     f"no application named %REQ({GRPC_MODEL_HEADER})% by the {GRPC_MODEL_HEADER} request header; "
     "the manager's GET /api/v1/applications lists them"
 )
+
+#: Cluster metadata (namespace, key) saying what a cluster's hosts are, in a user's words: the 503 of a cluster
+#: without a ready host names it.
+SERVES_METADATA = ("hydro", "serves")
+#: Envoy's own words first (clients and tests match "no healthy upstream"), then what has no ready replica.
+NO_READY_REPLICA_FORMAT = (
+    f"%LOCAL_REPLY_BODY%: no ready replica of %CLUSTER_METADATA({SERVES_METADATA[0]}:{SERVES_METADATA[1]})% "
+    "(hydro status shows why)"
+)
+#: Envoy's response flag for "no healthy upstream host" (a circuit breaker's 503 is UO, a reset UF/UC...).
+NO_HEALTHY_UPSTREAM_FLAG = "UH"
+
+
+def serving(cluster: cluster_pb2.Cluster, what: str) -> cluster_pb2.Cluster:
+    """``cluster`` with ``what`` its hosts serve ("model version iris:1") in its metadata, for the 503 it answers
+    when none is ready."""
+    namespace, key = SERVES_METADATA
+    cluster.metadata.filter_metadata[namespace].update({key: what})
+    return cluster
 
 
 def _plain_text() -> substitution_format_string_pb2.SubstitutionFormatString:
@@ -70,6 +90,12 @@ def _extracted(field: str) -> accesslog_pb2.AccessLogFilter:
     )
 
 
+def _no_healthy_upstream() -> accesslog_pb2.AccessLogFilter:
+    return accesslog_pb2.AccessLogFilter(
+        response_flag_filter=accesslog_pb2.ResponseFlagFilter(flags=[NO_HEALTHY_UPSTREAM_FLAG])
+    )
+
+
 def _has_header(name: str) -> accesslog_pb2.AccessLogFilter:
     return accesslog_pb2.AccessLogFilter(
         header_filter=accesslog_pb2.HeaderFilter(
@@ -82,10 +108,23 @@ def local_reply_config() -> hcm_pb2.LocalReplyConfig:
     """Envoy's own replies speak the Open Inference Protocol: JSON {"error"} for REST, plain grpc-message.
 
     The policy rejections (429 rate limited, 413 too large) get a message that says which policy refused the
-    call; the first matching mapper wins, so the gRPC variants come first.
+    call, and "no healthy upstream" (503) names what has no ready replica (the chosen cluster's metadata, see
+    ``serving``); the first matching mapper wins, so the gRPC variants come first.
     """
     grpc = _content_type_is_grpc_filter()
+    no_ready_json = struct_pb2.Struct()
+    no_ready_json.update({"error": NO_READY_REPLICA_FORMAT})
     mappers = [
+        # Envoy turns the 503 into UNAVAILABLE for gRPC itself.
+        hcm_pb2.ResponseMapper(
+            filter=_all_of(grpc, _no_healthy_upstream()), body_format_override=text_format(NO_READY_REPLICA_FORMAT)
+        ),
+        hcm_pb2.ResponseMapper(
+            filter=_no_healthy_upstream(),
+            body_format_override=substitution_format_string_pb2.SubstitutionFormatString(
+                json_format=no_ready_json, content_type="application/json"
+            ),
+        ),
         hcm_pb2.ResponseMapper(
             filter=_all_of(grpc, _status_is(429)),
             body=base_pb2.DataSource(inline_string=RATE_LIMITED_MESSAGE),

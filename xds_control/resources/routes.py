@@ -161,7 +161,11 @@ def application_routes(
     app: str, targets: Sequence[WeightedTarget], policies: RoutePolicies = _DEFAULT_ROUTE_POLICIES
 ) -> list[route_components_pb2.Route]:
     """Routes for one application: gRPC by the x-hydro-model header or else by the model name in the request
-    (ModelInferRequest.model_name, ModelMetadataRequest.name...), REST by /v2/models/{app}."""
+    (ModelInferRequest.model_name, ModelMetadataRequest.name...) with no version, REST by /v2/models/{app}.
+
+    An application has no versions: a header-less call naming one (model_name "iris", model_version "2") is not
+    the application's, and falls through to the gRPC fallback's NOT_FOUND unless a deployed model version's route
+    took it first; undeployed_version_route does the same for REST."""
     header_match = route_components_pb2.RouteMatch(
         prefix=GRPC_SERVICE_PREFIX,
         headers=[
@@ -170,15 +174,20 @@ def application_routes(
     )
     # Only match once the field extraction has run and the route cache was cleared (see
     # headerless_grpc.model_routing_filters): one route per field name (ModelInfer's model_name, the other
-    # methods' name).
+    # methods' name). A version in the request keeps the call off the application's route: sent to a variant's
+    # runtime, it was answered by a version that runtime happens to serve, or refused as "not here".
     by_name = [
         (
             f"grpc-{model_field}",
             route_components_pb2.RouteMatch(
-                prefix=GRPC_SERVICE_PREFIX, dynamic_metadata=[_extracted_is(model_field, app)]
+                prefix=GRPC_SERVICE_PREFIX,
+                dynamic_metadata=[
+                    _extracted_is(model_field, app),
+                    _extracted_matches(version_field, ".+", invert=True),
+                ],
             ),
         )
-        for model_field, _ in NAME_FIELDS
+        for model_field, version_field in NAME_FIELDS
     ]
     rest_match = route_components_pb2.RouteMatch(path_separated_prefix=f"/v2/models/{app}")
     routes = []
@@ -190,6 +199,18 @@ def application_routes(
                 route.typed_per_filter_config[filter_name].CopyFrom(config)
         routes.append(route)
     return routes
+
+
+def undeployed_version_route(not_found_body: str) -> route_components_pb2.Route:
+    """REST /v2/models/{name}/versions/... that no deployed model version's route took: the ingress answers 404
+    with ``not_found_body`` itself. It goes after the deployed versions' routes and before the applications'
+    REST routes, whose /v2/models/{app} prefix would otherwise send a versioned path under an application's name
+    (an application has no versions) to a variant's runtime. One route for every name, not one per application:
+    a route per application added 14 % to the route configuration of 2,000 applications."""
+    route = direct_route("no-deployed-version", "/", 404, not_found_body)
+    route.match.ClearField("prefix")
+    route.match.safe_regex.regex = "/v2/models/[^/]+/versions(/.*)?"
+    return route
 
 
 def header_route(
