@@ -225,8 +225,15 @@ class DataPlane:
 
     def resolve(self, name: str, version: str = "", application: str | None = None) -> None:
         """Raise ModelNotFound unless ``name``/``version`` address this runtime's model version."""
-        if name != self.name and not (application and application == name):
+        by_application = name != self.name
+        if by_application and not (application and application == name):
             raise ModelNotFound(f"model {name!r} is not served here (this runtime serves {self.name!r})")
+        if by_application and version:
+            # The ingress picked this variant by the application's weights; its version is not the caller's to ask.
+            raise ModelNotFound(
+                f"application {name!r} has no versions (asked for version {version!r}): address it without one, or "
+                "a model version by its model's name"
+            )
         if version and version != self.version_string:
             raise ModelNotFound(
                 f"model {name!r} has no version {version!r} here (this runtime serves version {self.version})"

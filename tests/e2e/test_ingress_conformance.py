@@ -61,7 +61,8 @@ def test_http_client(iris: Mesh) -> None:
         with pytest.raises(InferenceServerException) as unknown:
             client.infer("no-such-app", _http_inputs(True))
         assert unknown.value.status() == "404", unknown.value
-        assert "no application or model version matches /v2/models/no-such-app/infer" in unknown.value.message()
+        expected = "no application or deployed model version matches /v2/models/no-such-app/infer"
+        assert expected in unknown.value.message(), unknown.value
     finally:
         client.close()
 

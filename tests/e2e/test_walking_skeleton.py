@@ -115,7 +115,9 @@ def test_walking_skeleton(mesh: Mesh, model_dir: Path) -> None:
         return response.status_code == 503 and response.headers["content-type"] == "application/json"
 
     wait_until(oip_error, 30, "an OIP error after the deployment is deleted")
-    assert mesh.infer().json() == {"error": "no healthy upstream"}, "Envoy's reason, as an OIP error"
+    # Envoy's reason as an OIP error, naming what has no ready replica.
+    expected = "no healthy upstream: no ready replica of model version iris:2 (hydro status shows why)"
+    assert mesh.infer().json() == {"error": expected}
     client = grpcclient.InferenceServerClient(mesh.grpc_target)
     try:
         started = time.monotonic()

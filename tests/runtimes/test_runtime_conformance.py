@@ -309,8 +309,15 @@ def test_explicit_default_and_wrong_versions(typed: EchoTarget) -> None:
         assert (response.json()["model_version"], response.json()["id"]) == ("1", "v")
     for method, path in (("POST", "/versions/2/infer"), ("GET", "/versions/2/config")):
         wrong = httpx.request(method, base + path, json=body if method == "POST" else None)
-        # Directly or through the ingress, the runtime answers, naming the version it lacks.
+        # Directly the runtime answers, naming the version it lacks; through the ingress, which deploys no
+        # version 2, the ingress does.
         expected = "model 'typed' has no version '2' here (this runtime serves version 1)"
+        if typed.via == "ingress":
+            expected = (
+                f"no deployed model version matches /v2/models/typed{path} (an application has no versions: "
+                "/v2/models/{app}/infer addresses one); the manager's GET /api/v1/deployments lists the deployed "
+                "versions"
+            )
         assert (wrong.status_code, wrong.json()) == (404, {"error": expected}), path
     for path in ("/versions/1", "/versions/1/ready", "/versions/1/config", "/versions/1/stats", "/config", "/stats"):
         assert httpx.get(base + path).status_code == 200, path
@@ -327,7 +334,8 @@ def test_explicit_default_and_wrong_versions(typed: EchoTarget) -> None:
         with pytest.raises(grpc.RpcError) as wrong:
             stub.ModelInfer(request, timeout=10)
         assert wrong.value.code() == grpc.StatusCode.NOT_FOUND
-        assert "has no version '2'" in (wrong.value.details() or ""), wrong.value.details()
+        lacking = "has no version '2'" if typed.via == "direct" else 'model_version ["2"]'
+        assert lacking in (wrong.value.details() or ""), wrong.value.details()
 
 
 def _json_data(datatype: str) -> list[Any]:

@@ -120,6 +120,10 @@ async def test_model_name_rule() -> None:
     with pytest.raises(ModelNotFound, match=r"model 'm' has no version '1' here \(this runtime serves version 2\)"):
         plane.model_metadata("m", "1")
     assert plane.model_metadata("app", "", "app").name == "m"
+    # An application has no versions, even the one its chosen variant happens to have (the ingress's header
+    # routing brings such calls here).
+    with pytest.raises(ModelNotFound, match=r"application 'app' has no versions \(asked for version '2'\)"):
+        await plane.infer(_request("app", "2"), application="app")
 
 
 async def test_not_ready() -> None:

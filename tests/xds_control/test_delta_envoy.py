@@ -35,7 +35,7 @@ REFUSING_XDS_CONTROL = (str(Path(__file__).with_name("refusing_xds_control.py"))
 
 def _no_route(path: str) -> str:
     """The ingress's OIP error for a REST path no route matches (written out: the test states the contract)."""
-    return f"no application or model version matches {path}; the manager's GET /api/v1/applications lists them"
+    return f"no application or deployed model version matches {path}; the manager's GET /api/v1/applications lists them"
 
 
 class Upstream:

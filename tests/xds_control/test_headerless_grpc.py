@@ -192,7 +192,7 @@ def test_rest_routes_are_unchanged(stack: Stack) -> None:
     response = httpx.post(f"http://{stack.address}/v2/models/nope/infer", json=body, timeout=10)
     assert response.status_code == 404
     assert response.json() == {
-        "error": "no application or model version matches /v2/models/nope/infer; "
+        "error": "no application or deployed model version matches /v2/models/nope/infer; "
         "the manager's GET /api/v1/applications lists them"
     }
 

@@ -28,7 +28,7 @@ from xds_control.bootstrap import envoy_ready, ingress_envoy
 
 def _no_route(path: str) -> str:
     """The ingress's OIP error for a REST path no route matches (written out: the test states the contract)."""
-    return f"no application or model version matches {path}; the manager's GET /api/v1/applications lists them"
+    return f"no application or deployed model version matches {path}; the manager's GET /api/v1/applications lists them"
 
 
 class Restart(Protocol):
@@ -207,7 +207,10 @@ def test_application_routes_and_clusters_reach_envoy(etcd_server: EtcdServer, et
     assert unknown.json() == {"error": _no_route("/v2/models/nope/infer")}
     down = httpx.post(f"{stack.url}/v2/models/m/versions/2/infer", json={})
     assert down.status_code == 404, "version 2 is not deployed: only applications route to it"
-    assert down.json() == {"error": _no_route("/v2/models/m/versions/2/infer")}
+    assert down.json() == {
+        "error": "no deployed model version matches /v2/models/m/versions/2/infer (an application has no versions: "
+        "/v2/models/{app}/infer addresses one); the manager's GET /api/v1/deployments lists the deployed versions"
+    }
     unreachable = httpx.post(f"{stack.url}/v2/models/m/versions/1/infer", json={})
     assert unreachable.status_code == 503
     assert unreachable.headers["content-type"] == "application/json"
@@ -227,7 +230,9 @@ def test_application_routes_and_clusters_reach_envoy(etcd_server: EtcdServer, et
         assert no_endpoint.value.code() == grpc.StatusCode.UNAVAILABLE
         # shop sends 30 % to m:1 (its instance refuses connections) and 70 % to m:2 (no instance at all).
         details = no_endpoint.value.details() or ""
-        assert details == "no healthy upstream" or details.endswith("remote connection failure"), details
+        assert details.startswith("no healthy upstream: no ready replica of model version m:2") or details.endswith(
+            "remote connection failure"
+        ), details
     finally:
         channel.close()
 

@@ -149,15 +149,19 @@ def test_grpc_version_that_is_not_deployed_is_not_found(mesh: IngressStack, mode
     assert "runtime" not in message, message
 
 
-def test_header_routed_grpc_with_a_version_is_left_to_the_runtime(mesh: IngressStack) -> None:
+def test_header_routed_grpc_with_a_version_is_judged_by_the_runtime(mesh: IngressStack) -> None:
     """The x-hydro-model header names an application and the ingress never reads a header-routed body (its cost is
-    none): the runtime behind the application judges the version, as before."""
-    for app in ("iris", "shop"):
-        error = _grpc_failure(mesh, app, "2", headers={"x-hydro-model": app})
+    none): the runtime behind the application judges the version. An application has no versions, so a call
+    naming one with a version is NOT_FOUND, even the version its variant has; a model that shares the
+    application's name is addressed as that model."""
+    for version in ("1", "2"):
+        error = _grpc_failure(mesh, "shop", version, headers={"x-hydro-model": "shop"})
         assert error.status() == "StatusCode.NOT_FOUND", error
-        assert f"model '{app}' has no version '2' here (this runtime serves version 1)" == error.message(), error
-    # A version the variant's runtime does serve is answered (docs/architecture.md says so).
-    response = _infer(mesh, "shop", "1", headers={"x-hydro-model": "shop"}).get_response()
+        assert error.message().startswith(f"application 'shop' has no versions (asked for version '{version}')")
+    error = _grpc_failure(mesh, "iris", "2", headers={"x-hydro-model": "iris"})
+    assert error.status() == "StatusCode.NOT_FOUND", error
+    assert error.message() == "model 'iris' has no version '2' here (this runtime serves version 1)", error
+    response = _infer(mesh, "iris", "1", headers={"x-hydro-model": "iris"}).get_response()
     assert (response.model_name, response.model_version) == ("iris", "1")
 
 
