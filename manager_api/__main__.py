@@ -37,6 +37,12 @@ def _seconds(value: str) -> float:
     return seconds
 
 
+def _positive_int(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {value!r}")
+    return int(value)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m manager_api", description=__doc__)
     parser.add_argument("--etcd", type=_host_port, default=("127.0.0.1", 2379), help="etcd endpoint HOST:PORT")
@@ -61,6 +67,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--xds-api", choices=("sotw", "delta"), default="sotw", help="ADS flavour the sidecars speak to xds_control"
     )
     parser.add_argument("--max-upload-mb", type=int, default=2048)
+    parser.add_argument(
+        "--max-event-streams",
+        type=_positive_int,
+        default=256,
+        help="most GET /api/v1/events streams open at once; more are a 503 with Retry-After (default: 256)",
+    )
     parser.add_argument(
         "--artifact-store",
         default=None,
@@ -113,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
         xds_port=args.xds[1],
         ads_api_type=ADS_API_TYPE[args.xds_api],
         max_upload_bytes=args.max_upload_mb * 1024 * 1024,
+        max_event_streams=args.max_event_streams,
         tokens_file=args.tokens,
         artifact_store=args.artifact_store,
         s3_endpoint=args.s3_endpoint,

@@ -22,6 +22,7 @@ from manager_api.errors import ERROR_RESPONSES, ApiProblem, install_error_handle
 from manager_api.events import HEARTBEAT_SECONDS
 from manager_api.request_bodies import RequestBodies
 from manager_api.routers import applications, artifacts, deployments, events, instances, models, proxies
+from manager_api.routers.events import StreamSlots
 from manager_api.schemas import Health
 from manager_api.settings import Settings
 from manager_api.store.errors import ConflictError, HistoryCompacted, RevisionMismatch
@@ -179,6 +180,7 @@ def create_app(settings: Settings) -> FastAPI:
     # Inside the server-error middleware, outside the exception handlers: the span sees every answer's status.
     app.add_middleware(WriteSpans)
     app.state.events_heartbeat = HEARTBEAT_SECONDS
+    app.state.event_streams = StreamSlots(settings.max_event_streams)
     app.state.settings = settings
     app.state.tokens = TokenStore.load(settings.tokens_file) if settings.tokens_file is not None else None
     api = APIRouter(prefix="/api/v1", dependencies=[Depends(authorize)], responses=ERROR_RESPONSES)

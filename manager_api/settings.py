@@ -31,6 +31,8 @@ class Settings:
     #: Where the sidecars of this node's replicas listen and are registered (other hosts call them there).
     advertise_address: str = "127.0.0.1"
     max_upload_bytes: int = 2 * 1024**3
+    #: Most ``/events`` streams open at once (each holds an etcd watch for as long as its client reads).
+    max_event_streams: int = 256
     #: Where archives are kept: None for ``{data_dir}/artifacts``, else ``s3://BUCKET/PREFIX`` or a directory.
     artifact_store: str | None = None
     #: Endpoint of an S3-compatible server (MinIO, ...); None for AWS S3 or AWS_ENDPOINT_URL.

@@ -54,6 +54,33 @@ class _ClosingStream(StreamingResponse):
                 await self._on_close()
 
 
+class StreamSlots:
+    """How many event streams are open, against the most allowed (``--max-event-streams``).
+
+    Each stream holds an etcd watch and a task for as long as its client reads; without a bound, clients could open
+    them until the manager or etcd ran out. Used from the event loop only (no lock).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open = 0
+
+    def take(self) -> None:
+        """One more stream, or a 503 with Retry-After when all are in use."""
+        if self.open >= self.limit:
+            raise ApiProblem(
+                503,
+                f"too many event streams are open (the manager's --max-event-streams is {self.limit}): close one, "
+                "or retry later",
+                headers={"Retry-After": "5"},
+            )
+        self.open += 1
+
+    def give_back(self) -> None:
+        """A stream ended."""
+        self.open -= 1
+
+
 def _resume_point(since: int | None, last_event_id: str | None) -> int | None:
     # EventSource sends Last-Event-ID when it reconnects to the same URL: it is newer than the URL's since.
     if last_event_id is None or not last_event_id.strip():
@@ -75,6 +102,7 @@ def _resume_point(since: int | None, last_event_id: str | None) -> int | None:
         200: {"content": {"text/event-stream": {"example": _EXAMPLE}}, "description": "one event per changed key"},
         400: {"model": ErrorBody, "description": "Last-Event-ID is not a revision"},
         410: {"model": ErrorBody, "description": "the requested revision was compacted away: read the state again"},
+        503: {"model": ErrorBody, "description": "as many streams are open as --max-event-streams allows"},
     },
 )
 async def events(
@@ -98,8 +126,15 @@ async def events(
     the events of one transaction share it. ``: keepalive`` comments are sent every 15 s of silence.
     """
     after = _resume_point(since, last_event_id)
+    slots: StreamSlots = request.app.state.event_streams
+    slots.take()
     exits = contextlib.AsyncExitStack()
-    changes = await exits.enter_async_context(store.changes(after))
+    exits.callback(slots.give_back)
+    try:
+        changes = await exits.enter_async_context(store.changes(after))
+    except BaseException:
+        await exits.aclose()
+        raise
     heartbeat: float = request.app.state.events_heartbeat
     return _ClosingStream(
         event_stream(changes, store.keys, heartbeat),

@@ -285,3 +285,35 @@ async def test_a_reader_that_keeps_up_gets_every_change() -> None:
     text = "".join([chunk async for chunk in stream])
     ids = [line[len("id: ") :] for line in text.splitlines() if line.startswith("id: ")]
     assert ids == [str(revision) for revision in range(1, many + 1)], "each change once, in order"
+
+
+def test_streams_past_the_limit_are_a_503_until_one_closes(
+    etcd: EtcdServer, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    data_dir = tmp_path_factory.mktemp("events-limit")
+    tokens = data_dir / "tokens.json"
+    write_token_file(tokens, {"dashboards": ("viewer", VIEWER)})
+    limited = ManagerUnderTest(
+        etcd.endpoint, PREFIX, data_dir, tokens_file=tokens, extra_args=("--max-event-streams", "2")
+    )
+    headers = {"authorization": f"Bearer {VIEWER}"}
+    with limited, httpx.Client(base_url=limited.api, headers=headers, timeout=30) as client:
+        with client.stream("GET", "/events") as first, client.stream("GET", "/events") as second:
+            assert (first.status_code, second.status_code) == (200, 200)
+            refused = client.get("/events")
+            assert refused.status_code == 503, refused.text
+            assert refused.headers["retry-after"] == "5"
+            error = refused.json()["error"]
+            assert "too many event streams are open" in error and "--max-event-streams is 2" in error, error
+            # A refused stream takes no slot, and neither does one refused for a bad resume point.
+            assert client.get("/events", headers={"last-event-id": "x"}).status_code == 400
+            assert client.get("/events").status_code == 503
+        # Both closed: their slots come back once the manager sees the clients gone.
+
+        def a_stream_opens() -> bool:
+            with client.stream("GET", "/events") as again:
+                return again.status_code == 200
+
+        wait_until(a_stream_opens, 20, "an event stream after two closed")
+        with client.stream("GET", "/events") as third, client.stream("GET", "/events") as fourth:
+            assert (third.status_code, fourth.status_code) == (200, 200)
