@@ -203,3 +203,23 @@ async def serve_in_process(folder: Path, arrays: dict[str, np.ndarray]) -> dict[
     finally:
         plane.shutdown_executor()
     return {output.name: output.data for output in response.outputs}
+
+
+#: A plain python model: FP32 ``x`` of any length in, the same values out as ``y``.
+IDENTITY_YAML = """\
+runtime: python
+files: [model.py]
+entrypoint: model:predict
+signature:
+  inputs: [{name: x, datatype: FP32, shape: [-1]}]
+  outputs: [{name: y, datatype: FP32, shape: [-1]}]
+"""
+IDENTITY_PY = "def predict(inputs):\n    return {'y': inputs['x']}\n"
+
+
+def python_identity(folder: Path) -> Path:
+    """The python identity model's folder (IDENTITY_YAML, IDENTITY_PY) written into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model.py").write_text(IDENTITY_PY)
+    (folder / "serving.yaml").write_text(IDENTITY_YAML)
+    return folder

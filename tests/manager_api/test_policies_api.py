@@ -15,6 +15,7 @@ from typing import Any
 import aetcd
 import httpx
 import pytest
+from framework_models import python_identity
 
 from manager_api.client import pack_model_folder
 from manager_api.etcd_server import EtcdServer
@@ -26,15 +27,6 @@ from protos.topology.policies import DEFAULT_RETRY_ON, Policies
 from xds_control.topology import Topology
 
 PREFIX = "/hydro-policies-api-test/"
-SERVING_YAML = """\
-runtime: python
-files: [model.py]
-entrypoint: model:predict
-signature:
-  inputs: [{name: x, datatype: FP32, shape: [-1]}]
-  outputs: [{name: y, datatype: FP32, shape: [-1]}]
-"""
-MODEL_PY = "def predict(inputs):\n    return {'y': inputs['x']}\n"
 
 
 class Manager:
@@ -78,10 +70,7 @@ def manager(etcd_server: EtcdServer, tmp_path_factory: pytest.TempPathFactory) -
         url = f"http://127.0.0.1:{port}"
         process.wait_ready(lambda: http_ok(f"{url}/healthz"), 60)
         manager = Manager(url, etcd_server)
-        folder = data_dir / "model"
-        folder.mkdir()
-        (folder / "serving.yaml").write_text(SERVING_YAML)
-        (folder / "model.py").write_text(MODEL_PY)
+        folder = python_identity(data_dir / "model")
         uploaded = manager.http.post(
             "/models/guarded/versions", files={"archive": ("m.tar.gz", pack_model_folder(folder))}
         )

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 from envoy.config.route.v3 import route_pb2
+from framework_models import python_identity
 from google.protobuf import any_pb2
 from ingress_stack import IngressStack, ingress_stack
 from tritonclient.utils import InferenceServerException
@@ -41,15 +42,6 @@ from xds_control.translate import INGRESS_ROUTES, NodeInfo, ingress_snapshot
 MODEL = "echo"
 APP = "alias"
 LIMIT_MB = 260
-MODEL_PY = "def predict(inputs):\n    return {'y': inputs['x']}\n"
-SERVING_YAML = """\
-runtime: python
-files: [model.py]
-entrypoint: model:predict
-signature:
-  inputs: [{name: x, datatype: FP32, shape: [-1]}]
-  outputs: [{name: y, datatype: FP32, shape: [-1]}]
-"""
 
 
 @dataclass
@@ -92,10 +84,7 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(etcd_server: EtcdServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     work = tmp_path_factory.mktemp("headerless")
-    model_dir = work / "model"
-    model_dir.mkdir()
-    (model_dir / "model.py").write_text(MODEL_PY)
-    (model_dir / "serving.yaml").write_text(SERVING_YAML)
+    model_dir = python_identity(work / "model")
     signature = Signature(
         inputs=[TensorSpec(name="x", datatype="FP32", shape=[-1])],
         outputs=[TensorSpec(name="y", datatype="FP32", shape=[-1])],

@@ -18,6 +18,7 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
+from framework_models import python_identity
 from ingress_stack import IngressStack, ingress_stack
 from pydantic import BaseModel
 from tritonclient.utils import InferenceServerException
@@ -28,15 +29,6 @@ from protos.topology.applications import Application, Stage, Variant
 from protos.topology.deployments import Deployment
 from protos.topology.models import Artifact, ModelVersion, Signature, TensorSpec
 
-MODEL_PY = "def predict(inputs):\n    return {'y': inputs['x']}\n"
-SERVING_YAML = """\
-runtime: python
-files: [model.py]
-entrypoint: model:predict
-signature:
-  inputs: [{name: x, datatype: FP32, shape: [-1]}]
-  outputs: [{name: y, datatype: FP32, shape: [-1]}]
-"""
 SIGNATURE = Signature(
     inputs=[TensorSpec(name="x", datatype="FP32", shape=[-1])],
     outputs=[TensorSpec(name="y", datatype="FP32", shape=[-1])],
@@ -58,10 +50,7 @@ def _app(name: str, *stages: tuple[str, int]) -> Application:
 @pytest.fixture(scope="module")
 def mesh(etcd_server: EtcdServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[IngressStack]:
     work = tmp_path_factory.mktemp("ingress-errors")
-    model_dir = work / "model"
-    model_dir.mkdir()
-    (model_dir / "model.py").write_text(MODEL_PY)
-    (model_dir / "serving.yaml").write_text(SERVING_YAML)
+    model_dir = python_identity(work / "model")
     with ingress_stack(etcd_server.endpoint, work) as stack:
         keys = stack.keys
         records: dict[str, BaseModel] = {
